@@ -1,0 +1,61 @@
+"""Billing exceptions.
+
+    BillingError
+    ├── InvalidUsageError          bad input; permanent, never retry
+    ├── IdempotencyConflictError   same idempotency key, different event; permanent
+    ├── InvalidPeriodError         bad invoice period or currency; permanent
+    ├── CurrencyMismatchError      the plan has prices, none in the asked currency; permanent
+    ├── QuotaExceededError         a hard quota is used up; retry after the window resets
+    └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
+"""
+
+from __future__ import annotations
+
+
+class BillingError(Exception):
+    """Base of every error the billing package raises."""
+
+
+class InvalidUsageError(BillingError, ValueError):
+    """A usage event (or a field of one) is malformed; nothing was stored."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class IdempotencyConflictError(BillingError):
+    """An idempotency key was reused for an event with another amount or time."""
+
+    def __init__(self, message: str, *, existing_id: str | None = None) -> None:
+        super().__init__(message)
+        self.existing_id = existing_id
+
+
+class InvalidPeriodError(BillingError, ValueError):
+    """An invoice period is naive, empty or reversed, or its currency is not ISO 4217-shaped."""
+
+
+class CurrencyMismatchError(BillingError):
+    """The tenant's plan has prices, but none in the currency asked for."""
+
+
+class QuotaExceededError(BillingError):
+    """A hard quota has no room left in the current window."""
+
+
+class ProviderSyncError(BillingError):
+    """The provider sync hook raised; the invoice it was given stays in place."""
+
+    def __init__(self, message: str, *, invoice_id: str) -> None:
+        super().__init__(message)
+        self.invoice_id = invoice_id
+
+
+PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
+    InvalidUsageError,
+    IdempotencyConflictError,
+    InvalidPeriodError,
+    CurrencyMismatchError,
+)
+"""Errors that retrying can never fix (Dramatiq's `throws=`)."""

@@ -1,0 +1,219 @@
+"""The billing ledger's tables, as SQLAlchemy 2.0 typed models.
+
+Every id is a UUID string, every datetime an aware UTC datetime (see `UTCDateTime`), every
+amount of money an integer in the currency's minor unit, or an exact `Decimal` where a unit
+price is finer than that.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from webhooks.sqltypes import UTCDateTime, new_id, utcnow
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Exact decimal minor units, e.g. 0.0002 cents per token.
+DecimalAmount = Numeric(precision=30, scale=12, asdecimal=True)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the billing tables."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+def _id() -> Mapped[str]:
+    return mapped_column(String(36), primary_key=True, default=new_id)
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(UTCDateTime(), default=utcnow, nullable=False)
+
+
+class UsageEvent(Base):
+    """One metered use, recorded once per (tenant, metric, idempotency key)."""
+
+    __tablename__ = "usage_events"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "metric", "idempotency_key"),
+        Index("ix_usage_events_tenant_id_metric_at_ts", "tenant_id", "metric", "at_ts"),
+    )
+
+    id: Mapped[str] = _id()
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    metric: Mapped[str] = mapped_column(String(100), nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    at_ts: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False)
+    metadata_json: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class UsageAggregate(Base):
+    """A tenant's total of one metric over one period (a UTC day for granularity `day`)."""
+
+    __tablename__ = "usage_aggregates"
+    __table_args__ = (UniqueConstraint("tenant_id", "metric", "period_start", "granularity"),)
+
+    id: Mapped[str] = _id()
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    metric: Mapped[str] = mapped_column(String(100), nullable=False)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    granularity: Mapped[str] = mapped_column(String(16), nullable=False)
+    total: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False
+    )
+
+
+class Plan(Base):
+    """A named bundle of prices and entitlements that tenants subscribe to."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[str] = _id()
+    key: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+
+    entitlements: Mapped[list[PlanEntitlement]] = relationship(back_populates="plan")
+    prices: Mapped[list[Price]] = relationship(back_populates="plan")
+
+
+class PlanEntitlement(Base):
+    """How much of `key` a plan allows per `window` (`day` or `month`)."""
+
+    __tablename__ = "plan_entitlements"
+    __table_args__ = (
+        UniqueConstraint("plan_id", "key", "window"),
+        CheckConstraint("\"window\" IN ('day', 'month')", name="window"),
+    )
+
+    id: Mapped[str] = _id()
+    plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id"), nullable=False)
+    key: Mapped[str] = mapped_column(String(100), nullable=False)
+    limit_per_window: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    window: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+    plan: Mapped[Plan] = relationship(back_populates="entitlements")
+
+
+class Subscription(Base):
+    """A tenant on a plan from `effective_at` until `ended_at` (open-ended when null)."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (Index("ix_subscriptions_tenant_id", "tenant_id"),)
+
+    id: Mapped[str] = _id()
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id"), nullable=False)
+    effective_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+
+    plan: Mapped[Plan] = relationship()
+
+
+class Price(Base):
+    """A fixed monthly fee (`metric` null) or a usage price of a plan, in one currency.
+
+    Usage prices bill `per_unit` or `tiered` (`graduated` or `volume` over `tiers`), optionally
+    after package rounding (`transform_divide_by`, `transform_round`). `unit_amount_decimal`,
+    when set, replaces `unit_amount`.
+    """
+
+    __tablename__ = "prices"
+    __table_args__ = (
+        CheckConstraint("billing_scheme IN ('per_unit', 'tiered')", name="billing_scheme"),
+        CheckConstraint(
+            "tiers_mode IS NULL OR tiers_mode IN ('graduated', 'volume')", name="tiers_mode"
+        ),
+        CheckConstraint(
+            "transform_round IS NULL OR transform_round IN ('up', 'down')", name="transform_round"
+        ),
+        Index("ix_prices_plan_id", "plan_id"),
+    )
+
+    id: Mapped[str] = _id()
+    key: Mapped[str] = mapped_column(String(100), unique=True, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    unit_amount: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    metric: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    recurring_interval: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+    plan_id: Mapped[str | None] = mapped_column(ForeignKey("plans.id"), nullable=True)
+    unit_amount_decimal: Mapped[Decimal | None] = mapped_column(DecimalAmount, nullable=True)
+    billing_scheme: Mapped[str] = mapped_column(String(16), default="per_unit", nullable=False)
+    tiers_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    tiers: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    transform_divide_by: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    transform_round: Mapped[str | None] = mapped_column(String(8), nullable=True)
+
+    plan: Mapped[Plan | None] = relationship(back_populates="prices")
+
+
+class Invoice(Base):
+    """A tenant's bill for `[period_start, period_end)` in one currency; unique per that."""
+
+    __tablename__ = "invoices"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "period_start", "period_end", "currency"),
+        CheckConstraint("status IN ('open', 'paid', 'void')", name="status"),
+    )
+
+    id: Mapped[str] = _id()
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), default="open", nullable=False)
+    total_amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    provider_invoice_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+
+    lines: Mapped[list[InvoiceLine]] = relationship(
+        back_populates="invoice", order_by="InvoiceLine.created_at"
+    )
+
+
+class InvoiceLine(Base):
+    """One priced line of an invoice; `price_id` null for usage no price covers (amount 0)."""
+
+    __tablename__ = "invoice_lines"
+    __table_args__ = (Index("ix_invoice_lines_invoice_id", "invoice_id"),)
+
+    id: Mapped[str] = _id()
+    invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id"), nullable=False)
+    price_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    metric: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    quantity: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+    invoice: Mapped[Invoice] = relationship(back_populates="lines")

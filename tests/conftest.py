@@ -1,0 +1,157 @@
+"""Fixtures shared by every test: databases (SQLite and a throwaway PostgreSQL database), Redis.
+
+PostgreSQL and Redis tests skip on a laptop without the servers, and fail in CI (`CI` set), as
+dramatiq's own suite does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.db import make_engine, make_session_factory
+from billing.migrate import upgrade
+
+PG_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SERVICES_REQUIRED = bool(os.environ.get("CI")) or bool(os.environ.get("BILLING_REQUIRE_SERVICES"))
+
+_ENV_VARS_THAT_LEAK = ("DATABASE_URL", "REDIS_URL", "BROKER_URL")
+
+
+def service_missing(what: str, error: BaseException) -> None:
+    """Fail in CI, skip elsewhere, when a server a test needs is not running."""
+    if SERVICES_REQUIRED:
+        raise RuntimeError(f"{what} is required in CI but unreachable: {error}") from error
+    pytest.skip(f"{what} unreachable: {error}")
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep a developer's own DATABASE_URL or REDIS_URL out of the tests."""
+    for name in _ENV_VARS_THAT_LEAK:
+        monkeypatch.delenv(name, raising=False)
+
+
+# --- SQLite ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once to head; each test gets a copy."""
+    path = tmp_path_factory.mktemp("template") / "template.sqlite3"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_template: Path, tmp_path: Path) -> Iterator[Engine]:
+    path = tmp_path / "billing.sqlite3"
+    shutil.copy(sqlite_template, path)
+    engine = make_engine(f"sqlite:///{path}")
+    yield engine
+    engine.dispose()
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database of its own for this test session, dropped at the end."""
+    try:
+        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=None)
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as error:  # any driver error means: no server here
+        service_missing("PostgreSQL", error)
+    name = f"billing_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_migrated_engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url, pool_size=20, max_overflow=20)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_migrated_engine: Engine) -> Iterator[Engine]:
+    """The migrated PostgreSQL database, emptied after each test."""
+    yield pg_migrated_engine
+    truncate_all(pg_migrated_engine)
+
+
+def truncate_all(engine: Engine) -> None:
+    with engine.begin() as conn:
+        tables = conn.execute(
+            text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> 'alembic_version'"
+            )
+        ).scalars()
+        names = ", ".join(f'"{t}"' for t in tables)
+        if names:
+            conn.execute(text(f"TRUNCATE {names} CASCADE"))
+
+
+# --- Either database ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """Runs a test once on SQLite and once on PostgreSQL."""
+    fixture = "sqlite_engine" if request.param == "sqlite" else "pg_engine"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session in an open transaction, rolled back at the end of the test."""
+    with session_factory() as session:
+        yield session
+        session.rollback()
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis server's URL (tests namespace their keys so they can share it)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        client.ping()
+    except Exception as error:
+        service_missing("Redis", error)
+    finally:
+        client.close()
+    return REDIS_TEST_URL

@@ -1,0 +1,51 @@
+"""Column types shared by every table of the project.
+
+`UTCDateTime` makes a datetime column behave the same on SQLite and PostgreSQL: it refuses
+naive datetimes on the way in and always reads back an aware UTC datetime. `billing` reuses it
+(it may depend on `webhooks`; `webhooks` depends on nothing of ours).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+def new_id() -> str:
+    """A fresh UUID4 as a string: the primary key of every table."""
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    """The current time, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware-UTC datetime column: naive values are rejected, results are aware UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where an aware UTC datetime is required")
+        value = value.astimezone(UTC)
+        # SQLite has no time zones: store UTC without an offset so text ordering is time ordering.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
