@@ -8,5 +8,6 @@ from sqlalchemy import MetaData
 def env_metadata() -> list[MetaData]:
     """Every MetaData the migrations must match (the autogenerate target)."""
     from billing.models import Base as BillingBase
+    from webhooks.models import Base as WebhooksBase
 
-    return [BillingBase.metadata]
+    return [BillingBase.metadata, WebhooksBase.metadata]

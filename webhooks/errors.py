@@ -1,0 +1,54 @@
+"""The webhooks error tree.
+
+```
+WebhookError
+├── InvalidEventError            bad topic, event id or payload given to `publish` (permanent)
+├── InvalidSubscriptionError     bad topic, URL or secret for a subscription (permanent)
+├── SubscriptionNotFoundError    no subscription with that id (permanent)
+├── EventNotFoundError           no event with that id (permanent)
+├── DestinationNotAllowedError   a URL resolves to an address the SSRF guard refuses
+└── WebhookVerificationError     a received delivery is not authentic (receiver side)
+```
+
+All of them are permanent: retrying the same call gives the same answer. Network failures while
+delivering are not raised: the relay records them on the delivery row and retries later.
+"""
+
+from __future__ import annotations
+
+
+class WebhookError(Exception):
+    """Base of every error raised by the `webhooks` package."""
+
+
+class InvalidEventError(WebhookError, ValueError):
+    """`publish` was given a topic, event id or payload it cannot store; nothing was stored."""
+
+
+class InvalidSubscriptionError(WebhookError, ValueError):
+    """A subscription's topic, URL or secret is malformed; nothing was stored."""
+
+
+class SubscriptionNotFoundError(WebhookError, LookupError):
+    """No subscription has the given id."""
+
+
+class EventNotFoundError(WebhookError, LookupError):
+    """No event has the given id."""
+
+
+class DestinationNotAllowedError(WebhookError):
+    """The URL's host resolves to a private, loopback or link-local address that is not allowed."""
+
+
+class WebhookVerificationError(WebhookError):
+    """A delivery failed verification: missing header, bad signature, stale timestamp, bad JSON."""
+
+
+#: Errors a job should not retry.
+PERMANENT_ERRORS: tuple[type[WebhookError], ...] = (
+    InvalidEventError,
+    InvalidSubscriptionError,
+    SubscriptionNotFoundError,
+    EventNotFoundError,
+)

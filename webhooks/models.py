@@ -1,0 +1,124 @@
+"""The webhook tables: subscriptions, the outbox of events, and one delivery row per pair.
+
+`webhook_events` is the transactional outbox: a row is written in the same transaction as the
+change it announces and kept even when nobody subscribes (a later subscriber gets it by replay).
+`webhook_deliveries` tracks each (event, subscription) pair through
+`pending → delivered | failed → … → dead`; the relay claims the due ones.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    true,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from webhooks.sqltypes import UTCDateTime, new_id, utcnow
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Delivery statuses. `pending`: not tried yet (or replayed); `failed`: tried, will retry at
+#: `next_attempt_at`; `delivered`: a 2xx answer; `dead`: no attempt left (or the endpoint is gone).
+PENDING, DELIVERED, FAILED, DEAD = "pending", "delivered", "failed", "dead"
+STATUSES = (PENDING, DELIVERED, FAILED, DEAD)
+
+#: Longest event id a caller may give (a stable id such as `usage:t1:tokens:2025-01-01`).
+EVENT_ID_MAX = 255
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the webhook tables."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class WebhookSubscription(Base):
+    """An endpoint that receives one topic's events, optionally only one tenant's.
+
+    While a secret rotates, `previous_secret` stays valid until `previous_secret_expires_at`
+    and deliveries carry a signature for each. `failing_since` is the time of the first failure
+    since the last success; the relay disables the subscription when it gets too old.
+    """
+
+    __tablename__ = "webhook_subscriptions"
+    __table_args__ = (Index("ix_webhook_subscriptions_topic_enabled", "topic", "enabled"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    topic: Mapped[str] = mapped_column(String(200), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    secret: Mapped[str] = mapped_column(String(255), nullable=False)
+    previous_secret: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime(), nullable=True
+    )
+    enabled: Mapped[bool] = mapped_column(
+        Boolean, default=True, server_default=true(), nullable=False
+    )
+    tenant_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    disabled_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False
+    )
+
+
+class WebhookEvent(Base):
+    """One published event (the outbox row); `id` is the `webhook-id` every delivery carries."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_created_at", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(EVENT_ID_MAX), primary_key=True, default=new_id)
+    topic: Mapped[str] = mapped_column(String(200), nullable=False)
+    tenant_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False)
+
+
+class WebhookDelivery(Base):
+    """The state of sending one event to one subscription."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "subscription_id"),
+        CheckConstraint("status IN ('pending', 'delivered', 'failed', 'dead')", name="status"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_subscription_id", "subscription_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id"), nullable=False)
+    subscription_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_subscriptions.id"), nullable=False
+    )
+    status: Mapped[str] = mapped_column(String(16), default=PENDING, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False
+    )
