@@ -1,12 +1,12 @@
 """Billing exceptions.
 
-    BillingError
-    ├── InvalidUsageError          bad input; permanent, never retry
-    ├── IdempotencyConflictError   same idempotency key, different event; permanent
-    ├── InvalidPeriodError         bad invoice period or currency; permanent
-    ├── CurrencyMismatchError      the plan has prices, none in the asked currency; permanent
-    ├── QuotaExceededError         a hard quota is used up; retry after the window resets
-    └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
+BillingError
+├── InvalidUsageError          bad input; permanent, never retry
+├── IdempotencyConflictError   same idempotency key, different event; permanent
+├── InvalidPeriodError         bad invoice period or currency; permanent
+├── CurrencyMismatchError      the plan has prices, none in the asked currency; permanent
+├── QuotaExceededError         a hard quota is used up; retry after the window resets
+└── ProviderSyncError          the provider hook failed; transient, the invoice is kept
 """
 
 from __future__ import annotations

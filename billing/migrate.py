@@ -8,7 +8,6 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
-
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 

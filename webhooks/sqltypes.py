@@ -39,13 +39,14 @@ class UTCDateTime(TypeDecorator[datetime]):
             raise TypeError(f"expected a datetime, got {type(value).__name__}")
         if value.tzinfo is None:
             raise ValueError("naive datetime given where an aware UTC datetime is required")
-        value = value.astimezone(UTC)
+        moment: datetime = value.astimezone(UTC)
         # SQLite has no time zones: store UTC without an offset so text ordering is time ordering.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return moment.replace(tzinfo=None) if dialect.name == "sqlite" else moment
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        moment: datetime = value
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)

@@ -54,7 +54,9 @@ def test_datetimes_read_back_aware_utc(session) -> None:
 
 def test_naive_datetimes_are_refused_by_the_column_type(session) -> None:
     session.add(
-        UsageEvent(tenant_id="t", metric="m", amount=1, at_ts=datetime(2025, 1, 1), idempotency_key="k")
+        UsageEvent(
+            tenant_id="t", metric="m", amount=1, at_ts=datetime(2025, 1, 1), idempotency_key="k"
+        )
     )
     with pytest.raises(Exception, match="naive"):
         session.flush()

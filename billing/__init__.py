@@ -1,0 +1,31 @@
+"""billing-workers' ledger: usage, plans, prices, subscriptions and invoices.
+
+The quick start:
+
+    from billing import BillingService
+    bs = BillingService(session=session, tenant_id="t_123")
+    bs.record_usage(metric="tokens", amount=42, at=now, idempotency_key="req-42")
+"""
+
+from billing.errors import (
+    BillingError,
+    CurrencyMismatchError,
+    IdempotencyConflictError,
+    InvalidPeriodError,
+    InvalidUsageError,
+    ProviderSyncError,
+    QuotaExceededError,
+)
+from billing.service import BillingService, ProviderSync
+
+__all__ = [
+    "BillingError",
+    "BillingService",
+    "CurrencyMismatchError",
+    "IdempotencyConflictError",
+    "InvalidPeriodError",
+    "InvalidUsageError",
+    "ProviderSync",
+    "ProviderSyncError",
+    "QuotaExceededError",
+]

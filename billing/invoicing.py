@@ -1,0 +1,205 @@
+"""Monthly invoices: one per (tenant, period, currency), priced from the tenant's plans.
+
+For each subscription active in `[period_start, period_end)`, its active interval is
+`[max(period_start, effective_at), min(period_end, ended_at or ∞))`, and each price of its plan
+in the invoice's currency gives one line (see `billing.pricing`). Usage that no price billed
+appears as a line with `price_id` null and amount 0, so the invoice shows all usage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, or_, select
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from billing.errors import CurrencyMismatchError, InvalidPeriodError
+from billing.models import Invoice, InvoiceLine, Price, Subscription, UsageEvent
+from billing.pricing import fixed_amount, usage_amount
+from webhooks.sqltypes import new_id, utcnow
+
+_CURRENCY = re.compile(r"^[a-z]{3}$")
+
+
+@dataclass(frozen=True, slots=True)
+class LineDraft:
+    """An invoice line before it is stored."""
+
+    price_id: str | None
+    metric: str | None
+    quantity: int
+    amount: int
+
+
+def check_period(period_start: object, period_end: object, currency: object) -> str:
+    """Validate an invoice's period and currency; return the currency in lower case."""
+    start = _aware(period_start, "period_start")
+    end = _aware(period_end, "period_end")
+    if end <= start:
+        raise InvalidPeriodError("period_end must be after period_start")
+    if not isinstance(currency, str) or not _CURRENCY.match(currency.lower()):
+        raise InvalidPeriodError("currency must be a three-letter ISO 4217 code")
+    return currency.lower()
+
+
+def _aware(value: object, name: str) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise InvalidPeriodError(f"{name} must be a timezone-aware datetime")
+    return value
+
+
+def find_invoice(
+    session: Session, tenant_id: str, start: datetime, end: datetime, currency: str
+) -> Invoice | None:
+    """The invoice of that tenant, period and currency, if there is one."""
+    return session.execute(
+        select(Invoice).where(
+            Invoice.tenant_id == tenant_id,
+            Invoice.period_start == start,
+            Invoice.period_end == end,
+            Invoice.currency == currency,
+        )
+    ).scalar_one_or_none()
+
+
+def price_lines(
+    session: Session, tenant_id: str, start: datetime, end: datetime, currency: str
+) -> list[LineDraft]:
+    """Every line of the tenant's invoice for the period, in a stable order."""
+    lines: list[LineDraft] = []
+    for subscription in _active_subscriptions(session, tenant_id, start, end):
+        active_start = max(start, subscription.effective_at)
+        active_end = min(end, subscription.ended_at) if subscription.ended_at else end
+        prices = _plan_prices(session, subscription.plan_id)
+        if prices and not any(p.currency == currency for p in prices):
+            raise CurrencyMismatchError(f"plan {subscription.plan_id} has no price in {currency!r}")
+        for price in (p for p in prices if p.currency == currency):
+            if price.metric is None:
+                amount = fixed_amount(price, active_end - active_start, end - start)
+                lines.append(LineDraft(price.id, None, 1, amount))
+            else:
+                used = _usage(session, tenant_id, price.metric, active_start, active_end)
+                lines.append(LineDraft(price.id, price.metric, used, usage_amount(price, used)))
+    return lines + _unbilled_usage(session, tenant_id, start, end, lines)
+
+
+def store_invoice(
+    session: Session,
+    tenant_id: str,
+    start: datetime,
+    end: datetime,
+    currency: str,
+    lines: list[LineDraft],
+) -> tuple[str, bool]:
+    """Insert the invoice and its lines unless it exists; return (id, created).
+
+    `INSERT … ON CONFLICT DO NOTHING` on the invoice's unique key: when two workers race, the
+    second waits for the first to commit, inserts nothing, and returns the first one's id.
+    """
+    invoice_id = new_id()
+    now = utcnow()
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        insert(Invoice)
+        .values(
+            id=invoice_id,
+            tenant_id=tenant_id,
+            period_start=start,
+            period_end=end,
+            status="open",
+            total_amount=sum(line.amount for line in lines),
+            currency=currency,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(
+            index_elements=["tenant_id", "period_start", "period_end", "currency"]
+        )
+        .returning(Invoice.id)
+    )
+    if session.execute(statement).scalar_one_or_none() is None:
+        existing = find_invoice(session, tenant_id, start, end, currency)
+        assert existing is not None, "the conflicting invoice must be visible once committed"
+        return existing.id, False
+    if lines:
+        session.execute(
+            sa_insert(InvoiceLine),
+            [
+                {
+                    "id": new_id(),
+                    "invoice_id": invoice_id,
+                    "price_id": line.price_id,
+                    "metric": line.metric,
+                    "quantity": line.quantity,
+                    "amount": line.amount,
+                    "created_at": now,
+                }
+                for line in lines
+            ],
+        )
+    return invoice_id, True
+
+
+def _active_subscriptions(
+    session: Session, tenant_id: str, start: datetime, end: datetime
+) -> list[Subscription]:
+    return list(
+        session.execute(
+            select(Subscription)
+            .where(
+                Subscription.tenant_id == tenant_id,
+                Subscription.effective_at < end,
+                or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),
+            )
+            .order_by(Subscription.effective_at, Subscription.id)
+        ).scalars()
+    )
+
+
+def _plan_prices(session: Session, plan_id: str) -> list[Price]:
+    return list(
+        session.execute(
+            select(Price).where(Price.plan_id == plan_id).order_by(Price.created_at, Price.key)
+        ).scalars()
+    )
+
+
+def _usage(session: Session, tenant_id: str, metric: str, start: datetime, end: datetime) -> int:
+    total = session.execute(
+        select(func.coalesce(func.sum(UsageEvent.amount), 0)).where(
+            UsageEvent.tenant_id == tenant_id,
+            UsageEvent.metric == metric,
+            UsageEvent.at_ts >= start,
+            UsageEvent.at_ts < end,
+        )
+    ).scalar_one()
+    return int(total)
+
+
+def _unbilled_usage(
+    session: Session, tenant_id: str, start: datetime, end: datetime, lines: list[LineDraft]
+) -> list[LineDraft]:
+    """Zero-amount lines for usage in the period that no priced line counted."""
+    billed: dict[str, int] = defaultdict(int)
+    for line in lines:
+        if line.metric is not None:
+            billed[line.metric] += line.quantity
+    used = session.execute(
+        select(UsageEvent.metric, func.sum(UsageEvent.amount))
+        .where(
+            UsageEvent.tenant_id == tenant_id,
+            UsageEvent.at_ts >= start,
+            UsageEvent.at_ts < end,
+        )
+        .group_by(UsageEvent.metric)
+        .order_by(UsageEvent.metric)
+    ).all()
+    return [
+        LineDraft(None, metric, int(total) - billed[metric], 0)
+        for metric, total in used
+        if int(total) > billed[metric]
+    ]

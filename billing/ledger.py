@@ -1,0 +1,223 @@
+"""Recording usage events: validated, and stored once per (tenant, metric, idempotency key).
+
+Storing is one `INSERT … ON CONFLICT DO NOTHING` (SQLite and PostgreSQL both have it), so
+concurrent senders of the same event never see an `IntegrityError` and the caller's transaction
+is never rolled back: the losers read the winner's row and compare it with what they sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from billing.errors import IdempotencyConflictError, InvalidUsageError
+from billing.models import UsageEvent
+from webhooks.sqltypes import new_id, utcnow
+
+MAX_METRIC_LENGTH = 100
+MAX_KEY_LENGTH = 255
+MAX_TENANT_LENGTH = 64
+MAX_METADATA_BYTES = 16 * 1024
+MAX_AMOUNT = 2**63 - 1
+# Rows per INSERT: PostgreSQL takes at most 65,535 bound parameters per statement.
+INSERT_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInput:
+    """One validated usage event, ready to store."""
+
+    metric: str
+    amount: int
+    at: datetime
+    idempotency_key: str
+    metadata: dict[str, Any] | None = None
+
+
+def validate_tenant(tenant_id: object) -> str:
+    """Return `tenant_id` if it is a non-empty string of at most 64 characters."""
+    return _bounded_text(tenant_id, "tenant_id", MAX_TENANT_LENGTH)
+
+
+def validate_usage(
+    *,
+    metric: object,
+    amount: object,
+    at: object,
+    idempotency_key: object,
+    metadata: object = None,
+) -> UsageInput:
+    """Check one event's fields; raises `InvalidUsageError` naming the first bad field."""
+    return UsageInput(
+        metric=_bounded_text(metric, "metric", MAX_METRIC_LENGTH),
+        amount=_amount(amount),
+        at=_aware_utc(at),
+        idempotency_key=_bounded_text(idempotency_key, "idempotency_key", MAX_KEY_LENGTH),
+        metadata=_metadata(metadata),
+    )
+
+
+def record(session: Session, tenant_id: str, event: UsageInput) -> str:
+    """Store `event` unless stored already; return its id (the first one's, for a duplicate).
+
+    Raises:
+        IdempotencyConflictError: the key was used for an event with another amount or time.
+    """
+    return record_many(session, tenant_id, [event])[0]
+
+
+def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> list[str]:
+    """Store many events in one round trip per 1,000; return their ids in order.
+
+    Duplicates (within the batch or of stored events) get the first event's id; a key reused
+    with another amount or time raises `IdempotencyConflictError`. A conflict can only be found
+    after the insert; the caller then rolls its transaction back, as for any error.
+    """
+    unique = _dedupe(events)
+    ids: dict[tuple[str, str], str] = {}
+    for start in range(0, len(unique), INSERT_CHUNK):
+        chunk = unique[start : start + INSERT_CHUNK]
+        ids.update(_insert_new(session, tenant_id, chunk))
+        missing = [e for e in chunk if (e.metric, e.idempotency_key) not in ids]
+        if missing:
+            ids.update(_match_existing(session, tenant_id, missing))
+    return [ids[(e.metric, e.idempotency_key)] for e in events]
+
+
+def _insert_new(
+    session: Session, tenant_id: str, events: Sequence[UsageInput]
+) -> dict[tuple[str, str], str]:
+    now = utcnow()
+    rows = [
+        {
+            "id": new_id(),
+            "tenant_id": tenant_id,
+            "metric": e.metric,
+            "amount": e.amount,
+            "at_ts": e.at,
+            "idempotency_key": e.idempotency_key,
+            "metadata_json": e.metadata,
+            "created_at": now,
+        }
+        for e in events
+    ]
+    statement = (
+        _insert(session)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["tenant_id", "metric", "idempotency_key"])
+    )
+    result = session.execute(
+        statement.returning(UsageEvent.id, UsageEvent.metric, UsageEvent.idempotency_key)
+    )
+    return {(metric, key): event_id for event_id, metric, key in result}
+
+
+def _match_existing(
+    session: Session, tenant_id: str, events: Sequence[UsageInput]
+) -> dict[tuple[str, str], str]:
+    wanted = {(e.metric, e.idempotency_key): e for e in events}
+    stored = session.execute(
+        select(
+            UsageEvent.id,
+            UsageEvent.metric,
+            UsageEvent.idempotency_key,
+            UsageEvent.amount,
+            UsageEvent.at_ts,
+        ).where(
+            UsageEvent.tenant_id == tenant_id,
+            _keys_clause(session, list(wanted)),
+        )
+    ).all()
+    found: dict[tuple[str, str], str] = {}
+    for event_id, metric, key, amount, at_ts in stored:
+        sent = wanted[(metric, key)]
+        if (amount, at_ts) != (sent.amount, sent.at):
+            raise IdempotencyConflictError(
+                f"idempotency key {key!r} for metric {metric!r} was already used for an event "
+                f"with amount {amount} at {at_ts.isoformat()}",
+                existing_id=event_id,
+            )
+        found[(metric, key)] = event_id
+    if len(found) != len(wanted):  # only if a row vanished under us: never silently drop one
+        raise RuntimeError("a conflicting usage event disappeared while recording")
+    return found
+
+
+def _keys_clause(session: Session, keys: list[tuple[str, str]]) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return tuple_(UsageEvent.metric, UsageEvent.idempotency_key).in_(keys)
+    return or_(*(and_(UsageEvent.metric == m, UsageEvent.idempotency_key == k) for m, k in keys))
+
+
+def _insert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(UsageEvent)
+    if dialect == "sqlite":
+        return sqlite.insert(UsageEvent)
+    raise NotImplementedError(f"usage recording supports SQLite and PostgreSQL, not {dialect}")
+
+
+def _dedupe(events: Iterable[UsageInput]) -> list[UsageInput]:
+    seen: dict[tuple[str, str], UsageInput] = {}
+    for event in events:
+        key = (event.metric, event.idempotency_key)
+        first = seen.setdefault(key, event)
+        if (first.amount, first.at) != (event.amount, event.at):
+            raise IdempotencyConflictError(
+                f"idempotency key {event.idempotency_key!r} for metric {event.metric!r} appears "
+                "twice in the batch with different amounts or times"
+            )
+    return list(seen.values())
+
+
+def _bounded_text(value: object, field: str, max_length: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidUsageError(f"{field} must be a non-empty string", field=field)
+    if len(value) > max_length:
+        raise InvalidUsageError(f"{field} is longer than {max_length} characters", field=field)
+    return value
+
+
+def _amount(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidUsageError(
+            f"amount must be an integer count of units, not {type(value).__name__}",
+            field="amount",
+        )
+    if value < 0 or value > MAX_AMOUNT:
+        raise InvalidUsageError("amount must be between 0 and 2**63-1", field="amount")
+    return value
+
+
+def _aware_utc(value: object) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidUsageError("at must be a datetime", field="at")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidUsageError(
+            "at must be timezone-aware (naive datetimes are ambiguous)", field="at"
+        )
+    return value.astimezone(UTC)
+
+
+def _metadata(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidUsageError("metadata must be a JSON object", field="metadata")
+    try:
+        encoded = json.dumps(dict(value), separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidUsageError(
+            f"metadata is not JSON-serialisable: {error}", field="metadata"
+        ) from error
+    if len(encoded.encode()) > MAX_METADATA_BYTES:
+        raise InvalidUsageError("metadata is larger than 16 KiB encoded", field="metadata")
+    return json.loads(encoded)  # type: ignore[no-any-return]

@@ -1,0 +1,192 @@
+"""`BillingService`: one tenant's ledger operations inside the caller's transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing import aggregation, invoicing, ledger
+from billing.errors import InvalidUsageError, ProviderSyncError
+from billing.models import Invoice, InvoiceLine
+
+logger = logging.getLogger(__name__)
+
+
+class ProviderSync(Protocol):
+    """Mirrors an invoice to a payment provider; may return the provider's invoice id.
+
+    A plain or an `async` callable; an awaitable result is awaited.
+    """
+
+    def __call__(
+        self, invoice: Invoice, lines: list[InvoiceLine]
+    ) -> str | None | Awaitable[str | None]: ...
+
+
+class BillingService:
+    """Records usage, aggregates it and invoices it for one tenant.
+
+    The caller owns `session` and its transaction: the service flushes, and never commits or
+    rolls back, so its writes commit or fail together with the caller's own (e.g. an outbox
+    event announcing them).
+    """
+
+    def __init__(
+        self, *, session: Session, tenant_id: str, provider_sync: ProviderSync | None = None
+    ) -> None:
+        self.session = session
+        self.tenant_id = ledger.validate_tenant(tenant_id)
+        self.provider_sync = provider_sync
+
+    def record_usage(
+        self,
+        *,
+        metric: str,
+        amount: int,
+        at: datetime,
+        idempotency_key: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Store one usage event once; return its id (the first id when sent again).
+
+        Raises:
+            InvalidUsageError: a field is malformed (`.field` names it); nothing is stored.
+            IdempotencyConflictError: the key was used for another amount or time.
+        """
+        event = ledger.validate_usage(
+            metric=metric,
+            amount=amount,
+            at=at,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
+        return ledger.record(self.session, self.tenant_id, event)
+
+    def record_usage_batch(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Store many events (each a mapping of `record_usage`'s arguments); ids in order.
+
+        Every event is validated before anything is stored: one bad event raises
+        `InvalidUsageError` (its message gives the index) and stores nothing.
+        """
+        validated = [self._validate_item(index, item) for index, item in enumerate(events)]
+        return ledger.record_many(self.session, self.tenant_id, validated)
+
+    def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
+        """Compute and upsert the total of `metric` over the UTC day containing `day_start`."""
+        metric = ledger.validate_usage(
+            metric=metric, amount=0, at=day_start, idempotency_key="-"
+        ).metric
+        return aggregation.aggregate_day(self.session, self.tenant_id, metric, day_start)
+
+    def generate_monthly_invoice(
+        self, *, period_start: datetime, period_end: datetime, currency: str
+    ) -> str:
+        """Create the invoice of `[period_start, period_end)` in `currency`, once; return its id.
+
+        Called again (or by a racing worker) it returns the same id and creates nothing.
+
+        Raises:
+            InvalidPeriodError: naive or reversed period, or a malformed currency.
+            CurrencyMismatchError: the plan has prices, none in `currency`; nothing is created.
+            ProviderSyncError: `provider_sync` failed; the invoice is flushed and stays.
+        """
+        currency = invoicing.check_period(period_start, period_end, currency)
+        existing = invoicing.find_invoice(
+            self.session, self.tenant_id, period_start, period_end, currency
+        )
+        if existing is not None:
+            invoice_id = existing.id
+        else:
+            lines = invoicing.price_lines(
+                self.session, self.tenant_id, period_start, period_end, currency
+            )
+            invoice_id, created = invoicing.store_invoice(
+                self.session, self.tenant_id, period_start, period_end, currency, lines
+            )
+            if created:
+                logger.info("invoice %s created for tenant %s", invoice_id, self.tenant_id)
+        self.session.flush()
+        if self.provider_sync is not None:
+            self.sync_invoice(invoice_id)
+        return invoice_id
+
+    def sync_invoice(self, invoice_id: str) -> str | None:
+        """Send the invoice to `provider_sync` unless it has a provider id; store the id returned.
+
+        Raises:
+            ProviderSyncError: the hook raised; the invoice stays as it is.
+        """
+        invoice = self.session.execute(
+            select(Invoice).where(Invoice.id == invoice_id, Invoice.tenant_id == self.tenant_id)
+        ).scalar_one()
+        if invoice.provider_invoice_id is not None or self.provider_sync is None:
+            return invoice.provider_invoice_id
+        lines = list(
+            self.session.execute(
+                select(InvoiceLine)
+                .where(InvoiceLine.invoice_id == invoice_id)
+                .order_by(InvoiceLine.created_at, InvoiceLine.id)
+            ).scalars()
+        )
+        try:
+            provider_id = _resolve(self.provider_sync(invoice, lines))
+        except Exception as error:
+            raise ProviderSyncError(
+                f"provider sync failed for invoice {invoice_id}: {error}", invoice_id=invoice_id
+            ) from error
+        if isinstance(provider_id, str) and provider_id:
+            invoice.provider_invoice_id = provider_id
+            self.session.flush()
+        return invoice.provider_invoice_id
+
+    def _validate_item(self, index: int, item: Mapping[str, Any]) -> ledger.UsageInput:
+        if not isinstance(item, Mapping):
+            raise InvalidUsageError(f"events[{index}] must be a mapping", field=f"events[{index}]")
+        try:
+            return ledger.validate_usage(
+                metric=item.get("metric"),
+                amount=item.get("amount"),
+                at=item.get("at"),
+                idempotency_key=item.get("idempotency_key"),
+                metadata=item.get("metadata"),
+            )
+        except InvalidUsageError as error:
+            raise InvalidUsageError(
+                f"events[{index}]: {error}", field=f"events[{index}].{error.field}"
+            ) from error
+
+
+def _resolve(result: Any) -> Any:
+    """Await an awaitable result, also when called from inside a running event loop."""
+    if not inspect.isawaitable(result):
+        return result
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_await(result))
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = asyncio.run(_await(result))
+        except BaseException as error:  # re-raised in the caller's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=run, name="provider-sync")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable

@@ -1,0 +1,241 @@
+"""generate_monthly_invoice: priced from the plan, exact to the cent, created once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from billing import (
+    BillingService,
+    CurrencyMismatchError,
+    InvalidPeriodError,
+    ProviderSyncError,
+)
+from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
+
+JAN = datetime(2025, 1, 1, tzinfo=UTC)
+FEB = datetime(2025, 2, 1, tzinfo=UTC)
+
+
+def make_plan(session, key="pro", prices=()) -> Plan:
+    plan = Plan(key=key, name=key.title())
+    session.add(plan)
+    session.flush()
+    for index, fields in enumerate(prices):
+        fields = {
+            "key": f"{key}-{index}",
+            "currency": "usd",
+            "billing_scheme": "per_unit",
+            **fields,
+        }
+        session.add(Price(plan_id=plan.id, **fields))
+    session.flush()
+    return plan
+
+
+def subscribe(session, tenant, plan, start=JAN - timedelta(days=40), end=None) -> None:
+    session.add(Subscription(tenant_id=tenant, plan_id=plan.id, effective_at=start, ended_at=end))
+    session.flush()
+
+
+def use(session, tenant, metric, amount, at, key=None) -> None:
+    BillingService(session=session, tenant_id=tenant).record_usage(
+        metric=metric, amount=amount, at=at, idempotency_key=key or f"{metric}-{amount}-{at}"
+    )
+
+
+def invoice(session, tenant="t1", currency="usd", **kwargs) -> Invoice:
+    bs = BillingService(session=session, tenant_id=tenant, **kwargs)
+    invoice_id = bs.generate_monthly_invoice(period_start=JAN, period_end=FEB, currency=currency)
+    return session.get(Invoice, invoice_id)
+
+
+def lines_of(session, inv) -> list[tuple]:
+    rows = session.execute(select(InvoiceLine).where(InvoiceLine.invoice_id == inv.id)).scalars()
+    return sorted(
+        (line.metric or "", line.quantity, line.amount, line.price_id is None) for line in rows
+    )
+
+
+def test_a_worked_invoice_with_fixed_per_unit_graduated_and_package_prices(session) -> None:
+    plan = make_plan(
+        session,
+        prices=[
+            {"unit_amount": 2900, "recurring_interval": "month"},
+            {"metric": "tokens", "unit_amount_decimal": Decimal("0.0002")},
+            {
+                "metric": "calls",
+                "billing_scheme": "tiered",
+                "tiers_mode": "graduated",
+                "tiers": [
+                    {"up_to": 1000, "unit_amount_decimal": "0", "flat_amount": None},
+                    {"up_to": None, "unit_amount_decimal": "0.1", "flat_amount": 50},
+                ],
+            },
+            {
+                "metric": "gb",
+                "unit_amount": 500,
+                "transform_divide_by": 10,
+                "transform_round": "up",
+            },
+        ],
+    )
+    subscribe(session, "t1", plan)
+    use(session, "t1", "tokens", 12_345_678, JAN + timedelta(days=3))
+    use(session, "t1", "calls", 1500, JAN + timedelta(days=4))
+    use(session, "t1", "gb", 21, JAN + timedelta(days=5))
+    use(session, "t1", "tokens", 999, FEB)  # next period: not on this invoice
+    use(session, "t2", "tokens", 999, JAN)  # another tenant
+    inv = invoice(session)
+    assert lines_of(session, inv) == [
+        ("", 1, 2900, False),
+        ("calls", 1500, 100, False),  # 500 × 0.1 + 50
+        ("gb", 21, 1500, False),  # ⌈21/10⌉ = 3 packages × 500
+        ("tokens", 12_345_678, 2469, False),  # 2469.1356 -> 2469
+    ]
+    assert inv.total_amount == 2900 + 100 + 1500 + 2469
+    assert (inv.status, inv.currency, inv.period_start, inv.period_end) == ("open", "usd", JAN, FEB)
+
+
+def test_a_subscription_that_starts_mid_month_pays_its_share(session) -> None:
+    plan = make_plan(session, prices=[{"unit_amount": 3100, "recurring_interval": "month"}])
+    subscribe(session, "t1", plan, start=JAN + timedelta(days=21))  # 10 of 31 days
+    assert invoice(session).total_amount == 1000
+
+
+def test_usage_outside_the_active_interval_is_not_billed_but_shown(session) -> None:
+    plan = make_plan(session, prices=[{"metric": "tokens", "unit_amount": 1}])
+    subscribe(session, "t1", plan, start=JAN + timedelta(days=10), end=JAN + timedelta(days=20))
+    use(session, "t1", "tokens", 5, JAN + timedelta(days=1))
+    use(session, "t1", "tokens", 7, JAN + timedelta(days=15))
+    use(session, "t1", "tokens", 11, JAN + timedelta(days=25))
+    assert lines_of(session, invoice(session)) == [("tokens", 7, 7, False), ("tokens", 16, 0, True)]
+
+
+def test_a_plan_change_mid_month_bills_each_plan_for_its_part(session) -> None:
+    basic = make_plan(
+        session,
+        "basic",
+        [
+            {"unit_amount": 3100, "recurring_interval": "month"},
+            {"metric": "tokens", "unit_amount": 2},
+        ],
+    )
+    pro = make_plan(
+        session,
+        "pro",
+        [
+            {"unit_amount": 6200, "recurring_interval": "month"},
+            {"metric": "tokens", "unit_amount": 1},
+        ],
+    )
+    switch = JAN + timedelta(days=10)
+    subscribe(session, "t1", basic, end=switch)
+    subscribe(session, "t1", pro, start=switch)
+    use(session, "t1", "tokens", 10, JAN + timedelta(days=2))
+    use(session, "t1", "tokens", 100, JAN + timedelta(days=12))
+    inv = invoice(session)
+    assert lines_of(session, inv) == [
+        ("", 1, 1000, False),
+        ("", 1, 4200, False),
+        ("tokens", 10, 20, False),
+        ("tokens", 100, 100, False),
+    ]
+    assert inv.total_amount == 5320
+
+
+def test_usage_of_an_unpriced_metric_or_without_subscription_shows_at_zero(session) -> None:
+    use(session, "t1", "tokens", 42, JAN)
+    inv = invoice(session)
+    assert lines_of(session, inv) == [("tokens", 42, 0, True)]
+    assert inv.total_amount == 0
+
+
+def test_prices_in_other_currencies_and_catalog_prices_are_ignored(session) -> None:
+    plan = make_plan(
+        session,
+        prices=[
+            {"unit_amount": 1000, "recurring_interval": "month"},
+            {"unit_amount": 900, "recurring_interval": "month", "currency": "eur"},
+        ],
+    )
+    session.add(Price(key="catalog", currency="usd", unit_amount=99, recurring_interval="month"))
+    subscribe(session, "t1", plan)
+    assert invoice(session).total_amount == 1000
+    assert invoice(session, currency="EUR").total_amount == 900
+
+
+def test_a_plan_without_prices_in_the_currency_raises_and_creates_nothing(session) -> None:
+    plan = make_plan(session, prices=[{"unit_amount": 1000, "recurring_interval": "month"}])
+    subscribe(session, "t1", plan)
+    with pytest.raises(CurrencyMismatchError):
+        invoice(session, currency="gbp")
+    assert session.execute(select(func.count()).select_from(Invoice)).scalar_one() == 0
+
+
+def test_called_again_it_returns_the_same_invoice_and_creates_nothing(session) -> None:
+    plan = make_plan(session, prices=[{"metric": "tokens", "unit_amount": 1}])
+    subscribe(session, "t1", plan)
+    use(session, "t1", "tokens", 5, JAN)
+    first = invoice(session)
+    use(session, "t1", "tokens", 6, JAN + timedelta(days=1))
+    again = invoice(session)
+    assert again.id == first.id
+    assert again.total_amount == 5
+    assert session.execute(select(func.count()).select_from(InvoiceLine)).scalar_one() == 1
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "currency"),
+    [
+        (datetime(2025, 1, 1), FEB, "usd"),
+        (JAN, datetime(2025, 2, 1), "usd"),
+        (FEB, JAN, "usd"),
+        (JAN, JAN, "usd"),
+        (JAN, FEB, "dollars"),
+        (JAN, FEB, ""),
+    ],
+)
+def test_bad_periods_and_currencies_are_refused(session, start, end, currency) -> None:
+    bs = BillingService(session=session, tenant_id="t1")
+    with pytest.raises(InvalidPeriodError):
+        bs.generate_monthly_invoice(period_start=start, period_end=end, currency=currency)
+    assert session.execute(select(func.count()).select_from(Invoice)).scalar_one() == 0
+
+
+def test_provider_sync_receives_the_invoice_and_its_id_is_stored(session) -> None:
+    plan = make_plan(session, prices=[{"unit_amount": 1000, "recurring_interval": "month"}])
+    subscribe(session, "t1", plan)
+    seen = []
+
+    def sync(inv, lines):
+        seen.append((inv.total_amount, [line.amount for line in lines]))
+        return "in_123"
+
+    inv = invoice(session, provider_sync=sync)
+    assert inv.provider_invoice_id == "in_123"
+    assert seen == [(1000, [1000])]
+    invoice(session, provider_sync=sync)
+    assert len(seen) == 1  # an invoice that has a provider id is not sent again
+
+
+def test_an_async_provider_sync_is_awaited(session) -> None:
+    async def sync(inv, lines):
+        return f"async-{inv.total_amount}"
+
+    assert invoice(session, provider_sync=sync).provider_invoice_id == "async-0"
+
+
+def test_a_failing_provider_sync_keeps_the_invoice_and_raises(session) -> None:
+    def sync(inv, lines):
+        raise ConnectionError("provider down")
+
+    bs = BillingService(session=session, tenant_id="t1", provider_sync=sync)
+    with pytest.raises(ProviderSyncError) as caught:
+        bs.generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    stored = session.get(Invoice, caught.value.invoice_id)
+    assert stored is not None
+    assert stored.provider_invoice_id is None

@@ -1,0 +1,150 @@
+"""record_usage: stored once per (tenant, metric, key); bad input stores nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, select
+
+from billing import BillingService, IdempotencyConflictError, InvalidUsageError
+from billing.models import UsageEvent
+
+AT = datetime(2025, 1, 15, 12, 0, tzinfo=UTC)
+
+
+def count(session) -> int:
+    return session.execute(select(func.count()).select_from(UsageEvent)).scalar_one()
+
+
+def record(session, tenant="t1", **overrides) -> str:
+    fields = {"metric": "tokens", "amount": 42, "at": AT, "idempotency_key": "req-42"}
+    fields.update(overrides)
+    return BillingService(session=session, tenant_id=tenant).record_usage(**fields)
+
+
+def test_record_usage_stores_the_event_and_returns_its_id(session) -> None:
+    event_id = record(session, metadata={"model": "gpt"})
+    stored = session.get(UsageEvent, event_id)
+    assert (stored.tenant_id, stored.metric, stored.amount) == ("t1", "tokens", 42)
+    assert stored.at_ts == AT
+    assert stored.metadata_json == {"model": "gpt"}
+
+
+def test_the_same_event_again_returns_the_first_id_and_stores_nothing(session) -> None:
+    first = record(session)
+    assert record(session) == first
+    assert record(session, metadata={"other": "metadata is not part of identity"}) == first
+    assert count(session) == 1
+
+
+def test_the_same_instant_in_another_offset_is_the_same_event(session) -> None:
+    first = record(session)
+    assert record(session, at=AT.astimezone(timezone(timedelta(hours=-5)))) == first
+
+
+@pytest.mark.parametrize("change", [{"amount": 43}, {"at": AT + timedelta(seconds=1)}])
+def test_the_same_key_with_another_amount_or_time_conflicts(session, change) -> None:
+    first = record(session)
+    with pytest.raises(IdempotencyConflictError) as caught:
+        record(session, **change)
+    assert caught.value.existing_id == first
+    assert count(session) == 1
+
+
+def test_keys_are_per_tenant_and_per_metric(session) -> None:
+    a = record(session, tenant="A")
+    b = record(session, tenant="B")
+    c = record(session, tenant="A", metric="calls")
+    assert len({a, b, c}) == 3
+    assert count(session) == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("metric", ""),
+        ("metric", "   "),
+        ("metric", "m" * 101),
+        ("metric", None),
+        ("idempotency_key", ""),
+        ("idempotency_key", "k" * 256),
+        ("amount", -1),
+        ("amount", 1.5),
+        ("amount", 2.0),
+        ("amount", "3"),
+        ("amount", True),
+        ("amount", 2**63),
+        ("at", datetime(2025, 1, 1)),
+        ("at", "2025-01-01T00:00:00Z"),
+        ("metadata", ["not", "an", "object"]),
+        ("metadata", {"big": "x" * (16 * 1024)}),
+        ("metadata", {"nan": float("nan")}),
+        ("metadata", {"obj": object()}),
+    ],
+)
+def test_bad_input_raises_invalid_usage_and_stores_nothing(session, field, value) -> None:
+    with pytest.raises(InvalidUsageError) as caught:
+        record(session, **{field: value})
+    assert caught.value.field == field
+    assert count(session) == 0
+
+
+def test_an_empty_tenant_is_refused() -> None:
+    with pytest.raises(InvalidUsageError):
+        BillingService(session=None, tenant_id="")  # type: ignore[arg-type]
+
+
+def test_zero_is_a_valid_amount(session) -> None:
+    record(session, amount=0)
+    assert count(session) == 1
+
+
+def test_batch_returns_ids_in_order_with_duplicates_resolved(session) -> None:
+    bs = BillingService(session=session, tenant_id="t1")
+    existing = bs.record_usage(metric="tokens", amount=1, at=AT, idempotency_key="k0")
+    events = [
+        {"metric": "tokens", "amount": 1, "at": AT, "idempotency_key": "k0"},
+        {"metric": "tokens", "amount": 2, "at": AT, "idempotency_key": "k1"},
+        {"metric": "tokens", "amount": 2, "at": AT, "idempotency_key": "k1"},
+        {"metric": "calls", "amount": 3, "at": AT, "idempotency_key": "k1", "metadata": {"a": 1}},
+    ]
+    ids = bs.record_usage_batch(events)
+    assert ids[0] == existing
+    assert ids[1] == ids[2]
+    assert len(set(ids)) == 3
+    assert count(session) == 3
+
+
+def test_batch_of_thousands_is_stored_in_full(session) -> None:
+    bs = BillingService(session=session, tenant_id="t1")
+    events = [
+        {"metric": "tokens", "amount": i, "at": AT, "idempotency_key": f"k{i}"} for i in range(2500)
+    ]
+    ids = bs.record_usage_batch(events)
+    assert len(set(ids)) == 2500
+    total = session.execute(select(func.sum(UsageEvent.amount))).scalar_one()
+    assert total == sum(range(2500))
+
+
+def test_a_bad_event_in_a_batch_stores_nothing_and_names_its_index(session) -> None:
+    bs = BillingService(session=session, tenant_id="t1")
+    events = [
+        {"metric": "tokens", "amount": 1, "at": AT, "idempotency_key": "k1"},
+        {"metric": "tokens", "amount": -1, "at": AT, "idempotency_key": "k2"},
+    ]
+    with pytest.raises(InvalidUsageError, match=r"events\[1\]") as caught:
+        bs.record_usage_batch(events)
+    assert caught.value.field == "events[1].amount"
+    assert count(session) == 0
+
+
+def test_a_batch_with_one_key_twice_for_different_amounts_conflicts(session) -> None:
+    bs = BillingService(session=session, tenant_id="t1")
+    events = [
+        {"metric": "tokens", "amount": 1, "at": AT, "idempotency_key": "k1"},
+        {"metric": "tokens", "amount": 2, "at": AT, "idempotency_key": "k1"},
+    ]
+    with pytest.raises(IdempotencyConflictError):
+        bs.record_usage_batch(events)
+    assert count(session) == 0
