@@ -7,6 +7,7 @@ is never rolled back: the losers read the winner's row and compare it with what 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,14 +109,9 @@ def _insert_new(
         }
         for e in events
     ]
-    statement = (
-        _insert(session)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["tenant_id", "metric", "idempotency_key"])
-    )
-    result = session.execute(
-        statement.returning(UsageEvent.id, UsageEvent.metric, UsageEvent.idempotency_key)
-    )
+    # One cached statement run with a list of parameter sets: SQLAlchemy's "insertmanyvalues"
+    # sends it as one multi-row INSERT per page, compiled once per process.
+    result = session.connection().execute(_insert_statement(session), rows)
     return {(metric, key): event_id for event_id, metric, key in result}
 
 
@@ -156,13 +152,22 @@ def _keys_clause(session: Session, keys: list[tuple[str, str]]) -> Any:
     return or_(*(and_(UsageEvent.metric == m, UsageEvent.idempotency_key == k) for m, k in keys))
 
 
-def _insert(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
+@functools.cache
+def _insert_for(dialect: str) -> Any:
+    table = UsageEvent.__table__
     if dialect == "postgresql":
-        return postgresql.insert(UsageEvent)
-    if dialect == "sqlite":
-        return sqlite.insert(UsageEvent)
-    raise NotImplementedError(f"usage recording supports SQLite and PostgreSQL, not {dialect}")
+        insert: Any = postgresql.insert(table)
+    elif dialect == "sqlite":
+        insert = sqlite.insert(table)
+    else:
+        raise NotImplementedError(f"usage recording supports SQLite and PostgreSQL, not {dialect}")
+    return insert.on_conflict_do_nothing(
+        index_elements=["tenant_id", "metric", "idempotency_key"]
+    ).returning(table.c.id, table.c.metric, table.c.idempotency_key)
+
+
+def _insert_statement(session: Session) -> Any:
+    return _insert_for(session.get_bind().dialect.name)
 
 
 def _dedupe(events: Iterable[UsageInput]) -> list[UsageInput]:
