@@ -1,0 +1,171 @@
+"""The Dramatiq actors `billing.aggregate_daily` and `billing.generate_monthly_invoice`.
+
+This module is what the Procfile's worker runs (`dramatiq workers.actors`), so it is the one
+place that reads `WorkerSettings` from the environment and builds the broker (`build_broker`).
+Each actor takes the payload dict of its contract and calls its plain job function in
+`workers.jobs`. Importing `billing` or `webhooks` never touches a broker; importing this module
+does, by design.
+
+The actors need a database: in a `dramatiq` worker process it is bound from `DATABASE_URL` when
+the process boots; an embedding process (`billing run`, tests) calls `bind(session_factory)`.
+`attach(broker)` moves the actors to another broker (a test's `StubBroker`, `billing demo`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import dramatiq
+from dramatiq import Broker, Message, Middleware
+
+import webhooks as webhooks_outbox
+from billing.aggregation import utc_day_start
+from billing.db import make_engine, make_session_factory
+from billing.settings import BillingSettings
+from workers.broker import actor_options, build_broker
+from workers.jobs import (
+    AGGREGATE_DAILY,
+    GENERATE_MONTHLY_INVOICE,
+    PERMANENT_ERRORS,
+    Outbox,
+    SessionFactory,
+    aggregate_daily_job,
+    generate_monthly_invoice_job,
+)
+from workers.payloads import AggregateDailyPayload, MonthlyInvoicePayload, parse_payload
+from workers.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Resources:
+    session_factory: SessionFactory
+    webhooks: Outbox
+
+
+_resources: _Resources | None = None
+
+
+def bind(session_factory: SessionFactory, *, webhooks: Outbox = webhooks_outbox) -> None:
+    """Give the actors of this process their database (and outbox)."""
+    global _resources
+    _resources = _Resources(session_factory=session_factory, webhooks=webhooks)
+
+
+def unbind() -> None:
+    """Forget the bound database (tests)."""
+    global _resources
+    _resources = None
+
+
+def _bound() -> _Resources:
+    if _resources is None:
+        raise RuntimeError(
+            "workers.actors has no database: call workers.actors.bind(session_factory) "
+            "(the dramatiq worker does it from DATABASE_URL at process boot)"
+        )
+    return _resources
+
+
+class BindDatabaseOnBoot(Middleware):
+    """In each `dramatiq` worker process, binds the actors to `DATABASE_URL` once it boots."""
+
+    def after_process_boot(self, broker: Broker) -> None:
+        if _resources is None:
+            database = BillingSettings()
+            engine = make_engine(database.database_url, echo=database.sql_echo)
+            logger.info("billing actors use %s", engine.url.render_as_string(hide_password=True))
+            bind(make_session_factory(engine))
+
+
+#: Read once: this module is the `dramatiq` command's entry point.
+settings = WorkerSettings()
+broker: Broker = build_broker(settings)
+broker.add_middleware(BindDatabaseOnBoot())
+dramatiq.set_broker(broker)
+
+_OPTIONS = {**actor_options(settings), "throws": PERMANENT_ERRORS}
+
+
+@dramatiq.actor(actor_name=AGGREGATE_DAILY, broker=broker, **_OPTIONS)
+def aggregate_daily(payload: dict[str, Any]) -> None:
+    """`{tenant_id, metric, day_start}`: upsert that day's total and announce it."""
+    resources = _bound()
+    aggregate_daily_job(resources.session_factory, payload, webhooks=resources.webhooks)
+
+
+@dramatiq.actor(actor_name=GENERATE_MONTHLY_INVOICE, broker=broker, **_OPTIONS)
+def generate_monthly_invoice(payload: dict[str, Any]) -> None:
+    """`{tenant_id, period_start, period_end, currency}`: invoice the period once, announce it."""
+    resources = _bound()
+    generate_monthly_invoice_job(resources.session_factory, payload, webhooks=resources.webhooks)
+
+
+ACTORS = (aggregate_daily, generate_monthly_invoice)
+
+
+def attach(new_broker: Broker, *, settings: WorkerSettings | None = None) -> Broker:
+    """Declare the billing actors on `new_broker` and make it the global broker.
+
+    With `settings`, the actors also take that configuration's retry, time and age bounds.
+    Returns the broker they were on, to attach back to.
+    """
+    previous: Broker = aggregate_daily.broker
+    for actor in ACTORS:
+        if settings is not None:
+            options = actor_options(settings)
+            actor.queue_name = options.pop("queue_name")
+            actor.options.update(options)
+        actor.broker = new_broker
+        new_broker.declare_actor(actor)
+    dramatiq.set_broker(new_broker)
+    return previous
+
+
+def enqueue_aggregate_daily(*, tenant_id: str, metric: str, day_start: datetime) -> Message[Any]:
+    """Send `billing.aggregate_daily` for the UTC day containing `day_start`; return the message.
+
+    Raises:
+        InvalidPayloadError: an empty field or a naive `day_start`; nothing is sent.
+    """
+    payload = {
+        "tenant_id": tenant_id,
+        "metric": metric,
+        "day_start": _iso(day_start),
+    }
+    checked = parse_payload(AggregateDailyPayload, payload, job=AGGREGATE_DAILY)
+    payload["day_start"] = utc_day_start(checked.day_start).isoformat()
+    return _send(aggregate_daily, payload)
+
+
+def enqueue_generate_monthly_invoice(
+    *, tenant_id: str, period_start: datetime, period_end: datetime, currency: str
+) -> Message[Any]:
+    """Send `billing.generate_monthly_invoice`; return the message.
+
+    Raises:
+        InvalidPayloadError: an empty field or a naive datetime; nothing is sent.
+    """
+    payload = {
+        "tenant_id": tenant_id,
+        "period_start": _iso(period_start),
+        "period_end": _iso(period_end),
+        "currency": currency,
+    }
+    parse_payload(MonthlyInvoicePayload, payload, job=GENERATE_MONTHLY_INVOICE)
+    return _send(generate_monthly_invoice, payload)
+
+
+def _iso(value: object) -> object:
+    # A non-datetime is passed through so that `parse_payload` reports it with the others.
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _send(actor: dramatiq.Actor[Any, Any], payload: Mapping[str, Any]) -> Message[Any]:
+    message: Message[Any] = actor.send(dict(payload))
+    return message
