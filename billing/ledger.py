@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
@@ -154,7 +154,7 @@ def _keys_clause(session: Session, keys: list[tuple[str, str]]) -> Any:
 
 @functools.cache
 def _insert_for(dialect: str) -> Any:
-    table = UsageEvent.__table__
+    table = cast(Table, UsageEvent.__table__)
     if dialect == "postgresql":
         insert: Any = postgresql.insert(table)
     elif dialect == "sqlite":
