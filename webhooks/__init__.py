@@ -8,12 +8,26 @@ Publish inside the transaction of the change being announced::
         ...  # the change itself
         publish(session, "billing.invoice.created", {"tenant_id": "t1", ...}, event_id=stable_id)
 
-`python -m webhooks.relay` delivers the events; receivers check them with `webhooks.verify`.
+`python -m webhooks.relay` delivers each event to every subscription of its topic, signed as the
+Standard Webhooks specification says, with the body `{"type": topic, "timestamp": ISO 8601,
+"data": payload}`. Receivers check a delivery with `verify(body, headers, secret)`.
 """
 
 from __future__ import annotations
 
 from webhooks.errors import WebhookError, WebhookVerificationError
+from webhooks.memory import InMemoryOutboxStore
 from webhooks.outbox import publish
+from webhooks.service import WebhookService
+from webhooks.signing import verify
+from webhooks.subscriptions import InMemoryWebhookSubscriptions
 
-__all__ = ["WebhookError", "WebhookVerificationError", "publish"]
+__all__ = [
+    "InMemoryOutboxStore",
+    "InMemoryWebhookSubscriptions",
+    "WebhookError",
+    "WebhookService",
+    "WebhookVerificationError",
+    "publish",
+    "verify",
+]

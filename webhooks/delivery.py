@@ -1,0 +1,160 @@
+"""Sending one delivery: the exact bytes, signed, posted with a pooled `httpx.Client`.
+
+The body is the Standard Webhooks envelope `{"type", "timestamp", "data"}` serialised once per
+attempt; those bytes are signed and sent as they are. No redirect is followed. The client has
+explicit connect and read timeouts and reaches only the addresses the SSRF guard allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpcore
+import httpx
+
+from webhooks.errors import DestinationNotAllowedError
+from webhooks.policy import RETRY_AFTER_STATUSES, Outcome, parse_retry_after
+from webhooks.signing import signature_headers
+from webhooks.ssrf import AddressPolicy, GuardedBackend
+
+logger = logging.getLogger(__name__)
+
+#: Most bytes of a subscriber's answer that are read (its start is kept as the error text).
+MAX_RESPONSE_BYTES = 64 * 1024
+ERROR_TEXT_CHARS = 500
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """A delivery a relay has claimed, with what it needs to send it."""
+
+    delivery_id: str
+    event_id: str
+    topic: str
+    payload: dict[str, Any]
+    event_created_at: datetime
+    subscription_id: str
+    url: str
+    secrets: tuple[str, ...]
+    attempt: int
+
+
+def event_body(topic: str, payload: dict[str, Any], created_at: datetime) -> bytes:
+    """The JSON body of an event: `{"type": topic, "timestamp": ISO 8601, "data": payload}`."""
+    envelope = {
+        "type": topic,
+        "timestamp": created_at.astimezone(UTC).isoformat(),
+        "data": payload,
+    }
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def make_client(
+    *,
+    policy: AddressPolicy,
+    connect_timeout: float,
+    read_timeout: float,
+    max_connections: int,
+    transport: httpx.BaseTransport | None = None,
+) -> httpx.Client:
+    """One pooled client for a relay process: explicit timeouts, no redirects, no proxies."""
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
+    return httpx.Client(
+        transport=transport or GuardedTransport(policy, limits=limits),
+        timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+class GuardedTransport(httpx.HTTPTransport):
+    """httpx's transport whose connections go through the SSRF guard."""
+
+    def __init__(self, policy: AddressPolicy, *, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        # httpx has no public hook for the network backend; replace the pool it built with the
+        # same one plus our backend.
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(policy),
+        )
+
+
+class Sender:
+    """Posts claimed deliveries and turns whatever happens into an `Outcome` (never raises)."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        *,
+        user_agent: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._user_agent = user_agent
+        self._clock = clock
+
+    def send(self, delivery: ClaimedDelivery) -> Outcome:
+        """Sign and post one delivery; the outcome records the answer or the error."""
+        body = event_body(delivery.topic, delivery.payload, delivery.event_created_at)
+        headers = self.headers(delivery.secrets, delivery.event_id, body)
+        try:
+            return self._post(delivery.url, body, headers)
+        except httpx.TimeoutException as error:
+            return Outcome(error=f"timeout: {type(error).__name__}")
+        except DestinationNotAllowedError as error:
+            return Outcome(error=f"destination not allowed: {error}")
+        except httpx.HTTPError as error:
+            return Outcome(error=f"{type(error).__name__}: {error}"[:ERROR_TEXT_CHARS])
+        except Exception as error:  # a bad URL or a library bug must not stop the relay
+            logger.exception("delivery %s to %s failed", delivery.delivery_id, delivery.url)
+            return Outcome(error=f"{type(error).__name__}: {error}"[:ERROR_TEXT_CHARS])
+
+    def headers(self, secrets: Sequence[str], event_id: str, body: bytes) -> dict[str, str]:
+        """Signature headers for an attempt now, plus content type and user agent."""
+        headers = signature_headers(secrets, event_id, int(self._clock()), body)
+        headers["content-type"] = "application/json"
+        headers["user-agent"] = self._user_agent
+        return headers
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
+        with self._client.stream("POST", url, content=body, headers=headers) as response:
+            answer = _read_some(response)
+            code = response.status_code
+            if 200 <= code < 300:
+                return Outcome(status_code=code)
+            retry_after = None
+            if code in RETRY_AFTER_STATUSES:
+                retry_after = parse_retry_after(
+                    response.headers.get("retry-after"), datetime.now(UTC)
+                )
+            error = f"HTTP {code}"
+            if response.is_redirect:
+                error += f" redirect to {response.headers.get('location', '?')} not followed"
+            elif answer:
+                error += ": " + answer.decode("utf-8", "replace")
+            return Outcome(
+                status_code=code, error=error[:ERROR_TEXT_CHARS], retry_after=retry_after
+            )
+
+
+def _read_some(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= MAX_RESPONSE_BYTES:
+            break
+    return b"".join(chunks)[:ERROR_TEXT_CHARS]

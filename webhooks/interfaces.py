@@ -1,0 +1,84 @@
+"""The pluggable parts, as protocols: where events, subscriptions and deliveries are kept.
+
+SQL implementations are the production default (`webhooks.outbox`, `webhooks.subscriptions`,
+`webhooks.store`); in-memory ones (`webhooks.memory`) serve the embedded set-up and tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from webhooks.delivery import ClaimedDelivery
+from webhooks.policy import Decision, Outcome
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A validated event about to enter the outbox."""
+
+    id: str
+    topic: str
+    tenant_id: str | None
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """One finished attempt: what was sent, what came back, and the delivery's next state."""
+
+    delivery: ClaimedDelivery
+    outcome: Outcome
+    decision: Decision
+
+
+class Subscriber(Protocol):
+    """What the outbox needs to know of a subscription."""
+
+    @property
+    def id(self) -> str: ...
+
+
+class SubscriptionStore(Protocol):
+    """Finds the subscriptions an event goes to."""
+
+    def matching(self, topic: str, tenant_id: str | None) -> Sequence[Subscriber]:
+        """Enabled subscriptions of `topic` whose tenant filter is empty or `tenant_id`."""
+        ...
+
+
+class OutboxStore(Protocol):
+    """Keeps events and their deliveries."""
+
+    def append(self, event: NewEvent, subscribers: Sequence[Subscriber]) -> bool:
+        """Store the event and one pending delivery per subscriber, unless the event id is
+        already stored; True if this call stored it."""
+        ...
+
+
+class DeliveryStore(Protocol):
+    """Where a relay claims due deliveries and records what became of them."""
+
+    def claim(self, limit: int, now: datetime, lease: timedelta) -> list[ClaimedDelivery]:
+        """Reserve up to `limit` due deliveries of enabled subscriptions until `now + lease`,
+        counting the attempt; a delivery is claimed by one relay at a time."""
+        ...
+
+    def record(
+        self, results: Sequence[AttemptResult], now: datetime, disable_after: timedelta
+    ) -> None:
+        """Store each attempt's decision (unless the delivery was claimed again meanwhile) and
+        update the subscriptions' failure streaks, disabling those failing for `disable_after`
+        and those whose endpoint is gone."""
+        ...
+
+    def release(self, deliveries: Sequence[ClaimedDelivery], now: datetime) -> None:
+        """Hand back claimed deliveries that were not attempted, due at `now`, uncounted."""
+        ...
+
+    def next_due(self, now: datetime) -> datetime | None:
+        """When the earliest unclaimed delivery falls due (None if there is none)."""
+        ...

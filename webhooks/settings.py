@@ -1,0 +1,108 @@
+"""Settings of the relay and the webhook commands, read from the environment once.
+
+Every variable is `WEBHOOKS_<FIELD>` (upper case), except the database URL, which is also read
+from the shared `DATABASE_URL`. Durations accept seconds (`86400`) or ISO 8601 (`PT24H`); the
+retry schedule is a comma-separated list such as `5s,5m,30m,2h`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///billing.sqlite3"
+
+#: Delays before each retry: 10 attempts in all, spread over about 3.8 days (over 3 days even
+#: when every delay is jittered 20% shorter).
+DEFAULT_RETRY_SCHEDULE = "5s,5m,30m,2h,5h,10h,20h,24h,30h"
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+
+
+def parse_schedule(text: str) -> tuple[timedelta, ...]:
+    """`"5s,5m,2h"` → the delays; a bare number is seconds.
+
+    Raises:
+        ValueError: an entry is not a number with an optional unit (ms, s, m, h, d).
+    """
+    delays = []
+    for entry in text.split(","):
+        match = _DURATION.fullmatch(entry)
+        if match is None:
+            raise ValueError(f"bad retry delay {entry!r}: use a number and ms, s, m, h or d")
+        delays.append(timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"]))
+    return tuple(delays)
+
+
+class WebhookSettings(BaseSettings):
+    """How the relay delivers and how the webhook commands reach the database.
+
+    Attributes:
+        database_url: `WEBHOOKS_DATABASE_URL` or `DATABASE_URL`; the database holding the
+            outbox (default `sqlite:///billing.sqlite3`).
+        concurrency: deliveries in flight at once per relay process (default 16).
+        batch_size: most deliveries claimed by one query (default 100).
+        connect_timeout: seconds to open a connection to a subscriber (default 5).
+        read_timeout: seconds to wait for a subscriber's answer (default 10).
+        retry_schedule: delays before the 2nd, 3rd, … attempts; after the last the delivery is
+            `dead` (default `5s,5m,30m,2h,5h,10h,20h,24h,30h`: 10 attempts over ~3.8 days).
+        jitter: each delay is multiplied by a random factor in `[1 - jitter, 1 + jitter]`
+            (default 0.2).
+        retry_after_max: longest `Retry-After` (on 429 and 503) that is honoured, in seconds
+            (default 86400).
+        disable_after: a subscription whose deliveries have all failed for this long is disabled
+            (seconds; default 432000, 5 days).
+        secret_grace: how long a rotated-out secret still signs deliveries (seconds; default
+            86400).
+        allow_loopback: deliver to loopback addresses such as 127.0.0.1 (default false; tests and
+            the embedded set-up turn it on).
+        allow_private_networks: deliver to private, link-local and other non-public addresses
+            (default false).
+        poll_interval: seconds between polls for due deliveries when no notification arrives
+            (default 1).
+        listen: on PostgreSQL, wake on `LISTEN/NOTIFY` when an event commits (default true).
+        claim_lease: seconds a claimed delivery stays reserved for the relay that claimed it; if
+            that relay dies, another sends it after this (default 300).
+        shutdown_timeout: seconds a stopping relay waits for deliveries in flight (default 30).
+        user_agent: the `User-Agent` of every delivery (default `billing-workers-webhooks/0.1`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="WEBHOOKS_", extra="ignore")
+
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        validation_alias=AliasChoices("WEBHOOKS_DATABASE_URL", "DATABASE_URL", "database_url"),
+    )
+    concurrency: int = Field(default=16, ge=1, le=512)
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=10.0, gt=0)
+    retry_schedule: Annotated[tuple[timedelta, ...], NoDecode] = Field(
+        default=parse_schedule(DEFAULT_RETRY_SCHEDULE), min_length=1
+    )
+    jitter: float = Field(default=0.2, ge=0, lt=1)
+    retry_after_max: timedelta = timedelta(days=1)
+    disable_after: timedelta = timedelta(days=5)
+    secret_grace: timedelta = timedelta(hours=24)
+    allow_loopback: bool = False
+    allow_private_networks: bool = False
+    poll_interval: float = Field(default=1.0, gt=0)
+    listen: bool = True
+    claim_lease: timedelta = timedelta(minutes=5)
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    user_agent: str = "billing-workers-webhooks/0.1"
+
+    @field_validator("retry_schedule", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: Any) -> Any:
+        return parse_schedule(value) if isinstance(value, str) else value
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts before a delivery is `dead`: the first one plus one per scheduled delay."""
+        return len(self.retry_schedule) + 1
