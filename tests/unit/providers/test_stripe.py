@@ -1,0 +1,147 @@
+"""The Stripe mapper against a fake Stripe that checks what Stripe documents."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl
+
+import httpx
+import pytest
+
+from billing import BillingService, ProviderSyncError
+from billing.models import Invoice, Plan, Price, Subscription
+from billing.providers import StripeError, StripeInvoiceSync
+
+JAN = datetime(2025, 1, 1, tzinfo=UTC)
+FEB = datetime(2025, 2, 1, tzinfo=UTC)
+
+
+class FakeStripe:
+    """Enough of Stripe: form bodies, bearer auth, idempotency keys replaying the first answer."""
+
+    def __init__(self) -> None:
+        self.invoices: dict[str, dict] = {}
+        self.items: list[dict] = []
+        self.replies: dict[str, httpx.Response] = {}
+        self.fail_next: list[int] = []
+        self.ids = itertools.count(1)
+        self.requests = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        assert request.headers["Authorization"] == "Bearer sk_test_123"
+        if request.content:
+            assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+        key = request.headers["Idempotency-Key"]
+        if key in self.replies:
+            return self.replies[key]
+        if self.fail_next:
+            return httpx.Response(self.fail_next.pop(), json={"error": {"type": "api_error"}})
+        form = dict(parse_qsl(request.content.decode()))
+        reply = self.handle(request.url.path, form)
+        self.replies[key] = reply
+        return reply
+
+    def handle(self, path: str, form: dict[str, str]) -> httpx.Response:
+        if path == "/v1/invoices":
+            assert form["customer"].startswith("cus_")
+            invoice = {"id": f"in_{next(self.ids)}", "status": "draft", **form}
+            self.invoices[invoice["id"]] = invoice
+            return httpx.Response(200, json=invoice)
+        if path == "/v1/invoiceitems":
+            assert form["invoice"] in self.invoices
+            assert form["amount"].isdigit()  # minor units, an integer
+            item = {"id": f"ii_{next(self.ids)}", **form}
+            self.items.append(item)
+            return httpx.Response(200, json=item)
+        if path.startswith("/v1/invoices/") and path.endswith("/finalize"):
+            invoice = self.invoices[path.split("/")[3]]
+            invoice["status"] = "open"
+            return httpx.Response(200, json=invoice)
+        return httpx.Response(404, json={"error": {"type": "invalid_request_error"}})
+
+
+@pytest.fixture
+def stripe() -> FakeStripe:
+    return FakeStripe()
+
+
+@pytest.fixture
+def sync(stripe: FakeStripe) -> StripeInvoiceSync:
+    client = httpx.Client(base_url="https://api.stripe.test", transport=httpx.MockTransport(stripe))
+    return StripeInvoiceSync(
+        api_key="sk_test_123", customer_for_tenant=lambda t: f"cus_{t}", client=client
+    )
+
+
+@pytest.fixture
+def tenant_with_usage(session) -> None:
+    plan = Plan(key="pro", name="Pro")
+    session.add(plan)
+    session.flush()
+    session.add_all(
+        [
+            Price(
+                key="fee",
+                plan_id=plan.id,
+                currency="usd",
+                unit_amount=2900,
+                recurring_interval="month",
+            ),
+            Price(key="tok", plan_id=plan.id, currency="usd", metric="tokens", unit_amount=2),
+            Subscription(tenant_id="t1", plan_id=plan.id, effective_at=JAN),
+        ]
+    )
+    bs = BillingService(session=session, tenant_id="t1")
+    bs.record_usage(metric="tokens", amount=50, at=JAN, idempotency_key="a")
+    bs.record_usage(metric="calls", amount=9, at=JAN, idempotency_key="b")  # unpriced: amount 0
+
+
+def invoice(session, sync) -> Invoice:
+    bs = BillingService(session=session, tenant_id="t1", provider_sync=sync)
+    return session.get(
+        Invoice, bs.generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    )
+
+
+@pytest.mark.usefixtures("tenant_with_usage")
+def test_an_invoice_becomes_one_finalized_stripe_invoice_with_its_lines(session, sync, stripe):
+    ours = invoice(session, sync)
+    (stripe_invoice,) = stripe.invoices.values()
+    assert ours.provider_invoice_id == stripe_invoice["id"]
+    assert stripe_invoice["status"] == "open"
+    assert stripe_invoice["customer"] == "cus_t1"
+    assert stripe_invoice["metadata[billing_invoice_id]"] == ours.id
+    assert stripe_invoice["pending_invoice_items_behavior"] == "exclude"
+    assert sorted((i["amount"], i["currency"]) for i in stripe.items) == [
+        ("100", "usd"),
+        ("2900", "usd"),
+    ]
+    assert all(i["invoice"] == stripe_invoice["id"] for i in stripe.items)
+
+
+@pytest.mark.usefixtures("tenant_with_usage")
+def test_a_sync_retried_after_a_stripe_outage_makes_no_second_invoice(session, sync, stripe):
+    stripe.fail_next = [500]  # the first call fails: the invoice stays, unsynced
+    bs = BillingService(session=session, tenant_id="t1", provider_sync=sync)
+    with pytest.raises(ProviderSyncError) as caught:
+        bs.generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    assert isinstance(caught.value.__cause__, StripeError)
+    assert session.get(Invoice, caught.value.invoice_id).provider_invoice_id is None
+    bs.sync_invoice(caught.value.invoice_id)
+    bs.sync_invoice(caught.value.invoice_id)  # already synced: no call at all
+    assert len(stripe.invoices) == 1
+    assert len(stripe.items) == 2
+
+
+@pytest.mark.usefixtures("tenant_with_usage")
+def test_a_sync_that_died_midway_replays_and_adds_no_duplicate_items(session, sync, stripe):
+    ours = invoice(session, None)
+    lines = list(ours.lines)
+    sync(ours, lines)  # Stripe has it all, but our process died before storing the id
+    before = stripe.requests
+    assert sync(ours, lines) == next(iter(stripe.invoices))
+    assert stripe.requests == before + 4  # replayed answers, nothing created
+    assert len(stripe.invoices) == 1
+    assert len(stripe.items) == 2
