@@ -65,8 +65,16 @@ def validate_usage(
     )
 
 
-def record(session: Session, tenant_id: str, event: UsageInput) -> str:
-    """Store `event` unless stored already; return its id (the first one's, for a duplicate).
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What became of one event: its id, and whether it had been stored before."""
+
+    id: str
+    duplicate: bool
+
+
+def record(session: Session, tenant_id: str, event: UsageInput) -> Recorded:
+    """Store `event` unless stored already; its id is the first one's for a duplicate.
 
     Raises:
         IdempotencyConflictError: the key was used for an event with another amount or time.
@@ -74,22 +82,33 @@ def record(session: Session, tenant_id: str, event: UsageInput) -> str:
     return record_many(session, tenant_id, [event])[0]
 
 
-def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> list[str]:
-    """Store many events in one round trip per 1,000; return their ids in order.
+def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> list[Recorded]:
+    """Store many events in one round trip per 1,000; return what became of each, in order.
 
-    Duplicates (within the batch or of stored events) get the first event's id; a key reused
-    with another amount or time raises `IdempotencyConflictError`. A conflict can only be found
-    after the insert; the caller then rolls its transaction back, as for any error.
+    Duplicates (of stored events, or repeats within the batch) get the first event's id; a key
+    reused with another amount or time raises `IdempotencyConflictError`. A conflict can only be
+    found after the insert; the caller then rolls its transaction back, as for any error.
     """
     unique = _dedupe(events)
-    ids: dict[tuple[str, str], str] = {}
+    inserted: dict[tuple[str, str], str] = {}
+    existing: dict[tuple[str, str], str] = {}
     for start in range(0, len(unique), INSERT_CHUNK):
         chunk = unique[start : start + INSERT_CHUNK]
-        ids.update(_insert_new(session, tenant_id, chunk))
-        missing = [e for e in chunk if (e.metric, e.idempotency_key) not in ids]
+        new = _insert_new(session, tenant_id, chunk)
+        inserted.update(new)
+        missing = [e for e in chunk if (e.metric, e.idempotency_key) not in new]
         if missing:
-            ids.update(_match_existing(session, tenant_id, missing))
-    return [ids[(e.metric, e.idempotency_key)] for e in events]
+            existing.update(_match_existing(session, tenant_id, missing))
+    results: list[Recorded] = []
+    seen: set[tuple[str, str]] = set()
+    for event in events:
+        key = (event.metric, event.idempotency_key)
+        if key in inserted and key not in seen:
+            results.append(Recorded(inserted[key], duplicate=False))
+        else:
+            results.append(Recorded(inserted.get(key) or existing[key], duplicate=True))
+        seen.add(key)
+    return results
 
 
 def _insert_new(

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing import aggregation, invoicing, ledger
-from billing.errors import InvalidUsageError, ProviderSyncError
+from billing import aggregation, invoicing, ledger, metrics
+from billing.errors import IdempotencyConflictError, InvalidUsageError, ProviderSyncError
+from billing.ledger import Recorded
 from billing.models import Invoice, InvoiceLine
 
 logger = logging.getLogger(__name__)
@@ -61,14 +62,14 @@ class BillingService:
             InvalidUsageError: a field is malformed (`.field` names it); nothing is stored.
             IdempotencyConflictError: the key was used for another amount or time.
         """
-        event = ledger.validate_usage(
+        event = self._validated(
             metric=metric,
             amount=amount,
             at=at,
             idempotency_key=idempotency_key,
             metadata=metadata,
         )
-        return ledger.record(self.session, self.tenant_id, event)
+        return self._store([event])[0].id
 
     def record_usage_batch(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
         """Store many events (each a mapping of `record_usage`'s arguments); ids in order.
@@ -76,15 +77,31 @@ class BillingService:
         Every event is validated before anything is stored: one bad event raises
         `InvalidUsageError` (its message gives the index) and stores nothing.
         """
+        return [recorded.id for recorded in self.ingest(events)]
+
+    def ingest(self, events: Sequence[Mapping[str, Any]]) -> list[Recorded]:
+        """`record_usage_batch` that also says, per event, whether it was a duplicate."""
         validated = [self._validate_item(index, item) for index, item in enumerate(events)]
-        return ledger.record_many(self.session, self.tenant_id, validated)
+        return self._store(validated)
+
+    def _store(self, events: list[ledger.UsageInput]) -> list[Recorded]:
+        try:
+            results = ledger.record_many(self.session, self.tenant_id, events)
+        except IdempotencyConflictError:
+            metrics.USAGE_INGEST.labels(outcome="rejected").inc(len(events))
+            raise
+        duplicates = sum(r.duplicate for r in results)
+        metrics.USAGE_INGEST.labels(outcome="duplicate").inc(duplicates)
+        metrics.USAGE_INGEST.labels(outcome="stored").inc(len(results) - duplicates)
+        return results
 
     def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
         """Compute and upsert the total of `metric` over the UTC day containing `day_start`."""
         metric = ledger.validate_usage(
             metric=metric, amount=0, at=day_start, idempotency_key="-"
         ).metric
-        return aggregation.aggregate_day(self.session, self.tenant_id, metric, day_start)
+        with metrics.timed_ms(metrics.AGGREGATE_DURATION_MS):
+            return aggregation.aggregate_day(self.session, self.tenant_id, metric, day_start)
 
     def generate_monthly_invoice(
         self, *, period_start: datetime, period_end: datetime, currency: str
@@ -112,6 +129,7 @@ class BillingService:
                 self.session, self.tenant_id, period_start, period_end, currency, lines
             )
             if created:
+                metrics.INVOICES_GENERATED.inc()
                 logger.info("invoice %s created for tenant %s", invoice_id, self.tenant_id)
         self.session.flush()
         if self.provider_sync is not None:
@@ -139,6 +157,7 @@ class BillingService:
         try:
             provider_id = _resolve(self.provider_sync(invoice, lines))
         except Exception as error:
+            metrics.PROVIDER_SYNC_FAILURES.inc()
             raise ProviderSyncError(
                 f"provider sync failed for invoice {invoice_id}: {error}", invoice_id=invoice_id
             ) from error
@@ -147,11 +166,19 @@ class BillingService:
             self.session.flush()
         return invoice.provider_invoice_id
 
+    def _validated(self, **fields: Any) -> ledger.UsageInput:
+        try:
+            return ledger.validate_usage(**fields)
+        except InvalidUsageError:
+            metrics.USAGE_INGEST.labels(outcome="rejected").inc()
+            raise
+
     def _validate_item(self, index: int, item: Mapping[str, Any]) -> ledger.UsageInput:
         if not isinstance(item, Mapping):
+            metrics.USAGE_INGEST.labels(outcome="rejected").inc()
             raise InvalidUsageError(f"events[{index}] must be a mapping", field=f"events[{index}]")
         try:
-            return ledger.validate_usage(
+            return self._validated(
                 metric=item.get("metric"),
                 amount=item.get("amount"),
                 at=item.get("at"),
