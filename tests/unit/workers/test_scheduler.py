@@ -1,0 +1,263 @@
+"""The scheduler's fan-outs, fire locks, catch-up and schedule (StubBroker, fakeredis)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import fakeredis
+import pytest
+import redis
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from billing.models import Plan, Price, Subscription
+from workers.broker import QUEUE_NAME
+from workers.locks import LocalFireLock, RedisFireLock
+from workers.scheduler import (
+    CATCH_UP_JOB_ID,
+    DAILY_JOB_ID,
+    MONTHLY_JOB_ID,
+    BillingScheduler,
+    FireInterrupted,
+    last_fire_time,
+    previous_month,
+)
+from workers.settings import WorkerSettings
+
+JAN = datetime(2025, 1, 1, tzinfo=UTC)
+DEC = datetime(2024, 12, 1, tzinfo=UTC)
+FEB = datetime(2025, 2, 1, tzinfo=UTC)
+
+
+class Recorder:
+    """Stands in for the enqueue helpers; can fail the first N calls like a Redis outage."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.calls: list[dict] = []
+        self.fail_first = fail_first
+        self.mutex = threading.Lock()
+
+    def __call__(self, **kwargs) -> None:
+        with self.mutex:
+            if self.fail_first:
+                self.fail_first -= 1
+                raise redis.ConnectionError("Connection refused")
+            self.calls.append(kwargs)
+
+
+def make_scheduler(session_factory, lock=None, settings=None, **kwargs) -> BillingScheduler:
+    kwargs.setdefault("send_aggregate", Recorder())
+    kwargs.setdefault("send_invoice", Recorder())
+    return BillingScheduler(
+        settings or WorkerSettings(),
+        session_factory,
+        lock or LocalFireLock(),
+        sleep=lambda _s: None,
+        **kwargs,
+    )
+
+
+def pairs(recorder: Recorder) -> list[tuple]:
+    return sorted((c["tenant_id"], c["metric"], c["day_start"]) for c in recorder.calls)
+
+
+def test_last_fire_time_and_periods() -> None:
+    scheduler_settings = WorkerSettings()
+    from apscheduler.triggers.cron import CronTrigger
+
+    daily = CronTrigger.from_crontab(scheduler_settings.aggregate_cron, timezone=UTC)
+    monthly = CronTrigger.from_crontab(scheduler_settings.invoice_cron, timezone=UTC)
+    now = datetime(2025, 3, 15, 0, 5, tzinfo=UTC)
+    assert last_fire_time(daily, now) == datetime(2025, 3, 14, 0, 10, tzinfo=UTC)
+    assert last_fire_time(daily, now + timedelta(minutes=5)) == now + timedelta(minutes=5)
+    assert last_fire_time(monthly, now) == datetime(2025, 3, 1, 0, 30, tzinfo=UTC)
+    assert previous_month(datetime(2025, 3, 1, 0, 30, tzinfo=UTC)) == (
+        FEB,
+        datetime(2025, 3, 1, tzinfo=UTC),
+    )
+    assert previous_month(datetime(2025, 1, 1, 0, 30, tzinfo=UTC)) == (DEC, JAN)
+
+
+def test_the_daily_fire_enqueues_yesterday_and_the_late_window_once_per_pair(
+    session_factory, seeded
+) -> None:
+    fire = datetime(2025, 1, 4, 0, 10, tzinfo=UTC)
+    seeded(
+        [
+            ("t1", 1, datetime(2025, 1, 3, 5, tzinfo=UTC)),
+            ("t1", 2, datetime(2025, 1, 3, 6, tzinfo=UTC)),  # same pair, same day: once
+            ("t2", 3, datetime(2025, 1, 3, 23, 59, tzinfo=UTC)),
+            ("t3", 4, datetime(2025, 1, 2, 12, tzinfo=UTC)),  # inside the late-event window
+            ("t4", 5, datetime(2025, 1, 1, 12, tzinfo=UTC)),  # outside it
+            ("t5", 6, datetime(2025, 1, 4, 0, 1, tzinfo=UTC)),  # today: not yet
+        ]
+    )
+    scheduler = make_scheduler(session_factory)
+    report = scheduler.run_daily(fire)
+    assert (report.claimed, report.enqueued, report.key) == (True, 3, "aggregate-daily:2025-01-03")
+    jan3, jan2 = datetime(2025, 1, 3, tzinfo=UTC), datetime(2025, 1, 2, tzinfo=UTC)
+    assert pairs(scheduler.send_aggregate) == [
+        ("t1", "tokens", jan3),
+        ("t2", "tokens", jan3),
+        ("t3", "tokens", jan2),
+    ]
+    again = scheduler.run_daily(fire)
+    assert (again.claimed, again.enqueued) == (False, 0)
+    assert len(scheduler.send_aggregate.calls) == 3
+
+
+def test_a_wider_late_event_window_goes_further_back(session_factory, seeded) -> None:
+    seeded([("t4", 5, datetime(2025, 1, 1, 12, tzinfo=UTC))])
+    scheduler = make_scheduler(session_factory, settings=WorkerSettings(late_event_window_days=2))
+    assert scheduler.run_daily(datetime(2025, 1, 4, 0, 10, tzinfo=UTC)).enqueued == 1
+
+
+def test_the_monthly_fire_enqueues_each_active_tenant_once_per_currency(session_factory) -> None:
+    with session_factory.begin() as session:
+        multi = Plan(key="multi", name="Multi")
+        usd_only = Plan(key="usd", name="USD")
+        free = Plan(key="free", name="Free")  # no prices: nothing to invoice
+        session.add_all([multi, usd_only, free])
+        session.flush()
+        for plan, currencies in ((multi, ("usd", "eur")), (usd_only, ("usd",))):
+            for currency in currencies:
+                for kind in ("fee", "tokens"):
+                    session.add(
+                        Price(
+                            plan_id=plan.id,
+                            key=f"{plan.key}-{kind}-{currency}",
+                            currency=currency,
+                            unit_amount=100,
+                            metric=None if kind == "fee" else "tokens",
+                        )
+                    )
+
+        def sub(tenant, plan, start, end=None):
+            session.add(
+                Subscription(tenant_id=tenant, plan_id=plan.id, effective_at=start, ended_at=end)
+            )
+
+        sub("a", multi, DEC - timedelta(days=30))
+        sub("b", usd_only, JAN + timedelta(days=20))  # started during January
+        sub("c", usd_only, DEC, end=JAN + timedelta(days=1))  # ended during January
+        sub("d", usd_only, DEC, end=JAN)  # ended before January
+        sub("e", usd_only, FEB)  # starts after January
+        sub("f", free, DEC)
+    scheduler = make_scheduler(session_factory)
+    report = scheduler.run_monthly(datetime(2025, 2, 1, 0, 30, tzinfo=UTC))
+    assert (report.key, report.enqueued) == ("monthly-invoices:2025-01", 4)
+    assert sorted(
+        (c["tenant_id"], c["currency"], c["period_start"], c["period_end"])
+        for c in scheduler.send_invoice.calls
+    ) == [
+        ("a", "eur", JAN, FEB),
+        ("a", "usd", JAN, FEB),
+        ("b", "usd", JAN, FEB),
+        ("c", "usd", JAN, FEB),
+    ]
+
+
+def test_two_schedulers_firing_at_once_enqueue_each_pair_once(session_factory, seeded) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i}", 1, day + timedelta(minutes=i)) for i in range(40)])
+    server = fakeredis.FakeServer()
+    shared = Recorder()
+    schedulers = [
+        make_scheduler(
+            session_factory,
+            lock=RedisFireLock(fakeredis.FakeRedis(server=server), namespace="test"),
+            send_aggregate=shared,
+        )
+        for _ in range(2)
+    ]
+    start = threading.Barrier(2)
+    reports = []
+
+    def fire(s: BillingScheduler) -> None:
+        start.wait()
+        reports.append(s.run_daily(day + timedelta(days=1, minutes=10)))
+
+    threads = [threading.Thread(target=fire, args=(s,)) for s in schedulers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(r.claimed for r in reports) == [False, True]
+    assert len(shared.calls) == 40
+    assert len(set(pairs(shared))) == 40
+
+
+def test_catch_up_runs_what_was_missed_and_only_once(session_factory, seeded) -> None:
+    seeded([("t1", 1, datetime(2025, 1, 2, 9, tzinfo=UTC))], plan_for=("t1",))
+    now = datetime(2025, 1, 3, 5, 0, tzinfo=UTC)  # down since before Jan 1st
+    server = fakeredis.FakeServer()
+    lock = RedisFireLock(fakeredis.FakeRedis(server=server), namespace="test")
+    scheduler = make_scheduler(session_factory, lock=lock, now=lambda: now)
+    reports = scheduler.catch_up()
+    assert [(r.key, r.enqueued) for r in reports] == [
+        ("aggregate-daily:2025-01-02", 1),
+        ("monthly-invoices:2024-12", 1),
+    ]
+    restarted = make_scheduler(session_factory, lock=lock, now=lambda: now)
+    assert [r.claimed for r in restarted.catch_up()] == [False, False]
+    assert restarted.send_aggregate.calls == []
+
+
+def test_a_broker_outage_during_the_fan_out_is_waited_out(session_factory, seeded) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i}", 1, day) for i in range(5)])
+    flaky = Recorder(fail_first=7)
+    scheduler = make_scheduler(session_factory, send_aggregate=flaky)
+    assert scheduler.run_daily(day + timedelta(days=1)).enqueued == 5
+    assert len(flaky.calls) == 5
+
+
+def test_a_fire_that_fails_gives_its_claim_back(session_factory, seeded) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)])
+    settings = WorkerSettings(enqueue_retry_for=timedelta(0))
+    lock = LocalFireLock()
+    down = make_scheduler(
+        session_factory, lock=lock, settings=settings, send_aggregate=Recorder(fail_first=1000)
+    )
+    with pytest.raises(redis.ConnectionError):
+        down.run_daily(day + timedelta(days=1))
+    back = make_scheduler(session_factory, lock=lock)
+    assert back.run_daily(day + timedelta(days=1)).enqueued == 1
+
+
+def test_stopping_interrupts_the_fan_out_and_gives_the_claim_back(session_factory, seeded) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i}", 1, day) for i in range(3)])
+    lock = LocalFireLock()
+    scheduler = make_scheduler(session_factory, lock=lock)
+    scheduler.stop()
+    with pytest.raises(FireInterrupted):
+        scheduler.run_daily(day + timedelta(days=1))
+    assert lock.claim("aggregate-daily:2025-01-03", timedelta(hours=1))
+
+
+def test_the_jobs_have_fixed_ids_and_safe_options(session_factory) -> None:
+    scheduler = make_scheduler(session_factory)
+    aps = BackgroundScheduler(timezone=UTC)
+    scheduler.schedule(aps)
+    jobs = {job.id: job for job in aps.get_jobs()}
+    assert set(jobs) == {DAILY_JOB_ID, MONTHLY_JOB_ID, CATCH_UP_JOB_ID}
+    for job_id in (DAILY_JOB_ID, MONTHLY_JOB_ID):
+        job = jobs[job_id]
+        assert (job.coalesce, job.max_instances, job.misfire_grace_time) == (True, 1, 3600)
+        assert str(job.trigger.timezone) == "UTC"
+    assert (
+        str(jobs[DAILY_JOB_ID].trigger)
+        == "cron[month='*', day='*', day_of_week='*', hour='0', minute='10']"
+    )
+
+
+def test_the_scheduler_sends_real_messages_through_the_actors(
+    session_factory, seeded, stub_broker
+) -> None:
+    seeded([("t1", 1, datetime(2025, 1, 3, tzinfo=UTC))])
+    scheduler = BillingScheduler(WorkerSettings(), session_factory, LocalFireLock())
+    scheduler.run_daily(datetime(2025, 1, 4, 0, 10, tzinfo=UTC))
+    [message] = list(stub_broker.queues[QUEUE_NAME].queue)
+    assert b'"day_start":"2025-01-03T00:00:00+00:00"' in message

@@ -1,0 +1,115 @@
+"""What the scheduler enqueues, streamed from the database in batches.
+
+The fan-out never builds one list of every tenant: each query runs once and its rows arrive
+`batch_size` at a time (a server-side cursor on PostgreSQL, SQLite's own cursor otherwise), and
+each row is sent before the next batch is read. Callers that may stop early iterate inside
+`contextlib.closing(...)` so the cursor is closed at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.models import Price, Subscription, UsageEvent
+
+DAY = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Restricts a fan-out to one tenant and/or one metric (the CLI's backfills)."""
+
+    tenant_id: str | None = None
+    metric: str | None = None
+
+
+def _usage_pairs_query(day: datetime, only: Filter) -> Select[str, str]:
+    query = (
+        select(UsageEvent.tenant_id, UsageEvent.metric)
+        .where(UsageEvent.at_ts >= day, UsageEvent.at_ts < day + DAY)
+        .distinct()
+    )
+    if only.tenant_id is not None:
+        query = query.where(UsageEvent.tenant_id == only.tenant_id)
+    if only.metric is not None:
+        query = query.where(UsageEvent.metric == only.metric)
+    return query
+
+
+def usage_pairs(
+    session_factory: sessionmaker[Session],
+    day: datetime,
+    *,
+    batch_size: int,
+    only: Filter = Filter(),
+) -> Generator[tuple[str, str], None, None]:
+    """Every (tenant, metric) with usage in the UTC day starting at `day`, streamed."""
+    yield from _stream(session_factory, _usage_pairs_query(day, only), batch_size)
+
+
+def count_usage_pairs(
+    session_factory: sessionmaker[Session], day: datetime, *, only: Filter = Filter()
+) -> int:
+    """How many pairs `usage_pairs` will yield (for a progress bar)."""
+    inner = _usage_pairs_query(day, only).subquery()
+    with session_factory() as session:
+        return int(session.execute(select(func.count()).select_from(inner)).scalar_one())
+
+
+def _invoice_targets_query(start: datetime, end: datetime, only: Filter) -> Select[str, str]:
+    active = and_(
+        Subscription.effective_at < end,
+        or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),
+    )
+    query = (
+        select(Subscription.tenant_id, Price.currency)
+        .join(Price, Price.plan_id == Subscription.plan_id)
+        .where(active)
+        .distinct()
+    )
+    if only.tenant_id is not None:
+        query = query.where(Subscription.tenant_id == only.tenant_id)
+    return query
+
+
+def invoice_targets(
+    session_factory: sessionmaker[Session],
+    start: datetime,
+    end: datetime,
+    *,
+    batch_size: int,
+    only: Filter = Filter(),
+) -> Generator[tuple[str, str], None, None]:
+    """Every (tenant, currency) to invoice for `[start, end)`: a subscription active in the
+    period whose plan has prices in that currency. Streamed."""
+    yield from _stream(session_factory, _invoice_targets_query(start, end, only), batch_size)
+
+
+def count_invoice_targets(
+    session_factory: sessionmaker[Session],
+    start: datetime,
+    end: datetime,
+    *,
+    only: Filter = Filter(),
+) -> int:
+    """How many targets `invoice_targets` will yield."""
+    inner = _invoice_targets_query(start, end, only).subquery()
+    with session_factory() as session:
+        return int(session.execute(select(func.count()).select_from(inner)).scalar_one())
+
+
+def _stream(
+    session_factory: sessionmaker[Session], query: Select[str, str], batch_size: int
+) -> Generator[tuple[str, str], None, None]:
+    with session_factory() as session:
+        rows = session.execute(query, execution_options={"yield_per": batch_size})
+        try:
+            for row in rows:
+                yield row[0], row[1]
+        finally:
+            rows.close()  # a server-side cursor must be closed even when the caller stops early

@@ -1,0 +1,366 @@
+"""The billing scheduler: `python -m workers.scheduler` (the Procfile's `scheduler` line).
+
+APScheduler 3 runs two cron jobs in UTC, from `WorkerSettings`:
+
+- `billing.aggregate-daily` (`AGGREGATE_CRON`, 00:10 by default) enqueues
+  `billing.aggregate_daily` for every (tenant, metric) with usage on the day that just ended, and
+  again for the `LATE_EVENT_WINDOW_DAYS` days before it, so late events are counted.
+- `billing.monthly-invoices` (`INVOICE_CRON`, 00:30 on the 1st) enqueues
+  `billing.generate_monthly_invoice` for every tenant with a subscription active in the month
+  that just ended, once per currency its plan has prices in.
+
+Both have fixed ids, `coalesce=True`, `max_instances=1` and a misfire grace (`MISFIRE_GRACE`).
+Each fire is claimed first with a fire lock keyed by the work it stands for
+(`aggregate-daily:2025-01-31`, `monthly-invoices:2025-01`): with two schedulers running, one
+enqueues and the other skips. On start, the scheduler runs the latest fire of each job unless
+its key is already claimed: what it missed while down (the days of the late-event window, the
+last month's invoices) is enqueued then.
+
+Sending retries while Redis is unreachable (`ENQUEUE_RETRY_FOR`), so a Redis restart loses
+nothing; a fire that still fails, or is interrupted by SIGTERM, gives its claim back and is tried
+again a minute later (and at the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from types import FrameType
+from typing import Any, TypeVar
+
+import dramatiq.errors
+import redis
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.aggregation import utc_day_start
+from workers import fanout
+from workers.locks import FireLock, LocalFireLock, RedisFireLock
+from workers.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+DAILY_JOB_ID = "billing.aggregate-daily"
+MONTHLY_JOB_ID = "billing.monthly-invoices"
+CATCH_UP_JOB_ID = "billing.catch-up"
+RETRY_DELAY = timedelta(minutes=1)
+DAY = timedelta(days=1)
+EVERYTHING = fanout.Filter()
+
+#: Errors that mean "the broker is unreachable right now": sending is retried.
+TRANSIENT_SEND_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    dramatiq.errors.BrokerConnectionError,
+)
+
+T = TypeVar("T")
+SendAggregate = Callable[..., object]
+"""`enqueue_aggregate_daily(*, tenant_id, metric, day_start)`."""
+SendInvoice = Callable[..., object]
+"""`enqueue_generate_monthly_invoice(*, tenant_id, period_start, period_end, currency)`."""
+
+
+class FireInterrupted(Exception):
+    """The scheduler is stopping; the fire gave its claim back and will be run again."""
+
+
+@dataclass(frozen=True)
+class FireReport:
+    """What one fire did: whether it won the claim, and how many messages it sent."""
+
+    job_id: str
+    key: str
+    claimed: bool
+    enqueued: int = 0
+    seconds: float = 0.0
+
+
+def month_start(moment: datetime) -> datetime:
+    """Midnight UTC on the first day of the month of `moment`."""
+    return utc_day_start(moment).replace(day=1)
+
+
+def previous_month(moment: datetime) -> tuple[datetime, datetime]:
+    """`[start, end)` of the calendar month before the one containing `moment`."""
+    end = month_start(moment)
+    return month_start(end - DAY), end
+
+
+def last_fire_time(trigger: CronTrigger, now: datetime) -> datetime | None:
+    """The latest time at or before `now` that `trigger` fires (within 62 days), if any."""
+    fire: datetime | None = trigger.get_next_fire_time(None, now - timedelta(days=62))
+    last = None
+    while fire is not None and fire <= now:
+        last = fire
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+    return last
+
+
+class BillingScheduler:
+    """The fan-outs and their schedule; collaborators are passed in so tests can swap them."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        session_factory: sessionmaker[Session],
+        lock: FireLock,
+        *,
+        send_aggregate: SendAggregate | None = None,
+        send_invoice: SendInvoice | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if send_aggregate is None or send_invoice is None:
+            from workers import actors  # the broker the environment configures
+
+            send_aggregate = send_aggregate or actors.enqueue_aggregate_daily
+            send_invoice = send_invoice or actors.enqueue_generate_monthly_invoice
+        self.settings = settings
+        self.session_factory = session_factory
+        self.lock = lock
+        self.send_aggregate = send_aggregate
+        self.send_invoice = send_invoice
+        self.now = now
+        self.sleep = sleep
+        self.daily_trigger = CronTrigger.from_crontab(settings.aggregate_cron, timezone=UTC)
+        self.monthly_trigger = CronTrigger.from_crontab(settings.invoice_cron, timezone=UTC)
+        self.stopping = threading.Event()
+        self._apscheduler: BaseScheduler | None = None
+
+    # --- the fires ------------------------------------------------------------------------
+
+    def days_to_aggregate(self, fire_time: datetime) -> list[datetime]:
+        """The day that ended before `fire_time`, then the late-event window's days before it."""
+        yesterday = utc_day_start(fire_time) - DAY
+        return [yesterday - k * DAY for k in range(self.settings.late_event_window_days + 1)]
+
+    def run_daily(self, fire_time: datetime | None = None) -> FireReport:
+        """Enqueue the aggregation of every (tenant, metric) of the days `fire_time` covers."""
+        fire_time = fire_time or self._last_fire(self.daily_trigger)
+        days = self.days_to_aggregate(fire_time)
+        key = f"aggregate-daily:{days[0].date().isoformat()}"
+        return self._fire(DAILY_JOB_ID, key, lambda: self.fan_out_days(days))
+
+    def run_monthly(self, fire_time: datetime | None = None) -> FireReport:
+        """Enqueue the invoices of the month before `fire_time`."""
+        fire_time = fire_time or self._last_fire(self.monthly_trigger)
+        start, end = previous_month(fire_time)
+        key = f"monthly-invoices:{start.strftime('%Y-%m')}"
+        return self._fire(MONTHLY_JOB_ID, key, lambda: self.fan_out_invoices(start, end))
+
+    def catch_up(self) -> list[FireReport]:
+        """Run the latest fire of each job unless it was claimed: what a stop made us miss."""
+        reports = []
+        now = self.now()
+        for trigger, run in (
+            (self.daily_trigger, self.run_daily),
+            (self.monthly_trigger, self.run_monthly),
+        ):
+            fire_time = last_fire_time(trigger, now)
+            if fire_time is not None:
+                reports.append(run(fire_time))
+        return reports
+
+    # --- fan-out ----------------------------------------------------------------------------
+
+    def fan_out_days(self, days: Iterable[datetime], only: fanout.Filter = EVERYTHING) -> int:
+        """Send `billing.aggregate_daily` for each pair with usage on each day; the count."""
+        sent = 0
+        for day in days:
+            stream = fanout.usage_pairs(
+                self.session_factory, day, batch_size=self.settings.fanout_batch_size, only=only
+            )
+            with closing(stream):
+                for tenant_id, metric in stream:
+                    self._check_stopping()
+                    self._retrying(
+                        partial(
+                            self.send_aggregate, tenant_id=tenant_id, metric=metric, day_start=day
+                        )
+                    )
+                    sent += 1
+        return sent
+
+    def fan_out_invoices(
+        self, start: datetime, end: datetime, only: fanout.Filter = EVERYTHING
+    ) -> int:
+        """Send `billing.generate_monthly_invoice` for each (tenant, currency) due; the count."""
+        sent = 0
+        stream = fanout.invoice_targets(
+            self.session_factory, start, end, batch_size=self.settings.fanout_batch_size, only=only
+        )
+        with closing(stream):
+            for tenant_id, currency in stream:
+                self._check_stopping()
+                send = partial(
+                    self.send_invoice,
+                    tenant_id=tenant_id,
+                    period_start=start,
+                    period_end=end,
+                    currency=currency,
+                )
+                self._retrying(send)
+                sent += 1
+        return sent
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def schedule(self, scheduler: BaseScheduler, *, catch_up: bool = True) -> None:
+        """Add the cron jobs (and, with `catch_up`, a catch-up run right away) to `scheduler`."""
+        self._apscheduler = scheduler
+        common: dict[str, Any] = {
+            "coalesce": True,
+            "max_instances": 1,
+            "misfire_grace_time": int(self.settings.misfire_grace.total_seconds()),
+            "replace_existing": True,
+        }
+        scheduler.add_job(
+            self._job, self.daily_trigger, args=[DAILY_JOB_ID], id=DAILY_JOB_ID, **common
+        )
+        scheduler.add_job(
+            self._job, self.monthly_trigger, args=[MONTHLY_JOB_ID], id=MONTHLY_JOB_ID, **common
+        )
+        if catch_up:
+            scheduler.add_job(
+                self._job,
+                "date",
+                args=[CATCH_UP_JOB_ID],
+                id=CATCH_UP_JOB_ID,
+                run_date=self.now(),
+                **common,
+            )
+
+    def stop(self) -> None:
+        """Ask running fan-outs to give their claims back and stop."""
+        self.stopping.set()
+
+    def _job(self, job_id: str, fire_time: datetime | None = None) -> None:
+        runs: dict[str, Callable[[], object]] = {
+            DAILY_JOB_ID: lambda: self.run_daily(fire_time),
+            MONTHLY_JOB_ID: lambda: self.run_monthly(fire_time),
+            CATCH_UP_JOB_ID: self.catch_up,
+        }
+        if fire_time is None and job_id != CATCH_UP_JOB_ID:
+            trigger = self.daily_trigger if job_id == DAILY_JOB_ID else self.monthly_trigger
+            fire_time = self._last_fire(trigger)
+        try:
+            runs[job_id]()
+        except FireInterrupted:
+            logger.warning("%s interrupted by shutdown; the next start runs it again", job_id)
+        except Exception:
+            logger.exception("%s failed; retrying in %s", job_id, RETRY_DELAY)
+            self._retry_later(job_id, fire_time)
+
+    def _retry_later(self, job_id: str, fire_time: datetime | None) -> None:
+        if self._apscheduler is None or self.stopping.is_set():
+            return
+        self._apscheduler.add_job(
+            self._job,
+            "date",
+            args=[job_id, fire_time],
+            id=f"{job_id}.retry",
+            run_date=self.now() + RETRY_DELAY,
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _fire(self, job_id: str, key: str, fan_out: Callable[[], int]) -> FireReport:
+        started = time.monotonic()
+        if not self._retrying(lambda: self.lock.claim(key, self.settings.fire_lock_ttl)):
+            logger.info("%s: %s already claimed by another scheduler run; skipped", job_id, key)
+            return FireReport(job_id, key, claimed=False)
+        try:
+            sent = fan_out()
+        except BaseException:
+            self._release_quietly(key)
+            raise
+        elapsed = time.monotonic() - started
+        logger.info("%s: %s enqueued %d messages in %.1f s", job_id, key, sent, elapsed)
+        return FireReport(job_id, key, claimed=True, enqueued=sent, seconds=elapsed)
+
+    def _last_fire(self, trigger: CronTrigger) -> datetime:
+        now = self.now()
+        return last_fire_time(trigger, now) or now
+
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise FireInterrupted("scheduler stopping")
+
+    def _retrying(self, operation: Callable[[], T]) -> T:
+        """Run `operation`, retrying broker outages with backoff for `ENQUEUE_RETRY_FOR`."""
+        deadline = time.monotonic() + self.settings.enqueue_retry_for.total_seconds()
+        delay, warned_at = 0.2, 0.0
+        while True:
+            try:
+                return operation()
+            except TRANSIENT_SEND_ERRORS as error:
+                if time.monotonic() >= deadline:
+                    raise
+                if time.monotonic() - warned_at > 10:
+                    logger.warning("broker unreachable (%s); retrying until it is back", error)
+                    warned_at = time.monotonic()
+                self._check_stopping()
+                self.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _release_quietly(self, key: str) -> None:
+        try:
+            self.lock.release(key)
+        except TRANSIENT_SEND_ERRORS:
+            logger.warning("could not release %s; it is claimed until it expires", key)
+
+
+def make_lock(settings: WorkerSettings) -> FireLock:
+    """A Redis fire lock when a Redis URL is configured, else an in-process one."""
+    if settings.lock_redis_url:
+        client = redis.Redis.from_url(
+            settings.lock_redis_url, socket_timeout=10, socket_connect_timeout=10
+        )
+        return RedisFireLock(client, namespace=settings.namespace)
+    logger.warning("no REDIS_URL: fire locks are in-process; run one scheduler only")
+    return LocalFireLock()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m workers.scheduler`: run the schedule until SIGTERM or SIGINT."""
+    from billing.db import make_engine, make_session_factory
+    from billing.settings import BillingSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = WorkerSettings()
+    database = BillingSettings()
+    session_factory = make_session_factory(make_engine(database.database_url))
+    billing_scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
+    apscheduler = BlockingScheduler(timezone=UTC)
+    billing_scheduler.schedule(apscheduler)
+
+    def shut_down(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal %d: stopping the scheduler", signum)
+        billing_scheduler.stop()
+        apscheduler.shutdown(wait=False)
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    logger.info(
+        "scheduler started: aggregate %r, invoices %r (UTC)",
+        settings.aggregate_cron,
+        settings.invoice_cron,
+    )
+    apscheduler.start()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
