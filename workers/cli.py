@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from billing.api.cli import add_commands as add_key_commands
 from billing.db import make_engine
 from billing.migrate import upgrade
 from billing.settings import BillingSettings
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="billing", description="billing-workers")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_db_commands(commands)
+    add_key_commands(commands)
     return parser
 
 

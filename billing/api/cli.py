@@ -1,0 +1,84 @@
+"""`billing keys create | revoke | list`: manage the API's bearer keys (no FastAPI needed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.api import keys
+from billing.db import make_engine, make_session_factory
+from billing.errors import InvalidUsageError
+from billing.settings import BillingSettings
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `keys` command group to the `billing` command line."""
+    group = commands.add_parser("keys", help="API keys of the HTTP API")
+    sub = group.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+
+    create = sub.add_parser("create", help="create a key and print it (shown only once)")
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        choices=keys.SCOPES,
+        help="a scope to grant (repeat for several)",
+    )
+    create.add_argument("--name", help="a label to recognise the key by")
+    create.set_defaults(handler=_create)
+
+    revoke = sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=_revoke)
+
+    listing = sub.add_parser("list", help="list keys (id, prefix, tenant, scopes, state)")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.set_defaults(handler=_list)
+
+
+def _session_factory() -> sessionmaker[Session]:
+    settings = BillingSettings()
+    return make_session_factory(make_engine(settings.database_url))
+
+
+def _create(args: argparse.Namespace) -> int:
+    try:
+        with _session_factory().begin() as session:
+            key, plaintext = keys.create_key(
+                session, tenant_id=args.tenant, scopes=args.scope, name=args.name
+            )
+            key_id = key.id
+    except InvalidUsageError as error:
+        print(f"billing keys create: {error}", file=sys.stderr)
+        return 2
+    print(plaintext)
+    print(
+        f"key {key_id} for tenant {args.tenant} ({', '.join(sorted(set(args.scope)))}); "
+        "store it now, it is not shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    with _session_factory().begin() as session:
+        key = keys.revoke_key(session, args.key_id)
+    if key is None:
+        print(f"billing keys revoke: no key with id {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"key {args.key_id} revoked")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    with _session_factory().begin() as session:
+        for key in keys.list_keys(session, args.tenant):
+            state = "revoked" if key.revoked_at else "active"
+            print(
+                f"{key.id}  {key.prefix}…  {key.tenant_id}  {','.join(key.scopes)}  {state}"
+                f"  {key.name or ''}".rstrip()
+            )
+    return 0

@@ -1,0 +1,42 @@
+"""Per-request dependencies: the API's configuration (set by `add_billing`) and a session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from webhooks.sqltypes import utcnow
+
+
+@dataclass(frozen=True)
+class BillingApi:
+    """What the routes and `require_quota` need, kept on `app.state.billing_api`."""
+
+    session_factory: sessionmaker[Session]
+    prefix: str = "/_billing"
+    clock: Callable[[], datetime] = field(default=utcnow)
+
+
+def get_api(request: Request) -> BillingApi:
+    """The configuration `add_billing(app, ...)` stored on the app."""
+    api = getattr(request.app.state, "billing_api", None)
+    if not isinstance(api, BillingApi):
+        raise RuntimeError("call billing.api.add_billing(app, session_factory=...) first")
+    return api
+
+
+ApiDep = Annotated[BillingApi, Depends(get_api)]
+
+
+def get_session(api: ApiDep) -> Iterator[Session]:
+    """One session per request; endpoints that write commit it themselves."""
+    with api.session_factory() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]

@@ -1,0 +1,86 @@
+"""API keys: created once, shown once, stored as a SHA-256 digest, bound to one tenant.
+
+A key reads `bk_` followed by 43 URL-safe characters (256 random bits). That much entropy
+makes a fast, unsalted digest safe to store and lets a request be authenticated with one
+indexed lookup; the first 11 characters are kept in clear (`prefix`) so people can tell their
+keys apart. Needs no FastAPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing import ledger
+from billing.api.models import ApiKey
+from billing.errors import InvalidUsageError
+from webhooks.sqltypes import utcnow
+
+SCOPES = ("billing.read", "billing.write", "billing.admin")
+KEY_PREFIX = "bk_"
+PREFIX_LENGTH = len(KEY_PREFIX) + 8
+MAX_KEY_LENGTH = 200
+
+
+def hash_key(plaintext: str) -> str:
+    """The stored form of a key: its SHA-256, hex."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def create_key(
+    session: Session, *, tenant_id: str, scopes: Iterable[str], name: str | None = None
+) -> tuple[ApiKey, str]:
+    """Store a new key for `tenant_id`; return the row and the plaintext (never stored).
+
+    Raises:
+        InvalidUsageError: an unknown scope, no scope, or a malformed tenant id.
+    """
+    tenant_id = ledger.validate_tenant(tenant_id)
+    wanted = sorted(set(scopes))
+    unknown = [scope for scope in wanted if scope not in SCOPES]
+    if unknown or not wanted:
+        raise InvalidUsageError(
+            f"scopes must be some of {', '.join(SCOPES)}; got {wanted or 'none'}", field="scopes"
+        )
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        tenant_id=tenant_id,
+        name=name,
+        prefix=plaintext[:PREFIX_LENGTH],
+        key_hash=hash_key(plaintext),
+        scopes=wanted,
+    )
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
+    """The unrevoked key whose plaintext this is, or None."""
+    if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > MAX_KEY_LENGTH:
+        return None
+    return session.execute(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
+
+
+def revoke_key(session: Session, key_id: str, *, now: datetime | None = None) -> ApiKey | None:
+    """Revoke the key with id `key_id` (again: no change); None when there is no such key."""
+    key = session.get(ApiKey, key_id)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = now or utcnow()
+        session.flush()
+    return key
+
+
+def list_keys(session: Session, tenant_id: str | None = None) -> list[ApiKey]:
+    """Keys (revoked ones too), oldest first, of one tenant or of all."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    return list(session.execute(query).scalars())

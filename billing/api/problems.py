@@ -1,0 +1,250 @@
+"""RFC 9457 problem details: every error of the API as `application/problem+json`.
+
+`register_error_handlers(app)` maps request validation errors (422, or 400 for a body that is
+not JSON), HTTP errors, the billing error tree, database rejections of a value (400) and any
+unexpected exception (500, without internals) to a problem document:
+
+    {"type": "urn:billing:problem:validation", "title": "Invalid request", "status": 422,
+     "detail": "amount: Input should be greater than or equal to 0", "field": "amount",
+     "errors": [{"field": "amount", "in": "body", "detail": "..."}]}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException
+
+from billing.errors import (
+    BillingError,
+    CurrencyMismatchError,
+    IdempotencyConflictError,
+    InvalidPeriodError,
+    InvalidUsageError,
+    ProviderSyncError,
+    QuotaExceededError,
+)
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:billing:problem:"
+
+
+class FieldError(BaseModel):
+    """One invalid input: where it is and what is wrong with it."""
+
+    field: str
+    location: str
+    detail: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document (extension members allowed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    field: str | None = None
+    errors: list[FieldError] | None = None
+
+
+class ProblemError(Exception):
+    """Raise to answer with a problem document (status, title, detail, headers, extensions)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        *,
+        slug: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.type = f"{TYPE_PREFIX}{slug}" if slug else "about:blank"
+        self.headers = dict(headers or {})
+        self.extensions = extensions
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    type_: str = "about:blank",
+    headers: Mapping[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    """A problem+json response; None-valued extensions are left out."""
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status}
+    if detail is not None:
+        body["detail"] = detail
+    body.update({k: v for k, v in extensions.items() if v is not None})
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting problem documents for `statuses`."""
+    return {
+        status: {
+            "model": Problem,
+            "description": _TITLES.get(status, "Error"),
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for status in statuses
+    }
+
+
+def invalid_field(field: str, detail: str, *, location: str = "body") -> ProblemError:
+    """The 422 problem for one bad input, named by `field`."""
+    return ProblemError(
+        422,
+        "Invalid request",
+        f"{field}: {detail}",
+        slug="validation",
+        field=field,
+        errors=[{"field": field, "location": location, "detail": detail}],
+    )
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    """Answer every error raised while handling a request with a problem document."""
+    app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(HTTPException, _on_http)
+    app.add_exception_handler(BillingError, _on_billing)
+    app.add_exception_handler(DataError, _on_data)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def field_errors(errors: Sequence[Any]) -> list[dict[str, str]]:
+    """Pydantic/FastAPI error dicts as `{field, location, detail}`; `location` is body, query…"""
+    result = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        location = loc[0] if loc and loc[0] in ("body", "query", "path", "header") else "body"
+        parts = loc[1:] if loc and loc[0] == location else loc
+        result.append(
+            {"field": ".".join(parts) or location, "location": location, "detail": error["msg"]}
+        )
+    return result
+
+
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    429: "Quota exceeded",
+    500: "Internal server error",
+    502: "Bad gateway",
+    503: "Service unavailable",
+}
+
+
+async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    return problem_response(
+        exc.status,
+        exc.title,
+        exc.detail,
+        type_=exc.type,
+        headers=exc.headers,
+        **exc.extensions,
+    )
+
+
+async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    raw = list(exc.errors())
+    if any(error.get("type") == "json_invalid" for error in raw):
+        return problem_response(
+            400,
+            "Malformed request body",
+            "the request body is not valid JSON",
+            type_=f"{TYPE_PREFIX}malformed-body",
+        )
+    errors = field_errors(raw)
+    first = errors[0] if errors else {"field": "body", "detail": "invalid request"}
+    return problem_response(
+        422,
+        "Invalid request",
+        f"{first['field']}: {first['detail']}",
+        type_=f"{TYPE_PREFIX}validation",
+        field=first["field"],
+        errors=errors,
+    )
+
+
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    return problem_response(
+        exc.status_code,
+        _TITLES.get(exc.status_code, "Error"),
+        detail,
+        headers=exc.headers,
+    )
+
+
+async def _on_billing(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BillingError)
+    status, slug, title, extensions = _billing_problem(exc)
+    return problem_response(status, title, str(exc), type_=f"{TYPE_PREFIX}{slug}", **extensions)
+
+
+def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
+    if isinstance(exc, InvalidUsageError):
+        return 422, "invalid-usage", "Invalid usage", {"field": exc.field}
+    if isinstance(exc, IdempotencyConflictError):
+        return (
+            409,
+            "idempotency-conflict",
+            "Idempotency key reused",
+            {"existing_id": exc.existing_id},
+        )
+    if isinstance(exc, InvalidPeriodError):
+        return 422, "invalid-period", "Invalid period", {}
+    if isinstance(exc, CurrencyMismatchError):
+        return 422, "currency-mismatch", "Currency mismatch", {"field": "currency"}
+    if isinstance(exc, QuotaExceededError):
+        return 429, "quota-exceeded", "Quota exceeded", {}
+    if isinstance(exc, ProviderSyncError):
+        return 502, "provider-sync", "Payment provider sync failed", {"invoice_id": exc.invoice_id}
+    return 400, "billing", "Billing error", {}
+
+
+async def _on_data(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a value (out of range, bad encoding…): the input's fault.
+    logger.info("database rejected a value: %s", exc)
+    return problem_response(
+        400,
+        "Value not storable",
+        "a value in the request cannot be stored (out of range or malformed)",
+        type_=f"{TYPE_PREFIX}unstorable-value",
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(500, "Internal server error")

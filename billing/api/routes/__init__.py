@@ -1,0 +1,1 @@
+"""The `/_billing` routes, one module per resource."""

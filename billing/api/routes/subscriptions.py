@@ -1,0 +1,122 @@
+"""The caller's subscriptions: listed with `billing.read`, created and cancelled with
+`billing.admin`, always for the principal's own tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path
+from sqlalchemy import select, update
+
+from billing.api.auth import Admin, Reader
+from billing.api.deps import ApiDep, SessionDep
+from billing.api.problems import ProblemError, invalid_field, problem_responses
+from billing.api.schemas import (
+    CancelIn,
+    ResourceId,
+    SubscriptionIn,
+    SubscriptionList,
+    SubscriptionOut,
+)
+from billing.models import Plan, Subscription
+
+router = APIRouter(tags=["subscriptions"])
+
+
+@router.get("/subscriptions", summary="The caller's subscriptions")
+def list_subscriptions(
+    principal: Reader,
+    session: SessionDep,
+) -> SubscriptionList:
+    """The tenant's subscriptions, oldest first."""
+    rows = session.execute(
+        select(Subscription, Plan.key)
+        .join(Plan, Plan.id == Subscription.plan_id)
+        .where(Subscription.tenant_id == principal.tenant_id)
+        .order_by(Subscription.effective_at, Subscription.id)
+    ).all()
+    return SubscriptionList(items=[subscription_out(sub, key) for sub, key in rows])
+
+
+@router.post(
+    "/subscriptions",
+    status_code=201,
+    summary="Subscribe the caller's tenant to a plan (admin)",
+    responses=problem_responses(401, 403, 422),
+)
+def create_subscription(
+    body: SubscriptionIn,
+    principal: Admin,
+    session: SessionDep,
+    api: ApiDep,
+) -> SubscriptionOut:
+    """The new subscription. Subscriptions of the tenant still open at `effective_at` end then,
+    so changing plans is one call."""
+    plan = session.execute(select(Plan).where(Plan.key == body.plan_key)).scalar_one_or_none()
+    if plan is None:
+        raise invalid_field("plan_key", f"no plan with key {body.plan_key!r}")
+    effective_at = body.effective_at or api.clock()
+    if body.ended_at is not None and body.ended_at <= effective_at:
+        raise invalid_field("ended_at", "must be after effective_at")
+    session.execute(
+        update(Subscription)
+        .where(
+            Subscription.tenant_id == principal.tenant_id,
+            Subscription.effective_at < effective_at,
+            (Subscription.ended_at.is_(None)) | (Subscription.ended_at > effective_at),
+        )
+        .values(ended_at=effective_at)
+    )
+    subscription = Subscription(
+        tenant_id=principal.tenant_id,
+        plan_id=plan.id,
+        effective_at=effective_at,
+        ended_at=body.ended_at,
+    )
+    session.add(subscription)
+    session.commit()
+    return subscription_out(subscription, plan.key)
+
+
+@router.post(
+    "/subscriptions/{subscription_id}/cancel",
+    summary="End one of the caller's subscriptions (admin)",
+    responses=problem_responses(401, 403, 404, 422),
+)
+def cancel_subscription(
+    principal: Admin,
+    session: SessionDep,
+    api: ApiDep,
+    subscription_id: Annotated[str, Path(max_length=36, pattern=ResourceId)],
+    body: Annotated[CancelIn | None, Body()] = None,
+) -> SubscriptionOut:
+    """Ends it at `at` (default now). Cancelling again, or with a later time, changes
+    nothing: a subscription only ever ends earlier."""
+    row = session.execute(
+        select(Subscription, Plan.key)
+        .join(Plan, Plan.id == Subscription.plan_id)
+        .where(Subscription.id == subscription_id, Subscription.tenant_id == principal.tenant_id)
+    ).one_or_none()
+    if row is None:
+        raise ProblemError(404, "Not found", "no such subscription", slug="not-found")
+    subscription, plan_key = row
+    at = (body.at if body else None) or api.clock()
+    if at < subscription.effective_at:
+        raise invalid_field("at", "a subscription cannot end before it starts")
+    if subscription.ended_at is None or at < subscription.ended_at:
+        subscription.ended_at = at
+    session.commit()
+    return subscription_out(subscription, plan_key)
+
+
+def subscription_out(subscription: Subscription, plan_key: str) -> SubscriptionOut:
+    """The API form of a subscription."""
+    return SubscriptionOut(
+        id=subscription.id,
+        tenant_id=subscription.tenant_id,
+        plan_id=subscription.plan_id,
+        plan_key=plan_key,
+        effective_at=subscription.effective_at,
+        ended_at=subscription.ended_at,
+        created_at=subscription.created_at,
+    )

@@ -1,0 +1,290 @@
+"""`POST /usage`, `POST /usage/batch` and `GET /usage`: record usage and read its totals.
+
+Recording goes through `BillingService`, so the HTTP API and the Python API store events by
+the same rules (one per tenant, metric and idempotency key). An event sent without `at` takes
+the server's clock, or, when its key is already stored with the same amount, the stored time:
+a client retrying such a request gets the duplicate answer rather than a conflict.
+
+Totals come from `usage_counters`, which count every event the moment it is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+from pydantic import ValidationError
+from sqlalchemy import and_, literal, or_, select, tuple_
+from sqlalchemy.exc import DataError
+from sqlalchemy.orm import Session
+
+from billing.api.auth import Reader, Writer
+from billing.api.deps import ApiDep, SessionDep
+from billing.api.models import UsageCounter
+from billing.api.pagination import decode_cursor, encode_cursor, invalid_cursor
+from billing.api.problems import ProblemError, field_errors, problem_responses
+from billing.api.schemas import (
+    BatchItemError,
+    BatchItemResult,
+    Granularity,
+    Metric,
+    UsageBatchIn,
+    UsageBatchOut,
+    UsageIn,
+    UsagePage,
+    UsagePeriod,
+    UsageRecorded,
+    UTCInstant,
+)
+from billing.errors import IdempotencyConflictError, InvalidUsageError
+from billing.models import UsageEvent
+from billing.service import BillingService
+from webhooks.sqltypes import UTCDateTime
+
+router = APIRouter(tags=["usage"])
+
+Stored = dict[tuple[str, str], tuple[str, int, datetime]]
+
+
+@router.post(
+    "/usage",
+    status_code=202,
+    summary="Record one usage event",
+    responses={
+        200: {"model": UsageRecorded, "description": "Recorded before: the first event's id"},
+        **problem_responses(400, 401, 403, 409, 422),
+    },
+)
+def record_usage(
+    body: UsageIn,
+    response: Response,
+    principal: Writer,
+    session: SessionDep,
+    api: ApiDep,
+) -> UsageRecorded:
+    """202 with the new event's id; 200 with `duplicate: true` and the first id when the same
+    event was recorded before; 409 when its key was used with another amount or time."""
+    stored = _stored(session, principal.tenant_id, [body])
+    at = _time_of(body, stored, api.clock())
+    event_id = BillingService(session=session, tenant_id=principal.tenant_id).record_usage(
+        metric=body.metric,
+        amount=body.amount,
+        at=at,
+        idempotency_key=body.idempotency_key,
+        metadata=body.metadata,
+    )
+    session.commit()
+    duplicate = (body.metric, body.idempotency_key) in stored
+    if duplicate:
+        response.status_code = 200
+    return UsageRecorded(id=event_id, duplicate=duplicate)
+
+
+@router.post(
+    "/usage/batch",
+    summary="Record up to 1,000 usage events",
+    responses=problem_responses(400, 401, 403, 422),
+)
+def record_usage_batch(
+    body: UsageBatchIn,
+    principal: Writer,
+    session: SessionDep,
+    api: ApiDep,
+) -> UsageBatchOut:
+    """A result per event, in order: `accepted`, `duplicate` (with the first id) or `rejected`
+    (with the error). With `all_or_nothing`, one rejected event stores none: 422 listing them."""
+    now = api.clock()
+    parsed = [_parse(raw) for raw in body.events]
+    valid = [(index, item) for index, item in enumerate(parsed) if isinstance(item, UsageIn)]
+    stored = _stored(session, principal.tenant_id, [item for _, item in valid])
+    service = BillingService(session=session, tenant_id=principal.tenant_id)
+    recorded = _record_all(service, [(item, _time_of(item, stored, now)) for _, item in valid])
+    results = [
+        BatchItemResult(status="rejected", error=item) if isinstance(item, BatchItemError) else None
+        for item in parsed
+    ]
+    seen: set[tuple[str, str]] = set()
+    for (index, item), result in zip(valid, recorded, strict=True):
+        key = (item.metric, item.idempotency_key)
+        if result.status == "accepted" and (key in stored or key in seen):
+            result = BatchItemResult(id=result.id, status="duplicate")
+        if result.status != "rejected":
+            seen.add(key)
+        results[index] = result
+    rejected = [(i, r.error) for i, r in enumerate(results) if r is not None and r.error]
+    if rejected and body.all_or_nothing:
+        session.rollback()
+        raise ProblemError(
+            422,
+            "Batch rejected",
+            f"{len(rejected)} of {len(results)} events were rejected; none was stored",
+            slug="batch-rejected",
+            field=f"events.{rejected[0][0]}",
+            errors=[
+                {
+                    "field": f"events.{index}" + (f".{error.field}" if error.field else ""),
+                    "location": "body",
+                    "detail": error.detail,
+                }
+                for index, error in rejected
+            ],
+        )
+    session.commit()
+    return UsageBatchOut(results=[r for r in results if r is not None])
+
+
+@router.get(
+    "/usage",
+    summary="Usage totals per UTC day or month",
+    responses=problem_responses(401, 403, 422),
+)
+def list_usage(
+    principal: Reader,
+    session: SessionDep,
+    metric: Annotated[Metric | None, Query()] = None,
+    from_: Annotated[UTCInstant | None, Query(alias="from")] = None,
+    to: Annotated[UTCInstant | None, Query()] = None,
+    granularity: Annotated[Granularity, Query()] = "day",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+) -> UsagePage:
+    """The caller's totals with `from <= period_start < to`, ordered by period start and metric;
+    walking `next_cursor` returns every period once."""
+    query = select(UsageCounter).where(
+        UsageCounter.tenant_id == principal.tenant_id, UsageCounter.granularity == granularity
+    )
+    if metric is not None:
+        query = query.where(UsageCounter.metric == metric)
+    if from_ is not None:
+        query = query.where(UsageCounter.period_start >= from_)
+    if to is not None:
+        query = query.where(UsageCounter.period_start < to)
+    if cursor is not None:
+        after_start, after_metric = _usage_position(decode_cursor(cursor, 2))
+        query = query.where(
+            tuple_(UsageCounter.period_start, UsageCounter.metric)
+            > tuple_(after_start, after_metric)
+        )
+    rows = list(
+        session.execute(
+            query.order_by(UsageCounter.period_start, UsageCounter.metric).limit(limit + 1)
+        ).scalars()
+    )
+    items = [
+        UsagePeriod(
+            period_start=row.period_start,
+            granularity=granularity,
+            metric=row.metric,
+            total=row.total,
+        )
+        for row in rows[:limit]
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor(last.period_start.isoformat(), last.metric)
+    return UsagePage(items=items, next_cursor=next_cursor)
+
+
+def _parse(raw: Any) -> UsageIn | BatchItemError:
+    try:
+        return UsageIn.model_validate(raw)
+    except ValidationError as error:
+        first = field_errors(error.errors(include_url=False))[0]
+        return BatchItemError(
+            status=422,
+            title="Invalid usage",
+            detail=f"{first['field']}: {first['detail']}",
+            field=first["field"] if first["field"] != "body" else None,
+        )
+
+
+def _record_all(
+    service: BillingService, items: Sequence[tuple[UsageIn, datetime]]
+) -> list[BatchItemResult]:
+    """Store the events in one batch; if any is refused, one by one to tell which."""
+    if not items:
+        return []
+    try:
+        with service.session.begin_nested():
+            ids = service.record_usage_batch([_fields(item, at) for item, at in items])
+    except (IdempotencyConflictError, InvalidUsageError, DataError):
+        return [_record_one(service, item, at) for item, at in items]
+    return [BatchItemResult(id=event_id, status="accepted") for event_id in ids]
+
+
+def _record_one(service: BillingService, item: UsageIn, at: datetime) -> BatchItemResult:
+    try:
+        with service.session.begin_nested():
+            event_id = service.record_usage(**_fields(item, at))
+    except IdempotencyConflictError as error:
+        return _rejected(409, "Idempotency key reused", str(error), "idempotency_key")
+    except InvalidUsageError as error:
+        return _rejected(422, "Invalid usage", str(error), error.field)
+    except DataError:
+        return _rejected(400, "Value not storable", "a value cannot be stored", None)
+    return BatchItemResult(id=event_id, status="accepted")
+
+
+def _fields(item: UsageIn, at: datetime) -> dict[str, Any]:
+    return {
+        "metric": item.metric,
+        "amount": item.amount,
+        "at": at,
+        "idempotency_key": item.idempotency_key,
+        "metadata": item.metadata,
+    }
+
+
+def _rejected(status: int, title: str, detail: str, field: str | None) -> BatchItemResult:
+    error = BatchItemError(status=status, title=title, detail=detail, field=field)
+    return BatchItemResult(status="rejected", error=error)
+
+
+def _stored(session: Session, tenant_id: str, items: Sequence[UsageIn]) -> Stored:
+    """The already stored events with the items' (metric, key): id, amount and time."""
+    keys = sorted({(item.metric, item.idempotency_key) for item in items})
+    found: Stored = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        rows = session.execute(
+            select(
+                UsageEvent.metric,
+                UsageEvent.idempotency_key,
+                UsageEvent.id,
+                UsageEvent.amount,
+                UsageEvent.at_ts,
+            ).where(
+                UsageEvent.tenant_id == tenant_id,
+                or_(
+                    *(
+                        and_(UsageEvent.metric == m, UsageEvent.idempotency_key == k)
+                        for m, k in chunk
+                    )
+                ),
+            )
+        )
+        found.update({(m, k): (i, a, at) for m, k, i, a, at in rows})
+    return found
+
+
+def _time_of(item: UsageIn, stored: Stored, now: datetime) -> datetime:
+    if item.at is not None:
+        return item.at
+    previous = stored.get((item.metric, item.idempotency_key))
+    if previous is not None and previous[1] == item.amount:
+        return previous[2]
+    return now
+
+
+def _usage_position(values: list[Any]) -> tuple[Any, str]:
+    start, metric = values
+    try:
+        moment = datetime.fromisoformat(start)
+    except (TypeError, ValueError) as error:
+        raise invalid_cursor(str(error)) from error
+    if moment.tzinfo is None or not isinstance(metric, str):
+        raise invalid_cursor("malformed position")
+    return literal(moment, UTCDateTime()), metric

@@ -1,0 +1,25 @@
+"""Settings of the web process, read from the environment once in `billing.app`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from billing.settings import DEFAULT_DATABASE_URL
+
+
+class ApiSettings(BaseSettings):
+    """`DATABASE_URL`; `REDIS_URL` (idempotency store; in memory, one process, when unset);
+    `IDEMPOTENCY_TTL` (how long responses are replayed, seconds or ISO 8601, default 24 h);
+    `IDEMPOTENCY_LOCK_TTL` (how long an unfinished request holds its key, default 5 min);
+    `BILLING_PREFIX` (where the routes are mounted, default `/_billing`)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    sql_echo: bool = False
+    redis_url: str | None = None
+    idempotency_ttl: timedelta = timedelta(hours=24)
+    idempotency_lock_ttl: timedelta = timedelta(minutes=5)
+    billing_prefix: str = "/_billing"

@@ -1,0 +1,48 @@
+"""`add_billing(app)`: mount the billing API on a FastAPI app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.api.auth import get_principal
+from billing.api.deps import BillingApi
+from billing.api.problems import ProblemError, register_error_handlers
+from billing.api.router import build_router
+from webhooks.sqltypes import utcnow
+
+
+def add_billing(
+    app: FastAPI,
+    *,
+    session_factory: sessionmaker[Session] | None = None,
+    prefix: str = "/_billing",
+    principal: Callable[..., Any] | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> None:
+    """Mount the billing routes under `prefix` and configure them and `require_quota`.
+
+    `session_factory` defaults to one on `DATABASE_URL` (`BillingSettings`). `principal`, any
+    FastAPI dependency returning a `billing.api.Principal`, replaces API-key authentication
+    everywhere (billing routes and `require_quota`). The problem+json handlers are registered
+    unless the app already has them (`register_error_handlers`).
+    """
+    if session_factory is None:
+        from billing.db import make_engine, make_session_factory
+        from billing.settings import BillingSettings
+
+        settings = BillingSettings()
+        session_factory = make_session_factory(
+            make_engine(settings.database_url, echo=settings.sql_echo)
+        )
+    prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+    app.state.billing_api = BillingApi(session_factory=session_factory, prefix=prefix, clock=clock)
+    if principal is not None:
+        app.dependency_overrides[get_principal] = principal
+    if ProblemError not in app.exception_handlers:
+        register_error_handlers(app)
+    app.include_router(build_router(), prefix=prefix)

@@ -1,0 +1,64 @@
+"""The web process (`web` in the Procfile): `uvicorn billing.app:app`.
+
+The billing API under `/_billing`, idempotent POSTs (Redis when `REDIS_URL` is set, else in
+memory), problem+json errors, and `/healthz` (200 when the database answers, 503 otherwise).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.api import IdempotencyMiddleware, add_billing, register_error_handlers
+from billing.api.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from billing.api.problems import problem_response
+from billing.api.settings import ApiSettings
+from billing.db import make_engine, make_session_factory
+
+
+def create_app(
+    settings: ApiSettings | None = None,
+    *,
+    session_factory: sessionmaker[Session] | None = None,
+    idempotency_store: IdempotencyStore | None = None,
+) -> FastAPI:
+    """The billing web app; `settings` default to the environment's."""
+    settings = settings or ApiSettings()
+    if session_factory is None:
+        engine = make_engine(settings.database_url, echo=settings.sql_echo)
+        session_factory = make_session_factory(engine)
+    factory = session_factory
+    app = FastAPI(title="billing-workers", version="0.1.0")
+    app.add_middleware(
+        IdempotencyMiddleware,
+        store=idempotency_store or _store(settings),
+        ttl=settings.idempotency_ttl,
+        lock_ttl=settings.idempotency_lock_ttl,
+    )
+    register_error_handlers(app)
+    add_billing(app, session_factory=factory, prefix=settings.billing_prefix)
+
+    @app.get("/healthz", tags=["health"], summary="200 when the database answers")
+    def healthz() -> JSONResponse:
+        try:
+            with factory() as session:
+                session.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return problem_response(503, "Service unavailable", "the database does not answer")
+        return JSONResponse({"status": "ok"})
+
+    return app
+
+
+def _store(settings: ApiSettings) -> IdempotencyStore:
+    if settings.redis_url:
+        from redis.asyncio import Redis
+
+        return RedisIdempotencyStore(Redis.from_url(settings.redis_url))
+    return MemoryIdempotencyStore()
+
+
+app = create_app()

@@ -1,0 +1,245 @@
+"""Plan quotas: how much of a metric a tenant may use per UTC day or month.
+
+A tenant's limit comes from its active subscription (effective now, not ended; the most recent
+one if several overlap) and that plan's entitlement for the metric and window. No active
+subscription, or no entitlement for the key and window, means no limit (`None` below).
+
+Usage is read from `usage_counters` (`billing.api.models.UsageCounter`): one row per tenant,
+metric and UTC day or month, which triggers on `usage_events` (migration `0003_api`) keep equal
+to the sum of the events, whichever code path inserted them (`BillingService.record_usage`, a
+batch, a bulk `INSERT … SELECT`). A check therefore reads one row however many events the
+window holds, and counts usage recorded a moment ago.
+
+`consume_quota` checks and records in one transaction while holding the window's counter rows
+locked (`INSERT … ON CONFLICT DO UPDATE … RETURNING`, which takes the row locks on PostgreSQL
+and the write lock on SQLite), so a hard limit holds under any number of concurrent callers.
+
+This module needs no FastAPI; `require_quota`, the FastAPI dependency built on it, is
+importable from here too and loaded on first use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, get_args
+
+from sqlalchemy import or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from billing.api.models import UsageCounter
+from billing.errors import InvalidUsageError
+from billing.models import PlanEntitlement, Subscription
+from billing.service import BillingService
+from webhooks.sqltypes import new_id
+
+Window = Literal["day", "month"]
+WINDOWS: tuple[Window, ...] = get_args(Window)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaStatus:
+    """A tenant's standing against one entitlement in the current window.
+
+    `allowed` is the hard verdict: False when the request would go over the limit (a soft
+    quota lets it through anyway and only warns).
+    """
+
+    key: str
+    window: Window
+    limit: int
+    used: int
+    reset_at: datetime
+    allowed: bool
+
+    @property
+    def remaining(self) -> int:
+        """Units left before the limit (never negative)."""
+        return max(0, self.limit - self.used)
+
+    def seconds_to_reset(self, now: datetime) -> int:
+        """Whole seconds from `now` to the end of the window, rounded up (at least 1)."""
+        return max(1, math.ceil((self.reset_at - now).total_seconds()))
+
+
+def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
+    """`[start, end)` of the UTC day or month containing the aware datetime `now`."""
+    if now.tzinfo is None:
+        raise InvalidUsageError("now must be timezone-aware", field="now")
+    moment = now.astimezone(UTC)
+    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if window == "day":
+        return day, day + timedelta(days=1)
+    if window == "month":
+        start = day.replace(day=1)
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else (start.replace(month=start.month + 1))
+        )
+        return start, end
+    raise InvalidUsageError(f"window must be one of {WINDOWS}, not {window!r}", field="window")
+
+
+def entitlement_limit(
+    session: Session, *, tenant_id: str, key: str, window: Window, now: datetime
+) -> int | None:
+    """The limit of `key` per `window` on the tenant's current plan; None when unlimited."""
+    limit = session.execute(
+        select(PlanEntitlement.limit_per_window).where(
+            PlanEntitlement.plan_id == _current_plan(tenant_id, now),
+            PlanEntitlement.key == key,
+            PlanEntitlement.window == window,
+        )
+    ).scalar_one_or_none()
+    return None if limit is None else int(limit)
+
+
+def current_quotas(session: Session, *, tenant_id: str, now: datetime) -> list[QuotaStatus]:
+    """Every entitlement of the tenant's current plan with its usage; empty when unlimited."""
+    current = _current_plan(tenant_id, now)
+    entitlements = session.execute(
+        select(PlanEntitlement.key, PlanEntitlement.window, PlanEntitlement.limit_per_window)
+        .where(PlanEntitlement.plan_id == current)
+        .order_by(PlanEntitlement.key, PlanEntitlement.window)
+    ).all()
+    statuses = []
+    for key, stored_window, limit in entitlements:
+        window = _as_window(stored_window)
+        used = used_in_window(session, tenant_id=tenant_id, metric=key, window=window, now=now)
+        _, end = window_bounds(window, now)
+        statuses.append(QuotaStatus(key, window, int(limit), used, end, allowed=used < limit))
+    return statuses
+
+
+def used_in_window(
+    session: Session, *, tenant_id: str, metric: str, window: Window, now: datetime
+) -> int:
+    """Units of `metric` the tenant has used in the current `window` (one indexed read)."""
+    start, _ = window_bounds(window, now)
+    total = session.execute(
+        select(UsageCounter.total).where(
+            UsageCounter.tenant_id == tenant_id,
+            UsageCounter.metric == metric,
+            UsageCounter.granularity == window,
+            UsageCounter.period_start == start,
+        )
+    ).scalar_one_or_none()
+    return int(total or 0)
+
+
+def check_quota(
+    session: Session, *, tenant_id: str, key: str, window: Window, now: datetime
+) -> QuotaStatus | None:
+    """Where the tenant stands against `key` (allowed while something is left); None: no limit."""
+    limit = entitlement_limit(session, tenant_id=tenant_id, key=key, window=window, now=now)
+    if limit is None:
+        return None
+    used = used_in_window(session, tenant_id=tenant_id, metric=key, window=window, now=now)
+    _, end = window_bounds(window, now)
+    return QuotaStatus(key, window, limit, used, end, allowed=used < limit)
+
+
+def consume_quota(
+    session: Session,
+    *,
+    tenant_id: str,
+    key: str,
+    window: Window,
+    amount: int,
+    now: datetime,
+    soft: bool = False,
+) -> QuotaStatus | None:
+    """Record `amount` units of `key` as usage if the quota has room; return the standing.
+
+    Hard (`soft=False`): over the limit nothing is recorded and the status says
+    `allowed=False`. Soft: recorded either way; `allowed` tells whether it went over. Without a
+    limit the usage is recorded and None is returned. The caller commits (or rolls back) its
+    transaction; the counter rows stay locked until then, which is what makes the check and the
+    write one atomic step for concurrent callers.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
+        raise InvalidUsageError("consume must be a positive integer", field="consume")
+    limit = entitlement_limit(session, tenant_id=tenant_id, key=key, window=window, now=now)
+    if limit is None:
+        _record(session, tenant_id, key, amount, now)
+        return None
+    used = lock_counters(session, tenant_id=tenant_id, metric=key, now=now)[window]
+    allowed = used + amount <= limit
+    if allowed or soft:
+        _record(session, tenant_id, key, amount, now)
+        used += amount
+    _, end = window_bounds(window, now)
+    return QuotaStatus(key, window, limit, used, end, allowed=allowed)
+
+
+def lock_counters(
+    session: Session, *, tenant_id: str, metric: str, now: datetime
+) -> dict[Window, int]:
+    """Create (if needed) and lock the day and month counters of `now`; return their totals.
+
+    Always locks day before month, the order the `usage_events` triggers update them in, so
+    callers of different windows cannot deadlock each other.
+    """
+    rows = [
+        {
+            "tenant_id": tenant_id,
+            "metric": metric,
+            "granularity": window,
+            "period_start": window_bounds(window, now)[0],
+            "total": 0,
+        }
+        for window in WINDOWS
+    ]
+    insert = _insert(session).values(rows)
+    statement = insert.on_conflict_do_update(
+        index_elements=["tenant_id", "metric", "granularity", "period_start"],
+        set_={"total": UsageCounter.total},
+    ).returning(UsageCounter.granularity, UsageCounter.total)
+    return {granularity: int(total) for granularity, total in session.execute(statement)}
+
+
+def _as_window(value: str) -> Window:
+    for window in WINDOWS:
+        if value == window:
+            return window
+    raise ValueError(f"unknown window {value!r}")  # the table's CHECK constraint forbids it
+
+
+def _current_plan(tenant_id: str, now: datetime) -> Any:
+    """The plan id of the tenant's subscription in force at `now` (the latest to start)."""
+    return (
+        select(Subscription.plan_id)
+        .where(
+            Subscription.tenant_id == tenant_id,
+            Subscription.effective_at <= now,
+            or_(Subscription.ended_at.is_(None), Subscription.ended_at > now),
+        )
+        .order_by(Subscription.effective_at.desc(), Subscription.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _record(session: Session, tenant_id: str, metric: str, amount: int, now: datetime) -> None:
+    BillingService(session=session, tenant_id=tenant_id).record_usage(
+        metric=metric, amount=amount, at=now, idempotency_key=f"quota:{new_id()}"
+    )
+
+
+def _insert(session: Session) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(UsageCounter)
+    return sqlite.insert(UsageCounter)
+
+
+def __getattr__(name: str) -> Any:
+    # `from billing.quotas import require_quota` (the seed's spelling) without importing
+    # FastAPI for everyone who only needs the checks above.
+    if name == "require_quota":
+        from billing.api.ratelimit import require_quota
+
+        return require_quota
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
