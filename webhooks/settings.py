@@ -1,8 +1,9 @@
 """Settings of the relay and the webhook commands, read from the environment once.
 
 Every variable is `WEBHOOKS_<FIELD>` (upper case), except the database URL, which is also read
-from the shared `DATABASE_URL`. Durations accept seconds (`86400`) or ISO 8601 (`PT24H`); the
-retry schedule is a comma-separated list such as `5s,5m,30m,2h`.
+from the shared `DATABASE_URL`. Durations are a number with an optional unit (`86400`, `24h`,
+`5d`, `500ms`; no unit means seconds) or ISO 8601 (`PT24H`); the retry schedule is a
+comma-separated list of them, such as `5s,5m,30m,2h`.
 """
 
 from __future__ import annotations
@@ -24,19 +25,25 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 
 
-def parse_schedule(text: str) -> tuple[timedelta, ...]:
-    """`"5s,5m,2h"` → the delays; a bare number is seconds.
+def parse_duration(text: str) -> timedelta:
+    """`"5m"` → 5 minutes; a bare number is seconds.
 
     Raises:
-        ValueError: an entry is not a number with an optional unit (ms, s, m, h, d).
+        ValueError: not a number with an optional unit (ms, s, m, h, d).
     """
-    delays = []
-    for entry in text.split(","):
-        match = _DURATION.fullmatch(entry)
-        if match is None:
-            raise ValueError(f"bad retry delay {entry!r}: use a number and ms, s, m, h or d")
-        delays.append(timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"]))
-    return tuple(delays)
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"bad retry delay {text!r}: use a number and ms, s, m, h or d")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+
+
+def parse_schedule(text: str) -> tuple[timedelta, ...]:
+    """`"5s,5m,2h"` → the delays.
+
+    Raises:
+        ValueError: an entry is not a duration.
+    """
+    return tuple(parse_duration(entry) for entry in text.split(","))
 
 
 class WebhookSettings(BaseSettings):
@@ -53,12 +60,10 @@ class WebhookSettings(BaseSettings):
             `dead` (default `5s,5m,30m,2h,5h,10h,20h,24h,30h`: 10 attempts over ~3.8 days).
         jitter: each delay is multiplied by a random factor in `[1 - jitter, 1 + jitter]`
             (default 0.2).
-        retry_after_max: longest `Retry-After` (on 429 and 503) that is honoured, in seconds
-            (default 86400).
+        retry_after_max: longest `Retry-After` (on 429 and 503) that is honoured (default 1d).
         disable_after: a subscription whose deliveries have all failed for this long is disabled
-            (seconds; default 432000, 5 days).
-        secret_grace: how long a rotated-out secret still signs deliveries (seconds; default
-            86400).
+            (default 5d).
+        secret_grace: how long a rotated-out secret still signs deliveries (default 24h).
         allow_loopback: deliver to loopback addresses such as 127.0.0.1 (default false; tests and
             the embedded set-up turn it on).
         allow_private_networks: deliver to private, link-local and other non-public addresses
@@ -66,8 +71,8 @@ class WebhookSettings(BaseSettings):
         poll_interval: seconds between polls for due deliveries when no notification arrives
             (default 1).
         listen: on PostgreSQL, wake on `LISTEN/NOTIFY` when an event commits (default true).
-        claim_lease: seconds a claimed delivery stays reserved for the relay that claimed it; if
-            that relay dies, another sends it after this (default 300).
+        claim_lease: how long a claimed delivery stays reserved for the relay that claimed it;
+            if that relay dies, another sends it after this (default 5m).
         shutdown_timeout: seconds a stopping relay waits for deliveries in flight (default 30).
         user_agent: the `User-Agent` of every delivery (default `billing-workers-webhooks/0.1`).
     """
@@ -101,6 +106,15 @@ class WebhookSettings(BaseSettings):
     @classmethod
     def _parse_schedule(cls, value: Any) -> Any:
         return parse_schedule(value) if isinstance(value, str) else value
+
+    @field_validator(
+        "retry_after_max", "disable_after", "secret_grace", "claim_lease", mode="before"
+    )
+    @classmethod
+    def _parse_duration(cls, value: Any) -> Any:
+        if isinstance(value, str) and _DURATION.fullmatch(value):
+            return parse_duration(value)
+        return value
 
     @property
     def max_attempts(self) -> int:

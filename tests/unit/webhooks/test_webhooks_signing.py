@@ -55,7 +55,8 @@ def test_secrets_are_read_as_standardwebhooks_reads_them(secret: str) -> None:
 
 def test_generated_secrets_are_whsec_and_at_least_24_random_bytes() -> None:
     first, second = generate_secret(), generate_secret()
-    assert first.startswith("whsec_") and first != second
+    assert first.startswith("whsec_")
+    assert first != second
     assert len(base64.b64decode(first.removeprefix("whsec_"))) >= 24
     assert secret_key(first) == base64.b64decode(first.removeprefix("whsec_"))
 

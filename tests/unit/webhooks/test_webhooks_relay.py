@@ -1,0 +1,356 @@
+"""The relay over the in-memory stores, with `httpx.MockTransport` subscribers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+import standardwebhooks
+
+from webhooks import (
+    InMemoryOutboxStore,
+    InMemoryWebhookSubscriptions,
+    WebhookService,
+    WebhookVerificationError,
+    verify,
+)
+from webhooks.delivery import Sender
+from webhooks.policy import RetryPolicy
+from webhooks.relay import Relay
+from webhooks.settings import parse_schedule
+
+TOPIC = "billing.usage_aggregated"
+PAYLOAD = {
+    "tenant_id": "t1",
+    "metric": "tokens",
+    "day_start": "2025-01-01T00:00:00+00:00",
+    "total": 7,
+}
+URL = "https://subscriber.test/hook"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+class World:
+    """Stores, a service, a fake subscriber and a relay sharing one fake clock."""
+
+    def __init__(self, handler: Callable[[httpx.Request], httpx.Response], **relay_options) -> None:
+        self.clock = Clock()
+        self.requests: list[httpx.Request] = []
+
+        def recording(request: httpx.Request) -> httpx.Response:
+            self.requests.append(request)
+            return handler(request)
+
+        self.outbox = InMemoryOutboxStore()
+        self.subs = InMemoryWebhookSubscriptions(now=self.clock)
+        self.service = WebhookService(outbox=self.outbox, subs=self.subs, now=self.clock)
+        client = httpx.Client(transport=httpx.MockTransport(recording))
+        sender = Sender(client, user_agent="test", clock=lambda: self.clock.now.timestamp())
+        options = {
+            "disable_after": timedelta(days=5),
+            "lease": timedelta(minutes=5),
+            "now": self.clock,
+            **relay_options,
+        }
+        policy = RetryPolicy(schedule=parse_schedule("5s,5m,30m"), jitter=0.0)
+        self.relay = Relay(self.outbox, sender, options.pop("policy", policy), **options)
+
+    def statuses(self) -> list[str]:
+        return [d.status for d in self.outbox.deliveries()]
+
+
+def answer(status: int, **headers: str) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda request: httpx.Response(status, headers=headers)
+
+
+def test_an_event_is_delivered_signed_and_marked_delivered() -> None:
+    world = World(answer(204))
+    sub = world.subs.add(TOPIC, url=URL, secret="sekrit")
+    event_id = world.service.publish(TOPIC, PAYLOAD)
+
+    assert world.relay.run_once() == 1
+
+    [request] = world.requests
+    assert str(request.url) == URL
+    assert request.headers["webhook-id"] == event_id
+    assert request.headers["webhook-timestamp"] == str(int(world.clock.now.timestamp()))
+    body = standardwebhooks.Webhook(sub.secret).verify(request.content, dict(request.headers))
+    assert body["type"] == TOPIC
+    assert body["data"] == PAYLOAD
+    [delivery] = world.outbox.deliveries()
+    assert (delivery.status, delivery.attempts, delivery.delivered_at) == (
+        "delivered",
+        1,
+        world.clock.now,
+    )
+    assert world.relay.run_once() == 0  # nothing is sent twice
+
+
+def test_the_seed_quick_start_runs_as_written() -> None:
+    outbox = InMemoryOutboxStore()
+    subs = InMemoryWebhookSubscriptions()
+    subs.add("billing.usage_aggregated", url="https://example.test/hook", secret="sekrit")
+    webhooks = WebhookService(outbox=outbox, subs=subs)
+    event_id = webhooks.publish("billing.usage_aggregated", PAYLOAD)
+    assert [e.id for e in outbox.events()] == [event_id]
+    assert [d.status for d in outbox.deliveries()] == ["pending"]
+
+
+def test_in_memory_publish_of_one_event_id_twice_stores_it_once() -> None:
+    world = World(answer(200))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD, event_id="e1")
+    world.service.publish(TOPIC, PAYLOAD, event_id="e1")
+    assert len(world.outbox.events()) == 1
+    assert len(world.outbox.deliveries()) == 1
+
+
+def test_a_failed_attempt_is_retried_after_the_scheduled_delay_with_the_same_id() -> None:
+    answers = iter([500, 200])
+    world = World(lambda request: httpx.Response(next(answers)))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+
+    world.relay.run_once()
+    [delivery] = world.outbox.deliveries()
+    assert (delivery.status, delivery.last_status_code) == ("failed", 500)
+    assert delivery.next_attempt_at == world.clock.now + timedelta(seconds=5)
+    world.clock.advance(timedelta(seconds=4))
+    assert world.relay.run_once() == 0  # not due yet
+    world.clock.advance(timedelta(seconds=1))
+    assert world.relay.run_once() == 1
+
+    assert world.statuses() == ["delivered"]
+    assert delivery.attempts == 2
+    assert len({r.headers["webhook-id"] for r in world.requests}) == 1
+    first, second = (r.headers["webhook-timestamp"] for r in world.requests)
+    assert int(second) - int(first) == 5  # each attempt is signed at its own time
+
+
+def test_after_the_last_attempt_the_delivery_is_dead() -> None:
+    world = World(answer(500))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    for _ in range(4):
+        assert world.relay.run_once() == 1
+        world.clock.advance(timedelta(hours=1))
+    assert world.relay.run_once() == 0
+    assert world.statuses() == ["dead"]
+    assert len(world.requests) == 4
+
+
+def test_410_gone_disables_the_subscription_and_kills_its_deliveries() -> None:
+    world = World(answer(410))
+    sub = world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.batch_size = 1
+    world.service.publish(TOPIC, PAYLOAD)
+
+    assert world.relay.run_once() == 1
+    assert sub.enabled is False
+    assert "410" in (sub.disabled_reason or "")
+    assert world.relay.run_once() == 0  # the other delivery waits for a re-enable
+    assert world.statuses() == ["dead", "pending"]
+
+
+def test_redirects_are_not_followed() -> None:
+    world = World(answer(302, location="https://elsewhere.test/"))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    assert len(world.requests) == 1
+    [delivery] = world.outbox.deliveries()
+    assert delivery.status == "failed"
+    assert "redirect to https://elsewhere.test/ not followed" in (delivery.last_error or "")
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(status: int) -> None:
+    world = World(answer(status, **{"retry-after": "600"}))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    [delivery] = world.outbox.deliveries()
+    assert delivery.next_attempt_at == world.clock.now + timedelta(seconds=600)
+
+
+def test_retry_after_on_500_is_ignored() -> None:
+    world = World(answer(500, **{"retry-after": "600"}))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    [delivery] = world.outbox.deliveries()
+    assert delivery.next_attempt_at == world.clock.now + timedelta(seconds=5)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [(httpx.ConnectTimeout("slow"), "timeout"), (httpx.ConnectError("refused"), "ConnectError")],
+)
+def test_network_errors_are_recorded_and_retried(error: Exception, expected: str) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise error
+
+    world = World(fail)
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    [delivery] = world.outbox.deliveries()
+    assert delivery.status == "failed"
+    assert delivery.last_status_code is None
+    assert expected in (delivery.last_error or "")
+
+
+def test_the_error_text_keeps_the_start_of_the_answer() -> None:
+    world = World(lambda request: httpx.Response(500, text="database on fire " * 100))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    [delivery] = world.outbox.deliveries()
+    assert (delivery.last_error or "").startswith("HTTP 500: database on fire")
+    assert len(delivery.last_error or "") <= 500
+
+
+def test_a_subscription_failing_for_five_days_is_disabled_with_a_reason() -> None:
+    world = World(answer(500))
+    world.relay.policy = RetryPolicy(schedule=(timedelta(days=1),) * 10, jitter=0.0)
+    sub = world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    started = world.clock.now
+    for _ in range(5):
+        world.relay.run_once()
+        assert sub.enabled
+        world.clock.advance(timedelta(days=1))
+    world.relay.run_once()
+    assert sub.enabled is False
+    assert sub.failing_since == started
+    assert f"failed since {started.isoformat()}" in (sub.disabled_reason or "")
+
+
+def test_one_success_resets_the_failure_streak() -> None:
+    answers = iter([500, 200, 500])
+    world = World(lambda request: httpx.Response(next(answers)))
+    sub = world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    assert sub.failing_since == world.clock.now
+    world.clock.advance(timedelta(seconds=5))
+    world.relay.run_once()
+    assert sub.failing_since is None
+
+
+def test_during_a_rotation_both_secrets_verify_and_afterwards_only_the_new_one() -> None:
+    world = World(answer(200))
+    sub = world.subs.add(TOPIC, url=URL)
+    old = sub.secret
+    new = world.subs.rotate_secret(sub.id, grace=timedelta(hours=24))
+    assert new != old
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    during = world.requests[-1]
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        assert standardwebhooks.Webhook(secret).verify(during.content, dict(during.headers))
+
+    world.clock.advance(timedelta(hours=24))
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    after = world.requests[-1]
+    assert len(after.headers["webhook-signature"].split(" ")) == 1
+    assert verify(after.content, after.headers, new, now=world.clock)
+    with pytest.raises(WebhookVerificationError, match="signature"):
+        verify(after.content, after.headers, old, now=world.clock)
+
+
+def test_disabled_and_enabled_subscriptions() -> None:
+    world = World(answer(200))
+    sub = world.subs.add(TOPIC, url=URL)
+    world.subs.disable(sub.id)
+    world.service.publish(TOPIC, PAYLOAD)
+    assert world.outbox.deliveries() == []
+    world.subs.enable(sub.id)
+    world.service.publish(TOPIC, PAYLOAD)
+    assert world.relay.run_once() == 1
+
+
+def test_run_delivers_everything_with_several_in_flight_then_stops() -> None:
+    in_flight = 0
+    most = 0
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+            if in_flight == 4:
+                release.set()
+        release.wait(5)
+        with lock:
+            in_flight -= 1
+        return httpx.Response(200)
+
+    world = World(slow, concurrency=4, batch_size=3, poll_interval=0.01)
+    world.subs.add(TOPIC, url=URL)
+    ids = [world.service.publish(TOPIC, PAYLOAD) for _ in range(20)]
+    stop = threading.Event()
+    thread = threading.Thread(target=world.relay.run, args=(stop,))
+    thread.start()
+    try:
+        for _ in range(500):
+            if world.statuses().count("delivered") == 20:
+                break
+            threading.Event().wait(0.01)
+    finally:
+        stop.set()
+        world.relay.wake.set()
+        thread.join(5)
+    assert not thread.is_alive()
+    assert world.statuses() == ["delivered"] * 20
+    assert sorted(r.headers["webhook-id"] for r in world.requests) == sorted(ids)
+    assert most == 4
+
+
+def test_stopping_finishes_requests_in_flight_and_hands_back_the_rest() -> None:
+    started = threading.Event()
+    finish = threading.Event()
+
+    def blocking(request: httpx.Request) -> httpx.Response:
+        started.set()
+        finish.wait(5)
+        return httpx.Response(200)
+
+    world = World(blocking, concurrency=1, batch_size=5, poll_interval=0.01)
+    world.subs.add(TOPIC, url=URL)
+    for _ in range(3):
+        world.service.publish(TOPIC, PAYLOAD)
+    stop = threading.Event()
+    thread = threading.Thread(target=world.relay.run, args=(stop,))
+    thread.start()
+    assert started.wait(5)
+    stop.set()
+    world.relay.wake.set()
+    threading.Timer(0.1, finish.set).start()
+    thread.join(5)
+
+    assert not thread.is_alive()
+    assert len(world.requests) == 1
+    assert sorted(world.statuses()) == ["delivered", "pending", "pending"]
+    for delivery in world.outbox.deliveries():
+        if delivery.status == "pending":
+            assert delivery.attempts == 0  # handed back uncounted, due at once
+            assert delivery.next_attempt_at <= world.clock.now

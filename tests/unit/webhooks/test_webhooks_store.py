@@ -1,0 +1,210 @@
+"""The SQL delivery store: claims, leases, outcomes, streaks; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from webhooks import publish, verify
+from webhooks.delivery import Sender
+from webhooks.interfaces import AttemptResult
+from webhooks.models import WebhookDelivery, WebhookSubscription
+from webhooks.policy import Outcome, RetryPolicy
+from webhooks.relay import Relay
+from webhooks.settings import parse_schedule
+from webhooks.sqltypes import utcnow
+from webhooks.store import SqlDeliveryStore
+from webhooks.subscriptions import SqlWebhookSubscriptions
+
+TOPIC = "billing.invoice.created"
+PAYLOAD = {"tenant_id": "t1", "invoice_id": "inv_1", "currency": "usd"}
+LEASE = timedelta(minutes=5)
+POLICY = RetryPolicy(schedule=parse_schedule("5s,5m"), jitter=0.0)
+
+
+@pytest.fixture
+def factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+def store(factory: sessionmaker[Session]) -> SqlDeliveryStore:
+    return SqlDeliveryStore(factory)
+
+
+def setup(factory, events: int = 1, **sub_fields) -> tuple[WebhookSubscription, list[str]]:
+    with factory.begin() as session:
+        sub = SqlWebhookSubscriptions(session).add(TOPIC, "https://example.test/hook", **sub_fields)
+        ids = [publish(session, TOPIC, PAYLOAD) for _ in range(events)]
+    return sub, ids
+
+
+def rows(factory) -> list[WebhookDelivery]:
+    with factory() as session:
+        return list(session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.created_at)))
+
+
+def result(delivery, outcome: Outcome, now) -> AttemptResult:
+    return AttemptResult(delivery, outcome, POLICY.decide(delivery.attempt, outcome, now))
+
+
+def test_claim_returns_what_is_needed_to_send_and_counts_the_attempt(factory, store) -> None:
+    sub, [event_id] = setup(factory)
+    now = utcnow()
+    [claimed] = store.claim(10, now, LEASE)
+    assert (claimed.event_id, claimed.topic, claimed.payload) == (event_id, TOPIC, PAYLOAD)
+    assert (claimed.subscription_id, claimed.url, claimed.secrets) == (
+        sub.id,
+        sub.url,
+        (sub.secret,),
+    )
+    assert claimed.attempt == 1
+    [row] = rows(factory)
+    assert (row.attempts, row.status, row.next_attempt_at) == (1, "pending", now + LEASE)
+
+
+def test_a_claimed_delivery_is_not_claimed_again_until_its_lease_ends(factory, store) -> None:
+    setup(factory)
+    now = utcnow()
+    assert len(store.claim(10, now, LEASE)) == 1
+    assert store.claim(10, now + LEASE - timedelta(seconds=1), LEASE) == []
+    [again] = store.claim(10, now + LEASE, LEASE)  # the relay that claimed it died
+    assert again.attempt == 2
+
+
+def test_claim_respects_the_limit_and_takes_the_oldest_first(factory, store) -> None:
+    setup(factory, events=5)
+    claimed = store.claim(3, utcnow(), LEASE)
+    assert len(claimed) == 3
+    assert len(store.claim(10, utcnow(), LEASE)) == 2
+
+
+def test_disabled_subscriptions_are_not_claimed(factory, store) -> None:
+    sub, _ = setup(factory)
+    with factory.begin() as session:
+        SqlWebhookSubscriptions(session).disable(sub.id)
+    assert store.claim(10, utcnow(), LEASE) == []
+    assert store.next_due(utcnow()) is None
+
+
+def test_recording_a_success_marks_it_delivered(factory, store) -> None:
+    setup(factory)
+    now = utcnow()
+    [claimed] = store.claim(10, now, LEASE)
+    store.record([result(claimed, Outcome(status_code=200), now)], now, timedelta(days=5))
+    [row] = rows(factory)
+    assert (row.status, row.delivered_at, row.last_status_code) == ("delivered", now, 200)
+    assert store.claim(10, now + timedelta(days=1), LEASE) == []
+
+
+def test_recording_a_failure_schedules_the_retry_and_starts_the_streak(factory, store) -> None:
+    sub, _ = setup(factory)
+    now = utcnow()
+    [claimed] = store.claim(10, now, LEASE)
+    store.record(
+        [result(claimed, Outcome(status_code=500, error="HTTP 500"), now)], now, timedelta(days=5)
+    )
+    [row] = rows(factory)
+    assert (row.status, row.next_attempt_at, row.last_error) == (
+        "failed",
+        now + timedelta(seconds=5),
+        "HTTP 500",
+    )
+    assert store.next_due(now) == now + timedelta(seconds=5)
+    with factory() as session:
+        assert session.get(WebhookSubscription, sub.id).failing_since == now
+
+
+def test_a_stale_outcome_does_not_overwrite_a_newer_claim(factory, store) -> None:
+    setup(factory)
+    now = utcnow()
+    [first] = store.claim(10, now, LEASE)
+    [second] = store.claim(10, now + LEASE, LEASE)
+    store.record([result(first, Outcome(status_code=500), now)], now, timedelta(days=5))
+    [row] = rows(factory)
+    assert (row.status, row.attempts) == ("pending", 2)
+    store.record([result(second, Outcome(status_code=200), now)], now, timedelta(days=5))
+    assert rows(factory)[0].status == "delivered"
+
+
+def test_release_hands_back_a_claim_uncounted(factory, store) -> None:
+    setup(factory)
+    now = utcnow()
+    [claimed] = store.claim(10, now, LEASE)
+    store.release([claimed], now)
+    [again] = store.claim(10, now, LEASE)
+    assert again.attempt == 1
+
+
+def test_410_gone_disables_the_subscription(factory, store) -> None:
+    sub, _ = setup(factory, events=2)
+    now = utcnow()
+    first, _second = store.claim(10, now, LEASE)
+    store.record([result(first, Outcome(status_code=410), now)], now, timedelta(days=5))
+    with factory() as session:
+        row = session.get(WebhookSubscription, sub.id)
+        assert row.enabled is False
+        assert "410 Gone" in row.disabled_reason
+
+
+def test_five_days_of_failures_disable_the_subscription(factory, store) -> None:
+    sub, _ = setup(factory)
+    start = utcnow()
+    with factory.begin() as session:
+        session.get(WebhookSubscription, sub.id).failing_since = start - timedelta(days=5)
+    [claimed] = store.claim(10, start, LEASE)
+    store.record([result(claimed, Outcome(error="timeout"), start)], start, timedelta(days=5))
+    with factory() as session:
+        row = session.get(WebhookSubscription, sub.id)
+        assert row.enabled is False
+        assert "last error: timeout" in row.disabled_reason
+
+
+def test_a_relay_over_sql_delivers_with_both_signatures_during_a_rotation(factory, store) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200)
+
+    sub, _ = setup(factory)
+    with factory.begin() as session:
+        new = SqlWebhookSubscriptions(session).rotate_secret(sub.id, grace=timedelta(hours=1))
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    relay = Relay(store, Sender(client, user_agent="t"), POLICY)
+    assert relay.run_once() == 1
+    assert len(seen[0].headers["webhook-signature"].split(" ")) == 2
+    assert verify(seen[0].content, seen[0].headers, new)
+    assert verify(seen[0].content, seen[0].headers, sub.secret)
+    assert [r.status for r in rows(factory)] == ["delivered"]
+
+
+@pytest.mark.postgres
+def test_concurrent_claims_never_share_a_delivery(pg_engine: Engine) -> None:
+    factory = sessionmaker(pg_engine, expire_on_commit=False)
+    setup(factory, events=300)
+    store = SqlDeliveryStore(factory)
+    barrier = threading.Barrier(6)
+    claimed: list[list[str]] = []
+
+    def claim_all() -> None:
+        mine: list[str] = []
+        barrier.wait(10)
+        while batch := store.claim(7, utcnow(), LEASE):
+            mine += [d.delivery_id for d in batch]
+        claimed.append(mine)
+
+    threads = [threading.Thread(target=claim_all) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    every = [i for mine in claimed for i in mine]
+    assert len(every) == 300
+    assert len(set(every)) == 300
+    assert sum(1 for mine in claimed if mine) > 1

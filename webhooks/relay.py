@@ -1,0 +1,266 @@
+"""The relay: claims due deliveries, posts them signed, records the outcome.
+
+Run it as `python -m webhooks.relay` (the `relay` line of the Procfile); run several for more
+throughput or availability, they never claim the same delivery. Each process keeps up to
+`concurrency` requests in flight on one pooled `httpx.Client`, plus up to `batch_size` claimed
+deliveries waiting for a free slot. Delivery is at least once: a receiver drops repeats by
+`webhook-id`. The failure policy is `webhooks.policy`'s.
+
+On PostgreSQL an idle relay wakes on `NOTIFY` when an event commits; it also polls every
+`poll_interval` seconds (SQLite, a lost notification, retries falling due). SIGTERM or SIGINT stops
+it gracefully: no new claims, deliveries not started yet are handed back, those in flight are
+finished and recorded (up to `shutdown_timeout`; any still running then are retried after their
+lease by another relay).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import sessionmaker
+
+from webhooks.db import libpq_url, make_engine
+from webhooks.delivery import ClaimedDelivery, Sender, make_client
+from webhooks.interfaces import AttemptResult, DeliveryStore
+from webhooks.listener import PgListener
+from webhooks.outbox import NOTIFY_CHANNEL
+from webhooks.policy import RetryPolicy
+from webhooks.settings import WebhookSettings
+from webhooks.sqltypes import utcnow
+from webhooks.ssrf import AddressPolicy
+from webhooks.store import SqlDeliveryStore
+
+logger = logging.getLogger(__name__)
+
+
+class Relay:
+    """Moves deliveries from a `DeliveryStore` to their subscribers."""
+
+    def __init__(
+        self,
+        store: DeliveryStore,
+        sender: Sender,
+        policy: RetryPolicy,
+        *,
+        concurrency: int = 16,
+        batch_size: int = 100,
+        lease: timedelta = timedelta(minutes=5),
+        poll_interval: float = 1.0,
+        disable_after: timedelta = timedelta(days=5),
+        shutdown_timeout: float = 30.0,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.sender = sender
+        self.policy = policy
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.disable_after = disable_after
+        self.shutdown_timeout = shutdown_timeout
+        self._now = now
+        #: Set to make a waiting relay look for work now (a NOTIFY, a finished request, a stop).
+        self.wake = threading.Event()
+        self._done: queue.SimpleQueue[AttemptResult] = queue.SimpleQueue()
+        self._in_flight: dict[Future[AttemptResult], ClaimedDelivery] = {}
+        self._lock = threading.Lock()
+        self._unrecorded: list[AttemptResult] = []
+
+    @classmethod
+    def from_settings(
+        cls, settings: WebhookSettings, store: DeliveryStore, sender: Sender
+    ) -> Relay:
+        """A relay configured by `settings`."""
+        policy = RetryPolicy(
+            schedule=settings.retry_schedule,
+            jitter=settings.jitter,
+            retry_after_max=settings.retry_after_max,
+        )
+        return cls(
+            store,
+            sender,
+            policy,
+            concurrency=settings.concurrency,
+            batch_size=settings.batch_size,
+            lease=settings.claim_lease,
+            poll_interval=settings.poll_interval,
+            disable_after=settings.disable_after,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
+
+    def attempt(self, delivery: ClaimedDelivery) -> AttemptResult:
+        """Send one claimed delivery and decide its next state."""
+        outcome = self.sender.send(delivery)
+        decision = self.policy.decide(delivery.attempt, outcome, self._now())
+        if not outcome.delivered:
+            logger.info(
+                "delivery %s of event %s to %s, attempt %d: %s -> %s",
+                delivery.delivery_id,
+                delivery.event_id,
+                delivery.url,
+                delivery.attempt,
+                decision.last_error,
+                decision.status,
+            )
+        return AttemptResult(delivery, outcome, decision)
+
+    def run_once(self) -> int:
+        """Claim what is due now, deliver it all, record it; return how many were attempted.
+
+        For tests and simple embeddings; `run` is the long-running loop.
+        """
+        claimed = self.store.claim(self.batch_size, self._now(), self.lease)
+        if not claimed:
+            return 0
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(claimed))) as pool:
+            results = list(pool.map(self.attempt, claimed))
+        self.store.record(results, self._now(), self.disable_after)
+        return len(results)
+
+    def run(self, stop: threading.Event) -> None:
+        """Deliver until `stop` is set, then shut down gracefully."""
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="webhook-send")
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                self._record_finished()
+                claimed = 0 if stop.is_set() else self._claim_into(pool)
+                if claimed == 0 or self._in_flight_count() > self.concurrency:
+                    self.wake.wait(self._idle_wait(claimed))
+        finally:
+            self._shut_down(pool)
+
+    def _claim_into(self, pool: ThreadPoolExecutor) -> int:
+        in_flight = self._in_flight_count()
+        if in_flight > self.concurrency:
+            return 0
+        try:
+            claimed = self.store.claim(
+                self.concurrency + self.batch_size - in_flight, self._now(), self.lease
+            )
+        except Exception:
+            logger.exception("claiming deliveries failed; retrying in %.1fs", self.poll_interval)
+            return 0
+        for delivery in claimed:
+            future = pool.submit(self.attempt, delivery)
+            with self._lock:
+                self._in_flight[future] = delivery
+            future.add_done_callback(self._finished)
+        return len(claimed)
+
+    def _finished(self, future: Future[AttemptResult]) -> None:
+        with self._lock:
+            self._in_flight.pop(future, None)
+            remaining = len(self._in_flight)
+        if future.cancelled():
+            return
+        self._done.put(future.result())
+        # Wake the loop when it can claim more, or when everything is done.
+        if remaining <= self.concurrency:
+            self.wake.set()
+
+    def _in_flight_count(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
+
+    def _idle_wait(self, claimed: int) -> float:
+        if claimed or self._in_flight_count():
+            return self.poll_interval
+        try:
+            due = self.store.next_due(self._now())
+        except Exception:
+            logger.exception("looking for due deliveries failed")
+            return self.poll_interval
+        if due is None:
+            return self.poll_interval
+        until_due = (due - self._now()).total_seconds()
+        return min(max(until_due, 0.001), self.poll_interval)
+
+    def _record_finished(self) -> None:
+        while True:
+            try:
+                self._unrecorded.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        if not self._unrecorded:
+            return
+        try:
+            self.store.record(self._unrecorded, self._now(), self.disable_after)
+        except Exception:
+            # Kept and recorded on the next turn; if the process dies first, the lease ends and
+            # the delivery is sent again (at least once).
+            logger.exception("recording %d outcomes failed; will retry", len(self._unrecorded))
+            return
+        self._unrecorded = []
+
+    def _shut_down(self, pool: ThreadPoolExecutor) -> None:
+        with self._lock:
+            pending = list(self._in_flight.items())
+        not_started = [delivery for future, delivery in pending if future.cancel()]
+        running = [future for future, _ in pending if not future.cancelled()]
+        if not_started:
+            self._release(not_started)
+        if running:
+            logger.info("waiting for %d deliveries in flight", len(running))
+            wait_for(running, timeout=self.shutdown_timeout)
+        self._record_finished()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def _release(self, deliveries: Sequence[ClaimedDelivery]) -> None:
+        try:
+            self.store.release(deliveries, self._now())
+        except Exception:
+            logger.exception("handing back %d claimed deliveries failed", len(deliveries))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m webhooks.relay`: deliver until SIGTERM or SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = WebhookSettings()
+    engine = make_engine(settings.database_url)
+    store = SqlDeliveryStore(sessionmaker(engine, expire_on_commit=False))
+    client = make_client(
+        policy=AddressPolicy(settings.allow_loopback, settings.allow_private_networks),
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        max_connections=settings.concurrency,
+    )
+    relay = Relay.from_settings(settings, store, Sender(client, user_agent=settings.user_agent))
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        logger.info("received signal %d: stopping", signum)
+        stop.set()
+        relay.wake.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    listener = None
+    url = libpq_url(engine)
+    if settings.listen and url is not None:
+        listener = PgListener(url, NOTIFY_CHANNEL, relay.wake.set).start()
+    logger.info(
+        "relay started: %s, concurrency %d", engine.url.render_as_string(), settings.concurrency
+    )
+    try:
+        relay.run(stop)
+    finally:
+        if listener is not None:
+            listener.stop()
+        client.close()
+        engine.dispose()
+    logger.info("relay stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
