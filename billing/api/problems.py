@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 from starlette.exceptions import HTTPException
 
 from billing.errors import (
@@ -129,6 +129,7 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _on_http)
     app.add_exception_handler(BillingError, _on_billing)
     app.add_exception_handler(DataError, _on_data)
+    app.add_exception_handler(IntegrityError, _on_integrity)
     app.add_exception_handler(Exception, _on_unexpected)
 
 
@@ -242,6 +243,17 @@ async def _on_data(request: Request, exc: Exception) -> JSONResponse:
         "Value not storable",
         "a value in the request cannot be stored (out of range or malformed)",
         type_=f"{TYPE_PREFIX}unstorable-value",
+    )
+
+
+async def _on_integrity(request: Request, exc: Exception) -> JSONResponse:
+    # A constraint refused the write (a concurrent duplicate, a counter that would overflow).
+    logger.info("database constraint refused a write: %s", exc)
+    return problem_response(
+        409,
+        "Conflict",
+        "the request conflicts with data already stored",
+        type_=f"{TYPE_PREFIX}conflict",
     )
 
 

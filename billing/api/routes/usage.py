@@ -10,14 +10,15 @@ Totals come from `usage_counters`, which count every event the moment it is stor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from pydantic import ValidationError
 from sqlalchemy import and_, literal, or_, select, tuple_
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from billing.api.auth import Reader, Writer
@@ -208,16 +209,16 @@ def _record_all(
     if not items:
         return []
     try:
-        with service.session.begin_nested():
+        with _atomic(service.session):
             ids = service.record_usage_batch([_fields(item, at) for item, at in items])
-    except (IdempotencyConflictError, InvalidUsageError, DataError):
+    except (IdempotencyConflictError, InvalidUsageError, DataError, IntegrityError):
         return [_record_one(service, item, at) for item, at in items]
     return [BatchItemResult(id=event_id, status="accepted") for event_id in ids]
 
 
 def _record_one(service: BillingService, item: UsageIn, at: datetime) -> BatchItemResult:
     try:
-        with service.session.begin_nested():
+        with _atomic(service.session):
             event_id = service.record_usage(**_fields(item, at))
     except IdempotencyConflictError as error:
         return _rejected(409, "Idempotency key reused", str(error), "idempotency_key")
@@ -225,7 +226,24 @@ def _record_one(service: BillingService, item: UsageIn, at: datetime) -> BatchIt
         return _rejected(422, "Invalid usage", str(error), error.field)
     except DataError:
         return _rejected(400, "Value not storable", "a value cannot be stored", None)
+    except IntegrityError:
+        return _rejected(409, "Conflict", "conflicts with data already stored", None)
     return BatchItemResult(id=event_id, status="accepted")
+
+
+@contextmanager
+def _atomic(session: Session) -> Iterator[None]:
+    """A savepoint on PostgreSQL, where a failed statement aborts the whole transaction.
+
+    SQLite undoes just the failed statement, and a SAVEPOINT there can commit: pysqlite sends
+    no BEGIN before it, so its RELEASE ends the transaction. Events the batch stored before an
+    error stay in the transaction and are found again, as duplicates of themselves, one by one.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        yield
+        return
+    with session.begin_nested():
+        yield
 
 
 def _fields(item: UsageIn, at: datetime) -> dict[str, Any]:

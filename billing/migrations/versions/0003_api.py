@@ -67,8 +67,20 @@ _SQLITE_ADD = """
     ON CONFLICT (tenant_id, metric, granularity, period_start)
     DO UPDATE SET total = total + excluded.total;
 """
+# SQLite turns an overflowing integer sum into a float: refuse the event instead, as
+# PostgreSQL does ("bigint out of range"). The month counter is the larger of the two.
+_SQLITE_GUARD = """
+    SELECT RAISE(ABORT, 'usage counter out of range') WHERE EXISTS (
+        SELECT 1 FROM usage_counters
+        WHERE tenant_id = NEW.tenant_id AND metric = NEW.metric AND granularity = 'month'
+          AND period_start = strftime('%Y-%m-01 00:00:00.000000', NEW.at_ts)
+          AND total > 9223372036854775807 - NEW.amount);
+"""
 _SQLITE_TRIGGERS = {
-    "usage_events_counted_on_insert": ("INSERT", _SQLITE_ADD.format(row="NEW", sign="")),
+    "usage_events_counted_on_insert": (
+        "INSERT",
+        _SQLITE_GUARD + _SQLITE_ADD.format(row="NEW", sign=""),
+    ),
     "usage_events_counted_on_delete": ("DELETE", _SQLITE_ADD.format(row="OLD", sign="-")),
     "usage_events_counted_on_update": (
         "UPDATE OF tenant_id, metric, at_ts, amount",
