@@ -110,11 +110,12 @@ ACTORS = (aggregate_daily, generate_monthly_invoice)
 
 
 def attach(new_broker: Broker, *, settings: WorkerSettings | None = None) -> Broker:
-    """Declare the billing actors on `new_broker` and make it the global broker.
+    """Declare the billing actors on `new_broker` and make it this module's and Dramatiq's broker.
 
     With `settings`, the actors also take that configuration's retry, time and age bounds.
     Returns the broker they were on, to attach back to.
     """
+    global broker
     previous: Broker = aggregate_daily.broker
     for actor in ACTORS:
         if settings is not None:
@@ -124,6 +125,7 @@ def attach(new_broker: Broker, *, settings: WorkerSettings | None = None) -> Bro
         actor.broker = new_broker
         new_broker.declare_actor(actor)
     dramatiq.set_broker(new_broker)
+    broker = new_broker
     return previous
 
 

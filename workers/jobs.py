@@ -91,7 +91,7 @@ def aggregate_daily_job(
             "total": total,
         }
         webhooks.publish(session, USAGE_AGGREGATED, event, event_id=aggregate_event_id(event))
-    logger.info(
+    logger.debug(
         "aggregated %s of tenant %s on %s: %d", job.metric, job.tenant_id, day_start.date(), total
     )
     return total
@@ -127,7 +127,7 @@ def generate_monthly_invoice_job(
             "currency": job.currency.lower(),
         }
         webhooks.publish(session, INVOICE_CREATED, event, event_id=invoice_event_id(invoice_id))
-    logger.info("invoice %s of tenant %s is ready", invoice_id, job.tenant_id)
+    logger.debug("invoice %s of tenant %s announced", invoice_id, job.tenant_id)
     return invoice_id
 
 

@@ -1,0 +1,267 @@
+"""The workers' `billing` commands: `run`, `aggregate`, `invoice`, `jobs` and `demo`.
+
+`aggregate` and `invoice` are backfills: they walk the same streamed queries as the scheduler
+and either send the messages to the configured broker, or, with `--inline` (and always when no
+broker is configured, since an in-process queue would vanish with this command), run the jobs
+right here. Both show a progress bar on stderr and end with a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TextIO
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.db import make_engine, make_session_factory
+from billing.settings import BillingSettings
+from workers import fanout
+from workers.jobs import aggregate_daily_job, generate_monthly_invoice_job
+from workers.locks import LocalFireLock
+from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from workers.scheduler import BillingScheduler
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the workers' commands to the `billing` command line."""
+    run = commands.add_parser("run", help="the whole system in one process (embedded default)")
+    run.add_argument("--threads", type=int, help="worker threads (default: WORKER_THREADS)")
+    run.set_defaults(handler=_run)
+
+    aggregate = commands.add_parser("aggregate", help="aggregate days of usage (backfill)")
+    aggregate.add_argument("--from", dest="first", type=_day, required=True, metavar="DAY")
+    aggregate.add_argument("--to", dest="last", type=_day, required=True, metavar="DAY")
+    aggregate.add_argument("--tenant", help="only this tenant")
+    aggregate.add_argument("--metric", help="only this metric")
+    aggregate.add_argument("--inline", action="store_true", help="run here, not on the workers")
+    aggregate.set_defaults(handler=_aggregate)
+
+    invoice = commands.add_parser("invoice", help="invoice a month (backfill)")
+    invoice.add_argument("--period", type=_month, required=True, metavar="YYYY-MM")
+    invoice.add_argument("--tenant", help="only this tenant")
+    invoice.add_argument("--inline", action="store_true", help="run here, not on the workers")
+    invoice.set_defaults(handler=_invoice)
+
+    jobs = commands.add_parser("jobs", help="queue depths and dead letters")
+    jobs.add_argument("--recent", type=int, default=10, help="dead letters to list (default 10)")
+    jobs.set_defaults(handler=_jobs)
+
+    demo = commands.add_parser("demo", help="a month of billing in a few seconds, no server")
+    demo.set_defaults(handler=_demo)
+
+
+# --- argument types -----------------------------------------------------------------------
+
+
+def _day(text: str) -> datetime:
+    try:
+        return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
+
+
+def _month(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month (YYYY-MM)") from None
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from workers.embedded import run_embedded
+
+    settings = WorkerSettings()
+    if args.threads:
+        settings = settings.model_copy(update={"worker_threads": args.threads})
+    return run_embedded(settings, BillingSettings())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(out=sys.stdout)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from workers import actors
+    from workers.broker import is_in_process
+    from workers.queues import format_stats, queue_stats
+
+    if is_in_process(actors.broker):
+        print(
+            "no BROKER_URL or REDIS_URL: the queue is in-process and lives inside `billing run`; "
+            "set REDIS_URL to inspect the workers' queue"
+        )
+        return 0
+    print(format_stats(queue_stats(actors.broker, recent=args.recent)))
+    return 0
+
+
+def _aggregate(args: argparse.Namespace) -> int:
+    if args.last < args.first:
+        print("--to must not be before --from", file=sys.stderr)
+        return 2
+    days = [args.first + timedelta(days=n) for n in range((args.last - args.first).days + 1)]
+    only = fanout.Filter(tenant_id=args.tenant, metric=args.metric)
+    backfill = _Backfill(args.inline)
+    total = sum(fanout.count_usage_pairs(backfill.session_factory, d, only=only) for d in days)
+    span = f"{days[0].date()}..{days[-1].date()}"
+    with Progress(total, f"aggregate {span}") as progress:
+        scheduler = backfill.scheduler(
+            send_aggregate=progress.wrap(backfill.aggregate_sender()),
+            send_invoice=_unused,
+        )
+        scheduler.fan_out_days(days, only=only)
+    return backfill.summary("billing.aggregate_daily", span, progress)
+
+
+def _invoice(args: argparse.Namespace) -> int:
+    from workers.scheduler import month_start
+
+    start = args.period
+    end = month_start(start + timedelta(days=32))
+    only = fanout.Filter(tenant_id=args.tenant)
+    backfill = _Backfill(args.inline)
+    total = fanout.count_invoice_targets(backfill.session_factory, start, end, only=only)
+    span = start.strftime("%Y-%m")
+    with Progress(total, f"invoice {span}") as progress:
+        scheduler = backfill.scheduler(
+            send_aggregate=_unused,
+            send_invoice=progress.wrap(backfill.invoice_sender()),
+        )
+        scheduler.fan_out_invoices(start, end, only=only)
+    return backfill.summary("billing.generate_monthly_invoice", span, progress)
+
+
+def _unused(**_kwargs: Any) -> None:
+    raise AssertionError("this backfill sends one kind of job only")
+
+
+class _Backfill:
+    """Where a backfill's jobs go: to the broker, or run in this process."""
+
+    def __init__(self, inline: bool) -> None:
+        from workers import actors
+        from workers.broker import is_in_process
+
+        self.settings = WorkerSettings()
+        database = BillingSettings()
+        self.session_factory: sessionmaker[Session] = make_session_factory(
+            make_engine(database.database_url)
+        )
+        self.inline = inline or is_in_process(actors.broker)
+        if self.inline and not inline:
+            print("no broker configured: running the jobs in this process", file=sys.stderr)
+
+    def scheduler(
+        self, *, send_aggregate: Callable[..., object], send_invoice: Callable[..., object]
+    ) -> BillingScheduler:
+        from workers.scheduler import BillingScheduler
+
+        return BillingScheduler(
+            self.settings,
+            self.session_factory,
+            LocalFireLock(),
+            send_aggregate=send_aggregate,
+            send_invoice=send_invoice,
+        )
+
+    def aggregate_sender(self) -> Callable[..., object]:
+        if not self.inline:
+            from workers.actors import enqueue_aggregate_daily
+
+            return enqueue_aggregate_daily
+        return lambda **kw: aggregate_daily_job(self.session_factory, _payload(kw))
+
+    def invoice_sender(self) -> Callable[..., object]:
+        if not self.inline:
+            from workers.actors import enqueue_generate_monthly_invoice
+
+            return enqueue_generate_monthly_invoice
+        return lambda **kw: generate_monthly_invoice_job(self.session_factory, _payload(kw))
+
+    def summary(self, job: str, span: str, progress: Progress) -> int:
+        verb = "ran" if self.inline else "enqueued"
+        print(
+            f"{job} {span}: {verb} {progress.done}, failed {progress.failed}, "
+            f"in {progress.elapsed:.1f} s"
+        )
+        for line in progress.errors[:10]:
+            print(f"  {line}")
+        return 1 if progress.failed else 0
+
+
+def _payload(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in kwargs.items()}
+
+
+class Progress:
+    """A one-line progress bar on a terminal (a line per 10% elsewhere), with failure counts.
+
+    `wrap(send)` counts each call; an exception from an inline job is counted as a failure and
+    the backfill goes on (the broker's outages are retried by the scheduler code first).
+    """
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.total, self.label = total, label
+        self.stream = stream or sys.stderr
+        self.done = self.failed = 0
+        self.errors: list[str] = []
+        self.started = time.monotonic()
+        self._shown = -1.0
+        self._tty = self.stream.isatty()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def wrap(self, send: Callable[..., object]) -> Callable[..., object]:
+        def counted(**kwargs: Any) -> None:
+            try:
+                send(**kwargs)
+            except Exception as error:
+                if not self._is_job_error(error):
+                    raise
+                self.failed += 1
+                self.errors.append(f"{kwargs.get('tenant_id')}: {type(error).__name__}: {error}")
+            self.done += 1
+            self._draw()
+
+        return counted
+
+    @staticmethod
+    def _is_job_error(error: Exception) -> bool:
+        from workers.scheduler import TRANSIENT_SEND_ERRORS
+
+        return not isinstance(error, TRANSIENT_SEND_ERRORS)
+
+    def _draw(self, final: bool = False) -> None:
+        fraction = self.done / self.total if self.total else 1.0
+        if not self._tty and (
+            fraction - self._shown < 0.1 and not final or fraction == self._shown
+        ):
+            return
+        self._shown = fraction
+        bar = "#" * int(fraction * 30)
+        line = f"{self.label} [{bar:<30}] {self.done}/{self.total}"
+        if self.failed:
+            line += f" ({self.failed} failed)"
+        self.stream.write(("\r" + line) if self._tty else line + "\n")
+        self.stream.flush()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._draw(final=True)
+        if self._tty:
+            self.stream.write("\n")
