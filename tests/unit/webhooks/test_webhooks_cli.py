@@ -1,0 +1,218 @@
+"""`billing webhooks …` commands, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from webhooks import publish
+from webhooks.cli import add_commands
+from webhooks.delivery import event_body
+from webhooks.listen import make_listen_app
+from webhooks.models import WebhookDelivery, WebhookSubscription
+from webhooks.signing import signature_headers
+
+TOPIC = "billing.usage_aggregated"
+PAYLOAD = {
+    "tenant_id": "t1",
+    "metric": "tokens",
+    "day_start": "2025-01-01T00:00:00+00:00",
+    "total": 1,
+}
+
+
+@pytest.fixture
+def run(engine: Engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setenv("DATABASE_URL", engine.url.render_as_string(hide_password=False))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        parser = argparse.ArgumentParser(prog="billing")
+        add_commands(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        code = args.handler(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def added(run, *extra: str) -> tuple[str, str]:
+    code, out, _ = run("webhooks", "add", TOPIC, "https://example.test/hook", *extra)
+    assert code == 0
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    return lines["subscription"], lines["secret"]
+
+
+def test_add_prints_the_id_and_a_generated_secret_once(run, factory) -> None:
+    sub_id, secret = added(run, "--tenant", "t1")
+    assert secret.startswith("whsec_")
+    with factory() as session:
+        sub = session.get(WebhookSubscription, sub_id)
+        assert (sub.topic, sub.url, sub.tenant_id, sub.secret, sub.enabled) == (
+            TOPIC,
+            "https://example.test/hook",
+            "t1",
+            secret,
+            True,
+        )
+    _, out, _ = run("webhooks", "list")
+    assert secret not in out
+
+
+@pytest.mark.parametrize("url", ["ftp://example.test/", "not a url", "/relative"])
+def test_add_refuses_a_bad_url_and_stores_nothing(run, factory, url: str) -> None:
+    code, out, err = run("webhooks", "add", TOPIC, url)
+    assert code == 1
+    assert "InvalidSubscriptionError" in err
+    with factory() as session:
+        assert session.scalars(select(WebhookSubscription)).all() == []
+
+
+def test_list_shows_every_subscription(run) -> None:
+    first, _ = added(run)
+    second, _ = added(run, "--tenant", "t2")
+    code, out, _ = run("webhooks", "list", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert [(r["id"], r["tenant_id"], r["enabled"]) for r in rows] == [
+        (first, None, True),
+        (second, "t2", True),
+    ]
+
+
+def test_disable_and_enable(run, factory) -> None:
+    sub_id, _ = added(run)
+    assert run("webhooks", "disable", sub_id, "--reason", "moving house")[0] == 0
+    with factory() as session:
+        sub = session.get(WebhookSubscription, sub_id)
+        assert (sub.enabled, sub.disabled_reason) == (False, "moving house")
+    assert run("webhooks", "enable", sub_id)[0] == 0
+    with factory() as session:
+        assert session.get(WebhookSubscription, sub_id).enabled is True
+
+
+def test_unknown_subscription_exits_1(run) -> None:
+    code, _, err = run("webhooks", "disable", "nope")
+    assert code == 1
+    assert "SubscriptionNotFoundError" in err
+
+
+def test_rotate_secret_keeps_the_old_one_for_the_grace(run, factory) -> None:
+    sub_id, old = added(run)
+    before = datetime.now(UTC)
+    code, out, _ = run("webhooks", "rotate-secret", sub_id, "--grace", "2h")
+    new = out.split()[-1]
+    assert code == 0
+    assert new.startswith("whsec_")
+    assert new != old
+    with factory() as session:
+        sub = session.get(WebhookSubscription, sub_id)
+        assert (sub.secret, sub.previous_secret) == (new, old)
+        assert before + timedelta(hours=2) <= sub.previous_secret_expires_at
+        assert sub.previous_secret_expires_at <= datetime.now(UTC) + timedelta(hours=2)
+
+
+def test_deliveries_filters_by_status(run, factory) -> None:
+    sub_id, _ = added(run)
+    with factory.begin() as session:
+        dead_event = publish(session, TOPIC, PAYLOAD)
+        publish(session, TOPIC, PAYLOAD)
+        session.execute(
+            WebhookDelivery.__table__.update()
+            .where(WebhookDelivery.event_id == dead_event)
+            .values(status="dead", attempts=10, last_error="HTTP 500")
+        )
+    code, out, _ = run("webhooks", "deliveries", "--status", "dead", "--json")
+    [row] = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert (row["event_id"], row["status"], row["last_error"], row["topic"]) == (
+        dead_event,
+        "dead",
+        "HTTP 500",
+        TOPIC,
+    )
+    _, out, _ = run("webhooks", "deliveries", "--subscription", sub_id)
+    assert len(out.splitlines()) == 2
+
+
+def test_replay_requeues_a_dead_delivery_from_attempt_one(run, factory) -> None:
+    added(run)
+    with factory.begin() as session:
+        event_id = publish(session, TOPIC, PAYLOAD)
+        session.execute(
+            WebhookDelivery.__table__.update().values(status="dead", attempts=10, last_error="x")
+        )
+    code, out, _ = run("webhooks", "replay", event_id)
+    assert (code, out.strip()) == (0, "1 deliveries queued")
+    with factory() as session:
+        [row] = session.scalars(select(WebhookDelivery)).all()
+        assert (row.status, row.attempts, row.last_error) == ("pending", 0, None)
+        assert row.next_attempt_at <= datetime.now(UTC)
+
+
+def test_replay_since_reaches_a_subscription_added_later(run, factory) -> None:
+    with factory.begin() as session:
+        publish(session, TOPIC, PAYLOAD)  # nobody listens yet: kept
+        publish(session, TOPIC, PAYLOAD)
+        publish(session, "billing.invoice.created", {"tenant_id": "t1"})
+    sub_id, _ = added(run)
+    code, out, _ = run("webhooks", "replay", "--since", "1h", "--subscription", sub_id)
+    assert (code, out.strip()) == (0, "2 deliveries queued")
+    with factory() as session:
+        rows = session.scalars(select(WebhookDelivery)).all()
+        assert {(r.subscription_id, r.status) for r in rows} == {(sub_id, "pending")}
+        assert len(rows) == 2
+
+
+def test_replay_twice_keeps_one_delivery_per_subscription(run, factory) -> None:
+    added(run)
+    with factory.begin() as session:
+        event_id = publish(session, TOPIC, PAYLOAD)
+    run("webhooks", "replay", event_id)
+    run("webhooks", "replay", event_id)
+    with factory() as session:
+        assert len(session.scalars(select(WebhookDelivery)).all()) == 1
+
+
+def test_replay_of_an_unknown_event_exits_1(run) -> None:
+    code, _, err = run("webhooks", "replay", "nope")
+    assert code == 1
+    assert "EventNotFoundError" in err
+
+
+def test_replay_since_needs_an_offset(run) -> None:
+    with pytest.raises(SystemExit):
+        run("webhooks", "replay", "--since", "2025-01-01T00:00:00")
+
+
+def test_listen_prints_verified_deliveries_and_reports_the_rest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    client = TestClient(make_listen_app([secret]))
+    body = event_body(TOPIC, PAYLOAD, datetime(2025, 1, 1, tzinfo=UTC))
+    headers = signature_headers([secret], "evt_9", int(datetime.now(UTC).timestamp()), body)
+    assert client.post("/anything", content=body, headers=headers).status_code == 200
+    assert client.post("/anything", content=body, headers=headers).status_code == 200
+    assert client.post("/anything", content=body + b" ", headers=headers).status_code == 400
+    out, err = capsys.readouterr()
+    [line] = out.splitlines()
+    assert json.loads(line) == {
+        "id": "evt_9",
+        "type": TOPIC,
+        "timestamp": "2025-01-01T00:00:00+00:00",
+        "data": PAYLOAD,
+    }
+    assert "duplicate delivery evt_9" in err
+    assert "400 evt_9" in err

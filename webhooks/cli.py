@@ -1,0 +1,233 @@
+"""`billing webhooks …`: manage subscriptions, inspect and replay deliveries, run a test receiver.
+
+```
+billing webhooks add TOPIC URL [--tenant T] [--secret S]   prints the id and the secret, once
+billing webhooks list [--json]
+billing webhooks disable SUBSCRIPTION [--reason TEXT]
+billing webhooks enable SUBSCRIPTION
+billing webhooks rotate-secret SUBSCRIPTION [--grace 24h]  prints the new secret
+billing webhooks deliveries [--status dead] [--subscription S] [--limit N] [--json]
+billing webhooks replay EVENT_ID | --since TIME [--subscription S]
+billing webhooks listen --secret S [--port P]              verify and print each delivery
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from webhooks.db import make_engine
+from webhooks.errors import WebhookError
+from webhooks.models import STATUSES, WebhookDelivery, WebhookEvent
+from webhooks.replay import replay
+from webhooks.settings import WebhookSettings, parse_duration
+from webhooks.sqltypes import utcnow
+from webhooks.subscriptions import SqlWebhookSubscriptions
+
+DEFAULT_LISTEN_PORT = 8787
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `webhooks` command group to the `billing` command line."""
+    group = commands.add_parser("webhooks", help="webhook subscriptions and deliveries")
+    sub = group.add_subparsers(dest="webhooks_command", required=True, metavar="WEBHOOKS_COMMAND")
+
+    add = sub.add_parser("add", help="subscribe a URL to a topic (prints the secret once)")
+    add.add_argument("topic")
+    add.add_argument("url")
+    add.add_argument("--tenant", help="only this tenant's events")
+    add.add_argument("--secret", help="a whsec_… secret to use instead of a generated one")
+    add.set_defaults(handler=_handled(_add))
+
+    listing = sub.add_parser("list", help="every subscription")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=_handled(_list))
+
+    disable = sub.add_parser("disable", help="stop deliveries to a subscription")
+    disable.add_argument("subscription")
+    disable.add_argument("--reason", default="disabled by an operator")
+    disable.set_defaults(handler=_handled(_disable))
+
+    enable = sub.add_parser("enable", help="resume deliveries to a subscription")
+    enable.add_argument("subscription")
+    enable.set_defaults(handler=_handled(_enable))
+
+    rotate = sub.add_parser("rotate-secret", help="new secret; the old one signs for a grace time")
+    rotate.add_argument("subscription")
+    rotate.add_argument("--grace", type=parse_duration, help="e.g. 24h (default: the setting)")
+    rotate.set_defaults(handler=_handled(_rotate))
+
+    deliveries = sub.add_parser("deliveries", help="recent deliveries, newest first")
+    deliveries.add_argument("--status", choices=STATUSES)
+    deliveries.add_argument("--subscription")
+    deliveries.add_argument("--limit", type=int, default=50)
+    deliveries.add_argument("--json", action="store_true", help="one JSON object per line")
+    deliveries.set_defaults(handler=_handled(_deliveries))
+
+    again = sub.add_parser("replay", help="send an event, or every event since a time, again")
+    what = again.add_mutually_exclusive_group(required=True)
+    what.add_argument("event_id", nargs="?")
+    what.add_argument("--since", type=_parse_since, help="ISO 8601 time with offset, or 2h ago")
+    again.add_argument("--subscription", help="only to this subscription")
+    again.set_defaults(handler=_handled(_replay))
+
+    listen = sub.add_parser("listen", help="a local receiver that verifies and prints deliveries")
+    listen.add_argument("--secret", action="append", required=True, help="repeat while rotating")
+    listen.add_argument("--port", type=int, default=DEFAULT_LISTEN_PORT)
+    listen.add_argument("--host", default="127.0.0.1")
+    listen.set_defaults(handler=_listen)
+
+
+def _handled(
+    command: Callable[[argparse.Namespace, Session, WebhookSettings], int],
+) -> Callable[[argparse.Namespace], int]:
+    """Run `command` in one transaction; a `WebhookError` is printed and exits 1."""
+
+    def handler(args: argparse.Namespace) -> int:
+        settings = WebhookSettings()
+        try:
+            with _session(settings) as session:
+                return command(args, session, settings)
+        except WebhookError as error:
+            print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+
+    return handler
+
+
+@contextmanager
+def _session(settings: WebhookSettings) -> Iterator[Session]:
+    engine = make_engine(settings.database_url)
+    try:
+        with sessionmaker(engine, expire_on_commit=False).begin() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _add(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
+    sub = SqlWebhookSubscriptions(session).add(
+        args.topic, args.url, args.secret, tenant_id=args.tenant
+    )
+    print(f"subscription {sub.id}")
+    print(f"secret {sub.secret}")
+    print("keep the secret now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+def _list(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
+    for sub in SqlWebhookSubscriptions(session).all():
+        row = {
+            "id": sub.id,
+            "topic": sub.topic,
+            "url": sub.url,
+            "tenant_id": sub.tenant_id,
+            "enabled": sub.enabled,
+            "disabled_reason": sub.disabled_reason,
+            "failing_since": _iso(sub.failing_since),
+            "created_at": _iso(sub.created_at),
+        }
+        _print_row(row, args.json)
+    return 0
+
+
+def _disable(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
+    SqlWebhookSubscriptions(session).disable(args.subscription, args.reason)
+    print(f"subscription {args.subscription} disabled")
+    return 0
+
+
+def _enable(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
+    SqlWebhookSubscriptions(session).enable(args.subscription)
+    print(f"subscription {args.subscription} enabled")
+    return 0
+
+
+def _rotate(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
+    grace: timedelta = args.grace or settings.secret_grace
+    secret = SqlWebhookSubscriptions(session).rotate_secret(args.subscription, grace=grace)
+    print(f"secret {secret}")
+    print(f"the previous secret keeps signing until {_iso(utcnow() + grace)}", file=sys.stderr)
+    return 0
+
+
+def _deliveries(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
+    query = (
+        select(WebhookDelivery, WebhookEvent.topic)
+        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+        .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id)
+        .limit(args.limit)
+    )
+    if args.status:
+        query = query.where(WebhookDelivery.status == args.status)
+    if args.subscription:
+        query = query.where(WebhookDelivery.subscription_id == args.subscription)
+    for delivery, topic in session.execute(query):
+        row = {
+            "id": delivery.id,
+            "event_id": delivery.event_id,
+            "topic": topic,
+            "subscription_id": delivery.subscription_id,
+            "status": delivery.status,
+            "attempts": delivery.attempts,
+            "next_attempt_at": _iso(delivery.next_attempt_at),
+            "last_status_code": delivery.last_status_code,
+            "last_error": delivery.last_error,
+            "delivered_at": _iso(delivery.delivered_at),
+        }
+        _print_row(row, args.json)
+    return 0
+
+
+def _replay(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
+    count = replay(
+        session, event_id=args.event_id, since=args.since, subscription_id=args.subscription
+    )
+    print(f"{count} deliveries queued")
+    return 0
+
+
+def _listen(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from webhooks.listen import make_listen_app
+
+    app = make_listen_app(args.secret)
+    print(f"listening on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _parse_since(text: str) -> datetime:
+    """An aware ISO 8601 time, or a duration meaning that long ago (`2h`)."""
+    try:
+        return utcnow() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r}") from error
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. {text}+00:00")
+    return moment
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _print_row(row: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(row))
+    else:
+        print("  ".join("-" if value is None else str(value) for value in row.values()))
