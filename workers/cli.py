@@ -16,7 +16,6 @@ from billing.db import make_engine
 from billing.migrate import upgrade
 from billing.settings import BillingSettings
 from webhooks.cli import add_commands as add_webhook_commands
-from webhooks.cli import add_commands as add_webhook_commands
 from workers.commands import add_commands as add_worker_commands
 
 
@@ -26,7 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_db_commands(commands)
     add_key_commands(commands)
-    add_webhook_commands(commands)
     add_worker_commands(commands)
     add_webhook_commands(commands)
     return parser
