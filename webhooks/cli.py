@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks.db import make_engine
@@ -99,6 +100,10 @@ def _handled(
                 return command(args, session, settings)
         except WebhookError as error:
             print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+        except SQLAlchemyError as error:
+            print(f"database error: {error.__class__.__name__}: {error.args[0]}", file=sys.stderr)
+            print("is the schema up to date? run `billing db upgrade`", file=sys.stderr)
             return 1
 
     return handler

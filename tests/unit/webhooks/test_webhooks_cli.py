@@ -216,3 +216,14 @@ def test_listen_prints_verified_deliveries_and_reports_the_rest(
     }
     assert "duplicate delivery evt_9" in err
     assert "400 evt_9" in err
+
+
+def test_a_database_without_the_schema_is_reported_not_dumped(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.sqlite3'}")
+    parser = argparse.ArgumentParser(prog="billing")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["webhooks", "list"])
+    assert args.handler(args) == 1
+    assert "billing db upgrade" in capsys.readouterr().err
