@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Select, Table, bindparam, func, select, update
+from sqlalchemy import Row, Select, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks.delivery import ClaimedDelivery
@@ -111,7 +111,8 @@ class SqlDeliveryStore:
             .where(
                 _deliveries.c.id == bindparam("b_id"),
                 _deliveries.c.attempts == bindparam("b_attempt"),
-                _deliveries.c.status.in_(_CLAIMABLE),
+                # Not `IN (...)`: expanding parameters cannot go through executemany.
+                or_(_deliveries.c.status == PENDING, _deliveries.c.status == FAILED),
             )
             .values(attempts=_deliveries.c.attempts - 1, next_attempt_at=now, updated_at=now)
         )

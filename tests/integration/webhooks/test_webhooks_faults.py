@@ -1,0 +1,205 @@
+"""Fault tests: real relay processes, a real subscriber process on 127.0.0.1, PostgreSQL.
+
+The retry schedule is shrunk to 300 ms steps by settings so each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from webhooks import publish
+from webhooks.cli import add_commands
+from webhooks.delivery import event_body
+from webhooks.models import WebhookDelivery, WebhookSubscription
+from webhooks.signing import signature_headers
+from webhooks.subscriptions import SqlWebhookSubscriptions
+
+from .conftest import Receiver, Relays, wait_until
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+TOPIC = "billing.usage_aggregated"
+
+
+def subscribe(sessions: sessionmaker[Session], receiver: Receiver, **fields) -> str:
+    with sessions.begin() as session:
+        subs = SqlWebhookSubscriptions(session)
+        return subs.add(TOPIC, receiver.url, receiver.secret, **fields).id
+
+
+def publish_many(sessions: sessionmaker[Session], count: int) -> list[str]:
+    with sessions.begin() as session:
+        return [
+            publish(
+                session,
+                TOPIC,
+                {"tenant_id": "t1", "metric": "tokens", "day_start": f"day-{i}", "total": i},
+            )
+            for i in range(count)
+        ]
+
+
+def statuses(sessions: sessionmaker[Session]) -> Counter[str]:
+    with sessions() as session:
+        return Counter(session.scalars(select(WebhookDelivery.status)))
+
+
+def test_a_subscriber_down_for_a_while_gets_every_event_once_in_retries(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    subscribe(pg_sessions, receiver)
+    relays.start(retry_schedule="300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms")
+    ids = publish_many(pg_sessions, 20)
+
+    def all_retried() -> bool:
+        with pg_sessions() as session:
+            attempts = session.scalars(select(WebhookDelivery.attempts)).all()
+        return len(attempts) == 20 and min(attempts) >= 2
+
+    wait_until(all_retried)  # the subscriber is down: attempts fail, are retried
+    assert statuses(pg_sessions) == {"failed": 20}
+    receiver.start()
+    wait_until(lambda: statuses(pg_sessions) == {"delivered": 20})
+
+    assert sorted(receiver.ids()) == sorted(ids)  # each once, all verified by standardwebhooks
+    with pg_sessions() as session:
+        assert min(session.scalars(select(WebhookDelivery.attempts))) >= 3
+
+
+def test_500_until_the_last_attempt_is_dead_then_replay_delivers_it(
+    pg_sessions, receiver: Receiver, relays: Relays, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver.answer("500")
+    receiver.start()
+    subscribe(pg_sessions, receiver)
+    relays.start(retry_schedule="200ms,200ms,200ms")
+    [event_id] = publish_many(pg_sessions, 1)
+    wait_until(lambda: statuses(pg_sessions) == {"dead": 1})
+    with pg_sessions() as session:
+        dead = session.scalars(select(WebhookDelivery)).one()
+        assert (dead.attempts, dead.last_status_code) == (4, 500)
+    assert receiver.ids() == []
+
+    receiver.answer("ok")
+    monkeypatch.setenv("DATABASE_URL", relays.database_url)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["webhooks", "replay", event_id])
+    assert args.handler(args) == 0
+
+    wait_until(lambda: statuses(pg_sessions) == {"delivered": 1})
+    assert receiver.ids() == [event_id]
+
+
+def test_two_relays_at_once_never_deliver_an_event_twice(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    receiver.start()
+    subscribe(pg_sessions, receiver)
+    ids = publish_many(pg_sessions, 400)
+    relays.start(user_agent="relay-a", batch_size=10, concurrency=4)
+    relays.start(user_agent="relay-b", batch_size=10, concurrency=4)
+    wait_until(lambda: statuses(pg_sessions) == {"delivered": 400}, timeout=40)
+
+    received = receiver.received()
+    assert sorted(r["id"] for r in received) == sorted(ids)
+    assert {r["ua"] for r in received} == {"relay-a", "relay-b"}
+
+
+def test_a_relay_killed_mid_batch_loses_nothing(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    receiver.answer("slow")
+    receiver.start()
+    subscribe(pg_sessions, receiver)
+    ids = publish_many(pg_sessions, 24)
+    first = relays.start(concurrency=4, batch_size=8, claim_lease="2s")
+    wait_until(lambda: len(receiver.ids()) >= 4)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert statuses(pg_sessions)["delivered"] < 24
+
+    receiver.answer("ok")
+    relays.start(claim_lease="2s")
+    wait_until(lambda: statuses(pg_sessions) == {"delivered": 24}, timeout=30)
+    received = receiver.ids()
+    assert set(received) == set(ids)  # a repeat, if any, carries the same webhook-id
+
+
+def test_sigterm_finishes_what_is_in_flight_and_hands_back_the_rest(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    receiver.answer("slow")
+    receiver.start()
+    subscribe(pg_sessions, receiver)
+    ids = publish_many(pg_sessions, 30)
+    relay = relays.start(concurrency=3, batch_size=20, claim_lease="10m")
+    wait_until(lambda: len(receiver.ids()) >= 3)
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(15) == 0
+
+    with pg_sessions() as session:
+        rows = session.scalars(select(WebhookDelivery)).all()
+    now = datetime.now(UTC)
+    delivered = {r.event_id for r in rows if r.status == "delivered"}
+    assert delivered == set(receiver.ids())  # what was sent was recorded
+    waiting = [r for r in rows if r.status != "delivered"]
+    assert waiting  # the stop came mid-work
+    assert all(r.attempts == 0 and r.next_attempt_at <= now for r in waiting)  # not held by a lease
+
+    receiver.answer("ok")
+    relays.start()
+    wait_until(lambda: statuses(pg_sessions) == {"delivered": 30})
+    assert sorted(receiver.ids()) == sorted(ids)  # nothing lost, nothing twice
+
+
+def test_an_idle_relay_wakes_on_notify_long_before_its_poll(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    receiver.start()
+    subscribe(pg_sessions, receiver)
+    relays.start(poll_interval=30)
+    time.sleep(1.0)  # let it start, LISTEN and settle into its 30 s wait
+    publish_many(pg_sessions, 1)
+    committed = time.time()
+    wait_until(lambda: receiver.ids(), timeout=10)
+    assert receiver.received()[0]["at"] - committed < 5  # far below the 30 s poll
+
+
+def test_410_gone_disables_the_subscription(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    receiver.answer("410")
+    receiver.start()
+    sub_id = subscribe(pg_sessions, receiver)
+    relays.start()
+    publish_many(pg_sessions, 1)
+    wait_until(lambda: statuses(pg_sessions) == {"dead": 1})
+    with pg_sessions() as session:
+        sub = session.get(WebhookSubscription, sub_id)
+        assert sub.enabled is False
+        assert "410" in sub.disabled_reason
+
+
+@pytest.mark.parametrize("fault", ["tampered body", "wrong secret", "old timestamp"])
+def test_the_subscriber_rejects_forged_deliveries(receiver: Receiver, fault: str) -> None:
+    receiver.start()
+    body = event_body(TOPIC, {"tenant_id": "t1"}, datetime.now(UTC))
+    secret = (
+        "whsec_d3Jvbmctc2VjcmV0LXdyb25nLXNlY3JldA==" if fault == "wrong secret" else receiver.secret
+    )
+    at = datetime.now(UTC) - (timedelta(minutes=10) if fault == "old timestamp" else timedelta())
+    headers = signature_headers([secret], "evt_forged", int(at.timestamp()), body)
+    sent = body.replace(b"t1", b"t2") if fault == "tampered body" else body
+    response = httpx.post(receiver.url, content=sent, headers=headers)
+    assert response.status_code == 400
+    assert receiver.ids() == []
