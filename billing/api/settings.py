@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.settings import DEFAULT_DATABASE_URL
@@ -23,3 +25,11 @@ class ApiSettings(BaseSettings):
     idempotency_ttl: timedelta = timedelta(hours=24)
     idempotency_lock_ttl: timedelta = timedelta(minutes=5)
     billing_prefix: str = "/_billing"
+
+    @field_validator("idempotency_ttl", "idempotency_lock_ttl", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        """Plain numbers (as environment strings) are seconds."""
+        if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():
+            return float(value)
+        return value

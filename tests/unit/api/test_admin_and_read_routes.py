@@ -1,0 +1,228 @@
+"""Plans, prices, subscriptions and invoices: admin changes and reads."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from billing.models import Invoice, InvoiceLine, Price, Subscription
+
+from .conftest import NOW
+
+PLAN = {
+    "key": "pro",
+    "name": "Pro",
+    "entitlements": [
+        {"key": "tokens", "limit_per_window": 1000, "window": "day"},
+        {"key": "tokens", "limit_per_window": 20000, "window": "month"},
+    ],
+}
+
+
+def test_creating_then_changing_a_plan(client, admin_a) -> None:
+    created = client.post("/_billing/plans", json=PLAN, headers=admin_a)
+    assert created.status_code == 201
+    changed = client.post(
+        "/_billing/plans",
+        json={
+            "key": "pro",
+            "name": "Pro 2",
+            "description": "more",
+            "entitlements": [{"key": "calls", "limit_per_window": 5, "window": "day"}],
+        },
+        headers=admin_a,
+    )
+    assert changed.status_code == 200
+    assert changed.json()["id"] == created.json()["id"]
+    listed = client.get("/_billing/plans", headers=admin_a).json()["items"]
+    assert [(p["name"], p["description"]) for p in listed] == [("Pro 2", "more")]
+    assert listed[0]["entitlements"] == [{"key": "calls", "limit_per_window": 5, "window": "day"}]
+
+
+def test_changing_a_plan_without_entitlements_keeps_them(client, admin_a) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=admin_a)
+    client.post("/_billing/plans", json={"key": "pro", "name": "Renamed"}, headers=admin_a)
+    [plan] = client.get("/_billing/plans", headers=admin_a).json()["items"]
+    assert len(plan["entitlements"]) == 2
+
+
+def test_an_entitlement_listed_twice_is_refused(client, admin_a) -> None:
+    twice = [{"key": "t", "limit_per_window": 1, "window": "day"}] * 2
+    response = client.post(
+        "/_billing/plans", json={"key": "p", "name": "P", "entitlements": twice}, headers=admin_a
+    )
+    assert (response.status_code, response.json()["field"]) == (422, "entitlements")
+
+
+def test_prices_are_created_and_changed_with_exact_decimals(
+    client, admin_a, session_factory
+) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=admin_a)
+    price = {
+        "key": "tokens-usd",
+        "currency": "USD",
+        "plan_key": "pro",
+        "metric": "tokens",
+        "unit_amount_decimal": "0.000200000001",
+    }
+    created = client.post("/_billing/prices", json=price, headers=admin_a)
+    assert created.status_code == 201
+    assert (created.json()["currency"], created.json()["unit_amount_decimal"]) == (
+        "usd",
+        "0.000200000001",
+    )
+    tiered = {
+        **price,
+        "billing_scheme": "tiered",
+        "tiers_mode": "graduated",
+        "tiers": [
+            {"up_to": 1000, "unit_amount_decimal": "0.5"},
+            {"up_to": None, "unit_amount_decimal": "0.25", "flat_amount": 100},
+        ],
+        "unit_amount_decimal": None,
+    }
+    changed = client.post("/_billing/prices", json=tiered, headers=admin_a)
+    assert changed.status_code == 200
+    with session_factory() as session:
+        stored = session.execute(select(Price)).scalar_one()
+        assert stored.billing_scheme == "tiered"
+        assert stored.tiers[1] == {"up_to": None, "unit_amount_decimal": "0.25", "flat_amount": 100}
+    plans = client.get("/_billing/plans", headers=admin_a).json()["items"]
+    assert plans[0]["prices"][0]["key"] == "tokens-usd"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"unit_amount": None}, "unit_amount"),
+        ({"plan_key": "nope"}, "plan_key"),
+        ({"currency": "dollars"}, "currency"),
+        ({"unit_amount_decimal": "0.1e3"}, "unit_amount_decimal"),
+        ({"unit_amount_decimal": 0.5}, "unit_amount_decimal"),
+        ({"billing_scheme": "tiered", "tiers_mode": "volume"}, "metric"),
+        (
+            {
+                "billing_scheme": "tiered",
+                "metric": "t",
+                "tiers_mode": "volume",
+                "tiers": [{"up_to": 10}],
+            },
+            "tiers",
+        ),
+        ({"billing_scheme": "tiered", "metric": "t", "tiers": [{"up_to": None}]}, "tiers_mode"),
+    ],
+)
+def test_a_malformed_price_is_refused_naming_the_field(
+    client, admin_a, session_factory, change, field
+) -> None:
+    price = {"key": "p", "currency": "usd", "unit_amount": 100, **change}
+    response = client.post("/_billing/prices", json=price, headers=admin_a)
+    assert response.status_code == 422
+    assert response.json()["field"] == field
+    with session_factory() as session:
+        assert session.execute(select(Price)).first() is None
+
+
+def test_subscribing_ends_the_open_subscription_at_the_change(client, admin_a, clock) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=admin_a)
+    client.post("/_billing/plans", json={"key": "basic", "name": "Basic"}, headers=admin_a)
+    first = client.post("/_billing/subscriptions", json={"plan_key": "basic"}, headers=admin_a)
+    assert first.status_code == 201
+    assert first.json()["effective_at"] == "2025-03-15T12:00:00Z"
+    clock.now += timedelta(days=3)
+    second = client.post("/_billing/subscriptions", json={"plan_key": "pro"}, headers=admin_a)
+    items = client.get("/_billing/subscriptions", headers=admin_a).json()["items"]
+    assert [(s["plan_key"], s["ended_at"]) for s in items] == [
+        ("basic", second.json()["effective_at"]),
+        ("pro", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"plan_key": "missing"}, "plan_key"),
+        (
+            {"plan_key": "pro", "effective_at": NOW.isoformat(), "ended_at": NOW.isoformat()},
+            "ended_at",
+        ),
+        ({"plan_key": "pro", "effective_at": "2025-03-15T12:00:00"}, "effective_at"),
+    ],
+)
+def test_a_bad_subscription_is_refused(client, admin_a, body, field) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=admin_a)
+    response = client.post("/_billing/subscriptions", json=body, headers=admin_a)
+    assert (response.status_code, response.json()["field"]) == (422, field)
+
+
+def test_cancelling_ends_a_subscription_once(client, admin_a, clock, session_factory) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=admin_a)
+    sub = client.post("/_billing/subscriptions", json={"plan_key": "pro"}, headers=admin_a).json()
+    clock.now += timedelta(days=1)
+    path = f"/_billing/subscriptions/{sub['id']}/cancel"
+    cancelled = client.post(path, headers=admin_a)
+    assert cancelled.json()["ended_at"] == "2025-03-16T12:00:00Z"
+    clock.now += timedelta(days=1)
+    again = client.post(path, json={"at": "2025-03-20T00:00:00Z"}, headers=admin_a)
+    assert again.json()["ended_at"] == "2025-03-16T12:00:00Z"
+    early = client.post(path, json={"at": "2025-03-01T00:00:00Z"}, headers=admin_a)
+    assert (early.status_code, early.json()["field"]) == (422, "at")
+    with session_factory() as session:
+        ended = session.execute(select(Subscription.ended_at)).scalar_one()
+    assert ended == datetime(2025, 3, 16, 12, tzinfo=UTC)
+
+
+@pytest.fixture
+def invoices(session_factory) -> list[str]:
+    with session_factory.begin() as session:
+        rows = [
+            Invoice(
+                tenant_id="A",
+                period_start=datetime(2025, month, 1, tzinfo=UTC),
+                period_end=datetime(2025, month + 1, 1, tzinfo=UTC),
+                total_amount=100 * month,
+                currency="usd",
+                status="paid" if month == 1 else "open",
+            )
+            for month in range(1, 6)
+        ]
+        session.add_all(rows)
+        session.flush()
+        session.add(InvoiceLine(invoice_id=rows[1].id, metric="tokens", quantity=2, amount=200))
+        return [row.id for row in rows]
+
+
+def test_invoices_are_listed_page_by_page(client, a_key, invoices) -> None:
+    seen, cursor = [], None
+    for _ in range(10):
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/_billing/invoices", params=params, headers=a_key).json()
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == invoices
+
+
+def test_an_invoice_is_read_with_its_lines(client, a_key, invoices) -> None:
+    body = client.get(f"/_billing/invoices/{invoices[1]}", headers=a_key).json()
+    assert (body["total_amount"], body["status"], body["currency"]) == (200, "open", "usd")
+    assert [(line["metric"], line["quantity"], line["amount"]) for line in body["lines"]] == [
+        ("tokens", 2, 200)
+    ]
+    missing = client.get("/_billing/invoices/00000000-0000-0000-0000-000000000000", headers=a_key)
+    assert missing.status_code == 404
+    assert client.get("/_billing/invoices/not%20an%20id", headers=a_key).status_code == 422
+
+
+def test_voiding_an_open_invoice_and_not_a_paid_one(client, admin_a, invoices) -> None:
+    voided = client.post(f"/_billing/invoices/{invoices[1]}/void", headers=admin_a)
+    assert voided.json()["status"] == "void"
+    assert client.post(f"/_billing/invoices/{invoices[1]}/void", headers=admin_a).status_code == 200
+    paid = client.post(f"/_billing/invoices/{invoices[0]}/void", headers=admin_a)
+    assert paid.status_code == 409
+    assert (
+        client.get(f"/_billing/invoices/{invoices[0]}", headers=admin_a).json()["status"] == "paid"
+    )

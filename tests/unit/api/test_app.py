@@ -1,0 +1,83 @@
+"""billing.app (the web process) and the `billing keys` commands."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from billing.api.idempotency import MemoryIdempotencyStore
+from billing.api.models import ApiKey
+from billing.api.settings import ApiSettings
+from billing.app import create_app
+from workers.cli import main
+
+
+def test_healthz_answers_200_when_the_database_does(session_factory) -> None:
+    app = create_app(ApiSettings(), session_factory=session_factory)
+    with TestClient(app) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_healthz_answers_503_when_the_database_does_not(tmp_path) -> None:
+    settings = ApiSettings(database_url=f"sqlite:///{tmp_path}/missing/dir/db.sqlite3")
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_the_app_mounts_billing_with_idempotency(session_factory, make_key) -> None:
+    store = MemoryIdempotencyStore()
+    app = create_app(ApiSettings(), session_factory=session_factory, idempotency_store=store)
+    headers = {**make_key("A"), "Idempotency-Key": "x"}
+    body = {"metric": "m", "amount": 1, "idempotency_key": "e"}
+    with TestClient(app) as client:
+        assert client.post("/_billing/usage", json=body, headers=headers).status_code == 202
+        again = client.post("/_billing/usage", json=body, headers=headers)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert len(store.data) == 1
+
+
+def test_settings_read_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("IDEMPOTENCY_TTL", "3600")
+    monkeypatch.setenv("BILLING_PREFIX", "/billing")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/3")
+    settings = ApiSettings()
+    assert settings.idempotency_ttl.total_seconds() == 3600
+    assert (settings.billing_prefix, settings.redis_url) == ("/billing", "redis://127.0.0.1:6379/3")
+    assert ApiSettings(_env_file=None).idempotency_lock_ttl.total_seconds() == 300
+
+
+def test_keys_create_prints_a_key_once_and_revoke_disables_it(
+    sqlite_engine, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", sqlite_engine.url.render_as_string(hide_password=False))
+    code = main(
+        [
+            "keys",
+            "create",
+            "--tenant",
+            "T1",
+            "--scope",
+            "billing.read",
+            "--scope",
+            "billing.write",
+            "--name",
+            "ci",
+        ]
+    )
+    plaintext = capsys.readouterr().out.strip()
+    assert code == 0
+    assert plaintext.startswith("bk_")
+    with sqlite_engine.connect() as conn:
+        key_id, tenant, scopes, key_hash = conn.execute(
+            select(ApiKey.id, ApiKey.tenant_id, ApiKey.scopes, ApiKey.key_hash)
+        ).one()
+    assert (tenant, scopes) == ("T1", ["billing.read", "billing.write"])
+    assert plaintext not in key_hash
+    assert main(["keys", "list", "--tenant", "T1"]) == 0
+    assert "active" in capsys.readouterr().out
+    assert main(["keys", "revoke", key_id]) == 0
+    assert main(["keys", "revoke", "no-such-key"]) == 1
+    main(["keys", "list"])
+    assert "revoked" in capsys.readouterr().out

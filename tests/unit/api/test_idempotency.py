@@ -1,0 +1,284 @@
+"""IdempotencyMiddleware with the in-memory store, fakeredis and the real Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import anyio
+import fakeredis
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from billing.api import (
+    IdempotencyMiddleware,
+    MemoryIdempotencyStore,
+    RedisIdempotencyStore,
+    register_error_handlers,
+)
+from billing.api.problems import ProblemError
+
+A = {"Authorization": "Bearer key-of-a"}
+B = {"Authorization": "Bearer key-of-b"}
+
+
+class Recorder:
+    """An app whose POST routes count their executions."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.release = anyio.Event()
+        self.started = anyio.Event()
+        self.fail_next = False
+        self.refuse_next: int | None = None
+
+    def app(self, store, **options) -> FastAPI:
+        app = FastAPI()
+        app.add_middleware(IdempotencyMiddleware, store=store, **options)
+        register_error_handlers(app)
+
+        @app.post("/things", status_code=201)
+        async def create(request: Request) -> JSONResponse:
+            self.runs += 1
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("boom")
+            if self.refuse_next:
+                status, self.refuse_next = self.refuse_next, None
+                raise ProblemError(status, "Refused")
+            body = await request.json()
+            return JSONResponse(
+                {"run": self.runs, "echo": body}, status_code=201, headers={"X-Run": str(self.runs)}
+            )
+
+        @app.post("/other")
+        async def other() -> dict:
+            self.runs += 1
+            return {"run": self.runs}
+
+        @app.post("/slow")
+        async def slow() -> dict:
+            self.runs += 1
+            self.started.set()
+            await self.release.wait()
+            return {"run": self.runs}
+
+        @app.get("/things")
+        async def read() -> dict:
+            self.runs += 1
+            return {"run": self.runs}
+
+        return app
+
+
+Run = Callable[[Callable[[httpx.AsyncClient, Recorder], Awaitable[None]]], None]
+
+
+@pytest.fixture(params=["memory", "fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
+def make_store(request):
+    """A factory of fresh stores of each kind (Redis ones namespaced per test)."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    if request.param == "memory":
+        return lambda: MemoryIdempotencyStore()
+    if request.param == "fakeredis":
+        server = fakeredis.FakeServer()
+        return lambda: RedisIdempotencyStore(fakeredis.FakeAsyncRedis(server=server), prefix=prefix)
+    url = request.getfixturevalue("redis_url")
+    from redis.asyncio import Redis
+
+    return lambda: RedisIdempotencyStore(Redis.from_url(url), prefix=prefix)
+
+
+@pytest.fixture
+def run(make_store) -> Run:
+    def runner(scenario, **options) -> None:
+        async def main() -> None:
+            recorder = Recorder()
+            store = make_store()
+            app = recorder.app(store, **options)
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                await scenario(client, recorder)
+            if isinstance(store, RedisIdempotencyStore):
+                await store.client.aclose()
+
+        anyio.run(main)
+
+    return runner
+
+
+def key(value: str = "k1") -> dict[str, str]:
+    return {"Idempotency-Key": value}
+
+
+def test_the_same_key_and_body_replays_the_stored_response(run) -> None:
+    async def scenario(client, recorder) -> None:
+        first = await client.post("/things", json={"a": 1}, headers={**A, **key()})
+        again = await client.post("/things", json={"a": 1}, headers={**A, **key()})
+        assert recorder.runs == 1
+        assert (again.status_code, again.json(), again.headers["x-run"]) == (
+            201,
+            first.json(),
+            "1",
+        )
+        assert again.headers["idempotent-replayed"] == "true"
+        assert "idempotent-replayed" not in first.headers
+
+    run(scenario)
+
+
+def test_the_same_key_with_another_body_answers_409(run) -> None:
+    async def scenario(client, recorder) -> None:
+        await client.post("/things", json={"a": 1}, headers={**A, **key()})
+        other = await client.post("/things", json={"a": 2}, headers={**A, **key()})
+        assert other.status_code == 409
+        assert other.headers["content-type"] == "application/problem+json"
+        assert other.json()["type"] == "urn:billing:problem:idempotency-key-reused"
+        assert recorder.runs == 1
+
+    run(scenario)
+
+
+def test_a_request_still_in_flight_with_the_key_answers_409_and_is_not_run(run) -> None:
+    async def scenario(client, recorder) -> None:
+        results = {}
+
+        async def first() -> None:
+            results["first"] = await client.post("/slow", headers={**A, **key()})
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(first)
+            await recorder.started.wait()
+            second = await client.post("/slow", headers={**A, **key()})
+            recorder.release.set()
+        assert second.status_code == 409
+        assert second.json()["type"] == "urn:billing:problem:idempotency-in-progress"
+        assert results["first"].status_code == 200
+        assert recorder.runs == 1
+
+    run(scenario)
+
+
+def test_the_key_is_scoped_by_principal_and_by_route(run) -> None:
+    async def scenario(client, recorder) -> None:
+        mine = await client.post("/things", json={"a": 1}, headers={**A, **key()})
+        theirs = await client.post("/things", json={"a": 1}, headers={**B, **key()})
+        anonymous = await client.post("/things", json={"a": 1}, headers=key())
+        elsewhere = await client.post("/other", headers={**A, **key()})
+        assert [r.json()["run"] for r in (mine, theirs, anonymous, elsewhere)] == [1, 2, 3, 4]
+        assert "idempotent-replayed" not in theirs.headers
+
+    run(scenario)
+
+
+def test_a_server_error_is_not_stored_and_the_retry_runs(run) -> None:
+    async def scenario(client, recorder) -> None:
+        recorder.fail_next = True
+        failed = await client.post("/things", json={}, headers={**A, **key()})
+        retried = await client.post("/things", json={}, headers={**A, **key()})
+        assert (failed.status_code, retried.status_code, recorder.runs) == (500, 201, 2)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("status", [401, 403, 429])
+def test_auth_and_quota_refusals_are_not_stored(run, status) -> None:
+    async def scenario(client, recorder) -> None:
+        recorder.refuse_next = status
+        refused = await client.post("/things", json={}, headers={**A, **key()})
+        retried = await client.post("/things", json={}, headers={**A, **key()})
+        assert (refused.status_code, retried.status_code, recorder.runs) == (status, 201, 2)
+
+    run(scenario)
+
+
+def test_a_client_error_is_stored_and_replayed(run) -> None:
+    async def scenario(client, recorder) -> None:
+        recorder.refuse_next = 422
+        await client.post("/things", json={}, headers={**A, **key()})
+        again = await client.post("/things", json={}, headers={**A, **key()})
+        assert (again.status_code, recorder.runs) == (422, 1)
+
+    run(scenario)
+
+
+def test_requests_without_the_header_or_not_posts_pass_through(run) -> None:
+    async def scenario(client, recorder) -> None:
+        await client.post("/things", json={}, headers=A)
+        await client.post("/things", json={}, headers=A)
+        await client.get("/things", headers={**A, **key()})
+        await client.get("/things", headers={**A, **key()})
+        assert recorder.runs == 4
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("value", ["", "   ", "k" * 256])
+def test_a_malformed_key_answers_400(run, value) -> None:
+    async def scenario(client, recorder) -> None:
+        response = await client.post("/things", json={}, headers={**A, **key(value)})
+        assert (response.status_code, recorder.runs) == (400, 0)
+
+    run(scenario)
+
+
+def test_a_stored_response_expires_after_the_ttl(make_store, request) -> None:
+    async def main() -> None:
+        recorder = Recorder()
+        store = make_store()
+        ttl = timedelta(milliseconds=200)
+        if isinstance(store, MemoryIdempotencyStore):
+            now = [0.0]
+            store.clock = lambda: now[0]
+
+            async def wait() -> None:
+                now[0] += 1
+
+        else:
+
+            async def wait() -> None:
+                await anyio.sleep(0.3)
+
+        app = recorder.app(store, ttl=ttl)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await client.post("/things", json={}, headers={**A, **key()})
+            await client.post("/things", json={}, headers={**A, **key()})
+            assert recorder.runs == 1
+            await wait()
+            await client.post("/things", json={}, headers={**A, **key()})
+            assert recorder.runs == 2
+        if isinstance(store, RedisIdempotencyStore):
+            await store.client.aclose()
+
+    anyio.run(main)
+
+
+def test_a_plain_dict_becomes_the_memory_store() -> None:
+    data: dict = {}
+
+    async def main() -> None:
+        recorder = Recorder()
+        transport = httpx.ASGITransport(app=recorder.app(data))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await client.post("/things", json={}, headers={**A, **key()})
+        assert len(data) == 1
+
+    anyio.run(main)
+
+
+def test_billing_usage_posts_are_replayed_for_the_same_tenant_only(
+    client, a_key, make_key, session_factory
+) -> None:
+    body = {"metric": "tokens", "amount": 1, "idempotency_key": "e1"}
+    first = client.post("/_billing/usage", json=body, headers={**a_key, **key("req-1")})
+    again = client.post("/_billing/usage", json=body, headers={**a_key, **key("req-1")})
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.headers["idempotent-replayed"] == "true"
+    other = client.post("/_billing/usage", json=body, headers={**make_key("B"), **key("req-1")})
+    assert other.status_code == 202
+    assert other.json()["id"] != first.json()["id"]
+    assert "idempotent-replayed" not in other.headers

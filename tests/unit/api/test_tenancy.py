@@ -1,0 +1,194 @@
+"""Tenant B, with every scope, tries every route against tenant A's data: it sees none of it,
+changes none of it, and its own writes land in its own tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from billing import BillingService
+from billing.models import Invoice, InvoiceLine, Plan, PlanEntitlement, Subscription, UsageEvent
+
+from .conftest import ALL_SCOPES, NOW
+
+
+@pytest.fixture
+def tenant_a(session_factory) -> dict[str, str]:
+    """Tenant A's usage, subscription (with quotas) and invoice."""
+    with session_factory.begin() as session:
+        plan = Plan(key="pro", name="Pro")
+        session.add(plan)
+        session.flush()
+        session.add(
+            PlanEntitlement(plan_id=plan.id, key="tokens", window="day", limit_per_window=50)
+        )
+        subscription = Subscription(
+            tenant_id="A", plan_id=plan.id, effective_at=NOW - timedelta(days=10)
+        )
+        invoice = Invoice(
+            tenant_id="A",
+            period_start=datetime(2025, 2, 1, tzinfo=UTC),
+            period_end=datetime(2025, 3, 1, tzinfo=UTC),
+            total_amount=1234,
+            currency="usd",
+        )
+        session.add_all([subscription, invoice])
+        session.flush()
+        session.add(InvoiceLine(invoice_id=invoice.id, metric="tokens", quantity=40, amount=1234))
+        event_id = BillingService(session=session, tenant_id="A").record_usage(
+            metric="tokens", amount=40, at=NOW, idempotency_key="shared-key"
+        )
+        return {"subscription": subscription.id, "invoice": invoice.id, "event": event_id}
+
+
+def snapshot(session_factory) -> tuple:
+    """Everything of tenant A's that a route could change."""
+    with session_factory() as session:
+        return (
+            session.execute(
+                select(UsageEvent.id, UsageEvent.amount).where(UsageEvent.tenant_id == "A")
+            ).all(),
+            session.execute(
+                select(Subscription.id, Subscription.ended_at).where(Subscription.tenant_id == "A")
+            ).all(),
+            session.execute(
+                select(Invoice.id, Invoice.status).where(Invoice.tenant_id == "A")
+            ).all(),
+        )
+
+
+def b_events(session_factory) -> int:
+    with session_factory() as session:
+        return session.execute(select(func.count()).where(UsageEvent.tenant_id == "B")).scalar_one()
+
+
+USAGE = {"metric": "tokens", "amount": 7, "idempotency_key": "shared-key"}
+
+# (method, route path) → what B does there and what it must see.
+Case = Callable[..., None]
+
+
+def usage_post(client, b, a, session_factory) -> None:
+    response = client.post("/_billing/usage", json=USAGE, headers=b)
+    assert response.status_code == 202  # A's key is not B's: no duplicate, no conflict
+    assert response.json()["id"] != a["event"]
+    assert b_events(session_factory) == 1
+
+
+def usage_batch(client, b, a, session_factory) -> None:
+    response = client.post("/_billing/usage/batch", json={"events": [USAGE]}, headers=b)
+    assert response.json()["results"][0]["status"] == "accepted"
+    assert response.json()["results"][0]["id"] != a["event"]
+
+
+def usage_get(client, b, a, session_factory) -> None:
+    for granularity in ("day", "month"):
+        response = client.get("/_billing/usage", params={"granularity": granularity}, headers=b)
+        assert response.json()["items"] == []
+
+
+def plans_get(client, b, a, session_factory) -> None:
+    # The catalogue is shared by design; it holds no tenant's data.
+    body = client.get("/_billing/plans", headers=b).json()
+    assert [p["key"] for p in body["items"]] == ["pro"]
+    assert "tenant_id" not in str(body)
+
+
+def plans_post(client, b, a, session_factory) -> None:
+    response = client.post("/_billing/plans", json={"key": "b-plan", "name": "B"}, headers=b)
+    assert response.status_code == 201
+    assert "tenant_id" not in response.json()
+
+
+def prices_post(client, b, a, session_factory) -> None:
+    price = {"key": "b-price", "currency": "usd", "unit_amount": 100, "plan_key": "b-plan"}
+    client.post("/_billing/plans", json={"key": "b-plan", "name": "B"}, headers=b)
+    assert client.post("/_billing/prices", json=price, headers=b).status_code == 201
+
+
+def subscriptions_get(client, b, a, session_factory) -> None:
+    assert client.get("/_billing/subscriptions", headers=b).json()["items"] == []
+
+
+def subscriptions_post(client, b, a, session_factory) -> None:
+    response = client.post("/_billing/subscriptions", json={"plan_key": "pro"}, headers=b)
+    assert response.status_code == 201
+    assert response.json()["tenant_id"] == "B"
+
+
+def subscription_cancel(client, b, a, session_factory) -> None:
+    path = f"/_billing/subscriptions/{a['subscription']}/cancel"
+    assert client.post(path, headers=b).status_code == 404
+
+
+def invoices_get(client, b, a, session_factory) -> None:
+    assert client.get("/_billing/invoices", headers=b).json()["items"] == []
+
+
+def invoice_get(client, b, a, session_factory) -> None:
+    assert client.get(f"/_billing/invoices/{a['invoice']}", headers=b).status_code == 404
+
+
+def invoice_void(client, b, a, session_factory) -> None:
+    assert client.post(f"/_billing/invoices/{a['invoice']}/void", headers=b).status_code == 404
+
+
+def quotas_get(client, b, a, session_factory) -> None:
+    assert client.get("/_billing/quotas", headers=b).json()["items"] == []
+
+
+CASES: dict[tuple[str, str], Case] = {
+    ("POST", "/_billing/usage"): usage_post,
+    ("POST", "/_billing/usage/batch"): usage_batch,
+    ("GET", "/_billing/usage"): usage_get,
+    ("GET", "/_billing/plans"): plans_get,
+    ("POST", "/_billing/plans"): plans_post,
+    ("POST", "/_billing/prices"): prices_post,
+    ("GET", "/_billing/subscriptions"): subscriptions_get,
+    ("POST", "/_billing/subscriptions"): subscriptions_post,
+    ("POST", "/_billing/subscriptions/{subscription_id}/cancel"): subscription_cancel,
+    ("GET", "/_billing/invoices"): invoices_get,
+    ("GET", "/_billing/invoices/{invoice_id}"): invoice_get,
+    ("POST", "/_billing/invoices/{invoice_id}/void"): invoice_void,
+    ("GET", "/_billing/quotas"): quotas_get,
+}
+
+
+def test_the_matrix_covers_every_billing_route(app) -> None:
+    routes = {
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        if path.startswith("/_billing")
+        for method in operations
+    }
+    assert routes == set(CASES)
+
+
+@pytest.mark.parametrize("route", sorted(CASES), ids=lambda r: f"{r[0]} {r[1]}")
+def test_tenant_b_can_neither_read_nor_change_tenant_a_s_data(
+    client, make_key, tenant_a, session_factory, route
+) -> None:
+    before = snapshot(session_factory)
+    CASES[route](client, make_key("B", ALL_SCOPES), tenant_a, session_factory)
+    assert snapshot(session_factory) == before
+
+
+def test_tenant_a_still_sees_its_own_data(client, make_key, tenant_a) -> None:
+    a = make_key("A", ALL_SCOPES)
+    assert client.get("/_billing/usage", headers=a).json()["items"][0]["total"] == 40
+    assert len(client.get("/_billing/subscriptions", headers=a).json()["items"]) == 1
+    invoice = client.get(f"/_billing/invoices/{tenant_a['invoice']}", headers=a).json()
+    assert (invoice["total_amount"], invoice["lines"][0]["amount"]) == (1234, 1234)
+    assert client.get("/_billing/quotas", headers=a).json()["items"][0]["used"] == 40
+
+
+def test_quota_checks_count_only_the_caller_s_usage(client, make_key, tenant_a) -> None:
+    b = make_key("B", ALL_SCOPES)
+    client.post("/_billing/subscriptions", json={"plan_key": "pro"}, headers=b)
+    response = client.post("/generate", headers=b)  # consumes 10 tokens of B's 50
+    assert response.headers["ratelimit-remaining"] == "40"
+    a = make_key("A", ALL_SCOPES)
+    assert client.get("/_billing/quotas", headers=a).json()["items"][0]["used"] == 40
