@@ -21,6 +21,9 @@ On Redis, `heartbeat_timeout` and `maintenance_chance` come from the settings; s
 from __future__ import annotations
 
 import logging
+import signal
+import time
+from types import FrameType
 from typing import Any
 
 import redis
@@ -82,6 +85,7 @@ def build_middleware(settings: WorkerSettings) -> list[Middleware]:
             max_backoff=ms(settings.job_max_backoff.total_seconds()),
         ),
         CurrentMessage(),
+        OneShutdownPerSigterm(),
     ]
     if settings.prometheus:
         stack.append(_prometheus(settings))
@@ -150,6 +154,34 @@ class DeadLetterLog(Middleware):
     def after_skip_message(self, broker: Broker, message: Any) -> None:
         if message.failed:
             _log_dead_letter(message, "older than its age limit")
+
+
+class OneShutdownPerSigterm(Middleware):
+    """Keeps a process-group SIGTERM from killing `dramatiq` worker processes mid-job.
+
+    Procfile runners and platforms signal every process of the group, and Dramatiq's main
+    process forwards the signal too, so each worker process gets SIGTERM twice at once; Dramatiq
+    reads the second as "kill now" and drops the jobs in hand. This drops a repeat that comes
+    within `window_s` of the first, so the jobs in hand finish; a later SIGTERM still kills.
+    """
+
+    window_s = 5.0
+
+    def after_process_boot(self, broker: Broker) -> None:
+        dramatiq_handler = signal.getsignal(signal.SIGTERM)
+        if not callable(dramatiq_handler):
+            return
+        first: list[float] = []
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> Any:
+            now = time.monotonic()
+            if first and now - first[0] < self.window_s:
+                logger.info("repeated SIGTERM ignored: already stopping after the jobs in hand")
+                return None
+            first[:] = [now]
+            return dramatiq_handler(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _log_dead_letter(message: Any, reason: str) -> None:

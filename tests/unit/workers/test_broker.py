@@ -183,3 +183,21 @@ def test_a_worker_on_redis_runs_the_actors_and_acknowledges(
     assert [e["total"] for e in outbox("billing.usage_aggregated")] == [4]
     client = fakeredis.FakeRedis(server=server)
     assert client.hlen(f"unit:{QUEUE_NAME}.msgs") == 0  # acknowledged: nothing left behind
+
+
+def test_a_repeated_sigterm_in_a_worker_process_does_not_kill_the_jobs_in_hand() -> None:
+    import signal
+
+    from workers.broker import OneShutdownPerSigterm
+
+    calls = []
+    original = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        OneShutdownPerSigterm().after_process_boot(build_broker(settings()))
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)  # from the process group
+        handler(signal.SIGTERM, None)  # forwarded by dramatiq's main process
+        assert calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, original)
