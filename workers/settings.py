@@ -20,6 +20,7 @@ Why the defaults are what they are:
   A live worker refreshes its heartbeat at least once a second (its delay-queue consumer keeps
   polling even while every thread is busy), so a 30 s timeout only misfires on a process stalled
   or cut off from Redis for 30 s, and then the jobs' idempotency makes the second run harmless.
+  Heartbeats carry each machine's clock: keep worker clocks within a few seconds (NTP).
 """
 
 from __future__ import annotations

@@ -74,7 +74,9 @@ def seed_usage(session_factory, rows) -> None:
             )
 
 
-def test_aggregate_backfill_runs_inline_without_a_broker(sqlite_factory, capsys) -> None:
+def test_aggregate_backfill_runs_inline_without_a_broker(
+    sqlite_factory, stub_broker, capsys
+) -> None:
     seed_usage(
         sqlite_factory,
         [
@@ -118,7 +120,9 @@ def add_plan(session, key, currency):
     return plan
 
 
-def test_invoice_backfill_reports_failures_and_carries_on(sqlite_factory, capsys) -> None:
+def test_invoice_backfill_reports_failures_and_carries_on(
+    sqlite_factory, stub_broker, capsys
+) -> None:
     with sqlite_factory.begin() as session:
         usd, eur = add_plan(session, "usd", "usd"), add_plan(session, "eur", "eur")
         session.add(Subscription(tenant_id="good", plan_id=usd.id, effective_at=JAN))
@@ -174,7 +178,7 @@ def test_jobs_shows_depths_and_dead_letters(sqlite_factory, redis_attached, caps
     assert '"tenant_id": "t1"' in out
 
 
-def test_jobs_without_a_broker_says_where_the_queue_is(capsys) -> None:
+def test_jobs_without_a_broker_says_where_the_queue_is(stub_broker, capsys) -> None:
     assert main(["jobs"]) == 0
     assert "in-process" in capsys.readouterr().out
 
@@ -203,3 +207,15 @@ def test_billing_run_aggregates_on_start_and_stops_on_sigterm(sqlite_factory, cl
             process.kill()
     assert process.returncode == 0, output
     assert "billing run: stopped" in output
+
+
+def test_the_procfile_worker_line_uses_the_settings_defaults() -> None:
+    from pathlib import Path
+
+    procfile = (Path(__file__).resolve().parents[3] / "Procfile").read_text()
+    defaults = WorkerSettings()
+    worker = next(line for line in procfile.splitlines() if line.startswith("worker:"))
+    assert worker.startswith("worker: dramatiq workers.actors ")
+    assert f"${{WORKER_PROCESSES:-{defaults.worker_processes}}}" in worker
+    assert f"${{WORKER_THREADS:-{defaults.worker_threads}}}" in worker
+    assert "scheduler: python -m workers.scheduler" in procfile

@@ -261,3 +261,25 @@ def test_the_scheduler_sends_real_messages_through_the_actors(
     scheduler.run_daily(datetime(2025, 1, 4, 0, 10, tzinfo=UTC))
     [message] = list(stub_broker.queues[QUEUE_NAME].queue)
     assert b'"day_start":"2025-01-03T00:00:00+00:00"' in message
+
+
+def test_a_failed_fire_is_retried_a_minute_later_with_the_same_fire_time(
+    session_factory, seeded
+) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)])
+    now = day + timedelta(days=1, minutes=10)
+    settings = WorkerSettings(enqueue_retry_for=timedelta(0))
+    scheduler = make_scheduler(
+        session_factory,
+        settings=settings,
+        send_aggregate=Recorder(fail_first=1000),
+        now=lambda: now,
+    )
+    aps = BackgroundScheduler(timezone=UTC)
+    scheduler.schedule(aps, catch_up=False)
+    scheduler._job(DAILY_JOB_ID)  # what APScheduler calls at the fire time
+    retry = aps.get_job(f"{DAILY_JOB_ID}.retry")
+    assert retry is not None
+    assert retry.args == (DAILY_JOB_ID, now)
+    assert retry.trigger.run_date == now + timedelta(minutes=1)
