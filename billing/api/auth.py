@@ -11,7 +11,7 @@ so give `billing.admin` to operators only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -70,10 +70,10 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_scope(scope: str) -> Callable[[Principal], Principal]:
+def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency returning the principal if it holds `scope`, else answering 403."""
 
-    def principal_with_scope(principal: PrincipalDep) -> Principal:
+    async def principal_with_scope(principal: PrincipalDep) -> Principal:
         if scope not in principal.scopes:
             raise ProblemError(
                 403,

@@ -22,8 +22,8 @@ class BillingApi:
     clock: Callable[[], datetime] = field(default=utcnow)
 
 
-def get_api(request: Request) -> BillingApi:
-    """The configuration `add_billing(app, ...)` stored on the app."""
+async def get_api(request: Request) -> BillingApi:
+    """The configuration `add_billing(app, ...)` stored on the app (async: no thread hop)."""
     api = getattr(request.app.state, "billing_api", None)
     if not isinstance(api, BillingApi):
         raise RuntimeError("call billing.api.add_billing(app, session_factory=...) first")
