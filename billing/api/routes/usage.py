@@ -102,38 +102,13 @@ def record_usage_batch(
     stored = _stored(session, principal.tenant_id, [item for _, item in valid])
     service = BillingService(session=session, tenant_id=principal.tenant_id)
     recorded = _record_all(service, [(item, _time_of(item, stored, now)) for _, item in valid])
-    results = [
-        BatchItemResult(status="rejected", error=item) if isinstance(item, BatchItemError) else None
-        for item in parsed
-    ]
-    seen: set[tuple[str, str]] = set()
-    for (index, item), result in zip(valid, recorded, strict=True):
-        key = (item.metric, item.idempotency_key)
-        if result.status == "accepted" and (key in stored or key in seen):
-            result = BatchItemResult(id=result.id, status="duplicate")
-        if result.status != "rejected":
-            seen.add(key)
-        results[index] = result
-    rejected = [(i, r.error) for i, r in enumerate(results) if r is not None and r.error]
+    results = _in_order(parsed, valid, recorded, stored)
+    rejected = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
     if rejected and body.all_or_nothing:
         session.rollback()
-        raise ProblemError(
-            422,
-            "Batch rejected",
-            f"{len(rejected)} of {len(results)} events were rejected; none was stored",
-            slug="batch-rejected",
-            field=f"events.{rejected[0][0]}",
-            errors=[
-                {
-                    "field": f"events.{index}" + (f".{error.field}" if error.field else ""),
-                    "location": "body",
-                    "detail": error.detail,
-                }
-                for index, error in rejected
-            ],
-        )
+        raise _batch_rejected(rejected, len(results))
     session.commit()
-    return UsageBatchOut(results=[r for r in results if r is not None])
+    return UsageBatchOut(results=results)
 
 
 @router.get(
@@ -200,6 +175,47 @@ def _parse(raw: Any) -> UsageIn | BatchItemError:
             detail=f"{first['field']}: {first['detail']}",
             field=first["field"] if first["field"] != "body" else None,
         )
+
+
+def _in_order(
+    parsed: Sequence[UsageIn | BatchItemError],
+    valid: Sequence[tuple[int, UsageIn]],
+    recorded: Sequence[BatchItemResult],
+    stored: Stored,
+) -> list[BatchItemResult]:
+    """Each event's result at its index; a key stored before, or earlier in the batch, is a
+    duplicate."""
+    results = [
+        BatchItemResult(status="rejected", error=item if isinstance(item, BatchItemError) else None)
+        for item in parsed
+    ]
+    seen: set[tuple[str, str]] = set()
+    for (index, item), result in zip(valid, recorded, strict=True):
+        key = (item.metric, item.idempotency_key)
+        if result.status == "accepted" and (key in stored or key in seen):
+            result = BatchItemResult(id=result.id, status="duplicate")
+        if result.status != "rejected":
+            seen.add(key)
+        results[index] = result
+    return results
+
+
+def _batch_rejected(rejected: Sequence[tuple[int, BatchItemError]], total: int) -> ProblemError:
+    return ProblemError(
+        422,
+        "Batch rejected",
+        f"{len(rejected)} of {total} events were rejected; none was stored",
+        slug="batch-rejected",
+        field=f"events.{rejected[0][0]}",
+        errors=[
+            {
+                "field": f"events.{index}" + (f".{error.field}" if error.field else ""),
+                "location": "body",
+                "detail": error.detail,
+            }
+            for index, error in rejected
+        ],
+    )
 
 
 def _record_all(
