@@ -9,6 +9,7 @@ commit, so an idle relay wakes at once.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, insert, literal, select
@@ -21,10 +22,11 @@ from webhooks.interfaces import NewEvent, Subscriber
 from webhooks.models import PENDING, WebhookDelivery, WebhookEvent
 from webhooks.service import WebhookService
 from webhooks.sqltypes import new_id
-from webhooks.subscriptions import SqlWebhookSubscriptions
+from webhooks.subscriptions import matching_subscriptions
 
 #: The PostgreSQL channel relays LISTEN on.
 NOTIFY_CHANNEL = "webhooks_outbox"
+_NOTIFIED = "webhooks.notified_in"
 
 
 def publish(
@@ -41,8 +43,24 @@ def publish(
         InvalidEventError: the topic or event id is malformed, or the payload is not a JSON
             object; nothing is stored.
     """
-    service = WebhookService(outbox=SqlOutboxStore(session), subs=SqlWebhookSubscriptions(session))
+    service = WebhookService(outbox=SqlOutboxStore(session), subs=_MatchingIds(session))
     return service.publish(topic, payload, event_id=event_id)
+
+
+@dataclass(frozen=True)
+class _SubscriberRef:
+    id: str
+
+
+class _MatchingIds:
+    """Matching subscriptions as bare ids: `publish` needs nothing else, and loads nothing else."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def matching(self, topic: str, tenant_id: str | None) -> list[_SubscriberRef]:
+        query = matching_subscriptions(topic, tenant_id)
+        return [_SubscriberRef(sid) for sid in self.session.scalars(query)]
 
 
 class SqlOutboxStore:
@@ -106,7 +124,15 @@ class SqlOutboxStore:
 
 
 def notify_relays(session: Session) -> None:
-    """On PostgreSQL, wake the relays when this transaction commits (no-op elsewhere)."""
-    if session.get_bind().dialect.name == "postgresql":
-        # PostgreSQL folds identical notifications of one transaction into one.
-        session.execute(select(func.pg_notify(literal(NOTIFY_CHANNEL), literal(""))))
+    """On PostgreSQL, wake the relays when this transaction commits (no-op elsewhere).
+
+    Once per transaction: PostgreSQL would fold repeats anyway, this saves the round trips.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    # The innermost transaction: a notification made in a savepoint that was rolled back is gone.
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    if transaction is not None and session.info.get(_NOTIFIED) is transaction:
+        return
+    session.execute(select(func.pg_notify(literal(NOTIFY_CHANNEL), literal(""))))
+    session.info[_NOTIFIED] = transaction

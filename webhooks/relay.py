@@ -225,6 +225,8 @@ class Relay:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m webhooks.relay`: deliver until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx logs every request at INFO: outcomes worth reading are logged here instead.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = WebhookSettings()
     engine = make_engine(settings.database_url)
     store = SqlDeliveryStore(sessionmaker(engine, expire_on_commit=False))
