@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -103,7 +104,14 @@ class WebhookDelivery(Base):
     __table_args__ = (
         UniqueConstraint("event_id", "subscription_id"),
         CheckConstraint("status IN ('pending', 'delivered', 'failed', 'dead')", name="status"),
-        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        # Only the rows a relay may claim, in due order: a claim reads the head of this index
+        # however many delivered or dead rows the table keeps.
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status IN ('pending', 'failed')"),
+            sqlite_where=text("status IN ('pending', 'failed')"),
+        ),
         Index("ix_webhook_deliveries_subscription_id", "subscription_id"),
     )
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Select, Table, bindparam, func, or_, select, update
+from sqlalchemy import Row, Select, Table, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks.delivery import ClaimedDelivery
@@ -24,6 +24,9 @@ from webhooks.policy import failure_streak
 from webhooks.secrets import active_secrets
 
 _CLAIMABLE = (PENDING, FAILED)
+# Spelled as the partial index `ix_webhook_deliveries_due` is, with constants rather than bound
+# parameters, so PostgreSQL can prove the index applies even to a prepared statement's plan.
+_DUE = text("webhook_deliveries.status IN ('pending', 'failed')")
 _deliveries = cast(Table, WebhookDelivery.__table__)
 
 
@@ -39,7 +42,7 @@ class SqlDeliveryStore:
             select(WebhookDelivery.id)
             .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
             .where(
-                WebhookDelivery.status.in_(_CLAIMABLE),
+                _DUE,
                 WebhookDelivery.next_attempt_at <= now,
                 WebhookSubscription.enabled.is_(True),
             )

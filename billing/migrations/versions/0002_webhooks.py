@@ -85,10 +85,12 @@ def upgrade() -> None:
         ),
     )
     op.create_index(
-        "ix_webhook_deliveries_status_next_attempt_at",
+        "ix_webhook_deliveries_due",
         "webhook_deliveries",
-        ["status", "next_attempt_at"],
+        ["next_attempt_at"],
         unique=False,
+        postgresql_where=sa.text("status IN ('pending', 'failed')"),
+        sqlite_where=sa.text("status IN ('pending', 'failed')"),
     )
     op.create_index(
         "ix_webhook_deliveries_subscription_id",
@@ -100,7 +102,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_webhook_deliveries_subscription_id", table_name="webhook_deliveries")
-    op.drop_index("ix_webhook_deliveries_status_next_attempt_at", table_name="webhook_deliveries")
+    op.drop_index("ix_webhook_deliveries_due", table_name="webhook_deliveries")
     op.drop_table("webhook_deliveries")
     op.drop_index("ix_webhook_subscriptions_topic_enabled", table_name="webhook_subscriptions")
     op.drop_table("webhook_subscriptions")
