@@ -295,6 +295,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--repeat", type=int, default=2000)
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--skip-quota", action="store_true")
     args = parser.parse_args()
 
     name = f"billing_bench_api_{uuid.uuid4().hex[:8]}"
@@ -307,7 +308,8 @@ def main() -> None:
         engine.dispose()
         if not args.skip_http:
             http_bench(url, args.duration, args.connections)
-        quota_bench(url, args.events, args.repeat)
+        if not args.skip_quota:
+            quota_bench(url, args.events, args.repeat)
     finally:
         with psycopg.connect(args.admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
