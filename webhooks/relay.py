@@ -20,6 +20,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -39,6 +40,9 @@ from webhooks.ssrf import AddressPolicy
 from webhooks.store import SqlDeliveryStore
 
 logger = logging.getLogger(__name__)
+
+#: Longest wait gathering outcomes into one recording transaction, in seconds.
+RECORD_EVERY = 0.05
 
 
 class Relay:
@@ -73,7 +77,7 @@ class Relay:
         self._done: queue.SimpleQueue[AttemptResult] = queue.SimpleQueue()
         self._in_flight: dict[Future[AttemptResult], ClaimedDelivery] = {}
         self._lock = threading.Lock()
-        self._unrecorded: list[AttemptResult] = []
+        self._more_due = False
 
     @classmethod
     def from_settings(
@@ -129,27 +133,40 @@ class Relay:
     def run(self, stop: threading.Event) -> None:
         """Deliver until `stop` is set, then shut down gracefully."""
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="webhook-send")
+        recorder_stop = threading.Event()
+        recorder = threading.Thread(
+            target=self._record_until, args=(recorder_stop,), name="webhook-record"
+        )
+        recorder.start()
         try:
             while not stop.is_set():
                 self.wake.clear()
-                self._record_finished()
-                claimed = 0 if stop.is_set() else self._claim_into(pool)
-                if claimed == 0 or self._in_flight_count() > self.concurrency:
+                claimed = self._claim_into(pool)
+                if claimed == 0 or self._in_flight_count() > self._refill_at:
                     self.wake.wait(self._idle_wait(claimed))
         finally:
             self._shut_down(pool)
+            recorder_stop.set()
+            recorder.join()
+
+    @property
+    def _refill_at(self) -> int:
+        # Claim again while half a batch still waits behind the requests in flight, so the
+        # senders never wait for a claim.
+        return self.concurrency + self.batch_size // 2
 
     def _claim_into(self, pool: ThreadPoolExecutor) -> int:
         in_flight = self._in_flight_count()
-        if in_flight > self.concurrency:
+        if in_flight > self._refill_at:
             return 0
+        wanted = self.concurrency + self.batch_size - in_flight
         try:
-            claimed = self.store.claim(
-                self.concurrency + self.batch_size - in_flight, self._now(), self.lease
-            )
+            claimed = self.store.claim(wanted, self._now(), self.lease)
         except Exception:
             logger.exception("claiming deliveries failed; retrying in %.1fs", self.poll_interval)
             return 0
+        # Only a full claim suggests more is due now; otherwise wait for a NOTIFY or the poll.
+        self._more_due = len(claimed) == wanted
         for delivery in claimed:
             future = pool.submit(self.attempt, delivery)
             with self._lock:
@@ -164,8 +181,7 @@ class Relay:
         if future.cancelled():
             return
         self._done.put(future.result())
-        # Wake the loop when it can claim more, or when everything is done.
-        if remaining <= self.concurrency:
+        if self._more_due and remaining == self._refill_at:
             self.wake.set()
 
     def _in_flight_count(self) -> int:
@@ -185,22 +201,40 @@ class Relay:
         until_due = (due - self._now()).total_seconds()
         return min(max(until_due, 0.001), self.poll_interval)
 
-    def _record_finished(self) -> None:
+    def _record_until(self, stop: threading.Event) -> None:
+        """Record outcomes as they come, in batches, in a thread of its own; drain at `stop`."""
+        pending: list[AttemptResult] = []
+        failures = 0
         while True:
             try:
-                self._unrecorded.append(self._done.get_nowait())
+                pending.append(self._done.get(timeout=0.05))
             except queue.Empty:
-                break
-        if not self._unrecorded:
-            return
-        try:
-            self.store.record(self._unrecorded, self._now(), self.disable_after)
-        except Exception:
-            # Kept and recorded on the next turn; if the process dies first, the lease ends and
-            # the delivery is sent again (at least once).
-            logger.exception("recording %d outcomes failed; will retry", len(self._unrecorded))
-            return
-        self._unrecorded = []
+                if stop.is_set() and not pending:
+                    return
+            if not pending:
+                continue
+            # Gather for a moment: one transaction per ~50 ms, not one per delivery.
+            deadline = time.monotonic() + RECORD_EVERY
+            while len(pending) < self.batch_size and not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    pending.append(self._done.get(timeout=left))
+                except queue.Empty:
+                    break
+            try:
+                self.store.record(pending, self._now(), self.disable_after)
+            except Exception:
+                # Kept and retried; if the process dies first, the lease ends and the delivery
+                # is sent again (at least once).
+                failures += 1
+                logger.exception("recording %d outcomes failed; will retry", len(pending))
+                if stop.is_set() and failures >= 3:
+                    return
+                stop.wait(min(self.poll_interval, 1.0))
+                continue
+            pending, failures = [], 0
 
     def _shut_down(self, pool: ThreadPoolExecutor) -> None:
         with self._lock:
@@ -212,7 +246,6 @@ class Relay:
         if running:
             logger.info("waiting for %d deliveries in flight", len(running))
             wait_for(running, timeout=self.shutdown_timeout)
-        self._record_finished()
         pool.shutdown(wait=False, cancel_futures=True)
 
     def _release(self, deliveries: Sequence[ClaimedDelivery]) -> None:
