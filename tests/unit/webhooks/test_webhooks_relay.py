@@ -354,3 +354,62 @@ def test_stopping_finishes_requests_in_flight_and_hands_back_the_rest() -> None:
         if delivery.status == "pending":
             assert delivery.attempts == 0  # handed back uncounted, due at once
             assert delivery.next_attempt_at <= world.clock.now
+
+
+class Flaky:
+    """Wraps a store; the first call of each listed method raises, as a database outage would."""
+
+    def __init__(self, store, *failing: str) -> None:
+        self.store = store
+        self.failing = set(failing)
+
+    def __getattr__(self, name: str):
+        method = getattr(self.store, name)
+
+        def call(*args, **kwargs):
+            if name in self.failing:
+                self.failing.discard(name)
+                raise ConnectionError(f"{name}: database unreachable")
+            return method(*args, **kwargs)
+
+        return call
+
+
+def run_until(world: World, done) -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=world.relay.run, args=(stop,))
+    thread.start()
+    try:
+        for _ in range(500):
+            if done():
+                break
+            threading.Event().wait(0.01)
+    finally:
+        stop.set()
+        world.relay.wake.set()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("failing", ["claim", "record"])
+def test_the_relay_rides_out_a_database_error(failing: str, caplog) -> None:
+    world = World(answer(200), poll_interval=0.02)
+    world.relay.store = store = Flaky(world.outbox, failing)
+    world.subs.add(TOPIC, url=URL)
+    ids = [world.service.publish(TOPIC, PAYLOAD) for _ in range(5)]
+    run_until(world, lambda: not store.failing and world.statuses() == ["delivered"] * 5)
+    assert world.statuses() == ["delivered"] * 5
+    assert sorted(r.headers["webhook-id"] for r in world.requests) == sorted(ids)
+    assert f"{failing}: database unreachable" in caplog.text
+
+
+def test_an_idle_relay_rides_out_a_database_error(caplog) -> None:
+    world = World(answer(200), poll_interval=0.02)
+    world.relay.store = store = Flaky(world.outbox, "next_due")
+    world.subs.add(TOPIC, url=URL)
+    run_until(world, lambda: not store.failing)
+    world.relay.store = world.outbox
+    world.service.publish(TOPIC, PAYLOAD)
+    run_until(world, lambda: world.statuses() == ["delivered"])
+    assert world.statuses() == ["delivered"]
+    assert "next_due: database unreachable" in caplog.text
