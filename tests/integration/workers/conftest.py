@@ -113,12 +113,14 @@ def pg_factory(pg_engine: Engine) -> sessionmaker[Session]:
     return make_session_factory(pg_engine)
 
 
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
+def wait_until(
+    condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.2)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
@@ -186,3 +188,17 @@ def private_redis(tmp_path: Path, redis_url: str) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[[redis.Redis], redis.Redis]]:
+    """`clients(redis.Redis(...))`: the client is closed when the test ends."""
+    opened: list[redis.Redis] = []
+
+    def keep(client: redis.Redis) -> redis.Redis:
+        opened.append(client)
+        return client
+
+    yield keep
+    for client in opened:
+        client.close()

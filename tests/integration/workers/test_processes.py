@@ -117,7 +117,7 @@ def test_the_procfile_processes_run_the_whole_cycle(spawn, base_env, pg_factory)
 
 
 def test_a_worker_killed_mid_invoice_leaves_one_invoice_and_one_event_after_restart(
-    spawn, base_env, pg_factory, pg_engine, namespace, redis_url
+    spawn, base_env, pg_factory, pg_engine, namespace, redis_url, clients
 ) -> None:
     start, end = invoiced_month()
     seed_subscriptions(pg_factory, ["t1"], start)
@@ -154,7 +154,7 @@ def test_a_worker_killed_mid_invoice_leaves_one_invoice_and_one_event_after_rest
         timeout=30,
         what="the requeued invoice job to run",
     )
-    client = redis.Redis.from_url(redis_url)
+    client = clients(redis.Redis.from_url(redis_url))
     _ready, messages = queue_keys(namespace)
     wait_until(lambda: client.hlen(messages) == 0, timeout=10, what="the message to be acked")
     assert count(pg_factory, Invoice) == 1
@@ -172,7 +172,7 @@ def _waiting_on_lock(engine) -> int:
 
 
 def test_sigterm_lets_the_job_in_hand_finish(
-    spawn, base_env, pg_factory, pg_engine, namespace, redis_url
+    spawn, base_env, pg_factory, pg_engine, namespace, redis_url, clients
 ) -> None:
     start, end = invoiced_month()
     seed_subscriptions(pg_factory, ["t1"], start)
@@ -202,19 +202,19 @@ def test_sigterm_lets_the_job_in_hand_finish(
     assert worker.wait(timeout=30) == 0, worker.output()
     assert count(pg_factory, Invoice) == 1
     assert count(pg_factory, WebhookEvent, WebhookEvent.topic == INVOICE_CREATED) == 1
-    client = redis.Redis.from_url(redis_url)
+    client = clients(redis.Redis.from_url(redis_url))
     assert client.hlen(queue_keys(namespace)[1]) == 0
 
 
 def test_two_schedulers_started_together_enqueue_each_fire_once(
-    spawn, base_env, pg_factory, namespace, redis_url
+    spawn, base_env, pg_factory, namespace, redis_url, clients
 ) -> None:
     day = covered_day()
     start, _end = invoiced_month()
     seed_usage(pg_factory, 300, day)
     seed_subscriptions(pg_factory, [f"t{n:05d}" for n in range(7)], start)
     schedulers = [spawn("scheduler", procfile_command("scheduler"), base_env) for _ in range(2)]
-    client = redis.Redis.from_url(redis_url)
+    client = clients(redis.Redis.from_url(redis_url))
     _ready, messages = queue_keys(namespace)
     wait_until(
         lambda: (
@@ -238,16 +238,18 @@ def test_two_schedulers_started_together_enqueue_each_fire_once(
 
 
 def test_a_redis_restart_while_the_scheduler_runs_loses_nothing(
-    spawn, base_env, pg_factory, private_redis
+    spawn, base_env, pg_factory, private_redis, clients
 ) -> None:
     tenants = 2000
     day = covered_day()
     seed_usage(pg_factory, tenants, day)
     env = {**base_env, "REDIS_URL": private_redis.url}
-    client = redis.Redis(port=private_redis.port)
+    client = clients(redis.Redis(port=private_redis.port))
     ready, _messages = queue_keys(env["BROKER_NAMESPACE"])
     scheduler = spawn("scheduler", procfile_command("scheduler"), env)
-    wait_until(lambda: client.llen(ready) > 0, timeout=30, what="the fan-out to start")
+    wait_until(
+        lambda: client.llen(ready) > 0, timeout=30, what="the fan-out to start", interval=0.01
+    )
     private_redis.stop()  # in the middle of the fan-out
     wait_until(
         lambda: "broker unreachable" in scheduler.output(),
