@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Sequence
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -25,11 +26,15 @@ def make_listen_app(secrets: Sequence[str]) -> FastAPI:
     app = FastAPI(title="billing webhooks listen")
     add_problem_handler(app, on_problem=_report)
     receive = webhook_receiver(list(secrets), dedupe=MemoryDedupeStore())
+    output = threading.Lock()
 
     @app.post("/{path:path}")
     def delivered(path: str, event: ReceivedWebhook = Depends(receive)) -> dict[str, bool]:  # noqa: B008
         line = {"id": event.id, "type": event.type, "timestamp": event.timestamp}
-        print(json.dumps(line | {"data": event.data}), flush=True)
+        text = json.dumps(line | {"data": event.data}) + "\n"
+        with output:  # requests run in threads: one whole line at a time
+            sys.stdout.write(text)
+            sys.stdout.flush()
         return {"ok": True}
 
     return app

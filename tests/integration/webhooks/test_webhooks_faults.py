@@ -203,3 +203,46 @@ def test_the_subscriber_rejects_forged_deliveries(receiver: Receiver, fault: str
     response = httpx.post(receiver.url, content=sent, headers=headers)
     assert response.status_code == 400
     assert receiver.ids() == []
+
+
+def test_billing_webhooks_listen_prints_what_the_relay_delivers(
+    pg_sessions, relays: Relays, tmp_path
+) -> None:
+    import json
+    import shutil
+    import socket
+    import subprocess
+
+    from webhooks.secrets import generate_secret
+
+    from .conftest import free_port
+
+    port, secret = free_port(), generate_secret()
+    out = (tmp_path / "listen.out").open("w+")
+    billing = shutil.which("billing")
+    assert billing is not None
+    listen = subprocess.Popen(
+        [billing, "webhooks", "listen", "--secret", secret, "--port", str(port)],
+        stdout=out,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def accepting() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(accepting)
+        with pg_sessions.begin() as session:
+            SqlWebhookSubscriptions(session).add(TOPIC, f"http://127.0.0.1:{port}/hook", secret)
+        relays.start()
+        ids = publish_many(pg_sessions, 3)
+        wait_until(lambda: len((tmp_path / "listen.out").read_text().splitlines()) >= 3)
+        lines = [json.loads(line) for line in (tmp_path / "listen.out").read_text().splitlines()]
+        assert sorted(line["id"] for line in lines) == sorted(ids)
+        assert {line["type"] for line in lines} == {TOPIC}
+        assert sorted(line["data"]["total"] for line in lines) == [0, 1, 2]
+    finally:
+        listen.terminate()
+        listen.wait(10)
+        out.close()
