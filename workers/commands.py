@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the workers' commands to the `billing` command line."""
     run = commands.add_parser("run", help="the whole system in one process (embedded default)")
-    run.add_argument("--threads", type=int, help="worker threads (default: WORKER_THREADS)")
+    run.add_argument(
+        "--threads", type=int, help="worker threads (default: WORKER_THREADS; 1 on SQLite)"
+    )
     run.set_defaults(handler=_run)
 
     aggregate = commands.add_parser("aggregate", help="aggregate days of usage (backfill)")
@@ -79,10 +81,7 @@ def _month(text: str) -> datetime:
 def _run(args: argparse.Namespace) -> int:
     from workers.embedded import run_embedded
 
-    settings = WorkerSettings()
-    if args.threads:
-        settings = settings.model_copy(update={"worker_threads": args.threads})
-    return run_embedded(settings, BillingSettings())
+    return run_embedded(WorkerSettings(), BillingSettings(), threads=args.threads)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -130,13 +130,14 @@ def _run_demo(out: TextIO, now: datetime, started: float) -> int:
         broker = build_broker(settings)
         previous = actors.attach(broker, settings=settings)
         actors.bind(session_factory)
-        worker = Worker(broker, worker_threads=4, worker_timeout=50)
+        # One thread: SQLite has a single writer (see workers.embedded).
+        worker = Worker(broker, worker_threads=1, worker_timeout=50)
         worker.start()
         try:
             events = seed(session_factory, start, end)
             print(
                 f"billing demo: {len(TENANTS)} tenants recorded {events} usage events in "
-                f"{start:%Y-%m} (SQLite, in-process broker, 4 worker threads)",
+                f"{start:%Y-%m} (SQLite, in-process broker, a Dramatiq worker thread)",
                 file=out,
             )
             scheduler = BillingScheduler(settings, session_factory, LocalFireLock())

@@ -69,15 +69,23 @@ def start_companions(system: EmbeddedSystem) -> list[Companion]:
     return []
 
 
-def start_embedded(settings: WorkerSettings, database: BillingSettings) -> EmbeddedSystem:
-    """Migrate the database, then start the workers, the scheduler and the companions."""
+def start_embedded(
+    settings: WorkerSettings, database: BillingSettings, *, threads: int | None = None
+) -> EmbeddedSystem:
+    """Migrate the database, then start the workers, the scheduler and the companions.
+
+    `threads` defaults to `WORKER_THREADS`, but to 1 on SQLite: it has a single writer, so more
+    threads only make jobs wait on (or fail with) "database is locked" and be retried.
+    """
     from workers import actors  # builds the broker from the environment
 
     engine = make_engine(database.database_url, echo=database.sql_echo)
     upgrade(engine)
+    if threads is None:
+        threads = 1 if engine.dialect.name == "sqlite" else settings.worker_threads
     session_factory = make_session_factory(engine)
     actors.bind(session_factory)
-    worker = Worker(actors.broker, worker_threads=settings.worker_threads)
+    worker = Worker(actors.broker, worker_threads=threads)
     worker.start()
     scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
     apscheduler = BackgroundScheduler(timezone=UTC)
@@ -104,7 +112,9 @@ def stop_embedded(system: EmbeddedSystem) -> None:
     system.engine.dispose()
 
 
-def run_embedded(settings: WorkerSettings, database: BillingSettings) -> int:
+def run_embedded(
+    settings: WorkerSettings, database: BillingSettings, *, threads: int | None = None
+) -> int:
     """`billing run`: start everything, wait for SIGTERM or Ctrl-C, stop gracefully."""
     stopping = threading.Event()
 
@@ -114,11 +124,11 @@ def run_embedded(settings: WorkerSettings, database: BillingSettings) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    system = start_embedded(settings, database)
+    system = start_embedded(settings, database, threads=threads)
     broker_name = "in-process" if is_in_process(system.broker) else type(system.broker).__name__
     print(
         f"billing run: database {system.engine.url.render_as_string(hide_password=True)}, "
-        f"{broker_name} broker, {settings.worker_threads} worker threads, schedule "
+        f"{broker_name} broker, {len(system.worker.workers)} worker threads, schedule "
         f"{settings.aggregate_cron!r} / {settings.invoice_cron!r} UTC. Ctrl-C stops.",
         flush=True,
     )

@@ -1,8 +1,9 @@
 """What the scheduler enqueues, streamed from the database in batches.
 
-The fan-out never builds one list of every tenant: each query runs once and its rows arrive
-`batch_size` at a time (a server-side cursor on PostgreSQL, SQLite's own cursor otherwise), and
-each row is sent before the next batch is read. Callers that may stop early iterate inside
+The fan-out never builds one list of every tenant: on PostgreSQL each query runs once and its
+rows arrive `batch_size` at a time through a server-side cursor; elsewhere (SQLite) it reads
+keyset pages of `batch_size` rows, each in a short transaction of its own. Each row is sent
+before the next batch is read. Callers that may stop early iterate inside
 `contextlib.closing(...)` so the cursor is closed at once.
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.models import Price, Subscription, UsageEvent
@@ -107,9 +108,44 @@ def _stream(
     session_factory: sessionmaker[Session], query: Select[str, str], batch_size: int
 ) -> Generator[tuple[str, str], None, None]:
     with session_factory() as session:
+        dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        yield from _server_side_cursor(session_factory, query, batch_size)
+    else:
+        yield from _keyset_pages(session_factory, query, batch_size)
+
+
+def _server_side_cursor(
+    session_factory: sessionmaker[Session], query: Select[str, str], batch_size: int
+) -> Generator[tuple[str, str], None, None]:
+    """One scan, `batch_size` rows per fetch (PostgreSQL's server-side cursor)."""
+    with session_factory() as session:
         rows = session.execute(query, execution_options={"yield_per": batch_size})
         try:
             for row in rows:
                 yield row[0], row[1]
         finally:
             rows.close()  # a server-side cursor must be closed even when the caller stops early
+
+
+def _keyset_pages(
+    session_factory: sessionmaker[Session], query: Select[str, str], batch_size: int
+) -> Generator[tuple[str, str], None, None]:
+    """Pages in key order, each read in its own short transaction.
+
+    SQLite has a single writer: a read transaction held open across the whole fan-out would sit
+    beside the jobs that write (`billing aggregate --inline`, `billing run`), so each page is
+    read and released before its rows are handed out.
+    """
+    first, second = query.selected_columns
+    after: tuple[str, str] | None = None
+    while True:
+        page_query = query.order_by(first, second).limit(batch_size)
+        if after is not None:
+            page_query = page_query.where(tuple_(first, second) > tuple_(*after))
+        with session_factory() as session:
+            page = [(row[0], row[1]) for row in session.execute(page_query)]
+        yield from page
+        if len(page) < batch_size:
+            return
+        after = page[-1]

@@ -283,3 +283,26 @@ def test_a_failed_fire_is_retried_a_minute_later_with_the_same_fire_time(
     assert retry is not None
     assert retry.args == (DAILY_JOB_ID, now)
     assert retry.trigger.run_date == now + timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 1000])
+def test_the_fan_out_streams_every_pair_once_whatever_the_batch_size(
+    session_factory, seeded, batch_size
+) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i % 5}", i + 1, day + timedelta(minutes=i)) for i in range(5)])
+    with session_factory.begin() as session:
+        from billing import BillingService
+
+        for i in range(4):
+            BillingService(session=session, tenant_id=f"t{i}").record_usage(
+                metric="calls", amount=1, at=day, idempotency_key=f"c{i}"
+            )
+    scheduler = make_scheduler(
+        session_factory, settings=WorkerSettings(fanout_batch_size=batch_size)
+    )
+    assert scheduler.fan_out_days([day]) == 9
+    sent = [(c["tenant_id"], c["metric"]) for c in scheduler.send_aggregate.calls]
+    assert sorted(sent) == sorted(
+        {(f"t{i}", "tokens") for i in range(5)} | {(f"t{i}", "calls") for i in range(4)}
+    )
