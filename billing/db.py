@@ -30,6 +30,7 @@ def make_engine(url: str, *, echo: bool = False, **kwargs: Any) -> Engine:
         kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": 30})
         engine = create_engine(url, echo=echo, **kwargs)
         event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
         return engine
     return create_engine(url, echo=echo, **kwargs)
 
@@ -40,12 +41,21 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not the sqlite3 module, say when transactions begin (see _sqlite_on_begin):
+    # the module's implicit BEGIN before the first write makes savepoints commit on release.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     if not _is_memory(dbapi_connection):
         cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    # A deferred BEGIN, as the sqlite3 module would send, but at the start of every transaction:
+    # reads take no write lock (WAL readers never block the writer), and savepoints nest.
+    connection.exec_driver_sql("BEGIN")
 
 
 def _is_memory(dbapi_connection: Any) -> bool:

@@ -62,6 +62,24 @@ class BillingService:
             InvalidUsageError: a field is malformed (`.field` names it); nothing is stored.
             IdempotencyConflictError: the key was used for another amount or time.
         """
+        return self.ingest_event(
+            metric=metric,
+            amount=amount,
+            at=at,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        ).id
+
+    def ingest_event(
+        self,
+        *,
+        metric: str,
+        amount: int,
+        at: datetime,
+        idempotency_key: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Recorded:
+        """`record_usage` that also says whether the event had been stored before."""
         event = self._validated(
             metric=metric,
             amount=amount,
@@ -69,7 +87,7 @@ class BillingService:
             idempotency_key=idempotency_key,
             metadata=metadata,
         )
-        return self._store([event])[0].id
+        return self._store([event])[0]
 
     def record_usage_batch(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
         """Store many events (each a mapping of `record_usage`'s arguments); ids in order.

@@ -10,8 +10,7 @@ Totals come from `usage_counters`, which count every event the moment it is stor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -40,6 +39,7 @@ from billing.api.schemas import (
     UTCInstant,
 )
 from billing.errors import IdempotencyConflictError, InvalidUsageError
+from billing.ledger import Recorded
 from billing.models import UsageEvent
 from billing.service import BillingService
 from webhooks.sqltypes import UTCDateTime
@@ -69,18 +69,12 @@ def record_usage(
     event was recorded before; 409 when its key was used with another amount or time."""
     stored = _stored(session, principal.tenant_id, [body])
     at = _time_of(body, stored, api.clock())
-    event_id = BillingService(session=session, tenant_id=principal.tenant_id).record_usage(
-        metric=body.metric,
-        amount=body.amount,
-        at=at,
-        idempotency_key=body.idempotency_key,
-        metadata=body.metadata,
-    )
+    service = BillingService(session=session, tenant_id=principal.tenant_id)
+    recorded = service.ingest_event(**_fields(body, at))
     session.commit()
-    duplicate = (body.metric, body.idempotency_key) in stored
-    if duplicate:
+    if recorded.duplicate:
         response.status_code = 200
-    return UsageRecorded(id=event_id, duplicate=duplicate)
+    return UsageRecorded(id=recorded.id, duplicate=recorded.duplicate)
 
 
 @router.post(
@@ -102,7 +96,7 @@ def record_usage_batch(
     stored = _stored(session, principal.tenant_id, [item for _, item in valid])
     service = BillingService(session=session, tenant_id=principal.tenant_id)
     recorded = _record_all(service, [(item, _time_of(item, stored, now)) for _, item in valid])
-    results = _in_order(parsed, valid, recorded, stored)
+    results = _in_order(parsed, valid, recorded)
     rejected = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
     if rejected and body.all_or_nothing:
         session.rollback()
@@ -181,21 +175,13 @@ def _in_order(
     parsed: Sequence[UsageIn | BatchItemError],
     valid: Sequence[tuple[int, UsageIn]],
     recorded: Sequence[BatchItemResult],
-    stored: Stored,
 ) -> list[BatchItemResult]:
-    """Each event's result at its index; a key stored before, or earlier in the batch, is a
-    duplicate."""
+    """Each event's result at its index, the malformed ones rejected."""
     results = [
         BatchItemResult(status="rejected", error=item if isinstance(item, BatchItemError) else None)
         for item in parsed
     ]
-    seen: set[tuple[str, str]] = set()
-    for (index, item), result in zip(valid, recorded, strict=True):
-        key = (item.metric, item.idempotency_key)
-        if result.status == "accepted" and (key in stored or key in seen):
-            result = BatchItemResult(id=result.id, status="duplicate")
-        if result.status != "rejected":
-            seen.add(key)
+    for (index, _), result in zip(valid, recorded, strict=True):
         results[index] = result
     return results
 
@@ -225,17 +211,17 @@ def _record_all(
     if not items:
         return []
     try:
-        with _atomic(service.session):
-            ids = service.record_usage_batch([_fields(item, at) for item, at in items])
+        with service.session.begin_nested():
+            outcomes = service.ingest([_fields(item, at) for item, at in items])
     except (IdempotencyConflictError, InvalidUsageError, DataError, IntegrityError):
         return [_record_one(service, item, at) for item, at in items]
-    return [BatchItemResult(id=event_id, status="accepted") for event_id in ids]
+    return [_result(recorded) for recorded in outcomes]
 
 
 def _record_one(service: BillingService, item: UsageIn, at: datetime) -> BatchItemResult:
     try:
-        with _atomic(service.session):
-            event_id = service.record_usage(**_fields(item, at))
+        with service.session.begin_nested():
+            recorded = service.ingest_event(**_fields(item, at))
     except IdempotencyConflictError as error:
         return _rejected(409, "Idempotency key reused", str(error), "idempotency_key")
     except InvalidUsageError as error:
@@ -244,22 +230,11 @@ def _record_one(service: BillingService, item: UsageIn, at: datetime) -> BatchIt
         return _rejected(400, "Value not storable", "a value cannot be stored", None)
     except IntegrityError:
         return _rejected(409, "Conflict", "conflicts with data already stored", None)
-    return BatchItemResult(id=event_id, status="accepted")
+    return _result(recorded)
 
 
-@contextmanager
-def _atomic(session: Session) -> Iterator[None]:
-    """A savepoint on PostgreSQL, where a failed statement aborts the whole transaction.
-
-    SQLite undoes just the failed statement, and a SAVEPOINT there can commit: pysqlite sends
-    no BEGIN before it, so its RELEASE ends the transaction. Events the batch stored before an
-    error stay in the transaction and are found again, as duplicates of themselves, one by one.
-    """
-    if session.get_bind().dialect.name == "sqlite":
-        yield
-        return
-    with session.begin_nested():
-        yield
+def _result(recorded: Recorded) -> BatchItemResult:
+    return BatchItemResult(id=recorded.id, status="duplicate" if recorded.duplicate else "accepted")
 
 
 def _fields(item: UsageIn, at: datetime) -> dict[str, Any]:
@@ -278,8 +253,14 @@ def _rejected(status: int, title: str, detail: str, field: str | None) -> BatchI
 
 
 def _stored(session: Session, tenant_id: str, items: Sequence[UsageIn]) -> Stored:
-    """The already stored events with the items' (metric, key): id, amount and time."""
-    keys = sorted({(item.metric, item.idempotency_key) for item in items})
+    """Stored events with the (metric, key) of items sent without `at`: id, amount and time.
+
+    Only those need a look: an event sent without a time is a retry of a stored one when its
+    key and amount match, and then takes the stored time instead of conflicting with it.
+    """
+    keys = sorted({(item.metric, item.idempotency_key) for item in items if item.at is None})
+    if not keys:
+        return {}
     found: Stored = {}
     for start in range(0, len(keys), 500):
         chunk = keys[start : start + 500]
