@@ -201,3 +201,16 @@ def test_a_repeated_sigterm_in_a_worker_process_does_not_kill_the_jobs_in_hand()
         assert calls == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_importing_billing_webhooks_or_workers_touches_no_broker() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, billing, billing.service, webhooks, webhooks.outbox, workers, workers.jobs; "
+        "print('dramatiq.brokers' in sys.modules or 'dramatiq' in sys.modules and "
+        "__import__('dramatiq').broker.global_broker is not None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
