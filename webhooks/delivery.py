@@ -136,9 +136,8 @@ class Sender:
                 return Outcome(status_code=code)
             retry_after = None
             if code in RETRY_AFTER_STATUSES:
-                retry_after = parse_retry_after(
-                    response.headers.get("retry-after"), datetime.now(UTC)
-                )
+                now = datetime.fromtimestamp(self._clock(), UTC)
+                retry_after = parse_retry_after(response.headers.get("retry-after"), now)
             error = f"HTTP {code}"
             if response.is_redirect:
                 error += f" redirect to {response.headers.get('location', '?')} not followed"

@@ -413,3 +413,20 @@ def test_an_idle_relay_rides_out_a_database_error(caplog) -> None:
     run_until(world, lambda: world.statuses() == ["delivered"])
     assert world.statuses() == ["delivered"]
     assert "next_due: database unreachable" in caplog.text
+
+
+def test_retry_after_as_an_http_date_is_read_against_the_relays_clock() -> None:
+    from email.utils import format_datetime
+
+    when: list[datetime] = []
+    world = World(
+        lambda request: httpx.Response(
+            503, headers={"retry-after": format_datetime(when[0], usegmt=True)}
+        )
+    )
+    when.append(world.clock.now + timedelta(minutes=7))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.relay.run_once()
+    [delivery] = world.outbox.deliveries()
+    assert delivery.next_attempt_at == when[0]
