@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(condition, timeout: float, every: float = 0.01) -> bool:
+def wait_for(condition: Callable[[], object], timeout: float, every: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -158,7 +159,9 @@ def delivered(sessions: sessionmaker[Session]) -> int:
         return int(session.scalar(query.select_from(WebhookDelivery)) or 0)
 
 
-def throughput(sessions, receiver: Receiver, events: int) -> tuple[float, float, float]:
+def throughput(
+    sessions: sessionmaker[Session], receiver: Receiver, events: int
+) -> tuple[float, float, float]:
     start = time.perf_counter()
     with sessions.begin() as session:
         for i in range(events):
@@ -176,7 +179,7 @@ def throughput(sessions, receiver: Receiver, events: int) -> tuple[float, float,
     return publish_rate, to_receiver, to_recorded
 
 
-def latency(sessions, receiver: Receiver, samples: int) -> list[float]:
+def latency(sessions: sessionmaker[Session], receiver: Receiver, samples: int) -> list[float]:
     receiver.dump()
     latencies = []
     for i in range(samples):

@@ -49,6 +49,7 @@ class Subscriber(asyncio.Protocol):
     def handle(self, request_line: list[str], headers: dict[str, str], body: bytes) -> bytes:
         method, path = request_line[0], request_line[1]
         if method == "GET":
+            payload: object
             if path == "/dump":
                 payload, Subscriber.received = Subscriber.received, []
             else:

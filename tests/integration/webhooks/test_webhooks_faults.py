@@ -175,6 +175,17 @@ def test_an_idle_relay_wakes_on_notify_long_before_its_poll(
     assert receiver.received()[0]["at"] - committed < 5  # far below the 30 s poll
 
 
+def test_without_listen_the_relay_still_finds_events_by_polling(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    receiver.start()
+    subscribe(pg_sessions, receiver)
+    relays.start(listen="false", poll_interval=0.3)
+    ids = publish_many(pg_sessions, 3)
+    wait_until(lambda: statuses(pg_sessions) == {"delivered": 3})
+    assert sorted(receiver.ids()) == sorted(ids)
+
+
 def test_410_gone_disables_the_subscription(
     pg_sessions, receiver: Receiver, relays: Relays
 ) -> None:
