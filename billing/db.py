@@ -53,9 +53,11 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Any) -> None:
-    # A deferred BEGIN, as the sqlite3 module would send, but at the start of every transaction:
-    # reads take no write lock (WAL readers never block the writer), and savepoints nest.
-    connection.exec_driver_sql("BEGIN")
+    # IMMEDIATE: every transaction takes the write lock up front and waits its turn (busy
+    # timeout). A deferred one that reads, then writes after another commit, would fail at once
+    # with "database is locked" (busy handlers don't run for snapshot upgrades). The embedded
+    # default serializes its transactions this way; PostgreSQL is for concurrency.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _is_memory(dbapi_connection: Any) -> bool:
