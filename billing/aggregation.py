@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, func, literal, select
+from sqlalchemy import String, Table, bindparam, case, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -31,40 +32,50 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
     `updated_at` moves only when the total changes.
     """
     start = utc_day_start(day)
-    now = utcnow()
-    total = func.coalesce(func.sum(UsageEvent.amount), 0)
+    statement = _upsert_statement(session.get_bind().dialect.name)
+    params = {
+        "id": new_id(),
+        "tenant_id": tenant_id,
+        "metric": metric,
+        "start": start,
+        "end": start + DAY,
+        "now": utcnow(),
+    }
+    return int(session.execute(statement, params).scalar_one())
+
+
+@functools.cache
+def _upsert_statement(dialect: str) -> Any:
+    """Built once per dialect, with bound parameters, so SQLAlchemy compiles it once."""
+    timestamp = UTCDateTime()
+    start = bindparam("start", type_=timestamp)
     source = select(
-        literal(new_id()),
-        literal(tenant_id),
-        literal(metric),
-        literal(start, UTCDateTime()),
+        bindparam("id", type_=String()),
+        bindparam("tenant_id", type_=String()),
+        bindparam("metric", type_=String()),
+        start,
         literal("day"),
-        total,
-        literal(now, UTCDateTime()),
+        func.coalesce(func.sum(UsageEvent.amount), 0),
+        bindparam("now", type_=timestamp),
     ).where(
-        UsageEvent.tenant_id == tenant_id,
-        UsageEvent.metric == metric,
+        UsageEvent.tenant_id == bindparam("tenant_id"),
+        UsageEvent.metric == bindparam("metric"),
         UsageEvent.at_ts >= start,
-        UsageEvent.at_ts < start + DAY,
+        UsageEvent.at_ts < bindparam("end", type_=timestamp),
     )
-    insert = _insert(session).from_select(
+    table = cast(Table, UsageAggregate.__table__)
+    insert: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    insert = insert.from_select(
         ["id", "tenant_id", "metric", "period_start", "granularity", "total", "updated_at"], source
     )
     excluded = insert.excluded
-    upsert = insert.on_conflict_do_update(
+    return insert.on_conflict_do_update(
         index_elements=["tenant_id", "metric", "period_start", "granularity"],
         set_={
             "total": excluded.total,
             "updated_at": case(
-                (UsageAggregate.total != excluded.total, excluded.updated_at),
-                else_=UsageAggregate.updated_at,
+                (table.c.total != excluded.total, excluded.updated_at),
+                else_=table.c.updated_at,
             ),
         },
-    ).returning(UsageAggregate.total)
-    return int(session.execute(upsert).scalar_one())
-
-
-def _insert(session: Session) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(UsageAggregate)
-    return sqlite.insert(UsageAggregate)
+    ).returning(table.c.total)
