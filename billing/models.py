@@ -61,6 +61,8 @@ class UsageEvent(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "metric", "idempotency_key"),
         Index("ix_usage_events_tenant_id_metric_at_ts", "tenant_id", "metric", "at_ts"),
+        # The scheduler's daily fan-out asks which (tenant, metric) pairs have usage on a day.
+        Index("ix_usage_events_at_ts", "at_ts"),
     )
 
     id: Mapped[str] = _id()
