@@ -113,6 +113,13 @@ class WebhookDelivery(Base):
             sqlite_where=text("status IN ('pending', 'failed')"),
         ),
         Index("ix_webhook_deliveries_subscription_id", "subscription_id"),
+        # Dead deliveries only (few, unlike delivered ones): counted at each metrics scrape.
+        Index(
+            "ix_webhook_deliveries_dead",
+            "created_at",
+            postgresql_where=text("status = 'dead'"),
+            sqlite_where=text("status = 'dead'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
