@@ -43,6 +43,7 @@ class ClaimedDelivery:
     url: str
     secrets: tuple[str, ...]
     attempt: int
+    tenant_id: str | None = None
 
 
 def event_body(topic: str, payload: dict[str, Any], created_at: datetime) -> bytes:
@@ -114,7 +115,7 @@ class Sender:
         except httpx.TimeoutException as error:
             return Outcome(error=f"timeout: {type(error).__name__}")
         except DestinationNotAllowedError as error:
-            return Outcome(error=f"destination not allowed: {error}")
+            return Outcome(error=f"destination not allowed: {error}", refused=True)
         except httpx.HTTPError as error:
             return Outcome(error=f"{type(error).__name__}: {error}"[:ERROR_TEXT_CHARS])
         except Exception as error:  # a bad URL or a library bug must not stop the relay

@@ -147,4 +147,5 @@ def _claimed(d: MemoryDelivery, now: datetime) -> ClaimedDelivery:
             active_secrets(sub.secret, sub.previous_secret, sub.previous_secret_expires_at, now)
         ),
         attempt=d.attempts,
+        tenant_id=d.event.tenant_id,
     )

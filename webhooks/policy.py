@@ -26,11 +26,15 @@ GONE = 410
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one attempt got: a status code, or an error text when no answer came."""
+    """What one attempt got: a status code, or an error text when no answer came.
+
+    `refused` says the SSRF guard kept the request from leaving (no connection was made).
+    """
 
     status_code: int | None = None
     error: str | None = None
     retry_after: timedelta | None = None
+    refused: bool = False
 
     @property
     def delivered(self) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import sys
 import threading
 import time
@@ -26,18 +25,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from datetime import datetime, timedelta
 
-from sqlalchemy.orm import sessionmaker
-
-from webhooks.db import libpq_url, make_engine
-from webhooks.delivery import ClaimedDelivery, Sender, make_client
+from webhooks import metrics
+from webhooks.delivery import ClaimedDelivery, Sender
 from webhooks.interfaces import AttemptResult, DeliveryStore
-from webhooks.listener import PgListener
-from webhooks.outbox import NOTIFY_CHANNEL
 from webhooks.policy import RetryPolicy
 from webhooks.settings import WebhookSettings
 from webhooks.sqltypes import utcnow
-from webhooks.ssrf import AddressPolicy
-from webhooks.store import SqlDeliveryStore
 
 logger = logging.getLogger(__name__)
 
@@ -102,20 +95,15 @@ class Relay:
         )
 
     def attempt(self, delivery: ClaimedDelivery) -> AttemptResult:
-        """Send one claimed delivery and decide its next state."""
+        """Send one claimed delivery, decide its next state, count and log it."""
+        started = time.perf_counter()
         outcome = self.sender.send(delivery)
-        decision = self.policy.decide(delivery.attempt, outcome, self._now())
-        if not outcome.delivered:
-            logger.info(
-                "delivery %s of event %s to %s, attempt %d: %s -> %s",
-                delivery.delivery_id,
-                delivery.event_id,
-                delivery.url,
-                delivery.attempt,
-                decision.last_error,
-                decision.status,
-            )
-        return AttemptResult(delivery, outcome, decision)
+        seconds = time.perf_counter() - started
+        result = AttemptResult(
+            delivery, outcome, self.policy.decide(delivery.attempt, outcome, self._now())
+        )
+        log_attempt(result, metrics.observe(result, seconds), seconds)
+        return result
 
     def run_once(self) -> int:
         """Claim what is due now, deliver it all, record it; return how many were attempted.
@@ -255,46 +243,54 @@ class Relay:
             logger.exception("handing back %d claimed deliveries failed", len(deliveries))
 
 
+def log_attempt(result: AttemptResult, outcome: str, seconds: float) -> None:
+    """Log one line per attempt: outcome, duration, ids, tenant, status code (and the error).
+
+    `webhook delivered in 12.3 ms: event_id=… subscription_id=… tenant_id=t1 attempt=1 …`;
+    the fields also go to `extra=`, so a JSON formatter gets them as keys.
+    """
+    delivery = result.delivery
+    fields: dict[str, object] = {
+        "event_id": delivery.event_id,
+        "subscription_id": delivery.subscription_id,
+        "tenant_id": delivery.tenant_id,
+        "delivery_id": delivery.delivery_id,
+        "attempt": delivery.attempt,
+        "status_code": result.outcome.status_code,
+    }
+    if not result.outcome.delivered:
+        fields["error"] = result.decision.last_error
+        if result.decision.next_attempt_at is not None:
+            fields["next_attempt_at"] = result.decision.next_attempt_at.isoformat()
+    duration_ms = round(seconds * 1000, 1)
+    logger.log(
+        logging.WARNING if outcome in ("dead", "gone") else logging.INFO,
+        "webhook %s in %.1f ms: %s",
+        outcome,
+        duration_ms,
+        _Fields(fields),
+        extra={"outcome": outcome, "duration_ms": duration_ms, **fields},
+    )
+
+
+class _Fields:
+    """`key=value …`, formatted only if the line is written."""
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(
+            f"{key}={value!r}" if isinstance(value, str) and " " in value else f"{key}={value}"
+            for key, value in self.fields.items()
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m webhooks.relay`: deliver until SIGTERM or SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # httpx logs every request at INFO: outcomes worth reading are logged here instead.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    settings = WebhookSettings()
-    engine = make_engine(settings.database_url)
-    store = SqlDeliveryStore(sessionmaker(engine, expire_on_commit=False))
-    client = make_client(
-        policy=AddressPolicy(settings.allow_loopback, settings.allow_private_networks),
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        max_connections=settings.concurrency,
-    )
-    relay = Relay.from_settings(settings, store, Sender(client, user_agent=settings.user_agent))
-    stop = threading.Event()
+    from webhooks.background import run_until_signalled  # it builds on this module
 
-    def request_stop(signum: int, _frame: object) -> None:
-        logger.info("received signal %d: stopping", signum)
-        stop.set()
-        relay.wake.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    listener = None
-    url = libpq_url(engine)
-    if settings.listen and url is not None:
-        listener = PgListener(url, NOTIFY_CHANNEL, relay.wake.set).start()
-    logger.info(
-        "relay started: %s, concurrency %d", engine.url.render_as_string(), settings.concurrency
-    )
-    try:
-        relay.run(stop)
-    finally:
-        if listener is not None:
-            listener.stop()
-        client.close()
-        engine.dispose()
-    logger.info("relay stopped")
-    return 0
+    return run_until_signalled(WebhookSettings())
 
 
 if __name__ == "__main__":

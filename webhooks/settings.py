@@ -75,6 +75,10 @@ class WebhookSettings(BaseSettings):
             if that relay dies, another sends it after this (default 5m).
         shutdown_timeout: seconds a stopping relay waits for deliveries in flight (default 30).
         user_agent: the `User-Agent` of every delivery (default `billing-workers-webhooks/0.1`).
+        metrics_port: port of the relay's Prometheus `/metrics` endpoint; 0 serves none
+            (default 0).
+        metrics_host: address that endpoint listens on (default `127.0.0.1`; `0.0.0.0` to let
+            another machine scrape it).
     """
 
     model_config = SettingsConfigDict(env_prefix="WEBHOOKS_", extra="ignore")
@@ -101,6 +105,8 @@ class WebhookSettings(BaseSettings):
     claim_lease: timedelta = timedelta(minutes=5)
     shutdown_timeout: float = Field(default=30.0, ge=0)
     user_agent: str = "billing-workers-webhooks/0.1"
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("retry_schedule", mode="before")
     @classmethod

@@ -146,6 +146,7 @@ def _details() -> Select[Any]:
             WebhookEvent.topic,
             WebhookEvent.payload,
             WebhookEvent.created_at,
+            WebhookEvent.tenant_id,
             WebhookSubscription.id,
             WebhookSubscription.url,
             WebhookSubscription.secret,
@@ -159,7 +160,9 @@ def _details() -> Select[Any]:
 
 
 def _claimed(row: Row[Any], now: datetime) -> ClaimedDelivery:
-    (delivery_id, attempts, event_id, topic, payload, created_at, *subscription) = tuple(row)
+    (delivery_id, attempts, event_id, topic, payload, created_at, tenant_id, *subscription) = tuple(
+        row
+    )
     (sub_id, url, secret, previous_secret, previous_expires_at) = subscription
     return ClaimedDelivery(
         delivery_id=delivery_id,
@@ -171,6 +174,7 @@ def _claimed(row: Row[Any], now: datetime) -> ClaimedDelivery:
         url=url,
         secrets=tuple(active_secrets(secret, previous_secret, previous_expires_at, now)),
         attempt=attempts,
+        tenant_id=tenant_id,
     )
 
 

@@ -25,6 +25,8 @@ def test_webhooks_imports_neither_billing_nor_workers() -> None:
     modules = [
         "webhooks",
         "webhooks.relay",
+        "webhooks.background",
+        "webhooks.metrics",
         "webhooks.cli",
         "webhooks.receiver",
         "webhooks.listen",
