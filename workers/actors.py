@@ -1,4 +1,5 @@
-"""The Dramatiq actors `billing.aggregate_daily` and `billing.generate_monthly_invoice`.
+"""The Dramatiq actors `billing.aggregate_daily`, `billing.generate_monthly_invoice` and
+`billing.sync_invoice`.
 
 This module is what the Procfile's worker runs (`dramatiq workers.actors`), so it is the one
 place that reads `WorkerSettings` from the environment and builds the broker (`build_broker`).
@@ -7,8 +8,13 @@ Each actor takes the payload dict of its contract and calls its plain job functi
 does, by design.
 
 The actors need a database: in a `dramatiq` worker process it is bound from `DATABASE_URL` when
-the process boots; an embedding process (`billing run`, tests) calls `bind(session_factory)`.
-`attach(broker)` moves the actors to another broker (a test's `StubBroker`, `billing demo`).
+the process boots, with the provider hook `PROVIDER_SYNC` names, and logging is configured
+(`LOG_FORMAT`); an embedding process (`billing run`, tests) calls
+`bind(session_factory, provider_sync=...)`. `attach(broker)` moves the actors to another broker
+(a test's `StubBroker`, `billing demo`).
+
+With a provider hook bound, `billing.generate_monthly_invoice` sends `billing.sync_invoice` for
+its invoice once the invoice has committed; without one it sends nothing.
 """
 
 from __future__ import annotations
@@ -23,20 +29,30 @@ import dramatiq
 from dramatiq import Broker, Message, Middleware
 
 import webhooks as webhooks_outbox
+from billing import ProviderSync
 from billing.aggregation import utc_day_start
 from billing.db import make_engine, make_session_factory
 from billing.settings import BillingSettings
-from workers.broker import actor_options, build_broker
+from workers.broker import actor_options, build_broker, sync_actor_options
 from workers.jobs import (
     AGGREGATE_DAILY,
     GENERATE_MONTHLY_INVOICE,
     PERMANENT_ERRORS,
+    SYNC_INVOICE,
     Outbox,
     SessionFactory,
     aggregate_daily_job,
     generate_monthly_invoice_job,
+    sync_invoice_job,
 )
-from workers.payloads import AggregateDailyPayload, MonthlyInvoicePayload, parse_payload
+from workers.logs import configure_logging
+from workers.payloads import (
+    AggregateDailyPayload,
+    MonthlyInvoicePayload,
+    SyncInvoicePayload,
+    parse_payload,
+)
+from workers.provider import load_provider_sync
 from workers.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -46,15 +62,23 @@ logger = logging.getLogger(__name__)
 class _Resources:
     session_factory: SessionFactory
     webhooks: Outbox
+    provider_sync: ProviderSync | None
 
 
 _resources: _Resources | None = None
 
 
-def bind(session_factory: SessionFactory, *, webhooks: Outbox = webhooks_outbox) -> None:
-    """Give the actors of this process their database (and outbox)."""
+def bind(
+    session_factory: SessionFactory,
+    *,
+    webhooks: Outbox = webhooks_outbox,
+    provider_sync: ProviderSync | None = None,
+) -> None:
+    """Give the actors of this process their database, outbox and payment provider hook."""
     global _resources
-    _resources = _Resources(session_factory=session_factory, webhooks=webhooks)
+    _resources = _Resources(
+        session_factory=session_factory, webhooks=webhooks, provider_sync=provider_sync
+    )
 
 
 def unbind() -> None:
@@ -73,14 +97,24 @@ def _bound() -> _Resources:
 
 
 class BindDatabaseOnBoot(Middleware):
-    """In each `dramatiq` worker process, binds the actors to `DATABASE_URL` once it boots."""
+    """In each `dramatiq` worker process, once it boots: configures logging (`LOG_FORMAT`),
+    binds the actors to `DATABASE_URL` and loads the `PROVIDER_SYNC` hook.
+
+    Raises:
+        InvalidProviderSyncError: `PROVIDER_SYNC` names no usable hook (the process stops).
+    """
 
     def after_process_boot(self, broker: Broker) -> None:
+        configure_logging(settings)
         if _resources is None:
             database = BillingSettings()
             engine = make_engine(database.database_url, echo=database.sql_echo)
             logger.info("billing actors use %s", engine.url.render_as_string(hide_password=True))
-            bind(make_session_factory(engine))
+            provider_sync = None
+            if settings.provider_sync:
+                provider_sync = load_provider_sync(settings.provider_sync)
+                logger.info("invoices are synced by %s", settings.provider_sync)
+            bind(make_session_factory(engine), provider_sync=provider_sync)
 
 
 #: Read once: this module is the `dramatiq` command's entry point.
@@ -90,6 +124,7 @@ broker.add_middleware(BindDatabaseOnBoot())
 dramatiq.set_broker(broker)
 
 _OPTIONS = {**actor_options(settings), "throws": PERMANENT_ERRORS}
+_SYNC_OPTIONS = {**sync_actor_options(settings), "throws": PERMANENT_ERRORS}
 
 
 @dramatiq.actor(actor_name=AGGREGATE_DAILY, broker=broker, **_OPTIONS)
@@ -101,12 +136,32 @@ def aggregate_daily(payload: dict[str, Any]) -> None:
 
 @dramatiq.actor(actor_name=GENERATE_MONTHLY_INVOICE, broker=broker, **_OPTIONS)
 def generate_monthly_invoice(payload: dict[str, Any]) -> None:
-    """`{tenant_id, period_start, period_end, currency}`: invoice the period once, announce it."""
+    """`{tenant_id, period_start, period_end, currency}`: invoice the period once, announce it,
+    then (with a provider hook) send `billing.sync_invoice` for it."""
     resources = _bound()
-    generate_monthly_invoice_job(resources.session_factory, payload, webhooks=resources.webhooks)
+    generate_monthly_invoice_job(
+        resources.session_factory,
+        payload,
+        webhooks=resources.webhooks,
+        enqueue_sync=_enqueue_sync if resources.provider_sync is not None else None,
+    )
 
 
-ACTORS = (aggregate_daily, generate_monthly_invoice)
+@dramatiq.actor(actor_name=SYNC_INVOICE, broker=broker, **_SYNC_OPTIONS)
+def sync_invoice(payload: dict[str, Any]) -> None:
+    """`{invoice_id}`: send the invoice to the payment provider once; store the provider's id."""
+    resources = _bound()
+    sync_invoice_job(resources.session_factory, payload, provider_sync=resources.provider_sync)
+
+
+ACTORS = (aggregate_daily, generate_monthly_invoice, sync_invoice)
+
+
+def options_for(actor: dramatiq.Actor[Any, Any], settings: WorkerSettings) -> dict[str, Any]:
+    """The retry, time and age bounds `settings` give `actor` (`queue_name` included)."""
+    if actor.actor_name == SYNC_INVOICE:
+        return sync_actor_options(settings)
+    return actor_options(settings)
 
 
 def attach(new_broker: Broker, *, settings: WorkerSettings | None = None) -> Broker:
@@ -119,7 +174,7 @@ def attach(new_broker: Broker, *, settings: WorkerSettings | None = None) -> Bro
     previous: Broker = aggregate_daily.broker
     for actor in ACTORS:
         if settings is not None:
-            options = actor_options(settings)
+            options = options_for(actor, settings)
             actor.queue_name = options.pop("queue_name")
             actor.options.update(options)
         actor.broker = new_broker
@@ -161,6 +216,21 @@ def enqueue_generate_monthly_invoice(
     }
     parse_payload(MonthlyInvoicePayload, payload, job=GENERATE_MONTHLY_INVOICE)
     return _send(generate_monthly_invoice, payload)
+
+
+def enqueue_sync_invoice(*, invoice_id: str) -> Message[Any]:
+    """Send `billing.sync_invoice` for an invoice; return the message.
+
+    Raises:
+        InvalidPayloadError: an empty id; nothing is sent.
+    """
+    payload = {"invoice_id": invoice_id}
+    parse_payload(SyncInvoicePayload, payload, job=SYNC_INVOICE)
+    return _send(sync_invoice, payload)
+
+
+def _enqueue_sync(invoice_id: str) -> None:
+    enqueue_sync_invoice(invoice_id=invoice_id)
 
 
 def _iso(value: object) -> object:

@@ -69,6 +69,15 @@ def actor_options(settings: WorkerSettings) -> dict[str, Any]:
     }
 
 
+def sync_actor_options(settings: WorkerSettings) -> dict[str, Any]:
+    """`actor_options` with the longer retry bounds of `billing.sync_invoice` (`SYNC_*`)."""
+    return {
+        **actor_options(settings),
+        "max_retries": settings.sync_max_retries,
+        "max_backoff": ms(settings.sync_max_backoff.total_seconds()),
+    }
+
+
 def build_middleware(settings: WorkerSettings) -> list[Middleware]:
     """Dramatiq's middleware stack with billing's bounds (the same defaults as each actor's)."""
     stack: list[Middleware] = [

@@ -7,7 +7,6 @@ only composes them, reads the settings from the environment once, and dispatches
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +16,8 @@ from billing.migrate import upgrade
 from billing.settings import BillingSettings
 from webhooks.cli import add_commands as add_webhook_commands
 from workers.commands import add_commands as add_worker_commands
+from workers.logs import configure_logging
+from workers.settings import LogSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `billing` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(LogSettings())
     args = build_parser().parse_args(argv)
     return int(args.handler(args))
 

@@ -29,6 +29,7 @@ from billing.db import make_engine, make_session_factory
 from billing.migrate import upgrade
 from billing.settings import BillingSettings
 from workers.broker import QUEUE_NAME, is_in_process, ms
+from workers.provider import load_provider_sync
 from workers.scheduler import BillingScheduler, make_lock
 from workers.settings import WorkerSettings
 
@@ -84,7 +85,8 @@ def start_embedded(
     if threads is None:
         threads = 1 if engine.dialect.name == "sqlite" else settings.worker_threads
     session_factory = make_session_factory(engine)
-    actors.bind(session_factory)
+    provider_sync = load_provider_sync(settings.provider_sync) if settings.provider_sync else None
+    actors.bind(session_factory, provider_sync=provider_sync)
     worker = Worker(actors.broker, worker_threads=threads)
     worker.start()
     scheduler = BillingScheduler(settings, session_factory, make_lock(settings))

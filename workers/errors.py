@@ -2,14 +2,19 @@
 
 ```
 WorkerError
-├── InvalidPayloadError   a job payload is missing a field, or has an empty or badly typed one;
-│                         permanent: the message is dead-lettered, never run
-└── UnknownJobError       `make_billing_job_handler` was given a job name it does not know;
-                          permanent
+├── InvalidPayloadError             a job payload is missing a field, or has an empty or
+│                                   badly typed one; permanent: dead-lettered, never run
+├── UnknownJobError                 `make_billing_job_handler` got a job name it does not
+│                                   know; permanent
+├── InvoiceNotFoundError            `billing.sync_invoice` names no stored invoice; permanent
+├── ProviderSyncNotConfiguredError  `billing.sync_invoice` ran on a worker without
+│                                   `PROVIDER_SYNC`; permanent (the sweep resends it once set)
+└── InvalidProviderSyncError        `PROVIDER_SYNC` names no usable hook; raised at boot
 ```
 
 `workers.jobs.PERMANENT_ERRORS` adds billing's and webhooks' permanent errors to these: that
-tuple is what the actors declare as `throws=`. Everything else is transient and retried.
+tuple is what the actors declare as `throws=`. Everything else, `ProviderSyncError` included, is
+transient and retried.
 """
 
 from __future__ import annotations
@@ -29,3 +34,15 @@ class InvalidPayloadError(WorkerError, ValueError):
 
 class UnknownJobError(WorkerError, LookupError):
     """No job has that name."""
+
+
+class InvoiceNotFoundError(WorkerError, LookupError):
+    """No invoice has the id a `billing.sync_invoice` message names."""
+
+
+class ProviderSyncNotConfiguredError(WorkerError):
+    """A `billing.sync_invoice` job ran where no `PROVIDER_SYNC` is configured."""
+
+
+class InvalidProviderSyncError(WorkerError, ValueError):
+    """`PROVIDER_SYNC` cannot be imported, or is not a hook nor a factory of one."""

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Select, and_, func, or_, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.models import Price, Subscription, UsageEvent
+from billing.models import Invoice, Price, Subscription, UsageEvent
 
 DAY = timedelta(days=1)
 
@@ -62,7 +62,10 @@ def count_usage_pairs(
         return int(session.execute(select(func.count()).select_from(inner)).scalar_one())
 
 
-def _invoice_targets_query(start: datetime, end: datetime, only: Filter) -> Select[str, str]:
+def invoice_targets_query(
+    start: datetime, end: datetime, only: Filter = Filter()
+) -> Select[str, str]:
+    """(tenant, currency) pairs to invoice for `[start, end)` (see `invoice_targets`)."""
     active = and_(
         Subscription.effective_at < end,
         or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),
@@ -88,7 +91,7 @@ def invoice_targets(
 ) -> Generator[tuple[str, str], None, None]:
     """Every (tenant, currency) to invoice for `[start, end)`: a subscription active in the
     period whose plan has prices in that currency. Streamed."""
-    yield from _stream(session_factory, _invoice_targets_query(start, end, only), batch_size)
+    yield from _stream(session_factory, invoice_targets_query(start, end, only), batch_size)
 
 
 def count_invoice_targets(
@@ -99,9 +102,30 @@ def count_invoice_targets(
     only: Filter = Filter(),
 ) -> int:
     """How many targets `invoice_targets` will yield."""
-    inner = _invoice_targets_query(start, end, only).subquery()
+    inner = invoice_targets_query(start, end, only).subquery()
     with session_factory() as session:
         return int(session.execute(select(func.count()).select_from(inner)).scalar_one())
+
+
+def unsynced_invoices_query(created_after: datetime, created_before: datetime) -> Select[str, str]:
+    """(invoice id, tenant) of the invoices created in `[after, before)` without a provider id."""
+    return select(Invoice.id, Invoice.tenant_id).where(
+        Invoice.provider_invoice_id.is_(None),
+        Invoice.created_at >= created_after,
+        Invoice.created_at < created_before,
+    )
+
+
+def unsynced_invoices(
+    session_factory: sessionmaker[Session],
+    created_after: datetime,
+    created_before: datetime,
+    *,
+    batch_size: int,
+) -> Generator[tuple[str, str], None, None]:
+    """Every (invoice id, tenant) created in `[after, before)` that has no provider id yet."""
+    query = unsynced_invoices_query(created_after, created_before)
+    yield from _stream(session_factory, query, batch_size)
 
 
 def _stream(

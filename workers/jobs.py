@@ -10,6 +10,15 @@ safe to run twice, concurrently or after a crash:
   a new total (late events) publishes one new event carrying that total.
 - `billing.generate_monthly_invoice`: the service returns the one invoice of (tenant, period,
   currency); the event id is derived from that invoice id, so there is one event per invoice.
+  It never calls the payment provider: once the invoice has committed, it hands the id to
+  `enqueue_sync` (the actors send `billing.sync_invoice`), so invoicing never waits on the
+  provider. If that send fails, the job fails and is retried (harmlessly), and the scheduler's
+  sweep of unsynced invoices (`PROVIDER_SYNC`) sends it later anyway.
+- `billing.sync_invoice`: locks the invoice row, calls the provider hook unless the invoice
+  already has a provider id, and stores the id returned; the provider's own idempotency keys
+  (see `billing.providers.stripe`) make a sync that died after the provider answered safe.
+
+Each run logs one line (`workers.logs.job_log`): job, outcome, duration, tenant and ids.
 
 The Dramatiq actors (`workers.actors`) call these functions; `make_billing_job_handler` runs the
 same code for teams that drive the jobs from another queue.
@@ -23,20 +32,35 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import webhooks as webhooks_outbox
-from billing import BillingService
+from billing import BillingService, ProviderSync
 from billing.aggregation import utc_day_start
 from billing.errors import PERMANENT_ERRORS as BILLING_PERMANENT_ERRORS
+from billing.models import Invoice
 from webhooks.errors import PERMANENT_ERRORS as WEBHOOK_PERMANENT_ERRORS
-from workers.errors import InvalidPayloadError, UnknownJobError
-from workers.payloads import AggregateDailyPayload, MonthlyInvoicePayload, P, parse_payload
+from workers.errors import (
+    InvalidPayloadError,
+    InvoiceNotFoundError,
+    ProviderSyncNotConfiguredError,
+    UnknownJobError,
+)
+from workers.logs import job_log
+from workers.payloads import (
+    AggregateDailyPayload,
+    MonthlyInvoicePayload,
+    P,
+    SyncInvoicePayload,
+    parse_payload,
+)
 
 logger = logging.getLogger(__name__)
 
 AGGREGATE_DAILY = "billing.aggregate_daily"
 GENERATE_MONTHLY_INVOICE = "billing.generate_monthly_invoice"
+SYNC_INVOICE = "billing.sync_invoice"
 USAGE_AGGREGATED = "billing.usage_aggregated"
 INVOICE_CREATED = "billing.invoice.created"
 
@@ -44,6 +68,8 @@ INVOICE_CREATED = "billing.invoice.created"
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     InvalidPayloadError,
     UnknownJobError,
+    InvoiceNotFoundError,
+    ProviderSyncNotConfiguredError,
     *BILLING_PERMANENT_ERRORS,
     *WEBHOOK_PERMANENT_ERRORS,
 )
@@ -79,21 +105,21 @@ def aggregate_daily_job(
     Raises:
         InvalidPayloadError: the payload breaks the contract; nothing ran.
     """
-    job = _parse(AggregateDailyPayload, payload, AGGREGATE_DAILY)
-    day_start = utc_day_start(job.day_start)
-    with session_factory.begin() as session:
-        service = BillingService(session=session, tenant_id=job.tenant_id)
-        total = service.aggregate_daily(metric=job.metric, day_start=day_start)
-        event = {
-            "tenant_id": job.tenant_id,
-            "metric": job.metric,
-            "day_start": day_start.isoformat(),
-            "total": total,
-        }
-        webhooks.publish(session, USAGE_AGGREGATED, event, event_id=aggregate_event_id(event))
-    logger.debug(
-        "aggregated %s of tenant %s on %s: %d", job.metric, job.tenant_id, day_start.date(), total
-    )
+    with job_log(logger, AGGREGATE_DAILY, permanent=PERMANENT_ERRORS) as log:
+        job = _parse(AggregateDailyPayload, payload, AGGREGATE_DAILY)
+        day_start = utc_day_start(job.day_start)
+        log.update(tenant_id=job.tenant_id, metric=job.metric, day_start=day_start.isoformat())
+        with session_factory.begin() as session:
+            service = BillingService(session=session, tenant_id=job.tenant_id)
+            total = service.aggregate_daily(metric=job.metric, day_start=day_start)
+            event = {
+                "tenant_id": job.tenant_id,
+                "metric": job.metric,
+                "day_start": day_start.isoformat(),
+                "total": total,
+            }
+            webhooks.publish(session, USAGE_AGGREGATED, event, event_id=aggregate_event_id(event))
+        log["total"] = total
     return total
 
 
@@ -102,33 +128,84 @@ def generate_monthly_invoice_job(
     payload: Mapping[str, Any],
     *,
     webhooks: Outbox = webhooks_outbox,
+    enqueue_sync: Callable[[str], object] | None = None,
 ) -> str:
     """Create a tenant's invoice for a period and currency, once, and announce it; return its id.
 
     Publishes `billing.invoice.created {tenant_id, invoice_id, period_start, period_end,
     currency}` in the same transaction, with an id derived from the invoice's: one event per
-    invoice however often the job runs.
+    invoice however often the job runs. After the commit, `enqueue_sync(invoice_id)` (when
+    given) asks for the invoice's provider sync; the provider itself is never called here.
 
     Raises:
         InvalidPayloadError: the payload breaks the contract; nothing ran.
         InvalidPeriodError, CurrencyMismatchError: the service refused the period or currency.
     """
-    job = _parse(MonthlyInvoicePayload, payload, GENERATE_MONTHLY_INVOICE)
-    with session_factory.begin() as session:
-        service = BillingService(session=session, tenant_id=job.tenant_id)
-        invoice_id = service.generate_monthly_invoice(
-            period_start=job.period_start, period_end=job.period_end, currency=job.currency
+    with job_log(logger, GENERATE_MONTHLY_INVOICE, permanent=PERMANENT_ERRORS) as log:
+        job = _parse(MonthlyInvoicePayload, payload, GENERATE_MONTHLY_INVOICE)
+        log.update(
+            tenant_id=job.tenant_id,
+            period_start=job.period_start.isoformat(),
+            currency=job.currency.lower(),
         )
-        event = {
-            "tenant_id": job.tenant_id,
-            "invoice_id": invoice_id,
-            "period_start": job.period_start.isoformat(),
-            "period_end": job.period_end.isoformat(),
-            "currency": job.currency.lower(),
-        }
-        webhooks.publish(session, INVOICE_CREATED, event, event_id=invoice_event_id(invoice_id))
-    logger.debug("invoice %s of tenant %s announced", invoice_id, job.tenant_id)
+        with session_factory.begin() as session:
+            service = BillingService(session=session, tenant_id=job.tenant_id)
+            invoice_id = service.generate_monthly_invoice(
+                period_start=job.period_start, period_end=job.period_end, currency=job.currency
+            )
+            event = {
+                "tenant_id": job.tenant_id,
+                "invoice_id": invoice_id,
+                "period_start": job.period_start.isoformat(),
+                "period_end": job.period_end.isoformat(),
+                "currency": job.currency.lower(),
+            }
+            webhooks.publish(session, INVOICE_CREATED, event, event_id=invoice_event_id(invoice_id))
+        log["invoice_id"] = invoice_id
+        if enqueue_sync is not None:
+            enqueue_sync(invoice_id)
+            log["sync"] = "enqueued"
     return invoice_id
+
+
+def sync_invoice_job(
+    session_factory: SessionFactory,
+    payload: Mapping[str, Any],
+    *,
+    provider_sync: ProviderSync | None,
+) -> str | None:
+    """Send an invoice (of any tenant) to the payment provider once; return the provider's id.
+
+    In one transaction: lock the invoice row (concurrent syncs of one invoice take turns), call
+    `provider_sync` unless the invoice already has a provider id, store the id returned.
+
+    Raises:
+        InvalidPayloadError: the payload breaks the contract; nothing ran.
+        InvoiceNotFoundError: no invoice has that id.
+        ProviderSyncNotConfiguredError: `provider_sync` is None.
+        ProviderSyncError: the provider hook failed (transient: retried); nothing is stored.
+    """
+    with job_log(logger, SYNC_INVOICE, permanent=PERMANENT_ERRORS) as log:
+        job = _parse(SyncInvoicePayload, payload, SYNC_INVOICE)
+        log["invoice_id"] = job.invoice_id
+        if provider_sync is None:
+            raise ProviderSyncNotConfiguredError(
+                f"{SYNC_INVOICE} for invoice {job.invoice_id}: this worker has no PROVIDER_SYNC"
+            )
+        with session_factory.begin() as session:
+            invoice = session.execute(
+                select(Invoice).where(Invoice.id == job.invoice_id).with_for_update()
+            ).scalar_one_or_none()
+            if invoice is None:
+                raise InvoiceNotFoundError(f"no invoice {job.invoice_id!r} to sync")
+            log["tenant_id"] = invoice.tenant_id
+            already = invoice.provider_invoice_id
+            service = BillingService(
+                session=session, tenant_id=invoice.tenant_id, provider_sync=provider_sync
+            )
+            provider_invoice_id = service.sync_invoice(invoice.id)
+        log.update(provider_invoice_id=provider_invoice_id, already_synced=already is not None)
+    return provider_invoice_id
 
 
 def aggregate_event_id(event: Mapping[str, Any]) -> str:
@@ -148,27 +225,36 @@ BillingJobHandler = Callable[[str, Mapping[str, Any]], object]
 
 
 def make_billing_job_handler(
-    *, session_factory: SessionFactory, webhooks: Outbox = webhooks_outbox
+    *,
+    session_factory: SessionFactory,
+    webhooks: Outbox = webhooks_outbox,
+    provider_sync: ProviderSync | None = None,
+    enqueue_sync: Callable[[str], object] | None = None,
 ) -> BillingJobHandler:
     """A callable `(job_name, payload)` that runs the named job with these collaborators.
 
     For teams that drive the jobs from a queue of their own; it runs exactly the code the
-    Dramatiq actors run and returns the job's result (a total, an invoice id).
+    Dramatiq actors run and returns the job's result (a total, an invoice id, a provider id).
+    `enqueue_sync(invoice_id)` is how a committed invoice asks that queue for its
+    `billing.sync_invoice` job, which runs with `provider_sync`.
 
     Raises (from the returned callable):
         UnknownJobError: no job has that name (it is never silently acknowledged).
         InvalidPayloadError: the payload breaks the job's contract.
     """
-    jobs: dict[str, Callable[..., object]] = {
-        AGGREGATE_DAILY: aggregate_daily_job,
-        GENERATE_MONTHLY_INVOICE: generate_monthly_invoice_job,
+    jobs: dict[str, Callable[[Mapping[str, Any]], object]] = {
+        AGGREGATE_DAILY: lambda p: aggregate_daily_job(session_factory, p, webhooks=webhooks),
+        GENERATE_MONTHLY_INVOICE: lambda p: generate_monthly_invoice_job(
+            session_factory, p, webhooks=webhooks, enqueue_sync=enqueue_sync
+        ),
+        SYNC_INVOICE: lambda p: sync_invoice_job(session_factory, p, provider_sync=provider_sync),
     }
 
     def handle(job_name: str, payload: Mapping[str, Any]) -> object:
         job = jobs.get(job_name)
         if job is None:
             raise UnknownJobError(f"unknown billing job {job_name!r}; known: {sorted(jobs)}")
-        return job(session_factory, payload, webhooks=webhooks)
+        return job(payload)
 
     return handle
 

@@ -1,9 +1,10 @@
 """The job payloads, exactly as the contract gives them, validated before anything runs.
 
-`billing.aggregate_daily` `{tenant_id, metric, day_start}` and `billing.generate_monthly_invoice`
-`{tenant_id, period_start, period_end, currency}`; datetimes travel as ISO 8601 strings with an
-offset. A missing, extra, empty or badly typed field, or a datetime without an offset, raises
-`InvalidPayloadError`: a job never runs on a guessed value.
+`billing.aggregate_daily` `{tenant_id, metric, day_start}`, `billing.generate_monthly_invoice`
+`{tenant_id, period_start, period_end, currency}` and `billing.sync_invoice` `{invoice_id}`;
+datetimes travel as ISO 8601 strings with an offset. A missing, extra, empty or badly typed
+field, or a datetime without an offset, raises `InvalidPayloadError`: a job never runs on a
+guessed value.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ class MonthlyInvoicePayload(_Payload):
     period_start: IsoDatetime
     period_end: IsoDatetime
     currency: NonBlank
+
+
+class SyncInvoicePayload(_Payload):
+    """`billing.sync_invoice`: send invoice `invoice_id` (of whichever tenant) to the provider."""
+
+    invoice_id: NonBlank
 
 
 P = TypeVar("P", bound=_Payload)

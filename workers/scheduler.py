@@ -9,7 +9,13 @@ APScheduler 3 runs two cron jobs in UTC, from `WorkerSettings`:
   `billing.generate_monthly_invoice` for every tenant with a subscription active in the month
   that just ended, once per currency its plan has prices in.
 
-Both have fixed ids, `coalesce=True`, `max_instances=1` and a misfire grace (`MISFIRE_GRACE`).
+- `billing.sync-pending-invoices` (`SYNC_SWEEP_CRON`, hourly; only with `PROVIDER_SYNC`) sends
+  `billing.sync_invoice` again for every invoice created in the last `SYNC_LOOKBACK` that still
+  has no provider id `SYNC_PENDING_AFTER` after it was created: the safety net under the
+  message each invoice job sends after its commit (lost if the broker failed right then, or
+  dead-lettered after a long provider outage).
+
+All have fixed ids, `coalesce=True`, `max_instances=1` and a misfire grace (`MISFIRE_GRACE`).
 Each fire is claimed first with a fire lock keyed by the work it stands for
 (`aggregate-daily:2025-01-31`, `monthly-invoices:2025-01`): with two schedulers running, one
 enqueues and the other skips. On start, the scheduler runs the latest fire of each job unless
@@ -19,6 +25,9 @@ last month's invoices) is enqueued then.
 Sending retries while Redis is unreachable (`ENQUEUE_RETRY_FOR`), so a Redis restart loses
 nothing; a fire that still fails, or is interrupted by SIGTERM, gives its claim back and is tried
 again a minute later (and at the next start).
+
+The process logs as `LOG_FORMAT` asks and, with `SCHEDULER_METRICS_PORT`, serves the
+`workers.metrics` counters (fires by outcome, messages enqueued) on that port.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.aggregation import utc_day_start
 from workers import fanout
 from workers.locks import FireLock, LocalFireLock, RedisFireLock
+from workers.metrics import SCHEDULER_ENQUEUED, record_fire
 from workers.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +62,8 @@ logger = logging.getLogger(__name__)
 DAILY_JOB_ID = "billing.aggregate-daily"
 MONTHLY_JOB_ID = "billing.monthly-invoices"
 CATCH_UP_JOB_ID = "billing.catch-up"
+SYNC_JOB_ID = "billing.sync-pending-invoices"
+SYNC_FIRE_LOCK_TTL = timedelta(days=1)
 RETRY_DELAY = timedelta(minutes=1)
 DAY = timedelta(days=1)
 EVERYTHING = fanout.Filter()
@@ -68,6 +80,8 @@ SendAggregate = Callable[..., object]
 """`enqueue_aggregate_daily(*, tenant_id, metric, day_start)`."""
 SendInvoice = Callable[..., object]
 """`enqueue_generate_monthly_invoice(*, tenant_id, period_start, period_end, currency)`."""
+SendSync = Callable[..., object]
+"""`enqueue_sync_invoice(*, invoice_id)`."""
 
 
 class FireInterrupted(Exception):
@@ -117,6 +131,7 @@ class BillingScheduler:
         *,
         send_aggregate: SendAggregate | None = None,
         send_invoice: SendInvoice | None = None,
+        send_sync: SendSync | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -130,10 +145,12 @@ class BillingScheduler:
         self.lock = lock
         self.send_aggregate = send_aggregate
         self.send_invoice = send_invoice
+        self._send_sync = send_sync
         self.now = now
         self.sleep = sleep
         self.daily_trigger = CronTrigger.from_crontab(settings.aggregate_cron, timezone=UTC)
         self.monthly_trigger = CronTrigger.from_crontab(settings.invoice_cron, timezone=UTC)
+        self.sync_trigger = CronTrigger.from_crontab(settings.sync_sweep_cron, timezone=UTC)
         self.stopping = threading.Event()
         self._apscheduler: BaseScheduler | None = None
 
@@ -158,14 +175,28 @@ class BillingScheduler:
         key = f"monthly-invoices:{start.strftime('%Y-%m')}"
         return self._fire(MONTHLY_JOB_ID, key, lambda: self.fan_out_invoices(start, end))
 
+    def run_sync_sweep(self, fire_time: datetime | None = None) -> FireReport:
+        """Send `billing.sync_invoice` again for the invoices still unsynced (`PROVIDER_SYNC`)."""
+        fire_time = fire_time or self._last_fire(self.sync_trigger)
+        key = f"sync-pending-invoices:{fire_time.strftime('%Y-%m-%dT%H:%M')}"
+        return self._fire(SYNC_JOB_ID, key, self.fan_out_unsynced, ttl=SYNC_FIRE_LOCK_TTL)
+
+    @property
+    def syncs_invoices(self) -> bool:
+        """True when a provider sync is configured, so the sweep is scheduled."""
+        return bool(self.settings.provider_sync)
+
     def catch_up(self) -> list[FireReport]:
         """Run the latest fire of each job unless it was claimed: what a stop made us miss."""
         reports = []
         now = self.now()
-        for trigger, run in (
+        runs: list[tuple[CronTrigger, Callable[[datetime], FireReport]]] = [
             (self.daily_trigger, self.run_daily),
             (self.monthly_trigger, self.run_monthly),
-        ):
+        ]
+        if self.syncs_invoices:
+            runs.append((self.sync_trigger, self.run_sync_sweep))
+        for trigger, run in runs:
             fire_time = last_fire_time(trigger, now)
             if fire_time is not None:
                 reports.append(run(fire_time))
@@ -176,6 +207,7 @@ class BillingScheduler:
     def fan_out_days(self, days: Iterable[datetime], only: fanout.Filter = EVERYTHING) -> int:
         """Send `billing.aggregate_daily` for each pair with usage on each day; the count."""
         sent = 0
+        enqueued = SCHEDULER_ENQUEUED.labels(job=DAILY_JOB_ID)
         for day in days:
             stream = fanout.usage_pairs(
                 self.session_factory, day, batch_size=self.settings.fanout_batch_size, only=only
@@ -188,6 +220,7 @@ class BillingScheduler:
                             self.send_aggregate, tenant_id=tenant_id, metric=metric, day_start=day
                         )
                     )
+                    enqueued.inc()
                     sent += 1
         return sent
 
@@ -196,6 +229,7 @@ class BillingScheduler:
     ) -> int:
         """Send `billing.generate_monthly_invoice` for each (tenant, currency) due; the count."""
         sent = 0
+        enqueued = SCHEDULER_ENQUEUED.labels(job=MONTHLY_JOB_ID)
         stream = fanout.invoice_targets(
             self.session_factory, start, end, batch_size=self.settings.fanout_batch_size, only=only
         )
@@ -210,8 +244,38 @@ class BillingScheduler:
                     currency=currency,
                 )
                 self._retrying(send)
+                enqueued.inc()
                 sent += 1
         return sent
+
+    def fan_out_unsynced(self) -> int:
+        """Send `billing.sync_invoice` for each invoice unsynced past `SYNC_PENDING_AFTER`."""
+        now = self.now()
+        send_sync = self.send_sync
+        sent = 0
+        enqueued = SCHEDULER_ENQUEUED.labels(job=SYNC_JOB_ID)
+        stream = fanout.unsynced_invoices(
+            self.session_factory,
+            now - self.settings.sync_lookback,
+            now - self.settings.sync_pending_after,
+            batch_size=self.settings.fanout_batch_size,
+        )
+        with closing(stream):
+            for invoice_id, _tenant_id in stream:
+                self._check_stopping()
+                self._retrying(partial(send_sync, invoice_id=invoice_id))
+                enqueued.inc()
+                sent += 1
+        return sent
+
+    @property
+    def send_sync(self) -> SendSync:
+        """How invoice syncs are sent (the broker the environment configures, by default)."""
+        if self._send_sync is None:
+            from workers import actors
+
+            self._send_sync = actors.enqueue_sync_invoice
+        return self._send_sync
 
     # --- scheduling -------------------------------------------------------------------------
 
@@ -230,6 +294,10 @@ class BillingScheduler:
         scheduler.add_job(
             self._job, self.monthly_trigger, args=[MONTHLY_JOB_ID], id=MONTHLY_JOB_ID, **common
         )
+        if self.syncs_invoices:
+            scheduler.add_job(
+                self._job, self.sync_trigger, args=[SYNC_JOB_ID], id=SYNC_JOB_ID, **common
+            )
         if catch_up:
             scheduler.add_job(
                 self._job,
@@ -248,11 +316,16 @@ class BillingScheduler:
         runs: dict[str, Callable[[], object]] = {
             DAILY_JOB_ID: lambda: self.run_daily(fire_time),
             MONTHLY_JOB_ID: lambda: self.run_monthly(fire_time),
+            SYNC_JOB_ID: lambda: self.run_sync_sweep(fire_time),
             CATCH_UP_JOB_ID: self.catch_up,
         }
-        if fire_time is None and job_id != CATCH_UP_JOB_ID:
-            trigger = self.daily_trigger if job_id == DAILY_JOB_ID else self.monthly_trigger
-            fire_time = self._last_fire(trigger)
+        triggers = {
+            DAILY_JOB_ID: self.daily_trigger,
+            MONTHLY_JOB_ID: self.monthly_trigger,
+            SYNC_JOB_ID: self.sync_trigger,
+        }
+        if fire_time is None and job_id in triggers:
+            fire_time = self._last_fire(triggers[job_id])
         try:
             runs[job_id]()
         except FireInterrupted:
@@ -276,18 +349,41 @@ class BillingScheduler:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _fire(self, job_id: str, key: str, fan_out: Callable[[], int]) -> FireReport:
+    def _fire(
+        self,
+        job_id: str,
+        key: str,
+        fan_out: Callable[[], int],
+        *,
+        ttl: timedelta | None = None,
+    ) -> FireReport:
         started = time.monotonic()
-        if not self._retrying(lambda: self.lock.claim(key, self.settings.fire_lock_ttl)):
+        ttl = ttl or self.settings.fire_lock_ttl
+        try:
+            claimed = self._retrying(lambda: self.lock.claim(key, ttl))
+        except BaseException:
+            record_fire(job_id, "failed")
+            raise
+        if not claimed:
             logger.info("%s: %s already claimed by another scheduler run; skipped", job_id, key)
+            record_fire(job_id, "skipped")
             return FireReport(job_id, key, claimed=False)
         try:
             sent = fan_out()
-        except BaseException:
+        except BaseException as error:
             self._release_quietly(key)
+            record_fire(job_id, "interrupted" if isinstance(error, FireInterrupted) else "failed")
             raise
         elapsed = time.monotonic() - started
-        logger.info("%s: %s enqueued %d messages in %.1f s", job_id, key, sent, elapsed)
+        logger.info(
+            "%s: %s enqueued %d messages in %.1f s",
+            job_id,
+            key,
+            sent,
+            elapsed,
+            extra={"fire": job_id, "key": key, "enqueued": sent, "duration_ms": elapsed * 1000},
+        )
+        record_fire(job_id, "enqueued")
         return FireReport(job_id, key, claimed=True, enqueued=sent, seconds=elapsed)
 
     def _last_fire(self, trigger: CronTrigger) -> datetime:
@@ -333,13 +429,30 @@ def make_lock(settings: WorkerSettings) -> FireLock:
     return LocalFireLock()
 
 
+def serve_metrics(settings: WorkerSettings) -> bool:
+    """Serve `/metrics` on `SCHEDULER_METRICS_PORT` (in a thread) unless it is 0; True if so."""
+    from billing.metrics import serve
+
+    if not settings.scheduler_metrics_port:
+        return False
+    serve(settings.scheduler_metrics_port, addr=settings.scheduler_metrics_host)
+    logger.info(
+        "metrics on http://%s:%d/metrics",
+        settings.scheduler_metrics_host,
+        settings.scheduler_metrics_port,
+    )
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m workers.scheduler`: run the schedule until SIGTERM or SIGINT."""
     from billing.db import make_engine, make_session_factory
     from billing.settings import BillingSettings
+    from workers.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = WorkerSettings()
+    configure_logging(settings)
+    serve_metrics(settings)
     database = BillingSettings()
     session_factory = make_session_factory(make_engine(database.database_url))
     billing_scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
@@ -354,9 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
     logger.info(
-        "scheduler started: aggregate %r, invoices %r (UTC)",
+        "scheduler started: aggregate %r, invoices %r, invoice sync sweep %s (UTC)",
         settings.aggregate_cron,
         settings.invoice_cron,
+        repr(settings.sync_sweep_cron) if billing_scheduler.syncs_invoices else "off",
     )
     apscheduler.start()
     return 0

@@ -21,12 +21,22 @@ Why the defaults are what they are:
   polling even while every thread is busy), so a 30 s timeout only misfires on a process stalled
   or cut off from Redis for 30 s, and then the jobs' idempotency makes the second run harmless.
   Heartbeats carry each machine's clock: keep worker clocks within a few seconds (NTP).
+- Provider sync (`PROVIDER_SYNC`): `billing.sync_invoice` retries longer than the ledger jobs,
+  because a payment provider's outage lasts longer than a database blip: 10 retries with delays
+  doubling from `JOB_MIN_BACKOFF` up to `SYNC_MAX_BACKOFF` (1 h) span about 1.2 to 2.4 hours.
+  Whatever is still unsynced `SYNC_PENDING_AFTER` (3 h, past that span) after its invoice was
+  created is sent again by the scheduler's hourly sweep, so neither an outage nor a message lost
+  between the invoice's commit and its enqueue loses a sync. The sweep looks back
+  `SYNC_LOOKBACK` (31 days) only: turning `PROVIDER_SYNC` on does not send years of old invoices.
+- `billing status` fails (exit 1) on what needs a human; its thresholds are the `STATUS_*`
+  settings below.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
@@ -50,10 +60,34 @@ Duration = Annotated[timedelta, BeforeValidator(_seconds)]
 MAINTENANCE_SCALE = 1_000_000
 
 
-class WorkerSettings(BaseSettings):
-    """Broker, retry, time limits and schedule of the billing workers and scheduler."""
+class LogSettings(BaseSettings):
+    """How the processes log (`LOG_FORMAT`, `LOG_LEVEL`); read by every entry point."""
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    log_format: Literal["text", "json"] = "text"
+    """`text`: one human-readable line per record; `json`: one JSON object per line, with the
+    job fields (`job`, `outcome`, `duration_ms`, `tenant_id`, ids) as keys."""
+
+    log_level: str = "INFO"
+    """Lowest level logged: `DEBUG`, `INFO`, `WARNING`, `ERROR`."""
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+class WorkerSettings(LogSettings):
+    """Broker, retry, time limits and schedule of the billing workers and scheduler."""
 
     broker_url: str = Field(default="", validation_alias=AliasChoices("BROKER_URL", "broker_url"))
     """Where messages go: `redis://…` (Redis), `amqp://…` (RabbitMQ), empty or `stub://`
@@ -127,7 +161,54 @@ class WorkerSettings(BaseSettings):
     enqueue_retry_for: Duration = timedelta(minutes=10)
     """How long the scheduler retries sending while Redis is unreachable before it gives up."""
 
-    @field_validator("aggregate_cron", "invoice_cron")
+    scheduler_metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the scheduler's Prometheus `/metrics` endpoint; 0 (the default) serves none."""
+
+    scheduler_metrics_host: str = "127.0.0.1"
+    """Address that endpoint listens on (`0.0.0.0` to let another machine scrape it)."""
+
+    provider_sync: str = ""
+    """`package.module:name` of the payment provider hook; empty: invoices stay ours only.
+    `name` is either the hook itself, a plain or `async` callable `(invoice, lines)` returning
+    the provider's invoice id, or a factory callable with no arguments that returns the hook
+    (called once when a worker process boots, e.g. to build a `StripeInvoiceSync` from secrets).
+    """
+
+    sync_max_retries: int = Field(default=10, ge=0, le=30)
+    """Retries of `billing.sync_invoice` before it is dead-lettered."""
+
+    sync_max_backoff: Duration = timedelta(hours=1)
+    """Longest delay between two retries of `billing.sync_invoice`."""
+
+    sync_sweep_cron: str = "15 * * * *"
+    """When the scheduler re-sends unsynced invoices (crontab, UTC; with `PROVIDER_SYNC`)."""
+
+    sync_pending_after: Duration = timedelta(hours=3)
+    """An invoice still without a provider id this long after it was created is sent again."""
+
+    sync_lookback: Duration = timedelta(days=31)
+    """The sweep and `billing status` only consider invoices created this recently."""
+
+    status_max_delivery_delay: Duration = timedelta(minutes=15)
+    """`billing status` fails when a due webhook delivery has waited longer than this."""
+
+    status_max_aggregate_age: Duration = timedelta(hours=36)
+    """`billing status` fails when the newest aggregate is older than this while usage of a
+    finished day has none."""
+
+    status_invoice_grace: Duration = timedelta(hours=6)
+    """`billing status` fails when last month's invoices are missing this long after the
+    `INVOICE_CRON` fire."""
+
+    status_max_unsynced_age: Duration = timedelta(hours=6)
+    """`billing status` fails when an invoice has had no provider id this long after it was
+    created (with `PROVIDER_SYNC` only)."""
+
+    status_dead_window: Duration = timedelta(hours=24)
+    """`billing status` fails when a message was dead-lettered, or a webhook delivery died,
+    within this window; older ones are shown but no longer fail it."""
+
+    @field_validator("aggregate_cron", "invoice_cron", "sync_sweep_cron")
     @classmethod
     def _check_cron(cls, value: str) -> str:
         CronTrigger.from_crontab(value, timezone="UTC")
@@ -141,6 +222,14 @@ class WorkerSettings(BaseSettings):
             raise ValueError(f"unsupported broker URL scheme in {value!r}")
         return value
 
+    @field_validator("provider_sync")
+    @classmethod
+    def _check_import_path(cls, value: str) -> str:
+        value = value.strip()
+        if value and not _IMPORT_PATH.fullmatch(value):
+            raise ValueError(f"PROVIDER_SYNC must look like package.module:name, not {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Self:
         if self.job_min_backoff <= timedelta(0):
@@ -149,7 +238,17 @@ class WorkerSettings(BaseSettings):
             raise ValueError("JOB_MAX_BACKOFF must be at least JOB_MIN_BACKOFF")
         if self.job_max_backoff > timedelta(days=7):
             raise ValueError("JOB_MAX_BACKOFF must be at most 7 days (Dramatiq's delay limit)")
-        for name in ("job_time_limit", "job_max_age", "dead_message_ttl", "heartbeat_timeout"):
+        if not self.job_min_backoff <= self.sync_max_backoff <= timedelta(days=7):
+            raise ValueError("SYNC_MAX_BACKOFF must be between JOB_MIN_BACKOFF and 7 days")
+        for name in (
+            "job_time_limit",
+            "job_max_age",
+            "dead_message_ttl",
+            "heartbeat_timeout",
+            "sync_pending_after",
+            "sync_lookback",
+            *(n for n in type(self).model_fields if n.startswith("status_")),
+        ):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"{name.upper()} must be positive")
         if self.heartbeat_timeout < timedelta(seconds=2):
@@ -179,4 +278,5 @@ class WorkerSettings(BaseSettings):
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _KNOWN_SCHEMES = (*_REDIS_SCHEMES, "amqp://", "amqps://", "stub://")

@@ -26,12 +26,14 @@ FEB = datetime(2025, 2, 1, tzinfo=UTC)
 
 @pytest.fixture
 def worker_settings() -> WorkerSettings:
-    """In-process broker, two fast retries (milliseconds apart)."""
+    """In-process broker, two fast retries (milliseconds apart); five for invoice syncs."""
     return WorkerSettings(
         broker_url="stub://",
         job_max_retries=2,
         job_min_backoff=timedelta(milliseconds=5),
         job_max_backoff=timedelta(milliseconds=20),
+        sync_max_retries=5,
+        sync_max_backoff=timedelta(milliseconds=20),
     )
 
 

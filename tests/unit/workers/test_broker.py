@@ -92,7 +92,10 @@ def test_the_actors_never_retry_permanent_errors() -> None:
         assert issubclass(InvalidPayloadError, throws)
         assert issubclass(InvalidUsageError, throws)
         assert not issubclass(ProviderSyncError, throws)
-        assert actor.options["max_retries"] == actors.settings.job_max_retries
+        expected = actors.options_for(actor, actors.settings)["max_retries"]
+        assert actor.options["max_retries"] == expected
+    assert actors.sync_invoice.options["max_retries"] == actors.settings.sync_max_retries
+    assert actors.aggregate_daily.options["max_retries"] == actors.settings.job_max_retries
 
 
 def test_prometheus_is_added_only_when_asked_for() -> None:
