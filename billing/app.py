@@ -1,13 +1,16 @@
 """The web process (`web` in the Procfile): `uvicorn billing.app:app`.
 
 The billing API under `/_billing`, idempotent POSTs (Redis when `REDIS_URL` is set, else in
-memory), problem+json errors, and `/healthz` (200 when the database answers, 503 otherwise).
+memory), problem+json errors, `/healthz` (200 when the database answers, 503 otherwise) and
+`/metrics` (Prometheus: the ledger's and webhooks' counters, summed over the machine's processes
+when `PROMETHEUS_MULTIPROC_DIR` is set, as it must be for `uvicorn --workers N`; and the outbox
+gauges, read from the database at each scrape).
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +20,8 @@ from billing.api.idempotency import IdempotencyStore, MemoryIdempotencyStore, Re
 from billing.api.problems import problem_response
 from billing.api.settings import ApiSettings
 from billing.db import make_engine, make_session_factory
+from billing.metrics import render
+from webhooks.metrics import OutboxCollector
 
 
 def create_app(
@@ -49,6 +54,13 @@ def create_app(
         except SQLAlchemyError:
             return problem_response(503, "Service unavailable", "the database does not answer")
         return JSONResponse({"status": "ok"})
+
+    outbox = OutboxCollector(factory)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        body, content_type = render(outbox)
+        return Response(body, media_type=content_type)
 
     return app
 

@@ -7,21 +7,21 @@ and scheduler's metrics ports, report the sum over all processes of the machine.
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    REGISTRY,
     CollectorRegistry,
     Counter,
     Histogram,
     generate_latest,
-    multiprocess,
-    start_http_server,
 )
+from prometheus_client.registry import Collector
+
+from webhooks.metrics import exposition_registry
+from webhooks.metrics import serve as serve_exposition
 
 USAGE_INGEST = Counter("billing_usage_ingest", "Usage events received, by outcome.", ["outcome"])
 AGGREGATE_DURATION_MS = Histogram(
@@ -45,20 +45,18 @@ def timed_ms(histogram: Histogram) -> Iterator[None]:
         histogram.observe((time.perf_counter() - start) * 1000)
 
 
-def registry() -> CollectorRegistry:
-    """This process's registry, or one that gathers every process's files in multi-process mode."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        gathered = CollectorRegistry()
-        multiprocess.MultiProcessCollector(gathered)  # type: ignore[no-untyped-call]
-        return gathered
-    return REGISTRY
+def registry(*collectors: Collector) -> CollectorRegistry:
+    """This process's registry, or one that gathers every process's files in multi-process mode;
+    plus `collectors` (such as the webhooks' `OutboxCollector`)."""
+    return exposition_registry(*collectors)
 
 
-def render() -> tuple[bytes, str]:
+def render(*collectors: Collector) -> tuple[bytes, str]:
     """The text exposition and its content type, for a `/metrics` endpoint."""
-    return generate_latest(registry()), CONTENT_TYPE_LATEST
+    return generate_latest(registry(*collectors)), CONTENT_TYPE_LATEST
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> None:
-    """Expose `/metrics` on `port` from a background thread (relay, scheduler)."""
-    start_http_server(port, addr=addr, registry=registry())
+def serve(port: int, addr: str = "0.0.0.0", *collectors: Collector) -> Callable[[], None]:
+    """Expose `/metrics` on `port` from a background thread (relay, scheduler); return a
+    function that stops it."""
+    return serve_exposition(port, addr, *collectors)

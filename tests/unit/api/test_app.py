@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from billing.api.idempotency import MemoryIdempotencyStore
 from billing.api.models import ApiKey
 from billing.api.settings import ApiSettings
 from billing.app import create_app
+from webhooks import publish
+from webhooks.subscriptions import SqlWebhookSubscriptions
 from workers.cli import main
 
 
@@ -36,6 +39,45 @@ def test_the_app_mounts_billing_with_idempotency(session_factory, make_key) -> N
         again = client.post("/_billing/usage", json=body, headers=headers)
     assert again.headers["idempotent-replayed"] == "true"
     assert len(store.data) == 1
+
+
+def scraped(client: TestClient, name: str, **labels: str) -> float:
+    """The value of one sample of the app's `/metrics`."""
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+def test_metrics_count_the_usage_the_api_ingests(session_factory, make_key) -> None:
+    app = create_app(ApiSettings(), session_factory=session_factory)
+    headers = make_key("A")
+    body = {"metric": "m", "amount": 1, "idempotency_key": "e1"}
+    with TestClient(app) as client:
+        stored = scraped(client, "billing_usage_ingest_total", outcome="stored")
+        duplicates = scraped(client, "billing_usage_ingest_total", outcome="duplicate")
+        assert client.post("/_billing/usage", json=body, headers=headers).status_code == 202
+        assert client.post("/_billing/usage", json=body, headers=headers).status_code == 200
+        assert scraped(client, "billing_usage_ingest_total", outcome="stored") == stored + 1
+        assert scraped(client, "billing_usage_ingest_total", outcome="duplicate") == duplicates + 1
+
+
+def test_metrics_show_the_webhook_outbox_read_from_the_database(session_factory) -> None:
+    app = create_app(ApiSettings(), session_factory=session_factory)
+    with TestClient(app) as client:
+        assert scraped(client, "webhooks_outbox_backlog", status="pending") == 0
+        with session_factory.begin() as session:
+            SqlWebhookSubscriptions(session).add("billing.invoice.created", "https://a.test/h")
+            publish(session, "billing.invoice.created", {"tenant_id": "A"})
+        assert scraped(client, "webhooks_outbox_backlog", status="pending") == 1
+        assert scraped(client, "webhooks_outbox_due") == 1
+        assert scraped(client, "webhooks_deliveries_dead") == 0
+        assert scraped(client, "webhooks_deliveries_total", outcome="delivered") >= 0
+        assert "/metrics" not in client.get("/openapi.json").json()["paths"]
 
 
 def test_settings_read_the_environment(monkeypatch) -> None:
