@@ -33,12 +33,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
+from scratch import scratch_database
 from sqlalchemy import text
 
 from billing.api.keys import create_key
 from billing.db import make_engine, make_session_factory
-from billing.migrate import upgrade
 from billing.models import Plan, PlanEntitlement, Subscription
 from billing.quotas import check_quota, consume_quota
 
@@ -298,21 +297,11 @@ def main() -> None:
     parser.add_argument("--skip-quota", action="store_true")
     args = parser.parse_args()
 
-    name = f"billing_bench_api_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = args.admin_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        engine = make_engine(url)
-        upgrade(engine)
-        engine.dispose()
+    with scratch_database(args.admin_url, "billing_bench_api") as url:
         if not args.skip_http:
             http_bench(url, args.duration, args.connections)
         if not args.skip_quota:
             quota_bench(url, args.events, args.repeat)
-    finally:
-        with psycopg.connect(args.admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

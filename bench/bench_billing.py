@@ -22,12 +22,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+from scratch import scratch_database
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import BillingService
 from billing.db import make_engine, make_session_factory
-from billing.migrate import upgrade
 
 DAY = datetime(2025, 1, 1, tzinfo=UTC)
 RAW_INSERT = (
@@ -62,20 +62,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     args = parser.parse_args()
 
-    name = f"billing_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = args.admin_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with scratch_database(args.admin_url) as url:
         run(url, args)
-    finally:
-        with psycopg.connect(args.admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def run(url: str, args: argparse.Namespace) -> None:
     engine = make_engine(url)
-    upgrade(engine)
     factory = make_session_factory(engine)
     raw = psycopg.connect(url, autocommit=True)
     results: dict[str, object] = {}

@@ -23,18 +23,16 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import psycopg
+from scratch import scratch_database
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import make_engine
-from billing.migrate import upgrade
 from webhooks import publish
 from webhooks.delivery import event_body
 from webhooks.models import WebhookDelivery
@@ -209,20 +207,12 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=200)
     args = parser.parse_args()
 
-    name = f"webhooks_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = args.admin_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with scratch_database(args.admin_url, "webhooks_bench") as url:
         run(url, args)
-    finally:
-        with psycopg.connect(args.admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def run(url: str, args: argparse.Namespace) -> None:
     engine = make_engine(url)
-    upgrade(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
     secret = generate_secret()
     receiver = Receiver(secret)

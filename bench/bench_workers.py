@@ -32,6 +32,7 @@ import dramatiq
 import psycopg
 import redis
 from dramatiq import Worker
+from scratch import scratch_database
 from sqlalchemy import func, select
 
 from billing.db import make_engine, make_session_factory
@@ -109,20 +110,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
 
-    name = f"billing_bench_{uuid.uuid4().hex[:8]}"
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = args.admin_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        run(url, namespace, args)
-    finally:
-        client = redis.Redis.from_url(args.redis_url)
-        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-        with psycopg.connect(args.admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with scratch_database(args.admin_url) as url:
+        try:
+            run(url, namespace, args)
+        finally:
+            client = redis.Redis.from_url(args.redis_url)
+            keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start : start + 1000])
 
 
 def run(url: str, namespace: str, args: argparse.Namespace) -> None:
