@@ -1,4 +1,4 @@
-"""The workers' `billing` commands: `run`, `aggregate`, `invoice`, `jobs` and `demo`.
+"""The workers' `billing` commands: `run`, `aggregate`, `invoice`, `jobs`, `status` and `demo`.
 
 `aggregate` and `invoice` are backfills: they walk the same streamed queries as the scheduler
 and either send the messages to the configured broker, or, with `--inline` (and always when no
@@ -34,6 +34,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument(
         "--threads", type=int, help="worker threads (default: WORKER_THREADS; 1 on SQLite)"
     )
+    run.add_argument("--web-host", default="127.0.0.1", help="web API address (127.0.0.1)")
+    run.add_argument("--web-port", type=int, default=8000, help="web API port (8000; 0: any free)")
+    run.add_argument("--no-web", action="store_true", help="do not serve the web API")
+    run.add_argument("--no-relay", action="store_true", help="do not deliver webhooks")
     run.set_defaults(handler=_run)
 
     aggregate = commands.add_parser("aggregate", help="aggregate days of usage (backfill)")
@@ -53,6 +57,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     jobs = commands.add_parser("jobs", help="queue depths and dead letters")
     jobs.add_argument("--recent", type=int, default=10, help="dead letters to list (default 10)")
     jobs.set_defaults(handler=_jobs)
+
+    status = commands.add_parser(
+        "status", help="one-screen health summary; exit 1 when something needs a human"
+    )
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    status.set_defaults(handler=_status)
 
     demo = commands.add_parser("demo", help="a month of billing in a few seconds, no server")
     demo.set_defaults(handler=_demo)
@@ -79,9 +89,19 @@ def _month(text: str) -> datetime:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from workers.embedded import run_embedded
+    from billing.api.settings import ApiSettings
+    from webhooks.settings import WebhookSettings
+    from workers.embedded import Companions, embedded_relay_settings, run_embedded
 
-    return run_embedded(WorkerSettings(), BillingSettings(), threads=args.threads)
+    companions = Companions(
+        relay=None if args.no_relay else embedded_relay_settings(WebhookSettings()),
+        web=None if args.no_web else ApiSettings(),
+        web_host=args.web_host,
+        web_port=args.web_port,
+    )
+    return run_embedded(
+        WorkerSettings(), BillingSettings(), threads=args.threads, companions=companions
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -103,6 +123,32 @@ def _jobs(args: argparse.Namespace) -> int:
         return 0
     print(format_stats(queue_stats(actors.broker, recent=args.recent)))
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 when something needs a human, 2 when the status is unreadable."""
+    import redis
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from workers import actors
+    from workers.status import collect_status
+    from workers.status_view import format_status, status_json
+
+    settings = WorkerSettings()
+    database = BillingSettings()
+    engine = make_engine(database.database_url)
+    queues = sorted({actor.queue_name for actor in actors.ACTORS})
+    try:
+        report = collect_status(
+            make_session_factory(engine), settings, actors.broker, queues=queues
+        )
+    except (SQLAlchemyError, redis.RedisError) as error:
+        print(f"billing status: cannot read the status: {error}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(status_json(report) if args.json else format_status(report))
+    return 0 if report.healthy else 1
 
 
 def _aggregate(args: argparse.Namespace) -> int:
