@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import fakeredis
+import httpx
 import pytest
 from dramatiq import Worker
 from sqlalchemy import func, select
 
 from billing.models import Invoice, Plan, Price, Subscription, UsageAggregate
+from webhooks import WebhookVerificationError, verify
+from webhooks.models import WebhookEvent
+from webhooks.secrets import generate_secret
+from webhooks.subscriptions import SqlWebhookSubscriptions
 from workers import actors
 from workers.broker import QUEUE_NAME, build_broker
 from workers.cli import main
@@ -183,30 +192,123 @@ def test_jobs_without_a_broker_says_where_the_queue_is(stub_broker, capsys) -> N
     assert "in-process" in capsys.readouterr().out
 
 
-def test_billing_run_aggregates_on_start_and_stops_on_sigterm(sqlite_factory, cli_database) -> None:
+class _Subscriber(http.server.BaseHTTPRequestHandler):
+    """Verifies each delivery with `webhooks.verify` and keeps its id and data."""
+
+    secret = ""
+    received: list[tuple[str, dict]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        try:
+            event = verify(body, dict(self.headers), self.secret)
+        except WebhookVerificationError:
+            self.send_response(400)
+        else:
+            self.received.append((self.headers["webhook-id"], event["data"]))
+            self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        time.sleep(0.1)
+    return result
+
+
+def test_billing_run_aggregates_delivers_serves_the_api_and_stops_on_sigterm(
+    sqlite_factory, cli_database, tmp_path
+) -> None:
     day_before_yesterday = datetime.now(UTC).replace(hour=12) - timedelta(days=2)
     seed_usage(sqlite_factory, [("t1", "tokens", day_before_yesterday)])
+    _Subscriber.secret, _Subscriber.received = generate_secret(), []
+    subscriber = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Subscriber)
+    threading.Thread(target=subscriber.serve_forever, daemon=True).start()
+    with sqlite_factory.begin() as session:
+        url = f"http://127.0.0.1:{subscriber.server_address[1]}/hook"
+        SqlWebhookSubscriptions(session).add("billing.usage_aggregated", url, _Subscriber.secret)
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BROKER_URL")}
     env["DATABASE_URL"] = cli_database.url.render_as_string(hide_password=False)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "run", "--threads", "2"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    env["WEBHOOKS_POLL_INTERVAL"] = "0.1"
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "run", "--threads", "2", "--web-port", "0"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
-        deadline = time.monotonic() + 30
-        while count(sqlite_factory, UsageAggregate) == 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # The catch-up aggregates the day; its event reaches the subscriber through the relay.
+        wait_for(lambda: _Subscriber.received, what="a delivery")
+        [(event_id, data)] = _Subscriber.received
+        with sqlite_factory() as session:
+            assert session.scalars(select(WebhookEvent.id)).all() == [event_id]
+        assert (data["tenant_id"], data["metric"], data["total"]) == ("t1", "tokens", 3)
         assert count(sqlite_factory, UsageAggregate) == 1
+        banner = wait_for(
+            lambda: re.search(r"web API on (http://127\.0\.0\.1:\d+)", log.read_text()),
+            what="the web API banner",
+        )
+        base = banner[1]
+        assert httpx.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
+        delivered = wait_for(
+            lambda: (
+                'webhooks_deliveries_total{outcome="delivered"} 1.0'
+                in httpx.get(f"{base}/metrics", timeout=5).text
+            ),
+            what="the delivery in /metrics",
+        )
+        assert delivered
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
+        process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
+        subscriber.shutdown()
+        subscriber.server_close()
+    output = log.read_text()
     assert process.returncode == 0, output
+    assert "billing run: webhook relay" in output
     assert "billing run: stopped" in output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/healthz", timeout=2)
+
+
+def test_billing_run_stops_and_says_so_when_the_web_port_is_taken(cli_database) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BROKER_URL")}
+    env["DATABASE_URL"] = cli_database.url.render_as_string(hide_password=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "workers.cli", "run", "--web-port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"the web API could not listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_the_web_server_reports_a_port_it_cannot_listen_on() -> None:
+    from fastapi import FastAPI
+
+    from workers.webserver import WebServer, WebServerError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(WebServerError, match="could not listen"):
+            WebServer(FastAPI(), "127.0.0.1", taken.getsockname()[1]).start()
 
 
 def test_the_procfile_worker_line_uses_the_settings_defaults() -> None:
