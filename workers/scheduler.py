@@ -46,8 +46,8 @@ from typing import Any, TypeVar
 
 import dramatiq.errors
 import redis
+from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
-from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,7 +57,7 @@ from workers.locks import FireLock, LocalFireLock, RedisFireLock
 from workers.metrics import SCHEDULER_ENQUEUED, record_fire
 from workers.settings import WorkerSettings
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("workers.scheduler")  # also when run as `python -m workers.scheduler`
 
 DAILY_JOB_ID = "billing.aggregate-daily"
 MONTHLY_JOB_ID = "billing.monthly-invoices"
@@ -456,23 +456,28 @@ def main(argv: list[str] | None = None) -> int:
     database = BillingSettings()
     session_factory = make_session_factory(make_engine(database.database_url))
     billing_scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
-    apscheduler = BlockingScheduler(timezone=UTC)
+    apscheduler = BackgroundScheduler(timezone=UTC)
     billing_scheduler.schedule(apscheduler)
+    stopping = threading.Event()
 
     def shut_down(signum: int, _frame: FrameType | None) -> None:
+        # Only flags: a signal that arrives before the scheduler has started is not lost.
         logger.info("signal %d: stopping the scheduler", signum)
         billing_scheduler.stop()
-        apscheduler.shutdown(wait=False)
+        stopping.set()
 
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
+    apscheduler.start()
     logger.info(
         "scheduler started: aggregate %r, invoices %r, invoice sync sweep %s (UTC)",
         settings.aggregate_cron,
         settings.invoice_cron,
         repr(settings.sync_sweep_cron) if billing_scheduler.syncs_invoices else "off",
     )
-    apscheduler.start()
+    while not stopping.wait(timeout=1.0):
+        pass
+    apscheduler.shutdown(wait=True)  # running fires see `stopping`, give their claims back
     return 0
 
 
