@@ -22,6 +22,7 @@ from webhooks import metrics
 from webhooks.db import libpq_url, make_engine
 from webhooks.delivery import Sender, make_client
 from webhooks.listener import PgListener
+from webhooks.logs import configure_logging
 from webhooks.outbox import NOTIFY_CHANNEL
 from webhooks.relay import Relay
 from webhooks.settings import WebhookSettings
@@ -98,9 +99,7 @@ def start_relay(settings: WebhookSettings, *, engine: Engine | None = None) -> B
 
 def run_until_signalled(settings: WebhookSettings) -> int:
     """Run a relay until SIGTERM or SIGINT, then stop it gracefully (`python -m webhooks.relay`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # httpx logs every request at INFO: outcomes worth reading are logged by the relay instead.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(settings.log_format, settings.log_level)
     stopping = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:

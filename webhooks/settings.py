@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -79,6 +79,9 @@ class WebhookSettings(BaseSettings):
             (default 0).
         metrics_host: address that endpoint listens on (default `127.0.0.1`; `0.0.0.0` to let
             another machine scrape it).
+        log_format: `LOG_FORMAT`, shared with the billing processes: `text` (default) or `json`
+            (one object per line, the delivery fields as keys).
+        log_level: `LOG_LEVEL`, shared too (default `INFO`).
     """
 
     model_config = SettingsConfigDict(env_prefix="WEBHOOKS_", extra="ignore")
@@ -107,11 +110,27 @@ class WebhookSettings(BaseSettings):
     user_agent: str = "billing-workers-webhooks/0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    log_format: Literal["text", "json"] = Field(
+        default="text", validation_alias=AliasChoices("LOG_FORMAT", "log_format")
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", validation_alias=AliasChoices("LOG_LEVEL", "log_level")
+    )
 
     @field_validator("retry_schedule", mode="before")
     @classmethod
     def _parse_schedule(cls, value: Any) -> Any:
         return parse_schedule(value) if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator(
         "retry_after_max", "disable_after", "secret_grace", "claim_lease", mode="before"

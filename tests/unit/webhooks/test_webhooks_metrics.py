@@ -4,6 +4,7 @@ read from the database, the multi-process exposition and the relay's metrics por
 from __future__ import annotations
 
 import http.server
+import json
 import logging
 import os
 import socket
@@ -326,3 +327,49 @@ def test_a_background_relay_delivers_serves_its_metrics_and_stops(sqlite_engine)
         receiver.server_close()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_the_relay_process_logs_each_delivery_as_a_json_line_when_asked(sqlite_engine) -> None:
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Accept)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    factory = sessionmaker(sqlite_engine)
+    with factory.begin() as session:
+        url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+        sub_id = SqlWebhookSubscriptions(session).add(TOPIC, url).id
+        event_id = publish(session, TOPIC, PAYLOAD)
+    env = {
+        **os.environ,
+        "DATABASE_URL": sqlite_engine.url.render_as_string(hide_password=False),
+        "WEBHOOKS_ALLOW_LOOPBACK": "true",
+        "WEBHOOKS_POLL_INTERVAL": "0.05",
+        "LOG_FORMAT": "json",
+    }
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "webhooks.relay"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert relay.stderr is not None
+        deadline = time.monotonic() + 30
+        entry: dict = {}
+        while entry.get("message", "").startswith("webhook ") is False:
+            assert time.monotonic() < deadline, "no delivery line"
+            entry = json.loads(relay.stderr.readline())
+    finally:
+        relay.terminate()
+        rest = relay.communicate(timeout=30)[1]
+        receiver.shutdown()
+        receiver.server_close()
+    assert relay.returncode == 0, rest
+    assert {k: entry[k] for k in ("event_id", "subscription_id", "tenant_id", "outcome")} == {
+        "event_id": event_id,
+        "subscription_id": sub_id,
+        "tenant_id": "t1",
+        "outcome": "delivered",
+    }
+    assert (entry["status_code"], entry["logger"], entry["level"]) == (
+        204,
+        "webhooks.relay",
+        "INFO",
+    )
+    assert entry["duration_ms"] >= 0
+    assert [json.loads(line)["level"] for line in rest.splitlines()]  # JSON to the end

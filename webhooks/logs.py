@@ -1,0 +1,50 @@
+"""Logging of the relay process: text lines, or one JSON object per line with `LOG_FORMAT=json`.
+
+The JSON lines have the same shape as the billing processes' (`workers.logs`): `time` (UTC),
+`level`, `logger`, `message`, then the record's `extra=` fields as keys, so a delivery's line
+carries `event_id`, `subscription_id`, `tenant_id`, `outcome`, `status_code`, `duration_ms`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+#: Attributes every `LogRecord` has: the rest are fields given through `extra=`.
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, then the `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRIBUTES and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    """Log at `level` to standard error, as text or JSON (`log_format`); for a process's entry."""
+    handler = logging.StreamHandler()
+    json_lines = log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # httpx logs every request at INFO: outcomes worth reading are logged by the relay instead.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
