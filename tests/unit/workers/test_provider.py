@@ -136,3 +136,20 @@ def test_a_bad_hook_stops_the_worker_at_boot(hooks_module, sqlite_engine, monkey
     with pytest.raises(InvalidProviderSyncError):
         actors.BindDatabaseOnBoot().after_process_boot(actors.broker)
     actors.unbind()
+
+
+def test_billing_run_binds_the_hook_too(hooks_module, tmp_path, monkeypatch) -> None:
+    import importlib
+
+    from billing.settings import BillingSettings
+    from workers.embedded import start_embedded, stop_embedded
+
+    module = importlib.import_module(hooks_module)
+    settings = WorkerSettings(provider_sync=f"{hooks_module}:factory")
+    database = BillingSettings(database_url=f"sqlite:///{tmp_path}/run.db")
+    system = start_embedded(settings, database, threads=1)  # no relay, no web API
+    try:
+        assert actors._bound().provider_sync is module.hook
+    finally:
+        stop_embedded(system)
+        actors.unbind()

@@ -174,3 +174,44 @@ def test_the_scheduler_serves_its_metrics_only_when_a_port_is_set(session_factor
     body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     assert 'billing_scheduler_fires_total{job="billing.sync-pending-invoices"' in body
     assert "billing_scheduler_enqueued_total" in body
+
+
+def test_with_a_multiprocess_directory_the_scheduler_serves_the_files_metrics(
+    sqlite_engine, tmp_path
+) -> None:
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder = tmp_path / "prometheus"
+    folder.mkdir()
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BROKER_URL")},
+        "DATABASE_URL": sqlite_engine.url.render_as_string(hide_password=False),
+        "PROMETHEUS_MULTIPROC_DIR": str(folder),
+        "SCHEDULER_METRICS_PORT": str(port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers.scheduler"],
+        cwd=Path(__file__).resolve().parents[3],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    wanted = 'billing_scheduler_fires_total{job="billing.monthly-invoices",outcome="enqueued"} 1.0'
+    body = ""
+    try:
+        deadline = time.monotonic() + 30
+        while wanted not in body and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):  # not listening yet
+                body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert wanted in body
+    assert any(folder.glob("counter_*.db"))  # read from the shared files, not the process
