@@ -140,6 +140,8 @@ def generate_monthly_invoice_job(
     Raises:
         InvalidPayloadError: the payload breaks the contract; nothing ran.
         InvalidPeriodError, CurrencyMismatchError: the service refused the period or currency.
+        Whatever `enqueue_sync` raises (a broker outage), after the commit: running the job
+            again is harmless and sends the sync again.
     """
     with job_log(logger, GENERATE_MONTHLY_INVOICE, permanent=PERMANENT_ERRORS) as log:
         job = _parse(MonthlyInvoicePayload, payload, GENERATE_MONTHLY_INVOICE)
