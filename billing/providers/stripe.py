@@ -1,17 +1,20 @@
 """Mirror our invoices to Stripe through its HTTP API (usable as `provider_sync`).
 
-For one of our invoices it makes three kinds of calls, each with an `Idempotency-Key` derived
+For one of our invoices it makes these calls, each write with an `Idempotency-Key` derived
 from our ids, so a sync retried after a timeout or a crash replays Stripe's first answers
 instead of creating a second invoice:
 
-1. `POST /v1/invoices` — a draft for the tenant's Stripe customer, our invoice id in metadata,
-   `pending_invoice_items_behavior=exclude` so unrelated pending items stay out;
-2. `POST /v1/invoiceitems` — one per line with a non-zero amount, in minor units, on that draft;
-3. `POST /v1/invoices/{id}/finalize`.
+1. `GET /v1/invoices/search` for an invoice whose metadata carries our invoice id: Stripe keeps
+   idempotency keys for 24 hours only, so a sync retried later (the scheduler's sweep) finds the
+   invoice an earlier attempt made instead of making another;
+2. `POST /v1/invoices` — unless found: a draft for the tenant's Stripe customer, our invoice id
+   in metadata, `pending_invoice_items_behavior=exclude` so unrelated pending items stay out;
+3. `POST /v1/invoiceitems` — one per line with a non-zero amount, in minor units, on that draft
+   (lines already on a found draft, by `metadata[billing_line_id]`, are not added again);
+4. `POST /v1/invoices/{id}/finalize` — while it is still a draft.
 
-The tenant → customer mapping is the app's (`customer_for_tenant`). Stripe keeps idempotency
-keys for 24 hours: within that window any retry is safe, which Dramatiq's bounded retries of
-`billing.sync_invoice` stay inside.
+The tenant → customer mapping is the app's (`customer_for_tenant`). Stripe's search is
+eventually consistent (about a minute): the idempotency keys cover that window.
 """
 
 from __future__ import annotations
@@ -54,24 +57,13 @@ class StripeInvoiceSync:
 
     def __call__(self, invoice: Invoice, lines: list[InvoiceLine]) -> str:
         customer = self.customer_for_tenant(invoice.tenant_id)
-        draft = self._post(
-            "/v1/invoices",
-            {
-                "customer": customer,
-                "currency": invoice.currency,
-                "collection_method": "charge_automatically",
-                "auto_advance": "true",
-                "pending_invoice_items_behavior": "exclude",
-                "metadata[billing_invoice_id]": invoice.id,
-                "metadata[billing_tenant_id]": invoice.tenant_id,
-                "metadata[period_start]": invoice.period_start.isoformat(),
-                "metadata[period_end]": invoice.period_end.isoformat(),
-            },
-            idempotency_key=f"billing-invoice-{invoice.id}",
-        )
+        draft = self._find(invoice) or self._create(invoice, customer)
         stripe_invoice_id = str(draft["id"])
+        if draft.get("status", "draft") != "draft":
+            return stripe_invoice_id  # finalized by an earlier attempt
+        attached = self._attached_lines(stripe_invoice_id)
         for line in lines:
-            if line.amount == 0:
+            if line.amount == 0 or line.id in attached:
                 continue
             self._post(
                 "/v1/invoiceitems",
@@ -93,16 +85,59 @@ class StripeInvoiceSync:
         )
         return stripe_invoice_id
 
+    def _find(self, invoice: Invoice) -> dict[str, Any] | None:
+        found = self._get(
+            "/v1/invoices/search",
+            {"query": f"metadata['billing_invoice_id']:'{invoice.id}'", "limit": "1"},
+        )
+        data = found.get("data") or []
+        return dict(data[0]) if data else None
+
+    def _create(self, invoice: Invoice, customer: str) -> dict[str, Any]:
+        return self._post(
+            "/v1/invoices",
+            {
+                "customer": customer,
+                "currency": invoice.currency,
+                "collection_method": "charge_automatically",
+                "auto_advance": "true",
+                "pending_invoice_items_behavior": "exclude",
+                "metadata[billing_invoice_id]": invoice.id,
+                "metadata[billing_tenant_id]": invoice.tenant_id,
+                "metadata[period_start]": invoice.period_start.isoformat(),
+                "metadata[period_end]": invoice.period_end.isoformat(),
+            },
+            idempotency_key=f"billing-invoice-{invoice.id}",
+        )
+
+    def _attached_lines(self, stripe_invoice_id: str) -> set[str]:
+        items = self._get("/v1/invoiceitems", {"invoice": stripe_invoice_id, "limit": "100"})
+        return {
+            str(item["metadata"]["billing_line_id"])
+            for item in items.get("data") or []
+            if (item.get("metadata") or {}).get("billing_line_id")
+        }
+
+    def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        return self._send("GET", path, params=params)
+
     def _post(self, path: str, form: dict[str, str], *, idempotency_key: str) -> dict[str, Any]:
+        return self._send("POST", path, data=form, idempotency_key=idempotency_key)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        data: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         try:
-            response = self.client.post(
-                path,
-                data=form,
-                headers={
-                    "Authorization": f"Bearer {self.api_key}",
-                    "Idempotency-Key": idempotency_key,
-                },
-            )
+            response = self.client.request(method, path, params=params, data=data, headers=headers)
         except httpx.HTTPError as error:
             raise StripeError(f"Stripe unreachable on {path}: {error}") from error
         if response.status_code >= 400:

@@ -31,6 +31,8 @@ class FakeStripe:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests += 1
         assert request.headers["Authorization"] == "Bearer sk_test_123"
+        if request.method == "GET":
+            return self.read(request.url.path, dict(request.url.params))
         if request.content:
             assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
         key = request.headers["Idempotency-Key"]
@@ -42,6 +44,26 @@ class FakeStripe:
         reply = self.handle(request.url.path, form)
         self.replies[key] = reply
         return reply
+
+    def read(self, path: str, params: dict[str, str]) -> httpx.Response:
+        if path == "/v1/invoices/search":
+            wanted = params["query"].split(":", 1)[1].strip("'")
+            found = [
+                i for i in self.invoices.values() if i["metadata[billing_invoice_id]"] == wanted
+            ]
+            return httpx.Response(200, json={"object": "search_result", "data": found})
+        if path == "/v1/invoiceitems":
+            found = [
+                {"id": i["id"], "metadata": {"billing_line_id": i["metadata[billing_line_id]"]}}
+                for i in self.items
+                if i["invoice"] == params["invoice"]
+            ]
+            return httpx.Response(200, json={"object": "list", "data": found})
+        return httpx.Response(404, json={"error": {"type": "invalid_request_error"}})
+
+    def forget_idempotency_keys(self) -> None:
+        """What Stripe does after 24 hours."""
+        self.replies.clear()
 
     def handle(self, path: str, form: dict[str, str]) -> httpx.Response:
         if path == "/v1/invoices":
@@ -140,8 +162,41 @@ def test_a_sync_that_died_midway_replays_and_adds_no_duplicate_items(session, sy
     ours = invoice(session, None)
     lines = list(ours.lines)
     sync(ours, lines)  # Stripe has it all, but our process died before storing the id
-    before = stripe.requests
     assert sync(ours, lines) == next(iter(stripe.invoices))
-    assert stripe.requests == before + 4  # replayed answers, nothing created
     assert len(stripe.invoices) == 1
+    assert len(stripe.items) == 2
+
+
+@pytest.mark.usefixtures("tenant_with_usage")
+def test_a_sync_retried_after_stripe_forgot_its_keys_finds_the_first_invoice(session, sync, stripe):
+    ours = invoice(session, None)
+    lines = list(ours.lines)
+    original = stripe.handle
+    posted: list[str] = []
+
+    def dies_on_the_second_item(path, form):
+        if path == "/v1/invoiceitems" and path in posted:
+            raise httpx.ConnectError("connection reset")
+        posted.append(path)
+        return original(path, form)
+
+    stripe.handle = dies_on_the_second_item
+    with pytest.raises(StripeError):
+        sync(ours, lines)  # the draft and one item exist in Stripe ...
+    stripe.handle = original
+    stripe.forget_idempotency_keys()  # ... and is retried a day later
+    stripe_id = sync(ours, lines)
+    assert list(stripe.invoices) == [stripe_id]
+    assert stripe.invoices[stripe_id]["status"] == "open"
+    assert sorted(i["amount"] for i in stripe.items) == ["100", "2900"]
+
+
+@pytest.mark.usefixtures("tenant_with_usage")
+def test_a_finalized_invoice_found_by_search_is_not_touched_again(session, sync, stripe):
+    ours = invoice(session, None)
+    first = sync(ours, list(ours.lines))
+    stripe.forget_idempotency_keys()
+    before = stripe.requests
+    assert sync(ours, list(ours.lines)) == first
+    assert stripe.requests == before + 1  # the search only
     assert len(stripe.items) == 2

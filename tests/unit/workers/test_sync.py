@@ -226,7 +226,7 @@ def test_an_invoice_reaches_stripe_exactly_once_through_lost_answers_and_a_crash
     assert stripe_invoice["status"] == "open"
     assert stripe_invoice["metadata[billing_invoice_id]"] == invoice.id
     assert sorted(item["amount"] for item in stripe.items) == ["1000", "5"]
-    assert requests.count("/v1/invoices") == 4  # 503, lost answer, crash, then stored
+    assert requests.count("/v1/invoices/search") >= 3  # each attempt looked before creating
     assert stub_broker.dead_letters == []
     client.close()
 
