@@ -79,7 +79,10 @@ class UsageAggregate(Base):
     """A tenant's total of one metric over one period (a UTC day for granularity `day`)."""
 
     __tablename__ = "usage_aggregates"
-    __table_args__ = (UniqueConstraint("tenant_id", "metric", "period_start", "granularity"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "metric", "period_start", "granularity"),
+        Index("ix_usage_aggregates_updated_at", "updated_at"),  # `billing status`: last run
+    )
 
     id: Mapped[str] = _id()
     tenant_id: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -187,6 +190,7 @@ class Invoice(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "period_start", "period_end", "currency"),
         CheckConstraint("status IN ('open', 'paid', 'void')", name="status"),
+        Index("ix_invoices_created_at", "created_at"),  # last run, unsynced invoices
     )
 
     id: Mapped[str] = _id()

@@ -1,0 +1,24 @@
+"""indexes for `billing status`: the last aggregate and invoice runs, unsynced invoices
+
+Revision ID: 0005_status_indexes
+Revises: 0004_usage_events_at_ts
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0005_status_indexes"
+down_revision = "0004_usage_events_at_ts"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_index("ix_usage_aggregates_updated_at", "usage_aggregates", ["updated_at"])
+    op.create_index("ix_invoices_created_at", "invoices", ["created_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_invoices_created_at", table_name="invoices")
+    op.drop_index("ix_usage_aggregates_updated_at", table_name="usage_aggregates")
