@@ -1,15 +1,15 @@
 """indexes for `billing status`: the last aggregate and invoice runs, unsynced invoices
 
-Revision ID: 0005_status_indexes
-Revises: 0004_usage_events_at_ts
+Revision ID: 0006_status_indexes
+Revises: 0005_webhooks_dead_index
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0005_status_indexes"
-down_revision = "0004_usage_events_at_ts"
+revision = "0006_status_indexes"
+down_revision = "0005_webhooks_dead_index"
 branch_labels = None
 depends_on = None
 
