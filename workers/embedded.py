@@ -36,7 +36,7 @@ from webhooks.background import start_relay
 from webhooks.settings import WebhookSettings
 from workers.broker import QUEUE_NAME, is_in_process, ms
 from workers.provider import load_provider_sync
-from workers.scheduler import BillingScheduler, make_lock
+from workers.scheduler import BillingScheduler, StoppableScheduler, make_lock
 from workers.settings import WorkerSettings
 from workers.webserver import WebServer, WebServerError
 
@@ -133,7 +133,7 @@ def start_embedded(
     worker = Worker(actors.broker, worker_threads=threads)
     worker.start()
     scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
-    apscheduler = BackgroundScheduler(timezone=UTC)
+    apscheduler = StoppableScheduler(timezone=UTC)
     scheduler.schedule(apscheduler)
     apscheduler.start()
     system = EmbeddedSystem(

@@ -46,8 +46,9 @@ from typing import Any, TypeVar
 
 import dramatiq.errors
 import redis
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -118,6 +119,22 @@ def last_fire_time(trigger: CronTrigger, now: datetime) -> datetime | None:
         last = fire
         fire = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
     return last
+
+
+class StoppableScheduler(BackgroundScheduler):  # type: ignore[misc]
+    """APScheduler's background scheduler, safe to shut down right after it starts.
+
+    APScheduler 3 removes a finished one-off job (the catch-up run) from its own thread; when
+    `shutdown()` lands in the middle of that, it looks for the job among the pending ones,
+    finds nothing and raises `JobLookupError` in that thread. The job is gone either way.
+    """
+
+    def remove_job(self, job_id: str, jobstore: str | None = None) -> None:
+        try:
+            super().remove_job(job_id, jobstore)
+        except JobLookupError:
+            if self.state != STATE_STOPPED:
+                raise
 
 
 class BillingScheduler:
@@ -456,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     database = BillingSettings()
     session_factory = make_session_factory(make_engine(database.database_url))
     billing_scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
-    apscheduler = BackgroundScheduler(timezone=UTC)
+    apscheduler = StoppableScheduler(timezone=UTC)
     billing_scheduler.schedule(apscheduler)
     stopping = threading.Event()
 
