@@ -14,49 +14,19 @@ it ends, whatever the outcome:
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from dramatiq.middleware import CurrentMessage
 
+from webhooks.logs import TEXT_FORMAT, JsonFormatter
 from workers.settings import LogSettings
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-
-#: Attributes every `LogRecord` has: the rest are fields given through `extra=`.
-_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message",
-    "asctime",
-    "taskName",
-}
-
 _OUTCOME_LEVELS = {"ok": logging.INFO, "failed": logging.WARNING, "rejected": logging.ERROR}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time (UTC), level, logger, message, then `extra` fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _RECORD_ATTRIBUTES and not key.startswith("_"):
-                entry[key] = value
-        if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            entry["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 class _StderrHandler(logging.StreamHandler[TextIO]):
