@@ -115,7 +115,7 @@ def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) 
 def _insert_new(
     session: Session, tenant_id: str, events: Sequence[UsageInput]
 ) -> dict[tuple[str, str], str]:
-    if session.get_bind().dialect.name == "postgresql":
+    if len(events) > 1 and session.get_bind().dialect.name == "postgresql":
         return _insert_new_postgresql(session, tenant_id, events)
     now = utcnow()
     rows = [
