@@ -13,6 +13,7 @@ from billing.errors import (
     IdempotencyConflictError,
     InvalidPeriodError,
     InvalidUsageError,
+    PriceDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "IdempotencyConflictError",
     "InvalidPeriodError",
     "InvalidUsageError",
+    "PriceDefinitionError",
     "ProviderSync",
     "ProviderSyncError",
     "QuotaExceededError",

@@ -40,6 +40,10 @@ class CurrencyMismatchError(BillingError):
     """The tenant's plan has prices, but none in the currency asked for."""
 
 
+class PriceDefinitionError(BillingError, ValueError):
+    """A price cannot be evaluated: no unit amount, malformed tiers, a bad package size."""
+
+
 class QuotaExceededError(BillingError):
     """A hard quota has no room left in the current window."""
 
@@ -57,5 +61,6 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     IdempotencyConflictError,
     InvalidPeriodError,
     CurrencyMismatchError,
+    PriceDefinitionError,
 )
 """Errors that retrying can never fix (Dramatiq's `throws=`)."""

@@ -70,14 +70,24 @@ def find_invoice(
 def price_lines(
     session: Session, tenant_id: str, start: datetime, end: datetime, currency: str
 ) -> list[LineDraft]:
-    """Every line of the tenant's invoice for the period, in a stable order."""
+    """Every line of the tenant's invoice for the period, in a stable order.
+
+    Raises:
+        CurrencyMismatchError: the tenant's plans in the period have prices, none in
+            `currency`. (A plan that has none in it, beside one that has, as after a switch
+            from a dollar plan to a euro plan mid-month, just adds no line to this invoice.)
+    """
     lines: list[LineDraft] = []
-    for subscription in _active_subscriptions(session, tenant_id, start, end):
+    subscriptions = [
+        (subscription, _plan_prices(session, subscription.plan_id))
+        for subscription in _active_subscriptions(session, tenant_id, start, end)
+    ]
+    all_prices = [price for _, prices in subscriptions for price in prices]
+    if all_prices and not any(price.currency == currency for price in all_prices):
+        raise CurrencyMismatchError(f"the tenant's plans have no price in {currency!r}")
+    for subscription, prices in subscriptions:
         active_start = max(start, subscription.effective_at)
         active_end = min(end, subscription.ended_at) if subscription.ended_at else end
-        prices = _plan_prices(session, subscription.plan_id)
-        if prices and not any(p.currency == currency for p in prices):
-            raise CurrencyMismatchError(f"plan {subscription.plan_id} has no price in {currency!r}")
         for price in (p for p in prices if p.currency == currency):
             if price.metric is None:
                 amount = fixed_amount(price, active_end - active_start, end - start)

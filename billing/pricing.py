@@ -22,11 +22,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+from billing.errors import PriceDefinitionError
 from billing.models import Price
-
-
-class PriceDefinitionError(ValueError):
-    """A price row cannot be evaluated (missing unit amount, malformed tiers, …)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,9 @@ from billing.api.schemas import (
     PriceIn,
     PriceOut,
 )
+from billing.errors import PriceDefinitionError
 from billing.models import Plan, PlanEntitlement, Price
-from billing.pricing import PriceDefinitionError, parse_tiers
+from billing.pricing import parse_tiers
 
 router = APIRouter(tags=["plans"])
 

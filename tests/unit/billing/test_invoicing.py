@@ -176,6 +176,20 @@ def test_a_plan_without_prices_in_the_currency_raises_and_creates_nothing(sessio
     assert session.execute(select(func.count()).select_from(Invoice)).scalar_one() == 0
 
 
+def test_a_switch_to_a_plan_in_another_currency_invoices_each_part_in_its_own(session) -> None:
+    dollars = make_plan(session, "usd-plan", [{"unit_amount": 3100, "recurring_interval": "month"}])
+    euros = make_plan(
+        session,
+        "eur-plan",
+        [{"unit_amount": 6200, "recurring_interval": "month", "currency": "eur"}],
+    )
+    switch = JAN + timedelta(days=10)
+    subscribe(session, "t1", dollars, end=switch)
+    subscribe(session, "t1", euros, start=switch)
+    assert invoice(session, currency="usd").total_amount == 1000  # 10 of 31 days
+    assert invoice(session, currency="eur").total_amount == 4200  # 21 of 31 days
+
+
 def test_called_again_it_returns_the_same_invoice_and_creates_nothing(session) -> None:
     plan = make_plan(session, prices=[{"metric": "tokens", "unit_amount": 1}])
     subscribe(session, "t1", plan)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from billing.errors import PriceDefinitionError
 from billing.models import Price
 from billing.pricing import (
-    PriceDefinitionError,
     billable_quantity,
     fixed_amount,
     graduated_cost,

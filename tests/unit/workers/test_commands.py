@@ -135,13 +135,27 @@ def test_invoice_backfill_reports_failures_and_carries_on(
     with sqlite_factory.begin() as session:
         usd, eur = add_plan(session, "usd", "usd"), add_plan(session, "eur", "eur")
         session.add(Subscription(tenant_id="good", plan_id=usd.id, effective_at=JAN))
-        # Two plans in two currencies in one month: the service refuses both invoices.
-        session.add(Subscription(tenant_id="mixed", plan_id=usd.id, effective_at=JAN))
+        # A tiered price without tiers: the service can't price it, for either tenant.
+        broken = Plan(key="broken", name="broken")
+        session.add(broken)
+        session.flush()
+        session.add(
+            Price(
+                plan_id=broken.id,
+                key="broken-calls",
+                currency="eur",
+                metric="calls",
+                billing_scheme="tiered",
+                tiers_mode="volume",
+                tiers=None,
+            )
+        )
         session.add(Subscription(tenant_id="mixed", plan_id=eur.id, effective_at=JAN))
+        session.add(Subscription(tenant_id="mixed", plan_id=broken.id, effective_at=JAN))
     assert main(["invoice", "--period", "2025-01"]) == 1
     out = capsys.readouterr().out
-    assert "billing.generate_monthly_invoice 2025-01: ran 3, failed 2" in out
-    assert "mixed: CurrencyMismatchError" in out
+    assert "billing.generate_monthly_invoice 2025-01: ran 2, failed 1" in out
+    assert "mixed: PriceDefinitionError" in out
     assert count(sqlite_factory, Invoice) == 1
     assert main(["invoice", "--period", "2025-01", "--tenant", "good"]) == 0
     assert count(sqlite_factory, Invoice) == 1  # ran again: still one
