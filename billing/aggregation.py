@@ -6,7 +6,7 @@ import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import String, Table, bindparam, case, func, literal, select
+from sqlalchemy import String, Table, bindparam, case, func, literal, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,7 @@ from billing.models import UsageAggregate, UsageEvent
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
 DAY = timedelta(days=1)
+_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 
 
 def utc_day_start(moment: datetime) -> datetime:
@@ -32,7 +33,14 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
     `updated_at` moves only when the total changes.
     """
     start = utc_day_start(day)
-    statement = _upsert_statement(session.get_bind().dialect.name)
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        # One run per (tenant, metric, day) at a time, each summing after the previous commits:
+        # otherwise a run whose snapshot predates a late event could overwrite a newer total.
+        session.execute(
+            _LOCK, {"key": f"billing.aggregate:{tenant_id}:{metric}:{start.isoformat()}"}
+        )
+    statement = _upsert_statement(dialect)
     params = {
         "id": new_id(),
         "tenant_id": tenant_id,

@@ -166,3 +166,38 @@ def test_concurrent_aggregations_of_one_day_leave_one_correct_row(pg_engine) -> 
     with factory() as session:
         rows = session.execute(text("SELECT total FROM usage_aggregates")).scalars().all()
     assert rows == [300]
+
+
+def test_a_run_waiting_behind_another_never_writes_an_older_total(pg_engine) -> None:
+    """Y holds the day; X waits; a late event commits; Y re-sums and commits; X must see it."""
+    factory = make_session_factory(pg_engine)
+    with factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(
+            metric="tokens", amount=10, at=AT, idempotency_key="first"
+        )
+    holder = factory()
+    holder.begin()
+    BillingService(session=holder, tenant_id="t1").aggregate_daily(metric="tokens", day_start=AT)
+    waiter_result: list[int] = []
+
+    def waiter() -> None:
+        with factory.begin() as session:
+            bs = BillingService(session=session, tenant_id="t1")
+            waiter_result.append(bs.aggregate_daily(metric="tokens", day_start=AT))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    thread.join(timeout=0.5)  # X is now blocked behind Y
+    with factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(
+            metric="tokens", amount=2, at=AT, idempotency_key="late"
+        )
+    assert BillingService(session=holder, tenant_id="t1").aggregate_daily(
+        metric="tokens", day_start=AT
+    ) in (10, 12)
+    holder.commit()
+    holder.close()
+    thread.join(timeout=30)
+    assert waiter_result == [12]
+    with factory() as session:
+        assert session.execute(text("SELECT total FROM usage_aggregates")).scalar_one() == 12
