@@ -170,19 +170,22 @@ class RedisIdempotencyStore:
                 return  # changed under us: it is someone else's now
 
 
-def authorization_principal(scope: Scope) -> str:
-    """The default principal of a request: a digest of its `Authorization` header."""
+def authorization_principal(scope: Scope) -> str | None:
+    """The default principal of a request: a digest of its `Authorization` header, if any."""
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             return hashlib.sha256(value).hexdigest()
-    return "anonymous"
+    return None
 
 
 class IdempotencyMiddleware:
     """Replays the stored response of a POST sent again with the same `Idempotency-Key`.
 
     `store`: an `IdempotencyStore`, or a dict (`store={}`) for an in-memory one. `principal`
-    names the caller from the ASGI scope (default: the `Authorization` header's digest).
+    names the caller from the ASGI scope (default: the `Authorization` header's digest); a
+    request it can't name (None) is passed through untouched, since replaying one caller's
+    response to another would leak it. Apps that authenticate otherwise (a cookie, a gateway
+    header) pass a `principal` that names their callers.
     """
 
     def __init__(
@@ -194,7 +197,7 @@ class IdempotencyMiddleware:
         lock_ttl: timedelta = DEFAULT_LOCK_TTL,
         methods: tuple[str, ...] = ("POST",),
         header: str = "Idempotency-Key",
-        principal: Callable[[Scope], str] = authorization_principal,
+        principal: Callable[[Scope], str | None] = authorization_principal,
     ) -> None:
         self.app = app
         if store is None or isinstance(store, MutableMapping):
@@ -226,8 +229,12 @@ class IdempotencyMiddleware:
                 send,
             )
             return
+        caller = self.principal(scope)
+        if caller is None:
+            await self.app(scope, receive, send)
+            return
         body = await _read_body(receive)
-        store_key = _digest(self.principal(scope), scope["method"], scope["path"], key)
+        store_key = _digest(caller, scope["method"], scope["path"], key)
         fingerprint = _digest(scope.get("query_string", b"").decode("latin-1"), body.hex())
         claim = IdempotentRecord(fingerprint=fingerprint, token=secrets.token_hex(16))
         existing = await self.store.claim(store_key, claim, self.lock_ttl)

@@ -282,3 +282,30 @@ def test_billing_usage_posts_are_replayed_for_the_same_tenant_only(
     assert other.status_code == 202
     assert other.json()["id"] != first.json()["id"]
     assert "idempotent-replayed" not in other.headers
+
+
+def test_a_caller_without_credentials_is_never_replayed_anothers_response(run) -> None:
+    """Apps with their own auth (a gateway header here) must not share one anonymous scope."""
+
+    async def scenario(client, recorder) -> None:
+        first = await client.post("/things", json={"a": 1}, headers={"X-Tenant": "A", **key()})
+        second = await client.post("/things", json={"a": 1}, headers={"X-Tenant": "B", **key()})
+        assert recorder.runs == 2
+        assert second.json()["run"] == 2
+        assert "idempotent-replayed" not in second.headers
+        assert first.json()["run"] == 1
+
+    run(scenario)
+
+
+def test_a_principal_function_names_callers_of_other_auth_schemes(run) -> None:
+    def tenant_header(scope) -> str | None:
+        headers = dict(scope["headers"])
+        return headers.get(b"x-tenant", b"").decode() or None
+
+    async def scenario(client, recorder) -> None:
+        for tenant in ("A", "A", "B"):
+            await client.post("/things", json={"a": 1}, headers={"X-Tenant": tenant, **key()})
+        assert recorder.runs == 2  # A's retry replayed, B's request run as B's
+
+    run(scenario, principal=tenant_header)
