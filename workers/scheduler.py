@@ -85,6 +85,10 @@ SendSync = Callable[..., object]
 """`enqueue_sync_invoice(*, invoice_id)`."""
 
 
+class FireBusy(Exception):
+    """Another scheduler run holds the fire and has not finished it: look again later."""
+
+
 class FireInterrupted(Exception):
     """The scheduler is stopping; the fire gave its claim back and will be run again."""
 
@@ -170,6 +174,7 @@ class BillingScheduler:
         self.sync_trigger = CronTrigger.from_crontab(settings.sync_sweep_cron, timezone=UTC)
         self.stopping = threading.Event()
         self._apscheduler: BaseScheduler | None = None
+        self._lease = threading.local()  # the fire this thread is fanning out, and when to renew
 
     # --- the fires ------------------------------------------------------------------------
 
@@ -347,6 +352,9 @@ class BillingScheduler:
             runs[job_id]()
         except FireInterrupted:
             logger.warning("%s interrupted by shutdown; the next start runs it again", job_id)
+        except FireBusy as busy:
+            logger.info("%s: %s; looking again in %s", job_id, busy, RETRY_DELAY)
+            self._retry_later(job_id, fire_time)
         except Exception:
             logger.exception("%s failed; retrying in %s", job_id, RETRY_DELAY)
             self._retry_later(job_id, fire_time)
@@ -376,21 +384,26 @@ class BillingScheduler:
     ) -> FireReport:
         started = time.monotonic()
         ttl = ttl or self.settings.fire_lock_ttl
+        lease = self.settings.fire_lease
         try:
-            claimed = self._retrying(lambda: self.lock.claim(key, ttl))
+            claimed = self._retrying(lambda: self.lock.claim(key, lease))
         except BaseException:
             record_fire(job_id, "failed")
             raise
-        if not claimed:
+        if not claimed and not self._wait_for_holder(key, lease):
             logger.info("%s: %s already claimed by another scheduler run; skipped", job_id, key)
             record_fire(job_id, "skipped")
             return FireReport(job_id, key, claimed=False)
+        self._lease.key, self._lease.renew_at = key, time.monotonic() + lease.total_seconds() / 3
         try:
             sent = fan_out()
+            self._retrying(lambda: self.lock.finish(key, ttl))
         except BaseException as error:
             self._release_quietly(key)
             record_fire(job_id, "interrupted" if isinstance(error, FireInterrupted) else "failed")
             raise
+        finally:
+            self._lease.key = None
         elapsed = time.monotonic() - started
         logger.info(
             "%s: %s enqueued %d messages in %.1f s",
@@ -407,9 +420,32 @@ class BillingScheduler:
         now = self.now()
         return last_fire_time(trigger, now) or now
 
+    def _wait_for_holder(self, key: str, lease: timedelta) -> bool:
+        """Someone holds `key`: wait until they finish it (False) or their lease ends (True, and
+        we hold it now). A holder that died stops renewing, so this takes at most a lease.
+
+        Raises:
+            FireBusy: still held after two leases (a holder renewing but slow): look again later.
+        """
+        deadline = time.monotonic() + 2 * lease.total_seconds()
+        while not self._retrying(lambda: self.lock.is_done(key)):
+            if self._retrying(lambda: self.lock.claim(key, lease)):
+                return True
+            if time.monotonic() > deadline:
+                raise FireBusy(f"{key} is being enqueued by another scheduler run")
+            self._check_stopping()
+            self.sleep(min(0.5, lease.total_seconds() / 4))
+        return False
+
     def _check_stopping(self) -> None:
+        """Called between sends: stop if asked, and keep this thread's fire lease alive."""
         if self.stopping.is_set():
             raise FireInterrupted("scheduler stopping")
+        key = getattr(self._lease, "key", None)
+        if key is not None and time.monotonic() >= self._lease.renew_at:
+            lease = self.settings.fire_lease
+            self.lock.renew(key, lease)
+            self._lease.renew_at = time.monotonic() + lease.total_seconds() / 3
 
     def _retrying(self, operation: Callable[[], T]) -> T:
         """Run `operation`, retrying broker outages with backoff for `ENQUEUE_RETRY_FOR`."""

@@ -155,6 +155,10 @@ class WorkerSettings(LogSettings):
     fire_lock_ttl: Duration = timedelta(days=45)
     """How long the Redis key recording that a fire was enqueued lives (longer than a month)."""
 
+    fire_lease: Duration = Field(default=timedelta(minutes=5), gt=timedelta(0))
+    """How long a running fan-out holds its fire without renewing: a scheduler that dies mid
+    fan-out frees the fire this long after, and a retry or a restart runs it again."""
+
     fanout_batch_size: int = Field(default=1000, ge=1, le=100_000)
     """Rows fetched per round trip while the scheduler streams (tenant, metric) pairs."""
 

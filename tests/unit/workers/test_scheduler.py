@@ -18,6 +18,7 @@ from workers.scheduler import (
     DAILY_JOB_ID,
     MONTHLY_JOB_ID,
     BillingScheduler,
+    FireBusy,
     FireInterrupted,
     last_fire_time,
     previous_month,
@@ -175,16 +176,61 @@ def test_two_schedulers_firing_at_once_enqueue_each_pair_once(session_factory, s
 
     def fire(s: BillingScheduler) -> None:
         start.wait()
-        reports.append(s.run_daily(day + timedelta(days=1, minutes=10)))
+        try:
+            reports.append(s.run_daily(day + timedelta(days=1, minutes=10)).claimed)
+        except FireBusy:  # the other one was still enqueueing: this one looks again later
+            reports.append(False)
 
     threads = [threading.Thread(target=fire, args=(s,)) for s in schedulers]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert sorted(r.claimed for r in reports) == [False, True]
+    assert sorted(reports) == [False, True]
     assert len(shared.calls) == 40
     assert len(set(pairs(shared))) == 40
+
+
+@pytest.fixture(params=["local", "fakeredis"])
+def fire_lock(request):
+    if request.param == "local":
+        return LocalFireLock()
+    return RedisFireLock(fakeredis.FakeRedis(server=fakeredis.FakeServer()), namespace="t")
+
+
+def test_a_fire_left_unfinished_by_a_dead_scheduler_runs_again_once_its_lease_ends(
+    session_factory, seeded, fire_lock
+) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)])
+    settings = WorkerSettings(fire_lease=timedelta(milliseconds=200))
+    fire = day + timedelta(days=1, minutes=10)
+    key = "aggregate-daily:" + day.date().isoformat()
+    assert fire_lock.claim(key, settings.fire_lease)  # a scheduler claimed it, then died
+    sent = Recorder()
+    scheduler = make_scheduler(session_factory, fire_lock, settings, send_aggregate=sent)
+    assert scheduler.run_daily(fire).claimed  # waited out the dead one's lease, then ran it
+    assert len(sent.calls) >= 1
+    again = Recorder()
+    later = make_scheduler(session_factory, fire_lock, settings, send_aggregate=again)
+    threading.Event().wait(0.3)  # long past the lease: the fire is marked done, not leased
+    assert not later.run_daily(fire).claimed
+    assert again.calls == []
+
+
+def test_a_long_fan_out_keeps_its_lease(session_factory, seeded, fire_lock) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i}", 1, day) for i in range(5)])
+    settings = WorkerSettings(fire_lease=timedelta(milliseconds=150))
+    fire = day + timedelta(days=1, minutes=10)
+    key = "aggregate-daily:" + day.date().isoformat()
+
+    def slow_send(**_payload) -> None:
+        threading.Event().wait(0.1)  # 5 sends: 0.5 s, over three leases
+        assert not fire_lock.claim(key, settings.fire_lease)  # nobody else can take it
+
+    scheduler = make_scheduler(session_factory, fire_lock, settings, send_aggregate=slow_send)
+    assert scheduler.run_daily(fire).enqueued == 5
 
 
 def test_catch_up_runs_what_was_missed_and_only_once(session_factory, seeded) -> None:
