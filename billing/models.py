@@ -18,14 +18,13 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     MetaData,
-    Numeric,
     String,
     Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from webhooks.sqltypes import UTCDateTime, new_id, utcnow
+from webhooks.sqltypes import ExactDecimal, UTCDateTime, new_id, utcnow
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -36,7 +35,7 @@ NAMING_CONVENTION = {
 }
 
 #: Exact decimal minor units, e.g. 0.0002 cents per token.
-DecimalAmount = Numeric(precision=30, scale=12, asdecimal=True)
+DecimalAmount = ExactDecimal()
 
 
 class Base(DeclarativeBase):

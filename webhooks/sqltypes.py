@@ -1,7 +1,8 @@
 """Column types shared by every table of the project.
 
 `UTCDateTime` makes a datetime column behave the same on SQLite and PostgreSQL: it refuses
-naive datetimes on the way in and always reads back an aware UTC datetime. `billing` reuses it
+naive datetimes on the way in and always reads back an aware UTC datetime. `ExactDecimal` keeps
+sub-cent prices exact on both. `billing` reuses it
 (it may depend on `webhooks`; `webhooks` depends on nothing of ours).
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import DateTime
+from sqlalchemy import DateTime, Numeric, String
 from sqlalchemy.engine import Dialect
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 
 def new_id() -> str:
@@ -50,3 +52,32 @@ class UTCDateTime(TypeDecorator[datetime]):
         if moment.tzinfo is None:
             return moment.replace(tzinfo=UTC)
         return moment.astimezone(UTC)
+
+
+class ExactDecimal(TypeDecorator[Decimal]):
+    """A `Decimal` column that stays exact on SQLite too.
+
+    PostgreSQL gets `NUMERIC(30, 12)`. SQLite has no decimal type: its NUMERIC columns turn
+    values into 64-bit floats, so there the column is text holding the decimal's digits.
+    """
+
+    impl = Numeric(precision=30, scale=12, asdecimal=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(48))
+        return dialect.type_descriptor(Numeric(precision=30, scale=12, asdecimal=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            raise TypeError("decimal amounts must be Decimal, int or str, never float")
+        exact = Decimal(str(value))
+        return str(exact) if dialect.name == "sqlite" else exact
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return Decimal(str(value)) if not isinstance(value, Decimal) else value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from webhooks.sqltypes import UTCDateTime
+from webhooks.sqltypes import ExactDecimal, UTCDateTime
 
 revision = "0001_billing_core"
 down_revision = None
@@ -136,7 +136,7 @@ def upgrade() -> None:
         sa.Column("recurring_interval", sa.String(length=16), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("plan_id", sa.String(length=36), nullable=True),
-        sa.Column("unit_amount_decimal", sa.Numeric(precision=30, scale=12), nullable=True),
+        sa.Column("unit_amount_decimal", ExactDecimal(), nullable=True),
         sa.Column("billing_scheme", sa.String(length=16), nullable=False),
         sa.Column("tiers_mode", sa.String(length=16), nullable=True),
         sa.Column("tiers", sa.JSON(), nullable=True),

@@ -253,3 +253,13 @@ def test_a_failing_provider_sync_keeps_the_invoice_and_raises(session) -> None:
     stored = session.get(Invoice, caught.value.invoice_id)
     assert stored is not None
     assert stored.provider_invoice_id is None
+
+
+def test_unit_prices_finer_than_a_float_stay_exact(session) -> None:
+    exact = Decimal("1000000.499999999999")  # 19 significant digits: a float rounds it up
+    plan = make_plan(session, prices=[{"metric": "tokens", "unit_amount_decimal": exact}])
+    subscribe(session, "t1", plan)
+    use(session, "t1", "tokens", 1, JAN)
+    session.expire_all()
+    assert session.get(Price, plan.prices[0].id).unit_amount_decimal == exact
+    assert invoice(session).total_amount == 1000000  # not 1000001
