@@ -24,6 +24,10 @@ from webhooks.metrics import exposition_registry
 from webhooks.metrics import serve as serve_exposition
 
 USAGE_INGEST = Counter("billing_usage_ingest", "Usage events received, by outcome.", ["outcome"])
+# The labelled children, looked up once: ingest is the hot path.
+USAGE_STORED = USAGE_INGEST.labels(outcome="stored")
+USAGE_DUPLICATE = USAGE_INGEST.labels(outcome="duplicate")
+USAGE_REJECTED = USAGE_INGEST.labels(outcome="rejected")
 AGGREGATE_DURATION_MS = Histogram(
     "billing_aggregate_duration_ms",
     "Time to compute and upsert one daily aggregate, in milliseconds.",

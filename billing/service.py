@@ -106,11 +106,12 @@ class BillingService:
         try:
             results = ledger.record_many(self.session, self.tenant_id, events)
         except IdempotencyConflictError:
-            metrics.USAGE_INGEST.labels(outcome="rejected").inc(len(events))
+            metrics.USAGE_REJECTED.inc(len(events))
             raise
         duplicates = sum(r.duplicate for r in results)
-        metrics.USAGE_INGEST.labels(outcome="duplicate").inc(duplicates)
-        metrics.USAGE_INGEST.labels(outcome="stored").inc(len(results) - duplicates)
+        if duplicates:
+            metrics.USAGE_DUPLICATE.inc(duplicates)
+        metrics.USAGE_STORED.inc(len(results) - duplicates)
         return results
 
     def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
@@ -188,12 +189,12 @@ class BillingService:
         try:
             return ledger.validate_usage(**fields)
         except InvalidUsageError:
-            metrics.USAGE_INGEST.labels(outcome="rejected").inc()
+            metrics.USAGE_REJECTED.inc()
             raise
 
     def _validate_item(self, index: int, item: Mapping[str, Any]) -> ledger.UsageInput:
         if not isinstance(item, Mapping):
-            metrics.USAGE_INGEST.labels(outcome="rejected").inc()
+            metrics.USAGE_REJECTED.inc()
             raise InvalidUsageError(f"events[{index}] must be a mapping", field=f"events[{index}]")
         try:
             return self._validated(
