@@ -127,17 +127,7 @@ def test_a_worker_killed_mid_invoice_leaves_one_invoice_and_one_event_after_rest
     blocker.begin()
     blocker.execute(text("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE"))
     try:
-        from workers import actors
-        from workers.broker import build_broker
-
-        settings = WorkerSettings(redis_url=redis_url, namespace=namespace)
-        previous = actors.attach(build_broker(settings), settings=settings)
-        try:
-            actors.enqueue_generate_monthly_invoice(
-                tenant_id="t1", period_start=start, period_end=end, currency="usd"
-            )
-        finally:
-            actors.attach(previous, settings=actors.settings)
+        enqueue_invoice_on_redis(redis_url, namespace, "t1", start, end)
         first = spawn("worker", procfile_command("worker"), env)
         wait_until(
             lambda: _waiting_on_lock(pg_engine) >= 1, timeout=30, what="the job to reach the outbox"
@@ -161,6 +151,21 @@ def test_a_worker_killed_mid_invoice_leaves_one_invoice_and_one_event_after_rest
     assert count(pg_factory, WebhookEvent, WebhookEvent.topic == INVOICE_CREATED) == 1
 
 
+def enqueue_invoice_on_redis(redis_url, namespace, tenant_id, start, end) -> None:
+    """Send one `billing.generate_monthly_invoice` through the real Redis, as a service would."""
+    from workers import actors
+    from workers.broker import build_broker
+
+    settings = WorkerSettings(redis_url=redis_url, namespace=namespace)
+    previous = actors.attach(build_broker(settings), settings=settings)
+    try:
+        actors.enqueue_generate_monthly_invoice(
+            tenant_id=tenant_id, period_start=start, period_end=end, currency="usd"
+        )
+    finally:
+        actors.attach(previous, settings=actors.settings)
+
+
 def _waiting_on_lock(engine) -> int:
     with engine.connect() as conn:
         return conn.execute(
@@ -180,17 +185,7 @@ def test_sigterm_lets_the_job_in_hand_finish(
     blocker.begin()
     blocker.execute(text("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE"))
     try:
-        from workers import actors
-        from workers.broker import build_broker
-
-        settings = WorkerSettings(redis_url=redis_url, namespace=namespace)
-        previous = actors.attach(build_broker(settings), settings=settings)
-        try:
-            actors.enqueue_generate_monthly_invoice(
-                tenant_id="t1", period_start=start, period_end=end, currency="usd"
-            )
-        finally:
-            actors.attach(previous, settings=actors.settings)
+        enqueue_invoice_on_redis(redis_url, namespace, "t1", start, end)
         worker = spawn("worker", procfile_command("worker"), base_env)
         wait_until(
             lambda: _waiting_on_lock(pg_engine) >= 1, timeout=30, what="the job to reach the outbox"
