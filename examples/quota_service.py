@@ -3,19 +3,21 @@
 Run it from the repository root (on `DATABASE_URL`, the SQLite file `billing.sqlite3` by default):
 
     billing db upgrade
-    billing keys create --tenant acme --scope billing.read --scope billing.admin   # prints bk_…
+    billing keys create --operator --scope billing.admin          # prints bk_… (OPERATOR)
+    billing keys create --tenant acme --scope billing.read        # prints bk_… (the tenant's)
     uvicorn --app-dir examples quota_service:app --port 8001
 
-With that key (`AUTH="Authorization: Bearer bk_…"`), give the tenant a plan allowing 3 reports
-a day and subscribe it:
+With the operator's key (`OP="Authorization: Bearer bk_…"`), give the tenant a plan allowing
+3 reports a day and subscribe it (tenants cannot change plans or their own subscriptions):
 
-    curl -X POST localhost:8001/_billing/plans -H "$AUTH" -H 'Content-Type: application/json' \\
+    curl -X POST localhost:8001/_billing/plans -H "$OP" -H 'Content-Type: application/json' \\
       -d '{"key": "starter", "name": "Starter",
            "entitlements": [{"key": "reports", "limit_per_window": 3, "window": "day"}]}'
-    curl -X POST localhost:8001/_billing/subscriptions -H "$AUTH" \\
-      -H 'Content-Type: application/json' -d '{"plan_key": "starter"}'
+    curl -X POST localhost:8001/_billing/subscriptions -H "$OP" \\
+      -H 'Content-Type: application/json' -d '{"tenant_id": "acme", "plan_key": "starter"}'
 
-Then `curl -X POST localhost:8001/reports -H "$AUTH"` works three times a day; the fourth call
+With the tenant's key (`AUTH="Authorization: Bearer bk_…"`),
+`curl -X POST localhost:8001/reports -H "$AUTH"` works three times a day; the fourth call
 gets 429 (problem+json, with `Retry-After`). A tenant without a subscription is not limited.
 """
 

@@ -1,12 +1,19 @@
-"""Who is calling: a `Principal` (tenant and scopes), from an API key by default.
+"""Who is calling: a `Principal` (a tenant, or an operator, and scopes), from an API key.
 
-Every route takes the tenant from the principal, never from a header or a body field. An app
-with its own authentication passes `add_billing(app, principal=my_dependency)`: any FastAPI
-dependency returning a `Principal`, used for the billing routes and for `require_quota` alike.
+Two kinds of caller:
 
-Scopes are independent: `billing.read` reads, `billing.write` records usage, `billing.admin`
-manages plans, prices, subscriptions and invoices. Plans and prices are shared by all tenants,
-so give `billing.admin` to operators only.
+- a **tenant** (a key bound to one tenant): `billing.read` reads its own usage, quotas,
+  subscriptions and invoices (and the shared plans), `billing.write` records its usage. Every
+  tenant route takes the tenant from the principal, never from a header or a body field.
+- an **operator** (a key with no tenant, `billing keys create --operator`): `billing.admin`
+  manages the shared catalogue (plans, prices, entitlements) and any tenant's subscriptions
+  and invoices, the tenant named in the path or the body. Operators have no usage of their own.
+
+A tenant-bound principal never acts as an operator, even if it holds `billing.admin` (older keys
+did): a tenant can neither edit the catalogue every tenant is billed from, nor cancel its own
+subscription to lift its quotas. An app with its own authentication passes
+`add_billing(app, principal=my_dependency)`: any FastAPI dependency returning a `Principal`,
+used for the billing routes and for `require_quota` alike.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from fastapi import Depends, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from billing.api.deps import SessionDep
-from billing.api.keys import find_active_key
+from billing.api.keys import ADMIN_SCOPE, find_active_key
 from billing.api.problems import ProblemError
 
 bearer = HTTPBearer(
@@ -31,7 +38,21 @@ bearer = HTTPBearer(
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The caller: the tenant it acts for and the scopes it holds."""
+    """The caller: the tenant it acts for (None for an operator) and the scopes it holds."""
+
+    tenant_id: str | None
+    scopes: frozenset[str]
+    key_id: str | None = None
+
+    @property
+    def is_operator(self) -> bool:
+        """True for a caller bound to no tenant."""
+        return self.tenant_id is None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPrincipal:
+    """A caller acting for one tenant (what tenant routes and `require_quota` receive)."""
 
     tenant_id: str
     scopes: frozenset[str]
@@ -70,24 +91,64 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
-    """A dependency returning the principal if it holds `scope`, else answering 403."""
+def tenant_of(principal: Principal) -> TenantPrincipal:
+    """The principal as a tenant's caller.
 
-    async def principal_with_scope(principal: PrincipalDep) -> Principal:
-        if scope not in principal.scopes:
-            raise ProblemError(
-                403,
-                "Forbidden",
-                f"this key lacks the {scope} scope",
-                slug="missing-scope",
-                scope=scope,
-            )
-        return principal
+    Raises:
+        ProblemError: 403 for an operator, which has no tenant of its own.
+    """
+    if principal.tenant_id is None:
+        raise ProblemError(
+            403,
+            "Forbidden",
+            "operator keys have no tenant: use a tenant's key here, or the operator routes "
+            "that name the tenant (/tenants/{tenant_id}/…)",
+            slug="operator-key",
+        )
+    return TenantPrincipal(principal.tenant_id, principal.scopes, principal.key_id)
 
-    principal_with_scope.__name__ = f"require_{scope.replace('.', '_')}"
-    return principal_with_scope
+
+def require_scope(scope: str) -> Callable[[Principal], Awaitable[TenantPrincipal]]:
+    """A dependency returning the tenant principal if it holds `scope`, else answering 403."""
+
+    async def tenant_with_scope(principal: PrincipalDep) -> TenantPrincipal:
+        tenant = tenant_of(principal)
+        _check_scope(principal, scope)
+        return tenant
+
+    tenant_with_scope.__name__ = f"require_{scope.replace('.', '_')}"
+    return tenant_with_scope
 
 
-Reader = Annotated[Principal, Depends(require_scope("billing.read"))]
-Writer = Annotated[Principal, Depends(require_scope("billing.write"))]
-Admin = Annotated[Principal, Depends(require_scope("billing.admin"))]
+async def require_operator(principal: PrincipalDep) -> Principal:
+    """The principal if it is an operator holding `billing.admin`, else 403."""
+    if not principal.is_operator:
+        raise ProblemError(
+            403,
+            "Forbidden",
+            f"{ADMIN_SCOPE} routes need an operator key (billing keys create --operator); "
+            "tenant keys cannot change the shared catalogue or any subscription",
+            slug="operator-only",
+            scope=ADMIN_SCOPE,
+        )
+    _check_scope(principal, ADMIN_SCOPE)
+    return principal
+
+
+async def require_catalogue_reader(principal: PrincipalDep) -> Principal:
+    """A tenant with `billing.read`, or an operator: the plans are shared by both."""
+    _check_scope(principal, ADMIN_SCOPE if principal.is_operator else "billing.read")
+    return principal
+
+
+def _check_scope(principal: Principal, scope: str) -> None:
+    if scope not in principal.scopes:
+        raise ProblemError(
+            403, "Forbidden", f"this key lacks the {scope} scope", slug="missing-scope", scope=scope
+        )
+
+
+Reader = Annotated[TenantPrincipal, Depends(require_scope("billing.read"))]
+Writer = Annotated[TenantPrincipal, Depends(require_scope("billing.write"))]
+Operator = Annotated[Principal, Depends(require_operator)]
+CatalogueReader = Annotated[Principal, Depends(require_catalogue_reader)]

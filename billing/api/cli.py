@@ -19,7 +19,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sub = group.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
 
     create = sub.add_parser("create", help="create a key and print it (shown only once)")
-    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    owner = create.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--tenant", help="the tenant the key acts for (billing.read, .write)")
+    owner.add_argument(
+        "--operator",
+        action="store_true",
+        help="a key bound to no tenant (billing.admin: plans, prices, any tenant's "
+        "subscriptions and invoices)",
+    )
     create.add_argument(
         "--scope",
         action="append",
@@ -48,15 +55,20 @@ def _create(args: argparse.Namespace) -> int:
     try:
         with _session_factory().begin() as session:
             key, plaintext = keys.create_key(
-                session, tenant_id=args.tenant, scopes=args.scope, name=args.name
+                session,
+                tenant_id=args.tenant,
+                operator=args.operator,
+                scopes=args.scope,
+                name=args.name,
             )
             key_id = key.id
     except InvalidUsageError as error:
         print(f"billing keys create: {error}", file=sys.stderr)
         return 2
     print(plaintext)
+    owner = "operator key" if args.operator else f"key for tenant {_shown(args.tenant)}"
     print(
-        f"key {key_id} for tenant {args.tenant} ({', '.join(sorted(set(args.scope)))}); "
+        f"{owner} {key_id} ({', '.join(sorted(set(args.scope)))}); "
         "store it now, it is not shown again",
         file=sys.stderr,
     )
@@ -78,7 +90,16 @@ def _list(args: argparse.Namespace) -> int:
         for key in keys.list_keys(session, args.tenant):
             state = "revoked" if key.revoked_at else "active"
             print(
-                f"{key.id}  {key.prefix}…  {key.tenant_id}  {','.join(key.scopes)}  {state}"
-                f"  {key.name or ''}".rstrip()
+                f"{key.id}  {key.prefix}…  {_owner(key.tenant_id)}  {','.join(key.scopes)}"
+                f"  {state}  {_shown(key.name or '')}".rstrip()
             )
     return 0
+
+
+def _owner(tenant_id: str | None) -> str:
+    return "(operator)" if tenant_id is None else _shown(tenant_id)
+
+
+def _shown(text: str) -> str:
+    """Text as is when plain printable ASCII, else escaped: no terminal control codes."""
+    return text if text.isascii() and text.isprintable() else ascii(text)

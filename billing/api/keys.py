@@ -1,4 +1,8 @@
-"""API keys: created once, shown once, stored as a SHA-256 digest, bound to one tenant.
+"""API keys: created once, shown once, stored as a SHA-256 digest, bound to one tenant or none.
+
+A tenant's key holds `billing.read` and/or `billing.write` for that tenant; an operator's key
+(no tenant) holds `billing.admin` and nothing else. No key is both: `billing.admin` changes what
+every tenant is billed, so a tenant never holds it (migration 0007 took it from older keys).
 
 A key reads `bk_` followed by 43 URL-safe characters (256 random bits). That much entropy
 makes a fast, unsalted digest safe to store and lets a request be authenticated with one
@@ -21,7 +25,10 @@ from billing.api.models import ApiKey
 from billing.errors import InvalidUsageError
 from webhooks.sqltypes import utcnow
 
-SCOPES = ("billing.read", "billing.write", "billing.admin")
+ADMIN_SCOPE = "billing.admin"
+SCOPES = ("billing.read", "billing.write", ADMIN_SCOPE)
+TENANT_SCOPES = ("billing.read", "billing.write")
+OPERATOR_SCOPES = (ADMIN_SCOPE,)
 KEY_PREFIX = "bk_"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
 MAX_KEY_LENGTH = 200
@@ -33,19 +40,32 @@ def hash_key(plaintext: str) -> str:
 
 
 def create_key(
-    session: Session, *, tenant_id: str, scopes: Iterable[str], name: str | None = None
+    session: Session,
+    *,
+    scopes: Iterable[str],
+    tenant_id: str | None = None,
+    operator: bool = False,
+    name: str | None = None,
 ) -> tuple[ApiKey, str]:
-    """Store a new key for `tenant_id`; return the row and the plaintext (never stored).
+    """Store a new key for `tenant_id`, or an operator's key (`operator=True`, no tenant);
+    return the row and the plaintext (never stored).
 
     Raises:
-        InvalidUsageError: an unknown scope, no scope, or a malformed tenant id.
+        InvalidUsageError: both or neither of a tenant and `operator`, a malformed tenant id,
+            no scope, or a scope that kind of key cannot hold (`billing.admin` is for operators
+            only, and operators hold nothing else).
     """
-    tenant_id = ledger.validate_tenant(tenant_id)
+    if operator == (tenant_id is not None):
+        raise InvalidUsageError("a key is either a tenant's or an operator's", field="tenant_id")
+    if tenant_id is not None:
+        tenant_id = ledger.validate_tenant(tenant_id)
+    allowed = OPERATOR_SCOPES if operator else TENANT_SCOPES
     wanted = sorted(set(scopes))
-    unknown = [scope for scope in wanted if scope not in SCOPES]
-    if unknown or not wanted:
+    if not wanted or any(scope not in allowed for scope in wanted):
+        kind = "an operator key" if operator else "a tenant key"
         raise InvalidUsageError(
-            f"scopes must be some of {', '.join(SCOPES)}; got {wanted or 'none'}", field="scopes"
+            f"{kind} holds some of {', '.join(allowed)}; got {', '.join(wanted) or 'none'}",
+            field="scopes",
         )
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(

@@ -25,13 +25,14 @@ class ApiBase(DeclarativeBase):
 
 
 class ApiKey(ApiBase):
-    """A bearer key bound to one tenant and a set of scopes; only its SHA-256 is stored."""
+    """A bearer key bound to one tenant (or to none: an operator's) and a set of scopes; only
+    its SHA-256 is stored."""
 
     __tablename__ = "api_keys"
     __table_args__ = (Index("ix_api_keys_tenant_id", "tenant_id"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    tenant_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     prefix: Mapped[str] = mapped_column(String(16), nullable=False)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)

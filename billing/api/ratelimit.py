@@ -2,7 +2,8 @@
 
     @app.get("/reports", dependencies=[Depends(require_quota("reports", window="day"))])
 
-The tenant is the request's principal (see `billing.api.auth`). Responses carry
+The tenant is the request's principal (see `billing.api.auth`); an operator key, bound to no
+tenant, gets 403. Responses carry
 `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds to the end of the UTC
 window). Over a hard limit the answer is 429 problem+json with those headers and `Retry-After`;
 over a soft limit the request goes through with a `Warning` header saying so. A tenant without
@@ -22,7 +23,7 @@ from typing import get_args
 
 from fastapi import Response
 
-from billing.api.auth import PrincipalDep
+from billing.api.auth import PrincipalDep, tenant_of
 from billing.api.deps import ApiDep, SessionDep
 from billing.api.problems import ProblemError
 from billing.quotas import QuotaStatus, Window, check_quota, consume_quota
@@ -53,7 +54,7 @@ def require_quota(
         response: Response, principal: PrincipalDep, session: SessionDep, api: ApiDep
     ) -> QuotaStatus | None:
         now = api.clock()
-        tenant_id = principal.tenant_id
+        tenant_id = tenant_of(principal).tenant_id  # an operator has no quota: 403
         if consume:
             status = consume_quota(
                 session,

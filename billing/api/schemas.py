@@ -41,6 +41,7 @@ def _to_utc(value: datetime) -> datetime:
         raise ValueError("datetime is out of range once converted to UTC") from error
 
 
+TenantId = Annotated[str, _text(64)]
 Metric = Annotated[str, _text(100)]
 Key = Annotated[str, _text(100)]
 Name = Annotated[str, _text(200)]
@@ -219,9 +220,10 @@ class PlanList(BaseModel):
 
 
 class SubscriptionIn(_In):
-    """Puts the caller's tenant on `plan_key` from `effective_at` (default: now). A subscription
-    of the tenant still open at that time ends then: this is how a plan is changed."""
+    """Puts `tenant_id` on `plan_key` from `effective_at` (default: now). A subscription of the
+    tenant still open at that time ends then: this is how a plan is changed."""
 
+    tenant_id: TenantId
     plan_key: Key
     effective_at: UTCInstant | None = None
     ended_at: UTCInstant | None = None

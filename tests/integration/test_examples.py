@@ -88,8 +88,10 @@ def test_the_quota_service_answers_429_once_the_plans_daily_reports_are_used(
     sqlite_engine, tmp_path
 ) -> None:
     with make_session_factory(sqlite_engine).begin() as session:
-        _, key = create_key(session, tenant_id="acme", scopes=["billing.read", "billing.admin"])
+        _, key = create_key(session, tenant_id="acme", scopes=["billing.read"])
+        _, operator_key = create_key(session, operator=True, scopes=["billing.admin"])
     auth = {"Authorization": f"Bearer {key}"}
+    operator = {"Authorization": f"Bearer {operator_key}"}
     plan = {
         "key": "starter",
         "name": "Starter",
@@ -99,8 +101,12 @@ def test_the_quota_service_answers_429_once_the_plans_daily_reports_are_used(
     with service as base, httpx.Client(base_url=base, headers=auth, timeout=10) as client:
         unlimited = client.post("/reports")  # no subscription yet: not limited, but counted
         assert (unlimited.status_code, "ratelimit-limit" in unlimited.headers) == (200, False)
-        assert client.post("/_billing/plans", json=plan).status_code == 201
-        subscribed = client.post("/_billing/subscriptions", json={"plan_key": "starter"})
+        assert client.post("/_billing/plans", json=plan, headers=operator).status_code == 201
+        subscribed = client.post(
+            "/_billing/subscriptions",
+            json={"tenant_id": "acme", "plan_key": "starter"},
+            headers=operator,
+        )
         assert subscribed.status_code == 201, subscribed.text
         answers = []
         for _ in range(10):

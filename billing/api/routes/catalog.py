@@ -1,7 +1,7 @@
-"""Plans, entitlements and prices: read by any key, changed with `billing.admin`.
+"""Plans, entitlements and prices: read by tenants and operators, changed by operators.
 
-The catalogue is shared by every tenant (it has no tenant column): an admin key of any tenant
-changes it for all, which is why `billing.admin` is for operators.
+The catalogue is shared by every tenant (it has no tenant column), so only an operator key
+(`billing.admin`, no tenant) changes it: one tenant can't re-price another's usage.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from fastapi import APIRouter, Response
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 
-from billing.api.auth import Admin, Reader
+from billing.api.auth import CatalogueReader, Operator
 from billing.api.deps import SessionDep
 from billing.api.problems import invalid_field, problem_responses
 from billing.api.schemas import (
@@ -32,7 +32,7 @@ router = APIRouter(tags=["plans"])
 
 @router.get("/plans", summary="Plans with their entitlements and prices")
 def list_plans(
-    principal: Reader,
+    principal: CatalogueReader,
     session: SessionDep,
 ) -> PlanList:
     """Every plan, by key."""
@@ -47,7 +47,7 @@ def list_plans(
 @router.post(
     "/plans",
     status_code=201,
-    summary="Create or change a plan (admin)",
+    summary="Create or change a plan (operator)",
     responses={
         200: {"model": PlanOut, "description": "Changed"},
         **problem_responses(401, 403, 422),
@@ -56,7 +56,7 @@ def list_plans(
 def put_plan(
     body: PlanIn,
     response: Response,
-    principal: Admin,
+    principal: Operator,
     session: SessionDep,
 ) -> PlanOut:
     """201 for a new plan key, 200 when the plan existed and was changed."""
@@ -78,7 +78,7 @@ def put_plan(
 @router.post(
     "/prices",
     status_code=201,
-    summary="Create or change a price (admin)",
+    summary="Create or change a price (operator)",
     responses={
         200: {"model": PriceOut, "description": "Changed"},
         **problem_responses(401, 403, 422),
@@ -87,7 +87,7 @@ def put_plan(
 def put_price(
     body: PriceIn,
     response: Response,
-    principal: Admin,
+    principal: Operator,
     session: SessionDep,
 ) -> PriceOut:
     """201 for a new price key, 200 when the price existed and was changed. Invoices already

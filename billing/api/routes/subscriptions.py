@@ -1,5 +1,6 @@
-"""The caller's subscriptions: listed with `billing.read`, created and cancelled with
-`billing.admin`, always for the principal's own tenant."""
+"""Subscriptions: a tenant lists its own (`billing.read`); an operator (`billing.admin`) lists,
+creates and cancels any tenant's, the tenant named in the path or the body. A tenant cannot
+end its own subscription: that would lift its quotas."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Path
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from billing.api.auth import Admin, Reader
+from billing.api.auth import Operator, Reader
 from billing.api.deps import ApiDep, SessionDep
 from billing.api.problems import ProblemError, invalid_field, problem_responses
 from billing.api.schemas import (
@@ -17,36 +19,49 @@ from billing.api.schemas import (
     SubscriptionIn,
     SubscriptionList,
     SubscriptionOut,
+    TenantId,
 )
 from billing.models import Plan, Subscription
 
 router = APIRouter(tags=["subscriptions"])
 
 
-@router.get("/subscriptions", summary="The caller's subscriptions")
+@router.get(
+    "/subscriptions",
+    summary="The caller's subscriptions",
+    responses=problem_responses(401, 403),
+)
 def list_subscriptions(
     principal: Reader,
     session: SessionDep,
 ) -> SubscriptionList:
     """The tenant's subscriptions, oldest first."""
-    rows = session.execute(
-        select(Subscription, Plan.key)
-        .join(Plan, Plan.id == Subscription.plan_id)
-        .where(Subscription.tenant_id == principal.tenant_id)
-        .order_by(Subscription.effective_at, Subscription.id)
-    ).all()
-    return SubscriptionList(items=[subscription_out(sub, key) for sub, key in rows])
+    return _subscriptions_of(session, principal.tenant_id)
+
+
+@router.get(
+    "/tenants/{tenant_id}/subscriptions",
+    summary="A tenant's subscriptions (operator)",
+    responses=problem_responses(401, 403, 422),
+)
+def list_tenant_subscriptions(
+    tenant_id: Annotated[TenantId, Path()],
+    principal: Operator,
+    session: SessionDep,
+) -> SubscriptionList:
+    """The tenant's subscriptions, oldest first (none for a tenant never subscribed)."""
+    return _subscriptions_of(session, tenant_id)
 
 
 @router.post(
     "/subscriptions",
     status_code=201,
-    summary="Subscribe the caller's tenant to a plan (admin)",
+    summary="Subscribe a tenant to a plan (operator)",
     responses=problem_responses(401, 403, 422),
 )
 def create_subscription(
     body: SubscriptionIn,
-    principal: Admin,
+    principal: Operator,
     session: SessionDep,
     api: ApiDep,
 ) -> SubscriptionOut:
@@ -61,14 +76,14 @@ def create_subscription(
     session.execute(
         update(Subscription)
         .where(
-            Subscription.tenant_id == principal.tenant_id,
+            Subscription.tenant_id == body.tenant_id,
             Subscription.effective_at < effective_at,
             (Subscription.ended_at.is_(None)) | (Subscription.ended_at > effective_at),
         )
         .values(ended_at=effective_at)
     )
     subscription = Subscription(
-        tenant_id=principal.tenant_id,
+        tenant_id=body.tenant_id,
         plan_id=plan.id,
         effective_at=effective_at,
         ended_at=body.ended_at,
@@ -80,11 +95,11 @@ def create_subscription(
 
 @router.post(
     "/subscriptions/{subscription_id}/cancel",
-    summary="End one of the caller's subscriptions (admin)",
+    summary="End a tenant's subscription (operator)",
     responses=problem_responses(401, 403, 404, 422),
 )
 def cancel_subscription(
-    principal: Admin,
+    principal: Operator,
     session: SessionDep,
     api: ApiDep,
     subscription_id: Annotated[str, Path(max_length=36, pattern=ResourceId)],
@@ -95,7 +110,7 @@ def cancel_subscription(
     row = session.execute(
         select(Subscription, Plan.key)
         .join(Plan, Plan.id == Subscription.plan_id)
-        .where(Subscription.id == subscription_id, Subscription.tenant_id == principal.tenant_id)
+        .where(Subscription.id == subscription_id)
     ).one_or_none()
     if row is None:
         raise ProblemError(404, "Not found", "no such subscription", slug="not-found")
@@ -107,6 +122,16 @@ def cancel_subscription(
         subscription.ended_at = at
     session.commit()
     return subscription_out(subscription, plan_key)
+
+
+def _subscriptions_of(session: Session, tenant_id: str) -> SubscriptionList:
+    rows = session.execute(
+        select(Subscription, Plan.key)
+        .join(Plan, Plan.id == Subscription.plan_id)
+        .where(Subscription.tenant_id == tenant_id)
+        .order_by(Subscription.effective_at, Subscription.id)
+    ).all()
+    return SubscriptionList(items=[subscription_out(sub, key) for sub, key in rows])
 
 
 def subscription_out(subscription: Subscription, plan_key: str) -> SubscriptionOut:

@@ -15,7 +15,7 @@ from billing.api.keys import create_key
 
 NOW = datetime(2025, 3, 15, 12, 0, tzinfo=UTC)
 READ_WRITE = ("billing.read", "billing.write")
-ALL_SCOPES = ("billing.read", "billing.write", "billing.admin")
+ADMIN = ("billing.admin",)
 
 
 class Clock:
@@ -86,5 +86,8 @@ def a_key(make_key) -> dict[str, str]:
 
 
 @pytest.fixture
-def admin_a(make_key) -> dict[str, str]:
-    return make_key("A", ALL_SCOPES)
+def operator(session_factory: sessionmaker[Session]) -> dict[str, str]:
+    """The Authorization header of an operator's key (no tenant, `billing.admin`)."""
+    with session_factory.begin() as session:
+        _, plaintext = create_key(session, operator=True, scopes=ADMIN)
+    return {"Authorization": f"Bearer {plaintext}"}

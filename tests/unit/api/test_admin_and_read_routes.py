@@ -21,8 +21,8 @@ PLAN = {
 }
 
 
-def test_creating_then_changing_a_plan(client, admin_a) -> None:
-    created = client.post("/_billing/plans", json=PLAN, headers=admin_a)
+def test_creating_then_changing_a_plan(client, operator) -> None:
+    created = client.post("/_billing/plans", json=PLAN, headers=operator)
     assert created.status_code == 201
     changed = client.post(
         "/_billing/plans",
@@ -32,34 +32,34 @@ def test_creating_then_changing_a_plan(client, admin_a) -> None:
             "description": "more",
             "entitlements": [{"key": "calls", "limit_per_window": 5, "window": "day"}],
         },
-        headers=admin_a,
+        headers=operator,
     )
     assert changed.status_code == 200
     assert changed.json()["id"] == created.json()["id"]
-    listed = client.get("/_billing/plans", headers=admin_a).json()["items"]
+    listed = client.get("/_billing/plans", headers=operator).json()["items"]
     assert [(p["name"], p["description"]) for p in listed] == [("Pro 2", "more")]
     assert listed[0]["entitlements"] == [{"key": "calls", "limit_per_window": 5, "window": "day"}]
 
 
-def test_changing_a_plan_without_entitlements_keeps_them(client, admin_a) -> None:
-    client.post("/_billing/plans", json=PLAN, headers=admin_a)
-    client.post("/_billing/plans", json={"key": "pro", "name": "Renamed"}, headers=admin_a)
-    [plan] = client.get("/_billing/plans", headers=admin_a).json()["items"]
+def test_changing_a_plan_without_entitlements_keeps_them(client, operator) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=operator)
+    client.post("/_billing/plans", json={"key": "pro", "name": "Renamed"}, headers=operator)
+    [plan] = client.get("/_billing/plans", headers=operator).json()["items"]
     assert len(plan["entitlements"]) == 2
 
 
-def test_an_entitlement_listed_twice_is_refused(client, admin_a) -> None:
+def test_an_entitlement_listed_twice_is_refused(client, operator) -> None:
     twice = [{"key": "t", "limit_per_window": 1, "window": "day"}] * 2
     response = client.post(
-        "/_billing/plans", json={"key": "p", "name": "P", "entitlements": twice}, headers=admin_a
+        "/_billing/plans", json={"key": "p", "name": "P", "entitlements": twice}, headers=operator
     )
     assert (response.status_code, response.json()["field"]) == (422, "entitlements")
 
 
 def test_prices_are_created_and_changed_with_exact_decimals(
-    client, admin_a, session_factory
+    client, operator, session_factory
 ) -> None:
-    client.post("/_billing/plans", json=PLAN, headers=admin_a)
+    client.post("/_billing/plans", json=PLAN, headers=operator)
     price = {
         "key": "tokens-usd",
         "currency": "USD",
@@ -67,7 +67,7 @@ def test_prices_are_created_and_changed_with_exact_decimals(
         "metric": "tokens",
         "unit_amount_decimal": "0.000200000001",
     }
-    created = client.post("/_billing/prices", json=price, headers=admin_a)
+    created = client.post("/_billing/prices", json=price, headers=operator)
     assert created.status_code == 201
     assert (created.json()["currency"], created.json()["unit_amount_decimal"]) == (
         "usd",
@@ -83,13 +83,13 @@ def test_prices_are_created_and_changed_with_exact_decimals(
         ],
         "unit_amount_decimal": None,
     }
-    changed = client.post("/_billing/prices", json=tiered, headers=admin_a)
+    changed = client.post("/_billing/prices", json=tiered, headers=operator)
     assert changed.status_code == 200
     with session_factory() as session:
         stored = session.execute(select(Price)).scalar_one()
         assert stored.billing_scheme == "tiered"
         assert stored.tiers[1] == {"up_to": None, "unit_amount_decimal": "0.25", "flat_amount": 100}
-    plans = client.get("/_billing/plans", headers=admin_a).json()["items"]
+    plans = client.get("/_billing/plans", headers=operator).json()["items"]
     assert plans[0]["prices"][0]["key"] == "tokens-usd"
 
 
@@ -115,25 +115,29 @@ def test_prices_are_created_and_changed_with_exact_decimals(
     ],
 )
 def test_a_malformed_price_is_refused_naming_the_field(
-    client, admin_a, session_factory, change, field
+    client, operator, session_factory, change, field
 ) -> None:
     price = {"key": "p", "currency": "usd", "unit_amount": 100, **change}
-    response = client.post("/_billing/prices", json=price, headers=admin_a)
+    response = client.post("/_billing/prices", json=price, headers=operator)
     assert response.status_code == 422
     assert response.json()["field"] == field
     with session_factory() as session:
         assert session.execute(select(Price)).first() is None
 
 
-def test_subscribing_ends_the_open_subscription_at_the_change(client, admin_a, clock) -> None:
-    client.post("/_billing/plans", json=PLAN, headers=admin_a)
-    client.post("/_billing/plans", json={"key": "basic", "name": "Basic"}, headers=admin_a)
-    first = client.post("/_billing/subscriptions", json={"plan_key": "basic"}, headers=admin_a)
+def test_subscribing_ends_the_open_subscription_at_the_change(client, operator, clock) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=operator)
+    client.post("/_billing/plans", json={"key": "basic", "name": "Basic"}, headers=operator)
+    first = client.post(
+        "/_billing/subscriptions", json={"tenant_id": "A", "plan_key": "basic"}, headers=operator
+    )
     assert first.status_code == 201
     assert first.json()["effective_at"] == "2025-03-15T12:00:00Z"
     clock.now += timedelta(days=3)
-    second = client.post("/_billing/subscriptions", json={"plan_key": "pro"}, headers=admin_a)
-    items = client.get("/_billing/subscriptions", headers=admin_a).json()["items"]
+    second = client.post(
+        "/_billing/subscriptions", json={"tenant_id": "A", "plan_key": "pro"}, headers=operator
+    )
+    items = client.get("/_billing/tenants/A/subscriptions", headers=operator).json()["items"]
     assert [(s["plan_key"], s["ended_at"]) for s in items] == [
         ("basic", second.json()["effective_at"]),
         ("pro", None),
@@ -143,31 +147,42 @@ def test_subscribing_ends_the_open_subscription_at_the_change(client, admin_a, c
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"plan_key": "missing"}, "plan_key"),
+        ({"tenant_id": "A", "plan_key": "missing"}, "plan_key"),
         (
-            {"plan_key": "pro", "effective_at": NOW.isoformat(), "ended_at": NOW.isoformat()},
+            {
+                "tenant_id": "A",
+                "plan_key": "pro",
+                "effective_at": NOW.isoformat(),
+                "ended_at": NOW.isoformat(),
+            },
             "ended_at",
         ),
-        ({"plan_key": "pro", "effective_at": "2025-03-15T12:00:00"}, "effective_at"),
+        (
+            {"tenant_id": "A", "plan_key": "pro", "effective_at": "2025-03-15T12:00:00"},
+            "effective_at",
+        ),
+        ({"plan_key": "pro"}, "tenant_id"),
     ],
 )
-def test_a_bad_subscription_is_refused(client, admin_a, body, field) -> None:
-    client.post("/_billing/plans", json=PLAN, headers=admin_a)
-    response = client.post("/_billing/subscriptions", json=body, headers=admin_a)
+def test_a_bad_subscription_is_refused(client, operator, body, field) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=operator)
+    response = client.post("/_billing/subscriptions", json=body, headers=operator)
     assert (response.status_code, response.json()["field"]) == (422, field)
 
 
-def test_cancelling_ends_a_subscription_once(client, admin_a, clock, session_factory) -> None:
-    client.post("/_billing/plans", json=PLAN, headers=admin_a)
-    sub = client.post("/_billing/subscriptions", json={"plan_key": "pro"}, headers=admin_a).json()
+def test_cancelling_ends_a_subscription_once(client, operator, clock, session_factory) -> None:
+    client.post("/_billing/plans", json=PLAN, headers=operator)
+    sub = client.post(
+        "/_billing/subscriptions", json={"tenant_id": "A", "plan_key": "pro"}, headers=operator
+    ).json()
     clock.now += timedelta(days=1)
     path = f"/_billing/subscriptions/{sub['id']}/cancel"
-    cancelled = client.post(path, headers=admin_a)
+    cancelled = client.post(path, headers=operator)
     assert cancelled.json()["ended_at"] == "2025-03-16T12:00:00Z"
     clock.now += timedelta(days=1)
-    again = client.post(path, json={"at": "2025-03-20T00:00:00Z"}, headers=admin_a)
+    again = client.post(path, json={"at": "2025-03-20T00:00:00Z"}, headers=operator)
     assert again.json()["ended_at"] == "2025-03-16T12:00:00Z"
-    early = client.post(path, json={"at": "2025-03-01T00:00:00Z"}, headers=admin_a)
+    early = client.post(path, json={"at": "2025-03-01T00:00:00Z"}, headers=operator)
     assert (early.status_code, early.json()["field"]) == (422, "at")
     with session_factory() as session:
         ended = session.execute(select(Subscription.ended_at)).scalar_one()
@@ -217,12 +232,15 @@ def test_an_invoice_is_read_with_its_lines(client, a_key, invoices) -> None:
     assert client.get("/_billing/invoices/not%20an%20id", headers=a_key).status_code == 422
 
 
-def test_voiding_an_open_invoice_and_not_a_paid_one(client, admin_a, invoices) -> None:
-    voided = client.post(f"/_billing/invoices/{invoices[1]}/void", headers=admin_a)
+def test_voiding_an_open_invoice_and_not_a_paid_one(client, operator, invoices) -> None:
+    voided = client.post(f"/_billing/invoices/{invoices[1]}/void", headers=operator)
     assert voided.json()["status"] == "void"
-    assert client.post(f"/_billing/invoices/{invoices[1]}/void", headers=admin_a).status_code == 200
-    paid = client.post(f"/_billing/invoices/{invoices[0]}/void", headers=admin_a)
+    assert (
+        client.post(f"/_billing/invoices/{invoices[1]}/void", headers=operator).status_code == 200
+    )
+    paid = client.post(f"/_billing/invoices/{invoices[0]}/void", headers=operator)
     assert paid.status_code == 409
     assert (
-        client.get(f"/_billing/invoices/{invoices[0]}", headers=admin_a).json()["status"] == "paid"
+        client.get(f"/_billing/tenants/A/invoices/{invoices[0]}", headers=operator).json()["status"]
+        == "paid"
     )

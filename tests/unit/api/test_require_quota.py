@@ -18,16 +18,20 @@ LIMITS = [
 
 
 @pytest.fixture
-def subscribed(client, admin_a) -> None:
+def subscribed(client, operator) -> None:
     client.post(
         "/_billing/plans",
         json={"key": "pro", "name": "Pro", "entitlements": LIMITS},
-        headers=admin_a,
+        headers=operator,
     )
     client.post(
         "/_billing/subscriptions",
-        json={"plan_key": "pro", "effective_at": (NOW - timedelta(days=1)).isoformat()},
-        headers=admin_a,
+        json={
+            "tenant_id": "A",
+            "plan_key": "pro",
+            "effective_at": (NOW - timedelta(days=1)).isoformat(),
+        },
+        headers=operator,
     )
 
 

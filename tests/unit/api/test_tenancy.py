@@ -1,5 +1,6 @@
-"""Tenant B, with every scope, tries every route against tenant A's data: it sees none of it,
-changes none of it, and its own writes land in its own tenant."""
+"""Tenant B, with every scope (even `billing.admin` on an old key), tries every route against
+tenant A's data and the shared catalogue: it sees none of A's data, changes none of it nor the
+catalogue, and its own writes land in its own tenant. Operator keys act on any tenant."""
 
 from __future__ import annotations
 
@@ -10,9 +11,42 @@ import pytest
 from sqlalchemy import func, select
 
 from billing import BillingService
-from billing.models import Invoice, InvoiceLine, Plan, PlanEntitlement, Subscription, UsageEvent
+from billing.api.keys import hash_key
+from billing.api.models import ApiKey
+from billing.models import (
+    Invoice,
+    InvoiceLine,
+    Plan,
+    PlanEntitlement,
+    Price,
+    Subscription,
+    UsageEvent,
+)
 
-from .conftest import ALL_SCOPES, NOW
+from .conftest import NOW, READ_WRITE
+
+ALL_SCOPES = ["billing.read", "billing.write", "billing.admin"]
+
+
+@pytest.fixture
+def legacy_key(session_factory) -> Callable[[str], dict[str, str]]:
+    """A tenant's key holding `billing.admin` as keys could before operator keys (a row as an
+    un-migrated database or a hand-made insert holds it; `create_key` refuses to make one)."""
+
+    def make(tenant: str) -> dict[str, str]:
+        plaintext = f"bk_legacy-{tenant}-0123456789abcdef0123456789abcdef"
+        with session_factory.begin() as session:
+            session.add(
+                ApiKey(
+                    tenant_id=tenant,
+                    prefix=plaintext[:11],
+                    key_hash=hash_key(plaintext),
+                    scopes=ALL_SCOPES,
+                )
+            )
+        return {"Authorization": f"Bearer {plaintext}"}
+
+    return make
 
 
 @pytest.fixture
@@ -24,6 +58,9 @@ def tenant_a(session_factory) -> dict[str, str]:
         session.flush()
         session.add(
             PlanEntitlement(plan_id=plan.id, key="tokens", window="day", limit_per_window=50)
+        )
+        session.add(
+            Price(key="pro-tokens", plan_id=plan.id, currency="usd", metric="tokens", unit_amount=2)
         )
         subscription = Subscription(
             tenant_id="A", plan_id=plan.id, effective_at=NOW - timedelta(days=10)
@@ -45,9 +82,12 @@ def tenant_a(session_factory) -> dict[str, str]:
 
 
 def snapshot(session_factory) -> tuple:
-    """Everything of tenant A's that a route could change."""
+    """Everything of tenant A's that a route could change, and the shared catalogue."""
     with session_factory() as session:
         return (
+            session.execute(select(Plan.key, Plan.name).order_by(Plan.key)).all(),
+            session.execute(select(PlanEntitlement.key, PlanEntitlement.limit_per_window)).all(),
+            session.execute(select(Price.key, Price.unit_amount, Price.plan_id)).all(),
             session.execute(
                 select(UsageEvent.id, UsageEvent.amount).where(UsageEvent.tenant_id == "A")
             ).all(),
@@ -98,15 +138,18 @@ def plans_get(client, b, a, session_factory) -> None:
 
 
 def plans_post(client, b, a, session_factory) -> None:
-    response = client.post("/_billing/plans", json={"key": "b-plan", "name": "B"}, headers=b)
-    assert response.status_code == 201
-    assert "tenant_id" not in response.json()
+    # Tenant A's admin key emptied B's entitlements: the catalogue is the operators' alone.
+    emptied = {"key": "pro", "name": "Pro", "entitlements": []}
+    assert client.post("/_billing/plans", json=emptied, headers=b).status_code == 403
+    new = {"key": "b-plan", "name": "B"}
+    assert client.post("/_billing/plans", json=new, headers=b).status_code == 403
 
 
 def prices_post(client, b, a, session_factory) -> None:
-    price = {"key": "b-price", "currency": "usd", "unit_amount": 100, "plan_key": "b-plan"}
-    client.post("/_billing/plans", json={"key": "b-plan", "name": "B"}, headers=b)
-    assert client.post("/_billing/prices", json=price, headers=b).status_code == 201
+    # ... and re-priced its prices.
+    repriced = {"key": "pro-tokens", "currency": "usd", "metric": "tokens", "unit_amount": 0}
+    response = client.post("/_billing/prices", json=repriced, headers=b)
+    assert (response.status_code, response.json()["scope"]) == (403, "billing.admin")
 
 
 def subscriptions_get(client, b, a, session_factory) -> None:
@@ -114,14 +157,29 @@ def subscriptions_get(client, b, a, session_factory) -> None:
 
 
 def subscriptions_post(client, b, a, session_factory) -> None:
-    response = client.post("/_billing/subscriptions", json={"plan_key": "pro"}, headers=b)
-    assert response.status_code == 201
-    assert response.json()["tenant_id"] == "B"
+    for tenant in ("A", "B"):
+        body = {"tenant_id": tenant, "plan_key": "pro"}
+        assert client.post("/_billing/subscriptions", json=body, headers=b).status_code == 403
 
 
 def subscription_cancel(client, b, a, session_factory) -> None:
     path = f"/_billing/subscriptions/{a['subscription']}/cancel"
-    assert client.post(path, headers=b).status_code == 404
+    assert client.post(path, headers=b).status_code == 403
+
+
+def tenant_subscriptions_get(client, b, a, session_factory) -> None:
+    for tenant in ("A", "B"):
+        path = f"/_billing/tenants/{tenant}/subscriptions"
+        assert client.get(path, headers=b).status_code == 403
+
+
+def tenant_invoices_get(client, b, a, session_factory) -> None:
+    assert client.get("/_billing/tenants/A/invoices", headers=b).status_code == 403
+
+
+def tenant_invoice_get(client, b, a, session_factory) -> None:
+    path = f"/_billing/tenants/A/invoices/{a['invoice']}"
+    assert client.get(path, headers=b).status_code == 403
 
 
 def invoices_get(client, b, a, session_factory) -> None:
@@ -133,7 +191,7 @@ def invoice_get(client, b, a, session_factory) -> None:
 
 
 def invoice_void(client, b, a, session_factory) -> None:
-    assert client.post(f"/_billing/invoices/{a['invoice']}/void", headers=b).status_code == 404
+    assert client.post(f"/_billing/invoices/{a['invoice']}/void", headers=b).status_code == 403
 
 
 def quotas_get(client, b, a, session_factory) -> None:
@@ -150,6 +208,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/_billing/subscriptions"): subscriptions_get,
     ("POST", "/_billing/subscriptions"): subscriptions_post,
     ("POST", "/_billing/subscriptions/{subscription_id}/cancel"): subscription_cancel,
+    ("GET", "/_billing/tenants/{tenant_id}/subscriptions"): tenant_subscriptions_get,
+    ("GET", "/_billing/tenants/{tenant_id}/invoices"): tenant_invoices_get,
+    ("GET", "/_billing/tenants/{tenant_id}/invoices/{invoice_id}"): tenant_invoice_get,
     ("GET", "/_billing/invoices"): invoices_get,
     ("GET", "/_billing/invoices/{invoice_id}"): invoice_get,
     ("POST", "/_billing/invoices/{invoice_id}/void"): invoice_void,
@@ -169,15 +230,36 @@ def test_the_matrix_covers_every_billing_route(app) -> None:
 
 @pytest.mark.parametrize("route", sorted(CASES), ids=lambda r: f"{r[0]} {r[1]}")
 def test_tenant_b_can_neither_read_nor_change_tenant_a_s_data(
-    client, make_key, tenant_a, session_factory, route
+    client, legacy_key, tenant_a, session_factory, route
 ) -> None:
     before = snapshot(session_factory)
-    CASES[route](client, make_key("B", ALL_SCOPES), tenant_a, session_factory)
+    CASES[route](client, legacy_key("B"), tenant_a, session_factory)
     assert snapshot(session_factory) == before
 
 
+def test_a_tenant_cannot_end_its_own_subscription_to_lift_its_quotas(
+    client, legacy_key, tenant_a, session_factory
+) -> None:
+    a = legacy_key("A")
+    before = snapshot(session_factory)
+    path = f"/_billing/subscriptions/{tenant_a['subscription']}/cancel"
+    response = client.post(path, headers=a)
+    assert (response.status_code, response.json()["type"]) == (
+        403,
+        "urn:billing:problem:operator-only",
+    )
+    assert (
+        client.post(
+            "/_billing/subscriptions", json={"tenant_id": "A", "plan_key": "pro"}, headers=a
+        ).status_code
+        == 403
+    )
+    assert snapshot(session_factory) == before
+    assert client.get("/_billing/quotas", headers=a).json()["items"][0]["limit"] == 50
+
+
 def test_tenant_a_still_sees_its_own_data(client, make_key, tenant_a) -> None:
-    a = make_key("A", ALL_SCOPES)
+    a = make_key("A", READ_WRITE)
     assert client.get("/_billing/usage", headers=a).json()["items"][0]["total"] == 40
     assert len(client.get("/_billing/subscriptions", headers=a).json()["items"]) == 1
     invoice = client.get(f"/_billing/invoices/{tenant_a['invoice']}", headers=a).json()
@@ -185,10 +267,11 @@ def test_tenant_a_still_sees_its_own_data(client, make_key, tenant_a) -> None:
     assert client.get("/_billing/quotas", headers=a).json()["items"][0]["used"] == 40
 
 
-def test_quota_checks_count_only_the_caller_s_usage(client, make_key, tenant_a) -> None:
-    b = make_key("B", ALL_SCOPES)
-    client.post("/_billing/subscriptions", json={"plan_key": "pro"}, headers=b)
+def test_quota_checks_count_only_the_caller_s_usage(client, make_key, operator, tenant_a) -> None:
+    b = make_key("B", READ_WRITE)
+    body = {"tenant_id": "B", "plan_key": "pro"}
+    assert client.post("/_billing/subscriptions", json=body, headers=operator).status_code == 201
     response = client.post("/generate", headers=b)  # consumes 10 tokens of B's 50
     assert response.headers["ratelimit-remaining"] == "40"
-    a = make_key("A", ALL_SCOPES)
+    a = make_key("A", READ_WRITE)
     assert client.get("/_billing/quotas", headers=a).json()["items"][0]["used"] == 40
