@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,10 @@ from billing.models import UsageEvent
 from webhooks.sqltypes import new_id, utcnow
 
 MAX_METRIC_LENGTH = 100
+#: Metric names: ASCII letters, digits and `_ . - : /` (nothing that prints as something else).
+METRIC_CHARSET = "ASCII letters, digits and _ . - : /"
+METRIC_PATTERN = r"^[A-Za-z0-9_.:/-]+$"
+_METRIC = re.compile(r"[A-Za-z0-9_.:/-]+")
 MAX_KEY_LENGTH = 255
 MAX_TENANT_LENGTH = 64
 MAX_METADATA_BYTES = 16 * 1024
@@ -58,12 +63,32 @@ def validate_usage(
 ) -> UsageInput:
     """Check one event's fields; raises `InvalidUsageError` naming the first bad field."""
     return UsageInput(
-        metric=_bounded_text(metric, "metric", MAX_METRIC_LENGTH),
+        metric=validate_metric(metric),
         amount=_amount(amount),
         at=_aware_utc(at),
         idempotency_key=_bounded_text(idempotency_key, "idempotency_key", MAX_KEY_LENGTH),
         metadata=_metadata(metadata),
     )
+
+
+def validate_metric(metric: object) -> str:
+    """Return `metric` if it is 1 to 100 characters of `METRIC_CHARSET`.
+
+    Raises:
+        InvalidUsageError: with `.field` "metric"; the message does not echo the name.
+    """
+    name = _bounded_text(metric, "metric", MAX_METRIC_LENGTH)
+    if _METRIC.fullmatch(name) is None:
+        raise InvalidUsageError(f"metric may contain only {METRIC_CHARSET}", field="metric")
+    return name
+
+
+def validate_stored_metric(metric: object) -> str:
+    """Return `metric` if it is a non-empty name of at most 100 characters.
+
+    For reading what is stored: names recorded before the charset existed are still billed.
+    """
+    return _bounded_text(metric, "metric", MAX_METRIC_LENGTH)
 
 
 @dataclass(frozen=True, slots=True)

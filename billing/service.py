@@ -116,9 +116,7 @@ class BillingService:
 
     def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
         """Compute and upsert the total of `metric` over the UTC day containing `day_start`."""
-        metric = ledger.validate_usage(
-            metric=metric, amount=0, at=day_start, idempotency_key="-"
-        ).metric
+        metric = ledger.validate_stored_metric(metric)
         with metrics.timed_ms(metrics.AGGREGATE_DURATION_MS):
             return aggregation.aggregate_day(self.session, self.tenant_id, metric, day_start)
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import make_engine, make_session_factory
 from billing.settings import BillingSettings
+from webhooks.safetext import safe_text
 from workers import fanout
 from workers.jobs import aggregate_daily_job, generate_monthly_invoice_job
 from workers.locks import LocalFireLock
@@ -241,7 +242,7 @@ class _Backfill:
             f"in {progress.elapsed:.1f} s"
         )
         for line in progress.errors[:10]:
-            print(f"  {line}")
+            print(f"  {safe_text(line)}")  # tenant ids, metrics and messages are untrusted
         return 1 if progress.failed else 0
 
 

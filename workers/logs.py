@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from dramatiq.middleware import CurrentMessage
 
-from webhooks.logs import TEXT_FORMAT, JsonFormatter
+from webhooks.logs import TEXT_FORMAT, JsonFormatter, TextFormatter
 from workers.settings import LogSettings
 
 _OUTCOME_LEVELS = {"ok": logging.INFO, "failed": logging.WARNING, "rejected": logging.ERROR}
@@ -50,7 +50,7 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
     again replaces what it set up before.
     """
     root = logging.getLogger()
-    formatter = JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter(TEXT_FORMAT)
     for existing in list(root.handlers):
         if getattr(existing, "_billing", False):
             root.removeHandler(existing)
@@ -58,9 +58,10 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
         plain = [h for h in root.handlers if type(h) is logging.StreamHandler]
         if plain:
             root.setLevel(settings.log_level)
-        if plain and settings.log_format == "json":
-            for existing in plain:
-                existing.setFormatter(formatter)
+        for existing in plain:  # Dramatiq's: keep its layout as text, but escaped
+            keep = existing.formatter._fmt if existing.formatter is not None else TEXT_FORMAT
+            json_lines = settings.log_format == "json"
+            existing.setFormatter(formatter if json_lines else TextFormatter(keep))
         return
     handler: logging.Handler = (
         logging.StreamHandler(stream) if stream is not None else _StderrHandler()

@@ -17,6 +17,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 
+from webhooks.safetext import safe_text
 from workers.broker import QUEUE_NAME
 
 
@@ -114,6 +115,6 @@ def format_stats(stats: QueueStats) -> str:
         since = letter.dead_since.isoformat(timespec="seconds") if letter.dead_since else "-"
         lines.append(
             f"    {since} {letter.actor_name} {letter.message_id} retries={letter.retries} "
-            f"args={json.dumps(letter.args)} {letter.last_error}".rstrip()
+            f"args={json.dumps(letter.args, ensure_ascii=False)} {letter.last_error}".rstrip()
         )
-    return "\n".join(lines)
+    return "\n".join(safe_text(line) for line in lines)  # args and errors are untrusted

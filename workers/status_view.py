@@ -7,11 +7,12 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from webhooks.safetext import json_safe, safe_text
 from workers.status import StatusReport, format_span
 
 
 def format_status(report: StatusReport) -> str:
-    """The report as about twenty lines of text, problems last."""
+    """The report as about twenty lines of text, problems last; untrusted text escaped."""
     verdict = "OK" if report.healthy else f"NEEDS ATTENTION ({len(report.problems)})"
     lines = [f"billing status at {_when(report.checked_at)}: {verdict}", ""]
     if report.queues:
@@ -54,14 +55,14 @@ def format_status(report: StatusReport) -> str:
     if report.problems:
         lines += ["", "needs a human:"]
         lines += [f"  - {problem}" for problem in report.problems]
-    return "\n".join(lines)
+    return "\n".join(safe_text(line) for line in lines)  # tenants' and subscribers' text
 
 
 def status_json(report: StatusReport) -> str:
     """The report as one JSON object (datetimes ISO 8601, durations in seconds)."""
     body = dataclasses.asdict(report)
     body["healthy"] = report.healthy
-    return json.dumps(body, default=_plain, indent=2)
+    return json_safe(json.dumps(body, default=_plain, indent=2, ensure_ascii=False))
 
 
 def _plain(value: Any) -> Any:

@@ -21,6 +21,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from billing.ledger import MAX_METRIC_LENGTH, METRIC_PATTERN
+
 MAX_BIGINT = 2**63 - 1
 MAX_BATCH = 1000
 #: Path ids: our UUIDs (anything else is a 422, not a lookup).
@@ -42,7 +44,12 @@ def _to_utc(value: datetime) -> datetime:
 
 
 TenantId = Annotated[str, _text(64)]
-Metric = Annotated[str, _text(100)]
+#: A metric name to record or price: 1-100 of `billing.ledger.METRIC_CHARSET`.
+Metric = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_METRIC_LENGTH, pattern=METRIC_PATTERN)
+]
+#: A metric name to look up: also names stored before the charset was enforced.
+StoredMetric = Annotated[str, _text(MAX_METRIC_LENGTH)]
 Key = Annotated[str, _text(100)]
 Name = Annotated[str, _text(200)]
 IdempotencyKey = Annotated[str, _text(255)]

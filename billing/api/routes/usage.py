@@ -29,7 +29,7 @@ from billing.api.schemas import (
     BatchItemError,
     BatchItemResult,
     Granularity,
-    Metric,
+    StoredMetric,
     UsageBatchIn,
     UsageBatchOut,
     UsageIn,
@@ -113,7 +113,7 @@ def record_usage_batch(
 def list_usage(
     principal: Reader,
     session: SessionDep,
-    metric: Annotated[Metric | None, Query()] = None,
+    metric: Annotated[StoredMetric | None, Query()] = None,
     from_: Annotated[UTCInstant | None, Query(alias="from")] = None,
     to: Annotated[UTCInstant | None, Query()] = None,
     granularity: Annotated[Granularity, Query()] = "day",

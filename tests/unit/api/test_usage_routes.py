@@ -90,6 +90,11 @@ def test_the_same_key_with_another_amount_or_time_answers_409(
         ({"metric": "   "}, "metric"),
         ({"metric": "x" * 101}, "metric"),
         ({"metric": "to\x00kens"}, "metric"),
+        ({"metric": "tokens\n2025-01-01 acme 0"}, "metric"),
+        ({"metric": "tokens\x1b[31m"}, "metric"),
+        ({"metric": "\u202etokens"}, "metric"),
+        ({"metric": "api calls"}, "metric"),
+        ({"metric": "tokens\n"}, "metric"),
         ({"idempotency_key": "k" * 256}, "idempotency_key"),
         ({"idempotency_key": None}, "idempotency_key"),
         ({"metadata": ["not", "an", "object"]}, "metadata"),
@@ -107,6 +112,30 @@ def test_bad_input_answers_422_naming_the_field_and_stores_nothing(
     assert body["status"] == 422
     assert body["field"] == field
     assert events(session_factory) == []
+
+
+@pytest.mark.parametrize("metric", ["gpt-4:input/tokens", "m" * 100])
+def test_a_metric_of_the_charset_up_to_100_characters_is_accepted(
+    client, a_key, session_factory, metric
+) -> None:
+    response = client.post("/_billing/usage", json={**EVENT, "metric": metric}, headers=a_key)
+    assert response.status_code == 202
+    assert [e.metric for e in events(session_factory)] == [metric]
+
+
+def test_a_batch_event_with_a_metric_outside_the_charset_is_rejected_alone(
+    client, a_key, session_factory
+) -> None:
+    batch = [
+        {"metric": "tokens", "amount": 1, "idempotency_key": "b1"},
+        {"metric": "tok\u202eens", "amount": 1, "idempotency_key": "b2"},
+    ]
+    response = client.post("/_billing/usage/batch", json={"events": batch}, headers=a_key)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == ["accepted", "rejected"]
+    assert results[1]["error"]["field"] == "metric"
+    assert [e.idempotency_key for e in events(session_factory)] == ["b1"]
 
 
 def test_a_missing_field_is_named(client, a_key) -> None:

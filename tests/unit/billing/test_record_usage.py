@@ -90,6 +90,50 @@ def test_bad_input_raises_invalid_usage_and_stores_nothing(session, field, value
     assert count(session) == 0
 
 
+@pytest.mark.parametrize(
+    "metric",
+    [
+        "tokens\n2025-01-01 acme 0",  # a forged line in `billing aggregate` output
+        "tokens\x1b[31m",  # ANSI escape
+        "\u202etokens",  # bidi override
+        "to\u200bkens",  # zero-width space
+        "api calls",
+        "tokens\t",
+        "tökens",  # letters are ASCII: no look-alikes
+        "tokens;drop",
+        "tokens\n",  # a trailing newline is not the end of the name
+    ],
+)
+def test_a_metric_outside_the_charset_is_refused_and_stores_nothing(session, metric) -> None:
+    with pytest.raises(InvalidUsageError, match="letters, digits and _ . - : /") as caught:
+        record(session, metric=metric)
+    assert caught.value.field == "metric"
+    assert count(session) == 0
+
+
+@pytest.mark.parametrize("metric", ["api.calls", "gpt-4:input/tokens", "GB_stored", "x", "m" * 100])
+def test_metrics_of_the_charset_up_to_100_characters_are_recorded(session, metric) -> None:
+    record(session, metric=metric)
+    assert count(session) == 1
+
+
+def test_a_key_of_exactly_255_characters_is_recorded(session) -> None:
+    record(session, idempotency_key="k" * 255)
+    assert count(session) == 1
+
+
+def test_a_batch_with_a_metric_outside_the_charset_stores_nothing(session) -> None:
+    bs = BillingService(session=session, tenant_id="t1")
+    batch = [
+        {"metric": "tokens", "amount": 1, "at": AT, "idempotency_key": "k1"},
+        {"metric": "tok\nens", "amount": 1, "at": AT, "idempotency_key": "k2"},
+    ]
+    with pytest.raises(InvalidUsageError) as caught:
+        bs.record_usage_batch(batch)
+    assert caught.value.field == "events[1].metric"
+    assert count(session) == 0
+
+
 def test_an_empty_tenant_is_refused() -> None:
     with pytest.raises(InvalidUsageError):
         BillingService(session=None, tenant_id="")  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from workers import actors
 from workers.broker import QUEUE_NAME, build_broker
 from workers.cli import main
 from workers.demo import run_demo
+from workers.queues import DeadLetter, QueueStats, format_stats
 from workers.settings import WorkerSettings
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
@@ -129,27 +130,32 @@ def add_plan(session, key, currency):
     return plan
 
 
+def add_broken_plan(session, currency):
+    """A tiered price without tiers: the service can't price it, for any tenant."""
+    broken = Plan(key="broken", name="broken")
+    session.add(broken)
+    session.flush()
+    session.add(
+        Price(
+            plan_id=broken.id,
+            key="broken-calls",
+            currency=currency,
+            metric="calls",
+            billing_scheme="tiered",
+            tiers_mode="volume",
+            tiers=None,
+        )
+    )
+    return broken
+
+
 def test_invoice_backfill_reports_failures_and_carries_on(
     sqlite_factory, stub_broker, capsys
 ) -> None:
     with sqlite_factory.begin() as session:
         usd, eur = add_plan(session, "usd", "usd"), add_plan(session, "eur", "eur")
         session.add(Subscription(tenant_id="good", plan_id=usd.id, effective_at=JAN))
-        # A tiered price without tiers: the service can't price it, for either tenant.
-        broken = Plan(key="broken", name="broken")
-        session.add(broken)
-        session.flush()
-        session.add(
-            Price(
-                plan_id=broken.id,
-                key="broken-calls",
-                currency="eur",
-                metric="calls",
-                billing_scheme="tiered",
-                tiers_mode="volume",
-                tiers=None,
-            )
-        )
+        broken = add_broken_plan(session, "eur")
         session.add(Subscription(tenant_id="mixed", plan_id=eur.id, effective_at=JAN))
         session.add(Subscription(tenant_id="mixed", plan_id=broken.id, effective_at=JAN))
     assert main(["invoice", "--period", "2025-01"]) == 1
@@ -159,6 +165,20 @@ def test_invoice_backfill_reports_failures_and_carries_on(
     assert count(sqlite_factory, Invoice) == 1
     assert main(["invoice", "--period", "2025-01", "--tenant", "good"]) == 0
     assert count(sqlite_factory, Invoice) == 1  # ran again: still one
+
+
+def test_untrusted_text_in_a_backfill_failure_is_printed_escaped(
+    sqlite_factory, stub_broker, capsys
+) -> None:
+    tenant = "evil\nbilling.generate_monthly_invoice 2025-01: ran 9, failed 0\x1b[2J"
+    with sqlite_factory.begin() as session:
+        broken = add_broken_plan(session, "usd")
+        session.add(Subscription(tenant_id=tenant, plan_id=broken.id, effective_at=JAN))
+    assert main(["invoice", "--period", "2025-01"]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "  evil\\nbilling.generate_monthly_invoice 2025-01: ran 9, failed 0\\x1b[2J:" in out
+    assert out.count("\n") == 2  # the summary and the one failure
 
 
 @pytest.fixture
@@ -199,6 +219,23 @@ def test_jobs_shows_depths_and_dead_letters(sqlite_factory, redis_attached, caps
     assert "dead letters 1" in out
     assert "billing.aggregate_daily" in out
     assert '"tenant_id": "t1"' in out
+
+
+def test_jobs_prints_dead_letters_escaped() -> None:
+    letter = DeadLetter(
+        message_id="m1",
+        actor_name="billing.aggregate_daily",
+        args=[{"tenant_id": "t1", "metric": "tok\u202eens"}],
+        retries=0,
+        dead_since=JAN,
+        last_error="InvalidPayloadError: bad\n2025-01-01 forged\x1b[31m",
+    )
+    text = format_stats(QueueStats("redis", 0, 0, 0, 1, [letter]))
+    assert len(text.splitlines()) == 6
+    assert "\x1b" not in text
+    assert "\u202e" not in text
+    assert 'tok\\u202eens"' in text
+    assert text.endswith("bad\\n2025-01-01 forged\\x1b[31m")
 
 
 def test_jobs_without_a_broker_says_where_the_queue_is(stub_broker, capsys) -> None:

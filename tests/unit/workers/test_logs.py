@@ -154,6 +154,48 @@ def test_a_worker_process_keeps_its_handler_and_gets_the_json_formatter() -> Non
         assert json.loads(pipe.getvalue())["message"] == "Worker process is ready for action."
 
 
+FORGED = "t1\n2025-01-01 INFO workers.jobs job ok\x1b[2J\u202e"
+
+
+def test_text_logs_escape_untrusted_text_in_the_message_and_the_traceback() -> None:
+    with bare_root():
+        text = io.StringIO()
+        configure_logging(LogSettings(), stream=text)
+        logging.getLogger("workers.test").warning("job for %s", FORGED)
+        try:
+            raise ValueError(FORGED)
+        except ValueError:
+            logging.getLogger("workers.test").exception("failed")
+    lines = text.getvalue().splitlines()
+    assert lines[0].endswith("job for t1\\n2025-01-01 INFO workers.jobs job ok\\x1b[2J\\u202e")
+    assert lines[1].endswith(" ERROR workers.test failed")
+    assert "  ValueError: t1" in lines
+    assert all(line.startswith("  ") for line in lines[2:])  # a forged line stays inside
+    assert not {"\x1b", "\u202e"} & set(text.getvalue())
+
+
+def test_json_logs_carry_untrusted_text_escaped_and_decode_to_it() -> None:
+    with bare_root():
+        stream = io.StringIO()
+        configure_logging(LogSettings(log_format="json"), stream=stream)
+        logging.getLogger("workers.test").info("job for %s", FORGED, extra={"metric": FORGED})
+    [line] = stream.getvalue().splitlines()
+    assert not {"\x1b", "\u202e"} & set(line)
+    entry = json.loads(line)
+    assert (entry["message"], entry["metric"]) == (f"job for {FORGED}", FORGED)
+
+
+def test_a_worker_process_handler_keeps_its_text_layout_but_escaped() -> None:
+    with bare_root():
+        pipe = io.StringIO()
+        logging.basicConfig(level=logging.DEBUG, stream=pipe, format="[%(name)s] %(message)s")
+        configure_logging(LogSettings())
+        logging.getLogger("dramatiq.worker").info("%s", FORGED)
+    assert pipe.getvalue() == (
+        "[dramatiq.worker] t1\\n2025-01-01 INFO workers.jobs job ok\\x1b[2J\\u202e\n"
+    )
+
+
 def test_the_worker_boot_configures_logging(sqlite_engine, monkeypatch) -> None:
     with bare_root():
         pipe = io.StringIO()

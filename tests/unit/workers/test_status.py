@@ -167,6 +167,30 @@ def test_a_disabled_subscription_fails_the_status_and_is_named(
     ]
 
 
+def test_a_subscribers_text_is_shown_escaped_in_text_and_json(session_factory, stub_broker) -> None:
+    reason = "410 Gone\nneeds a human:\x1b]0;owned\x07"
+    url = "https://gone.test/\u202eh"
+    with session_factory.begin() as session:
+        session.add(
+            Subscription(
+                topic="billing.usage_aggregated",
+                url=url,
+                secret="s",
+                enabled=False,
+                disabled_reason=reason,
+            )
+        )
+    report = status(session_factory, stub_broker)
+    text = format_status(report)
+    assert not {"\x1b", "\x07", "\u202e"} & set(text)
+    assert "https://gone.test/\\u202eh: 410 Gone\\nneeds a human:\\x1b]0;owned\\x07" in text
+    assert [line for line in text.splitlines() if line.startswith("needs")] == ["needs a human:"]
+    encoded = status_json(report)
+    assert not {"\x1b", "\x07", "\u202e"} & set(encoded)
+    [disabled] = json.loads(encoded)["outbox"]["disabled"]
+    assert (disabled["url"], disabled["reason"]) == (url, reason)
+
+
 def seed(session_factory, *, usage=(), aggregates=()) -> None:
     with session_factory.begin() as session:
         for at in usage:
