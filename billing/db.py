@@ -17,6 +17,11 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def redact_url(url: str) -> str:
+    """`url` with its password masked, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def make_engine(url: str, *, echo: bool = False, **kwargs: Any) -> Engine:
     """Create an engine; SQLite gets foreign keys, WAL and a busy timeout for worker threads.
 

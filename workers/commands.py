@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from workers.demo import run_demo
 
-    return run_demo(out=sys.stdout)
+    return run_demo(out=sys.stdout, database_url=BillingSettings().database_url)
 
 
 def _jobs(args: argparse.Namespace) -> int:

@@ -22,9 +22,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import BillingService
-from billing.db import make_engine, make_session_factory
+from billing.db import make_engine, make_session_factory, redact_url
 from billing.migrate import upgrade
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
+from billing.settings import DEFAULT_DATABASE_URL
 from webhooks.models import WebhookEvent
 from workers import actors
 from workers.broker import QUEUE_NAME, build_broker
@@ -108,19 +109,22 @@ def seed(session_factory: sessionmaker[Session], start: datetime, end: datetime)
     return recorded
 
 
-def run_demo(*, out: TextIO, now: datetime | None = None) -> int:
-    """Run the demo for the month before `now` and print what it produced."""
+def run_demo(
+    *, out: TextIO, now: datetime | None = None, database_url: str = DEFAULT_DATABASE_URL
+) -> int:
+    """Run the demo for the month before `now` in a throwaway database and print what it
+    produced, ending with where `billing run` writes instead (`database_url`)."""
     started = time.monotonic()
     quiet = logging.getLogger()
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # the demo prints its own summary
     try:
-        return _run_demo(out, now or datetime.now(UTC), started)
+        return _run_demo(out, now or datetime.now(UTC), started, database_url)
     finally:
         quiet.setLevel(level)
 
 
-def _run_demo(out: TextIO, now: datetime, started: float) -> int:
+def _run_demo(out: TextIO, now: datetime, started: float, database_url: str) -> int:
     start, end = previous_month(now)
     settings = WorkerSettings(broker_url="stub://")
     with tempfile.TemporaryDirectory(prefix="billing-demo-") as folder:
@@ -137,7 +141,8 @@ def _run_demo(out: TextIO, now: datetime, started: float) -> int:
             events = seed(session_factory, start, end)
             print(
                 f"billing demo: {len(TENANTS)} tenants recorded {events} usage events in "
-                f"{start:%Y-%m} (SQLite, in-process broker, a Dramatiq worker thread)",
+                f"{start:%Y-%m} (a throwaway SQLite database, in-process broker, a Dramatiq "
+                "worker thread)",
                 file=out,
             )
             scheduler = BillingScheduler(settings, session_factory, LocalFireLock())
@@ -161,6 +166,11 @@ def _run_demo(out: TextIO, now: datetime, started: float) -> int:
             actors.attach(previous, settings=actors.settings)
             engine.dispose()
     print(f"done in {time.monotonic() - started:.1f} s", file=out)
+    print(
+        f"The demo's database was a throwaway and is gone; `billing run` starts on DATABASE_URL "
+        f"({redact_url(database_url)})",
+        file=out,
+    )
     return 0
 
 

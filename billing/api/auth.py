@@ -72,7 +72,8 @@ def get_principal(
         raise ProblemError(
             401,
             "Unauthorized",
-            "send an API key: Authorization: Bearer <key>",
+            "send an API key: Authorization: Bearer <key>; an operator creates one with "
+            "`billing keys create --tenant TENANT --scope billing.read`",
             slug="unauthenticated",
             headers={"WWW-Authenticate": "Bearer"},
         )
@@ -81,7 +82,8 @@ def get_principal(
         raise ProblemError(
             401,
             "Unauthorized",
-            "the API key is unknown or revoked",
+            "the API key is unknown or revoked; an operator creates a new one with "
+            "`billing keys create --tenant TENANT --scope billing.read`",
             slug="unauthenticated",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )

@@ -20,6 +20,7 @@ def test_a_request_without_a_key_answers_401_with_a_bearer_challenge(client) -> 
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
     assert response.headers["content-type"] == "application/problem+json"
+    assert "`billing keys create --tenant TENANT" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(
@@ -29,6 +30,7 @@ def test_a_request_without_a_key_answers_401_with_a_bearer_challenge(client) -> 
 def test_an_unknown_key_or_scheme_answers_401(client, authorization) -> None:
     response = client.get("/_billing/usage", headers={"Authorization": authorization})
     assert response.status_code == 401
+    assert "`billing keys create --tenant TENANT" in response.json()["detail"]
 
 
 def test_keys_are_stored_hashed_and_shown_once(session) -> None:

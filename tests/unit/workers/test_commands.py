@@ -52,6 +52,20 @@ def test_the_demo_command_runs_without_any_server(capsys) -> None:
     assert capsys.readouterr().out.count("\ninvoice ") == 3
 
 
+def test_the_demo_says_its_database_is_gone_and_where_billing_run_writes(
+    capsys, monkeypatch, tmp_path
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://billing:s3cret@db.internal/billing")
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "(a throwaway SQLite database, in-process broker" in out
+    assert out.endswith(
+        "`billing run` starts on DATABASE_URL (postgresql://billing:***@db.internal/billing)\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran
+
+
 @pytest.fixture
 def cli_database(sqlite_engine, monkeypatch):
     """The CLI reads DATABASE_URL: point it at the test's SQLite file."""
