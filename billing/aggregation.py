@@ -1,4 +1,5 @@
-"""Daily usage totals, computed and upserted by the database in one statement."""
+"""Daily usage totals under each metric's meter, computed and upserted by the database in one
+statement."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import String, Table, bindparam, case, func, literal, select, text
+from sqlalchemy import String, Table, bindparam, case, literal, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing.errors import InvalidUsageError
+from billing.meters import MeterSpec, get_meter, quantity
 from billing.models import UsageAggregate, UsageEvent
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
@@ -28,19 +30,20 @@ def utc_day_start(moment: datetime) -> datetime:
 def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) -> int:
     """Upsert the `day` aggregate of `metric` for the UTC day starting at `day`; return it.
 
-    `INSERT … SELECT SUM(amount) … ON CONFLICT DO UPDATE … RETURNING total`: the events never
-    leave the database, a re-run rewrites the same row, and late events are counted next time.
-    `updated_at` moves only when the total changes.
+    The quantity follows the metric's meter (`billing.meters`: a sum unless declared
+    otherwise). `INSERT … SELECT (quantity) … ON CONFLICT DO UPDATE … RETURNING total`: the
+    events never leave the database, a re-run rewrites the same row, and late events are
+    counted next time. `updated_at` moves only when the total changes.
     """
     start = utc_day_start(day)
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        # One run per (tenant, metric, day) at a time, each summing after the previous commits:
+        # One run per (tenant, metric, day) at a time, each reading after the previous commits:
         # otherwise a run whose snapshot predates a late event could overwrite a newer total.
         session.execute(
             _LOCK, {"key": f"billing.aggregate:{tenant_id}:{metric}:{start.isoformat()}"}
         )
-    statement = _upsert_statement(dialect)
+    statement = _upsert_statement(dialect, get_meter(session, metric))
     params = {
         "id": new_id(),
         "tenant_id": tenant_id,
@@ -52,24 +55,26 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
     return int(session.execute(statement, params).scalar_one())
 
 
-@functools.cache
-def _upsert_statement(dialect: str) -> Any:
-    """Built once per dialect, with bound parameters, so SQLAlchemy compiles it once."""
+@functools.lru_cache(maxsize=256)
+def _upsert_statement(dialect: str, meter: MeterSpec) -> Any:
+    """Built once per dialect and meter, with bound parameters, so SQLAlchemy compiles it once."""
     timestamp = UTCDateTime()
     start = bindparam("start", type_=timestamp)
+    value = quantity(
+        meter,
+        UsageEvent.tenant_id == bindparam("tenant_id", type_=String()),
+        UsageEvent.metric == bindparam("metric", type_=String()),
+        UsageEvent.at_ts >= start,
+        UsageEvent.at_ts < bindparam("end", type_=timestamp),
+    )
     source = select(
         bindparam("id", type_=String()),
         bindparam("tenant_id", type_=String()),
         bindparam("metric", type_=String()),
         start,
         literal("day"),
-        func.coalesce(func.sum(UsageEvent.amount), 0),
+        value,
         bindparam("now", type_=timestamp),
-    ).where(
-        UsageEvent.tenant_id == bindparam("tenant_id"),
-        UsageEvent.metric == bindparam("metric"),
-        UsageEvent.at_ts >= start,
-        UsageEvent.at_ts < bindparam("end", type_=timestamp),
     )
     table = cast(Table, UsageAggregate.__table__)
     insert: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)

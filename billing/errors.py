@@ -5,6 +5,8 @@ BillingError
 ├── IdempotencyConflictError   same idempotency key, different event; permanent
 ├── InvalidPeriodError         bad invoice period or currency; permanent
 ├── CurrencyMismatchError      the plan has prices, none in the asked currency; permanent
+├── PriceDefinitionError       a price cannot be evaluated; permanent
+├── MeterDefinitionError       a meter declaration is malformed; permanent
 ├── QuotaExceededError         a hard quota is used up; retry after the window resets
 └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
 """
@@ -44,6 +46,14 @@ class PriceDefinitionError(BillingError, ValueError):
     """A price cannot be evaluated: no unit amount, malformed tiers, a bad package size."""
 
 
+class MeterDefinitionError(BillingError, ValueError):
+    """A meter declaration is malformed (`.field` names the field); nothing was stored."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class QuotaExceededError(BillingError):
     """A hard quota has no room left in the current window."""
 
@@ -62,5 +72,6 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     InvalidPeriodError,
     CurrencyMismatchError,
     PriceDefinitionError,
+    MeterDefinitionError,
 )
 """Errors that retrying can never fix (Dramatiq's `throws=`)."""

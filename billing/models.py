@@ -94,6 +94,26 @@ class UsageAggregate(Base):
     )
 
 
+class Meter(Base):
+    """How a metric's events become a quantity: `aggregation` and the metadata it reads.
+
+    A metric without a row is metered as `sum` of `amount`.
+    """
+
+    __tablename__ = "meters"
+    __table_args__ = (
+        CheckConstraint(
+            "aggregation IN ('sum', 'count', 'max', 'unique_count', 'latest')", name="aggregation"
+        ),
+    )
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    aggregation: Mapped[str] = mapped_column(String(16), default="sum", nullable=False)
+    property: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    group_by: Mapped[list[str]] = mapped_column(JSON, default=list, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+
 class Plan(Base):
     """A named bundle of prices and entitlements that tenants subscribe to."""
 

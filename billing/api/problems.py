@@ -28,6 +28,7 @@ from billing.errors import (
     IdempotencyConflictError,
     InvalidPeriodError,
     InvalidUsageError,
+    MeterDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
 )
@@ -217,6 +218,8 @@ async def _on_billing(request: Request, exc: Exception) -> JSONResponse:
 def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
     if isinstance(exc, InvalidUsageError):
         return 422, "invalid-usage", "Invalid usage", {"field": exc.field}
+    if isinstance(exc, MeterDefinitionError):
+        return 422, "invalid-meter", "Invalid meter", {"field": exc.field}
     if isinstance(exc, IdempotencyConflictError):
         return (
             409,

@@ -223,6 +223,31 @@ class PlanList(BaseModel):
     items: list[PlanOut]
 
 
+# --- meters --------------------------------------------------------------------------------
+
+
+class MeterIn(_In):
+    """Declares how metric `key` aggregates (see `billing.meters`); replaces an earlier one."""
+
+    key: Metric
+    aggregation: Literal["sum", "count", "max", "unique_count", "latest"] = "sum"
+    property: Annotated[str, StringConstraints(max_length=100)] | None = None
+    group_by: Annotated[
+        list[Annotated[str, StringConstraints(max_length=100)]], Field(max_length=5)
+    ] = []
+
+
+class MeterOut(BaseModel):
+    key: str
+    aggregation: str
+    property: str | None
+    group_by: list[str]
+
+
+class MeterList(BaseModel):
+    items: list[MeterOut]
+
+
 # --- subscriptions -------------------------------------------------------------------------
 
 

@@ -152,6 +152,20 @@ def prices_post(client, b, a, session_factory) -> None:
     assert (response.status_code, response.json()["scope"]) == (403, "billing.admin")
 
 
+def meters_get(client, b, a, session_factory) -> None:
+    # Meters are shared like the catalogue; they hold no tenant's data.
+    body = client.get("/_billing/meters", headers=b).json()
+    assert "tenant_id" not in str(body)
+
+
+def meters_post(client, b, a, session_factory) -> None:
+    # ... and only operators declare them: a tenant could otherwise turn a sum into a max.
+    response = client.post(
+        "/_billing/meters", json={"key": "tokens", "aggregation": "max"}, headers=b
+    )
+    assert (response.status_code, response.json()["scope"]) == (403, "billing.admin")
+
+
 def subscriptions_get(client, b, a, session_factory) -> None:
     assert client.get("/_billing/subscriptions", headers=b).json()["items"] == []
 
@@ -205,6 +219,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/_billing/plans"): plans_get,
     ("POST", "/_billing/plans"): plans_post,
     ("POST", "/_billing/prices"): prices_post,
+    ("GET", "/_billing/meters"): meters_get,
+    ("POST", "/_billing/meters"): meters_post,
     ("GET", "/_billing/subscriptions"): subscriptions_get,
     ("POST", "/_billing/subscriptions"): subscriptions_post,
     ("POST", "/_billing/subscriptions/{subscription_id}/cancel"): subscription_cancel,

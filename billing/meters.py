@@ -1,0 +1,163 @@
+"""Meters: how a metric's events become one quantity per period, computed in SQL.
+
+| aggregation | quantity of a period |
+| --- | --- |
+| `sum` (default) | sum of `amount` |
+| `count` | number of events |
+| `max` | largest `amount` |
+| `unique_count` | distinct values of `metadata[property]`, as text (absent or null: not counted) |
+| `latest` | `amount` of the period's last event by `at` (the larger amount at a tie) |
+
+A metric nobody declared is a `sum`, as before meters existed. Declarations are shared by every
+tenant (like plans and prices) and made by operators: `declare_meter(session, key=...)`, or
+`POST /_billing/meters` with `billing.admin`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from sqlalchemy import ColumnElement, String, cast, distinct, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from billing.errors import InvalidUsageError, MeterDefinitionError
+from billing.ledger import validate_metric
+from billing.models import Meter, UsageEvent
+from webhooks.sqltypes import utcnow
+
+Aggregation = Literal["sum", "count", "max", "unique_count", "latest"]
+AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
+#: Metadata property names: the JSON path is built from them, so only plain key characters.
+PROPERTY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,99}$")
+MAX_GROUP_BY = 5
+
+
+@dataclass(frozen=True, slots=True)
+class MeterSpec:
+    """A validated meter: `property` is set for `unique_count` only."""
+
+    key: str
+    aggregation: Aggregation = "sum"
+    property: str | None = None
+    group_by: tuple[str, ...] = ()
+
+
+def validate_meter(
+    *,
+    key: object,
+    aggregation: object = "sum",
+    property: object = None,
+    group_by: Iterable[object] | None = None,
+) -> MeterSpec:
+    """Check a declaration; return it as a `MeterSpec`.
+
+    Raises:
+        MeterDefinitionError: a field is malformed (`.field` names it).
+    """
+    try:
+        key = validate_metric(key)
+    except InvalidUsageError as error:
+        raise MeterDefinitionError(f"key: {error}", field="key") from error
+    if aggregation not in AGGREGATIONS:
+        raise MeterDefinitionError(
+            f"aggregation must be one of {', '.join(AGGREGATIONS)}", field="aggregation"
+        )
+    if aggregation == "unique_count":
+        _check_property(property, "property")
+    elif property is not None:
+        raise MeterDefinitionError("only a unique_count meter reads a property", field="property")
+    names = list(group_by or ())
+    for index, name in enumerate(names):
+        _check_property(name, f"group_by[{index}]")
+    if len(set(names)) != len(names) or len(names) > MAX_GROUP_BY:
+        raise MeterDefinitionError(
+            f"group_by names up to {MAX_GROUP_BY} distinct properties", field="group_by"
+        )
+    return MeterSpec(key, aggregation, property, tuple(names))  # type: ignore[arg-type]
+
+
+def _check_property(name: object, field: str) -> None:
+    if not isinstance(name, str) or not PROPERTY.match(name):
+        raise MeterDefinitionError(
+            f"{field} must be a metadata key: letters, digits, '_', '.', ':' or '-' (up to 100)",
+            field=field,
+        )
+
+
+def declare_meter(
+    session: Session,
+    *,
+    key: str,
+    aggregation: str = "sum",
+    property: str | None = None,
+    group_by: Iterable[str] | None = None,
+) -> MeterSpec:
+    """Create or replace the meter of metric `key` (an upsert); return it.
+
+    The next aggregation of a day uses it; days already aggregated keep their totals until
+    they are aggregated again.
+
+    Raises:
+        MeterDefinitionError: a field is malformed; nothing is stored.
+    """
+    spec = validate_meter(key=key, aggregation=aggregation, property=property, group_by=group_by)
+    values = {
+        "key": spec.key,
+        "aggregation": spec.aggregation,
+        "property": spec.property,
+        "group_by": list(spec.group_by),
+    }
+    dialect = session.get_bind().dialect.name
+    insert: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Meter)
+    session.execute(
+        insert.values(**values, created_at=utcnow()).on_conflict_do_update(
+            index_elements=["key"], set_=values
+        )
+    )
+    session.expire_all()
+    return spec
+
+
+def get_meter(session: Session, key: str) -> MeterSpec:
+    """The meter of metric `key`; a `sum` meter when none was declared."""
+    row = session.get(Meter, key)
+    return MeterSpec(key) if row is None else _spec(row)
+
+
+def list_meters(session: Session) -> list[MeterSpec]:
+    """Every declared meter, by key."""
+    return [_spec(row) for row in session.execute(select(Meter).order_by(Meter.key)).scalars()]
+
+
+def _spec(row: Meter) -> MeterSpec:
+    return MeterSpec(row.key, row.aggregation, row.property, tuple(row.group_by))  # type: ignore[arg-type]
+
+
+def quantity(spec: MeterSpec, *where: ColumnElement[bool]) -> ColumnElement[int]:
+    """A scalar SQL expression: the meter's quantity over the events matching `where` (0: none)."""
+    events = select().select_from(UsageEvent).where(*where)
+    if spec.aggregation == "latest":
+        last = events.add_columns(UsageEvent.amount).order_by(
+            UsageEvent.at_ts.desc(), UsageEvent.amount.desc()
+        )
+        return func.coalesce(last.limit(1).scalar_subquery(), 0)
+    return func.coalesce(events.add_columns(_aggregate(spec)).scalar_subquery(), 0)
+
+
+def _aggregate(spec: MeterSpec) -> ColumnElement[Any]:
+    if spec.aggregation == "count":
+        return func.count()
+    if spec.aggregation == "max":
+        return func.max(UsageEvent.amount)
+    if spec.aggregation == "unique_count":
+        return func.count(distinct(property_text(spec.property or "")))
+    return func.sum(UsageEvent.amount)
+
+
+def property_text(name: str) -> ColumnElement[str]:
+    """`metadata[name]` as text on SQLite and PostgreSQL (NULL when absent or JSON null)."""
+    return cast(UsageEvent.metadata_json[name].as_string(), String)
