@@ -38,7 +38,8 @@ class EventNotFoundError(WebhookError, LookupError):
 
 
 class DestinationNotAllowedError(WebhookError):
-    """The URL's host resolves to a private, loopback or link-local address that is not allowed."""
+    """The URL's host resolves to no address, or to one the SSRF guard refuses (the message
+    names the setting that would allow it, if one would); permanent."""
 
 
 class WebhookVerificationError(WebhookError):

@@ -4,8 +4,8 @@ Counted by the relay, per process (summed over the processes of a machine when
 `PROMETHEUS_MULTIPROC_DIR` is set before they start, as prometheus_client requires):
 
 - `webhooks_deliveries_total{outcome}`: attempts by outcome: `delivered` (2xx), `failed` (will be
-  retried), `refused` (the SSRF guard kept the request in; retried), `gone` (410: the delivery is
-  dead and the subscription disabled), `dead` (no attempt left).
+  retried), `refused` (the SSRF guard kept the request in; dead at once), `gone` (410: the
+  delivery is dead and the subscription disabled), `dead` (no attempt left).
 - `webhooks_delivery_latency_seconds`: from the event's commit to its successful delivery.
 - `webhooks_attempt_duration_seconds`: one attempt's HTTP request, whatever its outcome.
 
@@ -75,9 +75,9 @@ def outcome_of(result: AttemptResult) -> str:
         return "delivered"
     if result.outcome.gone:
         return "gone"
-    if result.decision.status == DEAD:
-        return "dead"
-    return "refused" if result.outcome.refused else "failed"
+    if result.outcome.refused:
+        return "refused"
+    return "dead" if result.decision.status == DEAD else "failed"
 
 
 def observe(result: AttemptResult, seconds: float) -> str:

@@ -2,8 +2,11 @@
 
 - A 2xx answer: `delivered`.
 - 410 Gone: the delivery is `dead` and its subscription is disabled (the endpoint asked us to stop).
-- Anything else (3xx, as no redirect is followed; 4xx; 5xx; a timeout; a connection error; an
-  address the SSRF guard refuses): `failed`, retried after the next delay of the schedule, each
+- An address the SSRF guard refuses: `dead` at once, its error naming the setting that would
+  allow it (retrying for days would change nothing; `billing webhooks replay` sends it again
+  once the setting or the DNS answer changed).
+- Anything else (3xx, as no redirect is followed; 4xx; 5xx; a timeout; a connection error):
+  `failed`, retried after the next delay of the schedule, each
   delay jittered by ±`jitter`, and never sooner than a `Retry-After` on 429 or 503 asks (capped
   at `retry_after_max`). After the last scheduled delay has been used, the delivery is `dead`.
 - A subscription whose attempts have all failed for `disable_after` is disabled (the store
@@ -89,6 +92,8 @@ class RetryPolicy:
         error = outcome.error or f"HTTP {outcome.status_code}"
         if outcome.gone:
             return Decision(DEAD, None, None, outcome.status_code, f"{error}: endpoint is gone")
+        if outcome.refused:
+            return Decision(DEAD, None, None, None, error)
         delay = self.delay_after(attempt, outcome.retry_after)
         if delay is None:
             return Decision(DEAD, None, None, outcome.status_code, error)

@@ -66,8 +66,9 @@ class WebhookSettings(BaseSettings):
         secret_grace: how long a rotated-out secret still signs deliveries (default 24h).
         allow_loopback: deliver to loopback addresses such as 127.0.0.1 (default false; tests and
             the embedded set-up turn it on).
-        allow_private_networks: deliver to private, link-local and other non-public addresses
-            (default false).
+        allow_private_networks: deliver to private and other non-public addresses, loopback
+            included (default false). Multicast, link-local and cloud metadata addresses are
+            never delivered to (see `webhooks.ssrf`).
         poll_interval: seconds between polls for due deliveries when no notification arrives
             (default 1).
         listen: on PostgreSQL, wake on `LISTEN/NOTIFY` when an event commits (default true).

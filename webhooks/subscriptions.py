@@ -7,6 +7,7 @@ valid for a grace period, during which deliveries carry a signature for each.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from webhooks.models import WebhookSubscription
 from webhooks.secrets import check_secret, generate_secret
 from webhooks.service import check_topic
 from webhooks.sqltypes import new_id, utcnow
+from webhooks.ssrf import never_allowed
 
 DEFAULT_GRACE = timedelta(hours=24)
+MAX_PORT = 65535
 
 
 @dataclass
@@ -50,7 +53,8 @@ def check_subscription(topic: str, url: str, secret: str | None) -> str:
     """Validate a new subscription's fields; return its secret (generated when not given).
 
     Raises:
-        InvalidSubscriptionError: bad topic, a URL that is not absolute http(s), a bad secret.
+        InvalidSubscriptionError: bad topic, a URL that is not absolute http(s) or can never be
+            delivered to (see `check_deliverable`), a bad secret.
     """
     try:
         check_topic(topic)
@@ -62,7 +66,31 @@ def check_subscription(topic: str, url: str, secret: str | None) -> str:
         raise InvalidSubscriptionError(f"invalid URL {url!r}: {error}") from error
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise InvalidSubscriptionError(f"invalid URL {url!r}: an absolute http(s) URL is needed")
+    check_deliverable(parsed)
     return generate_secret() if secret is None else check_secret(secret)
+
+
+def check_deliverable(url: httpx.URL) -> None:
+    """Refuse a URL no delivery could ever reach: credentials in it, port 0 or above 65535, a
+    literal multicast, link-local or metadata address (the SSRF guard refuses those whatever the
+    settings; other addresses are judged at each delivery, as DNS answers change).
+
+    Raises:
+        InvalidSubscriptionError: the URL can never be delivered to; the message says why.
+    """
+    if url.userinfo:
+        raise InvalidSubscriptionError(
+            "the URL may not carry credentials (user:password@): authenticate with the signature"
+        )
+    if url.port is not None and not 0 < url.port <= MAX_PORT:
+        raise InvalidSubscriptionError(f"the URL's port {url.port} is not between 1 and 65535")
+    try:
+        address = ipaddress.ip_address(url.host.split("%")[0])
+    except ValueError:
+        return  # a host name: judged when it is resolved, at each delivery
+    reason = never_allowed(address)
+    if reason:
+        raise InvalidSubscriptionError(f"the URL's host {address} is {reason}: never delivered")
 
 
 class InMemoryWebhookSubscriptions:

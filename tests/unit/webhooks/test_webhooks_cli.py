@@ -70,7 +70,23 @@ def test_add_prints_the_id_and_a_generated_secret_once(run, factory) -> None:
     assert secret not in out
 
 
-@pytest.mark.parametrize("url", ["ftp://example.test/", "not a url", "/relative"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.test/",
+        "not a url",
+        "/relative",
+        "https://user:pass@example.test/hook",
+        "https://token@example.test/hook",
+        "https://example.test:0/hook",
+        "https://example.test:65536/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/hook",
+        "http://[fd00:ec2::254]/hook",
+        "http://[::ffff:169.254.169.254]/hook",
+        "http://224.0.0.1/hook",
+    ],
+)
 def test_add_refuses_a_bad_url_and_stores_nothing(run, factory, url: str) -> None:
     code, out, err = run("webhooks", "add", TOPIC, url)
     assert code == 1
@@ -227,3 +243,26 @@ def test_a_database_without_the_schema_is_reported_not_dumped(
     args = parser.parse_args(["webhooks", "list"])
     assert args.handler(args) == 1
     assert "billing db upgrade" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("https://user:pass@example.test/hook", "credentials"),
+        ("https://example.test:70000/hook", "port 70000"),
+        ("http://169.254.169.254/", "link-local or cloud metadata"),
+        ("http://[ff02::1]/", "multicast"),
+    ],
+)
+def test_add_says_why_a_url_can_never_be_delivered_to(run, url: str, reason: str) -> None:
+    code, _, err = run("webhooks", "add", TOPIC, url)
+    assert code == 1
+    assert reason in err
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080/hook", "http://10.0.0.1/hook", "https://example.test:65535/"]
+)
+def test_add_accepts_addresses_a_setting_may_allow(run, url: str) -> None:
+    code, out, err = run("webhooks", "add", TOPIC, url)
+    assert (code, err.count("error")) == (0, 0)

@@ -65,6 +65,12 @@ def test_410_is_dead_at_once() -> None:
     assert "gone" in (decision.last_error or "")
 
 
+def test_a_refused_destination_is_dead_at_once_not_retried_for_days() -> None:
+    error = "destination not allowed: set WEBHOOKS_ALLOW_LOOPBACK=true to allow it"
+    decision = policy().decide(1, Outcome(error=error, refused=True), NOW)
+    assert (decision.status, decision.next_attempt_at, decision.last_error) == ("dead", None, error)
+
+
 def test_retry_after_is_honoured_when_longer_than_the_schedule() -> None:
     outcome = Outcome(status_code=429, retry_after=timedelta(minutes=10))
     assert policy().decide(1, outcome, NOW).next_attempt_at == NOW + timedelta(minutes=10)
