@@ -1,21 +1,27 @@
 """`billing webhooks …`: manage subscriptions, inspect and replay deliveries, run a test receiver.
 
 ```
-billing webhooks add TOPIC URL [--tenant T] [--secret S]   prints the id and the secret, once
+billing webhooks add TOPIC URL [--tenant T] [SECRET]      prints the id and the secret, once
 billing webhooks list [--json]
 billing webhooks disable SUBSCRIPTION [--reason TEXT]
 billing webhooks enable SUBSCRIPTION
 billing webhooks rotate-secret SUBSCRIPTION [--grace 24h]  prints the new secret
 billing webhooks deliveries [--status dead] [--subscription S] [--limit N] [--json]
 billing webhooks replay EVENT_ID | --since TIME [--subscription S]
-billing webhooks listen --secret S [--port P]              verify and print each delivery
+billing webhooks listen SECRET… [--port P]                 verify and print each delivery
 ```
+
+SECRET is `--secret S`, `--secret-file PATH` (one secret per line, `-` for stdin) or
+`--secret-env NAME` (the variable holding it): a secret on the command line is visible to every
+user of the machine (`ps`), a file or the environment is not. `listen` takes several while a
+secret rotates.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,9 +33,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks.db import make_engine
-from webhooks.errors import WebhookError
+from webhooks.errors import InvalidSubscriptionError, WebhookError
 from webhooks.models import STATUSES, WebhookDelivery, WebhookEvent
 from webhooks.replay import replay
+from webhooks.secrets import check_secret
 from webhooks.settings import WebhookSettings, parse_duration
 from webhooks.sqltypes import utcnow
 from webhooks.subscriptions import SqlWebhookSubscriptions
@@ -46,7 +53,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add.add_argument("topic")
     add.add_argument("url")
     add.add_argument("--tenant", help="only this tenant's events")
-    add.add_argument("--secret", help="a whsec_… secret to use instead of a generated one")
+    _secret_options(add, "a whsec_… secret to use instead of a generated one")
     add.set_defaults(handler=_handled(_add))
 
     listing = sub.add_parser("list", help="every subscription")
@@ -82,10 +89,46 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     again.set_defaults(handler=_handled(_replay))
 
     listen = sub.add_parser("listen", help="a local receiver that verifies and prints deliveries")
-    listen.add_argument("--secret", action="append", required=True, help="repeat while rotating")
+    _secret_options(listen, "a secret to verify with; repeat while rotating")
     listen.add_argument("--port", type=int, default=DEFAULT_LISTEN_PORT)
     listen.add_argument("--host", default="127.0.0.1")
     listen.set_defaults(handler=_listen)
+
+
+def _secret_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--secret", action="append", default=[], help=f"{what} (visible in ps)")
+    parser.add_argument(
+        "--secret-file",
+        action="append",
+        default=[],
+        type=argparse.FileType("r", encoding="utf-8"),
+        help="a file holding the secret, one per line ('-': stdin)",
+    )
+    parser.add_argument(
+        "--secret-env", action="append", default=[], help="the environment variable holding it"
+    )
+
+
+def read_secrets(args: argparse.Namespace) -> list[str]:
+    """The secrets given by `--secret`, `--secret-file` and `--secret-env`, each checked.
+
+    Raises:
+        InvalidSubscriptionError: a variable is unset, a file holds no secret, a secret is
+            malformed or shorter than 24 bytes.
+    """
+    found = list(args.secret)
+    for file in args.secret_file:
+        with file:
+            lines = [line.strip() for line in file]
+        if not any(lines):
+            raise InvalidSubscriptionError(f"{file.name} holds no secret")
+        found += [line for line in lines if line]
+    for name in args.secret_env:
+        value = os.environ.get(name, "").strip()
+        if not value:
+            raise InvalidSubscriptionError(f"the environment variable {name} holds no secret")
+        found.append(value)
+    return [check_secret(secret) for secret in found]
 
 
 def _handled(
@@ -120,9 +163,11 @@ def _session(settings: WebhookSettings) -> Iterator[Session]:
 
 
 def _add(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
-    sub = SqlWebhookSubscriptions(session).add(
-        args.topic, args.url, args.secret, tenant_id=args.tenant
-    )
+    given = read_secrets(args)
+    if len(given) > 1:
+        raise InvalidSubscriptionError("give one secret, or none to have one generated")
+    secret = given[0] if given else None
+    sub = SqlWebhookSubscriptions(session).add(args.topic, args.url, secret, tenant_id=args.tenant)
     print(f"subscription {sub.id}")
     print(f"secret {sub.secret}")
     print("keep the secret now: it is not shown again", file=sys.stderr)
@@ -206,7 +251,15 @@ def _listen(args: argparse.Namespace) -> int:
 
     from webhooks.listen import make_listen_app
 
-    app = make_listen_app(args.secret)
+    try:
+        secrets = read_secrets(args)
+    except WebhookError as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    if not secrets:
+        print("error: give --secret, --secret-file or --secret-env", file=sys.stderr)
+        return 2
+    app = make_listen_app(secrets)
     print(f"listening on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

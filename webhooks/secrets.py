@@ -10,10 +10,13 @@ import base64
 import secrets
 from datetime import datetime
 
+from webhooks.errors import InvalidSubscriptionError
 from webhooks.signing import SECRET_PREFIX, secret_key
 
 #: Random bytes in a generated secret (the Standard Webhooks minimum is 24).
 SECRET_BYTES = 32
+#: Fewest bytes a given secret may have (the Standard Webhooks minimum).
+MIN_SECRET_BYTES = 24
 
 
 def generate_secret() -> str:
@@ -22,12 +25,16 @@ def generate_secret() -> str:
 
 
 def check_secret(secret: str) -> str:
-    """Return `secret` if it can sign (base64, optionally `whsec_`-prefixed, not empty).
+    """Return `secret` if it may sign a subscription's deliveries: strict base64, optionally
+    `whsec_`-prefixed, of at least `MIN_SECRET_BYTES` bytes.
 
     Raises:
-        InvalidSubscriptionError: it cannot.
+        InvalidSubscriptionError: it may not.
     """
-    secret_key(secret)
+    if len(secret_key(secret)) < MIN_SECRET_BYTES:
+        raise InvalidSubscriptionError(
+            f"webhook secret is too short: at least {MIN_SECRET_BYTES} random bytes are needed"
+        )
     return secret
 
 

@@ -30,11 +30,12 @@ def secret_key(secret: str) -> bytes:
     """The HMAC key of a `whsec_…` secret (the prefix is optional, padding may be left out).
 
     Raises:
-        InvalidSubscriptionError: the secret is empty or not base64.
+        InvalidSubscriptionError: the secret is empty or not strict base64.
     """
     encoded = secret.removeprefix(SECRET_PREFIX)
     try:
-        key = base64.b64decode(encoded + "==")
+        # Strict: a character outside the alphabet is an error, not skipped.
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError) as error:
         raise InvalidSubscriptionError("webhook secret is not base64") from error
     if not key:
@@ -117,10 +118,10 @@ def _verifying_key(secret: str) -> bytes:
 
 
 def _check_timestamp(header: str, tolerance: timedelta, now: datetime) -> int:
-    try:
-        timestamp = int(header)
-    except ValueError as error:
-        raise WebhookVerificationError("webhook-timestamp is not unix seconds") from error
+    # ASCII digits only: `int()` also takes signs, spaces, underscores and non-ASCII digits.
+    if not (header.isascii() and header.isdigit()):
+        raise WebhookVerificationError("webhook-timestamp is not unix seconds")
+    timestamp = int(header)
     skew = abs(now.timestamp() - timestamp)
     if skew > tolerance.total_seconds():
         raise WebhookVerificationError("webhook-timestamp outside the tolerance")

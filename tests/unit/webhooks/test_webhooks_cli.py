@@ -266,3 +266,79 @@ def test_add_says_why_a_url_can_never_be_delivered_to(run, url: str, reason: str
 def test_add_accepts_addresses_a_setting_may_allow(run, url: str) -> None:
     code, out, err = run("webhooks", "add", TOPIC, url)
     assert (code, err.count("error")) == (0, 0)
+
+
+GIVEN = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def stored_secret(factory, sub_id: str) -> str:
+    with factory() as session:
+        sub = session.get(WebhookSubscription, sub_id)
+        assert sub is not None
+        return sub.secret
+
+
+def test_add_reads_the_secret_from_a_file(run, factory, tmp_path) -> None:
+    path = tmp_path / "secret"
+    path.write_text(GIVEN + "\n")
+    sub_id, secret = added(run, "--secret-file", str(path))
+    assert secret == GIVEN == stored_secret(factory, sub_id)
+
+
+def test_add_reads_the_secret_from_the_environment(run, factory, monkeypatch) -> None:
+    monkeypatch.setenv("HOOK_SECRET", GIVEN)
+    sub_id, secret = added(run, "--secret-env", "HOOK_SECRET")
+    assert secret == GIVEN == stored_secret(factory, sub_id)
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--secret-env", "UNSET_SECRET"], "UNSET_SECRET holds no secret"),
+        (["--secret", "whsec_" + "QUFB" * 7], "at least 24"),  # 21 bytes
+        (["--secret", "whsec_not base64!"], "not base64"),
+        (["--secret", GIVEN, "--secret", GIVEN], "give one secret"),
+    ],
+)
+def test_add_refuses_a_missing_or_weak_secret_and_stores_nothing(
+    run, factory, argv: list[str], reason: str
+) -> None:
+    code, _, err = run("webhooks", "add", TOPIC, "https://example.test/hook", *argv)
+    assert code == 1
+    assert reason in err
+    with factory() as session:
+        assert session.scalars(select(WebhookSubscription)).all() == []
+
+
+def test_listen_verifies_with_the_secrets_of_a_file(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvicorn
+
+    rotated = "whsec_" + "QUJD" * 8
+    path = tmp_path / "secrets"
+    path.write_text(f"{GIVEN}\n\n{rotated}\n")
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    parser = argparse.ArgumentParser(prog="billing")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["webhooks", "listen", "--secret-file", str(path)])
+    assert args.handler(args) == 0
+    client = TestClient(served[0])
+    body = event_body(TOPIC, PAYLOAD, datetime(2025, 1, 1, tzinfo=UTC))
+    now = int(datetime.now(UTC).timestamp())
+    for event_id, secret in [("evt_old", GIVEN), ("evt_new", rotated)]:
+        headers = signature_headers([secret], event_id, now, body)
+        assert client.post("/hook", content=body, headers=headers).status_code == 200
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == [
+        "evt_old",
+        "evt_new",
+    ]
+
+
+def test_listen_without_a_secret_says_how_to_give_one(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="billing")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["webhooks", "listen"])
+    assert args.handler(args) == 2
+    assert "--secret-file" in capsys.readouterr().err

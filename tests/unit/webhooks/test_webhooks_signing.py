@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -12,9 +13,10 @@ import standardwebhooks
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhooks import WebhookVerificationError, verify
+from webhooks import WebhookVerificationError, signing, verify
 from webhooks.delivery import ClaimedDelivery, Sender, event_body
-from webhooks.secrets import active_secrets, generate_secret
+from webhooks.errors import InvalidSubscriptionError
+from webhooks.secrets import active_secrets, check_secret, generate_secret
 from webhooks.signing import secret_key, sign, signature_headers
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -195,3 +197,103 @@ def test_the_sent_body_is_exactly_the_signed_bytes() -> None:
         "timestamp": "2025-01-02T03:04:05+00:00",
         "data": delivery.payload,
     }
+
+
+FIXED = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def at_fixed(**header_overrides: str) -> dict[str, str]:
+    return headers(at=FIXED) | header_overrides
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "+{}",
+        " {}",
+        "{} ",
+        "{}\n",
+    ],
+)
+def test_a_timestamp_other_than_ascii_digits_fails(timestamp: str) -> None:
+    seconds = str(int(FIXED.timestamp()))
+    signed = at_fixed(**{"webhook-timestamp": timestamp.format(seconds)})
+    with pytest.raises(WebhookVerificationError, match="unix seconds"):
+        verify(BODY, signed, SECRET, now=lambda: FIXED)
+
+
+def test_a_timestamp_in_non_ascii_digits_fails() -> None:
+    fullwidth = "".join(chr(0xFF10 + int(d)) for d in str(int(FIXED.timestamp())))
+    assert int(fullwidth) == int(FIXED.timestamp())
+    with pytest.raises(WebhookVerificationError, match="unix seconds"):
+        verify(BODY, at_fixed(**{"webhook-timestamp": fullwidth}), SECRET, now=lambda: FIXED)
+
+
+@pytest.mark.parametrize("skew", [timedelta(minutes=5), -timedelta(minutes=5)])
+def test_a_timestamp_exactly_at_the_tolerance_passes(skew: timedelta) -> None:
+    assert verify(BODY, headers(at=FIXED), SECRET, now=lambda: FIXED + skew)
+
+
+@pytest.mark.parametrize(
+    "skew", [timedelta(minutes=5, seconds=1), -timedelta(minutes=5, seconds=1)]
+)
+def test_a_timestamp_one_second_past_the_tolerance_fails(skew: timedelta) -> None:
+    with pytest.raises(WebhookVerificationError, match="tolerance"):
+        verify(BODY, headers(at=FIXED), SECRET, now=lambda: FIXED + skew)
+
+
+def test_a_correct_digest_under_another_version_fails() -> None:
+    v1 = at_fixed()["webhook-signature"]
+    v2 = "v2," + v1.removeprefix("v1,")
+    with pytest.raises(WebhookVerificationError, match="no matching signature"):
+        verify(BODY, at_fixed(**{"webhook-signature": v2}), SECRET, now=lambda: FIXED)
+
+
+def test_a_correct_digest_with_a_stray_character_fails() -> None:
+    encoded = at_fixed()["webhook-signature"].removeprefix("v1,")
+    stray = f"v1,{encoded[:10]}!{encoded[10:]}"
+    with pytest.raises(WebhookVerificationError, match="no matching signature"):
+        verify(BODY, at_fixed(**{"webhook-signature": stray}), SECRET, now=lambda: FIXED)
+
+
+def test_signatures_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `==` would leak, through timing, how many leading bytes of a forgery are right.
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(signing.hmac, "compare_digest", spy)
+    assert verify(BODY, at_fixed(), SECRET, now=lambda: FIXED)
+    with pytest.raises(WebhookVerificationError):
+        verify(BODY, at_fixed(), OTHER, now=lambda: FIXED)
+    assert len(compared) == 2
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "whsec_MfKQ9r8GKYqrTwjU PD8ILPZIo2LaLaSw",
+        "whsec_MfKQ9r8GKYqrTwjU!PD8ILPZIo2LaLaSw",
+        "whsec_MfKQ9r8GKYqrTwjU\nPD8ILPZIo2LaLaSw",
+        "whsec_MfKQ9",
+        "whsec_",
+    ],
+)
+def test_a_secret_that_is_not_strict_base64_is_refused(secret: str) -> None:
+    with pytest.raises(InvalidSubscriptionError):
+        secret_key(secret)
+
+
+@pytest.mark.parametrize("size", [1, 16, 23])
+def test_a_subscription_secret_of_fewer_than_24_bytes_is_refused(size: int) -> None:
+    short = "whsec_" + base64.b64encode(b"k" * size).decode()
+    with pytest.raises(InvalidSubscriptionError, match="at least 24"):
+        check_secret(short)
+
+
+@pytest.mark.parametrize("secret", [SECRET, SECRET.removeprefix("whsec_"), generate_secret()])
+def test_a_subscription_secret_of_24_bytes_or_more_is_accepted(secret: str) -> None:
+    assert check_secret(secret) == secret
