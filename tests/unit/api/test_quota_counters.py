@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 
 from billing import BillingService
 from billing.api.models import UsageCounter
+from billing.db import make_session_factory
 from billing.models import Plan, PlanEntitlement, Subscription, UsageEvent
 from billing.quotas import (
     check_quota,
@@ -240,6 +243,65 @@ def test_consume_records_usage_up_to_a_hard_limit_and_no_further(session) -> Non
     assert [r.used for r in results] == [10, 20, 20]
     total = session.execute(select(func.sum(UsageEvent.amount))).scalar_one()
     assert total == 20
+
+
+def test_consume_may_use_up_a_hard_limit_exactly(session) -> None:
+    subscribe(session, limits=(("tokens", "day", 20),))
+    results = [
+        consume_quota(session, tenant_id="A", key="tokens", window="day", amount=n, now=NOW)
+        for n in (10, 10, 1)
+    ]
+    assert [(r.allowed, r.used, r.remaining) for r in results] == [
+        (True, 10, 10),
+        (True, 20, 0),  # used + amount == limit: allowed
+        (False, 20, 0),
+    ]
+    assert session.execute(select(func.sum(UsageEvent.amount))).scalar_one() == 20
+
+
+@pytest.mark.postgres
+def test_a_second_consume_waits_for_the_first_s_lock_and_reads_its_total(pg_engine) -> None:
+    factory = make_session_factory(pg_engine)
+    with factory.begin() as session:
+        subscribe(session, limits=(("tokens", "day", 15),))
+    first = factory()
+    first.begin()
+    assert consume_quota(first, tenant_id="A", key="tokens", window="day", amount=10, now=NOW)
+    outcome: dict[str, object] = {}
+
+    def second() -> None:
+        with factory.begin() as session:
+            outcome["status"] = consume_quota(
+                session, tenant_id="A", key="tokens", window="day", amount=10, now=NOW
+            )
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    try:
+        assert wait_for_lock_waiters(pg_engine, 1), "the second consume did not wait for the lock"
+        first.commit()
+    finally:
+        first.close()
+        thread.join(timeout=30)
+    status = outcome["status"]
+    assert (status.allowed, status.used) == (False, 10)  # it read the committed 10, not 0
+    with factory() as session:
+        assert session.execute(select(func.sum(UsageEvent.amount))).scalar_one() == 10
+
+
+def wait_for_lock_waiters(engine, count: int, timeout: float = 20.0) -> bool:
+    """True once `count` backends of this database wait on a row lock (polled, no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(query).scalar_one() >= count:
+                return True
+        time.sleep(0.01)
+    return False
 
 
 def test_consume_with_a_soft_limit_records_and_says_it_went_over(session) -> None:

@@ -116,6 +116,42 @@ def test_malformed_tiers_are_refused(tiers) -> None:
         parse_tiers(tiers)
 
 
+def test_equal_tier_bounds_are_refused() -> None:
+    with pytest.raises(PriceDefinitionError, match="ascending"):
+        parse_tiers([{"up_to": 10}, {"up_to": 10}, {"up_to": None}])
+    assert [t.up_to for t in parse_tiers([{"up_to": 10}, {"up_to": 11}, {"up_to": None}])] == [
+        10,
+        11,
+        None,
+    ]
+
+
+def test_a_negative_flat_amount_is_refused_and_zero_is_accepted() -> None:
+    with pytest.raises(PriceDefinitionError, match="flat_amount"):
+        parse_tiers([{"up_to": None, "unit_amount_decimal": "1", "flat_amount": -1}])
+    [tier] = parse_tiers([{"up_to": None, "unit_amount_decimal": "1", "flat_amount": 0}])
+    assert tier.flat_amount == 0
+
+
+def test_volume_pricing_bills_zero_units_zero_even_when_the_first_tier_has_a_flat_fee() -> None:
+    tiers = [
+        {"up_to": 10, "unit_amount_decimal": "1", "flat_amount": 700},
+        {"up_to": None, "unit_amount_decimal": "0.5", "flat_amount": 900},
+    ]
+    p = price(metric="calls", billing_scheme="tiered", tiers_mode="volume", tiers=tiers)
+    assert usage_amount(p, 0) == 0
+    assert volume_cost(parse_tiers(tiers), 0) == 0
+    assert usage_amount(p, 1) == 701
+
+
+def test_package_rounding_defaults_to_up_when_transform_round_is_unset() -> None:
+    p = price(metric="gb", unit_amount=500, transform_divide_by=10)
+    assert p.transform_round is None
+    assert usage_amount(p, 21) == 1500  # ⌈21 / 10⌉ = 3 packages
+    assert usage_amount(p, 1) == 500
+    assert billable_quantity(21, 10, None) == 3
+
+
 def test_a_price_without_any_unit_amount_is_refused() -> None:
     with pytest.raises(PriceDefinitionError):
         usage_amount(price(metric="x"), 1)

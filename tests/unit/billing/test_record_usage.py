@@ -134,6 +134,18 @@ def test_a_batch_with_a_metric_outside_the_charset_stores_nothing(session) -> No
     assert count(session) == 0
 
 
+def test_a_key_another_tenant_used_is_matched_against_this_tenant_s_event_only(session) -> None:
+    theirs = record(session, tenant="A", amount=1)
+    mine = record(session, tenant="B", amount=2)
+    # B sends its event again: only B's row may answer, not A's with another amount.
+    assert record(session, tenant="B", amount=2) == mine
+    bs = BillingService(session=session, tenant_id="B")
+    again = {"metric": "tokens", "amount": 2, "at": AT, "idempotency_key": "req-42"}
+    assert bs.record_usage_batch([again, {**again, "idempotency_key": "new"}])[0] == mine
+    assert record(session, tenant="A", amount=1) == theirs
+    assert count(session) == 3
+
+
 def test_an_empty_tenant_is_refused() -> None:
     with pytest.raises(InvalidUsageError):
         BillingService(session=None, tenant_id="")  # type: ignore[arg-type]
