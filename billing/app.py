@@ -42,9 +42,16 @@ def create_app(
         store=idempotency_store or _store(settings),
         ttl=settings.idempotency_ttl,
         lock_ttl=settings.idempotency_lock_ttl,
+        max_body_bytes=max(settings.max_request_bytes, settings.max_batch_request_bytes),
     )
     register_error_handlers(app)
-    add_billing(app, session_factory=factory, prefix=settings.billing_prefix)
+    add_billing(
+        app,
+        session_factory=factory,
+        prefix=settings.billing_prefix,
+        max_request_bytes=settings.max_request_bytes,
+        max_batch_request_bytes=settings.max_batch_request_bytes,
+    )
 
     @app.get("/healthz", tags=["health"], summary="200 when the database answers")
     def healthz() -> JSONResponse:

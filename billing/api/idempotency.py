@@ -32,6 +32,12 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from billing.api.bodies import (
+    DEFAULT_MAX_BATCH_REQUEST_BYTES,
+    BodyIncomplete,
+    BodyTooLarge,
+    read_body,
+)
 from billing.api.problems import TYPE_PREFIX, problem_response
 
 DEFAULT_TTL = timedelta(hours=24)
@@ -198,6 +204,7 @@ class IdempotencyMiddleware:
         methods: tuple[str, ...] = ("POST",),
         header: str = "Idempotency-Key",
         principal: Callable[[Scope], str | None] = authorization_principal,
+        max_body_bytes: int = DEFAULT_MAX_BATCH_REQUEST_BYTES,
     ) -> None:
         self.app = app
         if store is None or isinstance(store, MutableMapping):
@@ -208,6 +215,7 @@ class IdempotencyMiddleware:
         self.methods = frozenset(m.upper() for m in methods)
         self.header = header.lower().encode("latin-1")
         self.principal = principal
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
@@ -233,7 +241,21 @@ class IdempotencyMiddleware:
         if caller is None:
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
+        try:
+            body = await read_body(receive, scope, self.max_body_bytes)
+        except BodyIncomplete:
+            return  # the client is gone: a partial body is neither run nor stored
+        except BodyTooLarge:
+            await _problem(
+                413,
+                "Request body too large",
+                f"the body is over {self.max_body_bytes} bytes",
+                "body-too-large",
+                scope,
+                receive,
+                send,
+            )
+            return
         store_key = _digest(caller, scope["method"], scope["path"], key)
         fingerprint = _digest(scope.get("query_string", b"").decode("latin-1"), body.hex())
         claim = IdempotentRecord(fingerprint=fingerprint, token=secrets.token_hex(16))
@@ -323,18 +345,6 @@ class IdempotencyMiddleware:
             body=base64.b64encode(b"".join(chunks)).decode("ascii"),
         )
         await self.store.complete(store_key, done, self.ttl)
-
-
-async def _read_body(receive: Receive) -> bytes:
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(parts)
 
 
 async def _problem(

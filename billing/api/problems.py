@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DataError, IntegrityError
 from starlette.exceptions import HTTPException
+from starlette.routing import compile_path
 
 from billing.errors import (
     BillingError,
@@ -201,12 +202,28 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else None
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request, headers.get("Allow"))
     return problem_response(
-        exc.status_code,
-        _TITLES.get(exc.status_code, "Error"),
-        detail,
-        headers=exc.headers,
+        exc.status_code, _TITLES.get(exc.status_code, "Error"), detail, headers=headers
     )
+
+
+def _allowed_methods(request: Request, first_route: str | None) -> str:
+    """Every method served at the request's path: Starlette's `Allow` names those of the first
+    route matching the path only (`POST` for `/usage`, which takes `GET` too), so add those of
+    every path of the OpenAPI document that matches."""
+    methods = {m.strip() for m in (first_route or "").split(",") if m.strip()}
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(request.url.path):
+            methods |= {m.upper() for m in operations if m.upper() in _HTTP_METHODS}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 
 
 async def _on_billing(request: Request, exc: Exception) -> JSONResponse:

@@ -97,7 +97,7 @@ class UsageBatchIn(_In):
         list[Annotated[Any, WithJsonSchema(_USAGE_ITEM_SCHEMA)]],
         Field(min_length=1, max_length=MAX_BATCH),
     ]
-    all_or_nothing: bool = False
+    all_or_nothing: Annotated[bool, Field(strict=True)] = False
 
 
 class BatchItemError(BaseModel):
@@ -305,7 +305,18 @@ class InvoiceOut(BaseModel):
 
 
 class InvoiceDetail(InvoiceOut):
+    """An invoice with its first lines; `next_lines_cursor` pages through the rest at
+    `/invoices/{id}/lines`."""
+
     lines: list[InvoiceLineOut]
+    next_lines_cursor: str | None = None
+
+
+class InvoiceLinePage(BaseModel):
+    """Lines of one invoice in a stable order; pass `next_cursor` for more."""
+
+    items: list[InvoiceLineOut]
+    next_cursor: str | None = None
 
 
 class InvoicePage(BaseModel):

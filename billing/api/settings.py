@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from billing.api.bodies import DEFAULT_MAX_BATCH_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES
 from billing.settings import DEFAULT_DATABASE_URL
 
 
@@ -15,7 +16,9 @@ class ApiSettings(BaseSettings):
     """`DATABASE_URL`; `REDIS_URL` (idempotency store; in memory, one process, when unset);
     `IDEMPOTENCY_TTL` (how long responses are replayed, seconds or ISO 8601, default 24 h);
     `IDEMPOTENCY_LOCK_TTL` (how long an unfinished request holds its key, default 5 min);
-    `BILLING_PREFIX` (where the routes are mounted, default `/_billing`)."""
+    `BILLING_PREFIX` (where the routes are mounted, default `/_billing`);
+    `MAX_REQUEST_BYTES` (largest request body, default 1 MiB) and `MAX_BATCH_REQUEST_BYTES`
+    (largest `/usage/batch` body, default 4 MiB)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -25,6 +28,8 @@ class ApiSettings(BaseSettings):
     idempotency_ttl: timedelta = timedelta(hours=24)
     idempotency_lock_ttl: timedelta = timedelta(minutes=5)
     billing_prefix: str = "/_billing"
+    max_request_bytes: PositiveInt = DEFAULT_MAX_REQUEST_BYTES
+    max_batch_request_bytes: PositiveInt = DEFAULT_MAX_BATCH_REQUEST_BYTES
 
     @field_validator("idempotency_ttl", "idempotency_lock_ttl", mode="before")
     @classmethod

@@ -10,6 +10,11 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.api.auth import get_principal
+from billing.api.bodies import (
+    DEFAULT_MAX_BATCH_REQUEST_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    BodyLimitMiddleware,
+)
 from billing.api.deps import BillingApi
 from billing.api.problems import ProblemError, register_error_handlers
 from billing.api.router import build_router
@@ -23,13 +28,17 @@ def add_billing(
     prefix: str = "/_billing",
     principal: Callable[..., Any] | None = None,
     clock: Callable[[], datetime] = utcnow,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_batch_request_bytes: int = DEFAULT_MAX_BATCH_REQUEST_BYTES,
 ) -> None:
     """Mount the billing routes under `prefix` and configure them and `require_quota`.
 
     `session_factory` defaults to one on `DATABASE_URL` (`BillingSettings`). `principal`, any
     FastAPI dependency returning a `billing.api.Principal`, replaces API-key authentication
-    everywhere (billing routes and `require_quota`). The problem+json handlers are registered
-    unless the app already has them (`register_error_handlers`).
+    everywhere (billing routes and `require_quota`). Request bodies are JSON (else 415) of at
+    most `max_request_bytes`, or `max_batch_request_bytes` for `/usage/batch` (else 413; see
+    `billing.api.bodies`). The problem+json handlers are registered unless the app already has
+    them (`register_error_handlers`).
     """
     if session_factory is None:
         from billing.db import make_engine, make_session_factory
@@ -45,4 +54,10 @@ def add_billing(
         app.dependency_overrides[get_principal] = principal
     if ProblemError not in app.exception_handlers:
         register_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        prefix=prefix or "/",
+        max_bytes=max_request_bytes,
+        overrides={f"{prefix}/usage/batch": max_batch_request_bytes},
+    )
     app.include_router(build_router(), prefix=prefix)

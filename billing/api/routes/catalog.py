@@ -50,7 +50,7 @@ def list_plans(
     summary="Create or change a plan (operator)",
     responses={
         200: {"model": PlanOut, "description": "Changed"},
-        **problem_responses(401, 403, 422),
+        **problem_responses(400, 401, 403, 413, 415, 422),
     },
 )
 def put_plan(
@@ -81,7 +81,7 @@ def put_plan(
     summary="Create or change a price (operator)",
     responses={
         200: {"model": PriceOut, "description": "Changed"},
-        **problem_responses(401, 403, 422),
+        **problem_responses(400, 401, 403, 413, 415, 422),
     },
 )
 def put_price(

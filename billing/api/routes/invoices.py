@@ -1,45 +1,48 @@
 """Invoices: a tenant lists and reads its own (`billing.read`); an operator (`billing.admin`)
-lists and reads any tenant's (`/tenants/{tenant_id}/invoices`) and voids any invoice."""
+lists and reads any tenant's (`/tenants/{tenant_id}/invoices`) and voids any invoice.
+
+An invoice's lines come a page at a time (an invoice can have thousands): `GET` of an invoice
+holds the first `LINES_PER_DETAIL` and `next_lines_cursor`; `/lines` walks the rest.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from sqlalchemy import literal, select, tuple_
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from billing.api.auth import Operator, Reader
 from billing.api.deps import SessionDep
-from billing.api.pagination import decode_cursor, encode_cursor, invalid_cursor
+from billing.api.pagination import keyset_page
 from billing.api.problems import ProblemError, problem_responses
 from billing.api.schemas import (
     InvoiceDetail,
     InvoiceLineOut,
+    InvoiceLinePage,
     InvoiceOut,
     InvoicePage,
     ResourceId,
     TenantId,
 )
-from billing.models import Invoice
-from webhooks.sqltypes import UTCDateTime
+from billing.models import Invoice, InvoiceLine
 
 router = APIRouter(tags=["invoices"])
 
+LINES_PER_DETAIL = 100
 InvoiceId = Annotated[str, Path(max_length=36, pattern=ResourceId)]
+TenantPath = Annotated[TenantId, Path()]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Cursor = Annotated[str | None, Query(max_length=1000)]
+READ_ERRORS = problem_responses(401, 403, 404, 422)
 
 
 @router.get(
     "/invoices", summary="The caller's invoices", responses=problem_responses(401, 403, 422)
 )
 def list_invoices(
-    principal: Reader,
-    session: SessionDep,
-    limit: Limit = 100,
-    cursor: Cursor = None,
+    principal: Reader, session: SessionDep, limit: Limit = 100, cursor: Cursor = None
 ) -> InvoicePage:
     """Ordered by period start, then id; walking `next_cursor` returns each invoice once."""
     return _page(session, principal.tenant_id, limit, cursor)
@@ -51,7 +54,7 @@ def list_invoices(
     responses=problem_responses(401, 403, 422),
 )
 def list_tenant_invoices(
-    tenant_id: Annotated[TenantId, Path()],
+    tenant_id: TenantPath,
     principal: Operator,
     session: SessionDep,
     limit: Limit = 100,
@@ -63,64 +66,59 @@ def list_tenant_invoices(
 
 @router.get(
     "/invoices/{invoice_id}",
-    summary="One of the caller's invoices, with its lines",
-    responses=problem_responses(401, 403, 404, 422),
+    summary="One of the caller's invoices, with its first lines",
+    responses=READ_ERRORS,
 )
-def get_invoice(
-    invoice_id: InvoiceId,
-    principal: Reader,
-    session: SessionDep,
-) -> InvoiceDetail:
+def get_invoice(invoice_id: InvoiceId, principal: Reader, session: SessionDep) -> InvoiceDetail:
     """404 for an invoice of another tenant, as for one that does not exist."""
-    return invoice_detail(_find_invoice(session, invoice_id, principal.tenant_id))
+    return invoice_detail(session, _find_invoice(session, invoice_id, principal.tenant_id))
 
 
 @router.get(
     "/tenants/{tenant_id}/invoices/{invoice_id}",
-    summary="One of a tenant's invoices, with its lines (operator)",
-    responses=problem_responses(401, 403, 404, 422),
+    summary="One of a tenant's invoices, with its first lines (operator)",
+    responses=READ_ERRORS,
 )
 def get_tenant_invoice(
-    tenant_id: Annotated[TenantId, Path()],
+    tenant_id: TenantPath, invoice_id: InvoiceId, principal: Operator, session: SessionDep
+) -> InvoiceDetail:
+    """404 for an invoice of another tenant, as for one that does not exist."""
+    return invoice_detail(session, _find_invoice(session, invoice_id, tenant_id))
+
+
+@router.get(
+    "/invoices/{invoice_id}/lines",
+    summary="The lines of one of the caller's invoices, a page at a time",
+    responses=READ_ERRORS,
+)
+def list_invoice_lines(
+    invoice_id: InvoiceId,
+    principal: Reader,
+    session: SessionDep,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> InvoiceLinePage:
+    """Lines in a stable order; walking `next_cursor` returns each line once."""
+    invoice = _find_invoice(session, invoice_id, principal.tenant_id)
+    return _lines(session, invoice.id, limit, cursor)
+
+
+@router.get(
+    "/tenants/{tenant_id}/invoices/{invoice_id}/lines",
+    summary="The lines of one of a tenant's invoices, a page at a time (operator)",
+    responses=READ_ERRORS,
+)
+def list_tenant_invoice_lines(
+    tenant_id: TenantPath,
     invoice_id: InvoiceId,
     principal: Operator,
     session: SessionDep,
-) -> InvoiceDetail:
-    """404 for an invoice of another tenant, as for one that does not exist."""
-    return invoice_detail(_find_invoice(session, invoice_id, tenant_id))
-
-
-def _page(session: Session, tenant_id: str, limit: int, cursor: str | None) -> InvoicePage:
-    query = select(Invoice).where(Invoice.tenant_id == tenant_id)
-    if cursor is not None:
-        query = query.where(
-            tuple_(Invoice.period_start, Invoice.id) > tuple_(*_position(decode_cursor(cursor, 2)))
-        )
-    rows = list(
-        session.execute(query.order_by(Invoice.period_start, Invoice.id).limit(limit + 1)).scalars()
-    )
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor(last.period_start.isoformat(), last.id)
-    return InvoicePage(items=[invoice_out(i) for i in rows[:limit]], next_cursor=next_cursor)
-
-
-def invoice_detail(invoice: Invoice) -> InvoiceDetail:
-    """The API form of an invoice with its lines."""
-    return InvoiceDetail(
-        **invoice_out(invoice).model_dump(),
-        lines=[
-            InvoiceLineOut(
-                id=line.id,
-                price_id=line.price_id,
-                metric=line.metric,
-                quantity=line.quantity,
-                amount=line.amount,
-            )
-            for line in invoice.lines
-        ],
-    )
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> InvoiceLinePage:
+    """As `GET /invoices/{invoice_id}/lines`, for the tenant in the path."""
+    invoice = _find_invoice(session, invoice_id, tenant_id)
+    return _lines(session, invoice.id, limit, cursor)
 
 
 @router.post(
@@ -128,11 +126,7 @@ def invoice_detail(invoice: Invoice) -> InvoiceDetail:
     summary="Void a tenant's invoice (operator)",
     responses=problem_responses(401, 403, 404, 409, 422),
 )
-def void_invoice(
-    invoice_id: InvoiceId,
-    principal: Operator,
-    session: SessionDep,
-) -> InvoiceOut:
+def void_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep) -> InvoiceOut:
     """An open invoice becomes void (voiding again changes nothing); a paid one cannot: 409."""
     invoice = _find_invoice(session, invoice_id)
     if invoice.status == "paid":
@@ -157,23 +151,44 @@ def invoice_out(invoice: Invoice) -> InvoiceOut:
     )
 
 
+def invoice_detail(session: Session, invoice: Invoice) -> InvoiceDetail:
+    """The API form of an invoice with its first `LINES_PER_DETAIL` lines."""
+    lines = _lines(session, invoice.id, LINES_PER_DETAIL, None)
+    return InvoiceDetail(
+        **invoice_out(invoice).model_dump(), lines=lines.items, next_lines_cursor=lines.next_cursor
+    )
+
+
+def _page(session: Session, tenant_id: str, limit: int, cursor: str | None) -> InvoicePage:
+    query = select(Invoice).where(Invoice.tenant_id == tenant_id)
+    order = (Invoice.period_start, Invoice.id)
+    rows, next_cursor = keyset_page(session, query, order, limit, cursor)
+    return InvoicePage(items=[invoice_out(i) for i in rows], next_cursor=next_cursor)
+
+
+def _lines(session: Session, invoice_id: str, limit: int, cursor: str | None) -> InvoiceLinePage:
+    query = select(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id)
+    order = (InvoiceLine.created_at, InvoiceLine.id)
+    rows, next_cursor = keyset_page(session, query, order, limit, cursor)
+    items = [
+        InvoiceLineOut(
+            id=line.id,
+            price_id=line.price_id,
+            metric=line.metric,
+            quantity=line.quantity,
+            amount=line.amount,
+        )
+        for line in rows
+    ]
+    return InvoiceLinePage(items=items, next_cursor=next_cursor)
+
+
 def _find_invoice(session: Session, invoice_id: str, tenant_id: str | None = None) -> Invoice:
     """The invoice, of `tenant_id` when given (None: an operator's lookup, any tenant)."""
-    query = select(Invoice).options(selectinload(Invoice.lines)).where(Invoice.id == invoice_id)
+    query = select(Invoice).where(Invoice.id == invoice_id)
     if tenant_id is not None:
         query = query.where(Invoice.tenant_id == tenant_id)
     invoice = session.execute(query).scalar_one_or_none()
     if invoice is None:
         raise ProblemError(404, "Not found", "no such invoice", slug="not-found")
     return invoice
-
-
-def _position(values: list[Any]) -> tuple[Any, Any]:
-    start, invoice_id = values
-    try:
-        moment = datetime.fromisoformat(start)
-    except (TypeError, ValueError) as error:
-        raise invalid_cursor(str(error)) from error
-    if moment.tzinfo is None or not isinstance(invoice_id, str):
-        raise invalid_cursor("malformed position")
-    return literal(moment, UTCDateTime()), invoice_id

@@ -57,7 +57,7 @@ def list_tenant_subscriptions(
     "/subscriptions",
     status_code=201,
     summary="Subscribe a tenant to a plan (operator)",
-    responses=problem_responses(401, 403, 422),
+    responses=problem_responses(400, 401, 403, 413, 415, 422),
 )
 def create_subscription(
     body: SubscriptionIn,
@@ -96,7 +96,7 @@ def create_subscription(
 @router.post(
     "/subscriptions/{subscription_id}/cancel",
     summary="End a tenant's subscription (operator)",
-    responses=problem_responses(401, 403, 404, 422),
+    responses=problem_responses(400, 401, 403, 404, 413, 415, 422),
 )
 def cancel_subscription(
     principal: Operator,

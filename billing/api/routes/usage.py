@@ -16,14 +16,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from pydantic import ValidationError
-from sqlalchemy import and_, literal, or_, select, tuple_
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from billing.api.auth import Reader, Writer
 from billing.api.deps import ApiDep, SessionDep
 from billing.api.models import UsageCounter
-from billing.api.pagination import decode_cursor, encode_cursor, invalid_cursor
+from billing.api.pagination import keyset_page
 from billing.api.problems import ProblemError, field_errors, problem_responses
 from billing.api.schemas import (
     BatchItemError,
@@ -42,7 +42,6 @@ from billing.errors import IdempotencyConflictError, InvalidUsageError
 from billing.ledger import Recorded
 from billing.models import UsageEvent
 from billing.service import BillingService
-from webhooks.sqltypes import UTCDateTime
 
 router = APIRouter(tags=["usage"])
 
@@ -55,7 +54,7 @@ Stored = dict[tuple[str, str], tuple[str, int, datetime]]
     summary="Record one usage event",
     responses={
         200: {"model": UsageRecorded, "description": "Recorded before: the first event's id"},
-        **problem_responses(400, 401, 403, 409, 422),
+        **problem_responses(400, 401, 403, 409, 413, 415, 422),
     },
 )
 def record_usage(
@@ -80,7 +79,7 @@ def record_usage(
 @router.post(
     "/usage/batch",
     summary="Record up to 1,000 usage events",
-    responses=problem_responses(400, 401, 403, 422),
+    responses=problem_responses(400, 401, 403, 413, 415, 422),
 )
 def record_usage_batch(
     body: UsageBatchIn,
@@ -131,17 +130,8 @@ def list_usage(
         query = query.where(UsageCounter.period_start >= from_)
     if to is not None:
         query = query.where(UsageCounter.period_start < to)
-    if cursor is not None:
-        after_start, after_metric = _usage_position(decode_cursor(cursor, 2))
-        query = query.where(
-            tuple_(UsageCounter.period_start, UsageCounter.metric)
-            > tuple_(after_start, after_metric)
-        )
-    rows = list(
-        session.execute(
-            query.order_by(UsageCounter.period_start, UsageCounter.metric).limit(limit + 1)
-        ).scalars()
-    )
+    order = (UsageCounter.period_start, UsageCounter.metric)
+    rows, next_cursor = keyset_page(session, query, order, limit, cursor)
     items = [
         UsagePeriod(
             period_start=row.period_start,
@@ -149,12 +139,8 @@ def list_usage(
             metric=row.metric,
             total=row.total,
         )
-        for row in rows[:limit]
+        for row in rows
     ]
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor(last.period_start.isoformat(), last.metric)
     return UsagePage(items=items, next_cursor=next_cursor)
 
 
@@ -292,14 +278,3 @@ def _time_of(item: UsageIn, stored: Stored, now: datetime) -> datetime:
     if previous is not None and previous[1] == item.amount:
         return previous[2]
     return now
-
-
-def _usage_position(values: list[Any]) -> tuple[Any, str]:
-    start, metric = values
-    try:
-        moment = datetime.fromisoformat(start)
-    except (TypeError, ValueError) as error:
-        raise invalid_cursor(str(error)) from error
-    if moment.tzinfo is None or not isinstance(metric, str):
-        raise invalid_cursor("malformed position")
-    return literal(moment, UTCDateTime()), metric

@@ -191,6 +191,15 @@ def tenant_invoices_get(client, b, a, session_factory) -> None:
     assert client.get("/_billing/tenants/A/invoices", headers=b).status_code == 403
 
 
+def invoice_lines_get(client, b, a, session_factory) -> None:
+    assert client.get(f"/_billing/invoices/{a['invoice']}/lines", headers=b).status_code == 404
+
+
+def tenant_invoice_lines_get(client, b, a, session_factory) -> None:
+    path = f"/_billing/tenants/A/invoices/{a['invoice']}/lines"
+    assert client.get(path, headers=b).status_code == 403
+
+
 def tenant_invoice_get(client, b, a, session_factory) -> None:
     path = f"/_billing/tenants/A/invoices/{a['invoice']}"
     assert client.get(path, headers=b).status_code == 403
@@ -227,6 +236,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/_billing/tenants/{tenant_id}/subscriptions"): tenant_subscriptions_get,
     ("GET", "/_billing/tenants/{tenant_id}/invoices"): tenant_invoices_get,
     ("GET", "/_billing/tenants/{tenant_id}/invoices/{invoice_id}"): tenant_invoice_get,
+    ("GET", "/_billing/invoices/{invoice_id}/lines"): invoice_lines_get,
+    ("GET", "/_billing/tenants/{tenant_id}/invoices/{invoice_id}/lines"): tenant_invoice_lines_get,
     ("GET", "/_billing/invoices"): invoices_get,
     ("GET", "/_billing/invoices/{invoice_id}"): invoice_get,
     ("POST", "/_billing/invoices/{invoice_id}/void"): invoice_void,
