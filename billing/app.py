@@ -9,6 +9,9 @@ gauges, read from the database at each scrape).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
@@ -36,10 +39,18 @@ def create_app(
         engine = make_engine(settings.database_url, echo=settings.sql_echo)
         session_factory = make_session_factory(engine)
     factory = session_factory
-    app = FastAPI(title="billing-workers", version="0.1.0")
+    own_store = _store(settings) if idempotency_store is None else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if isinstance(own_store, RedisIdempotencyStore):
+            await own_store.client.aclose()  # the client this app made
+
+    app = FastAPI(title="billing-workers", version="0.1.0", lifespan=lifespan)
     app.add_middleware(
         IdempotencyMiddleware,
-        store=idempotency_store or _store(settings),
+        store=idempotency_store or own_store,
         ttl=settings.idempotency_ttl,
         lock_ttl=settings.idempotency_lock_ttl,
         max_body_bytes=max(settings.max_request_bytes, settings.max_batch_request_bytes),
@@ -76,7 +87,9 @@ def _store(settings: ApiSettings) -> IdempotencyStore:
     if settings.redis_url:
         from redis.asyncio import Redis
 
-        return RedisIdempotencyStore(Redis.from_url(settings.redis_url))
+        return RedisIdempotencyStore(
+            Redis.from_url(settings.redis_url), prefix=f"{settings.broker_namespace}:idempotency:"
+        )
     return MemoryIdempotencyStore()
 
 

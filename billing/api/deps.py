@@ -15,11 +15,13 @@ from webhooks.sqltypes import utcnow
 
 @dataclass(frozen=True)
 class BillingApi:
-    """What the routes and `require_quota` need, kept on `app.state.billing_api`."""
+    """What the routes and `require_quota` need, kept on `app.state.billing_api`.
+    `api_keys`: callers authenticate with API keys (no `principal=` given to `add_billing`)."""
 
     session_factory: sessionmaker[Session]
     prefix: str = "/_billing"
     clock: Callable[[], datetime] = field(default=utcnow)
+    api_keys: bool = True
 
 
 async def get_api(request: Request) -> BillingApi:

@@ -6,11 +6,18 @@ For a request with the header (other requests pass straight through):
   `Idempotent-Replayed: true`, to any later request with the same key and the same body;
 - the same key with another body: 409; the same key while the first is still running: 409
   (it is not run a second time);
-- the key is scoped by principal and route: by default the principal is the `Authorization`
-  header (hashed), so tenant B reusing tenant A's key runs as B's own request.
+- the key is scoped by caller and route, so tenant B reusing tenant A's key runs as B's own
+  request. With `add_billing`'s API keys the caller is the key itself, looked up before
+  anything is replayed: a revoked or unknown key is passed to the app (401), never replayed
+  to, and `Bearer`/`bearer` spell one caller. Otherwise it is the `Authorization` header's
+  credentials (scheme in any case), or what `principal=` returns.
 
-Responses of 5xx, 401, 403 and 429 are not stored (the key is released): retrying may succeed.
-A claim that is never completed (the process died) expires after `lock_ttl` (5 minutes).
+Only responses of requests that ran are stored: 2xx, 404 and 409. A request refused before it
+ran (400, 401, 403, 413, 415, 422, 429) or that failed (5xx) releases its key: the corrected
+retry runs. So does a response over `max_stored_bytes` (64 KiB), and a body that did not arrive
+whole (the client went away) is neither run nor stored. When the store does not answer (Redis
+down) the request gets 503 with `Retry-After` and is not run. A claim that is never completed
+(the process died) expires after `lock_ttl` (5 minutes).
 
 Stores: `MemoryIdempotencyStore` (what `store={}` becomes; one process only) and
 `RedisIdempotencyStore` (`redis.asyncio`, shared by every worker process).
@@ -20,16 +27,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import json
+import logging
 import secrets
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing.api.bodies import (
@@ -38,12 +49,26 @@ from billing.api.bodies import (
     BodyTooLarge,
     read_body,
 )
+from billing.api.deps import BillingApi
+from billing.api.keys import find_active_key
 from billing.api.problems import TYPE_PREFIX, problem_response
+from billing.errors import BillingError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = timedelta(hours=24)
 DEFAULT_LOCK_TTL = timedelta(minutes=5)
 MAX_KEY_LENGTH = 255
-NOT_STORED_STATUSES = frozenset({401, 403, 408, 429})
+DEFAULT_MAX_STORED_BYTES = 64 * 1024
+STORED_STATUSES = frozenset({404, 409})  # besides 2xx: requests that ran and concluded
+RETRY_AFTER_SECONDS = 5
+
+CallerName = Callable[[Scope], "str | None | Awaitable[str | None]"]
+
+
+class IdempotencyStoreUnavailable(BillingError):
+    """The idempotency store does not answer (Redis down or timing out). Transient: the
+    request was not run, retry it later."""
 
 
 @dataclass
@@ -145,13 +170,16 @@ class RedisIdempotencyStore:
         self, key: str, record: IdempotentRecord, ttl: timedelta
     ) -> IdempotentRecord | None:
         name = self.prefix + key
-        for _ in range(3):  # the holder may expire between our SET and GET: try again
-            if await self.client.set(name, record.dumps(), nx=True, px=_ms(ttl)):
-                return None
-            raw = await self.client.get(name)
-            if raw is not None:
-                return IdempotentRecord.loads(raw)
-        raise RuntimeError(f"could not claim idempotency key {key!r}")
+        try:
+            for _ in range(3):  # the holder may expire between our SET and GET: try again
+                if await self.client.set(name, record.dumps(), nx=True, px=_ms(ttl)):
+                    return None
+                raw = await self.client.get(name)
+                if raw is not None:
+                    return IdempotentRecord.loads(raw)
+        except RedisError as error:
+            raise IdempotencyStoreUnavailable(f"Redis: {type(error).__name__}") from error
+        raise IdempotencyStoreUnavailable(f"could not claim idempotency key {key!r}")
 
     async def complete(self, key: str, record: IdempotentRecord, ttl: timedelta) -> None:
         await self._if_ours(
@@ -163,8 +191,8 @@ class RedisIdempotencyStore:
 
     async def _if_ours(self, key: str, token: str, write: Callable[[Any, str], Any]) -> None:
         name = self.prefix + key
-        async with self.client.pipeline(transaction=True) as pipe:
-            try:
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
                 await pipe.watch(name)
                 raw = await pipe.get(name)
                 if raw is not None and IdempotentRecord.loads(raw).token != token:
@@ -172,26 +200,50 @@ class RedisIdempotencyStore:
                 pipe.multi()  # type: ignore[no-untyped-call]
                 write(pipe, name)
                 await pipe.execute()
-            except WatchError:
-                return  # changed under us: it is someone else's now
+        except WatchError:
+            return  # changed under us: it is someone else's now
+        except RedisError as error:
+            raise IdempotencyStoreUnavailable(f"Redis: {type(error).__name__}") from error
 
 
 def authorization_principal(scope: Scope) -> str | None:
-    """The default principal of a request: a digest of its `Authorization` header, if any."""
+    """A digest of the request's `Authorization` credentials, the scheme in any case (so
+    `Bearer k` and `bearer k` are one caller); None without the header."""
+    scheme, credentials = _authorization(scope)
+    if scheme is None:
+        return None
+    return hashlib.sha256(f"{scheme.lower()} {credentials}".encode("latin-1")).hexdigest()
+
+
+def api_key_principal(session_factory: sessionmaker[Session], scope: Scope) -> str | None:
+    """The id of the active API key the request bears; None for no, an unknown or a revoked
+    key (the app then answers 401 itself). Blocking: one indexed lookup."""
+    scheme, credentials = _authorization(scope)
+    if scheme is None or scheme.lower() != "bearer" or not credentials:
+        return None
+    with session_factory() as session:
+        key = find_active_key(session, credentials)
+        return None if key is None else f"api-key:{key.id}"
+
+
+def _authorization(scope: Scope) -> tuple[str | None, str]:
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
-            return hashlib.sha256(value).hexdigest()
-    return None
+            scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
+            return scheme, credentials.strip()
+    return None, ""
 
 
 class IdempotencyMiddleware:
     """Replays the stored response of a POST sent again with the same `Idempotency-Key`.
 
     `store`: an `IdempotencyStore`, or a dict (`store={}`) for an in-memory one. `principal`
-    names the caller from the ASGI scope (default: the `Authorization` header's digest); a
-    request it can't name (None) is passed through untouched, since replaying one caller's
-    response to another would leak it. Apps that authenticate otherwise (a cookie, a gateway
-    header) pass a `principal` that names their callers.
+    (plain or async) names the caller from the ASGI scope; by default the active API key of
+    `add_billing`'s authentication, else the `Authorization` header's credentials. A request
+    it can't name (None) is passed through untouched, since replaying one caller's response to
+    another would leak it. Apps that authenticate otherwise (a cookie, a gateway header) pass a
+    `principal` that names their callers. `max_body_bytes` bounds the body read (413 above),
+    `max_stored_bytes` the response kept.
     """
 
     def __init__(
@@ -203,8 +255,9 @@ class IdempotencyMiddleware:
         lock_ttl: timedelta = DEFAULT_LOCK_TTL,
         methods: tuple[str, ...] = ("POST",),
         header: str = "Idempotency-Key",
-        principal: Callable[[Scope], str | None] = authorization_principal,
+        principal: CallerName | None = None,
         max_body_bytes: int = DEFAULT_MAX_BATCH_REQUEST_BYTES,
+        max_stored_bytes: int = DEFAULT_MAX_STORED_BYTES,
     ) -> None:
         self.app = app
         if store is None or isinstance(store, MutableMapping):
@@ -216,6 +269,7 @@ class IdempotencyMiddleware:
         self.header = header.lower().encode("latin-1")
         self.principal = principal
         self.max_body_bytes = max_body_bytes
+        self.max_stored_bytes = max_stored_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.methods:
@@ -237,7 +291,7 @@ class IdempotencyMiddleware:
                 send,
             )
             return
-        caller = self.principal(scope)
+        caller = await self._caller(scope)
         if caller is None:
             await self.app(scope, receive, send)
             return
@@ -259,11 +313,32 @@ class IdempotencyMiddleware:
         store_key = _digest(caller, scope["method"], scope["path"], key)
         fingerprint = _digest(scope.get("query_string", b"").decode("latin-1"), body.hex())
         claim = IdempotentRecord(fingerprint=fingerprint, token=secrets.token_hex(16))
-        existing = await self.store.claim(store_key, claim, self.lock_ttl)
+        try:
+            existing = await self.store.claim(store_key, claim, self.lock_ttl)
+        except IdempotencyStoreUnavailable as error:
+            logger.warning("idempotency store unavailable: %s", error)
+            response = problem_response(
+                503,
+                "Service unavailable",
+                "idempotent requests cannot be served for a moment; retry later",
+                type_=f"{TYPE_PREFIX}idempotency-unavailable",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+            await response(scope, receive, send)
+            return
         if existing is not None:
             await self._answer_existing(existing, fingerprint, scope, receive, send)
             return
         await self._run(scope, body, receive, send, store_key, claim)
+
+    async def _caller(self, scope: Scope) -> str | None:
+        if self.principal is not None:
+            named = self.principal(scope)
+            return await named if inspect.isawaitable(named) else named
+        api = getattr(getattr(scope.get("app"), "state", None), "billing_api", None)
+        if isinstance(api, BillingApi) and api.api_keys:
+            return await run_in_threadpool(api_key_principal, api.session_factory, scope)
+        return authorization_principal(scope)
 
     async def _answer_existing(
         self,
@@ -312,6 +387,7 @@ class IdempotencyMiddleware:
     ) -> None:
         started: dict[str, Any] = {}
         chunks: list[bytes] = []
+        size = 0
         replayed = False
 
         async def receive_body() -> Message:
@@ -322,20 +398,24 @@ class IdempotencyMiddleware:
             return await receive()
 
         async def capture(message: Message) -> None:
+            nonlocal size
             if message["type"] == "http.response.start":
                 started.update(message)
             elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size <= self.max_stored_bytes:
+                    chunks.append(chunk)
             await send(message)
 
         try:
             await self.app(scope, receive_body, capture)
         except BaseException:
-            await self.store.release(store_key, claim.token)
+            await self._settle(self.store.release(store_key, claim.token))
             raise
         status = started.get("status")
-        if status is None or status >= 500 or status in NOT_STORED_STATUSES:
-            await self.store.release(store_key, claim.token)
+        if status is None or not _ran(status) or size > self.max_stored_bytes:
+            await self._settle(self.store.release(store_key, claim.token))
             return
         done = IdempotentRecord(
             fingerprint=claim.fingerprint,
@@ -344,7 +424,15 @@ class IdempotencyMiddleware:
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in started["headers"]],
             body=base64.b64encode(b"".join(chunks)).decode("ascii"),
         )
-        await self.store.complete(store_key, done, self.ttl)
+        await self._settle(self.store.complete(store_key, done, self.ttl))
+
+    async def _settle(self, write: Awaitable[None]) -> None:
+        """Complete or release a claim once the response is sent: a store gone by then costs
+        a replay (the claim expires after `lock_ttl`), never the response."""
+        try:
+            await write
+        except IdempotencyStoreUnavailable as error:
+            logger.warning("idempotency store unavailable after a response: %s", error)
 
 
 async def _problem(
@@ -352,6 +440,11 @@ async def _problem(
 ) -> None:
     response = problem_response(status, title, detail, type_=f"{TYPE_PREFIX}{slug}")
     await response(scope, receive, send)
+
+
+def _ran(status: int) -> bool:
+    """Whether a response is of a request that ran (and may be replayed)."""
+    return 200 <= status < 300 or status in STORED_STATUSES
 
 
 def _digest(*parts: str) -> str:

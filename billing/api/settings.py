@@ -18,7 +18,8 @@ class ApiSettings(BaseSettings):
     `IDEMPOTENCY_LOCK_TTL` (how long an unfinished request holds its key, default 5 min);
     `BILLING_PREFIX` (where the routes are mounted, default `/_billing`);
     `MAX_REQUEST_BYTES` (largest request body, default 1 MiB) and `MAX_BATCH_REQUEST_BYTES`
-    (largest `/usage/batch` body, default 4 MiB)."""
+    (largest `/usage/batch` body, default 4 MiB); `BROKER_NAMESPACE` (prefix of the Redis
+    keys, default `billing`)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -30,6 +31,7 @@ class ApiSettings(BaseSettings):
     billing_prefix: str = "/_billing"
     max_request_bytes: PositiveInt = DEFAULT_MAX_REQUEST_BYTES
     max_batch_request_bytes: PositiveInt = DEFAULT_MAX_BATCH_REQUEST_BYTES
+    broker_namespace: str = "billing"
 
     @field_validator("idempotency_ttl", "idempotency_lock_ttl", mode="before")
     @classmethod

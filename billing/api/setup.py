@@ -49,7 +49,9 @@ def add_billing(
             make_engine(settings.database_url, echo=settings.sql_echo)
         )
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
-    app.state.billing_api = BillingApi(session_factory=session_factory, prefix=prefix, clock=clock)
+    app.state.billing_api = BillingApi(
+        session_factory=session_factory, prefix=prefix, clock=clock, api_keys=principal is None
+    )
     if principal is not None:
         app.dependency_overrides[get_principal] = principal
     if ProblemError not in app.exception_handlers:

@@ -88,7 +88,8 @@ def record_usage_batch(
     api: ApiDep,
 ) -> UsageBatchOut:
     """A result per event, in order: `accepted`, `duplicate` (with the first id) or `rejected`
-    (with the error). With `all_or_nothing`, one rejected event stores none: 422 listing them."""
+    (with the error). With `all_or_nothing`, one rejected event stores none: 422 listing them;
+    so does a batch whose every event is rejected."""
     now = api.clock()
     parsed = [_parse(raw) for raw in body.events]
     valid = [(index, item) for index, item in enumerate(parsed) if isinstance(item, UsageIn)]
@@ -97,7 +98,7 @@ def record_usage_batch(
     recorded = _record_all(service, [(item, _time_of(item, stored, now)) for _, item in valid])
     results = _in_order(parsed, valid, recorded)
     rejected = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
-    if rejected and body.all_or_nothing:
+    if rejected and (body.all_or_nothing or len(rejected) == len(results)):
         session.rollback()
         raise _batch_rejected(rejected, len(results))
     session.commit()

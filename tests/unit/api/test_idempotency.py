@@ -12,6 +12,8 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from billing.api import (
     IdempotencyMiddleware,
@@ -19,6 +21,8 @@ from billing.api import (
     RedisIdempotencyStore,
     register_error_handlers,
 )
+from billing.api.keys import revoke_key
+from billing.api.models import ApiKey
 from billing.api.problems import ProblemError
 
 A = {"Authorization": "Bearer key-of-a"}
@@ -184,8 +188,8 @@ def test_a_server_error_is_not_stored_and_the_retry_runs(run) -> None:
     run(scenario)
 
 
-@pytest.mark.parametrize("status", [401, 403, 429])
-def test_auth_and_quota_refusals_are_not_stored(run, status) -> None:
+@pytest.mark.parametrize("status", [400, 401, 403, 413, 415, 422, 429])
+def test_requests_refused_before_they_ran_are_not_stored(run, status) -> None:
     async def scenario(client, recorder) -> None:
         recorder.refuse_next = status
         refused = await client.post("/things", json={}, headers={**A, **key()})
@@ -195,12 +199,13 @@ def test_auth_and_quota_refusals_are_not_stored(run, status) -> None:
     run(scenario)
 
 
-def test_a_client_error_is_stored_and_replayed(run) -> None:
+@pytest.mark.parametrize("status", [404, 409])
+def test_a_refusal_of_a_request_that_ran_is_stored_and_replayed(run, status) -> None:
     async def scenario(client, recorder) -> None:
-        recorder.refuse_next = 422
+        recorder.refuse_next = status
         await client.post("/things", json={}, headers={**A, **key()})
         again = await client.post("/things", json={}, headers={**A, **key()})
-        assert (again.status_code, recorder.runs) == (422, 1)
+        assert (again.status_code, recorder.runs) == (status, 1)
 
     run(scenario)
 
@@ -309,3 +314,157 @@ def test_a_principal_function_names_callers_of_other_auth_schemes(run) -> None:
         assert recorder.runs == 2  # A's retry replayed, B's request run as B's
 
     run(scenario, principal=tenant_header)
+
+
+# --- callers, partial bodies, store outages, what is stored ---------------------------------
+
+
+def test_the_scheme_s_spelling_does_not_make_another_caller(run) -> None:
+    async def scenario(client, recorder) -> None:
+        first = await client.post("/things", json={"a": 1}, headers={**A, **key()})
+        for spelling in ("bearer key-of-a", "BEARER  key-of-a"):
+            headers = {"Authorization": spelling, **key()}
+            again = await client.post("/things", json={"a": 1}, headers=headers)
+            assert again.json() == first.json()
+            assert again.headers["idempotent-replayed"] == "true"
+            other = await client.post("/things", json={"a": 2}, headers=headers)
+            assert other.status_code == 409
+        assert recorder.runs == 1
+
+    run(scenario)
+
+
+def test_a_revoked_api_key_gets_401_not_a_replay(client, a_key, session_factory) -> None:
+    body = {"metric": "tokens", "amount": 1, "idempotency_key": "e1"}
+    assert client.post("/_billing/usage", json=body, headers={**a_key, **key()}).is_success
+    with session_factory.begin() as session:
+        revoke_key(session, session.execute(select(ApiKey.id)).scalar_one())
+    again = client.post("/_billing/usage", json=body, headers={**a_key, **key()})
+    assert again.status_code == 401
+    assert "idempotent-replayed" not in again.headers
+
+
+def test_an_api_key_is_one_caller_however_its_scheme_is_spelt(client, a_key) -> None:
+    body = {"metric": "tokens", "amount": 1, "idempotency_key": "e1"}
+    first = client.post("/_billing/usage", json=body, headers={**a_key, **key()})
+    lower = {"Authorization": a_key["Authorization"].replace("Bearer", "bearer"), **key()}
+    other_body = client.post("/_billing/usage", json={**body, "amount": 2}, headers=lower)
+    assert other_body.status_code == 409  # the same caller's key with another body
+    again = client.post("/_billing/usage", json=body, headers=lower)
+    assert (again.json(), again.headers["idempotent-replayed"]) == (first.json(), "true")
+
+
+def test_a_body_that_did_not_arrive_whole_is_neither_run_nor_stored() -> None:
+    recorder = Recorder()
+    store = MemoryIdempotencyStore()
+    app = recorder.app(store)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/things",
+        "raw_path": b"/things",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"authorization", b"Bearer key-of-a"),
+            (b"idempotency-key", b"k1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"20"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("t", 80),
+    }
+    messages = [
+        {"type": "http.request", "body": b'{"a": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        await app(scope, receive, send)
+        assert (recorder.runs, store.data, sent) == (0, {}, [])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            whole = await client.post("/things", json={"a": 1}, headers={**A, **key()})
+        assert (whole.status_code, recorder.runs) == (201, 1)
+
+    anyio.run(main)
+
+
+def test_redis_down_answers_503_with_retry_after_and_runs_nothing() -> None:
+    from redis.asyncio import Redis
+
+    async def main() -> None:
+        recorder = Recorder()
+        dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+        app = recorder.app(RedisIdempotencyStore(dead))
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.post("/things", json={}, headers={**A, **key()})
+            plain = await client.post("/things", json={}, headers=A)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["type"] == "urn:billing:problem:idempotency-unavailable"
+        assert (recorder.runs, plain.status_code) == (1, 201)  # only the request without a key
+        await dead.aclose()
+
+    anyio.run(main)
+
+
+def test_a_response_over_the_size_cap_is_not_stored(run) -> None:
+    async def scenario(client, recorder) -> None:
+        big = {"pad": "x" * 200}
+        first = await client.post("/things", json=big, headers={**A, **key()})
+        again = await client.post("/things", json=big, headers={**A, **key()})
+        assert (first.status_code, again.status_code, recorder.runs) == (201, 201, 2)
+        assert "idempotent-replayed" not in again.headers
+
+    run(scenario, max_stored_bytes=100)
+
+
+def test_a_fully_rejected_batch_is_not_stored(client, a_key, session_factory) -> None:
+    bad = {"events": [{"metric": "tokens", "amount": -1, "idempotency_key": "e1"}]}
+    refused = client.post("/_billing/usage/batch", json=bad, headers={**a_key, **key()})
+    assert (refused.status_code, refused.json()["type"]) == (
+        422,
+        "urn:billing:problem:batch-rejected",
+    )
+    good = {"events": [{"metric": "tokens", "amount": 1, "idempotency_key": "e1"}]}
+    fixed = client.post("/_billing/usage/batch", json=good, headers={**a_key, **key()})
+    assert fixed.status_code == 200
+    assert fixed.json()["results"][0]["status"] == "accepted"
+
+
+@pytest.mark.redis
+def test_the_web_app_s_keys_live_under_the_broker_namespace(redis_url, session_factory) -> None:
+    import redis
+
+    from billing.api.keys import create_key
+    from billing.api.settings import ApiSettings
+    from billing.app import create_app
+
+    namespace = f"test-{uuid.uuid4().hex}"
+    with session_factory.begin() as session:
+        _, plaintext = create_key(session, tenant_id="A", scopes=["billing.write"])
+    settings = ApiSettings(redis_url=redis_url, broker_namespace=namespace)
+    app = create_app(settings, session_factory=session_factory)
+    body = {"metric": "tokens", "amount": 1, "idempotency_key": "e1"}
+    headers = {"Authorization": f"Bearer {plaintext}", **key()}
+    with TestClient(app) as client:
+        assert client.post("/_billing/usage", json=body, headers=headers).status_code == 202
+    sync = redis.Redis.from_url(redis_url)
+    try:
+        names = sync.keys(f"{namespace}:idempotency:*")
+        assert len(names) == 1
+        sync.delete(*names)
+    finally:
+        sync.close()
