@@ -4,15 +4,18 @@ The billing API under `/_billing`, idempotent POSTs (Redis when `REDIS_URL` is s
 memory), problem+json errors, `/healthz` (200 when the database answers, 503 otherwise) and
 `/metrics` (Prometheus: the ledger's and webhooks' counters, summed over the machine's processes
 when `PROMETHEUS_MULTIPROC_DIR` is set, as it must be for `uvicorn --workers N`; and the outbox
-gauges, read from the database at each scrape).
+gauges, read from the database at each scrape; with `METRICS_TOKEN` set, only for requests
+bearing it).
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -74,13 +77,29 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     outbox = OutboxCollector(factory)
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
+        if token and not _bears(authorization, token):
+            return problem_response(
+                401,
+                "Unauthorized",
+                "send the METRICS_TOKEN: Authorization: Bearer <token>",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
         body, content_type = render(outbox)
         return Response(body, media_type=content_type)
 
     return app
+
+
+def _bears(authorization: str | None, token: str) -> bool:
+    """Whether the `Authorization` header is `Bearer <token>` (compared in constant time)."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        credentials.strip().encode(), token.encode()
+    )
 
 
 def _store(settings: ApiSettings) -> IdempotencyStore:

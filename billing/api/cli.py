@@ -11,6 +11,7 @@ from billing.api import keys
 from billing.db import make_engine, make_session_factory
 from billing.errors import InvalidUsageError
 from billing.settings import BillingSettings
+from webhooks.safetext import safe_text
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,7 +67,7 @@ def _create(args: argparse.Namespace) -> int:
         print(f"billing keys create: {error}", file=sys.stderr)
         return 2
     print(plaintext)
-    owner = "operator key" if args.operator else f"key for tenant {_shown(args.tenant)}"
+    owner = "operator key" if args.operator else f"key for tenant {safe_text(args.tenant)}"
     print(
         f"{owner} {key_id} ({', '.join(sorted(set(args.scope)))}); "
         "store it now, it is not shown again",
@@ -91,15 +92,10 @@ def _list(args: argparse.Namespace) -> int:
             state = "revoked" if key.revoked_at else "active"
             print(
                 f"{key.id}  {key.prefix}…  {_owner(key.tenant_id)}  {','.join(key.scopes)}"
-                f"  {state}  {_shown(key.name or '')}".rstrip()
+                f"  {state}  {safe_text(key.name or '')}".rstrip()
             )
     return 0
 
 
 def _owner(tenant_id: str | None) -> str:
-    return "(operator)" if tenant_id is None else _shown(tenant_id)
-
-
-def _shown(text: str) -> str:
-    """Text as is when plain printable ASCII, else escaped: no terminal control codes."""
-    return text if text.isascii() and text.isprintable() else ascii(text)
+    return "(operator)" if tenant_id is None else safe_text(tenant_id)

@@ -12,7 +12,7 @@ unexpected exception (500, without internals) to a problem document:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,6 +37,7 @@ from billing.errors import (
 logger = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
 TYPE_PREFIX = "urn:billing:problem:"
 
 
@@ -255,26 +256,32 @@ def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
     return 400, "billing", "Billing error", {}
 
 
-async def _on_data(request: Request, exc: Exception) -> JSONResponse:
-    # The database refused a value (out of range, bad encoding…): the input's fault.
-    logger.info("database rejected a value: %s", exc)
-    return problem_response(
-        400,
-        "Value not storable",
-        "a value in the request cannot be stored (out of range or malformed)",
-        type_=f"{TYPE_PREFIX}unstorable-value",
-    )
+def _database_refusal(status: int, title: str, detail: str, slug: str, logged: str) -> Handler:
+    """A handler answering a database's refusal with a fixed problem, logged at INFO."""
+
+    async def on_refusal(request: Request, exc: Exception) -> JSONResponse:
+        logger.info("%s: %s", logged, exc)
+        return problem_response(status, title, detail, type_=f"{TYPE_PREFIX}{slug}")
+
+    return on_refusal
 
 
-async def _on_integrity(request: Request, exc: Exception) -> JSONResponse:
-    # A constraint refused the write (a concurrent duplicate, a counter that would overflow).
-    logger.info("database constraint refused a write: %s", exc)
-    return problem_response(
-        409,
-        "Conflict",
-        "the request conflicts with data already stored",
-        type_=f"{TYPE_PREFIX}conflict",
-    )
+# The database refused a value (out of range, bad encoding…): the input's fault.
+_on_data = _database_refusal(
+    400,
+    "Value not storable",
+    "a value in the request cannot be stored (out of range or malformed)",
+    "unstorable-value",
+    "database rejected a value",
+)
+# A constraint refused the write (a concurrent duplicate, a counter that would overflow).
+_on_integrity = _database_refusal(
+    409,
+    "Conflict",
+    "the request conflicts with data already stored",
+    "conflict",
+    "database constraint refused a write",
+)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -86,7 +86,9 @@ class UsageRecorded(BaseModel):
     duplicate: bool = False
 
 
-_USAGE_ITEM_SCHEMA = UsageIn.model_json_schema()
+#: Batch events are parsed one by one (a bad one is rejected alone), so the list is typed Any
+#: and documented as UsageIn, the schema of `POST /usage` in the OpenAPI document.
+_USAGE_ITEM_SCHEMA = {"$ref": "#/components/schemas/UsageIn"}
 
 
 class UsageBatchIn(_In):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from pydantic import PositiveInt, field_validator
+from pydantic import PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.api.bodies import DEFAULT_MAX_BATCH_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES
@@ -19,7 +19,8 @@ class ApiSettings(BaseSettings):
     `BILLING_PREFIX` (where the routes are mounted, default `/_billing`);
     `MAX_REQUEST_BYTES` (largest request body, default 1 MiB) and `MAX_BATCH_REQUEST_BYTES`
     (largest `/usage/batch` body, default 4 MiB); `BROKER_NAMESPACE` (prefix of the Redis
-    keys, default `billing`)."""
+    keys, default `billing`); `METRICS_TOKEN` (when set, `/metrics` answers only requests with
+    `Authorization: Bearer <token>`)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -32,6 +33,7 @@ class ApiSettings(BaseSettings):
     max_request_bytes: PositiveInt = DEFAULT_MAX_REQUEST_BYTES
     max_batch_request_bytes: PositiveInt = DEFAULT_MAX_BATCH_REQUEST_BYTES
     broker_namespace: str = "billing"
+    metrics_token: SecretStr | None = None
 
     @field_validator("idempotency_ttl", "idempotency_lock_ttl", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from billing.api.bodies import (
     BodyLimitMiddleware,
 )
 from billing.api.deps import BillingApi
+from billing.api.openapi import install_openapi
 from billing.api.problems import ProblemError, register_error_handlers
 from billing.api.router import build_router
 from webhooks.sqltypes import utcnow
@@ -63,3 +64,4 @@ def add_billing(
         overrides={f"{prefix}/usage/batch": max_batch_request_bytes},
     )
     app.include_router(build_router(), prefix=prefix)
+    install_openapi(app)

@@ -30,7 +30,11 @@ from billing.pricing import parse_tiers
 router = APIRouter(tags=["plans"])
 
 
-@router.get("/plans", summary="Plans with their entitlements and prices")
+@router.get(
+    "/plans",
+    summary="Plans with their entitlements and prices",
+    responses=problem_responses(401, 403),
+)
 def list_plans(
     principal: CatalogueReader,
     session: SessionDep,

@@ -124,7 +124,7 @@ def list_tenant_invoice_lines(
 @router.post(
     "/invoices/{invoice_id}/void",
     summary="Void a tenant's invoice (operator)",
-    responses=problem_responses(401, 403, 404, 409, 422),
+    responses=problem_responses(401, 403, 404, 409, 413, 415, 422),
 )
 def void_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep) -> InvoiceOut:
     """An open invoice becomes void (voiding again changes nothing); a paid one cannot: 409."""

@@ -1,8 +1,9 @@
-"""Schemathesis against the app's OpenAPI schema, on SQLite and PostgreSQL: never a 500.
+"""Schemathesis against the app's OpenAPI schema, on SQLite and PostgreSQL: never a 500, and
+every response as the schema documents it.
 
-Generated requests carry a valid key (a tenant's with read and write scopes, or an operator's,
-so they reach the handlers) and a random Idempotency-Key header where the schema has none;
-positive and negative data both.
+Generated requests are sent with each of three valid keys (a tenant's reader and writer, and an
+operator's, so that they reach every handler) and a random Idempotency-Key header where the
+schema has none; positive and negative data both.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    allow_header_conformance,
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from billing.api.idempotency import MemoryIdempotencyStore
 from billing.api.keys import create_key
@@ -22,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 
 KEYS = {
-    "tenant": {"tenant_id": "fuzz", "scopes": ["billing.read", "billing.write"]},
+    "reader": {"tenant_id": "fuzz", "scopes": ["billing.read"]},
+    "writer": {"tenant_id": "fuzz", "scopes": ["billing.write"]},
     "operator": {"operator": True, "scopes": ["billing.admin"]},
 }
 
@@ -45,6 +53,13 @@ def api_schema(session_factory):
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    allow_header_conformance,
+]
 
 
 @schema.parametrize()
@@ -56,4 +71,4 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 )
 def test_no_request_makes_the_api_fail(case, auth_headers) -> None:
     for headers in auth_headers:
-        case.call_and_validate(headers=headers, checks=[not_a_server_error])
+        case.call_and_validate(headers=headers, checks=CHECKS)

@@ -123,3 +123,22 @@ def test_keys_create_prints_a_key_once_and_revoke_disables_it(
     assert main(["keys", "revoke", "no-such-key"]) == 1
     main(["keys", "list"])
     assert "revoked" in capsys.readouterr().out
+
+
+def test_metrics_token_keeps_metrics_from_callers_without_it(session_factory) -> None:
+    settings = ApiSettings(metrics_token="s3cret-scrape-token")
+    with TestClient(create_app(settings, session_factory=session_factory)) as client:
+        for authorization in (None, "Bearer wrong", "Basic s3cret-scrape-token", "Bearer "):
+            headers = {"Authorization": authorization} if authorization else {}
+            refused = client.get("/metrics", headers=headers)
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"] == 'Bearer realm="metrics"'
+            assert "billing_" not in refused.text
+        allowed = client.get("/metrics", headers={"Authorization": "Bearer s3cret-scrape-token"})
+    assert allowed.status_code == 200
+    assert "billing_usage_ingest_total" in allowed.text
+
+
+def test_metrics_are_open_without_a_token(session_factory) -> None:
+    with TestClient(create_app(ApiSettings(), session_factory=session_factory)) as client:
+        assert client.get("/metrics").status_code == 200
