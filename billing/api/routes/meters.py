@@ -15,7 +15,11 @@ from billing.models import Meter
 router = APIRouter(tags=["meters"])
 
 
-@router.get("/meters", summary="Declared meters (a metric not listed is a sum)")
+@router.get(
+    "/meters",
+    summary="Declared meters (a metric not listed is a sum)",
+    responses=problem_responses(401, 403),
+)
 def get_meters(principal: CatalogueReader, session: SessionDep) -> MeterList:
     """Every declared meter, by key."""
     return MeterList(items=[meter_out(spec) for spec in list_meters(session)])
@@ -27,7 +31,7 @@ def get_meters(principal: CatalogueReader, session: SessionDep) -> MeterList:
     summary="Declare or change a meter (operator)",
     responses={
         200: {"model": MeterOut, "description": "Changed"},
-        **problem_responses(401, 403, 422),
+        **problem_responses(400, 401, 403, 413, 415, 422),
     },
 )
 def put_meter(
