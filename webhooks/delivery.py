@@ -2,7 +2,8 @@
 
 The body is the Standard Webhooks envelope `{"type", "timestamp", "data"}` serialised once per
 attempt; those bytes are signed and sent as they are. No redirect is followed. The client has
-explicit connect and read timeouts and reaches only the addresses the SSRF guard allows.
+explicit connect and read timeouts, each attempt a total deadline (`webhooks.deadline`), and it
+reaches only the addresses the SSRF guard allows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from webhooks.deadline import attempt_deadline
 from webhooks.errors import DestinationNotAllowedError
 from webhooks.policy import RETRY_AFTER_STATUSES, Outcome, parse_retry_after
 from webhooks.signing import signature_headers
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 #: Most bytes of a subscriber's answer that are read (its start is kept as the error text).
 MAX_RESPONSE_BYTES = 64 * 1024
 ERROR_TEXT_CHARS = 500
+#: Seconds one attempt may take in all: connect, send, headers and body.
+DEFAULT_ATTEMPT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class ClaimedDelivery:
     secrets: tuple[str, ...]
     attempt: int
     tenant_id: str | None = None
+    #: When the claim ends and another relay may send it; the attempt must be over by then.
+    lease_ends_at: datetime | None = None
 
 
 def event_body(topic: str, payload: dict[str, Any], created_at: datetime) -> bytes:
@@ -101,19 +107,25 @@ class Sender:
         *,
         user_agent: str,
         clock: Callable[[], float] = time.time,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
     ) -> None:
         self._client = client
         self._user_agent = user_agent
         self._clock = clock
+        self.attempt_timeout = attempt_timeout
 
-    def send(self, delivery: ClaimedDelivery) -> Outcome:
-        """Sign and post one delivery; the outcome records the answer or the error."""
+    def send(self, delivery: ClaimedDelivery, timeout: float | None = None) -> Outcome:
+        """Sign and post one delivery within `timeout` seconds in all (default: the sender's
+        `attempt_timeout`); the outcome records the answer or the error."""
         body = event_body(delivery.topic, delivery.payload, delivery.event_created_at)
         headers = self.headers(delivery.secrets, delivery.event_id, body)
+        seconds = self.attempt_timeout if timeout is None else timeout
         try:
-            return self._post(delivery.url, body, headers)
+            with attempt_deadline(seconds):
+                return self._post(delivery.url, body, headers)
         except httpx.TimeoutException as error:
-            return Outcome(error=f"timeout: {type(error).__name__}")
+            text = f"timeout: {type(error).__name__}: {error} (attempt deadline {seconds:g} s)"
+            return Outcome(error=text[:ERROR_TEXT_CHARS])
         except DestinationNotAllowedError as error:
             return Outcome(error=f"destination not allowed: {error}", refused=True)
         except httpx.HTTPError as error:

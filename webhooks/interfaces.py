@@ -62,9 +62,12 @@ class OutboxStore(Protocol):
 class DeliveryStore(Protocol):
     """Where a relay claims due deliveries and records what became of them."""
 
-    def claim(self, limit: int, now: datetime, lease: timedelta) -> list[ClaimedDelivery]:
+    def claim(
+        self, limit: int, now: datetime, lease: timedelta, max_in_flight: int | None = None
+    ) -> list[ClaimedDelivery]:
         """Reserve up to `limit` due deliveries of enabled subscriptions until `now + lease`,
-        counting the attempt; a delivery is claimed by one relay at a time."""
+        counting the attempt; a delivery is claimed by one relay at a time, and no more than
+        `max_in_flight` of one subscription are claimed and not yet recorded at once."""
         ...
 
     def record(

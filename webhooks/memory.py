@@ -8,6 +8,7 @@ Nothing survives the process.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,6 +19,7 @@ from webhooks.models import DELIVERED, FAILED, PENDING
 from webhooks.policy import failure_streak
 from webhooks.secrets import active_secrets
 from webhooks.sqltypes import new_id
+from webhooks.store import fair_share
 from webhooks.subscriptions import Subscription
 
 _CLAIMABLE = (PENDING, FAILED)
@@ -36,6 +38,7 @@ class MemoryDelivery:
     last_status_code: int | None = None
     last_error: str | None = None
     delivered_at: datetime | None = None
+    claimed_until: datetime | None = None
 
 
 class InMemoryOutboxStore:
@@ -71,17 +74,31 @@ class InMemoryOutboxStore:
         """Every delivery, in the order they were written."""
         return list(self._deliveries.values())
 
-    def claim(self, limit: int, now: datetime, lease: timedelta) -> list[ClaimedDelivery]:
-        """Reserve up to `limit` due deliveries until `now + lease`, counting the attempt."""
+    def claim(
+        self,
+        limit: int,
+        now: datetime,
+        lease: timedelta,
+        max_in_flight: int | None = None,
+    ) -> list[ClaimedDelivery]:
+        """Reserve up to `limit` due deliveries until `now + lease`, counting the attempt, at
+        most `max_in_flight` of one subscription in flight; round-robin over subscriptions."""
         with self._lock:
+            in_flight = Counter(
+                d.subscription.id
+                for d in self._deliveries.values()
+                if d.status in _CLAIMABLE and d.claimed_until and d.claimed_until > now
+            )
             due = sorted(
                 (d for d in self._deliveries.values() if _is_due(d, now)),
                 key=lambda d: d.next_attempt_at or now,
-            )[:limit]
+            )
+            pairs = [(d.id, d.subscription.id) for d in due]
             claimed = []
-            for d in due:
+            for delivery_id in fair_share(pairs, in_flight, max_in_flight, limit):
+                d = self._deliveries[delivery_id]
                 d.attempts += 1
-                d.next_attempt_at = now + lease
+                d.next_attempt_at = d.claimed_until = now + lease
                 claimed.append(_claimed(d, now))
         return claimed
 
@@ -97,7 +114,7 @@ class InMemoryOutboxStore:
                 decision = result.decision
                 d.status, d.next_attempt_at = decision.status, decision.next_attempt_at
                 d.last_status_code, d.last_error = decision.last_status_code, decision.last_error
-                d.delivered_at = decision.delivered_at
+                d.delivered_at, d.claimed_until = decision.delivered_at, None
                 sub = d.subscription
                 streak = failure_streak(sub.failing_since, result.outcome, now, disable_after)
                 sub.failing_since = streak.failing_since
@@ -111,7 +128,7 @@ class InMemoryOutboxStore:
                 d = self._deliveries.get(claimed.delivery_id)
                 if d is not None and d.attempts == claimed.attempt and d.status != DELIVERED:
                     d.attempts -= 1
-                    d.next_attempt_at = now
+                    d.next_attempt_at, d.claimed_until = now, None
 
     def next_due(self, now: datetime) -> datetime | None:
         """When the earliest unclaimed delivery falls due."""
@@ -148,4 +165,5 @@ def _claimed(d: MemoryDelivery, now: datetime) -> ClaimedDelivery:
         ),
         attempt=d.attempts,
         tenant_id=d.event.tenant_id,
+        lease_ends_at=d.claimed_until,
     )

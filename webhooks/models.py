@@ -113,6 +113,15 @@ class WebhookDelivery(Base):
             sqlite_where=text("status IN ('pending', 'failed')"),
         ),
         Index("ix_webhook_deliveries_subscription_id", "subscription_id"),
+        # Claimed deliveries only (those in flight, and the claims of relays that died): the
+        # claim counts each subscription's deliveries in flight from it.
+        Index(
+            "ix_webhook_deliveries_claimed",
+            "claimed_until",
+            "subscription_id",
+            postgresql_where=text("claimed_until IS NOT NULL"),
+            sqlite_where=text("claimed_until IS NOT NULL"),
+        ),
         # Dead deliveries only (few, unlike delivered ones): counted at each metrics scrape.
         Index(
             "ix_webhook_deliveries_dead",
@@ -133,6 +142,8 @@ class WebhookDelivery(Base):
     last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: While a relay holds the delivery: the end of its claim's lease (None when not claimed).
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False

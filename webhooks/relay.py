@@ -6,6 +6,11 @@ throughput or availability, they never claim the same delivery. Each process kee
 deliveries waiting for a free slot. Delivery is at least once: a receiver drops repeats by
 `webhook-id`. The failure policy is `webhooks.policy`'s.
 
+Fairness: every attempt has a total deadline (`attempt_timeout`, cut shorter so it ends before
+its claim's lease: a delivery is never sent again while an attempt is running), and no more than
+`max_in_flight_per_subscription` deliveries of one subscription are in flight over all relays, so
+slow subscribers cannot hold every slot.
+
 On PostgreSQL an idle relay wakes on `NOTIFY` when an event commits; it also polls every
 `poll_interval` seconds (SQLite, a lost notification, retries falling due). SIGTERM or SIGINT stops
 it gracefully: no new claims, deliveries not started yet are handed back, those in flight are
@@ -26,10 +31,10 @@ from concurrent.futures import wait as wait_for
 from datetime import datetime, timedelta
 
 from webhooks import metrics
-from webhooks.delivery import ClaimedDelivery, Sender
+from webhooks.delivery import DEFAULT_ATTEMPT_TIMEOUT, ClaimedDelivery, Sender
 from webhooks.interfaces import AttemptResult, DeliveryStore
 from webhooks.policy import RetryPolicy
-from webhooks.settings import WebhookSettings
+from webhooks.settings import LEASE_MARGIN, WebhookSettings
 from webhooks.sqltypes import utcnow
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,8 @@ class Relay:
         poll_interval: float = 1.0,
         disable_after: timedelta = timedelta(days=5),
         shutdown_timeout: float = 30.0,
+        attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+        max_in_flight_per_subscription: int | None = 2,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
@@ -64,11 +71,13 @@ class Relay:
         self.poll_interval = poll_interval
         self.disable_after = disable_after
         self.shutdown_timeout = shutdown_timeout
+        self.attempt_timeout = attempt_timeout
+        self.max_in_flight_per_subscription = max_in_flight_per_subscription
         self._now = now
         #: Set to make a waiting relay look for work now (a NOTIFY, a finished request, a stop).
         self.wake = threading.Event()
         self._done: queue.SimpleQueue[AttemptResult] = queue.SimpleQueue()
-        self._in_flight: dict[Future[AttemptResult], ClaimedDelivery] = {}
+        self._in_flight: dict[Future[AttemptResult | None], ClaimedDelivery] = {}
         self._lock = threading.Lock()
         self._more_due = False
 
@@ -92,12 +101,27 @@ class Relay:
             poll_interval=settings.poll_interval,
             disable_after=settings.disable_after,
             shutdown_timeout=settings.shutdown_timeout,
+            attempt_timeout=settings.attempt_timeout,
+            max_in_flight_per_subscription=settings.max_in_flight_per_subscription,
         )
 
-    def attempt(self, delivery: ClaimedDelivery) -> AttemptResult:
-        """Send one claimed delivery, decide its next state, count and log it."""
+    def attempt(self, delivery: ClaimedDelivery) -> AttemptResult | None:
+        """Send one claimed delivery, decide its next state, count and log it.
+
+        The attempt must end `LEASE_MARGIN` before the claim's lease does (after that another
+        relay may claim and send it too): its deadline is `attempt_timeout` or what is left of
+        the lease, whichever is shorter; a delivery whose lease ran out while it waited for a
+        free slot is handed back unsent (None).
+        """
+        timeout = self.attempt_timeout
+        if delivery.lease_ends_at is not None:
+            left = (delivery.lease_ends_at - self._now()).total_seconds() - LEASE_MARGIN
+            if left <= 0:
+                self._release([delivery])
+                return None
+            timeout = min(timeout, left)
         started = time.perf_counter()
-        outcome = self.sender.send(delivery)
+        outcome = self.sender.send(delivery, timeout)
         seconds = time.perf_counter() - started
         result = AttemptResult(
             delivery, outcome, self.policy.decide(delivery.attempt, outcome, self._now())
@@ -110,13 +134,16 @@ class Relay:
 
         For tests and simple embeddings; `run` is the long-running loop.
         """
-        claimed = self.store.claim(self.batch_size, self._now(), self.lease)
+        claimed = self._claim(self.batch_size)
         if not claimed:
             return 0
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(claimed))) as pool:
-            results = list(pool.map(self.attempt, claimed))
+            results = [r for r in pool.map(self.attempt, claimed) if r is not None]
         self.store.record(results, self._now(), self.disable_after)
         return len(results)
+
+    def _claim(self, limit: int) -> list[ClaimedDelivery]:
+        return self.store.claim(limit, self._now(), self.lease, self.max_in_flight_per_subscription)
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until `stop` is set, then shut down gracefully."""
@@ -149,7 +176,7 @@ class Relay:
             return 0
         wanted = self.concurrency + self.batch_size - in_flight
         try:
-            claimed = self.store.claim(wanted, self._now(), self.lease)
+            claimed = self._claim(wanted)
         except Exception:
             logger.exception("claiming deliveries failed; retrying in %.1fs", self.poll_interval)
             return 0
@@ -162,13 +189,15 @@ class Relay:
             future.add_done_callback(self._finished)
         return len(claimed)
 
-    def _finished(self, future: Future[AttemptResult]) -> None:
+    def _finished(self, future: Future[AttemptResult | None]) -> None:
         with self._lock:
             self._in_flight.pop(future, None)
             remaining = len(self._in_flight)
         if future.cancelled():
             return
-        self._done.put(future.result())
+        result = future.result()
+        if result is not None:
+            self._done.put(result)
         if self._more_due and remaining == self._refill_at:
             self.wake.set()
 

@@ -12,7 +12,7 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///billing.sqlite3"
@@ -20,6 +20,9 @@ DEFAULT_DATABASE_URL = "sqlite:///billing.sqlite3"
 #: Delays before each retry: 10 attempts in all, spread over about 3.8 days (over 3 days even
 #: when every delay is jittered 20% shorter).
 DEFAULT_RETRY_SCHEDULE = "5s,5m,30m,2h,5h,10h,20h,24h,30h"
+
+#: Seconds of a claim's lease kept free after an attempt's deadline, to record its outcome.
+LEASE_MARGIN = 5.0
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
@@ -55,7 +58,11 @@ class WebhookSettings(BaseSettings):
         concurrency: deliveries in flight at once per relay process (default 16).
         batch_size: most deliveries claimed by one query (default 100).
         connect_timeout: seconds to open a connection to a subscriber (default 5).
-        read_timeout: seconds to wait for a subscriber's answer (default 10).
+        read_timeout: seconds to wait for each read of a subscriber's answer (default 10).
+        attempt_timeout: seconds one attempt may take in all, connecting, sending and reading
+            the headers and body (default 30): a subscriber dripping its answer is cut off.
+        max_in_flight_per_subscription: most deliveries of one subscription in flight at once,
+            over every relay (default 2), so slow subscribers cannot take every slot.
         retry_schedule: delays before the 2nd, 3rd, … attempts; after the last the delivery is
             `dead` (default `5s,5m,30m,2h,5h,10h,20h,24h,30h`: 10 attempts over ~3.8 days).
         jitter: each delay is multiplied by a random factor in `[1 - jitter, 1 + jitter]`
@@ -73,7 +80,8 @@ class WebhookSettings(BaseSettings):
             (default 1).
         listen: on PostgreSQL, wake on `LISTEN/NOTIFY` when an event commits (default true).
         claim_lease: how long a claimed delivery stays reserved for the relay that claimed it;
-            if that relay dies, another sends it after this (default 5m).
+            if that relay dies, another sends it after this (default 5m). It must exceed
+            `attempt_timeout` by `LEASE_MARGIN`: an attempt ends before its lease does.
         shutdown_timeout: seconds a stopping relay waits for deliveries in flight (default 30).
         user_agent: the `User-Agent` of every delivery (default `billing-workers-webhooks/0.1`).
         metrics_port: port of the relay's Prometheus `/metrics` endpoint; 0 serves none
@@ -95,6 +103,8 @@ class WebhookSettings(BaseSettings):
     batch_size: int = Field(default=100, ge=1, le=10_000)
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=10.0, gt=0)
+    attempt_timeout: float = Field(default=30.0, gt=0)
+    max_in_flight_per_subscription: int = Field(default=2, ge=1, le=10_000)
     retry_schedule: Annotated[tuple[timedelta, ...], NoDecode] = Field(
         default=parse_schedule(DEFAULT_RETRY_SCHEDULE), min_length=1
     )
@@ -141,6 +151,15 @@ class WebhookSettings(BaseSettings):
         if isinstance(value, str) and _DURATION.fullmatch(value):
             return parse_duration(value)
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_an_attempt(self) -> WebhookSettings:
+        if self.claim_lease.total_seconds() < self.attempt_timeout + LEASE_MARGIN:
+            raise ValueError(
+                f"WEBHOOKS_CLAIM_LEASE ({self.claim_lease}) must exceed WEBHOOKS_ATTEMPT_TIMEOUT"
+                f" ({self.attempt_timeout:g} s) by {LEASE_MARGIN:g} s at least"
+            )
+        return self
 
     @property
     def max_attempts(self) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpcore
 
+from webhooks.deadline import DeadlineStream, time_left
 from webhooks.errors import DestinationNotAllowedError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -139,7 +140,8 @@ def allowed_addresses(
 
 
 class GuardedBackend(httpcore.SyncBackend):
-    """httpcore's socket backend, connecting only to addresses the policy allows."""
+    """httpcore's socket backend, connecting only to addresses the policy allows, with streams
+    bounded by the attempt's deadline (`webhooks.deadline`)."""
 
     def __init__(self, policy: AddressPolicy, resolver: Resolver = resolve) -> None:
         self._policy = policy
@@ -156,8 +158,12 @@ class GuardedBackend(httpcore.SyncBackend):
         last_error: Exception | None = None
         for address in allowed_addresses(host, port, self._policy, self._resolver):
             try:
-                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+                stream = super().connect_tcp(
+                    address, port, time_left(timeout), local_address, socket_options
+                )
             except httpcore.ConnectError as error:
                 last_error = error
+            else:
+                return DeadlineStream(stream)
         assert last_error is not None
         raise last_error

@@ -1,8 +1,11 @@
 """`SqlDeliveryStore`: how relays claim and settle deliveries in SQL.
 
-A claim is one short transaction: `UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED LIMIT n)`
-counts the attempt and pushes `next_attempt_at` out by a lease, so relays running side by side
-never pick the same row, and no transaction stays open while HTTP requests are in flight. A relay
+A claim is one short transaction: `SELECT … FOR UPDATE SKIP LOCKED LIMIT n` picks due rows, then
+an `UPDATE` counts the attempt and pushes `next_attempt_at` (and `claimed_until`) out by a lease,
+so relays running side by side never pick the same row, and no transaction stays open while HTTP
+requests are in flight. With a cap per subscription, the claim first counts each subscription's
+deliveries in flight (`claimed_until` in the future), skips the full ones, and takes the rest
+round-robin, so one slow subscriber cannot fill every relay's slots. A relay
 that dies mid-batch loses nothing: its claimed rows fall due again when the lease ends (a delivery
 may then be sent twice, with the same `webhook-id`). Outcomes are written only if the row still
 carries the attempt number that was claimed, so a stale relay cannot overwrite a newer state.
@@ -10,7 +13,7 @@ carries the attempt number that was claimed, so a stale relay cannot overwrite a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -28,6 +31,10 @@ _CLAIMABLE = (PENDING, FAILED)
 # parameters, so PostgreSQL can prove the index applies even to a prepared statement's plan.
 _DUE = text("webhook_deliveries.status IN ('pending', 'failed')")
 _deliveries = cast(Table, WebhookDelivery.__table__)
+#: With a cap per subscription, a claim reads this many times `limit` due rows to fill it.
+CLAIM_SCAN_FACTOR = 4
+#: The PostgreSQL advisory lock that claims counting deliveries in flight take in turn.
+CLAIM_LOCK_KEY = 0x7765_6268_6F6F_6B73 >> 1  # "webhooks", kept positive in a bigint
 
 
 class SqlDeliveryStore:
@@ -36,37 +43,62 @@ class SqlDeliveryStore:
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._sessions = session_factory
 
-    def claim(self, limit: int, now: datetime, lease: timedelta) -> list[ClaimedDelivery]:
-        """Reserve up to `limit` due deliveries of enabled subscriptions until `now + lease`."""
-        due = (
-            select(WebhookDelivery.id)
-            .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
-            .where(
-                _DUE,
-                WebhookDelivery.next_attempt_at <= now,
-                WebhookSubscription.enabled.is_(True),
-            )
-            .order_by(WebhookDelivery.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True, of=WebhookDelivery)
-        )
-        claim = (
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(due.scalar_subquery()))
-            .values(
-                attempts=WebhookDelivery.attempts + 1,
-                next_attempt_at=now + lease,
-                updated_at=now,
-            )
-            .returning(WebhookDelivery.id)
-            .execution_options(synchronize_session=False)
-        )
+    def claim(
+        self,
+        limit: int,
+        now: datetime,
+        lease: timedelta,
+        max_in_flight: int | None = None,
+    ) -> list[ClaimedDelivery]:
+        """Reserve up to `limit` due deliveries of enabled subscriptions until `now + lease`,
+        at most `max_in_flight` of one subscription in flight at once (over every relay).
+
+        The claimed deliveries come round-robin: each subscription's first, then the seconds.
+        """
         with self._sessions.begin() as session:
-            ids = list(session.scalars(claim))
+            in_flight: dict[str, int] = {}
+            full: list[str] = []
+            if max_in_flight is not None:
+                _serialize_claims(session)
+                in_flight = _in_flight(session, now)
+                full = [sid for sid, count in in_flight.items() if count >= max_in_flight]
+            scan = limit if max_in_flight is None else limit * CLAIM_SCAN_FACTOR
+            due = (
+                select(WebhookDelivery.id, WebhookDelivery.subscription_id)
+                .join(
+                    WebhookSubscription,
+                    WebhookSubscription.id == WebhookDelivery.subscription_id,
+                )
+                .where(
+                    _DUE,
+                    WebhookDelivery.next_attempt_at <= now,
+                    WebhookSubscription.enabled.is_(True),
+                    *([WebhookDelivery.subscription_id.not_in(full)] if full else []),
+                )
+                .order_by(WebhookDelivery.next_attempt_at)
+                .limit(scan)
+                .with_for_update(skip_locked=True, of=WebhookDelivery)
+            )
+            rows = [(d, sid) for d, sid in session.execute(due)]
+            ids = fair_share(rows, in_flight, max_in_flight, limit)
             if not ids:
                 return []
-            rows = session.execute(_details().where(WebhookDelivery.id.in_(ids))).all()
-        return [_claimed(row, now) for row in rows]
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(ids))
+                .values(
+                    attempts=WebhookDelivery.attempts + 1,
+                    next_attempt_at=now + lease,
+                    claimed_until=now + lease,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            rows_by_id = {
+                row[0]: row
+                for row in session.execute(_details().where(WebhookDelivery.id.in_(ids)))
+            }
+        return [_claimed(rows_by_id[i], now, now + lease) for i in ids]
 
     def record(
         self, results: Sequence[AttemptResult], now: datetime, disable_after: timedelta
@@ -86,6 +118,7 @@ class SqlDeliveryStore:
                 last_status_code=bindparam("b_code"),
                 last_error=bindparam("b_error"),
                 delivered_at=bindparam("b_delivered"),
+                claimed_until=None,
                 updated_at=now,
             )
         )
@@ -117,7 +150,12 @@ class SqlDeliveryStore:
                 # Not `IN (...)`: expanding parameters cannot go through executemany.
                 or_(_deliveries.c.status == PENDING, _deliveries.c.status == FAILED),
             )
-            .values(attempts=_deliveries.c.attempts - 1, next_attempt_at=now, updated_at=now)
+            .values(
+                attempts=_deliveries.c.attempts - 1,
+                next_attempt_at=now,
+                claimed_until=None,
+                updated_at=now,
+            )
         )
         params = [{"b_id": d.delivery_id, "b_attempt": d.attempt} for d in deliveries]
         with self._sessions.begin() as session:
@@ -159,7 +197,42 @@ def _details() -> Select[Any]:
     )
 
 
-def _claimed(row: Row[Any], now: datetime) -> ClaimedDelivery:
+def fair_share(
+    due: Sequence[tuple[str, str]],
+    in_flight: Mapping[str, int],
+    max_in_flight: int | None,
+    limit: int,
+) -> list[str]:
+    """Of the `(delivery id, subscription id)` pairs due, oldest first, the ids to claim: no
+    subscription past `max_in_flight` counting `in_flight`, round-robin, at most `limit`."""
+    taken: dict[str, int] = dict(in_flight)
+    ranked: list[tuple[int, int, str]] = []
+    for position, (delivery_id, sid) in enumerate(due):
+        count = taken.get(sid, 0)
+        if max_in_flight is not None and count >= max_in_flight:
+            continue
+        taken[sid] = count + 1
+        ranked.append((count - in_flight.get(sid, 0), position, delivery_id))
+    return [delivery_id for _, _, delivery_id in sorted(ranked)[:limit]]
+
+
+def _serialize_claims(session: Session) -> None:
+    # On PostgreSQL, claims that count what is in flight take turns (for a few milliseconds),
+    # or two relays could each see a subscription below its cap and both fill it.
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+
+
+def _in_flight(session: Session, now: datetime) -> dict[str, int]:
+    query = (
+        select(WebhookDelivery.subscription_id, func.count())
+        .where(WebhookDelivery.claimed_until > now, _DUE)
+        .group_by(WebhookDelivery.subscription_id)
+    )
+    return {sid: count for sid, count in session.execute(query)}
+
+
+def _claimed(row: Row[Any], now: datetime, lease_ends_at: datetime) -> ClaimedDelivery:
     (delivery_id, attempts, event_id, topic, payload, created_at, tenant_id, *subscription) = tuple(
         row
     )
@@ -175,6 +248,7 @@ def _claimed(row: Row[Any], now: datetime) -> ClaimedDelivery:
         secrets=tuple(active_secrets(secret, previous_secret, previous_expires_at, now)),
         attempt=attempts,
         tenant_id=tenant_id,
+        lease_ends_at=lease_ends_at,
     )
 
 

@@ -305,7 +305,9 @@ def test_run_delivers_everything_with_several_in_flight_then_stops() -> None:
             in_flight -= 1
         return httpx.Response(200)
 
-    world = World(slow, concurrency=4, batch_size=3, poll_interval=0.01)
+    world = World(
+        slow, concurrency=4, batch_size=3, poll_interval=0.01, max_in_flight_per_subscription=None
+    )
     world.subs.add(TOPIC, url=URL)
     ids = [world.service.publish(TOPIC, PAYLOAD) for _ in range(20)]
     stop = threading.Event()

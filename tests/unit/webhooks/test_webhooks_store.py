@@ -209,3 +209,76 @@ def test_concurrent_claims_never_share_a_delivery(pg_engine: Engine) -> None:
     assert len(every) == 300
     assert len(set(every)) == 300
     assert sum(1 for mine in claimed if mine) > 1
+
+
+def add_sub(factory, url: str, events: int) -> str:
+    with factory.begin() as session:
+        sub = SqlWebhookSubscriptions(session).add(TOPIC, url, tenant_id=url)
+        for _ in range(events):
+            publish(session, TOPIC, PAYLOAD | {"tenant_id": url})
+    return sub.id
+
+
+def test_a_claim_takes_at_most_the_cap_of_one_subscription_round_robin(factory, store) -> None:
+    busy = add_sub(factory, "https://busy.test/hook", events=5)
+    quiet = add_sub(factory, "https://quiet.test/hook", events=2)
+    claimed = store.claim(10, utcnow(), LEASE, max_in_flight=2)
+    assert [d.subscription_id for d in claimed] == [busy, quiet, busy, quiet]
+
+
+def test_deliveries_in_flight_count_against_the_cap_until_recorded(factory, store) -> None:
+    setup(factory, events=5)
+    now = utcnow()
+    first = store.claim(10, now, LEASE, max_in_flight=2)
+    assert len(first) == 2
+    assert store.claim(10, now, LEASE, max_in_flight=2) == []
+    store.record([result(first[0], Outcome(status_code=200), now)], now, timedelta(days=5))
+    [third] = store.claim(10, now, LEASE, max_in_flight=2)
+    assert third.delivery_id not in {d.delivery_id for d in first}
+    assert store.claim(10, now, LEASE, max_in_flight=2) == []
+
+
+def test_a_released_claim_frees_its_slot(factory, store) -> None:
+    setup(factory, events=3)
+    now = utcnow()
+    first = store.claim(10, now, LEASE, max_in_flight=2)
+    assert store.claim(10, now, LEASE, max_in_flight=2) == []
+    store.release(first[:1], now)
+    assert len(store.claim(10, now, LEASE, max_in_flight=2)) == 1
+
+
+def test_the_claims_of_a_dead_relay_stop_counting_when_their_lease_ends(factory, store) -> None:
+    setup(factory, events=3)
+    now = utcnow()
+    assert len(store.claim(10, now, LEASE, max_in_flight=2)) == 2
+    later = now + LEASE
+    assert len(store.claim(10, later, LEASE, max_in_flight=2)) == 2  # the same two, again
+
+
+def test_a_claimed_delivery_knows_when_its_lease_ends(factory, store) -> None:
+    setup(factory)
+    now = utcnow()
+    [claimed] = store.claim(10, now, LEASE, max_in_flight=2)
+    assert claimed.lease_ends_at == now + LEASE
+
+
+@pytest.mark.postgres
+def test_concurrent_claims_never_exceed_the_cap_of_a_subscription(pg_engine: Engine) -> None:
+    factory = sessionmaker(pg_engine, expire_on_commit=False)
+    subs = [add_sub(factory, f"https://s{i}.test/hook", events=10) for i in range(5)]
+    store = SqlDeliveryStore(factory)
+    barrier = threading.Barrier(6)
+    claimed: list[str] = []
+    now = utcnow()
+
+    def claim_twice() -> None:
+        barrier.wait(10)
+        for _ in range(2):
+            claimed.extend(d.subscription_id for d in store.claim(3, now, LEASE, max_in_flight=2))
+
+    threads = [threading.Thread(target=claim_twice) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(claimed) == sorted(subs * 2)
