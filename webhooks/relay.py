@@ -190,16 +190,29 @@ class Relay:
         return len(claimed)
 
     def _finished(self, future: Future[AttemptResult | None]) -> None:
+        # Queue the outcome before the future leaves `_in_flight`: a stopping recorder waits
+        # for finished futures still in there (`_settling`), so none is left unrecorded.
+        if future.cancelled():
+            result = None
+        elif error := future.exception():
+            result = None  # the claim's lease ends and another attempt follows
+            logger.error("a delivery attempt failed unexpectedly", exc_info=error)
+        else:
+            result = future.result()
+        if result is not None:
+            self._done.put(result)
         with self._lock:
             self._in_flight.pop(future, None)
             remaining = len(self._in_flight)
         if future.cancelled():
             return
-        result = future.result()
-        if result is not None:
-            self._done.put(result)
         if self._more_due and remaining == self._refill_at:
             self.wake.set()
+
+    def _settling(self) -> bool:
+        """True while a finished attempt's outcome may still be on its way to the recorder."""
+        with self._lock:
+            return any(future.done() for future in self._in_flight)
 
     def _in_flight_count(self) -> int:
         with self._lock:
@@ -226,7 +239,7 @@ class Relay:
             try:
                 pending.append(self._done.get(timeout=0.05))
             except queue.Empty:
-                if stop.is_set() and not pending:
+                if stop.is_set() and not pending and not self._settling():
                     return
             if not pending:
                 continue

@@ -433,3 +433,28 @@ def test_retry_after_as_an_http_date_is_read_against_the_relays_clock() -> None:
     world.relay.run_once()
     [delivery] = world.outbox.deliveries()
     assert delivery.next_attempt_at == when[0]
+
+
+def test_a_stopping_relay_records_every_finished_outcome_even_after_a_failed_write() -> None:
+    started, finish = threading.Event(), threading.Event()
+
+    def blocking(request: httpx.Request) -> httpx.Response:
+        started.set()
+        finish.wait(5)
+        return httpx.Response(200)
+
+    world = World(blocking, concurrency=2, poll_interval=0.01)
+    world.relay.store = store = Flaky(world.outbox, "record")
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    stop = threading.Event()
+    thread = threading.Thread(target=world.relay.run, args=(stop,))
+    thread.start()
+    assert started.wait(5)
+    stop.set()  # the outcome arrives after the stop, and its first write fails
+    world.relay.wake.set()
+    finish.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert not store.failing
+    assert world.statuses() == ["delivered"]
