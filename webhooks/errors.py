@@ -4,6 +4,7 @@
 WebhookError
 ├── InvalidEventError            bad topic, event id or payload given to `publish` (permanent)
 ├── InvalidSubscriptionError     bad topic, URL or secret for a subscription (permanent)
+│   └── DuplicateSubscriptionError   the tenant, topic and URL are subscribed already
 ├── SubscriptionNotFoundError    no subscription with that id (permanent)
 ├── EventNotFoundError           no event with that id (permanent)
 ├── DestinationNotAllowedError   a URL resolves to an address the SSRF guard refuses
@@ -29,6 +30,18 @@ class InvalidSubscriptionError(WebhookError, ValueError):
     """A subscription's topic, URL or secret is malformed; nothing was stored."""
 
 
+class DuplicateSubscriptionError(InvalidSubscriptionError):
+    """A subscription with the same tenant, topic and URL exists (`existing_id`): a second one
+    would deliver every event twice, signed with different secrets; nothing was stored."""
+
+    def __init__(self, existing_id: str) -> None:
+        super().__init__(
+            f"subscription {existing_id} already sends these events to this URL"
+            " (enable or rotate it instead)"
+        )
+        self.existing_id = existing_id
+
+
 class SubscriptionNotFoundError(WebhookError, LookupError):
     """No subscription has the given id."""
 
@@ -50,6 +63,7 @@ class WebhookVerificationError(WebhookError):
 PERMANENT_ERRORS: tuple[type[WebhookError], ...] = (
     InvalidEventError,
     InvalidSubscriptionError,
+    DuplicateSubscriptionError,
     SubscriptionNotFoundError,
     EventNotFoundError,
 )

@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement, Select, or_, select
 from sqlalchemy.orm import Session
 
 from webhooks.errors import (
+    DuplicateSubscriptionError,
     InvalidEventError,
     InvalidSubscriptionError,
     SubscriptionNotFoundError,
@@ -107,6 +108,9 @@ class InMemoryWebhookSubscriptions:
         """Subscribe `url` to `topic`; the returned subscription holds the secret."""
         sub = Subscription(topic, url, check_subscription(topic, url, secret), tenant_id)
         with self._lock:
+            for other in self._subs.values():
+                if (other.tenant_id, other.topic, other.url) == (tenant_id, topic, url):
+                    raise DuplicateSubscriptionError(other.id)
             self._subs[sub.id] = sub
         return sub
 
@@ -182,11 +186,29 @@ class SqlWebhookSubscriptions:
     def add(
         self, topic: str, url: str, secret: str | None = None, *, tenant_id: str | None = None
     ) -> WebhookSubscription:
-        """Subscribe `url` to `topic`; the returned row holds the secret."""
+        """Subscribe `url` to `topic`; the returned row holds the secret.
+
+        Raises:
+            InvalidSubscriptionError: a bad topic, URL or secret.
+            DuplicateSubscriptionError: the tenant, topic and URL are subscribed already
+                (enabled or not); its `existing_id` names that subscription.
+        """
+        checked = check_subscription(topic, url, secret)
+        existing = self.session.scalar(
+            select(WebhookSubscription.id).where(
+                WebhookSubscription.topic == topic,
+                WebhookSubscription.url == url,
+                WebhookSubscription.tenant_id.is_(None)
+                if tenant_id is None
+                else WebhookSubscription.tenant_id == tenant_id,
+            )
+        )
+        if existing is not None:
+            raise DuplicateSubscriptionError(existing)
         sub = WebhookSubscription(
             topic=topic,
             url=url,
-            secret=check_subscription(topic, url, secret),
+            secret=checked,
             tenant_id=tenant_id,
             enabled=True,
         )

@@ -11,9 +11,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from webhooks import publish
+from webhooks import InMemoryWebhookSubscriptions, publish
 from webhooks.cli import add_commands
 from webhooks.delivery import event_body
+from webhooks.errors import DuplicateSubscriptionError
 from webhooks.listen import make_listen_app
 from webhooks.models import WebhookDelivery, WebhookSubscription
 from webhooks.signing import signature_headers
@@ -342,3 +343,38 @@ def test_listen_without_a_secret_says_how_to_give_one(capsys: pytest.CaptureFixt
     args = parser.parse_args(["webhooks", "listen"])
     assert args.handler(args) == 2
     assert "--secret-file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tenant", [[], ["--tenant", "t1"]])
+def test_a_second_subscription_of_the_same_tenant_topic_and_url_is_refused_with_the_first_id(
+    run, factory, tenant: list[str]
+) -> None:
+    first, _ = added(run, *tenant)
+    run("webhooks", "disable", first)  # disabled or not, it still exists
+    code, out, err = run("webhooks", "add", TOPIC, "https://example.test/hook", *tenant)
+    assert code == 1
+    assert "DuplicateSubscriptionError" in err
+    assert first in err
+    with factory() as session:
+        assert session.scalars(select(WebhookSubscription.id)).all() == [first]
+
+
+def test_another_tenant_topic_or_url_is_another_subscription(run, factory) -> None:
+    added(run)
+    added(run, "--tenant", "t1")
+    added(run, "--tenant", "t2")
+    code, _, _ = run("webhooks", "add", "billing.invoice.created", "https://example.test/hook")
+    assert code == 0
+    code, _, _ = run("webhooks", "add", TOPIC, "https://example.test/other")
+    assert code == 0
+    with factory() as session:
+        assert len(session.scalars(select(WebhookSubscription.id)).all()) == 5
+
+
+def test_in_memory_subscriptions_refuse_a_duplicate_with_the_first_id() -> None:
+    subs = InMemoryWebhookSubscriptions()
+    first = subs.add(TOPIC, "https://example.test/hook", tenant_id="t1")
+    with pytest.raises(DuplicateSubscriptionError) as refused:
+        subs.add(TOPIC, "https://example.test/hook", tenant_id="t1")
+    assert refused.value.existing_id == first.id
+    assert [s.id for s in subs.all()] == [first.id]
