@@ -36,6 +36,7 @@ from webhooks.db import make_engine
 from webhooks.errors import InvalidSubscriptionError, WebhookError
 from webhooks.models import STATUSES, WebhookDelivery, WebhookEvent
 from webhooks.replay import replay
+from webhooks.safetext import json_safe, safe_text
 from webhooks.secrets import check_secret
 from webhooks.settings import WebhookSettings, parse_duration
 from webhooks.sqltypes import utcnow
@@ -142,10 +143,13 @@ def _handled(
             with _session(settings) as session:
                 return command(args, session, settings)
         except WebhookError as error:
-            print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+            _print_error(error)
             return 1
         except SQLAlchemyError as error:
-            print(f"database error: {error.__class__.__name__}: {error.args[0]}", file=sys.stderr)
+            print(
+                f"database error: {type(error).__name__}: {safe_text(error.args[0])}",
+                file=sys.stderr,
+            )
             print("is the schema up to date? run `billing db upgrade`", file=sys.stderr)
             return 1
 
@@ -192,13 +196,13 @@ def _list(args: argparse.Namespace, session: Session, settings: WebhookSettings)
 
 def _disable(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
     SqlWebhookSubscriptions(session).disable(args.subscription, args.reason)
-    print(f"subscription {args.subscription} disabled")
+    print(f"subscription {safe_text(args.subscription)} disabled")
     return 0
 
 
 def _enable(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
     SqlWebhookSubscriptions(session).enable(args.subscription)
-    print(f"subscription {args.subscription} enabled")
+    print(f"subscription {safe_text(args.subscription)} enabled")
     return 0
 
 
@@ -254,7 +258,7 @@ def _listen(args: argparse.Namespace) -> int:
     try:
         secrets = read_secrets(args)
     except WebhookError as error:
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        _print_error(error)
         return 1
     if not secrets:
         print("error: give --secret, --secret-file or --secret-env", file=sys.stderr)
@@ -285,7 +289,12 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def _print_row(row: dict[str, Any], as_json: bool) -> None:
+    # Subscriber answers (`last_error`), URLs and reasons are untrusted: never printed raw.
     if as_json:
-        print(json.dumps(row))
+        print(json_safe(json.dumps(row, ensure_ascii=False)))
     else:
-        print("  ".join("-" if value is None else str(value) for value in row.values()))
+        print("  ".join("-" if value is None else safe_text(value) for value in row.values()))
+
+
+def _print_error(error: Exception) -> None:
+    print(f"error: {type(error).__name__}: {safe_text(error)}", file=sys.stderr)

@@ -19,6 +19,7 @@ from webhooks.receiver import (
     add_problem_handler,
     webhook_receiver,
 )
+from webhooks.safetext import safe_text
 
 
 def make_listen_app(secrets: Sequence[str]) -> FastAPI:
@@ -42,4 +43,8 @@ def make_listen_app(secrets: Sequence[str]) -> FastAPI:
 
 def _report(request: Request, exc: HTTPException) -> None:
     event_id = request.headers.get("webhook-id", "?")
-    print(f"{exc.status_code} {event_id}: {exc.detail}", file=sys.stderr, flush=True)
+    print(
+        f"{exc.status_code} {safe_text(event_id)}: {safe_text(exc.detail)}",
+        file=sys.stderr,
+        flush=True,
+    )

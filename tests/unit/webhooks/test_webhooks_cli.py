@@ -378,3 +378,40 @@ def test_in_memory_subscriptions_refuse_a_duplicate_with_the_first_id() -> None:
         subs.add(TOPIC, "https://example.test/hook", tenant_id="t1")
     assert refused.value.existing_id == first.id
     assert [s.id for s in subs.all()] == [first.id]
+
+
+HOSTILE = "HTTP 500: \x1b[2J\x1b]0;owned\x07forged\nline \u202eevil"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_deliveries_never_print_a_subscribers_answer_raw(run, factory, as_json: bool) -> None:
+    added(run)
+    with factory.begin() as session:
+        publish(session, TOPIC, PAYLOAD)
+        session.execute(WebhookDelivery.__table__.update().values(last_error=HOSTILE))
+    code, out, _ = run("webhooks", "deliveries", *(["--json"] if as_json else []))
+    assert code == 0
+    assert "\x1b" not in out
+    assert "\u202e" not in out
+    assert "\x07" not in out
+    [line] = out.splitlines()  # the forged newline stays inside its row
+    if as_json:
+        assert json.loads(line)["last_error"] == HOSTILE  # escaped, not altered
+    else:
+        assert "\\x1b[2J" in line
+        assert "forged\\nline" in line
+
+
+def test_list_and_errors_never_print_a_url_raw(run, factory) -> None:
+    with factory.begin() as session:
+        session.add(
+            WebhookSubscription(
+                topic=TOPIC, url="https://x.test/\x1b[31mred", secret=GIVEN, enabled=False
+            )
+        )
+    _, out, _ = run("webhooks", "list")
+    assert "\x1b" not in out
+    assert "\\x1b[31mred" in out
+    code, _, err = run("webhooks", "enable", "\x1b[2Jnot-an-id")
+    assert code == 1
+    assert "\x1b" not in err
