@@ -2,7 +2,8 @@
 
 `python -m webhooks.relay` runs one until SIGTERM or SIGINT; `billing run` starts one beside the
 workers. Either way the relay comes with what it needs: a pooled HTTP client, a PostgreSQL
-`LISTEN` connection (to wake when an event commits), and, when `WEBHOOKS_METRICS_PORT` is set, a
+`LISTEN` connection (to wake when an event commits), a pruner of old rows
+(`webhooks.retention`), and, when `WEBHOOKS_METRICS_PORT` is set, a
 Prometheus `/metrics` endpoint with the outbox gauges. `stop()` stops it gracefully.
 """
 
@@ -25,6 +26,7 @@ from webhooks.listener import PgListener
 from webhooks.logs import configure_logging
 from webhooks.outbox import NOTIFY_CHANNEL
 from webhooks.relay import Relay
+from webhooks.retention import Pruner
 from webhooks.settings import WebhookSettings
 from webhooks.ssrf import AddressPolicy
 from webhooks.store import SqlDeliveryStore
@@ -85,6 +87,9 @@ def start_relay(settings: WebhookSettings, *, engine: Engine | None = None) -> B
     relay = Relay.from_settings(
         settings, SqlDeliveryStore(sessions), Sender(client, user_agent=settings.user_agent)
     )
+    if settings.retention:
+        pruner = Pruner(sessions, settings.retention, settings.prune_interval).start()
+        closers.insert(0, pruner.stop)
     url = libpq_url(engine)
     if settings.listen and url is not None:
         closers.insert(0, PgListener(url, NOTIFY_CHANNEL, relay.wake.set).start().stop)

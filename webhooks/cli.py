@@ -8,6 +8,7 @@ billing webhooks enable SUBSCRIPTION
 billing webhooks rotate-secret SUBSCRIPTION [--grace 24h]  prints the new secret
 billing webhooks deliveries [--status dead] [--subscription S] [--limit N] [--json]
 billing webhooks replay EVENT_ID | --since TIME [--subscription S]
+billing webhooks prune [--older-than 30d]                  delete what retention would
 billing webhooks listen SECRET… [--port P]                 verify and print each delivery
 ```
 
@@ -36,6 +37,7 @@ from webhooks.db import make_engine
 from webhooks.errors import InvalidSubscriptionError, WebhookError
 from webhooks.models import STATUSES, WebhookDelivery, WebhookEvent
 from webhooks.replay import replay
+from webhooks.retention import prune
 from webhooks.safetext import json_safe, safe_text
 from webhooks.secrets import check_secret
 from webhooks.settings import WebhookSettings, parse_duration
@@ -88,6 +90,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     what.add_argument("--since", type=_parse_since, help="ISO 8601 time with offset, or 2h ago")
     again.add_argument("--subscription", help="only to this subscription")
     again.set_defaults(handler=_handled(_replay))
+
+    prune = sub.add_parser("prune", help="delete delivered deliveries and old events now")
+    prune.add_argument(
+        "--older-than", type=parse_duration, help="e.g. 30d (default: WEBHOOKS_RETENTION)"
+    )
+    prune.set_defaults(handler=_prune)
 
     listen = sub.add_parser("listen", help="a local receiver that verifies and prints deliveries")
     _secret_options(listen, "a secret to verify with; repeat while rotating")
@@ -247,6 +255,21 @@ def _replay(args: argparse.Namespace, session: Session, settings: WebhookSetting
         session, event_id=args.event_id, since=args.since, subscription_id=args.subscription
     )
     print(f"{count} deliveries queued")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    settings = WebhookSettings()
+    retention: timedelta = args.older_than or settings.retention
+    if not retention:
+        print("WEBHOOKS_RETENTION is 0: everything is kept (give --older-than to prune)")
+        return 0
+    engine = make_engine(settings.database_url)
+    try:
+        pruned = prune(sessionmaker(engine), utcnow(), retention)
+    finally:
+        engine.dispose()
+    print(f"{pruned.deliveries} delivered deliveries and {pruned.events} events deleted")
     return 0
 
 

@@ -113,6 +113,13 @@ class WebhookDelivery(Base):
             sqlite_where=text("status IN ('pending', 'failed')"),
         ),
         Index("ix_webhook_deliveries_subscription_id", "subscription_id"),
+        # Delivered deliveries by delivery time: what retention deletes, oldest first.
+        Index(
+            "ix_webhook_deliveries_delivered",
+            "delivered_at",
+            postgresql_where=text("status = 'delivered'"),
+            sqlite_where=text("status = 'delivered'"),
+        ),
         # Claimed deliveries only (those in flight, and the claims of relays that died): the
         # claim counts each subscription's deliveries in flight from it.
         Index(

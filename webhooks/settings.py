@@ -83,6 +83,9 @@ class WebhookSettings(BaseSettings):
             if that relay dies, another sends it after this (default 5m). It must exceed
             `attempt_timeout` by `LEASE_MARGIN`: an attempt ends before its lease does.
         shutdown_timeout: seconds a stopping relay waits for deliveries in flight (default 30).
+        retention: delivered deliveries, and events left without deliveries, are deleted this
+            long after (default 30d; 0 keeps everything). See `webhooks.retention`.
+        prune_interval: how often each relay prunes (default 1h).
         user_agent: the `User-Agent` of every delivery (default `billing-workers-webhooks/0.1`).
         metrics_port: port of the relay's Prometheus `/metrics` endpoint; 0 serves none
             (default 0).
@@ -118,6 +121,8 @@ class WebhookSettings(BaseSettings):
     listen: bool = True
     claim_lease: timedelta = timedelta(minutes=5)
     shutdown_timeout: float = Field(default=30.0, ge=0)
+    retention: timedelta = timedelta(days=30)
+    prune_interval: timedelta = timedelta(hours=1)
     user_agent: str = "billing-workers-webhooks/0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -144,7 +149,13 @@ class WebhookSettings(BaseSettings):
         return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator(
-        "retry_after_max", "disable_after", "secret_grace", "claim_lease", mode="before"
+        "retry_after_max",
+        "disable_after",
+        "secret_grace",
+        "claim_lease",
+        "retention",
+        "prune_interval",
+        mode="before",
     )
     @classmethod
     def _parse_duration(cls, value: Any) -> Any:

@@ -6,6 +6,7 @@ Revises: 0008_meters
 A relay counts each subscription's deliveries in flight (claimed, lease not over) and claims no
 more than `WEBHOOKS_MAX_IN_FLIGHT_PER_SUBSCRIPTION` of them; `claimed_until` is set by a claim
 and cleared when the outcome is recorded, so the partial index holds only the few in flight.
+A partial index of delivered deliveries by `delivered_at` lets retention find what to delete.
 """
 
 from __future__ import annotations
@@ -33,8 +34,18 @@ def upgrade() -> None:
         sqlite_where=sa.text("claimed_until IS NOT NULL"),
     )
 
+    op.create_index(
+        "ix_webhook_deliveries_delivered",
+        "webhook_deliveries",
+        ["delivered_at"],
+        unique=False,
+        postgresql_where=sa.text("status = 'delivered'"),
+        sqlite_where=sa.text("status = 'delivered'"),
+    )
+
 
 def downgrade() -> None:
+    op.drop_index("ix_webhook_deliveries_delivered", table_name="webhook_deliveries")
     op.drop_index("ix_webhook_deliveries_claimed", table_name="webhook_deliveries")
     with op.batch_alter_table("webhook_deliveries") as batch:
         batch.drop_column("claimed_until")
