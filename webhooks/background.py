@@ -85,7 +85,9 @@ def start_relay(settings: WebhookSettings, *, engine: Engine | None = None) -> B
     )
     closers.insert(0, client.close)
     relay = Relay.from_settings(
-        settings, SqlDeliveryStore(sessions), Sender(client, user_agent=settings.user_agent)
+        settings,
+        SqlDeliveryStore(sessions, box=settings.secret_box()),
+        Sender(client, user_agent=settings.user_agent),
     )
     if settings.retention:
         pruner = Pruner(sessions, settings.retention, settings.prune_interval).start()

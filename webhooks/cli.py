@@ -8,6 +8,7 @@ billing webhooks enable SUBSCRIPTION
 billing webhooks rotate-secret SUBSCRIPTION [--grace 24h]  prints the new secret
 billing webhooks deliveries [--status dead] [--subscription S] [--limit N] [--json]
 billing webhooks replay EVENT_ID | --since TIME [--subscription S]
+billing webhooks encrypt-secrets                           with the first WEBHOOKS_SECRET_KEY
 billing webhooks prune [--older-than 30d]                  delete what retention would
 billing webhooks listen SECRET… [--port P]                 verify and print each delivery
 ```
@@ -34,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks.db import make_engine
+from webhooks.encryption import encrypt_all
 from webhooks.errors import InvalidSubscriptionError, WebhookError
 from webhooks.models import STATUSES, WebhookDelivery, WebhookEvent
 from webhooks.replay import replay
@@ -90,6 +92,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     what.add_argument("--since", type=_parse_since, help="ISO 8601 time with offset, or 2h ago")
     again.add_argument("--subscription", help="only to this subscription")
     again.set_defaults(handler=_handled(_replay))
+
+    encrypt = sub.add_parser(
+        "encrypt-secrets", help="encrypt stored secrets with the first WEBHOOKS_SECRET_KEY"
+    )
+    encrypt.set_defaults(handler=_handled(_encrypt))
 
     prune = sub.add_parser("prune", help="delete delivered deliveries and old events now")
     prune.add_argument(
@@ -179,9 +186,10 @@ def _add(args: argparse.Namespace, session: Session, settings: WebhookSettings) 
     if len(given) > 1:
         raise InvalidSubscriptionError("give one secret, or none to have one generated")
     secret = given[0] if given else None
-    sub = SqlWebhookSubscriptions(session).add(args.topic, args.url, secret, tenant_id=args.tenant)
+    subs = SqlWebhookSubscriptions(session, box=settings.secret_box())
+    sub = subs.add(args.topic, args.url, secret, tenant_id=args.tenant)
     print(f"subscription {sub.id}")
-    print(f"secret {sub.secret}")
+    print(f"secret {subs.secret_of(sub)}")
     print("keep the secret now: it is not shown again", file=sys.stderr)
     return 0
 
@@ -216,7 +224,8 @@ def _enable(args: argparse.Namespace, session: Session, settings: WebhookSetting
 
 def _rotate(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
     grace: timedelta = args.grace or settings.secret_grace
-    secret = SqlWebhookSubscriptions(session).rotate_secret(args.subscription, grace=grace)
+    subs = SqlWebhookSubscriptions(session, box=settings.secret_box())
+    secret = subs.rotate_secret(args.subscription, grace=grace)
     print(f"secret {secret}")
     print(f"the previous secret keeps signing until {_iso(utcnow() + grace)}", file=sys.stderr)
     return 0
@@ -255,6 +264,15 @@ def _replay(args: argparse.Namespace, session: Session, settings: WebhookSetting
         session, event_id=args.event_id, since=args.since, subscription_id=args.subscription
     )
     print(f"{count} deliveries queued")
+    return 0
+
+
+def _encrypt(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
+    box = settings.secret_box()
+    if box is None:
+        print("error: set WEBHOOKS_SECRET_KEY first", file=sys.stderr)
+        return 1
+    print(f"{encrypt_all(session, box)} subscriptions' secrets encrypted with the first key")
     return 0
 
 

@@ -8,6 +8,7 @@ WebhookError
 ├── SubscriptionNotFoundError    no subscription with that id (permanent)
 ├── EventNotFoundError           no event with that id (permanent)
 ├── DestinationNotAllowedError   a URL resolves to an address the SSRF guard refuses
+├── SecretKeyError               WEBHOOKS_SECRET_KEY is malformed, missing or wrong (permanent)
 └── WebhookVerificationError     a received delivery is not authentic (receiver side)
 ```
 
@@ -53,6 +54,11 @@ class EventNotFoundError(WebhookError, LookupError):
 class DestinationNotAllowedError(WebhookError):
     """The URL's host resolves to no address, or to one the SSRF guard refuses (the message
     names the setting that would allow it, if one would); permanent."""
+
+
+class SecretKeyError(WebhookError):
+    """`WEBHOOKS_SECRET_KEY` is malformed, or cannot decrypt a stored secret (it is unset or
+    lacks the key the secret was encrypted with): a configuration error, permanent."""
 
 
 class WebhookVerificationError(WebhookError):

@@ -67,8 +67,9 @@ class WebhookSubscription(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     topic: Mapped[str] = mapped_column(String(200), nullable=False)
     url: Mapped[str] = mapped_column(Text, nullable=False)
-    secret: Mapped[str] = mapped_column(String(255), nullable=False)
-    previous_secret: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: As `webhooks.encryption` stores them: `fernet:…` when `WEBHOOKS_SECRET_KEY` is set.
+    secret: Mapped[str] = mapped_column(Text, nullable=False)
+    previous_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
     previous_secret_expires_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime(), nullable=True
     )

@@ -34,13 +34,16 @@ from webhooks import metrics
 from webhooks.delivery import DEFAULT_ATTEMPT_TIMEOUT, ClaimedDelivery, Sender
 from webhooks.interfaces import AttemptResult, DeliveryStore
 from webhooks.policy import RetryPolicy
-from webhooks.settings import LEASE_MARGIN, WebhookSettings
+from webhooks.settings import WebhookSettings
 from webhooks.sqltypes import utcnow
 
 logger = logging.getLogger(__name__)
 
 #: Longest wait gathering outcomes into one recording transaction, in seconds.
 RECORD_EVERY = 0.05
+#: Seconds of a claim's lease left free after an attempt's deadline, to record its outcome
+#: (a tenth of the lease when that is shorter).
+LEASE_MARGIN = 5.0
 
 
 class Relay:
@@ -108,14 +111,16 @@ class Relay:
     def attempt(self, delivery: ClaimedDelivery) -> AttemptResult | None:
         """Send one claimed delivery, decide its next state, count and log it.
 
-        The attempt must end `LEASE_MARGIN` before the claim's lease does (after that another
+        The attempt must end a margin (`LEASE_MARGIN`, or a tenth of the lease when shorter)
+        before the claim's lease does (after that another
         relay may claim and send it too): its deadline is `attempt_timeout` or what is left of
         the lease, whichever is shorter; a delivery whose lease ran out while it waited for a
         free slot is handed back unsent (None).
         """
         timeout = self.attempt_timeout
         if delivery.lease_ends_at is not None:
-            left = (delivery.lease_ends_at - self._now()).total_seconds() - LEASE_MARGIN
+            margin = min(LEASE_MARGIN, self.lease.total_seconds() / 10)
+            left = (delivery.lease_ends_at - self._now()).total_seconds() - margin
             if left <= 0:
                 self._release([delivery])
                 return None
@@ -265,6 +270,8 @@ class Relay:
                 stop.wait(min(self.poll_interval, 1.0))
                 continue
             pending, failures = [], 0
+            # Recorded deliveries free their subscriptions' slots: claim what the cap held back.
+            self.wake.set()
 
     def _shut_down(self, pool: ThreadPoolExecutor) -> None:
         with self._lock:

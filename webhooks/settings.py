@@ -12,17 +12,16 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from webhooks.encryption import SecretBox
 
 DEFAULT_DATABASE_URL = "sqlite:///billing.sqlite3"
 
 #: Delays before each retry: 10 attempts in all, spread over about 3.8 days (over 3 days even
 #: when every delay is jittered 20% shorter).
 DEFAULT_RETRY_SCHEDULE = "5s,5m,30m,2h,5h,10h,20h,24h,30h"
-
-#: Seconds of a claim's lease kept free after an attempt's deadline, to record its outcome.
-LEASE_MARGIN = 5.0
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
@@ -80,9 +79,12 @@ class WebhookSettings(BaseSettings):
             (default 1).
         listen: on PostgreSQL, wake on `LISTEN/NOTIFY` when an event commits (default true).
         claim_lease: how long a claimed delivery stays reserved for the relay that claimed it;
-            if that relay dies, another sends it after this (default 5m). It must exceed
-            `attempt_timeout` by `LEASE_MARGIN`: an attempt ends before its lease does.
+            if that relay dies, another sends it after this (default 5m). An attempt ends
+            before its lease does: a short lease shortens `attempt_timeout`.
         shutdown_timeout: seconds a stopping relay waits for deliveries in flight (default 30).
+        secret_key: Fernet keys, comma-separated, encrypting subscription secrets at rest (the
+            first encrypts, any decrypts; default unset: stored as they are). See
+            `webhooks.encryption`.
         retention: delivered deliveries, and events left without deliveries, are deleted this
             long after (default 30d; 0 keeps everything). See `webhooks.retention`.
         prune_interval: how often each relay prunes (default 1h).
@@ -121,6 +123,7 @@ class WebhookSettings(BaseSettings):
     listen: bool = True
     claim_lease: timedelta = timedelta(minutes=5)
     shutdown_timeout: float = Field(default=30.0, ge=0)
+    secret_key: SecretStr | None = None
     retention: timedelta = timedelta(days=30)
     prune_interval: timedelta = timedelta(hours=1)
     user_agent: str = "billing-workers-webhooks/0.1"
@@ -163,14 +166,15 @@ class WebhookSettings(BaseSettings):
             return parse_duration(value)
         return value
 
-    @model_validator(mode="after")
-    def _lease_outlasts_an_attempt(self) -> WebhookSettings:
-        if self.claim_lease.total_seconds() < self.attempt_timeout + LEASE_MARGIN:
-            raise ValueError(
-                f"WEBHOOKS_CLAIM_LEASE ({self.claim_lease}) must exceed WEBHOOKS_ATTEMPT_TIMEOUT"
-                f" ({self.attempt_timeout:g} s) by {LEASE_MARGIN:g} s at least"
-            )
-        return self
+    def secret_box(self) -> SecretBox | None:
+        """The cipher of stored secrets, if `secret_key` is set.
+
+        Raises:
+            SecretKeyError: the key is malformed.
+        """
+        return SecretBox.from_setting(
+            self.secret_key.get_secret_value() if self.secret_key else None
+        )
 
     @property
     def max_attempts(self) -> int:

@@ -21,6 +21,7 @@ from sqlalchemy import Row, Select, Table, bindparam, func, or_, select, text, u
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks.delivery import ClaimedDelivery
+from webhooks.encryption import SecretBox, reveal
 from webhooks.interfaces import AttemptResult
 from webhooks.models import FAILED, PENDING, WebhookDelivery, WebhookEvent, WebhookSubscription
 from webhooks.policy import failure_streak
@@ -40,8 +41,11 @@ CLAIM_LOCK_KEY = 0x7765_6268_6F6F_6B73 >> 1  # "webhooks", kept positive in a bi
 class SqlDeliveryStore:
     """Deliveries in the `webhook_deliveries` table; each call is its own transaction."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], *, box: SecretBox | None = None
+    ) -> None:
         self._sessions = session_factory
+        self._box = box
 
     def claim(
         self,
@@ -98,7 +102,7 @@ class SqlDeliveryStore:
                 row[0]: row
                 for row in session.execute(_details().where(WebhookDelivery.id.in_(ids)))
             }
-        return [_claimed(rows_by_id[i], now, now + lease) for i in ids]
+        return [_claimed(rows_by_id[i], now, now + lease, self._box) for i in ids]
 
     def record(
         self, results: Sequence[AttemptResult], now: datetime, disable_after: timedelta
@@ -232,7 +236,9 @@ def _in_flight(session: Session, now: datetime) -> dict[str, int]:
     return {sid: count for sid, count in session.execute(query)}
 
 
-def _claimed(row: Row[Any], now: datetime, lease_ends_at: datetime) -> ClaimedDelivery:
+def _claimed(
+    row: Row[Any], now: datetime, lease_ends_at: datetime, box: SecretBox | None
+) -> ClaimedDelivery:
     (delivery_id, attempts, event_id, topic, payload, created_at, tenant_id, *subscription) = tuple(
         row
     )
@@ -245,7 +251,14 @@ def _claimed(row: Row[Any], now: datetime, lease_ends_at: datetime) -> ClaimedDe
         event_created_at=created_at,
         subscription_id=sub_id,
         url=url,
-        secrets=tuple(active_secrets(secret, previous_secret, previous_expires_at, now)),
+        secrets=tuple(
+            active_secrets(
+                reveal(secret, box),
+                reveal(previous_secret, box) if previous_secret else None,
+                previous_expires_at,
+                now,
+            )
+        ),
         attempt=attempts,
         tenant_id=tenant_id,
         lease_ends_at=lease_ends_at,

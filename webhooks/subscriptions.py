@@ -17,6 +17,7 @@ import httpx
 from sqlalchemy import ColumnElement, Select, or_, select
 from sqlalchemy.orm import Session
 
+from webhooks.encryption import SecretBox, reveal, seal
 from webhooks.errors import (
     DuplicateSubscriptionError,
     InvalidEventError,
@@ -179,14 +180,21 @@ class SqlWebhookSubscriptions:
     Like the billing services, it flushes but never commits: the caller owns the transaction.
     """
 
-    def __init__(self, session: Session, *, now: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        session: Session,
+        *,
+        now: Callable[[], datetime] = utcnow,
+        box: SecretBox | None = None,
+    ) -> None:
         self.session = session
         self._now = now
+        self._box = box
 
     def add(
         self, topic: str, url: str, secret: str | None = None, *, tenant_id: str | None = None
     ) -> WebhookSubscription:
-        """Subscribe `url` to `topic`; the returned row holds the secret.
+        """Subscribe `url` to `topic`; `secret_of` the returned row is its secret.
 
         Raises:
             InvalidSubscriptionError: a bad topic, URL or secret.
@@ -208,7 +216,7 @@ class SqlWebhookSubscriptions:
         sub = WebhookSubscription(
             topic=topic,
             url=url,
-            secret=checked,
+            secret=seal(checked, self._box),
             tenant_id=tenant_id,
             enabled=True,
         )
@@ -260,6 +268,14 @@ class SqlWebhookSubscriptions:
         sub = self.get(subscription_id)
         new_secret = generate_secret() if secret is None else check_secret(secret)
         sub.previous_secret, sub.previous_secret_expires_at = sub.secret, self._now() + grace
-        sub.secret = new_secret
+        sub.secret = seal(new_secret, self._box)
         self.session.flush()
         return new_secret
+
+    def secret_of(self, sub: WebhookSubscription) -> str:
+        """The secret of a subscription (decrypted if stored encrypted).
+
+        Raises:
+            SecretKeyError: it is encrypted and the key is missing or wrong.
+        """
+        return reveal(sub.secret, self._box)

@@ -28,6 +28,7 @@ from .conftest import Receiver, Relays, wait_until
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 TOPIC = "billing.usage_aggregated"
+UNCAPPED = {"max_in_flight_per_subscription": 100}
 
 
 def subscribe(sessions: sessionmaker[Session], receiver: Receiver, **fields) -> str:
@@ -106,8 +107,9 @@ def test_two_relays_at_once_never_deliver_an_event_twice(
     receiver.start()
     subscribe(pg_sessions, receiver)
     ids = publish_many(pg_sessions, 400)
-    relays.start(user_agent="relay-a", batch_size=10, concurrency=4)
-    relays.start(user_agent="relay-b", batch_size=10, concurrency=4)
+    # One subscriber: lift the cap per subscription so both relays send at once.
+    relays.start(user_agent="relay-a", batch_size=10, concurrency=4, **UNCAPPED)
+    relays.start(user_agent="relay-b", batch_size=10, concurrency=4, **UNCAPPED)
     wait_until(lambda: statuses(pg_sessions) == {"delivered": 400}, timeout=40)
 
     received = receiver.received()

@@ -225,11 +225,27 @@ def test_an_attempt_never_outlives_its_claim(dripping) -> None:
     assert time.monotonic() - started < 4
 
 
-def test_the_lease_must_outlast_an_attempt() -> None:
-    with pytest.raises(ValueError, match="WEBHOOKS_CLAIM_LEASE"):
-        WebhookSettings(attempt_timeout=60, claim_lease=timedelta(seconds=62))
+def test_the_fairness_defaults() -> None:
     settings = WebhookSettings()
     assert (settings.attempt_timeout, settings.max_in_flight_per_subscription) == (30.0, 2)
+
+
+def test_a_short_lease_shortens_the_attempt_rather_than_skip_it(healthy) -> None:
+    client = make_client(policy=LOOPBACK, connect_timeout=5, read_timeout=5, max_connections=2)
+    now = datetime.now(UTC)
+    relay = Relay(
+        None,  # type: ignore[arg-type]
+        Sender(client, user_agent="t"),
+        RetryPolicy(schedule=parse_schedule("1h")),
+        lease=timedelta(seconds=3),
+        now=lambda: now,
+    )
+    claimed = delivery(f"{healthy}/ok")
+    lease_end = now + timedelta(seconds=3)
+    with client:
+        result = relay.attempt(ClaimedDelivery(**{**claimed.__dict__, "lease_ends_at": lease_end}))
+    assert result is not None
+    assert result.outcome.status_code == 204
 
 
 def test_settings_read_the_fairness_variables(monkeypatch: pytest.MonkeyPatch) -> None:
