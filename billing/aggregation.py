@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import String, Table, bindparam, case, literal, select, text
+from sqlalchemy import String, Table, bindparam, case, delete, literal, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing.errors import InvalidUsageError
-from billing.meters import MeterSpec, get_meter, quantity
+from billing.meters import MeterSpec, get_meter, group_key, grouped_quantities, quantity
 from billing.models import UsageAggregate, UsageEvent
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
@@ -43,7 +43,7 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
         session.execute(
             _LOCK, {"key": f"billing.aggregate:{tenant_id}:{metric}:{start.isoformat()}"}
         )
-    statement = _upsert_statement(dialect, get_meter(session, metric))
+    meter = get_meter(session, metric)
     params = {
         "id": new_id(),
         "tenant_id": tenant_id,
@@ -52,7 +52,52 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
         "end": start + DAY,
         "now": utcnow(),
     }
-    return int(session.execute(statement, params).scalar_one())
+    total = int(session.execute(_upsert_statement(dialect, meter), params).scalar_one())
+    _aggregate_groups(session, dialect, meter, tenant_id, start)
+    return total
+
+
+def _aggregate_groups(
+    session: Session, dialect: str, meter: MeterSpec, tenant_id: str, start: datetime
+) -> None:
+    """Upsert one row per group of the day (computed in SQL); drop groups no longer present
+    (after the meter's `group_by` changed or was removed)."""
+    events = (
+        UsageEvent.tenant_id == tenant_id,
+        UsageEvent.metric == meter.key,
+        UsageEvent.at_ts >= start,
+        UsageEvent.at_ts < start + DAY,
+    )
+    totals = {
+        group_key(meter.group_by, row[:-1]): int(row[-1])
+        for row in (session.execute(grouped_quantities(meter, *events)) if meter.group_by else ())
+    }
+    now = utcnow()
+    rows = [
+        {
+            "id": new_id(),
+            "tenant_id": tenant_id,
+            "metric": meter.key,
+            "period_start": start,
+            "granularity": "day",
+            "group_key": key,
+            "total": total,
+            "updated_at": now,
+        }
+        for key, total in sorted(totals.items())
+    ]
+    for chunk in _chunks(rows):
+        session.execute(_on_conflict(_insert(dialect).values(chunk)))
+    day = (
+        UsageAggregate.tenant_id == tenant_id,
+        UsageAggregate.metric == meter.key,
+        UsageAggregate.period_start == start,
+        UsageAggregate.granularity == "day",
+        UsageAggregate.group_key != "",
+    )
+    stored = session.execute(select(UsageAggregate.group_key).where(*day)).scalars()
+    for stale in _chunks(sorted(set(stored) - set(totals))):
+        session.execute(delete(UsageAggregate).where(*day, UsageAggregate.group_key.in_(stale)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -76,19 +121,35 @@ def _upsert_statement(dialect: str, meter: MeterSpec) -> Any:
         value,
         bindparam("now", type_=timestamp),
     )
-    table = cast(Table, UsageAggregate.__table__)
-    insert: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-    insert = insert.from_select(
+    insert = _insert(dialect).from_select(
         ["id", "tenant_id", "metric", "period_start", "granularity", "total", "updated_at"], source
     )
+    return _on_conflict(insert).returning(_TABLE.c.total)
+
+
+_TABLE = cast(Table, UsageAggregate.__table__)
+_T = TypeVar("_T")
+
+
+def _chunks(items: list[_T], size: int = 500) -> list[list[_T]]:
+    return [items[index : index + size] for index in range(0, len(items), size)]
+
+
+def _insert(dialect: str) -> Any:
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_TABLE)
+
+
+def _on_conflict(insert: Any) -> Any:
+    """Rewrite the total of an existing (tenant, metric, day, group); `updated_at` moves only
+    when it changes."""
     excluded = insert.excluded
     return insert.on_conflict_do_update(
-        index_elements=["tenant_id", "metric", "period_start", "granularity"],
+        index_elements=["tenant_id", "metric", "period_start", "granularity", "group_key"],
         set_={
             "total": excluded.total,
             "updated_at": case(
-                (table.c.total != excluded.total, excluded.updated_at),
-                else_=table.c.updated_at,
+                (_TABLE.c.total != excluded.total, excluded.updated_at),
+                else_=_TABLE.c.updated_at,
             ),
         },
-    ).returning(table.c.total)
+    )

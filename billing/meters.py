@@ -8,6 +8,9 @@
 | `unique_count` | distinct values of `metadata[property]`, as text (absent or null: not counted) |
 | `latest` | `amount` of the period's last event by `at` (the larger amount at a tie) |
 
+With `group_by` (metadata property names), each day also gets one aggregate per group of values,
+under the same aggregation; the whole metric's row has the empty group.
+
 A metric nobody declared is a `sum`, as before meters existed. Declarations are shared by every
 tenant (like plans and prices) and made by operators: `declare_meter(session, key=...)`, or
 `POST /_billing/meters` with `billing.admin`.
@@ -15,12 +18,13 @@ tenant (like plans and prices) and made by operators: `declare_meter(session, ke
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from sqlalchemy import ColumnElement, String, cast, distinct, func, select
+from sqlalchemy import ColumnElement, Select, String, cast, distinct, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -34,6 +38,8 @@ AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
 #: Metadata property names: the JSON path is built from them, so only plain key characters.
 PROPERTY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,99}$")
 MAX_GROUP_BY = 5
+#: Group values are compared on their first characters only (they key an index).
+GROUP_VALUE_LENGTH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,33 @@ def _aggregate(spec: MeterSpec) -> ColumnElement[Any]:
     if spec.aggregation == "unique_count":
         return func.count(distinct(property_text(spec.property or "")))
     return func.sum(UsageEvent.amount)
+
+
+def grouped_quantities(spec: MeterSpec, *where: ColumnElement[bool]) -> Select[Any]:
+    """A SELECT of one row per group of the events matching `where`: the group's values (text,
+    cut to `GROUP_VALUE_LENGTH` characters; NULL when absent) then its quantity."""
+    keys = [func.substr(property_text(name), 1, GROUP_VALUE_LENGTH) for name in spec.group_by]
+    labelled = [key.label(f"g{index}") for index, key in enumerate(keys)]
+    if spec.aggregation != "latest":
+        return select(*labelled, _aggregate(spec)).where(*where).group_by(*keys)
+    rank = func.row_number().over(
+        partition_by=keys, order_by=(UsageEvent.at_ts.desc(), UsageEvent.amount.desc())
+    )
+    ranked = select(*labelled, UsageEvent.amount, rank.label("rank")).where(*where).subquery()
+    columns = [ranked.c[f"g{index}"] for index in range(len(keys))]
+    return select(*columns, ranked.c.amount).where(ranked.c.rank == 1)
+
+
+def group_key(names: Sequence[str], values: Sequence[str | None]) -> str:
+    """The stored form of a group: compact JSON with sorted keys; "" for the whole metric."""
+    if not names:
+        return ""
+    return json.dumps(
+        dict(zip(names, values, strict=True)),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
 
 
 def property_text(name: str) -> ColumnElement[str]:

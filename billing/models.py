@@ -75,11 +75,22 @@ class UsageEvent(Base):
 
 
 class UsageAggregate(Base):
-    """A tenant's total of one metric over one period (a UTC day for granularity `day`)."""
+    """A tenant's total of one metric over one period (a UTC day for granularity `day`).
+
+    `group_key` is empty for the whole metric, else the compact JSON of the group's values
+    (`{"model":"gpt-4"}`) under the meter's `group_by`.
+    """
 
     __tablename__ = "usage_aggregates"
     __table_args__ = (
-        UniqueConstraint("tenant_id", "metric", "period_start", "granularity"),
+        UniqueConstraint(
+            "tenant_id",
+            "metric",
+            "period_start",
+            "granularity",
+            "group_key",
+            name="uq_usage_aggregates_group",
+        ),
         Index("ix_usage_aggregates_updated_at", "updated_at"),  # `billing status`: last run
     )
 
@@ -88,6 +99,9 @@ class UsageAggregate(Base):
     metric: Mapped[str] = mapped_column(String(100), nullable=False)
     period_start: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     granularity: Mapped[str] = mapped_column(String(16), nullable=False)
+    group_key: Mapped[str] = mapped_column(
+        String(1200), default="", server_default="", nullable=False
+    )
     total: Mapped[int] = mapped_column(BigInteger, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False

@@ -21,6 +21,7 @@ importable from here too and loaded on first use.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
@@ -31,11 +32,14 @@ from sqlalchemy.orm import Session
 
 from billing.api.models import UsageCounter
 from billing.errors import InvalidUsageError
-from billing.models import PlanEntitlement, Subscription
+from billing.meters import MAX_GROUP_BY, PROPERTY, MeterSpec, property_text, quantity
+from billing.models import PlanEntitlement, Subscription, UsageEvent
 from billing.service import BillingService
 from webhooks.sqltypes import new_id
 
 Window = Literal["day", "month"]
+#: Metadata values a quota is limited to, e.g. `{"model": "gpt-4"}`.
+Group = Mapping[str, str]
 WINDOWS: tuple[Window, ...] = get_args(Window)
 
 
@@ -115,10 +119,28 @@ def current_quotas(session: Session, *, tenant_id: str, now: datetime) -> list[Q
 
 
 def used_in_window(
-    session: Session, *, tenant_id: str, metric: str, window: Window, now: datetime
+    session: Session,
+    *,
+    tenant_id: str,
+    metric: str,
+    window: Window,
+    now: datetime,
+    group: Group | None = None,
 ) -> int:
-    """Units of `metric` the tenant has used in the current `window` (one indexed read)."""
-    start, _ = window_bounds(window, now)
+    """Units of `metric` the tenant has used in the current `window` (one indexed read); with
+    `group`, only the events whose metadata holds those values (summed in SQL)."""
+    start, end = window_bounds(window, now)
+    if group is not None:
+        where = [property_text(name) == value for name, value in check_group(group).items()]
+        used = quantity(
+            MeterSpec(metric),
+            UsageEvent.tenant_id == tenant_id,
+            UsageEvent.metric == metric,
+            UsageEvent.at_ts >= start,
+            UsageEvent.at_ts < end,
+            *where,
+        )
+        return int(session.execute(select(used)).scalar_one())
     total = session.execute(
         select(UsageCounter.total).where(
             UsageCounter.tenant_id == tenant_id,
@@ -131,13 +153,25 @@ def used_in_window(
 
 
 def check_quota(
-    session: Session, *, tenant_id: str, key: str, window: Window, now: datetime
+    session: Session,
+    *,
+    tenant_id: str,
+    key: str,
+    window: Window,
+    now: datetime,
+    group: Group | None = None,
 ) -> QuotaStatus | None:
-    """Where the tenant stands against `key` (allowed while something is left); None: no limit."""
+    """Where the tenant stands against `key` (allowed while something is left); None: no limit.
+
+    With `group` (`{"model": "gpt-4"}`) the limit applies to that group's usage alone."""
+    if group is not None:
+        check_group(group)
     limit = entitlement_limit(session, tenant_id=tenant_id, key=key, window=window, now=now)
     if limit is None:
         return None
-    used = used_in_window(session, tenant_id=tenant_id, metric=key, window=window, now=now)
+    used = used_in_window(
+        session, tenant_id=tenant_id, metric=key, window=window, now=now, group=group
+    )
     _, end = window_bounds(window, now)
     return QuotaStatus(key, window, limit, used, end, allowed=used < limit)
 
@@ -151,6 +185,7 @@ def consume_quota(
     amount: int,
     now: datetime,
     soft: bool = False,
+    group: Group | None = None,
 ) -> QuotaStatus | None:
     """Record `amount` units of `key` as usage if the quota has room; return the standing.
 
@@ -162,14 +197,21 @@ def consume_quota(
     """
     if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
         raise InvalidUsageError("consume must be a positive integer", field="consume")
+    if group is not None:
+        check_group(group)
     limit = entitlement_limit(session, tenant_id=tenant_id, key=key, window=window, now=now)
     if limit is None:
-        _record(session, tenant_id, key, amount, now)
+        _record(session, tenant_id, key, amount, now, group)
         return None
     used = lock_counters(session, tenant_id=tenant_id, metric=key, now=now)[window]
+    if group is not None:
+        # Read once the metric's counters are locked: no concurrent consumer in between.
+        used = used_in_window(
+            session, tenant_id=tenant_id, metric=key, window=window, now=now, group=group
+        )
     allowed = used + amount <= limit
     if allowed or soft:
-        _record(session, tenant_id, key, amount, now)
+        _record(session, tenant_id, key, amount, now, group)
         used += amount
     _, end = window_bounds(window, now)
     return QuotaStatus(key, window, limit, used, end, allowed=allowed)
@@ -223,10 +265,39 @@ def _current_plan(tenant_id: str, now: datetime) -> Any:
     )
 
 
-def _record(session: Session, tenant_id: str, metric: str, amount: int, now: datetime) -> None:
+def _record(
+    session: Session,
+    tenant_id: str,
+    metric: str,
+    amount: int,
+    now: datetime,
+    group: Group | None = None,
+) -> None:
     BillingService(session=session, tenant_id=tenant_id).record_usage(
-        metric=metric, amount=amount, at=now, idempotency_key=f"quota:{new_id()}"
+        metric=metric,
+        amount=amount,
+        at=now,
+        idempotency_key=f"quota:{new_id()}",
+        metadata=None if group is None else dict(group),
     )
+
+
+def check_group(group: object) -> Group:
+    """Return `group` if it maps up to 5 metadata property names to string values.
+
+    Raises:
+        InvalidUsageError: it does not (`field="group"`).
+    """
+    if (
+        not isinstance(group, Mapping)
+        or not 0 < len(group) <= MAX_GROUP_BY
+        or not all(isinstance(k, str) and PROPERTY.match(k) for k in group)
+        or not all(isinstance(v, str) for v in group.values())
+    ):
+        raise InvalidUsageError(
+            f"group must map 1 to {MAX_GROUP_BY} metadata keys to string values", field="group"
+        )
+    return group
 
 
 def _insert(session: Session) -> Any:

@@ -26,22 +26,30 @@ from fastapi import Response
 from billing.api.auth import PrincipalDep, tenant_of
 from billing.api.deps import ApiDep, SessionDep
 from billing.api.problems import ProblemError
-from billing.quotas import QuotaStatus, Window, check_quota, consume_quota
+from billing.quotas import Group, QuotaStatus, Window, check_group, check_quota, consume_quota
 
 _ADJECTIVE = {"day": "daily", "month": "monthly"}
 SOFT_LIMIT_WARNING = '299 billing "soft quota exceeded: {key} {used}/{limit} per {window}"'
 
 
 def require_quota(
-    key: str, *, window: Window = "day", soft: bool = False, consume: int = 0
+    key: str,
+    *,
+    window: Window = "day",
+    soft: bool = False,
+    consume: int = 0,
+    group: Group | None = None,
 ) -> Callable[..., QuotaStatus | None]:
     """A FastAPI dependency enforcing the tenant's `key` entitlement per `window`.
 
     It returns the `QuotaStatus` (None when unlimited), so a route may also take it as a
-    parameter: `status: QuotaStatus | None = Depends(require_quota("reports"))`.
+    parameter: `status: QuotaStatus | None = Depends(require_quota("reports"))`. With `group`
+    (`{"model": "gpt-4"}`) it limits the usage of that group only, and consumed usage is
+    recorded with those metadata values.
 
     Raises:
-        ValueError: at definition time, for an unknown window or a negative `consume`.
+        ValueError: at definition time, for an unknown window, a negative `consume` or a
+            malformed `group`.
     """
     if window not in get_args(Window):
         raise ValueError(f"window must be 'day' or 'month', not {window!r}")
@@ -49,6 +57,8 @@ def require_quota(
         raise ValueError("consume must be a non-negative integer")
     if not key or not isinstance(key, str):
         raise ValueError("key must be a non-empty string")
+    if group is not None:
+        group = dict(check_group(group))  # InvalidUsageError is a ValueError
 
     def quota(
         response: Response, principal: PrincipalDep, session: SessionDep, api: ApiDep
@@ -64,9 +74,12 @@ def require_quota(
                 amount=consume,
                 now=now,
                 soft=soft,
+                group=group,
             )
         else:
-            status = check_quota(session, tenant_id=tenant_id, key=key, window=window, now=now)
+            status = check_quota(
+                session, tenant_id=tenant_id, key=key, window=window, now=now, group=group
+            )
         session.commit()  # the consumed usage, and releases the counter lock at once
         if status is None:
             return None

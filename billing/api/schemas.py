@@ -17,8 +17,10 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     WithJsonSchema,
+    model_serializer,
 )
 
 from billing.ledger import MAX_METRIC_LENGTH, METRIC_PATTERN
@@ -126,12 +128,21 @@ class UsageBatchOut(BaseModel):
 
 
 class UsagePeriod(BaseModel):
-    """The total of one metric over one UTC day or month."""
+    """The total of one metric over one UTC day or month; with `group_by`, of one group of
+    values (`group`, e.g. `{"model": "gpt-4"}`; left out otherwise)."""
 
     period_start: datetime
     granularity: Granularity
     metric: str
     total: int
+    group: dict[str, str | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_group(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("group") is None:
+            data.pop("group", None)
+        return data
 
 
 class UsagePage(BaseModel):

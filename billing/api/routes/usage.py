@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from billing.api.auth import Reader, Writer
 from billing.api.deps import ApiDep, SessionDep
+from billing.api.grouped_usage import grouped_usage
 from billing.api.models import UsageCounter
 from billing.api.pagination import keyset_page
 from billing.api.problems import ProblemError, field_errors, problem_responses
@@ -119,9 +120,25 @@ def list_usage(
     granularity: Annotated[Granularity, Query()] = "day",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    group_by: Annotated[list[str] | None, Query(max_length=5)] = None,
 ) -> UsagePage:
     """The caller's totals with `from <= period_start < to`, ordered by period start and metric;
-    walking `next_cursor` returns every period once."""
+    walking `next_cursor` returns every period once.
+
+    `group_by` (repeatable: `?metric=tokens&group_by=model`) names the metric's meter groups and
+    returns the daily aggregates of each group under the meter's aggregation instead, ordered by
+    period start and group; it needs `metric` and `granularity=day`."""
+    if group_by:
+        return grouped_usage(
+            session,
+            tenant_id=principal.tenant_id,
+            metric=metric,
+            group_by=group_by,
+            granularity=granularity,
+            bounds=(from_, to),
+            limit=limit,
+            cursor=cursor,
+        )
     query = select(UsageCounter).where(
         UsageCounter.tenant_id == principal.tenant_id, UsageCounter.granularity == granularity
     )

@@ -155,15 +155,26 @@ def recompute(aggregation: str, events: list[tuple[int, int, str | None]]) -> in
     return max((offset, amount) for amount, offset, _ in day)[1]
 
 
-@settings(
+#: Random events with a random arrival order; those after `split` arrive after a first run.
+ARRIVALS = {
+    "aggregation": st.sampled_from(["sum", "count", "max", "unique_count", "latest"]),
+    "order": st.randoms(use_true_random=False),
+    "split": st.integers(0, 15),
+}
+PROPERTY_SETTINGS = settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(
-    aggregation=st.sampled_from(["sum", "count", "max", "unique_count", "latest"]),
-    events=raw_events,
-    order=st.randoms(use_true_random=False),
-    split=st.integers(0, 15),
-)
+
+
+def in_two_waves(events: list, order, split: int) -> list[list[tuple[int, tuple]]]:
+    """The indexed events shuffled, then cut at `split`: on time, then late."""
+    arrivals = list(enumerate(events))
+    order.shuffle(arrivals)
+    return [arrivals[:split], arrivals[split:]]
+
+
+@PROPERTY_SETTINGS
+@given(events=raw_events, **ARRIVALS)
 def test_rollups_equal_a_recomputation_for_any_arrival_order(
     session_factory, aggregation, events, order, split
 ) -> None:
@@ -171,11 +182,8 @@ def test_rollups_equal_a_recomputation_for_any_arrival_order(
         prop = "user" if aggregation == "unique_count" else None
         declare_meter(session, key="m", aggregation=aggregation, property=prop)
         bs = BillingService(session=session, tenant_id="t")
-        arrivals = list(enumerate(events))
-        order.shuffle(arrivals)
-        on_time, late = arrivals[:split], arrivals[split:]
-        for batch in (on_time, late):  # the late events arrive after a first run
-            for index, (amount, offset, user) in batch:
+        for wave in in_two_waves(events, order, split):
+            for index, (amount, offset, user) in wave:
                 metadata = {} if user is None else {"user": user}
                 record(bs, str(index), amount, DAY + timedelta(seconds=offset), **metadata)
             bs.aggregate_daily(metric="m", day_start=DAY)

@@ -1,0 +1,88 @@
+"""Quotas that name a group: the entitlement limits that group's usage alone."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+from billing import BillingService, InvalidUsageError
+from billing.api import add_billing, register_error_handlers, require_quota
+from billing.quotas import check_quota, consume_quota
+
+from .test_quota_counters import NOW, subscribe
+
+GPT4 = {"model": "gpt-4"}
+
+
+def use(session, key: str, amount: int, model: str | None, at=NOW) -> None:
+    BillingService(session=session, tenant_id="A").record_usage(
+        metric="tokens",
+        amount=amount,
+        at=at,
+        idempotency_key=key,
+        metadata={"model": model} if model else None,
+    )
+
+
+def test_a_group_quota_counts_only_that_group_s_window(session) -> None:
+    subscribe(session)  # tokens: 100 a day
+    use(session, "gpt", 60, "gpt-4")
+    use(session, "claude", 30, "claude")
+    use(session, "none", 5, None)
+    use(session, "yesterday", 90, "gpt-4", at=NOW - timedelta(days=1))
+    status = check_quota(session, tenant_id="A", key="tokens", window="day", now=NOW, group=GPT4)
+    assert status is not None
+    assert (status.used, status.remaining, status.allowed) == (60, 40, True)
+    whole = check_quota(session, tenant_id="A", key="tokens", window="day", now=NOW)
+    assert whole is not None
+    assert whole.used == 95
+
+
+def test_consuming_a_group_records_it_and_stops_at_its_limit(session) -> None:
+    subscribe(session)
+    use(session, "claude", 90, "claude")  # another group's usage does not count
+    first = consume_quota(
+        session, tenant_id="A", key="tokens", window="day", amount=70, now=NOW, group=GPT4
+    )
+    second = consume_quota(
+        session, tenant_id="A", key="tokens", window="day", amount=40, now=NOW, group=GPT4
+    )
+    assert first is not None
+    assert (first.used, first.allowed) == (70, True)
+    assert second is not None
+    assert (second.used, second.allowed) == (70, False)
+    after = check_quota(session, tenant_id="A", key="tokens", window="day", now=NOW, group=GPT4)
+    assert after is not None
+    assert after.used == 70
+
+
+@pytest.mark.parametrize("group", [{}, {"model": 4}, {"bad key": "x"}, ["model"]])
+def test_a_malformed_group_is_refused(session, group) -> None:
+    with pytest.raises(InvalidUsageError):
+        check_quota(session, tenant_id="A", key="tokens", window="day", now=NOW, group=group)
+    with pytest.raises(ValueError, match="group"):
+        require_quota("tokens", group=group)
+
+
+def test_require_quota_with_a_group_answers_429_once_the_group_is_used_up(
+    session_factory, make_key
+) -> None:
+    with session_factory.begin() as session:
+        subscribe(session)
+    app = FastAPI()
+    register_error_handlers(app)
+    add_billing(app, session_factory=session_factory, clock=lambda: NOW)
+
+    @app.post("/gpt4", dependencies=[Depends(require_quota("tokens", consume=60, group=GPT4))])
+    def gpt4() -> dict:
+        return {"ok": True}
+
+    key = make_key("A")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/gpt4", headers=key).status_code == 200
+        refused = client.post("/gpt4", headers=key)
+    assert refused.status_code == 429
+    assert refused.json()["used"] == 60
