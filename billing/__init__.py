@@ -13,11 +13,14 @@ from billing.errors import (
     IdempotencyConflictError,
     InvalidPeriodError,
     InvalidUsageError,
+    InvoiceStateError,
     MeterDefinitionError,
     PriceDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
+    UnknownInvoiceError,
 )
+from billing.lifecycle import InvoicePolicy
 from billing.service import BillingService, ProviderSync
 
 __all__ = [
@@ -28,8 +31,11 @@ __all__ = [
     "InvalidPeriodError",
     "InvalidUsageError",
     "MeterDefinitionError",
+    "InvoicePolicy",
+    "InvoiceStateError",
     "PriceDefinitionError",
     "ProviderSync",
     "ProviderSyncError",
     "QuotaExceededError",
+    "UnknownInvoiceError",
 ]

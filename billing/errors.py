@@ -3,10 +3,12 @@
 BillingError
 ├── InvalidUsageError          bad input; permanent, never retry
 ├── IdempotencyConflictError   same idempotency key, different event; permanent
-├── InvalidPeriodError         bad invoice period or currency; permanent
+├── InvalidPeriodError         bad invoice period or currency, or one not ended yet; permanent
 ├── CurrencyMismatchError      the plan has prices, none in the asked currency; permanent
 ├── PriceDefinitionError       a price cannot be evaluated; permanent
 ├── MeterDefinitionError       a meter declaration is malformed; permanent
+├── UnknownInvoiceError        no invoice of this tenant has that id; permanent
+├── InvoiceStateError          the invoice's status forbids the change asked for; permanent
 ├── QuotaExceededError         a hard quota is used up; retry after the window resets
 └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
 """
@@ -42,6 +44,20 @@ class CurrencyMismatchError(BillingError):
     """The tenant's plan has prices, but none in the currency asked for."""
 
 
+class UnknownInvoiceError(BillingError, LookupError):
+    """No invoice of the tenant has that id (another tenant's invoice is not found either)."""
+
+
+class InvoiceStateError(BillingError):
+    """The invoice's status does not allow the change: paying a draft, voiding a paid invoice,
+    re-pricing a finalized one. Nothing was changed."""
+
+    def __init__(self, message: str, *, invoice_id: str, status: str) -> None:
+        super().__init__(message)
+        self.invoice_id = invoice_id
+        self.status = status
+
+
 class PriceDefinitionError(BillingError, ValueError):
     """A price cannot be evaluated: no unit amount, malformed tiers, a bad package size."""
 
@@ -73,5 +89,7 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     CurrencyMismatchError,
     PriceDefinitionError,
     MeterDefinitionError,
+    UnknownInvoiceError,
+    InvoiceStateError,
 )
 """Errors that retrying can never fix (Dramatiq's `throws=`)."""

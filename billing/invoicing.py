@@ -13,13 +13,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing.errors import CurrencyMismatchError, InvalidPeriodError
 from billing.models import Invoice, InvoiceLine, Price, Subscription, UsageEvent
+from billing.periods import subscription_active_in
 from billing.pricing import fixed_amount, usage_amount
 from webhooks.sqltypes import new_id, utcnow
 
@@ -56,13 +57,14 @@ def _aware(value: object, name: str) -> datetime:
 def find_invoice(
     session: Session, tenant_id: str, start: datetime, end: datetime, currency: str
 ) -> Invoice | None:
-    """The invoice of that tenant, period and currency, if there is one."""
+    """The invoice of that tenant, period and currency that is not void, if there is one."""
     return session.execute(
         select(Invoice).where(
             Invoice.tenant_id == tenant_id,
             Invoice.period_start == start,
             Invoice.period_end == end,
             Invoice.currency == currency,
+            Invoice.status != "void",
         )
     ).scalar_one_or_none()
 
@@ -106,10 +108,11 @@ def store_invoice(
     currency: str,
     lines: list[LineDraft],
 ) -> tuple[str, bool]:
-    """Insert the invoice and its lines unless it exists; return (id, created).
+    """Insert a draft invoice and its lines unless a live one exists; return (id, created).
 
-    `INSERT … ON CONFLICT DO NOTHING` on the invoice's unique key: when two workers race, the
-    second waits for the first to commit, inserts nothing, and returns the first one's id.
+    `INSERT … ON CONFLICT DO NOTHING` on the partial unique index of invoices that are not
+    void: when two workers race, the second waits for the first to commit, inserts nothing,
+    and returns the first one's id. A void invoice does not hold its period.
     """
     invoice_id = new_id()
     now = utcnow()
@@ -121,13 +124,14 @@ def store_invoice(
             tenant_id=tenant_id,
             period_start=start,
             period_end=end,
-            status="open",
+            status="draft",
             total_amount=sum(line.amount for line in lines),
             currency=currency,
             created_at=now,
         )
         .on_conflict_do_nothing(
-            index_elements=["tenant_id", "period_start", "period_end", "currency"]
+            index_elements=["tenant_id", "period_start", "period_end", "currency"],
+            index_where=Invoice.status != "void",
         )
         .returning(Invoice.id)
     )
@@ -160,11 +164,7 @@ def _active_subscriptions(
     return list(
         session.execute(
             select(Subscription)
-            .where(
-                Subscription.tenant_id == tenant_id,
-                Subscription.effective_at < end,
-                or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),
-            )
+            .where(Subscription.tenant_id == tenant_id, subscription_active_in(start, end))
             .order_by(Subscription.effective_at, Subscription.id)
         ).scalars()
     )

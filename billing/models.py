@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -216,13 +217,32 @@ class Price(Base):
     plan: Mapped[Plan | None] = relationship(back_populates="prices")
 
 
+INVOICE_STATUSES = ("draft", "open", "paid", "void", "uncollectible")
+"""Stripe's names: `draft → open → paid | void | uncollectible`; `open` means finalized."""
+
+
 class Invoice(Base):
-    """A tenant's bill for `[period_start, period_end)` in one currency; unique per that."""
+    """A tenant's bill for `[period_start, period_end)` in one currency.
+
+    At most one invoice per (tenant, period, currency) is not void (a partial unique index), so
+    voiding one frees the period for a reissue. `number` is set when it is finalized.
+    """
 
     __tablename__ = "invoices"
     __table_args__ = (
-        UniqueConstraint("tenant_id", "period_start", "period_end", "currency"),
-        CheckConstraint("status IN ('open', 'paid', 'void')", name="status"),
+        Index(
+            "uq_invoices_not_void_tenant_id_period_currency",
+            "tenant_id",
+            "period_start",
+            "period_end",
+            "currency",
+            unique=True,
+            postgresql_where=text("status <> 'void'"),
+            sqlite_where=text("status <> 'void'"),
+        ),
+        CheckConstraint(
+            "status IN ('draft', 'open', 'paid', 'void', 'uncollectible')", name="status"
+        ),
         Index("ix_invoices_created_at", "created_at"),  # last run, unsynced invoices
     )
 
@@ -235,10 +255,27 @@ class Invoice(Base):
     currency: Mapped[str] = mapped_column(String(3), nullable=False)
     provider_invoice_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[datetime] = _created_at()
+    number: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    paid_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    voided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     lines: Mapped[list[InvoiceLine]] = relationship(
         back_populates="invoice", order_by="InvoiceLine.created_at"
     )
+
+
+class NumberSequence(Base):
+    """The last number issued from a gapless sequence (`invoice`, `credit_note`).
+
+    The finalizing transaction increments its row, which locks it until commit: numbers are
+    taken in commit order and a rollback gives its number back.
+    """
+
+    __tablename__ = "number_sequences"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_value: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class InvoiceLine(Base):

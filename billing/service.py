@@ -6,17 +6,25 @@ import asyncio
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from billing import aggregation, invoicing, ledger, metrics
-from billing.errors import IdempotencyConflictError, InvalidUsageError, ProviderSyncError
+import webhooks
+from billing import aggregation, invoicing, ledger, lifecycle, metrics
+from billing.errors import (
+    IdempotencyConflictError,
+    InvalidPeriodError,
+    InvalidUsageError,
+    ProviderSyncError,
+)
 from billing.ledger import Recorded
+from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
 from billing.models import Invoice, InvoiceLine
+from webhooks.sqltypes import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +44,27 @@ class BillingService:
     """Records usage, aggregates it and invoices it for one tenant.
 
     The caller owns `session` and its transaction: the service flushes, and never commits or
-    rolls back, so its writes commit or fail together with the caller's own (e.g. an outbox
-    event announcing them).
+    rolls back, so its writes commit or fail together with the caller's own, the invoice
+    events it writes to `outbox` among them. `now` is the clock that decides whether a period
+    has ended; `policy` how invoices are numbered and finalized.
     """
 
     def __init__(
-        self, *, session: Session, tenant_id: str, provider_sync: ProviderSync | None = None
+        self,
+        *,
+        session: Session,
+        tenant_id: str,
+        provider_sync: ProviderSync | None = None,
+        now: Callable[[], datetime] = utcnow,
+        policy: InvoicePolicy = DEFAULT_POLICY,
+        outbox: Outbox = webhooks,
     ) -> None:
         self.session = session
         self.tenant_id = ledger.validate_tenant(tenant_id)
         self.provider_sync = provider_sync
+        self.now = now
+        self.policy = policy
+        self.outbox = outbox
 
     def record_usage(
         self,
@@ -125,14 +144,23 @@ class BillingService:
     ) -> str:
         """Create the invoice of `[period_start, period_end)` in `currency`, once; return its id.
 
-        Called again (or by a racing worker) it returns the same id and creates nothing.
+        The invoice is created (`billing.invoice.created`) and, without a grace period,
+        finalized (numbered, `billing.invoice.finalized`) in the caller's transaction. Called
+        again (or by a racing worker) it returns the same id and creates nothing. A void
+        invoice does not count: the period is invoiced anew.
 
         Raises:
-            InvalidPeriodError: naive or reversed period, or a malformed currency.
+            InvalidPeriodError: naive or reversed period, a malformed currency, or a period
+                that has not ended by `now()`; nothing is created.
             CurrencyMismatchError: the plan has prices, none in `currency`; nothing is created.
             ProviderSyncError: `provider_sync` failed; the invoice is flushed and stays.
         """
         currency = invoicing.check_period(period_start, period_end, currency)
+        if period_end > self.now():
+            raise InvalidPeriodError(
+                f"the period {period_start.isoformat()} to {period_end.isoformat()} "
+                "has not ended yet"
+            )
         existing = invoicing.find_invoice(
             self.session, self.tenant_id, period_start, period_end, currency
         )
@@ -148,13 +176,83 @@ class BillingService:
             if created:
                 metrics.INVOICES_GENERATED.inc()
                 logger.info("invoice %s created for tenant %s", invoice_id, self.tenant_id)
+                lifecycle.publish_created(
+                    self.session,
+                    self.outbox,
+                    tenant_id=self.tenant_id,
+                    invoice_id=invoice_id,
+                    period_start=period_start,
+                    period_end=period_end,
+                    currency=currency,
+                )
+        if not self.policy.grace_period:
+            self._transition(invoice_id, lifecycle.FINALIZE)
         self.session.flush()
         if self.provider_sync is not None:
             self.sync_invoice(invoice_id)
         return invoice_id
 
+    def get_invoice(self, invoice_id: str) -> Invoice:
+        """One of the tenant's invoices.
+
+        Raises:
+            UnknownInvoiceError: the tenant has no invoice with that id.
+        """
+        return lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=False)
+
+    def finalize_invoice(self, invoice_id: str) -> Invoice:
+        """`draft` → `open`: give the invoice its number; an open invoice is left as it is.
+
+        Raises:
+            UnknownInvoiceError: the tenant has no invoice with that id.
+            InvoiceStateError: the invoice is paid, void or uncollectible.
+        """
+        return self._transition(invoice_id, lifecycle.FINALIZE)
+
+    def pay_invoice(self, invoice_id: str) -> Invoice:
+        """`open` or `uncollectible` → `paid`, with `paid_at`; a paid invoice stays as it is.
+
+        Raises:
+            UnknownInvoiceError: the tenant has no invoice with that id.
+            InvoiceStateError: the invoice is a draft or void.
+        """
+        return self._transition(invoice_id, lifecycle.PAY)
+
+    def mark_uncollectible(self, invoice_id: str) -> Invoice:
+        """`open` → `uncollectible` (it may still be paid later).
+
+        Raises:
+            UnknownInvoiceError: the tenant has no invoice with that id.
+            InvoiceStateError: the invoice is a draft, paid or void.
+        """
+        return self._transition(invoice_id, lifecycle.MARK_UNCOLLECTIBLE)
+
+    def void_invoice(self, invoice_id: str) -> Invoice:
+        """`draft`, `open` or `uncollectible` → `void`: the period may then be invoiced anew.
+
+        Raises:
+            UnknownInvoiceError: the tenant has no invoice with that id.
+            InvoiceStateError: the invoice is paid.
+        """
+        return self._transition(invoice_id, lifecycle.VOID)
+
+    def _transition(self, invoice_id: str, transition: lifecycle.Transition) -> Invoice:
+        invoice = lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=True)
+        if lifecycle.apply(
+            self.session,
+            invoice,
+            transition,
+            now=self.now,
+            policy=self.policy,
+            outbox=self.outbox,
+        ):
+            logger.info("invoice %s is %s", invoice.id, invoice.status)
+        return invoice
+
     def sync_invoice(self, invoice_id: str) -> str | None:
-        """Send the invoice to `provider_sync` unless it has a provider id; store the id returned.
+        """Send a finalized invoice to `provider_sync` unless it has a provider id; store the id.
+
+        A draft is not sent: it may still change.
 
         Raises:
             ProviderSyncError: the hook raised; the invoice stays as it is.
@@ -162,7 +260,11 @@ class BillingService:
         invoice = self.session.execute(
             select(Invoice).where(Invoice.id == invoice_id, Invoice.tenant_id == self.tenant_id)
         ).scalar_one()
-        if invoice.provider_invoice_id is not None or self.provider_sync is None:
+        if (
+            invoice.provider_invoice_id is not None
+            or self.provider_sync is None
+            or invoice.status == "draft"
+        ):
             return invoice.provider_invoice_id
         lines = list(
             self.session.execute(

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from billing.lifecycle import InvoicePolicy
 
 DEFAULT_DATABASE_URL = "sqlite:///billing.sqlite3"
 
 
 class BillingSettings(BaseSettings):
-    """Where the ledger lives. `DATABASE_URL`: a SQLAlchemy URL; SQLite file by default."""
+    """Where the ledger lives and how invoices are issued.
+
+    `DATABASE_URL`: a SQLAlchemy URL, a SQLite file by default. `INVOICE_NUMBER_PREFIX`
+    (`INV-`): what invoice numbers start with. `INVOICE_GRACE_PERIOD` (0; seconds or ISO 8601,
+    e.g. `PT72H`): how long a new invoice stays a draft before it is finalized.
+    """
 
     model_config = SettingsConfigDict(extra="ignore")
 
     database_url: str = DEFAULT_DATABASE_URL
     sql_echo: bool = False
+    invoice_number_prefix: str = "INV-"
+    invoice_grace_period: timedelta = timedelta(0)
+
+    def invoice_policy(self) -> InvoicePolicy:
+        """The invoice settings as the service takes them."""
+        return InvoicePolicy(
+            number_prefix=self.invoice_number_prefix, grace_period=self.invoice_grace_period
+        )

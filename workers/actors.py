@@ -32,6 +32,7 @@ import webhooks as webhooks_outbox
 from billing import ProviderSync
 from billing.aggregation import utc_day_start
 from billing.db import make_engine, make_session_factory
+from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
 from billing.settings import BillingSettings
 from workers.broker import actor_options, build_broker, sync_actor_options
 from workers.jobs import (
@@ -39,7 +40,6 @@ from workers.jobs import (
     GENERATE_MONTHLY_INVOICE,
     PERMANENT_ERRORS,
     SYNC_INVOICE,
-    Outbox,
     SessionFactory,
     aggregate_daily_job,
     generate_monthly_invoice_job,
@@ -63,6 +63,7 @@ class _Resources:
     session_factory: SessionFactory
     webhooks: Outbox
     provider_sync: ProviderSync | None
+    policy: InvoicePolicy
 
 
 _resources: _Resources | None = None
@@ -73,11 +74,16 @@ def bind(
     *,
     webhooks: Outbox = webhooks_outbox,
     provider_sync: ProviderSync | None = None,
+    policy: InvoicePolicy = DEFAULT_POLICY,
 ) -> None:
-    """Give the actors of this process their database, outbox and payment provider hook."""
+    """Give the actors of this process their database, outbox, payment provider hook and
+    invoice policy (`INVOICE_NUMBER_PREFIX`, `INVOICE_GRACE_PERIOD`)."""
     global _resources
     _resources = _Resources(
-        session_factory=session_factory, webhooks=webhooks, provider_sync=provider_sync
+        session_factory=session_factory,
+        webhooks=webhooks,
+        provider_sync=provider_sync,
+        policy=policy,
     )
 
 
@@ -114,7 +120,11 @@ class BindDatabaseOnBoot(Middleware):
             if settings.provider_sync:
                 provider_sync = load_provider_sync(settings.provider_sync)
                 logger.info("invoices are synced by %s", settings.provider_sync)
-            bind(make_session_factory(engine), provider_sync=provider_sync)
+            bind(
+                make_session_factory(engine),
+                provider_sync=provider_sync,
+                policy=database.invoice_policy(),
+            )
 
 
 #: Read once: this module is the `dramatiq` command's entry point.
@@ -144,6 +154,7 @@ def generate_monthly_invoice(payload: dict[str, Any]) -> None:
         payload,
         webhooks=resources.webhooks,
         enqueue_sync=_enqueue_sync if resources.provider_sync is not None else None,
+        policy=resources.policy,
     )
 
 

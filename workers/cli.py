@@ -16,6 +16,7 @@ from billing.migrate import upgrade
 from billing.settings import BillingSettings
 from webhooks.cli import add_commands as add_webhook_commands
 from workers.commands import add_commands as add_worker_commands
+from workers.invoice_commands import add_commands as add_invoice_commands
 from workers.logs import configure_logging
 from workers.settings import LogSettings
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_commands(commands)
     add_key_commands(commands)
     add_worker_commands(commands)
+    add_invoice_commands(commands)
     add_webhook_commands(commands)
     return parser
 

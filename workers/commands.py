@@ -175,6 +175,12 @@ def _invoice(args: argparse.Namespace) -> int:
 
     start = args.period
     end = month_start(start + timedelta(days=32))
+    if end > datetime.now(UTC):
+        print(
+            f"billing invoice: {start:%Y-%m} has not ended yet (it ends {end:%Y-%m-%d %H:%M} UTC)",
+            file=sys.stderr,
+        )
+        return 2
     only = fanout.Filter(tenant_id=args.tenant)
     backfill = _Backfill(args.inline)
     total = fanout.count_invoice_targets(backfill.session_factory, start, end, only=only)

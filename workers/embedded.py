@@ -129,7 +129,7 @@ def start_embedded(
         threads = 1 if engine.dialect.name == "sqlite" else settings.worker_threads
     session_factory = make_session_factory(engine)
     provider_sync = load_provider_sync(settings.provider_sync) if settings.provider_sync else None
-    actors.bind(session_factory, provider_sync=provider_sync)
+    actors.bind(session_factory, provider_sync=provider_sync, policy=database.invoice_policy())
     worker = Worker(actors.broker, worker_threads=threads)
     worker.start()
     scheduler = BillingScheduler(settings, session_factory, make_lock(settings))

@@ -13,10 +13,11 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, and_, func, or_, select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.models import Invoice, Price, Subscription, UsageEvent
+from billing.periods import subscription_active_in
 
 DAY = timedelta(days=1)
 
@@ -66,14 +67,10 @@ def invoice_targets_query(
     start: datetime, end: datetime, only: Filter = Filter()
 ) -> Select[str, str]:
     """(tenant, currency) pairs to invoice for `[start, end)` (see `invoice_targets`)."""
-    active = and_(
-        Subscription.effective_at < end,
-        or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),
-    )
     query = (
         select(Subscription.tenant_id, Price.currency)
         .join(Price, Price.plan_id == Subscription.plan_id)
-        .where(active)
+        .where(subscription_active_in(start, end))
         .distinct()
     )
     if only.tenant_id is not None:

@@ -30,17 +30,20 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import webhooks as webhooks_outbox
-from billing import BillingService, ProviderSync
+from billing import BillingService, ProviderSync, lifecycle
 from billing.aggregation import utc_day_start
 from billing.errors import PERMANENT_ERRORS as BILLING_PERMANENT_ERRORS
+from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
 from billing.models import Invoice
 from webhooks.errors import PERMANENT_ERRORS as WEBHOOK_PERMANENT_ERRORS
+from webhooks.sqltypes import utcnow
 from workers.errors import (
     InvalidPayloadError,
     InvoiceNotFoundError,
@@ -62,7 +65,7 @@ AGGREGATE_DAILY = "billing.aggregate_daily"
 GENERATE_MONTHLY_INVOICE = "billing.generate_monthly_invoice"
 SYNC_INVOICE = "billing.sync_invoice"
 USAGE_AGGREGATED = "billing.usage_aggregated"
-INVOICE_CREATED = "billing.invoice.created"
+INVOICE_CREATED = lifecycle.INVOICE_CREATED
 
 #: Errors retrying cannot fix: the actors' `throws=`, dead-lettered at once.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (
@@ -73,19 +76,6 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     *BILLING_PERMANENT_ERRORS,
     *WEBHOOK_PERMANENT_ERRORS,
 )
-
-
-class Outbox(Protocol):
-    """Where jobs publish their events: the `webhooks` module itself, or anything alike."""
-
-    def publish(
-        self,
-        session: Session,
-        topic: str,
-        payload: Mapping[str, Any],
-        *,
-        event_id: str | None = None,
-    ) -> str: ...
 
 
 SessionFactory = sessionmaker[Session]
@@ -129,17 +119,21 @@ def generate_monthly_invoice_job(
     *,
     webhooks: Outbox = webhooks_outbox,
     enqueue_sync: Callable[[str], object] | None = None,
+    policy: InvoicePolicy = DEFAULT_POLICY,
+    now: Callable[[], datetime] = utcnow,
 ) -> str:
     """Create a tenant's invoice for a period and currency, once, and announce it; return its id.
 
-    Publishes `billing.invoice.created {tenant_id, invoice_id, period_start, period_end,
-    currency}` in the same transaction, with an id derived from the invoice's: one event per
-    invoice however often the job runs. After the commit, `enqueue_sync(invoice_id)` (when
-    given) asks for the invoice's provider sync; the provider itself is never called here.
+    The service publishes `billing.invoice.created {tenant_id, invoice_id, period_start,
+    period_end, currency}` (and, finalizing it, `billing.invoice.finalized`) in the same
+    transaction, with ids derived from the invoice's: one event each however often the job
+    runs. After the commit, `enqueue_sync(invoice_id)` (when given) asks for the invoice's
+    provider sync; the provider itself is never called here.
 
     Raises:
         InvalidPayloadError: the payload breaks the contract; nothing ran.
-        InvalidPeriodError, CurrencyMismatchError: the service refused the period or currency.
+        InvalidPeriodError, CurrencyMismatchError: the service refused the period (also one
+            that has not ended by `now()`) or currency.
         Whatever `enqueue_sync` raises (a broker outage), after the commit: running the job
             again is harmless and sends the sync again.
     """
@@ -151,18 +145,12 @@ def generate_monthly_invoice_job(
             currency=job.currency.lower(),
         )
         with session_factory.begin() as session:
-            service = BillingService(session=session, tenant_id=job.tenant_id)
+            service = BillingService(
+                session=session, tenant_id=job.tenant_id, now=now, policy=policy, outbox=webhooks
+            )
             invoice_id = service.generate_monthly_invoice(
                 period_start=job.period_start, period_end=job.period_end, currency=job.currency
             )
-            event = {
-                "tenant_id": job.tenant_id,
-                "invoice_id": invoice_id,
-                "period_start": job.period_start.isoformat(),
-                "period_end": job.period_end.isoformat(),
-                "currency": job.currency.lower(),
-            }
-            webhooks.publish(session, INVOICE_CREATED, event, event_id=invoice_event_id(invoice_id))
         log["invoice_id"] = invoice_id
         if enqueue_sync is not None:
             enqueue_sync(invoice_id)
@@ -217,11 +205,6 @@ def aggregate_event_id(event: Mapping[str, Any]) -> str:
     return f"usage_aggregated_{digest[:40]}"
 
 
-def invoice_event_id(invoice_id: str) -> str:
-    """The stable id of the `billing.invoice.created` event of an invoice."""
-    return f"invoice_created_{invoice_id}"
-
-
 BillingJobHandler = Callable[[str, Mapping[str, Any]], object]
 """Runs a billing job by name: `handler("billing.aggregate_daily", payload)`."""
 
@@ -232,6 +215,7 @@ def make_billing_job_handler(
     webhooks: Outbox = webhooks_outbox,
     provider_sync: ProviderSync | None = None,
     enqueue_sync: Callable[[str], object] | None = None,
+    policy: InvoicePolicy = DEFAULT_POLICY,
 ) -> BillingJobHandler:
     """A callable `(job_name, payload)` that runs the named job with these collaborators.
 
@@ -247,7 +231,7 @@ def make_billing_job_handler(
     jobs: dict[str, Callable[[Mapping[str, Any]], object]] = {
         AGGREGATE_DAILY: lambda p: aggregate_daily_job(session_factory, p, webhooks=webhooks),
         GENERATE_MONTHLY_INVOICE: lambda p: generate_monthly_invoice_job(
-            session_factory, p, webhooks=webhooks, enqueue_sync=enqueue_sync
+            session_factory, p, webhooks=webhooks, enqueue_sync=enqueue_sync, policy=policy
         ),
         SYNC_INVOICE: lambda p: sync_invoice_job(session_factory, p, provider_sync=provider_sync),
     }

@@ -29,9 +29,11 @@ from billing.errors import (
     IdempotencyConflictError,
     InvalidPeriodError,
     InvalidUsageError,
+    InvoiceStateError,
     MeterDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
+    UnknownInvoiceError,
 )
 
 logger = logging.getLogger(__name__)
@@ -247,6 +249,10 @@ def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
         )
     if isinstance(exc, InvalidPeriodError):
         return 422, "invalid-period", "Invalid period", {}
+    if isinstance(exc, InvoiceStateError):
+        return 409, "invoice-state", "Invoice state forbids this", {"invoice_status": exc.status}
+    if isinstance(exc, UnknownInvoiceError):
+        return 404, "not-found", "Not found", {}
     if isinstance(exc, CurrencyMismatchError):
         return 422, "currency-mismatch", "Currency mismatch", {"field": "currency"}
     if isinstance(exc, QuotaExceededError):

@@ -310,11 +310,15 @@ class InvoiceOut(BaseModel):
     tenant_id: str
     period_start: datetime
     period_end: datetime
-    status: Literal["open", "paid", "void"]
+    status: Literal["draft", "open", "paid", "void", "uncollectible"]
     total_amount: int
     currency: str
     provider_invoice_id: str | None
     created_at: datetime
+    number: str | None = None
+    finalized_at: datetime | None = None
+    paid_at: datetime | None = None
+    voided_at: datetime | None = None
 
 
 class InvoiceDetail(InvoiceOut):

@@ -1,5 +1,6 @@
 """Invoices: a tenant lists and reads its own (`billing.read`); an operator (`billing.admin`)
-lists and reads any tenant's (`/tenants/{tenant_id}/invoices`) and voids any invoice.
+lists and reads any tenant's (`/tenants/{tenant_id}/invoices`) and voids, pays or
+marks any invoice uncollectible (each change and its event in one transaction).
 
 An invoice's lines come a page at a time (an invoice can have thousands): `GET` of an invoice
 holds the first `LINES_PER_DETAIL` and `next_lines_cursor`; `/lines` walks the rest.
@@ -7,6 +8,7 @@ holds the first `LINES_PER_DETAIL` and `next_lines_cursor`; `/lines` walks the r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
@@ -27,6 +29,7 @@ from billing.api.schemas import (
     TenantId,
 )
 from billing.models import Invoice, InvoiceLine
+from billing.service import BillingService
 
 router = APIRouter(tags=["invoices"])
 
@@ -127,11 +130,40 @@ def list_tenant_invoice_lines(
     responses=problem_responses(401, 403, 404, 409, 413, 415, 422),
 )
 def void_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep) -> InvoiceOut:
-    """An open invoice becomes void (voiding again changes nothing); a paid one cannot: 409."""
-    invoice = _find_invoice(session, invoice_id)
-    if invoice.status == "paid":
-        raise ProblemError(409, "Conflict", "a paid invoice cannot be voided", slug="invoice-paid")
-    invoice.status = "void"
+    """A draft, open or uncollectible invoice becomes void, and its period may be invoiced
+    anew; voiding again changes nothing; a paid invoice cannot be voided: 409."""
+    return _transition(session, invoice_id, BillingService.void_invoice)
+
+
+@router.post(
+    "/invoices/{invoice_id}/pay",
+    summary="Mark a tenant's invoice paid (operator)",
+    responses=problem_responses(401, 403, 404, 409, 422),
+)
+def pay_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep) -> InvoiceOut:
+    """An open or uncollectible invoice becomes paid (`paid_at` set); paying again changes
+    nothing; a draft or void invoice cannot be paid: 409."""
+    return _transition(session, invoice_id, BillingService.pay_invoice)
+
+
+@router.post(
+    "/invoices/{invoice_id}/mark-uncollectible",
+    summary="Mark a tenant's open invoice uncollectible (operator)",
+    responses=problem_responses(401, 403, 404, 409, 422),
+)
+def mark_uncollectible(
+    invoice_id: InvoiceId, principal: Operator, session: SessionDep
+) -> InvoiceOut:
+    """An open invoice becomes uncollectible (it can still be paid later); 409 otherwise."""
+    return _transition(session, invoice_id, BillingService.mark_uncollectible)
+
+
+def _transition(
+    session: Session, invoice_id: str, change: Callable[[BillingService, str], Invoice]
+) -> InvoiceOut:
+    """Apply a state change and its event, in the invoice's tenant, in one transaction."""
+    tenant_id = _find_invoice(session, invoice_id).tenant_id
+    invoice = change(BillingService(session=session, tenant_id=tenant_id), invoice_id)
     session.commit()
     return invoice_out(invoice)
 
@@ -148,6 +180,10 @@ def invoice_out(invoice: Invoice) -> InvoiceOut:
         currency=invoice.currency,
         provider_invoice_id=invoice.provider_invoice_id,
         created_at=invoice.created_at,
+        number=invoice.number,
+        finalized_at=invoice.finalized_at,
+        paid_at=invoice.paid_at,
+        voided_at=invoice.voided_at,
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from billing.models import Invoice, InvoiceLine, Price, Subscription
+from webhooks.models import WebhookEvent
 
 from .conftest import NOW
 
@@ -244,3 +245,24 @@ def test_voiding_an_open_invoice_and_not_a_paid_one(client, operator, invoices) 
         client.get(f"/_billing/tenants/A/invoices/{invoices[0]}", headers=operator).json()["status"]
         == "paid"
     )
+
+
+def test_paying_and_marking_uncollectible_follow_the_lifecycle(
+    client, operator, a_key, invoices, session_factory
+) -> None:
+    uncollectible = client.post(
+        f"/_billing/invoices/{invoices[2]}/mark-uncollectible", headers=operator
+    )
+    assert uncollectible.json()["status"] == "uncollectible"
+    paid = client.post(f"/_billing/invoices/{invoices[2]}/pay", headers=operator)
+    assert (paid.status_code, paid.json()["status"]) == (200, "paid")
+    assert paid.json()["paid_at"] is not None
+    refused = client.post(f"/_billing/invoices/{invoices[2]}/mark-uncollectible", headers=operator)
+    assert refused.status_code == 409
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"] == "urn:billing:problem:invoice-state"
+    assert refused.json()["invoice_status"] == "paid"
+    assert client.post(f"/_billing/invoices/{invoices[3]}/pay", headers=a_key).status_code == 403
+    with session_factory() as session:
+        topics = sorted(session.execute(select(WebhookEvent.topic)).scalars())
+    assert topics == ["billing.invoice.marked_uncollectible", "billing.invoice.paid"]

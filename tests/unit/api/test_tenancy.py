@@ -217,6 +217,15 @@ def invoice_void(client, b, a, session_factory) -> None:
     assert client.post(f"/_billing/invoices/{a['invoice']}/void", headers=b).status_code == 403
 
 
+def invoice_pay(client, b, a, session_factory) -> None:
+    assert client.post(f"/_billing/invoices/{a['invoice']}/pay", headers=b).status_code == 403
+
+
+def invoice_mark_uncollectible(client, b, a, session_factory) -> None:
+    path = f"/_billing/invoices/{a['invoice']}/mark-uncollectible"
+    assert client.post(path, headers=b).status_code == 403
+
+
 def quotas_get(client, b, a, session_factory) -> None:
     assert client.get("/_billing/quotas", headers=b).json()["items"] == []
 
@@ -241,6 +250,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/_billing/invoices"): invoices_get,
     ("GET", "/_billing/invoices/{invoice_id}"): invoice_get,
     ("POST", "/_billing/invoices/{invoice_id}/void"): invoice_void,
+    ("POST", "/_billing/invoices/{invoice_id}/pay"): invoice_pay,
+    ("POST", "/_billing/invoices/{invoice_id}/mark-uncollectible"): invoice_mark_uncollectible,
     ("GET", "/_billing/quotas"): quotas_get,
 }
 

@@ -44,7 +44,10 @@ def test_the_demo_bills_a_month_with_the_real_actors() -> None:
     assert "acme 2025-01 USD 66.38" in text
     assert "globex 2025-01 USD 35.52" in text  # joined on the 15th: 17/31 of the fee
     assert "tokens          9,261,032      18.52" in text
-    assert "webhook outbox: 3 billing.invoice.created, 158 billing.usage_aggregated" in text
+    assert (
+        "webhook outbox: 3 billing.invoice.created, 3 billing.invoice.finalized, "
+        "158 billing.usage_aggregated"
+    ) in text
 
 
 def test_the_demo_command_runs_without_any_server(capsys) -> None:

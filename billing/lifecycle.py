@@ -1,0 +1,172 @@
+"""Invoice states and the transitions between them, each announced by exactly one event.
+
+```
+draft ──finalize──► open ──pay──► paid
+  │                  │  ▲
+  │                  │  └─────pay──── uncollectible ◄──mark_uncollectible── open
+  └──void──► void ◄──┴──void── (draft, open, uncollectible)
+```
+
+`open` means finalized: numbered from the deployment's gapless sequence and immutable. `paid`
+and `void` are final. A transition locks the invoice row first (`SELECT … FOR UPDATE` on
+PostgreSQL), so of two racing callers one changes the invoice and the other finds it changed:
+asking for the state an invoice is already in changes nothing and publishes nothing; asking for
+a transition its state forbids raises `InvoiceStateError`. The event is written to the outbox
+in the caller's transaction, with an id derived from the invoice and the transition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from billing.errors import InvoiceStateError, UnknownInvoiceError
+from billing.models import Invoice
+from billing.numbering import INVOICE_SEQUENCE, next_number
+
+INVOICE_CREATED = "billing.invoice.created"
+INVOICE_FINALIZED = "billing.invoice.finalized"
+INVOICE_PAID = "billing.invoice.paid"
+INVOICE_VOIDED = "billing.invoice.voided"
+INVOICE_MARKED_UNCOLLECTIBLE = "billing.invoice.marked_uncollectible"
+
+
+class Outbox(Protocol):
+    """Where billing publishes its events: the `webhooks` module itself, or anything alike."""
+
+    def publish(
+        self,
+        session: Session,
+        topic: str,
+        payload: Mapping[str, Any],
+        *,
+        event_id: str | None = None,
+    ) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InvoicePolicy:
+    """How a deployment issues invoices (`INVOICE_NUMBER_PREFIX`, `INVOICE_GRACE_PERIOD`)."""
+
+    number_prefix: str = "INV-"
+    grace_period: timedelta = timedelta(0)
+
+
+DEFAULT_POLICY = InvoicePolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    sources: frozenset[str]
+    target: str
+    topic: str
+    event_name: str
+
+
+FINALIZE = Transition(frozenset({"draft"}), "open", INVOICE_FINALIZED, "finalized")
+PAY = Transition(frozenset({"open", "uncollectible"}), "paid", INVOICE_PAID, "paid")
+MARK_UNCOLLECTIBLE = Transition(
+    frozenset({"open"}), "uncollectible", INVOICE_MARKED_UNCOLLECTIBLE, "marked_uncollectible"
+)
+VOID = Transition(frozenset({"draft", "open", "uncollectible"}), "void", INVOICE_VOIDED, "voided")
+
+
+def own_invoice(session: Session, tenant_id: str, invoice_id: str, *, lock: bool) -> Invoice:
+    """The tenant's invoice, read afresh; with `lock`, its row locked until the transaction ends.
+
+    Raises:
+        UnknownInvoiceError: no invoice of this tenant has that id.
+    """
+    query = select(Invoice).where(Invoice.id == invoice_id, Invoice.tenant_id == tenant_id)
+    if lock:
+        query = query.with_for_update()
+    invoice = session.execute(query.execution_options(populate_existing=True)).scalar_one_or_none()
+    if invoice is None:
+        raise UnknownInvoiceError(f"no invoice {invoice_id!r} for this tenant")
+    return invoice
+
+
+def apply(
+    session: Session,
+    invoice: Invoice,
+    transition: Transition,
+    *,
+    now: Callable[[], datetime],
+    policy: InvoicePolicy,
+    outbox: Outbox,
+) -> bool:
+    """Move a locked invoice through `transition`; return False if it was already there.
+
+    Raises:
+        InvoiceStateError: the invoice's status does not allow the transition.
+    """
+    if invoice.status == transition.target:
+        return False
+    if invoice.status not in transition.sources:
+        raise InvoiceStateError(
+            f"a {invoice.status} invoice cannot become {transition.target}",
+            invoice_id=invoice.id,
+            status=invoice.status,
+        )
+    moment = now()
+    if transition is FINALIZE:
+        invoice.number = next_number(session, INVOICE_SEQUENCE, policy.number_prefix)
+        invoice.finalized_at = moment
+    elif transition is PAY:
+        invoice.paid_at = moment
+    elif transition is VOID:
+        invoice.voided_at = moment
+    invoice.status = transition.target
+    session.flush()
+    outbox.publish(
+        session,
+        transition.topic,
+        state_event(invoice),
+        event_id=f"invoice_{transition.event_name}_{invoice.id}",
+    )
+    return True
+
+
+def state_event(invoice: Invoice) -> dict[str, Any]:
+    """The payload of `billing.invoice.finalized` / `.paid` / `.voided`."""
+    return {
+        "tenant_id": invoice.tenant_id,
+        "invoice_id": invoice.id,
+        "number": invoice.number,
+        "status": invoice.status,
+        "period_start": invoice.period_start.isoformat(),
+        "period_end": invoice.period_end.isoformat(),
+        "currency": invoice.currency,
+        "total_amount": invoice.total_amount,
+    }
+
+
+def publish_created(
+    session: Session,
+    outbox: Outbox,
+    *,
+    tenant_id: str,
+    invoice_id: str,
+    period_start: datetime,
+    period_end: datetime,
+    currency: str,
+) -> None:
+    """`billing.invoice.created` (the seed's payload), once per invoice row."""
+    event = {
+        "tenant_id": tenant_id,
+        "invoice_id": invoice_id,
+        "period_start": period_start.isoformat(),
+        "period_end": period_end.isoformat(),
+        "currency": currency,
+    }
+    outbox.publish(session, INVOICE_CREATED, event, event_id=created_event_id(invoice_id))
+
+
+def created_event_id(invoice_id: str) -> str:
+    """The stable id of the `billing.invoice.created` event of an invoice."""
+    return f"invoice_created_{invoice_id}"

@@ -1,0 +1,23 @@
+"""The one rule for "a subscription is active in a period", used by invoicing and the fan-out.
+
+A period is `[start, end)` and a subscription covers `[effective_at, ended_at)` (open-ended
+when `ended_at` is null). They overlap when the subscription begins before the period ends and
+ends after the period begins: one that begins exactly at `end`, or ends exactly at `start`,
+bills nothing in the period.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, and_, or_
+
+from billing.models import Subscription
+
+
+def subscription_active_in(start: datetime, end: datetime) -> ColumnElement[bool]:
+    """SQL condition: the subscription overlaps `[start, end)`."""
+    return and_(
+        Subscription.effective_at < end,
+        or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),
+    )

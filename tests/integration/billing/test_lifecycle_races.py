@@ -1,0 +1,109 @@
+"""Lifecycle races on PostgreSQL: concurrent finalizers share one gapless sequence, racing
+reissues of a voided period make one invoice, racing pay and void leave one outcome."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+
+from billing import BillingService, InvoiceStateError
+from billing.db import make_session_factory
+from billing.models import Invoice
+from tests.integration.billing.test_concurrency import race
+from tests.unit.billing.test_lifecycle import seed_plan
+from webhooks.models import WebhookEvent
+
+pytestmark = pytest.mark.postgres
+
+JAN = datetime(2025, 1, 1, tzinfo=UTC)
+FEB = datetime(2025, 2, 1, tzinfo=UTC)
+TENANTS = [f"t{n:02d}" for n in range(12)]
+
+
+@pytest.fixture
+def factory(pg_engine):
+    factory = make_session_factory(pg_engine)
+    with factory.begin() as session:
+        seed_plan(session, TENANTS)
+    return factory
+
+
+def generate(factory, tenant: str) -> str:
+    with factory.begin() as session:
+        return BillingService(session=session, tenant_id=tenant).generate_monthly_invoice(
+            period_start=JAN, period_end=FEB, currency="usd"
+        )
+
+
+def test_concurrent_finalizers_take_unique_gapless_numbers(factory) -> None:
+    results = race(len(TENANTS), lambda i: generate(factory, TENANTS[i]))
+    assert all(isinstance(r, str) for r in results), results
+    with factory() as session:
+        numbers = sorted(session.execute(select(Invoice.number)).scalars())
+    assert numbers == [f"INV-{n:06d}" for n in range(1, len(TENANTS) + 1)]
+
+
+def test_a_finalizer_that_rolls_back_while_others_commit_leaves_no_gap(factory) -> None:
+    def work(index: int) -> str | None:
+        session = factory()
+        try:
+            invoice_id = BillingService(
+                session=session, tenant_id=TENANTS[index]
+            ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+            if index % 3 == 0:
+                session.rollback()
+                return None
+            session.commit()
+            return invoice_id
+        finally:
+            session.close()
+
+    race(len(TENANTS), work)
+    with factory() as session:
+        numbers = sorted(session.execute(select(Invoice.number)).scalars())
+    assert numbers == [f"INV-{n:06d}" for n in range(1, len(numbers) + 1)]
+    assert len(numbers) == len([i for i in range(len(TENANTS)) if i % 3])
+
+
+def test_racing_reissues_of_a_voided_period_make_exactly_one_invoice(factory) -> None:
+    first = generate(factory, "t00")
+    with factory.begin() as session:
+        BillingService(session=session, tenant_id="t00").void_invoice(first)
+    results = race(8, lambda _: generate(factory, "t00"))
+    assert all(isinstance(r, str) for r in results), results
+    assert len(set(results)) == 1
+    assert first not in results
+    with factory() as session:
+        rows = session.execute(select(Invoice.status, Invoice.number).order_by(Invoice.number))
+        assert rows.all() == [("void", "INV-000001"), ("open", "INV-000002")]
+        created = session.execute(
+            select(WebhookEvent).where(WebhookEvent.topic == "billing.invoice.created")
+        ).scalars()
+        assert len(list(created)) == 2
+
+
+def test_racing_pay_and_void_leave_one_outcome_and_one_event(factory) -> None:
+    invoice_id = generate(factory, "t00")
+
+    def change(index: int) -> str:
+        with factory.begin() as session:
+            service = BillingService(session=session, tenant_id="t00")
+            invoice = (service.pay_invoice if index % 2 else service.void_invoice)(invoice_id)
+            return invoice.status
+
+    results = race(8, change)
+    with factory() as session:
+        status = session.execute(select(Invoice.status)).scalar_one()
+        changed = (
+            session.execute(
+                select(WebhookEvent.topic).where(
+                    WebhookEvent.topic.in_(["billing.invoice.paid", "billing.invoice.voided"])
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert changed == [f"billing.invoice.{'paid' if status == 'paid' else 'voided'}"]
+    assert all(r == status or isinstance(r, InvoiceStateError) for r in results), results
