@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy import ColumnElement, Select, or_, select
+from sqlalchemy import ColumnElement, Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from webhooks.encryption import SecretBox, reveal, seal
@@ -202,6 +202,10 @@ class SqlWebhookSubscriptions:
                 (enabled or not); its `existing_id` names that subscription.
         """
         checked = check_subscription(topic, url, secret)
+        if self.session.get_bind().dialect.name == "postgresql":
+            # Concurrent adds of one target take turns until commit, so the second sees the first.
+            target = f"webhook-subscription:{tenant_id}:{topic}:{url}"
+            self.session.execute(select(func.pg_advisory_xact_lock(func.hashtext(target))))
         existing = self.session.scalar(
             select(WebhookSubscription.id).where(
                 WebhookSubscription.topic == topic,

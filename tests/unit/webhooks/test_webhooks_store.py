@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks import publish, verify
 from webhooks.delivery import Sender
+from webhooks.errors import DuplicateSubscriptionError
 from webhooks.interfaces import AttemptResult
 from webhooks.models import WebhookDelivery, WebhookSubscription
 from webhooks.policy import Outcome, RetryPolicy
@@ -282,3 +283,35 @@ def test_concurrent_claims_never_exceed_the_cap_of_a_subscription(pg_engine: Eng
     for thread in threads:
         thread.join(30)
     assert sorted(claimed) == sorted(subs * 2)
+
+
+@pytest.mark.postgres
+def test_concurrent_adds_of_one_target_store_one_subscription(pg_engine: Engine) -> None:
+    factory = sessionmaker(pg_engine, expire_on_commit=False)
+    added, refused = threading.Event(), []
+
+    def first() -> None:
+        with factory.begin() as session:
+            SqlWebhookSubscriptions(session).add(TOPIC, "https://example.test/hook", tenant_id="t")
+            added.set()
+            threading.Event().wait(0.5)  # still uncommitted while the second one adds
+
+    def second() -> None:
+        assert added.wait(10)
+        try:
+            with factory.begin() as session:
+                SqlWebhookSubscriptions(session).add(
+                    TOPIC, "https://example.test/hook", tenant_id="t"
+                )
+        except DuplicateSubscriptionError as error:
+            refused.append(error.existing_id)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    with factory() as session:
+        ids = session.scalars(select(WebhookSubscription.id)).all()
+    assert len(ids) == 1
+    assert refused == ids
