@@ -315,3 +315,13 @@ def test_concurrent_adds_of_one_target_store_one_subscription(pg_engine: Engine)
         ids = session.scalars(select(WebhookSubscription.id)).all()
     assert len(ids) == 1
     assert refused == ids
+
+
+def test_a_failed_attempt_frees_its_slot_while_it_waits_for_its_retry(factory, store) -> None:
+    setup(factory, events=3)
+    now = utcnow()
+    first = store.claim(10, now, LEASE, max_in_flight=2)
+    failed = result(first[0], Outcome(status_code=500, error="HTTP 500"), now)
+    store.record([failed], now, timedelta(days=5))
+    [third] = store.claim(10, now, LEASE, max_in_flight=2)
+    assert third.delivery_id not in {d.delivery_id for d in first}
