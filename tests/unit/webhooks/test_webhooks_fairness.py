@@ -7,6 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -219,7 +220,7 @@ def test_an_attempt_never_outlives_its_claim(dripping) -> None:
     lease_end = now + timedelta(seconds=5.5)  # 0.5 s left once the margin is kept
     started = time.monotonic()
     with client:
-        result = relay.attempt(ClaimedDelivery(**{**claimed.__dict__, "lease_ends_at": lease_end}))
+        result = relay.attempt(replace(claimed, lease_ends_at=lease_end))
     assert result is not None
     assert "timeout" in (result.outcome.error or "")
     assert time.monotonic() - started < 4
@@ -243,7 +244,7 @@ def test_a_short_lease_shortens_the_attempt_rather_than_skip_it(healthy) -> None
     claimed = delivery(f"{healthy}/ok")
     lease_end = now + timedelta(seconds=3)
     with client:
-        result = relay.attempt(ClaimedDelivery(**{**claimed.__dict__, "lease_ends_at": lease_end}))
+        result = relay.attempt(replace(claimed, lease_ends_at=lease_end))
     assert result is not None
     assert result.outcome.status_code == 204
 
