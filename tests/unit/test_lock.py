@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def declared_requirements() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = project["optional-dependencies"]
-    return [Requirement(line) for line in [*project["dependencies"], *extras["dev"]]]
+    extras = [line for lines in project["optional-dependencies"].values() for line in lines]
+    return [Requirement(line) for line in [*project["dependencies"], *extras]]
 
 
 def pinned_versions() -> dict[str, str]:
