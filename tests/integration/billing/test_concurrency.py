@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, func, select, text
 
 from billing import BillingService, IdempotencyConflictError
 from billing.db import make_session_factory
@@ -147,6 +148,21 @@ def test_two_workers_invoicing_at_once_create_one_invoice(pg_engine) -> None:
         assert session.get(Invoice, results[0]).total_amount == 1007
 
 
+def wait_for_a_lock_wait(engine: Engine, timeout: float = 30.0) -> None:
+    """Return once a session of the test database waits for a lock (PostgreSQL says so)."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            if conn.scalar(query):
+                return
+        assert time.monotonic() < deadline, "nobody waited for a lock"
+        time.sleep(0.01)
+
+
 def test_concurrent_aggregations_of_one_day_leave_one_correct_row(pg_engine) -> None:
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
@@ -187,7 +203,7 @@ def test_a_run_waiting_behind_another_never_writes_an_older_total(pg_engine) -> 
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    thread.join(timeout=0.5)  # X is now blocked behind Y
+    wait_for_a_lock_wait(pg_engine)  # X is now blocked behind Y
     with factory.begin() as session:
         BillingService(session=session, tenant_id="t1").record_usage(
             metric="tokens", amount=2, at=AT, idempotency_key="late"

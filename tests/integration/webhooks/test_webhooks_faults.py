@@ -9,11 +9,12 @@ import argparse
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks import publish
@@ -47,6 +48,29 @@ def publish_many(sessions: sessionmaker[Session], count: int) -> list[str]:
             )
             for i in range(count)
         ]
+
+
+def relay_idle_and_listening(sessions: sessionmaker[Session]) -> bool:
+    """True when a relay's connection sits in LISTEN and no other one is busy (the start-up run
+    and the run its LISTEN triggered are over)."""
+    query = text(
+        "SELECT query LIKE 'LISTEN%' AS listen, state FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    with sessions() as session:
+        rows = session.execute(query).all()
+    return any(r.listen and r.state == "idle" for r in rows) and all(
+        r.state == "idle" for r in rows
+    )
+
+
+def iter_true_twice(condition: Callable[[], bool]) -> Iterator[bool]:
+    """Yields True once `condition` held on two looks in a row."""
+    previous = False
+    while True:
+        current = condition()
+        yield previous and current
+        previous = current
 
 
 def statuses(sessions: sessionmaker[Session]) -> Counter[str]:
@@ -169,12 +193,14 @@ def test_an_idle_relay_wakes_on_notify_long_before_its_poll(
 ) -> None:
     receiver.start()
     subscribe(pg_sessions, receiver)
-    relays.start(poll_interval=30)
-    time.sleep(1.0)  # let it start, LISTEN and settle into its 30 s wait
-    publish_many(pg_sessions, 1)
+    relays.start(poll_interval=120)
+    idle_twice = iter_true_twice(lambda: relay_idle_and_listening(pg_sessions))
+    wait_until(lambda: next(idle_twice), timeout=60)
+    [event_id] = publish_many(pg_sessions, 1)  # only a NOTIFY wakes it: its poll is 120 s away
     committed = time.time()
-    wait_until(lambda: receiver.ids(), timeout=10)
-    assert receiver.received()[0]["at"] - committed < 5  # far below the 30 s poll
+    wait_until(lambda: receiver.ids(), timeout=60)
+    assert receiver.ids() == [event_id]
+    assert receiver.received()[0]["at"] - committed < 60
 
 
 def test_without_listen_the_relay_still_finds_events_by_polling(
