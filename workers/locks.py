@@ -3,19 +3,23 @@
 A fire has a key naming the work it stands for (`aggregate-daily:2025-01-31`,
 `monthly-invoices:2025-01`), so two schedulers, even with clocks a little apart, claim the same
 key. `RedisFireLock` claims with `SET key owner NX PX lease`: one caller wins, the others see the
-key and skip. While the fan-out runs its owner renews that short lease; when it is done, the key
-becomes a `done` marker that outlives the fire (`FIRE_LOCK_TTL`), which is how a restarted
-scheduler knows what it already enqueued. A scheduler that dies mid fan-out stops renewing, so its
-lease runs out and another run (a retry, a restart's catch-up) claims the fire again.
-`LocalFireLock` does the same inside one process, for the embedded `billing run`.
+key and skip. While the fan-out runs its owner renews that short lease (only its own, live,
+unfinished claim: a renewal never re-creates a key, takes another's or shortens a `done`); when it
+is done, the key becomes a `done` marker that outlives the fire (`FIRE_LOCK_TTL`), then expires,
+which is how a restarted scheduler knows what it already enqueued. A scheduler that dies mid
+fan-out stops renewing, so its lease runs out and another run (a retry, a restart's catch-up)
+claims the fire again. `LocalFireLock` does the same inside one process, for the embedded
+`billing run`.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
@@ -30,11 +34,11 @@ class FireLock(Protocol):
         ...
 
     def release(self, key: str) -> None:
-        """Forget `key` (after a fire failed, so that it can be claimed again)."""
+        """Give back our claim on `key` (after a fire failed, so that it can be claimed again)."""
         ...
 
-    def renew(self, key: str, lease: timedelta) -> None:
-        """Keep holding `key` for another `lease` (while its fan-out runs)."""
+    def renew(self, key: str, lease: timedelta) -> bool:
+        """Hold our unfinished claim on `key` for another `lease`; False if it is no longer ours."""
         ...
 
     def finish(self, key: str, ttl: timedelta) -> None:
@@ -47,8 +51,8 @@ class FireLock(Protocol):
 
 
 def owner_name() -> str:
-    """Who holds a lock: host and process id, for people reading Redis."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Who holds a lock: host, process id and a token per lock, for people reading Redis."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class RedisFireLock:
@@ -58,6 +62,8 @@ class RedisFireLock:
         self.client = client
         self.prefix = f"{namespace}:scheduler:"
         self.owner = owner_name()
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     def claim(self, key: str, ttl: timedelta) -> bool:
         """`SET … NX PX`: atomic, so two schedulers never both win."""
@@ -65,10 +71,10 @@ class RedisFireLock:
         return bool(won)
 
     def release(self, key: str) -> None:
-        self.client.delete(self.prefix + key)
+        self._release(keys=[self.prefix + key], args=[self.owner])
 
-    def renew(self, key: str, lease: timedelta) -> None:
-        self.client.set(self.prefix + key, self.owner, xx=True, px=_ms(lease))
+    def renew(self, key: str, lease: timedelta) -> bool:
+        return bool(self._renew(keys=[self.prefix + key], args=[self.owner, _ms(lease)]))
 
     def finish(self, key: str, ttl: timedelta) -> None:
         self.client.set(self.prefix + key, f"{DONE}{self.owner}", px=_ms(ttl))
@@ -81,14 +87,15 @@ class RedisFireLock:
 class LocalFireLock:
     """Fire keys in this process only (one scheduler per process, no Redis)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock  # seconds, monotonic
         self._expiries: dict[str, float] = {}
         self._done: set[str] = set()
         self._mutex = threading.Lock()
 
     def claim(self, key: str, ttl: timedelta) -> bool:
-        now = time.monotonic()
         with self._mutex:
+            now = self._clock()
             if self._expiries.get(key, 0.0) > now:
                 return False
             self._expiries[key] = now + ttl.total_seconds()
@@ -100,23 +107,40 @@ class LocalFireLock:
             self._expiries.pop(key, None)
             self._done.discard(key)
 
-    def renew(self, key: str, lease: timedelta) -> None:
+    def renew(self, key: str, lease: timedelta) -> bool:
         with self._mutex:
-            if key in self._expiries:
-                self._expiries[key] = time.monotonic() + lease.total_seconds()
+            now = self._clock()
+            if key in self._done or self._expiries.get(key, 0.0) <= now:
+                return False
+            self._expiries[key] = now + lease.total_seconds()
+            return True
 
     def finish(self, key: str, ttl: timedelta) -> None:
         with self._mutex:
-            self._expiries[key] = time.monotonic() + ttl.total_seconds()
+            self._expiries[key] = self._clock() + ttl.total_seconds()
             self._done.add(key)
 
     def is_done(self, key: str) -> bool:
         with self._mutex:
-            return key in self._done and self._expiries.get(key, 0.0) > time.monotonic()
+            return key in self._done and self._expiries.get(key, 0.0) > self._clock()
 
 
 DONE = "done:"
 """Prefix of a finished fire's value (the rest names who finished it)."""
+
+# Compare-and-act on the owner, atomically: a lease that ran out may already be another's claim.
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
 
 
 def _ms(delta: timedelta) -> int:

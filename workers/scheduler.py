@@ -155,6 +155,7 @@ class BillingScheduler:
         send_sync: SendSync | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if send_aggregate is None or send_invoice is None:
             from workers import actors  # the broker the environment configures
@@ -169,6 +170,7 @@ class BillingScheduler:
         self._send_sync = send_sync
         self.now = now
         self.sleep = sleep
+        self.monotonic = monotonic  # leases, deadlines and backoff: tests pass a fake clock
         self.daily_trigger = CronTrigger.from_crontab(settings.aggregate_cron, timezone=UTC)
         self.monthly_trigger = CronTrigger.from_crontab(settings.invoice_cron, timezone=UTC)
         self.sync_trigger = CronTrigger.from_crontab(settings.sync_sweep_cron, timezone=UTC)
@@ -394,7 +396,7 @@ class BillingScheduler:
             logger.info("%s: %s already claimed by another scheduler run; skipped", job_id, key)
             record_fire(job_id, "skipped")
             return FireReport(job_id, key, claimed=False)
-        self._lease.key, self._lease.renew_at = key, time.monotonic() + lease.total_seconds() / 3
+        self._lease.key, self._lease.renew_at = key, self.monotonic() + lease.total_seconds() / 3
         try:
             sent = fan_out()
             self._retrying(lambda: self.lock.finish(key, ttl))
@@ -427,39 +429,45 @@ class BillingScheduler:
         Raises:
             FireBusy: still held after two leases (a holder renewing but slow): look again later.
         """
-        deadline = time.monotonic() + 2 * lease.total_seconds()
+        deadline = self.monotonic() + 2 * lease.total_seconds()
         while not self._retrying(lambda: self.lock.is_done(key)):
             if self._retrying(lambda: self.lock.claim(key, lease)):
                 return True
-            if time.monotonic() > deadline:
+            if self.monotonic() > deadline:
                 raise FireBusy(f"{key} is being enqueued by another scheduler run")
             self._check_stopping()
             self.sleep(min(0.5, lease.total_seconds() / 4))
         return False
 
     def _check_stopping(self) -> None:
-        """Called between sends: stop if asked, and keep this thread's fire lease alive."""
+        """Called between sends: stop if asked, and keep this thread's fire lease alive.
+
+        Raises:
+            FireInterrupted: the scheduler is stopping.
+            FireBusy: the lease ran out (a stall) and another run claimed or finished the fire.
+        """
         if self.stopping.is_set():
             raise FireInterrupted("scheduler stopping")
         key = getattr(self._lease, "key", None)
-        if key is not None and time.monotonic() >= self._lease.renew_at:
+        if key is not None and self.monotonic() >= self._lease.renew_at:
             lease = self.settings.fire_lease
-            self.lock.renew(key, lease)
-            self._lease.renew_at = time.monotonic() + lease.total_seconds() / 3
+            if not (self.lock.renew(key, lease) or self.lock.claim(key, lease)):
+                raise FireBusy(f"{key}: the lease ran out and another scheduler run took it")
+            self._lease.renew_at = self.monotonic() + lease.total_seconds() / 3
 
     def _retrying(self, operation: Callable[[], T]) -> T:
         """Run `operation`, retrying broker outages with backoff for `ENQUEUE_RETRY_FOR`."""
-        deadline = time.monotonic() + self.settings.enqueue_retry_for.total_seconds()
+        deadline = self.monotonic() + self.settings.enqueue_retry_for.total_seconds()
         delay, warned_at = 0.2, 0.0
         while True:
             try:
                 return operation()
             except TRANSIENT_SEND_ERRORS as error:
-                if time.monotonic() >= deadline:
+                if self.monotonic() >= deadline:
                     raise
-                if time.monotonic() - warned_at > 10:
+                if self.monotonic() - warned_at > 10:
                     logger.warning("broker unreachable (%s); retrying until it is back", error)
-                    warned_at = time.monotonic()
+                    warned_at = self.monotonic()
                 self._check_stopping()
                 self.sleep(delay)
                 delay = min(delay * 2, 5.0)

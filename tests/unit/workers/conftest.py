@@ -24,6 +24,28 @@ JAN = datetime(2025, 1, 1, tzinfo=UTC)
 FEB = datetime(2025, 2, 1, tzinfo=UTC)
 
 
+class FakeClock:
+    """A monotonic clock (seconds) that moves only when told to; `sleep` moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta.total_seconds()
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake monotonic clock for leases: pass it as `clock=` / `monotonic=`."""
+    return FakeClock()
+
+
 @pytest.fixture
 def worker_settings() -> WorkerSettings:
     """In-process broker, two fast retries (milliseconds apart); five for invoice syncs."""

@@ -49,13 +49,9 @@ class Recorder:
 def make_scheduler(session_factory, lock=None, settings=None, **kwargs) -> BillingScheduler:
     kwargs.setdefault("send_aggregate", Recorder())
     kwargs.setdefault("send_invoice", Recorder())
-    return BillingScheduler(
-        settings or WorkerSettings(),
-        session_factory,
-        lock or LocalFireLock(),
-        sleep=lambda _s: None,
-        **kwargs,
-    )
+    kwargs.setdefault("sleep", lambda _s: None)
+    lock = lock or LocalFireLock()
+    return BillingScheduler(settings or WorkerSettings(), session_factory, lock, **kwargs)
 
 
 def pairs(recorder: Recorder) -> list[tuple]:
@@ -218,21 +214,6 @@ def test_a_fire_left_unfinished_by_a_dead_scheduler_runs_again_once_its_lease_en
     assert again.calls == []
 
 
-def test_a_long_fan_out_keeps_its_lease(session_factory, seeded, fire_lock) -> None:
-    day = datetime(2025, 1, 3, tzinfo=UTC)
-    seeded([(f"t{i}", 1, day) for i in range(5)])
-    settings = WorkerSettings(fire_lease=timedelta(milliseconds=150))
-    fire = day + timedelta(days=1, minutes=10)
-    key = "aggregate-daily:" + day.date().isoformat()
-
-    def slow_send(**_payload) -> None:
-        threading.Event().wait(0.1)  # 5 sends: 0.5 s, over three leases
-        assert not fire_lock.claim(key, settings.fire_lease)  # nobody else can take it
-
-    scheduler = make_scheduler(session_factory, fire_lock, settings, send_aggregate=slow_send)
-    assert scheduler.run_daily(fire).enqueued == 5
-
-
 def test_catch_up_runs_what_was_missed_and_only_once(session_factory, seeded) -> None:
     seeded([("t1", 1, datetime(2025, 1, 2, 9, tzinfo=UTC))], plan_for=("t1",))
     now = datetime(2025, 1, 3, 5, 0, tzinfo=UTC)  # down since before Jan 1st
@@ -352,3 +333,127 @@ def test_the_fan_out_streams_every_pair_once_whatever_the_batch_size(
     assert sorted(sent) == sorted(
         {(f"t{i}", "tokens") for i in range(5)} | {(f"t{i}", "calls") for i in range(4)}
     )
+
+
+def test_a_fire_still_held_after_two_leases_is_looked_at_again_a_minute_later(
+    session_factory, seeded, clock
+) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)])
+    now = day + timedelta(days=1, minutes=10)
+    settings = WorkerSettings(fire_lease=timedelta(seconds=30))
+    lock = LocalFireLock(clock=clock)
+    key = "aggregate-daily:2025-01-03"
+    assert lock.claim(key, settings.fire_lease)  # another run, slow but alive
+
+    def the_holder_renews_while_we_wait(seconds: float) -> None:
+        clock.sleep(seconds)
+        assert lock.renew(key, settings.fire_lease)
+
+    sent = Recorder()
+    scheduler = make_scheduler(
+        session_factory,
+        lock,
+        settings,
+        send_aggregate=sent,
+        now=lambda: now,
+        sleep=the_holder_renews_while_we_wait,
+        monotonic=clock,
+    )
+    aps = BackgroundScheduler(timezone=UTC)
+    scheduler.schedule(aps, catch_up=False)
+    started = clock()
+    with pytest.raises(FireBusy):
+        scheduler.run_daily(now)
+    assert clock() - started > 60  # waited two leases
+    scheduler._job(DAILY_JOB_ID)  # what APScheduler calls at the fire time
+    retry = aps.get_job(f"{DAILY_JOB_ID}.retry")
+    assert retry is not None
+    assert retry.args == (DAILY_JOB_ID, now)
+    assert retry.trigger.run_date == now + timedelta(minutes=1)
+    assert sent.calls == []
+
+
+def test_a_fire_that_fails_while_stopping_is_not_retried(session_factory, seeded) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)])
+    now = day + timedelta(days=1, minutes=10)
+
+    def fails_as_the_scheduler_stops(**_payload) -> None:
+        scheduler.stop()
+        raise RuntimeError("the broker rejected it")
+
+    scheduler = make_scheduler(
+        session_factory, send_aggregate=fails_as_the_scheduler_stops, now=lambda: now
+    )
+    aps = BackgroundScheduler(timezone=UTC)
+    scheduler.schedule(aps, catch_up=False)
+    scheduler._job(DAILY_JOB_ID)
+    assert aps.get_job(f"{DAILY_JOB_ID}.retry") is None
+
+
+def test_a_long_fan_out_keeps_its_lease(session_factory, seeded, clock) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i}", 1, day) for i in range(5)])
+    settings = WorkerSettings(fire_lease=timedelta(seconds=30))
+    lock = LocalFireLock(clock=clock)
+    key = "aggregate-daily:" + day.date().isoformat()
+
+    def slow_send(**_payload) -> None:
+        clock.advance(settings.fire_lease * 0.4)  # 5 sends: two leases in all
+        assert not lock.claim(key, settings.fire_lease)  # nobody else can take it
+
+    scheduler = make_scheduler(
+        session_factory, lock, settings, send_aggregate=slow_send, monotonic=clock
+    )
+    assert scheduler.run_daily(day + timedelta(days=1, minutes=10)).enqueued == 5
+    assert lock.is_done(key)
+
+
+def test_a_fan_out_that_lost_its_lease_stops_and_leaves_the_new_holder_alone(
+    session_factory, seeded, clock
+) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i}", 1, day) for i in range(5)])
+    settings = WorkerSettings(fire_lease=timedelta(seconds=30))
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    mine = RedisFireLock(client, namespace="t")
+    theirs = RedisFireLock(client, namespace="t")
+    key = "aggregate-daily:" + day.date().isoformat()
+    sent = Recorder()
+
+    def stalls_once(**payload) -> None:
+        sent(**payload)
+        if len(sent.calls) == 1:
+            clock.advance(settings.fire_lease * 2)  # a stall: the lease runs out ...
+            client.delete(mine.prefix + key)
+            assert theirs.claim(key, settings.fire_lease)  # ... and another run claims it
+
+    scheduler = make_scheduler(
+        session_factory, mine, settings, send_aggregate=stalls_once, monotonic=clock
+    )
+    with pytest.raises(FireBusy):
+        scheduler.run_daily(day + timedelta(days=1, minutes=10))
+    assert len(sent.calls) == 1  # stopped at once
+    assert client.get(mine.prefix + key) == theirs.owner.encode()  # theirs, not released
+
+
+def test_a_fan_out_whose_lease_lapsed_unclaimed_claims_it_again_and_goes_on(
+    session_factory, seeded, clock
+) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i}", 1, day) for i in range(5)])
+    settings = WorkerSettings(fire_lease=timedelta(seconds=30))
+    lock = LocalFireLock(clock=clock)
+    sent = Recorder()
+
+    def stalls_once(**payload) -> None:
+        sent(**payload)
+        if len(sent.calls) == 1:
+            clock.advance(settings.fire_lease * 2)  # the lease runs out; nobody claims it
+
+    scheduler = make_scheduler(
+        session_factory, lock, settings, send_aggregate=stalls_once, monotonic=clock
+    )
+    assert scheduler.run_daily(day + timedelta(days=1, minutes=10)).enqueued == 5
+    assert lock.is_done("aggregate-daily:" + day.date().isoformat())
