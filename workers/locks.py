@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import redis
 
@@ -89,40 +89,47 @@ class LocalFireLock:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock  # seconds, monotonic
-        self._expiries: dict[str, float] = {}
-        self._done: set[str] = set()
+        self._entries: dict[str, _Entry] = {}
         self._mutex = threading.Lock()
 
     def claim(self, key: str, ttl: timedelta) -> bool:
         with self._mutex:
             now = self._clock()
-            if self._expiries.get(key, 0.0) > now:
+            if self._live(key, now) is not None:
                 return False
-            self._expiries[key] = now + ttl.total_seconds()
-            self._done.discard(key)
+            self._entries[key] = _Entry(now + ttl.total_seconds(), done=False)
             return True
 
     def release(self, key: str) -> None:
         with self._mutex:
-            self._expiries.pop(key, None)
-            self._done.discard(key)
+            self._entries.pop(key, None)
 
     def renew(self, key: str, lease: timedelta) -> bool:
         with self._mutex:
             now = self._clock()
-            if key in self._done or self._expiries.get(key, 0.0) <= now:
+            entry = self._live(key, now)
+            if entry is None or entry.done:
                 return False
-            self._expiries[key] = now + lease.total_seconds()
+            self._entries[key] = _Entry(now + lease.total_seconds(), done=False)
             return True
 
     def finish(self, key: str, ttl: timedelta) -> None:
         with self._mutex:
-            self._expiries[key] = self._clock() + ttl.total_seconds()
-            self._done.add(key)
+            self._entries[key] = _Entry(self._clock() + ttl.total_seconds(), done=True)
 
     def is_done(self, key: str) -> bool:
         with self._mutex:
-            return key in self._done and self._expiries.get(key, 0.0) > self._clock()
+            entry = self._live(key, self._clock())
+            return entry is not None and entry.done
+
+    def _live(self, key: str, now: float) -> _Entry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry.expires > now else None
+
+
+class _Entry(NamedTuple):
+    expires: float  # on the lock's clock
+    done: bool
 
 
 DONE = "done:"

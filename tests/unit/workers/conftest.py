@@ -28,7 +28,7 @@ class FakeClock:
     """A monotonic clock (seconds) that moves only when told to; `sleep` moves it."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = 0.0  # time.monotonic() may be anything, zero included
 
     def __call__(self) -> float:
         return self.now

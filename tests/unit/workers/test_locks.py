@@ -108,6 +108,15 @@ def test_a_claim_of_an_expired_done_key_is_not_done(redis_client, namespace) -> 
     assert not lock.is_done(KEY)
 
 
+def test_a_client_that_decodes_responses_reads_done_markers() -> None:
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    lock = RedisFireLock(client, namespace="t")
+    assert lock.claim(KEY, LEASE)
+    assert not lock.is_done(KEY)
+    lock.finish(KEY, TTL)
+    assert lock.is_done(KEY)
+
+
 # --- LocalFireLock ----------------------------------------------------------------------------
 
 
@@ -132,6 +141,15 @@ def test_a_local_renewal_extends_a_live_claim_only(clock) -> None:
     assert lock.renew(KEY, LEASE) is False  # ran out: someone else may claim it now
     lock.release(KEY)
     assert lock.renew(KEY, LEASE) is False
+
+
+def test_a_local_lease_ends_at_its_expiry_exactly(clock) -> None:
+    lock = LocalFireLock(clock=clock)
+    lock.release(KEY)  # nothing to give back: no error
+    assert lock.claim(KEY, LEASE)
+    clock.advance(LEASE)
+    assert lock.renew(KEY, LEASE) is False
+    assert lock.claim(KEY, LEASE)
 
 
 def test_a_local_renewal_leaves_a_done_marker(clock) -> None:
