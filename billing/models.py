@@ -25,15 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from webhooks.sqltypes import ExactDecimal, UTCDateTime, new_id, utcnow
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from webhooks.sqltypes import NAMING_CONVENTION, ExactDecimal, UTCDateTime, new_id, utcnow
 
 #: Exact decimal minor units, e.g. 0.0002 cents per token.
 DecimalAmount = ExactDecimal()

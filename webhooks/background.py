@@ -10,10 +10,8 @@ Prometheus `/metrics` endpoint with the outbox gauges. `stop()` stops it gracefu
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Callable
-from types import FrameType
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
@@ -28,6 +26,7 @@ from webhooks.outbox import NOTIFY_CHANNEL
 from webhooks.relay import Relay
 from webhooks.retention import Pruner
 from webhooks.settings import WebhookSettings
+from webhooks.shutdown import stop_on_signals, wait_for_stop
 from webhooks.ssrf import AddressPolicy
 from webhooks.store import SqlDeliveryStore
 
@@ -107,22 +106,14 @@ def start_relay(settings: WebhookSettings, *, engine: Engine | None = None) -> B
 def run_until_signalled(settings: WebhookSettings) -> int:
     """Run a relay until SIGTERM or SIGINT, then stop it gracefully (`python -m webhooks.relay`)."""
     configure_logging(settings.log_format, settings.log_level)
-    stopping = threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received signal %d: stopping", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stopping = stop_on_signals()
     background = start_relay(settings)
     logger.info(
         "relay started: %s, concurrency %d",
         make_url(settings.database_url).render_as_string(hide_password=True),
         settings.concurrency,
     )
-    while not stopping.wait(timeout=1.0):
-        pass
+    wait_for_stop(stopping)
     background.stop()
     logger.info("relay stopped")
     return 0

@@ -27,15 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from webhooks.sqltypes import UTCDateTime, new_id, utcnow
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from webhooks.sqltypes import NAMING_CONVENTION, UTCDateTime, new_id, utcnow
 
 #: Delivery statuses. `pending`: not tried yet (or replayed); `failed`: tried, will retry at
 #: `next_attempt_at`; `delivered`: a 2xx answer; `dead`: no attempt left (or the endpoint is gone).

@@ -1,4 +1,4 @@
-"""Column types shared by every table of the project.
+"""Column types and the constraint naming convention shared by every table of the project.
 
 `UTCDateTime` makes a datetime column behave the same on SQLite and PostgreSQL: it refuses
 naive datetimes on the way in and always reads back an aware UTC datetime. `ExactDecimal` keeps
@@ -16,6 +16,15 @@ from typing import Any
 from sqlalchemy import DateTime, Numeric, String
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+"""Constraint and index names for every `MetaData` of the project (the migrations rely on them)."""
 
 
 def new_id() -> str:

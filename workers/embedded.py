@@ -15,12 +15,9 @@ schedule owes is lost.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from datetime import UTC
-from types import FrameType
 from typing import Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -34,6 +31,7 @@ from billing.migrate import upgrade
 from billing.settings import BillingSettings
 from webhooks.background import start_relay
 from webhooks.settings import WebhookSettings
+from webhooks.shutdown import stop_on_signals, wait_for_stop
 from workers.broker import QUEUE_NAME, is_in_process, ms
 from workers.provider import load_provider_sync
 from workers.scheduler import BillingScheduler, StoppableScheduler, make_lock
@@ -170,14 +168,7 @@ def run_embedded(
     companions: Companions = Companions(),
 ) -> int:
     """`billing run`: start everything, wait for SIGTERM or Ctrl-C, stop gracefully."""
-    stopping = threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal %d: stopping", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stopping = stop_on_signals()
     try:
         system = start_embedded(settings, database, threads=threads, companions=companions)
     except WebServerError as error:
@@ -193,8 +184,7 @@ def run_embedded(
     for companion in system.companions:
         where = f" on {companion.url}" if isinstance(companion, WebServer) else ""
         print(f"billing run: {companion.name}{where}", flush=True)
-    while not stopping.wait(timeout=1.0):
-        pass
+    wait_for_stop(stopping)
     stop_embedded(system)
     print("billing run: stopped", flush=True)
     return 0

@@ -33,7 +33,6 @@ The process logs as `LOG_FORMAT` asks and, with `SCHEDULER_METRICS_PORT`, serves
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,7 +40,6 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from types import FrameType
 from typing import Any, TypeVar
 
 import dramatiq.errors
@@ -53,6 +51,7 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.aggregation import utc_day_start
+from webhooks.shutdown import stop_on_signals, wait_for_stop
 from workers import fanout
 from workers.locks import FireLock, LocalFireLock, RedisFireLock
 from workers.metrics import SCHEDULER_ENQUEUED, record_fire
@@ -519,16 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     billing_scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
     apscheduler = StoppableScheduler(timezone=UTC)
     billing_scheduler.schedule(apscheduler)
-    stopping = threading.Event()
-
-    def shut_down(signum: int, _frame: FrameType | None) -> None:
-        # Only flags: a signal that arrives before the scheduler has started is not lost.
-        logger.info("signal %d: stopping the scheduler", signum)
-        billing_scheduler.stop()
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, shut_down)
-    signal.signal(signal.SIGINT, shut_down)
+    stopping = stop_on_signals(billing_scheduler.stop)
     apscheduler.start()
     logger.info(
         "scheduler started: aggregate %r, invoices %r, invoice sync sweep %s (UTC)",
@@ -536,8 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.invoice_cron,
         repr(settings.sync_sweep_cron) if billing_scheduler.syncs_invoices else "off",
     )
-    while not stopping.wait(timeout=1.0):
-        pass
+    wait_for_stop(stopping)
     apscheduler.shutdown(wait=True)  # running fires see `stopping`, give their claims back
     return 0
 

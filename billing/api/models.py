@@ -11,8 +11,7 @@ from datetime import datetime
 from sqlalchemy import JSON, BigInteger, CheckConstraint, Index, MetaData, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from billing.models import NAMING_CONVENTION
-from webhooks.sqltypes import UTCDateTime, new_id, utcnow
+from webhooks.sqltypes import NAMING_CONVENTION, UTCDateTime, new_id, utcnow
 
 GRANULARITIES = ("day", "month")
 
