@@ -244,7 +244,9 @@ class Relay:
             try:
                 pending.append(self._done.get(timeout=0.05))
             except queue.Empty:
-                if stop.is_set() and not pending and not self._settling():
+                # `_settling` before `empty`: a callback queues its outcome before it leaves
+                # `_in_flight`, so one that finished after the `get` above is seen by either.
+                if stop.is_set() and not pending and not self._settling() and self._done.empty():
                     return
             if not pending:
                 continue

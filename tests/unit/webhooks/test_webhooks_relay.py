@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -18,6 +20,7 @@ from webhooks import (
     verify,
 )
 from webhooks.delivery import Sender
+from webhooks.interfaces import AttemptResult
 from webhooks.policy import RetryPolicy
 from webhooks.relay import Relay
 from webhooks.settings import parse_schedule
@@ -357,6 +360,54 @@ def test_stopping_finishes_requests_in_flight_and_hands_back_the_rest() -> None:
         if delivery.status == "pending":
             assert delivery.attempts == 0  # handed back uncounted, due at once
             assert delivery.next_attempt_at <= world.clock.now
+
+
+def test_an_outcome_queued_while_the_recorder_stops_is_still_recorded() -> None:
+    """At shutdown the recorder may time out on its queue just before an attempt's done
+    callback queues the outcome (the callback runs after `wait` has already returned); that
+    outcome is recorded, not dropped. The interleaving is forced: the recorder's queue gives
+    nothing until the recorder is told to stop, then times out once after the callback ran."""
+    world = World(answer(200), concurrency=1)
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    relay = world.relay
+    called_back = threading.Event()
+    recorder_stops: list[threading.Event] = []
+    record_until, finished = relay._record_until, relay._finished
+
+    def recording_until(stop: threading.Event) -> None:
+        recorder_stops.append(stop)
+        record_until(stop)
+
+    def finished_then_tell(future: Future[AttemptResult | None]) -> None:
+        finished(future)
+        called_back.set()
+
+    class LateQueue(queue.Queue[AttemptResult]):
+        late = True
+
+        def get(self, block: bool = True, timeout: float | None = None) -> AttemptResult:
+            if self.late:
+                if recorder_stops[0].wait(timeout or 0):
+                    assert called_back.wait(5)
+                    self.late = False
+                raise queue.Empty
+            return super().get(block, timeout)
+
+    relay._record_until = recording_until  # type: ignore[method-assign]
+    relay._finished = finished_then_tell  # type: ignore[method-assign]
+    relay._done = LateQueue()
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,))
+    thread.start()
+    assert called_back.wait(5)
+    stop.set()
+    relay.wake.set()
+    thread.join(5)
+
+    assert not thread.is_alive()
+    assert len(world.requests) == 1
+    assert world.statuses() == ["delivered"]
 
 
 class Flaky:
