@@ -6,6 +6,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -22,9 +24,23 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema up to `revision` (the newest by default)."""
-    command.upgrade(alembic_config(engine), revision)
+def upgrade(engine: Engine, revision: str = "head") -> list[str]:
+    """Bring the schema up to `revision` (the newest by default); return the revisions applied,
+    oldest first (none when it was up to date)."""
+    config = alembic_config(engine)
+    before = current_revision(engine)
+    command.upgrade(config, revision)
+    after = current_revision(engine)
+    if after is None or after == before:
+        return []
+    applied = ScriptDirectory.from_config(config).iterate_revisions(after, before or "base")
+    return [script.revision for script in reversed(list(applied))]
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema's revision, None for a database never migrated."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
 
 
 def downgrade(engine: Engine, revision: str) -> None:

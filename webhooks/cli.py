@@ -31,7 +31,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks.db import make_engine
@@ -108,7 +107,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _secret_options(listen, "a secret to verify with; repeat while rotating")
     listen.add_argument("--port", type=int, default=DEFAULT_LISTEN_PORT)
     listen.add_argument("--host", default="127.0.0.1")
-    listen.set_defaults(handler=_listen)
+    listen.set_defaults(handler=_listen, database=None)
 
 
 def _secret_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -150,7 +149,8 @@ def read_secrets(args: argparse.Namespace) -> list[str]:
 def _handled(
     command: Callable[[argparse.Namespace, Session, WebhookSettings], int],
 ) -> Callable[[argparse.Namespace], int]:
-    """Run `command` in one transaction; a `WebhookError` is printed and exits 1."""
+    """Run `command` in one transaction; a `WebhookError` is printed and exits 1 (database
+    failures are the `billing` command line's to explain)."""
 
     def handler(args: argparse.Namespace) -> int:
         settings = WebhookSettings()
@@ -159,13 +159,6 @@ def _handled(
                 return command(args, session, settings)
         except WebhookError as error:
             _print_error(error)
-            return 1
-        except SQLAlchemyError as error:
-            print(
-                f"database error: {type(error).__name__}: {safe_text(error.args[0])}",
-                file=sys.stderr,
-            )
-            print("is the schema up to date? run `billing db upgrade`", file=sys.stderr)
             return 1
 
     return handler

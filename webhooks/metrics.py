@@ -49,6 +49,22 @@ from webhooks.interfaces import AttemptResult
 from webhooks.models import DEAD, FAILED, PENDING, WebhookDelivery, WebhookSubscription
 from webhooks.sqltypes import utcnow
 
+
+def prepare_multiprocess_dir() -> None:
+    """Create the folder `PROMETHEUS_MULTIPROC_DIR` names when it is missing.
+
+    prometheus_client writes every metric's values there from the first metric on, and fails
+    on a missing folder; the Procfile names one per machine (`/tmp/billing-metrics`) and a
+    Procfile line cannot run `mkdir` first. Called once, here, before any metric is defined:
+    `billing.metrics` and `workers.metrics` import this module first.
+    """
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+
+
+prepare_multiprocess_dir()
+
 logger = logging.getLogger(__name__)
 
 #: The `outcome` label values of `webhooks_deliveries_total`.

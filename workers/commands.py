@@ -3,7 +3,11 @@
 `aggregate` and `invoice` are backfills: they walk the same streamed queries as the scheduler
 and either send the messages to the configured broker, or, with `--inline` (and always when no
 broker is configured, since an in-process queue would vanish with this command), run the jobs
-right here. Both show a progress bar on stderr and end with a summary.
+right here, invoices' provider sync (`PROVIDER_SYNC`) included. Both show a progress bar on stderr
+and end with a summary. With the broker down they give up after `INTERACTIVE_RETRY_FOR` (a
+person is waiting) unless `--wait` keeps the scheduler's `ENQUEUE_RETRY_FOR`.
+
+`jobs requeue` and `jobs purge` act on dead letters (`workers.deadletters`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ from billing.db import make_engine, make_session_factory
 from billing.settings import BillingSettings
 from webhooks.safetext import safe_text
 from workers import fanout
-from workers.jobs import aggregate_daily_job, generate_monthly_invoice_job
+from workers.jobs import aggregate_daily_job, generate_monthly_invoice_job, sync_invoice_job
 from workers.locks import LocalFireLock
 from workers.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from workers.scheduler import BillingScheduler
+
+INTERACTIVE_RETRY_FOR = timedelta(seconds=5)
+"""How long a backfill run by a person retries a broker that is down (`--wait`: as the
+scheduler does, `ENQUEUE_RETRY_FOR`)."""
+
+WAIT_HELP = "with the broker down, retry for ENQUEUE_RETRY_FOR (scripts) instead of 5 s"
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,25 +49,47 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--web-port", type=int, default=8000, help="web API port (8000; 0: any free)")
     run.add_argument("--no-web", action="store_true", help="do not serve the web API")
     run.add_argument("--no-relay", action="store_true", help="do not deliver webhooks")
-    run.set_defaults(handler=_run)
+    run.set_defaults(handler=_run, database="create")
 
     aggregate = commands.add_parser("aggregate", help="aggregate days of usage (backfill)")
-    aggregate.add_argument("--from", dest="first", type=_day, required=True, metavar="DAY")
-    aggregate.add_argument("--to", dest="last", type=_day, required=True, metavar="DAY")
+    aggregate.add_argument(
+        "--from", dest="first", type=_day, required=True, metavar="DAY", help="first UTC day"
+    )
+    aggregate.add_argument(
+        "--to",
+        dest="last",
+        type=_day,
+        required=True,
+        metavar="DAY",
+        help="last UTC day, included (--from 2025-01-01 --to 2025-01-31 is all of January)",
+    )
     aggregate.add_argument("--tenant", help="only this tenant")
     aggregate.add_argument("--metric", help="only this metric")
     aggregate.add_argument("--inline", action="store_true", help="run here, not on the workers")
+    aggregate.add_argument("--wait", action="store_true", help=WAIT_HELP)
     aggregate.set_defaults(handler=_aggregate)
 
     invoice = commands.add_parser("invoice", help="invoice a month (backfill)")
     invoice.add_argument("--period", type=_month, required=True, metavar="YYYY-MM")
     invoice.add_argument("--tenant", help="only this tenant")
     invoice.add_argument("--inline", action="store_true", help="run here, not on the workers")
+    invoice.add_argument("--wait", action="store_true", help=WAIT_HELP)
     invoice.set_defaults(handler=_invoice)
 
-    jobs = commands.add_parser("jobs", help="queue depths and dead letters")
+    jobs = commands.add_parser(
+        "jobs", help="queue depths and dead letters; requeue or purge dead letters"
+    )
     jobs.add_argument("--recent", type=int, default=10, help="dead letters to list (default 10)")
-    jobs.set_defaults(handler=_jobs)
+    jobs.set_defaults(handler=_jobs, database=None)
+    actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
+    for name, text in (
+        ("requeue", "send dead letters to the queue again (retries reset)"),
+        ("purge", "delete dead letters"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("message_ids", nargs="*", metavar="ID", help="as `billing jobs` lists")
+        action.add_argument("--all", action="store_true", help="every dead letter")
+        action.set_defaults(handler=_dead_letters, database=None, parser=action)
 
     status = commands.add_parser(
         "status", help="one-screen health summary; exit 1 when something needs a human"
@@ -66,7 +98,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status.set_defaults(handler=_status)
 
     demo = commands.add_parser("demo", help="a month of billing in a few seconds, no server")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_demo, database=None)
 
 
 # --- argument types -----------------------------------------------------------------------
@@ -126,11 +158,23 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead_letters(args: argparse.Namespace) -> int:
+    from workers import actors, deadletters
+
+    if bool(args.message_ids) == args.all:
+        args.parser.error("give an ID or --all (not both)")
+    act = deadletters.requeue if args.jobs_command == "requeue" else deadletters.purge
+    done = act(actors.broker, None if args.all else args.message_ids)
+    verb = "requeued" if args.jobs_command == "requeue" else "purged"
+    if args.all:
+        print(f"{verb} {len(done)} dead letters")
+    for message_id in [] if args.all else done:
+        print(f"{verb} {safe_text(message_id)}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     """Exit 0 when healthy, 1 when something needs a human, 2 when the status is unreadable."""
-    import redis
-    from sqlalchemy.exc import SQLAlchemyError
-
     from workers import actors
     from workers.status import collect_status
     from workers.status_view import format_status, status_json
@@ -139,13 +183,10 @@ def _status(args: argparse.Namespace) -> int:
     database = BillingSettings()
     engine = make_engine(database.database_url)
     queues = sorted({actor.queue_name for actor in actors.ACTORS})
-    try:
+    try:  # an unreadable database or Redis: `main` says so in one line, exit 2
         report = collect_status(
             make_session_factory(engine), settings, actors.broker, queues=queues
         )
-    except (SQLAlchemyError, redis.RedisError) as error:
-        print(f"billing status: cannot read the status: {error}", file=sys.stderr)
-        return 2
     finally:
         engine.dispose()
     print(status_json(report) if args.json else format_status(report))
@@ -158,16 +199,16 @@ def _aggregate(args: argparse.Namespace) -> int:
         return 2
     days = [args.first + timedelta(days=n) for n in range((args.last - args.first).days + 1)]
     only = fanout.Filter(tenant_id=args.tenant, metric=args.metric)
-    backfill = _Backfill(args.inline)
-    total = sum(fanout.count_usage_pairs(backfill.session_factory, d, only=only) for d in days)
-    span = f"{days[0].date()}..{days[-1].date()}"
-    with Progress(total, f"aggregate {span}") as progress:
-        scheduler = backfill.scheduler(
-            send_aggregate=progress.wrap(backfill.aggregate_sender()),
-            send_invoice=_unused,
-        )
-        scheduler.fan_out_days(days, only=only)
-    return backfill.summary("billing.aggregate_daily", span, progress)
+    with _Backfill(args.inline, wait=args.wait) as backfill:
+        total = sum(fanout.count_usage_pairs(backfill.session_factory, d, only=only) for d in days)
+        span = f"{days[0].date()}..{days[-1].date()}"
+        with Progress(total, f"aggregate {span}") as progress:
+            scheduler = backfill.scheduler(
+                send_aggregate=progress.wrap(backfill.aggregate_sender()),
+                send_invoice=_unused,
+            )
+            scheduler.fan_out_days(days, only=only)
+        return backfill.summary("billing.aggregate_daily", span, progress)
 
 
 def _invoice(args: argparse.Namespace) -> int:
@@ -182,37 +223,50 @@ def _invoice(args: argparse.Namespace) -> int:
         )
         return 2
     only = fanout.Filter(tenant_id=args.tenant)
-    backfill = _Backfill(args.inline)
-    total = fanout.count_invoice_targets(backfill.session_factory, start, end, only=only)
-    span = start.strftime("%Y-%m")
-    with Progress(total, f"invoice {span}") as progress:
-        scheduler = backfill.scheduler(
-            send_aggregate=_unused,
-            send_invoice=progress.wrap(backfill.invoice_sender()),
-        )
-        scheduler.fan_out_invoices(start, end, only=only)
-    return backfill.summary("billing.generate_monthly_invoice", span, progress)
+    with _Backfill(args.inline, wait=args.wait) as backfill:
+        total = fanout.count_invoice_targets(backfill.session_factory, start, end, only=only)
+        span = start.strftime("%Y-%m")
+        with Progress(total, f"invoice {span}") as progress:
+            scheduler = backfill.scheduler(
+                send_aggregate=_unused,
+                send_invoice=progress.wrap(backfill.invoice_sender()),
+            )
+            scheduler.fan_out_invoices(start, end, only=only)
+        return backfill.summary("billing.generate_monthly_invoice", span, progress)
 
 
 def _unused(**_kwargs: Any) -> None:
     raise AssertionError("this backfill sends one kind of job only")
 
 
+def backfill_settings(settings: WorkerSettings, *, wait: bool) -> WorkerSettings:
+    """`settings` for a backfill: a broker outage is retried for `INTERACTIVE_RETRY_FOR` unless
+    `wait` keeps `ENQUEUE_RETRY_FOR`."""
+    if wait:
+        return settings
+    patience = min(settings.enqueue_retry_for, INTERACTIVE_RETRY_FOR)
+    return settings.model_copy(update={"enqueue_retry_for": patience})
+
+
 class _Backfill:
     """Where a backfill's jobs go: to the broker, or run in this process."""
 
-    def __init__(self, inline: bool) -> None:
+    def __init__(self, inline: bool, *, wait: bool) -> None:
         from workers import actors
         from workers.broker import is_in_process
 
-        self.settings = WorkerSettings()
-        database = BillingSettings()
-        self.session_factory: sessionmaker[Session] = make_session_factory(
-            make_engine(database.database_url)
-        )
+        self.settings = backfill_settings(WorkerSettings(), wait=wait)
+        self.engine = make_engine(BillingSettings().database_url)
+        self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
         self.inline = inline or is_in_process(actors.broker)
         if self.inline and not inline:
             print("no broker configured: running the jobs in this process", file=sys.stderr)
+
+    def __enter__(self) -> _Backfill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.dispose()
 
     def scheduler(
         self, *, send_aggregate: Callable[..., object], send_invoice: Callable[..., object]
@@ -239,7 +293,22 @@ class _Backfill:
             from workers.actors import enqueue_generate_monthly_invoice
 
             return enqueue_generate_monthly_invoice
-        return lambda **kw: generate_monthly_invoice_job(self.session_factory, _payload(kw))
+        sync = self._sync_here()
+        return lambda **kw: generate_monthly_invoice_job(
+            self.session_factory, _payload(kw), enqueue_sync=sync
+        )
+
+    def _sync_here(self) -> Callable[[str], object] | None:
+        """With `PROVIDER_SYNC`, what sends an invoice made here to the provider, right here."""
+        if not self.settings.provider_sync:
+            return None
+        from workers.provider import load_provider_sync
+
+        hook = load_provider_sync(self.settings.provider_sync)
+        factory = self.session_factory
+        return lambda invoice_id: sync_invoice_job(
+            factory, {"invoice_id": invoice_id}, provider_sync=hook
+        )
 
     def summary(self, job: str, span: str, progress: Progress) -> int:
         verb = "ran" if self.inline else "enqueued"
@@ -313,7 +382,8 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._draw(final=True)
+    def __exit__(self, error_type: type[BaseException] | None, *exc: object) -> None:
+        if error_type is None:
+            self._draw(final=True)
         if self._tty:
             self.stream.write("\n")

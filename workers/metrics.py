@@ -20,6 +20,10 @@ import time
 
 from prometheus_client import Counter, Gauge
 
+from webhooks.metrics import prepare_multiprocess_dir
+
+prepare_multiprocess_dir()  # before the first metric below
+
 SCHEDULER_FIRES = Counter(
     "billing_scheduler_fires", "Scheduler fires run, by job and outcome.", ["job", "outcome"]
 )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from billing.api import keys
 from billing.db import make_engine, make_session_factory
@@ -47,14 +49,20 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing.set_defaults(handler=_list)
 
 
-def _session_factory() -> sessionmaker[Session]:
-    settings = BillingSettings()
-    return make_session_factory(make_engine(settings.database_url))
+@contextmanager
+def _transaction() -> Iterator[Session]:
+    """A session in one transaction on `DATABASE_URL`; the engine is closed afterwards."""
+    engine = make_engine(BillingSettings().database_url)
+    try:
+        with make_session_factory(engine).begin() as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 def _create(args: argparse.Namespace) -> int:
     try:
-        with _session_factory().begin() as session:
+        with _transaction() as session:
             key, plaintext = keys.create_key(
                 session,
                 tenant_id=args.tenant,
@@ -77,7 +85,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    with _session_factory().begin() as session:
+    with _transaction() as session:
         key = keys.revoke_key(session, args.key_id)
     if key is None:
         print(f"billing keys revoke: no key with id {args.key_id}", file=sys.stderr)
@@ -87,7 +95,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    with _session_factory().begin() as session:
+    with _transaction() as session:
         for key in keys.list_keys(session, args.tenant):
             state = "revoked" if key.revoked_at else "active"
             print(

@@ -66,8 +66,9 @@ def namespace(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def base_env(pg_url: str, redis_url: str, namespace: str) -> dict[str, str]:
-    """The environment of a deployment on this PostgreSQL database and Redis namespace."""
+def base_env(pg_url: str, redis_url: str, namespace: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of a deployment on this PostgreSQL database and Redis namespace, with a
+    metrics folder of the test's own (the Procfile's default is shared by the machine)."""
     env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "REDIS_URL")}
     env.update(
         DATABASE_URL=pg_url,
@@ -77,6 +78,7 @@ def base_env(pg_url: str, redis_url: str, namespace: str) -> dict[str, str]:
         WORKER_THREADS="4",
         PYTHONUNBUFFERED="1",
         dramatiq_prom_db=str(Path("/tmp") / f"dramatiq-prom-{namespace}"),
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
     )
     return env
 

@@ -385,7 +385,8 @@ def test_the_procfile_worker_line_uses_the_settings_defaults() -> None:
     procfile = (Path(__file__).resolve().parents[3] / "Procfile").read_text()
     defaults = WorkerSettings()
     worker = next(line for line in procfile.splitlines() if line.startswith("worker:"))
-    assert worker.startswith("worker: dramatiq workers.actors ")
+    metrics = "env PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-/tmp/billing-metrics}"
+    assert worker.startswith(f"worker: {metrics} dramatiq workers.actors ")
     assert f"${{WORKER_PROCESSES:-{defaults.worker_processes}}}" in worker
     assert f"${{WORKER_THREADS:-{defaults.worker_threads}}}" in worker
-    assert "scheduler: python -m workers.scheduler" in procfile
+    assert f"scheduler: {metrics} python -m workers.scheduler" in procfile
