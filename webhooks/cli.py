@@ -1,7 +1,8 @@
 """`billing webhooks …`: manage subscriptions, inspect and replay deliveries, run a test receiver.
 
 ```
-billing webhooks add TOPIC URL [--tenant T] [SECRET]      prints the id and the secret, once
+billing webhooks add TOPIC… URL [--tenant T] [SECRET] one subscription per topic, one
+                                                        secret; prints ids and secret once
 billing webhooks list [--json]
 billing webhooks disable SUBSCRIPTION [--reason TEXT]
 billing webhooks enable SUBSCRIPTION
@@ -22,13 +23,11 @@ secret rotates.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,9 +36,10 @@ from webhooks.db import make_engine
 from webhooks.encryption import encrypt_all
 from webhooks.errors import InvalidSubscriptionError, WebhookError
 from webhooks.models import STATUSES, WebhookDelivery, WebhookEvent
+from webhooks.output import print_rows
 from webhooks.replay import replay
 from webhooks.retention import prune
-from webhooks.safetext import json_safe, safe_text
+from webhooks.safetext import safe_text
 from webhooks.secrets import check_secret
 from webhooks.settings import WebhookSettings, parse_duration
 from webhooks.sqltypes import utcnow
@@ -53,14 +53,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     group = commands.add_parser("webhooks", help="webhook subscriptions and deliveries")
     sub = group.add_subparsers(dest="webhooks_command", required=True, metavar="WEBHOOKS_COMMAND")
 
-    add = sub.add_parser("add", help="subscribe a URL to a topic (prints the secret once)")
-    add.add_argument("topic")
+    add = sub.add_parser("add", help="subscribe a URL to topics under one secret (printed once)")
+    add.add_argument("topics", nargs="+", metavar="TOPIC", help="one or more topics")
     add.add_argument("url")
     add.add_argument("--tenant", help="only this tenant's events")
     _secret_options(add, "a whsec_… secret to use instead of a generated one")
     add.set_defaults(handler=_handled(_add))
 
-    listing = sub.add_parser("list", help="every subscription")
+    listing = sub.add_parser("list", help="every subscription (a table; --json for machines)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_handled(_list))
 
@@ -179,28 +179,44 @@ def _add(args: argparse.Namespace, session: Session, settings: WebhookSettings) 
     if len(given) > 1:
         raise InvalidSubscriptionError("give one secret, or none to have one generated")
     secret = given[0] if given else None
-    subs = SqlWebhookSubscriptions(session, box=settings.secret_box())
-    sub = subs.add(args.topic, args.url, secret, tenant_id=args.tenant)
-    print(f"subscription {sub.id}")
-    print(f"secret {subs.secret_of(sub)}")
+    subscriptions = SqlWebhookSubscriptions(session, box=settings.secret_box())
+    for topic in dict.fromkeys(args.topics):
+        sub = subscriptions.add(topic, args.url, secret, tenant_id=args.tenant)
+        secret = subscriptions.secret_of(sub)  # the next topics share the first one's secret
+        print(f"subscription {sub.id} {safe_text(topic)}")
+    print(f"secret {secret}")
     print("keep the secret now: it is not shown again", file=sys.stderr)
     return 0
 
 
 def _list(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
-    for sub in SqlWebhookSubscriptions(session).all():
-        row = {
+    rows = [
+        {
             "id": sub.id,
             "topic": sub.topic,
             "url": sub.url,
             "tenant_id": sub.tenant_id,
             "enabled": sub.enabled,
             "disabled_reason": sub.disabled_reason,
-            "failing_since": _iso(sub.failing_since),
-            "created_at": _iso(sub.created_at),
+            "failing_since": sub.failing_since,
+            "created_at": sub.created_at,
         }
-        _print_row(row, args.json)
+        for sub in SqlWebhookSubscriptions(session).all()
+    ]
+    print_rows(SUBSCRIPTION_COLUMNS, rows, as_json=args.json)
     return 0
+
+
+SUBSCRIPTION_COLUMNS = [
+    "id",
+    "topic",
+    "url",
+    "tenant_id",
+    "enabled",
+    "disabled_reason",
+    "failing_since",
+    "created_at",
+]
 
 
 def _disable(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
@@ -235,21 +251,37 @@ def _deliveries(args: argparse.Namespace, session: Session, settings: WebhookSet
         query = query.where(WebhookDelivery.status == args.status)
     if args.subscription:
         query = query.where(WebhookDelivery.subscription_id == args.subscription)
-    for delivery, topic in session.execute(query):
-        row = {
+    rows = [
+        {
             "id": delivery.id,
             "event_id": delivery.event_id,
             "topic": topic,
             "subscription_id": delivery.subscription_id,
             "status": delivery.status,
             "attempts": delivery.attempts,
-            "next_attempt_at": _iso(delivery.next_attempt_at),
+            "next_attempt_at": delivery.next_attempt_at,
             "last_status_code": delivery.last_status_code,
             "last_error": delivery.last_error,
-            "delivered_at": _iso(delivery.delivered_at),
+            "delivered_at": delivery.delivered_at,
         }
-        _print_row(row, args.json)
+        for delivery, topic in session.execute(query)
+    ]
+    print_rows(DELIVERY_COLUMNS, rows, as_json=args.json)
     return 0
+
+
+DELIVERY_COLUMNS = [
+    "id",
+    "event_id",
+    "topic",
+    "subscription_id",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "last_status_code",
+    "last_error",
+    "delivered_at",
+]
 
 
 def _replay(args: argparse.Namespace, session: Session, settings: WebhookSettings) -> int:
@@ -320,14 +352,6 @@ def _parse_since(text: str) -> datetime:
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
-
-
-def _print_row(row: dict[str, Any], as_json: bool) -> None:
-    # Subscriber answers (`last_error`), URLs and reasons are untrusted: never printed raw.
-    if as_json:
-        print(json_safe(json.dumps(row, ensure_ascii=False)))
-    else:
-        print("  ".join("-" if value is None else safe_text(value) for value in row.values()))
 
 
 def _print_error(error: Exception) -> None:

@@ -3,9 +3,10 @@
 `aggregate` and `invoice` are backfills: they walk the same streamed queries as the scheduler
 and either send the messages to the configured broker, or, with `--inline` (and always when no
 broker is configured, since an in-process queue would vanish with this command), run the jobs
-right here, invoices' provider sync (`PROVIDER_SYNC`) included. Both show a progress bar on stderr
-and end with a summary. With the broker down they give up after `INTERACTIVE_RETRY_FOR` (a
-person is waiting) unless `--wait` keeps the scheduler's `ENQUEUE_RETRY_FOR`.
+right here, invoices' provider sync (`PROVIDER_SYNC`) included. Both show a progress bar on
+stderr when it is a terminal and end with a summary. With the broker down they give up after
+`INTERACTIVE_RETRY_FOR` (a person is waiting) unless `--wait` keeps the scheduler's
+`ENQUEUE_RETRY_FOR`.
 
 `jobs requeue` and `jobs purge` act on dead letters (`workers.deadletters`).
 """
@@ -17,12 +18,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import make_engine, make_session_factory
 from billing.settings import BillingSettings
+from webhooks.output import Counted, progress
 from webhooks.safetext import safe_text
 from workers import fanout
 from workers.jobs import aggregate_daily_job, generate_monthly_invoice_job, sync_invoice_job
@@ -80,6 +82,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "jobs", help="queue depths and dead letters; requeue or purge dead letters"
     )
     jobs.add_argument("--recent", type=int, default=10, help="dead letters to list (default 10)")
+    jobs.add_argument("--json", action="store_true", help="one JSON object, for machines")
     jobs.set_defaults(handler=_jobs, database=None)
     actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
     for name, text in (
@@ -146,7 +149,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _jobs(args: argparse.Namespace) -> int:
     from workers import actors
     from workers.broker import is_in_process
-    from workers.queues import format_stats, queue_stats
+    from workers.queues import print_stats, queue_stats
 
     if is_in_process(actors.broker):
         print(
@@ -154,7 +157,7 @@ def _jobs(args: argparse.Namespace) -> int:
             "set REDIS_URL to inspect the workers' queue"
         )
         return 0
-    print(format_stats(queue_stats(actors.broker, recent=args.recent)))
+    print_stats(queue_stats(actors.broker, recent=args.recent), as_json=args.json)
     return 0
 
 
@@ -202,13 +205,13 @@ def _aggregate(args: argparse.Namespace) -> int:
     with _Backfill(args.inline, wait=args.wait) as backfill:
         total = sum(fanout.count_usage_pairs(backfill.session_factory, d, only=only) for d in days)
         span = f"{days[0].date()}..{days[-1].date()}"
-        with Progress(total, f"aggregate {span}") as progress:
+        with progress(total, f"aggregate {span}") as bar:
+            tally = Tally(bar)
             scheduler = backfill.scheduler(
-                send_aggregate=progress.wrap(backfill.aggregate_sender()),
-                send_invoice=_unused,
+                send_aggregate=tally.wrap(backfill.aggregate_sender()), send_invoice=_unused
             )
             scheduler.fan_out_days(days, only=only)
-        return backfill.summary("billing.aggregate_daily", span, progress)
+        return backfill.summary("billing.aggregate_daily", span, tally)
 
 
 def _invoice(args: argparse.Namespace) -> int:
@@ -226,13 +229,13 @@ def _invoice(args: argparse.Namespace) -> int:
     with _Backfill(args.inline, wait=args.wait) as backfill:
         total = fanout.count_invoice_targets(backfill.session_factory, start, end, only=only)
         span = start.strftime("%Y-%m")
-        with Progress(total, f"invoice {span}") as progress:
+        with progress(total, f"invoice {span}") as bar:
+            tally = Tally(bar)
             scheduler = backfill.scheduler(
-                send_aggregate=_unused,
-                send_invoice=progress.wrap(backfill.invoice_sender()),
+                send_aggregate=_unused, send_invoice=tally.wrap(backfill.invoice_sender())
             )
             scheduler.fan_out_invoices(start, end, only=only)
-        return backfill.summary("billing.generate_monthly_invoice", span, progress)
+        return backfill.summary("billing.generate_monthly_invoice", span, tally)
 
 
 def _unused(**_kwargs: Any) -> None:
@@ -310,36 +313,31 @@ class _Backfill:
             factory, {"invoice_id": invoice_id}, provider_sync=hook
         )
 
-    def summary(self, job: str, span: str, progress: Progress) -> int:
+    def summary(self, job: str, span: str, tally: Tally) -> int:
         verb = "ran" if self.inline else "enqueued"
-        print(
-            f"{job} {span}: {verb} {progress.done}, failed {progress.failed}, "
-            f"in {progress.elapsed:.1f} s"
-        )
-        for line in progress.errors[:10]:
+        print(f"{job} {span}: {verb} {tally.done}, failed {tally.failed}, in {tally.elapsed:.1f} s")
+        for line in tally.errors[:10]:
             print(f"  {safe_text(line)}")  # tenant ids, metrics and messages are untrusted
-        return 1 if progress.failed else 0
+        return 1 if tally.failed else 0
 
 
 def _payload(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in kwargs.items()}
 
 
-class Progress:
-    """A one-line progress bar on a terminal (a line per 10% elsewhere), with failure counts.
+class Tally:
+    """A backfill's counts: sends done and failed, and the failures' messages.
 
-    `wrap(send)` counts each call; an exception from an inline job is counted as a failure and
-    the backfill goes on (the broker's outages are retried by the scheduler code first).
+    `wrap(send)` counts each call and advances the progress `bar`; an exception from an inline
+    job is counted as a failure and the backfill goes on (the broker's outages are retried by
+    the scheduler code first, then stop the backfill).
     """
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
-        self.total, self.label = total, label
-        self.stream = stream or sys.stderr
+    def __init__(self, bar: Counted) -> None:
+        self.bar = bar
         self.done = self.failed = 0
         self.errors: list[str] = []
         self.started = time.monotonic()
-        self._shown = -1.0
-        self._tty = self.stream.isatty()
 
     @property
     def elapsed(self) -> float:
@@ -355,7 +353,7 @@ class Progress:
                 self.failed += 1
                 self.errors.append(f"{kwargs.get('tenant_id')}: {type(error).__name__}: {error}")
             self.done += 1
-            self._draw()
+            self.bar.advance(self.failed)
 
         return counted
 
@@ -364,26 +362,3 @@ class Progress:
         from workers.scheduler import TRANSIENT_SEND_ERRORS
 
         return not isinstance(error, TRANSIENT_SEND_ERRORS)
-
-    def _draw(self, final: bool = False) -> None:
-        fraction = self.done / self.total if self.total else 1.0
-        if not self._tty and (
-            fraction - self._shown < 0.1 and not final or fraction == self._shown
-        ):
-            return
-        self._shown = fraction
-        bar = "#" * int(fraction * 30)
-        line = f"{self.label} [{bar:<30}] {self.done}/{self.total}"
-        if self.failed:
-            line += f" ({self.failed} failed)"
-        self.stream.write(("\r" + line) if self._tty else line + "\n")
-        self.stream.flush()
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, error_type: type[BaseException] | None, *exc: object) -> None:
-        if error_type is None:
-            self._draw(final=True)
-        if self._tty:
-            self.stream.write("\n")

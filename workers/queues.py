@@ -8,16 +8,17 @@ retries waiting their backoff), `{ns}:billing.XQ` and `.XQ.msgs` (dead letters, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from dramatiq import Broker
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 
-from webhooks.safetext import safe_text
+from webhooks.output import print_rows
 from workers.broker import QUEUE_NAME
 
 
@@ -101,20 +102,30 @@ def _dead_letter(message: dict[str, Any], when: datetime | None) -> DeadLetter:
     )
 
 
-def format_stats(stats: QueueStats) -> str:
-    """Human-readable lines for `billing jobs`."""
-    running = "?" if stats.in_progress is None else str(stats.in_progress)
-    lines = [
-        f"broker: {stats.broker}, queue {QUEUE_NAME!r}",
-        f"  ready        {stats.ready}",
-        f"  in progress  {running}",
-        f"  retry wait   {stats.delayed}",
-        f"  dead letters {stats.dead}",
-    ]
-    for letter in stats.dead_letters:
-        since = letter.dead_since.isoformat(timespec="seconds") if letter.dead_since else "-"
-        lines.append(
-            f"    {since} {letter.actor_name} {letter.message_id} retries={letter.retries} "
-            f"args={json.dumps(letter.args, ensure_ascii=False)} {letter.last_error}".rstrip()
-        )
-    return "\n".join(safe_text(line) for line in lines)  # args and errors are untrusted
+def print_stats(stats: QueueStats, *, as_json: bool, out: TextIO | None = None) -> None:
+    """`billing jobs`: the depths, then the recent dead letters, as tables; or one JSON object."""
+    if as_json:
+        (out or sys.stdout).write(json.dumps(asdict(stats), default=str) + "\n")
+        return
+    depths = {
+        "queue": QUEUE_NAME,
+        "broker": stats.broker,
+        "ready": stats.ready,
+        "in progress": "?" if stats.in_progress is None else stats.in_progress,
+        "retry wait": stats.delayed,
+        "dead letters": stats.dead,
+    }
+    print_rows(list(depths), [depths], as_json=False, out=out)
+    if stats.dead_letters:
+        letters = [
+            {
+                "dead since": letter.dead_since,
+                "job": letter.actor_name,
+                "id": letter.message_id,
+                "retries": letter.retries,
+                "args": json.dumps(letter.args, ensure_ascii=False),
+                "last error": letter.last_error,
+            }
+            for letter in stats.dead_letters
+        ]
+        print_rows(list(letters[0]), letters, as_json=False, out=out)

@@ -14,6 +14,7 @@ from billing.db import make_engine, make_session_factory
 from billing.errors import InvalidUsageError
 from billing.settings import BillingSettings
 from webhooks.safetext import safe_text
+from webhooks.output import print_rows
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,6 +47,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     listing = sub.add_parser("list", help="list keys (id, prefix, tenant, scopes, state)")
     listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_list)
 
 
@@ -96,14 +98,21 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     with _transaction() as session:
-        for key in keys.list_keys(session, args.tenant):
-            state = "revoked" if key.revoked_at else "active"
-            print(
-                f"{key.id}  {key.prefix}…  {_owner(key.tenant_id)}  {','.join(key.scopes)}"
-                f"  {state}  {safe_text(key.name or '')}".rstrip()
-            )
+        rows = [
+            {
+                "id": key.id,
+                "prefix": f"{key.prefix}…",
+                "tenant": "(operator)" if key.tenant_id is None else key.tenant_id,
+                "scopes": key.scopes,
+                "state": "revoked" if key.revoked_at else "active",
+                "name": key.name,
+                "created": key.created_at,
+            }
+            for key in keys.list_keys(session, args.tenant)
+        ]
+    print_rows(COLUMNS, rows, as_json=args.json)
     return 0
 
 
-def _owner(tenant_id: str | None) -> str:
-    return "(operator)" if tenant_id is None else safe_text(tenant_id)
+COLUMNS = ["id", "prefix", "tenant", "scopes", "state", "name", "created"]
+

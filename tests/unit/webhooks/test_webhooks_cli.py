@@ -52,7 +52,7 @@ def added(run, *extra: str) -> tuple[str, str]:
     code, out, _ = run("webhooks", "add", TOPIC, "https://example.test/hook", *extra)
     assert code == 0
     lines = dict(line.split(" ", 1) for line in out.splitlines())
-    return lines["subscription"], lines["secret"]
+    return lines["subscription"].split()[0], lines["secret"]
 
 
 def test_add_prints_the_id_and_a_generated_secret_once(run, factory) -> None:
@@ -160,7 +160,11 @@ def test_deliveries_filters_by_status(run, factory) -> None:
         TOPIC,
     )
     _, out, _ = run("webhooks", "deliveries", "--subscription", sub_id)
-    assert len(out.splitlines()) == 2
+    header, rule, *rows = out.splitlines()
+    assert header.split()[:4] == ["id", "event_id", "topic", "subscription_id"]
+    assert set(rule.strip()) == {"─"}
+    assert len(rows) == 2
+    assert all(row.split()[2:4] == [TOPIC, sub_id] for row in rows)
 
 
 def test_replay_requeues_a_dead_delivery_from_attempt_one(run, factory) -> None:
@@ -238,12 +242,48 @@ def test_listen_prints_verified_deliveries_and_reports_the_rest(
 def test_a_database_without_the_schema_is_reported_not_dumped(
     tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.sqlite3'}")
-    parser = argparse.ArgumentParser(prog="billing")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["webhooks", "list"])
-    assert args.handler(args) == 1
-    assert "billing db upgrade" in capsys.readouterr().err
+    from workers.cli import main
+
+    empty = tmp_path / "empty.sqlite3"
+    empty.touch()
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{empty}")
+    assert main(["webhooks", "list"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.endswith("has no billing tables: run `billing db upgrade`")
+
+
+def test_add_subscribes_a_url_to_several_topics_under_one_secret(run, factory) -> None:
+    code, out, _ = run(
+        "webhooks", "add", TOPIC, "billing.invoice.created", TOPIC, "https://example.test/hook"
+    )
+    assert code == 0
+    *subscribed, secret_line = out.splitlines()
+    secret = secret_line.removeprefix("secret ")
+    assert [line.split()[2] for line in subscribed] == [TOPIC, "billing.invoice.created"]
+    with factory() as session:
+        rows = session.scalars(select(WebhookSubscription)).all()
+    assert sorted((row.topic, row.secret) for row in rows) == [
+        ("billing.invoice.created", secret),
+        (TOPIC, secret),
+    ]
+
+
+def test_list_is_a_table_with_headers_that_shows_urls_escaped(run, factory) -> None:
+    first, _ = added(run)
+    with factory.begin() as session:
+        session.get(
+            WebhookSubscription, first
+        ).disabled_reason = "[bold]gone[/bold]\x1b[31m\nforged"
+    code, out, _ = run("webhooks", "list")
+    assert code == 0
+    header, _rule, row = out.splitlines()
+    assert header.split() == [
+        "id", "topic", "url", "tenant_id", "enabled", "disabled_reason", "failing_since",
+        "created_at",
+    ]  # fmt: skip
+    assert row.split()[:5] == [first, TOPIC, "https://example.test/hook", "-", "True"]
+    assert "[bold]gone[/bold]\\x1b[31m\\nforged" in row  # not markup, not a control
+    assert header.index("url") == row.index("https://")  # aligned
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ stored), `db upgrade`'s report, dead letters requeued or purged, backfills that 
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime
 
 import fakeredis
@@ -255,3 +256,53 @@ def test_an_invoice_backfill_run_here_reaches_the_provider(
     assert invoice.provider_invoice_id == f"prov_{invoice.id}_500"
     assert main(["invoice", "--period", "2025-01", *inline]) == 0  # again: not sent twice
     assert calls.read_text().splitlines() == [invoice.id]
+
+
+# --- a CLI people like --------------------------------------------------------------------
+
+
+def test_keys_list_is_a_table_with_headers_or_json_lines(sqlite_engine, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("DATABASE_URL", sqlite_engine.url.render_as_string(hide_password=False))
+    assert main(["keys", "create", "--tenant", "acme", "--scope", "billing.read"]) == 0
+    assert main(["keys", "create", "--operator", "--scope", "billing.admin", "--name", "ops"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list"]) == 0
+    header, _rule, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["id", "prefix", "tenant", "scopes", "state", "name", "created"]
+    assert sorted(row.split()[2:5] for row in rows) == [
+        ["(operator)", "billing.admin", "active"],
+        ["acme", "billing.read", "active"],
+    ]
+    assert main(["keys", "list", "--json"]) == 0
+    keys = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted((k["tenant"], k["scopes"], k["name"]) for k in keys) == [
+        ("(operator)", ["billing.admin"], "ops"),
+        ("acme", ["billing.read"], None),
+    ]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_is_drawn_on_a_terminal_only() -> None:
+    from webhooks.output import progress
+
+    terminal, piped = Terminal(), io.StringIO()
+    for stream in (terminal, piped):
+        with progress(4, "invoice 2025-01", stream=stream) as bar:
+            for failed in (0, 0, 1, 1):
+                bar.advance(failed)
+    assert "invoice 2025-01" in terminal.getvalue()
+    assert "4/4" in terminal.getvalue()
+    assert "1 failed" in terminal.getvalue()
+    assert piped.getvalue() == ""
+
+
+def test_the_backfill_help_says_the_last_day_is_included(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["aggregate", "--help"])
+    assert "last UTC day, included" in " ".join(capsys.readouterr().out.split())
