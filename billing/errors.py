@@ -9,6 +9,7 @@ BillingError
 ├── MeterDefinitionError       a meter declaration is malformed; permanent
 ├── UnknownInvoiceError        no invoice of this tenant has that id; permanent
 ├── InvoiceStateError          the invoice's status forbids the change asked for; permanent
+├── CatalogError               a catalogue file is malformed (names file, entry, field); permanent
 ├── QuotaExceededError         a hard quota is used up; retry after the window resets
 └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
 """
@@ -68,6 +69,15 @@ class MeterDefinitionError(BillingError, ValueError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class CatalogError(BillingError, ValueError):
+    """A catalogue document is not YAML or breaks a rule; nothing was applied. The message names
+    the file, the entry (`plan 'pro', price 'pro-fee'`) and the field."""
+
+    def __init__(self, message: str, *, source: str, entry: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.source, self.entry, self.field = source, entry, field
 
 
 class QuotaExceededError(BillingError):

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from billing.api.cli import add_commands as add_key_commands
+from billing.catalog_cli import add_commands as add_catalog_commands
 from billing.db import make_engine, redact_url
 from billing.migrate import current_revision, upgrade
 from billing.settings import BillingSettings
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_db_commands(commands)
     add_key_commands(commands)
+    add_catalog_commands(commands)
     add_worker_commands(commands)
     add_invoice_commands(commands)
     add_webhook_commands(commands)

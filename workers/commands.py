@@ -262,8 +262,7 @@ class _Backfill:
         self.engine = make_engine(BillingSettings().database_url)
         self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
         self.inline = inline or is_in_process(actors.broker)
-        if self.inline and not inline:
-            print("no broker configured: running the jobs in this process", file=sys.stderr)
+        self._said_where = inline
 
     def __enter__(self) -> _Backfill:
         return self
@@ -284,7 +283,14 @@ class _Backfill:
             send_invoice=send_invoice,
         )
 
+    def _say_where(self) -> None:
+        """Once the database answered: say that the jobs run here for want of a broker."""
+        if self.inline and not self._said_where:
+            print("no broker configured: running the jobs in this process", file=sys.stderr)
+            self._said_where = True
+
     def aggregate_sender(self) -> Callable[..., object]:
+        self._say_where()
         if not self.inline:
             from workers.actors import enqueue_aggregate_daily
 
@@ -292,6 +298,7 @@ class _Backfill:
         return lambda **kw: aggregate_daily_job(self.session_factory, _payload(kw))
 
     def invoice_sender(self) -> Callable[..., object]:
+        self._say_where()
         if not self.inline:
             from workers.actors import enqueue_generate_monthly_invoice
 

@@ -13,8 +13,8 @@ from billing.api import keys
 from billing.db import make_engine, make_session_factory
 from billing.errors import InvalidUsageError
 from billing.settings import BillingSettings
-from webhooks.safetext import safe_text
 from webhooks.output import print_rows
+from webhooks.safetext import safe_text
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -115,4 +115,3 @@ def _list(args: argparse.Namespace) -> int:
 
 
 COLUMNS = ["id", "prefix", "tenant", "scopes", "state", "name", "created"]
-
