@@ -65,6 +65,7 @@ def create_app(
         prefix=settings.billing_prefix,
         max_request_bytes=settings.max_request_bytes,
         max_batch_request_bytes=settings.max_batch_request_bytes,
+        usage_max_age=settings.usage_max_age,
     )
 
     @app.get("/healthz", tags=["health"], summary="200 when the database answers")

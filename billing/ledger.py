@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from psycopg.types.json import Json
@@ -33,6 +33,8 @@ MAX_KEY_LENGTH = 255
 MAX_TENANT_LENGTH = 64
 MAX_METADATA_BYTES = 16 * 1024
 MAX_AMOUNT = 2**63 - 1
+#: How far ahead of the clock an event may be (clock skew between hosts), never more.
+MAX_FUTURE = timedelta(minutes=5)
 # Rows per INSERT: PostgreSQL takes at most 65,535 bound parameters per statement.
 INSERT_CHUNK = 1000
 
@@ -60,12 +62,18 @@ def validate_usage(
     at: object,
     idempotency_key: object,
     metadata: object = None,
+    now: datetime | None = None,
+    max_age: timedelta | None = None,
 ) -> UsageInput:
-    """Check one event's fields; raises `InvalidUsageError` naming the first bad field."""
+    """Check one event's fields; raises `InvalidUsageError` naming the first bad field.
+
+    With `now`, `at` may be at most `MAX_FUTURE` (5 minutes) after it and, with `max_age`
+    too, at most that long before it. Without `max_age` old events are taken (backfills).
+    """
     return UsageInput(
         metric=validate_metric(metric),
         amount=_amount(amount),
-        at=_aware_utc(at),
+        at=_in_window(_aware_utc(at), now, max_age),
         idempotency_key=_bounded_text(idempotency_key, "idempotency_key", MAX_KEY_LENGTH),
         metadata=_metadata(metadata),
     )
@@ -289,6 +297,20 @@ def _aware_utc(value: object) -> datetime:
             "at must be timezone-aware (naive datetimes are ambiguous)", field="at"
         )
     return value.astimezone(UTC)
+
+
+def _in_window(at: datetime, now: datetime | None, max_age: timedelta | None) -> datetime:
+    if now is None:
+        return at
+    if at > now + MAX_FUTURE:
+        raise InvalidUsageError("at is more than 5 minutes in the future", field="at")
+    if max_age is not None and at < now - max_age:
+        raise InvalidUsageError(
+            f"at is older than {max_age.days} days: send older usage through the Python API "
+            "(backfill)",
+            field="at",
+        )
+    return at
 
 
 def _metadata(value: object) -> dict[str, Any] | None:

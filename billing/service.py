@@ -7,7 +7,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -46,7 +46,10 @@ class BillingService:
     The caller owns `session` and its transaction: the service flushes, and never commits or
     rolls back, so its writes commit or fail together with the caller's own, the invoice
     events it writes to `outbox` among them. `now` is the clock that decides whether a period
-    has ended; `policy` how invoices are numbered and finalized.
+    has ended, and usage more than 5 minutes after it is refused; so is usage older than
+    `max_usage_age` when that is set (the HTTP API sets `USAGE_MAX_AGE`; the default, None,
+    takes any past event, for imports and backfills). `policy` says how invoices are numbered
+    and finalized.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class BillingService:
         now: Callable[[], datetime] = utcnow,
         policy: InvoicePolicy = DEFAULT_POLICY,
         outbox: Outbox = webhooks,
+        max_usage_age: timedelta | None = None,
     ) -> None:
         self.session = session
         self.tenant_id = ledger.validate_tenant(tenant_id)
@@ -65,6 +69,7 @@ class BillingService:
         self.now = now
         self.policy = policy
         self.outbox = outbox
+        self.max_usage_age = max_usage_age
 
     def record_usage(
         self,
@@ -105,6 +110,7 @@ class BillingService:
             at=at,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            now=self.now(),
         )
         return self._store([event])[0]
 
@@ -118,7 +124,8 @@ class BillingService:
 
     def ingest(self, events: Sequence[Mapping[str, Any]]) -> list[Recorded]:
         """`record_usage_batch` that also says, per event, whether it was a duplicate."""
-        validated = [self._validate_item(index, item) for index, item in enumerate(events)]
+        now = self.now()
+        validated = [self._validate_item(index, item, now) for index, item in enumerate(events)]
         return self._store(validated)
 
     def _store(self, events: list[ledger.UsageInput]) -> list[Recorded]:
@@ -287,12 +294,14 @@ class BillingService:
 
     def _validated(self, **fields: Any) -> ledger.UsageInput:
         try:
-            return ledger.validate_usage(**fields)
+            return ledger.validate_usage(**fields, max_age=self.max_usage_age)
         except InvalidUsageError:
             metrics.USAGE_REJECTED.inc()
             raise
 
-    def _validate_item(self, index: int, item: Mapping[str, Any]) -> ledger.UsageInput:
+    def _validate_item(
+        self, index: int, item: Mapping[str, Any], now: datetime
+    ) -> ledger.UsageInput:
         if not isinstance(item, Mapping):
             metrics.USAGE_REJECTED.inc()
             raise InvalidUsageError(f"events[{index}] must be a mapping", field=f"events[{index}]")
@@ -303,6 +312,7 @@ class BillingService:
                 at=item.get("at"),
                 idempotency_key=item.get("idempotency_key"),
                 metadata=item.get("metadata"),
+                now=now,
             )
         except InvalidUsageError as error:
             raise InvalidUsageError(

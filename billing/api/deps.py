@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -22,6 +22,7 @@ class BillingApi:
     prefix: str = "/_billing"
     clock: Callable[[], datetime] = field(default=utcnow)
     api_keys: bool = True
+    usage_max_age: timedelta = timedelta(days=35)
 
 
 async def get_api(request: Request) -> BillingApi:

@@ -20,7 +20,8 @@ class ApiSettings(BaseSettings):
     `MAX_REQUEST_BYTES` (largest request body, default 1 MiB) and `MAX_BATCH_REQUEST_BYTES`
     (largest `/usage/batch` body, default 4 MiB); `BROKER_NAMESPACE` (prefix of the Redis
     keys, default `billing`); `METRICS_TOKEN` (when set, `/metrics` answers only requests with
-    `Authorization: Bearer <token>`)."""
+    `Authorization: Bearer <token>`); `USAGE_MAX_AGE` (the oldest usage accepted over HTTP,
+    default 35 days)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -34,8 +35,9 @@ class ApiSettings(BaseSettings):
     max_batch_request_bytes: PositiveInt = DEFAULT_MAX_BATCH_REQUEST_BYTES
     broker_namespace: str = "billing"
     metrics_token: SecretStr | None = None
+    usage_max_age: timedelta = timedelta(days=35)
 
-    @field_validator("idempotency_ttl", "idempotency_lock_ttl", mode="before")
+    @field_validator("idempotency_ttl", "idempotency_lock_ttl", "usage_max_age", mode="before")
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         """Plain numbers (as environment strings) are seconds."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import FastAPI
@@ -31,6 +31,7 @@ def add_billing(
     clock: Callable[[], datetime] = utcnow,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_batch_request_bytes: int = DEFAULT_MAX_BATCH_REQUEST_BYTES,
+    usage_max_age: timedelta = timedelta(days=35),
 ) -> None:
     """Mount the billing routes under `prefix` and configure them and `require_quota`.
 
@@ -39,7 +40,8 @@ def add_billing(
     everywhere (billing routes and `require_quota`). Request bodies are JSON (else 415) of at
     most `max_request_bytes`, or `max_batch_request_bytes` for `/usage/batch` (else 413; see
     `billing.api.bodies`). The problem+json handlers are registered unless the app already has
-    them (`register_error_handlers`).
+    them (`register_error_handlers`). Usage whose `at` is older than `usage_max_age` (or over
+    5 minutes ahead of `clock`) is refused with 422.
     """
     if session_factory is None:
         from billing.db import make_engine, make_session_factory
@@ -51,7 +53,11 @@ def add_billing(
         )
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     app.state.billing_api = BillingApi(
-        session_factory=session_factory, prefix=prefix, clock=clock, api_keys=principal is None
+        session_factory=session_factory,
+        prefix=prefix,
+        clock=clock,
+        api_keys=principal is None,
+        usage_max_age=usage_max_age,
     )
     if principal is not None:
         app.dependency_overrides[get_principal] = principal

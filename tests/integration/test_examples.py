@@ -215,6 +215,7 @@ def test_the_readmes_admin_curl_examples_run_twice_against_billing_run(tmp_path)
     env = {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "DATABASE_URL": f"sqlite:///{tmp_path / 'billing.sqlite3'}",
+        "USAGE_MAX_AGE": "P3650D",  # as the README starts it: its usage is from January 2025
     }
     argv = [f"{bin_dir}/billing", "run", "--web-port", str(port), "--no-relay"]
     with serve(argv, env, tmp_path / "run.log", port, cwd=tmp_path):

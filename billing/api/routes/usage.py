@@ -21,7 +21,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from billing.api.auth import Reader, Writer
-from billing.api.deps import ApiDep, SessionDep
+from billing.api.deps import ApiDep, BillingApi, SessionDep
 from billing.api.grouped_usage import grouped_usage
 from billing.api.models import UsageCounter
 from billing.api.pagination import keyset_page
@@ -69,7 +69,7 @@ def record_usage(
     event was recorded before; 409 when its key was used with another amount or time."""
     stored = _stored(session, principal.tenant_id, [body])
     at = _time_of(body, stored, api.clock())
-    service = BillingService(session=session, tenant_id=principal.tenant_id)
+    service = _service(session, principal.tenant_id, api)
     recorded = service.ingest_event(**_fields(body, at))
     session.commit()
     if recorded.duplicate:
@@ -95,7 +95,7 @@ def record_usage_batch(
     parsed = [_parse(raw) for raw in body.events]
     valid = [(index, item) for index, item in enumerate(parsed) if isinstance(item, UsageIn)]
     stored = _stored(session, principal.tenant_id, [item for _, item in valid])
-    service = BillingService(session=session, tenant_id=principal.tenant_id)
+    service = _service(session, principal.tenant_id, api)
     recorded = _record_all(service, [(item, _time_of(item, stored, now)) for _, item in valid])
     results = _in_order(parsed, valid, recorded)
     rejected = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
@@ -160,6 +160,13 @@ def list_usage(
         for row in rows
     ]
     return UsagePage(items=items, next_cursor=next_cursor)
+
+
+def _service(session: Session, tenant_id: str, api: BillingApi) -> BillingService:
+    """The tenant's service, refusing usage older than `USAGE_MAX_AGE` or ahead of the clock."""
+    return BillingService(
+        session=session, tenant_id=tenant_id, now=api.clock, max_usage_age=api.usage_max_age
+    )
 
 
 def _parse(raw: Any) -> UsageIn | BatchItemError:

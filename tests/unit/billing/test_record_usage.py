@@ -146,6 +146,43 @@ def test_a_key_another_tenant_used_is_matched_against_this_tenant_s_event_only(s
     assert count(session) == 3
 
 
+def test_usage_more_than_5_minutes_ahead_of_the_clock_is_refused(session) -> None:
+    def service(now):
+        return BillingService(session=session, tenant_id="t1", now=lambda: now)
+
+    fields = {"metric": "tokens", "amount": 1, "idempotency_key": "k"}
+    with pytest.raises(InvalidUsageError, match="future") as caught:
+        service(AT - timedelta(minutes=5, microseconds=1)).record_usage(**fields, at=AT)
+    assert caught.value.field == "at"
+    with pytest.raises(InvalidUsageError) as caught:
+        service(AT - timedelta(minutes=6)).record_usage_batch([{**fields, "at": AT}])
+    assert caught.value.field == "events[0].at"
+    assert count(session) == 0
+    service(AT - timedelta(minutes=5)).record_usage(**fields, at=AT)
+    assert count(session) == 1
+
+
+def test_the_python_api_takes_old_usage_for_backfills(session) -> None:
+    bs = BillingService(session=session, tenant_id="t1")  # the real clock, no max age
+    bs.record_usage(
+        metric="tokens", amount=1, at=datetime(2001, 1, 1, tzinfo=UTC), idempotency_key="k"
+    )
+    assert count(session) == 1
+
+
+def test_a_max_usage_age_refuses_older_usage(session) -> None:
+    bs = BillingService(
+        session=session, tenant_id="t1", now=lambda: AT, max_usage_age=timedelta(days=35)
+    )
+    bs.record_usage(metric="tokens", amount=1, at=AT - timedelta(days=35), idempotency_key="a")
+    with pytest.raises(InvalidUsageError, match="older than 35 days") as caught:
+        bs.record_usage(
+            metric="tokens", amount=1, at=AT - timedelta(days=35, seconds=1), idempotency_key="b"
+        )
+    assert caught.value.field == "at"
+    assert count(session) == 1
+
+
 def test_an_empty_tenant_is_refused() -> None:
     with pytest.raises(InvalidUsageError):
         BillingService(session=None, tenant_id="")  # type: ignore[arg-type]
