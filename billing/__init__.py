@@ -7,11 +7,13 @@ The quick start:
     bs.record_usage(metric="tokens", amount=42, at=now, idempotency_key="req-42")
 """
 
+from billing import catalog_rules  # noqa: F401 - registers the catalogue rules on flush
 from billing.errors import (
     BillingError,
     CurrencyMismatchError,
     IdempotencyConflictError,
     InvalidPeriodError,
+    InvalidSubscriptionError,
     InvalidUsageError,
     InvoiceStateError,
     MeterDefinitionError,
@@ -29,6 +31,7 @@ __all__ = [
     "CurrencyMismatchError",
     "IdempotencyConflictError",
     "InvalidPeriodError",
+    "InvalidSubscriptionError",
     "InvalidUsageError",
     "MeterDefinitionError",
     "InvoicePolicy",

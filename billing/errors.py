@@ -5,7 +5,8 @@ BillingError
 ├── IdempotencyConflictError   same idempotency key, different event; permanent
 ├── InvalidPeriodError         bad invoice period or currency, or one not ended yet; permanent
 ├── CurrencyMismatchError      the plan has prices, none in the asked currency; permanent
-├── PriceDefinitionError       a price cannot be evaluated; permanent
+├── PriceDefinitionError       a price is malformed or cannot be evaluated; permanent
+├── InvalidSubscriptionError   a subscription ends before it starts or overlaps another; permanent
 ├── MeterDefinitionError       a meter declaration is malformed; permanent
 ├── UnknownInvoiceError        no invoice of this tenant has that id; permanent
 ├── InvoiceStateError          the invoice's status forbids the change asked for; permanent
@@ -60,7 +61,20 @@ class InvoiceStateError(BillingError):
 
 
 class PriceDefinitionError(BillingError, ValueError):
-    """A price cannot be evaluated: no unit amount, malformed tiers, a bad package size."""
+    """A price is malformed or cannot be evaluated: a negative or over-precise amount, no unit
+    amount, malformed tiers, a bad package size. `.field` names the field when known."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidSubscriptionError(BillingError, ValueError):
+    """A subscription ends before it starts, or overlaps another of its tenant; not stored."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class MeterDefinitionError(BillingError, ValueError):
@@ -98,6 +112,7 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     InvalidPeriodError,
     CurrencyMismatchError,
     PriceDefinitionError,
+    InvalidSubscriptionError,
     MeterDefinitionError,
     UnknownInvoiceError,
     InvoiceStateError,

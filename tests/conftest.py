@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,27 @@ def pg_engine(pg_migrated_engine: Engine) -> Iterator[Engine]:
     """The migrated PostgreSQL database, emptied after each test."""
     yield pg_migrated_engine
     truncate_all(pg_migrated_engine)
+
+
+def _wait_for_lock_waiters(engine: Engine, count: int, timeout: float = 20.0) -> bool:
+    """True once `count` backends of this database wait on a lock (polled, no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(query).scalar_one() >= count:
+                return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture
+def wait_for_lock_waiters() -> Callable[..., bool]:
+    """`wait_for_lock_waiters(engine, n)`: True once n sessions of `engine` wait on a lock."""
+    return _wait_for_lock_waiters
 
 
 def truncate_all(engine: Engine) -> None:

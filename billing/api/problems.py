@@ -28,9 +28,11 @@ from billing.errors import (
     CurrencyMismatchError,
     IdempotencyConflictError,
     InvalidPeriodError,
+    InvalidSubscriptionError,
     InvalidUsageError,
     InvoiceStateError,
     MeterDefinitionError,
+    PriceDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
     UnknownInvoiceError,
@@ -238,6 +240,10 @@ async def _on_billing(request: Request, exc: Exception) -> JSONResponse:
 def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
     if isinstance(exc, InvalidUsageError):
         return 422, "invalid-usage", "Invalid usage", {"field": exc.field}
+    if isinstance(exc, PriceDefinitionError):
+        return 422, "invalid-price", "Invalid price", {"field": exc.field}
+    if isinstance(exc, InvalidSubscriptionError):
+        return 422, "invalid-subscription", "Invalid subscription", {"field": exc.field}
     if isinstance(exc, MeterDefinitionError):
         return 422, "invalid-meter", "Invalid meter", {"field": exc.field}
     if isinstance(exc, IdempotencyConflictError):

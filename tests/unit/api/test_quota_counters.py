@@ -5,13 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, update
 
 from billing import BillingService
 from billing.api.models import UsageCounter
@@ -201,9 +200,13 @@ def test_only_the_subscription_in_force_counts(session) -> None:
     subscribe(session, limits=(("tokens", "day", 1),), ended_at=NOW - timedelta(seconds=1))
     subscribe(session, limits=(("tokens", "day", 2),), effective_at=NOW + timedelta(seconds=1))
     assert entitlement_limit(session, tenant_id="A", key="tokens", window="day", now=NOW) is None
-    subscribe(session, limits=(("tokens", "day", 3),), effective_at=NOW - timedelta(days=2))
-    subscribe(session, limits=(("tokens", "day", 4),), effective_at=NOW - timedelta(days=1))
-    assert entitlement_limit(session, tenant_id="A", key="tokens", window="day", now=NOW) == 4
+    subscribe(
+        session,
+        limits=(("tokens", "day", 3),),
+        effective_at=NOW - timedelta(seconds=1),
+        ended_at=NOW + timedelta(seconds=1),
+    )
+    assert entitlement_limit(session, tenant_id="A", key="tokens", window="day", now=NOW) == 3
 
 
 def test_check_reports_used_remaining_and_reset(session) -> None:
@@ -260,7 +263,9 @@ def test_consume_may_use_up_a_hard_limit_exactly(session) -> None:
 
 
 @pytest.mark.postgres
-def test_a_second_consume_waits_for_the_first_s_lock_and_reads_its_total(pg_engine) -> None:
+def test_a_second_consume_waits_for_the_first_s_lock_and_reads_its_total(
+    pg_engine, wait_for_lock_waiters
+) -> None:
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
         subscribe(session, limits=(("tokens", "day", 15),))
@@ -287,21 +292,6 @@ def test_a_second_consume_waits_for_the_first_s_lock_and_reads_its_total(pg_engi
     assert (status.allowed, status.used) == (False, 10)  # it read the committed 10, not 0
     with factory() as session:
         assert session.execute(select(func.sum(UsageEvent.amount))).scalar_one() == 10
-
-
-def wait_for_lock_waiters(engine, count: int, timeout: float = 20.0) -> bool:
-    """True once `count` backends of this database wait on a row lock (polled, no fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    while time.monotonic() < deadline:
-        with engine.connect() as conn:
-            if conn.execute(query).scalar_one() >= count:
-                return True
-        time.sleep(0.01)
-    return False
 
 
 def test_consume_with_a_soft_limit_records_and_says_it_went_over(session) -> None:

@@ -19,7 +19,7 @@ import fakeredis
 import httpx
 import pytest
 from dramatiq import Worker
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from billing.models import Invoice, Plan, Price, Subscription, UsageAggregate
 from webhooks import WebhookVerificationError, verify
@@ -149,12 +149,14 @@ def add_plan(session, key, currency):
 
 
 def add_broken_plan(session, currency):
-    """A tiered price without tiers: the service can't price it, for any tenant."""
+    """A tiered price without tiers, stored before prices were checked (so not through the
+    ORM, which refuses it now): the service can't price it, for any tenant."""
     broken = Plan(key="broken", name="broken")
     session.add(broken)
     session.flush()
-    session.add(
-        Price(
+    session.execute(
+        insert(Price).values(
+            id=f"broken-{currency}",
             plan_id=broken.id,
             key="broken-calls",
             currency=currency,
@@ -162,6 +164,7 @@ def add_broken_plan(session, currency):
             billing_scheme="tiered",
             tiers_mode="volume",
             tiers=None,
+            created_at=JAN,
         )
     )
     return broken
@@ -174,8 +177,11 @@ def test_invoice_backfill_reports_failures_and_carries_on(
         usd, eur = add_plan(session, "usd", "usd"), add_plan(session, "eur", "eur")
         session.add(Subscription(tenant_id="good", plan_id=usd.id, effective_at=JAN))
         broken = add_broken_plan(session, "eur")
-        session.add(Subscription(tenant_id="mixed", plan_id=eur.id, effective_at=JAN))
-        session.add(Subscription(tenant_id="mixed", plan_id=broken.id, effective_at=JAN))
+        switch = JAN + timedelta(days=15)  # from the euro plan to the broken one mid-month
+        session.add(
+            Subscription(tenant_id="mixed", plan_id=eur.id, effective_at=JAN, ended_at=switch)
+        )
+        session.add(Subscription(tenant_id="mixed", plan_id=broken.id, effective_at=switch))
     assert main(["invoice", "--period", "2025-01"]) == 1
     out = capsys.readouterr().out
     assert "billing.generate_monthly_invoice 2025-01: ran 2, failed 1" in out
