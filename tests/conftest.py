@@ -1,7 +1,9 @@
 """Fixtures shared by every test: databases (SQLite and a throwaway PostgreSQL database), Redis.
 
 PostgreSQL and Redis tests skip on a laptop without the servers, and fail in CI (`CI` set), as
-dramatiq's own suite does.
+dramatiq's own suite does. The session's PostgreSQL database and every test's Redis namespace
+(`redis_namespace`) carry the session's mark (`RUN`); after the last test the session fails if
+either server still holds anything with that mark (other sessions may share the servers).
 """
 
 from __future__ import annotations
@@ -28,12 +30,38 @@ SERVICES_REQUIRED = bool(os.environ.get("CI")) or bool(os.environ.get("BILLING_R
 
 _ENV_VARS_THAT_LEAK = ("DATABASE_URL", "REDIS_URL", "BROKER_URL")
 
+RUN = uuid.uuid4().hex[:10]
+"""This test session's mark, in the names of the databases and Redis namespaces it makes."""
+_SERVERS_USED: set[str] = set()
+
 
 def service_missing(what: str, error: BaseException) -> None:
     """Fail in CI, skip elsewhere, when a server a test needs is not running."""
     if SERVICES_REQUIRED:
         raise RuntimeError(f"{what} is required in CI but unreachable: {error}") from error
     pytest.skip(f"{what} unreachable: {error}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """After the last test: no database and no Redis key of this session remains."""
+    yield
+    left = []
+    if "postgresql" in _SERVERS_USED:
+        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=None)
+        with admin.connect() as conn:
+            query = text("SELECT datname FROM pg_database WHERE strpos(datname, :run) > 0")
+            left += [f"database {name}" for name in conn.scalars(query, {"run": RUN})]
+        admin.dispose()
+    if "redis" in _SERVERS_USED:
+        import redis
+
+        with redis.Redis.from_url(REDIS_TEST_URL) as client:
+            keys = list(client.scan_iter(match=f"test-{RUN}-*", count=1000))
+            left += [f"Redis key {key!r}" for key in keys[:20]]
+            if keys:
+                client.delete(*keys)
+    assert not left, f"the tests left behind: {', '.join(left)}"
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +105,8 @@ def pg_url() -> Iterator[str]:
             conn.execute(text("SELECT 1"))
     except Exception as error:  # any driver error means: no server here
         service_missing("PostgreSQL", error)
-    name = f"billing_test_{uuid.uuid4().hex[:10]}"
+    _SERVERS_USED.add("postgresql")
+    name = f"billing_test_{RUN}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = admin.url.set(database=name).render_as_string(hide_password=False)
@@ -176,4 +205,18 @@ def redis_url() -> str:
         service_missing("Redis", error)
     finally:
         client.close()
+    _SERVERS_USED.add("redis")
     return REDIS_TEST_URL
+
+
+@pytest.fixture
+def redis_namespace(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own on the real Redis; its keys are deleted afterwards."""
+    import redis
+
+    name = f"test-{RUN}-{uuid.uuid4().hex[:8]}"
+    yield name
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{name}*", count=1000))
+        if keys:
+            client.delete(*keys)

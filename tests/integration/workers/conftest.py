@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,14 +54,9 @@ class Process:
 
 
 @pytest.fixture
-def namespace(redis_url: str) -> Iterator[str]:
-    name = f"it-{uuid.uuid4().hex[:10]}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def namespace(redis_namespace: str) -> str:
+    """The deployment's `BROKER_NAMESPACE`: the test's own Redis namespace."""
+    return redis_namespace
 
 
 @pytest.fixture

@@ -91,6 +91,7 @@ def make_store(request):
         server = fakeredis.FakeServer()
         return lambda: RedisIdempotencyStore(fakeredis.FakeAsyncRedis(server=server), prefix=prefix)
     url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_namespace") + ":"
     from redis.asyncio import Redis
 
     return lambda: RedisIdempotencyStore(Redis.from_url(url), prefix=prefix)

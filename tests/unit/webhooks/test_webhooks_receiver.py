@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import fakeredis
@@ -130,10 +129,12 @@ def test_redis_store_uses_set_nx_with_a_ttl() -> None:
 
 
 @pytest.mark.redis
-def test_redis_store_drops_repeats_across_receivers_on_a_real_server(redis_url: str) -> None:
+def test_redis_store_drops_repeats_across_receivers_on_a_real_server(
+    redis_url: str, redis_namespace: str
+) -> None:
     import redis
 
-    prefix = f"test:{uuid.uuid4().hex}:"
+    prefix = f"{redis_namespace}:"
     with redis.Redis.from_url(redis_url) as server:
         first, _ = make_app(RedisDedupeStore(server, prefix=prefix))
         second, received = make_app(RedisDedupeStore(server, prefix=prefix))

@@ -3,7 +3,6 @@ expires (LocalFireLock on a fake clock; RedisFireLock on fakeredis and on the re
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -29,11 +28,10 @@ def redis_client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def namespace(redis_client: redis.Redis) -> Iterator[str]:
-    name = f"test-locks-{uuid.uuid4().hex[:8]}"
-    yield name
-    for key in redis_client.scan_iter(f"{name}:*"):
-        redis_client.delete(key)
+def namespace(request: pytest.FixtureRequest, redis_client: redis.Redis) -> str:
+    if isinstance(redis_client, fakeredis.FakeRedis):
+        return "t"
+    return str(request.getfixturevalue("redis_namespace"))
 
 
 def redis_locks(client: redis.Redis, namespace: str) -> tuple[RedisFireLock, RedisFireLock]:
