@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import fakeredis
 import pytest
 import redis
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from billing.models import Plan, Price, Subscription
@@ -20,7 +21,9 @@ from workers.scheduler import (
     BillingScheduler,
     FireBusy,
     FireInterrupted,
+    StoppableScheduler,
     last_fire_time,
+    make_lock,
     previous_month,
 )
 from workers.settings import WorkerSettings
@@ -457,3 +460,31 @@ def test_a_fan_out_whose_lease_lapsed_unclaimed_claims_it_again_and_goes_on(
     )
     assert scheduler.run_daily(day + timedelta(days=1, minutes=10)).enqueued == 5
     assert lock.is_done("aggregate-daily:" + day.date().isoformat())
+
+
+def test_with_a_redis_url_fires_are_locked_in_redis_under_the_namespace() -> None:
+    settings = WorkerSettings(redis_url="redis://127.0.0.1:6399/2", namespace="acme")
+    lock = make_lock(settings)
+    assert isinstance(lock, RedisFireLock)
+    assert lock.prefix == "acme:scheduler:"
+    options = lock.client.connection_pool.connection_kwargs
+    assert (options["port"], options["db"]) == (6399, 2)
+    assert (options["socket_timeout"], options["socket_connect_timeout"]) == (10, 10)
+
+
+def test_without_redis_fires_are_locked_in_process_with_a_warning(caplog) -> None:
+    with caplog.at_level("WARNING", logger="workers.scheduler"):
+        lock = make_lock(WorkerSettings())
+    assert isinstance(lock, LocalFireLock)
+    assert "run one scheduler only" in caplog.text
+
+
+def test_removing_a_missing_job_fails_only_while_the_scheduler_runs() -> None:
+    aps = StoppableScheduler(timezone=UTC)
+    aps.start(paused=True)
+    try:
+        with pytest.raises(JobLookupError):
+            aps.remove_job("missing")
+    finally:
+        aps.shutdown(wait=False)
+    aps.remove_job("missing")  # stopped: what a shutdown racing the catch-up job's removal does
