@@ -18,6 +18,7 @@ from workers.scheduler import (
     CATCH_UP_JOB_ID,
     DAILY_JOB_ID,
     MONTHLY_JOB_ID,
+    SYNC_JOB_ID,
     BillingScheduler,
     FireBusy,
     FireInterrupted,
@@ -339,7 +340,7 @@ def test_the_fan_out_streams_every_pair_once_whatever_the_batch_size(
 
 
 def test_a_fire_still_held_after_two_leases_is_looked_at_again_a_minute_later(
-    session_factory, seeded, clock
+    session_factory, seeded, clock, caplog
 ) -> None:
     day = datetime(2025, 1, 3, tzinfo=UTC)
     seeded([("t1", 1, day)])
@@ -369,12 +370,15 @@ def test_a_fire_still_held_after_two_leases_is_looked_at_again_a_minute_later(
     with pytest.raises(FireBusy):
         scheduler.run_daily(now)
     assert clock() - started > 60  # waited two leases
-    scheduler._job(DAILY_JOB_ID)  # what APScheduler calls at the fire time
+    with caplog.at_level("INFO", logger="workers.scheduler"):
+        scheduler._job(DAILY_JOB_ID)  # what APScheduler calls at the fire time
     retry = aps.get_job(f"{DAILY_JOB_ID}.retry")
     assert retry is not None
     assert retry.args == (DAILY_JOB_ID, now)
     assert retry.trigger.run_date == now + timedelta(minutes=1)
     assert sent.calls == []
+    busy = f"{key} is being enqueued by another scheduler run"
+    assert f"{DAILY_JOB_ID}: {busy}; looking again in 0:01:00" in caplog.text
 
 
 def test_a_fire_that_fails_while_stopping_is_not_retried(session_factory, seeded) -> None:
@@ -488,3 +492,59 @@ def test_removing_a_missing_job_fails_only_while_the_scheduler_runs() -> None:
     finally:
         aps.shutdown(wait=False)
     aps.remove_job("missing")  # stopped: what a shutdown racing the catch-up job's removal does
+
+
+def test_a_retry_fans_out_the_fire_time_it_was_given_not_the_latest(
+    session_factory, seeded
+) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)], plan_for=("t1",))
+    now = datetime(2025, 3, 10, 1, tzinfo=UTC)  # the retry runs long after
+    lock = LocalFireLock()
+    sync = Recorder()
+    scheduler = make_scheduler(session_factory, lock, now=lambda: now, send_sync=sync)
+    scheduler._job(DAILY_JOB_ID, day + timedelta(days=1, minutes=10))
+    scheduler._job(MONTHLY_JOB_ID, FEB + timedelta(minutes=30))
+    sweep = datetime(2025, 1, 5, 7, tzinfo=UTC)
+    scheduler._job(SYNC_JOB_ID, sweep)
+    assert pairs(scheduler.send_aggregate) == [("t1", "tokens", day)]
+    invoiced = [(c["tenant_id"], c["period_start"]) for c in scheduler.send_invoice.calls]
+    assert invoiced == [("t1", JAN)]
+    assert lock.is_done("sync-pending-invoices:2025-01-05T07:00")
+
+
+def test_each_outcome_of_a_fire_is_logged_with_its_job(session_factory, seeded, caplog) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)])
+    now = day + timedelta(days=1, minutes=10)
+    settings = WorkerSettings(enqueue_retry_for=timedelta(0))
+    failing = make_scheduler(
+        session_factory, settings=settings, send_aggregate=Recorder(fail_first=1), now=lambda: now
+    )
+    stopped = make_scheduler(session_factory, now=lambda: now)
+    stopped.stop()
+    with caplog.at_level("INFO", logger="workers.scheduler"):
+        failing._job(DAILY_JOB_ID)
+        stopped._job(DAILY_JOB_ID)
+    assert f"{DAILY_JOB_ID} failed; retrying in 0:01:00" in caplog.text
+    assert f"{DAILY_JOB_ID} interrupted by shutdown; the next start runs it again" in caplog.text
+
+
+def test_a_fire_failing_again_keeps_one_retry(session_factory, seeded) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)])
+    now = day + timedelta(days=1, minutes=10)
+    settings = WorkerSettings(enqueue_retry_for=timedelta(0))
+    scheduler = make_scheduler(
+        session_factory, settings=settings, send_aggregate=Recorder(fail_first=9), now=lambda: now
+    )
+    aps = BackgroundScheduler(timezone=UTC)
+    scheduler.schedule(aps, catch_up=False)
+    aps.start(paused=True)
+    try:
+        scheduler._job(DAILY_JOB_ID)
+        scheduler._job(DAILY_JOB_ID)  # the retry failed too: it replaces itself
+        retries = [job for job in aps.get_jobs() if job.id == f"{DAILY_JOB_ID}.retry"]
+        assert len(retries) == 1
+    finally:
+        aps.shutdown(wait=False)

@@ -166,14 +166,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_the_scheduler_serves_its_metrics_only_when_a_port_is_set(session_factory) -> None:
+def test_the_scheduler_serves_its_metrics_only_when_a_port_is_set(session_factory, caplog) -> None:
     assert serve_metrics(WorkerSettings()) is False
     port = free_port()
-    assert serve_metrics(WorkerSettings(scheduler_metrics_port=port)) is True
+    with caplog.at_level("INFO", logger="workers.scheduler"):
+        assert serve_metrics(WorkerSettings(scheduler_metrics_port=port)) is True
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in caplog.text
     make_scheduler(session_factory).run_sync_sweep()
     body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     assert 'billing_scheduler_fires_total{job="billing.sync-pending-invoices"' in body
     assert "billing_scheduler_enqueued_total" in body
+
+
+def test_the_scheduler_serves_its_metrics_on_the_configured_address_only() -> None:
+    port = free_port()
+    settings = WorkerSettings(scheduler_metrics_port=port, scheduler_metrics_host="127.0.0.2")
+    assert serve_metrics(settings) is True
+    assert httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=5).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
 
 def test_with_a_multiprocess_directory_the_scheduler_serves_the_files_metrics(
