@@ -110,7 +110,7 @@ class LocalFireLock:
             entry = self._live(key, now)
             if entry is None or entry.done:
                 return False
-            self._entries[key] = _Entry(now + lease.total_seconds(), done=False)
+            self._entries[key] = entry._replace(expires=now + lease.total_seconds())
             return True
 
     def finish(self, key: str, ttl: timedelta) -> None:
