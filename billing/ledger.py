@@ -1,6 +1,7 @@
 """Recording usage events: validated, and stored once per (tenant, metric, idempotency key).
 
-Storing is one `INSERT … ON CONFLICT DO NOTHING` (SQLite and PostgreSQL both have it), so
+Storing is one `INSERT … ON CONFLICT DO NOTHING` (SQLite and PostgreSQL both have it; batches on
+PostgreSQL are COPYed into a staging table first, see `_insert_new_copy`), so
 concurrent senders of the same event never see an `IntegrityError` and the caller's transaction
 is never rolled back: the losers read the winner's row and compare it with what they sent.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import Table, and_, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
@@ -35,7 +37,8 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_AMOUNT = 2**63 - 1
 #: How far ahead of the clock an event may be (clock skew between hosts), never more.
 MAX_FUTURE = timedelta(minutes=5)
-# Rows per INSERT: PostgreSQL takes at most 65,535 bound parameters per statement.
+# Rows per INSERT (and per lookup of stored duplicates): PostgreSQL takes at most 65,535 bound
+# parameters per statement.
 INSERT_CHUNK = 1000
 
 
@@ -117,22 +120,18 @@ def record(session: Session, tenant_id: str, event: UsageInput) -> Recorded:
 
 
 def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> list[Recorded]:
-    """Store many events in one round trip per 1,000; return what became of each, in order.
+    """Store many events in a few round trips; return what became of each, in order.
 
     Duplicates (of stored events, or repeats within the batch) get the first event's id; a key
     reused with another amount or time raises `IdempotencyConflictError`. A conflict can only be
     found after the insert; the caller then rolls its transaction back, as for any error.
     """
     unique = _dedupe(events)
-    inserted: dict[tuple[str, str], str] = {}
+    inserted = _insert_new(session, tenant_id, unique)
     existing: dict[tuple[str, str], str] = {}
-    for start in range(0, len(unique), INSERT_CHUNK):
-        chunk = unique[start : start + INSERT_CHUNK]
-        new = _insert_new(session, tenant_id, chunk)
-        inserted.update(new)
-        missing = [e for e in chunk if (e.metric, e.idempotency_key) not in new]
-        if missing:
-            existing.update(_match_existing(session, tenant_id, missing))
+    missing = [e for e in unique if (e.metric, e.idempotency_key) not in inserted]
+    for start in range(0, len(missing), INSERT_CHUNK):
+        existing.update(_match_existing(session, tenant_id, missing[start : start + INSERT_CHUNK]))
     results: list[Recorded] = []
     seen: set[tuple[str, str]] = set()
     for event in events:
@@ -148,8 +147,22 @@ def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) 
 def _insert_new(
     session: Session, tenant_id: str, events: Sequence[UsageInput]
 ) -> dict[tuple[str, str], str]:
+    """Insert the events whose keys are new; return their ids by (metric, key)."""
+    insert_chunk = _insert_new_values
     if len(events) > 1 and session.get_bind().dialect.name == "postgresql":
-        return _insert_new_postgresql(session, tenant_id, events)
+        connection = session.connection().connection.dbapi_connection
+        if len(events) >= COPY_THRESHOLD and not getattr(connection, "autocommit", True):
+            return _insert_new_copy(cast("psycopg.Connection[Any]", connection), tenant_id, events)
+        insert_chunk = _insert_new_postgresql
+    inserted: dict[tuple[str, str], str] = {}
+    for start in range(0, len(events), INSERT_CHUNK):
+        inserted.update(insert_chunk(session, tenant_id, events[start : start + INSERT_CHUNK]))
+    return inserted
+
+
+def _insert_new_values(
+    session: Session, tenant_id: str, events: Sequence[UsageInput]
+) -> dict[tuple[str, str], str]:
     now = utcnow()
     rows = [
         {
@@ -200,6 +213,53 @@ def _insert_new_postgresql(
     }
     result = session.connection().exec_driver_sql(_UNNEST_INSERT, params)
     return {(metric, key): event_id for event_id, metric, key in result}
+
+
+# COPY-stage, for batches inside a transaction: the events are COPYed (binary) into a temporary
+# table of the session, then moved by one INSERT … SELECT … ON CONFLICT DO NOTHING, which also
+# empties the stage (so a second batch in the same transaction starts empty). COPY parses no
+# SQL per row; the usage_counters trigger fires once, for the one INSERT. ON COMMIT DELETE ROWS
+# truncates the stage at commit, which keeps it small (autovacuum skips temporary tables). An
+# autocommit connection takes the unnest INSERT instead: each statement would commit on its own.
+COPY_THRESHOLD = 64
+_STAGE_CREATE = """
+CREATE TEMPORARY TABLE IF NOT EXISTS billing_usage_stage (
+    id varchar NOT NULL DEFAULT gen_random_uuid()::text,
+    metric varchar NOT NULL,
+    amount bigint NOT NULL,
+    at_ts timestamptz NOT NULL,
+    idempotency_key varchar NOT NULL,
+    metadata_json json
+) ON COMMIT DELETE ROWS
+"""
+_STAGE_COPY = (
+    "COPY billing_usage_stage (metric, amount, at_ts, idempotency_key, metadata_json) "
+    "FROM STDIN (FORMAT BINARY)"
+)
+_STAGE_TYPES = ("varchar", "int8", "timestamptz", "varchar", "json")
+_FROM_STAGE = """
+WITH staged AS (DELETE FROM billing_usage_stage RETURNING *)
+INSERT INTO usage_events
+    (id, tenant_id, metric, amount, at_ts, idempotency_key, metadata_json, created_at)
+SELECT id, %(tenant_id)s, metric, amount, at_ts, idempotency_key, metadata_json, %(now)s
+FROM staged
+ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING
+RETURNING id, metric, idempotency_key
+"""
+
+
+def _insert_new_copy(
+    connection: psycopg.Connection[Any], tenant_id: str, events: Sequence[UsageInput]
+) -> dict[tuple[str, str], str]:
+    with connection.cursor() as cursor:
+        cursor.execute(_STAGE_CREATE)
+        with cursor.copy(_STAGE_COPY) as copy:
+            copy.set_types(_STAGE_TYPES)
+            for e in events:
+                metadata = None if e.metadata is None else Json(e.metadata)
+                copy.write_row((e.metric, e.amount, e.at, e.idempotency_key, metadata))
+        cursor.execute(_FROM_STAGE, {"tenant_id": tenant_id, "now": utcnow()})
+        return {(metric, key): event_id for event_id, metric, key in cursor}
 
 
 def _match_existing(

@@ -1,0 +1,193 @@
+"""Batches on PostgreSQL go through a COPY-staged INSERT; per event, they end as before.
+
+The reference is the path batches took before (one `INSERT … SELECT FROM unnest(arrays)`),
+still taken on autocommit connections: the same batch, sent both ways, stores the same rows and
+counters and says the same of each event (new or duplicate, and which stored row it is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing import BillingService, IdempotencyConflictError, ledger
+from billing.db import make_engine, make_session_factory
+from billing.models import UsageEvent
+
+pytestmark = pytest.mark.postgres
+
+AT = datetime(2025, 1, 15, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def pg_factory(pg_engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(pg_engine)
+
+
+@pytest.fixture
+def autocommit_engine(pg_engine: Engine) -> Iterator[Engine]:
+    engine = make_engine(pg_engine.url.render_as_string(hide_password=False))
+    engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+def event(key: int, amount: int = 1, metric: str = "tokens", **extra: Any) -> dict[str, Any]:
+    return {
+        "metric": metric,
+        "amount": amount,
+        "at": AT + timedelta(seconds=key),
+        "idempotency_key": f"k{key}",
+        **extra,
+    }
+
+
+def staged(session: Session) -> bool:
+    """Whether this session's connection has the COPY staging table (a temporary table)."""
+    name = session.execute(text("SELECT to_regclass('pg_temp.billing_usage_stage')")).scalar()
+    return name is not None
+
+
+def stored(session: Session) -> list[tuple[Any, ...]]:
+    rows = session.execute(
+        select(
+            UsageEvent.tenant_id,
+            UsageEvent.metric,
+            UsageEvent.idempotency_key,
+            UsageEvent.amount,
+            UsageEvent.at_ts,
+            UsageEvent.metadata_json,
+        ).order_by(UsageEvent.tenant_id, UsageEvent.metric, UsageEvent.idempotency_key)
+    ).all()
+    return [tuple(row) for row in rows]
+
+
+def counters(session: Session) -> list[tuple[Any, ...]]:
+    rows = session.execute(
+        text(
+            "SELECT tenant_id, metric, granularity, period_start, total FROM usage_counters "
+            "ORDER BY 1, 2, 3, 4"
+        )
+    ).all()
+    return [tuple(row) for row in rows]
+
+
+def outcome(
+    session: Session, before: Sequence[dict[str, Any]], batch: Sequence[dict[str, Any]]
+) -> tuple[object, list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Store `before` one by one, then `batch`; what each event became, the rows, the counters.
+
+    An event's outcome is (duplicate?, the (metric, key) of the stored row whose id it got).
+    """
+    bs = BillingService(session=session, tenant_id="t1")
+    for item in before:
+        bs.record_usage(**item)
+    try:
+        recorded = bs.ingest(batch)
+    except IdempotencyConflictError:
+        return "conflict", [], []
+    keys_by_id = dict(
+        session.execute(
+            select(UsageEvent.id, func.concat(UsageEvent.metric, "/", UsageEvent.idempotency_key))
+        ).all()
+    )
+    said = [(r.duplicate, keys_by_id[r.id]) for r in recorded]
+    return said, stored(session), counters(session)
+
+
+events = st.lists(
+    st.builds(
+        event,
+        key=st.integers(0, 30),
+        amount=st.integers(0, 3),
+        metric=st.sampled_from(["tokens", "calls"]),
+        metadata=st.none() | st.fixed_dictionaries({"model": st.sampled_from(["a", "é"])}),
+    ),
+    max_size=60,
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(before=st.lists(st.builds(event, key=st.integers(0, 30)), max_size=5), batch=events)
+def test_copy_stage_and_the_unnest_insert_end_each_event_the_same(
+    pg_factory: sessionmaker[Session],
+    before: list[dict[str, Any]],
+    batch: list[dict[str, Any]],
+) -> None:
+    results = []
+    for threshold in (2, 10**9):  # COPY-stage for every batch of 2 or more; then never
+        with pytest.MonkeyPatch.context() as patch, pg_factory() as session:
+            patch.setattr(ledger, "COPY_THRESHOLD", threshold)
+            results.append(outcome(session, before, batch))
+            session.rollback()
+    assert results[0] == results[1]
+
+
+def test_a_large_batch_goes_through_the_staging_table_and_is_stored_in_full(
+    pg_engine: Engine, pg_factory: sessionmaker[Session]
+) -> None:
+    batch = [event(k, amount=k, metadata={"n": k}) for k in range(3000)]
+    with pg_engine.connect() as connection:  # one connection: its temporary table is seen after
+        with Session(bind=connection) as session, session.begin():
+            ids = BillingService(session=session, tenant_id="t1").record_usage_batch(batch)
+            assert staged(session)
+        # the stage was emptied at commit
+        assert connection.execute(text("SELECT count(*) FROM billing_usage_stage")).scalar() == 0
+    with pg_factory() as session:
+        rows = session.execute(
+            select(UsageEvent.id, UsageEvent.idempotency_key, UsageEvent.metadata_json)
+        ).all()
+        assert counters(session)[0][-1] == sum(range(3000))  # the day's counter
+    assert sorted((i, f"k{k}", {"n": k}) for k, i in enumerate(ids)) == sorted(map(tuple, rows))
+
+
+def test_two_batches_in_one_transaction_each_start_from_an_empty_stage(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    with pg_factory.begin() as session:
+        bs = BillingService(session=session, tenant_id="t1")
+        first = bs.ingest([event(k) for k in range(100)])
+        second = bs.ingest([event(k) for k in range(50, 200)])
+        assert session.execute(text("SELECT count(*) FROM billing_usage_stage")).scalar() == 0
+    assert [r.duplicate for r in first] == [False] * 100
+    assert [r.duplicate for r in second] == [True] * 50 + [False] * 100
+    assert [r.id for r in second[:50]] == [r.id for r in first[50:]]
+    with pg_factory() as session:
+        assert session.execute(select(func.count()).select_from(UsageEvent)).scalar() == 200
+
+
+def test_a_conflict_in_a_staged_batch_raises_and_its_transaction_stores_nothing(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    with pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(**event(7))
+    batch = [event(k) for k in range(100)]
+    batch[30] = event(7, amount=2)
+    with pytest.raises(IdempotencyConflictError), pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage_batch(batch)
+    with pg_factory() as session:
+        assert session.execute(select(func.count()).select_from(UsageEvent)).scalar() == 1
+        assert counters(session)[0][-1] == 1
+
+
+def test_an_autocommit_connection_takes_the_single_statement_path(
+    autocommit_engine: Engine,
+) -> None:
+    with make_session_factory(autocommit_engine)() as session:
+        bs = BillingService(session=session, tenant_id="t1")
+        ids = bs.record_usage_batch([event(k, amount=k) for k in range(1500)])
+        assert not staged(session)  # each statement commits alone: no stage to lose rows from
+        again = bs.record_usage_batch([event(k, amount=k) for k in range(1500)])
+        total = session.execute(select(func.sum(UsageEvent.amount))).scalar()
+    assert again == ids
+    assert len(set(ids)) == 1500
+    assert total == sum(range(1500))
