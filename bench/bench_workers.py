@@ -12,7 +12,10 @@ threads, Dramatiq's own `Worker`, the billing middleware stack):
   `MAINTENANCE_CHANCE` of every command, and with Dramatiq's default of 1 in 1,000, to show what
   the bounded requeue time costs);
 - `billing.aggregate_daily`: `--messages` messages, each a distinct (tenant, metric) with usage,
-  each one transaction that upserts the aggregate and writes its outbox event on PostgreSQL;
+  each one transaction that upserts the aggregate and writes its outbox event on PostgreSQL,
+  against the fair baseline: a bare actor on the same broker doing the same aggregate upsert
+  (`INSERT … SELECT SUM … ON CONFLICT`) from raw psycopg, one connection per worker thread, and
+  committing. `--rounds` rounds (a fresh day each), interleaved: medians and ranges;
 - the scheduler's daily fan-out of `--pairs` (tenant, metric) pairs: the streamed query alone,
   then query plus enqueue to Redis, with the process's peak memory before and after.
 """
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import resource
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +37,7 @@ import dramatiq
 import psycopg
 import redis
 from dramatiq import Worker
+from figures import Rounds, load
 from scratch import scratch_database
 from sqlalchemy import func, select
 
@@ -46,7 +52,17 @@ from workers.scheduler import BillingScheduler
 from workers.settings import WorkerSettings
 
 JOB_DAY = datetime(2025, 1, 10, tzinfo=UTC)
+UPSERT_QUEUE = "bench_upsert"
+RAW_AGGREGATE = (
+    "INSERT INTO usage_aggregates AS a (id, tenant_id, metric, period_start, granularity, total, "
+    "updated_at) SELECT %(id)s, %(tenant_id)s::text, %(metric)s::text, %(start)s, 'day', "
+    "COALESCE(SUM(amount), 0), now() FROM usage_events WHERE tenant_id = %(tenant_id)s::text "
+    "AND metric = %(metric)s::text AND at_ts >= %(start)s AND at_ts < %(end)s "
+    "ON CONFLICT (tenant_id, metric, period_start, granularity) "
+    "DO UPDATE SET total = excluded.total RETURNING total"
+)
 FANOUT_DAY = datetime(2025, 1, 20, tzinfo=UTC)
+DAY = timedelta(days=1)
 NOOP_QUEUE = "bench_noop"
 
 
@@ -81,6 +97,11 @@ def drain(broker: dramatiq.Broker, queue: str, threads: int) -> float:
     return elapsed
 
 
+def count(factory: Any, model: Any) -> int:
+    with factory() as session:
+        return int(session.execute(select(func.count()).select_from(model)).scalar_one())
+
+
 def timed(work: Callable[[], Any]) -> tuple[float, Any]:
     started = time.perf_counter()
     result = work()
@@ -101,6 +122,34 @@ def bench_noop(settings: WorkerSettings, messages: int, threads: int) -> tuple[f
     return messages / enqueue_s, messages / drain_s
 
 
+def bench_upsert(url: str, settings: WorkerSettings, payloads: list[dict[str, Any]], threads: int):
+    """Drain rate of a bare actor doing one raw aggregate upsert per message, and committing."""
+    broker = build_broker(settings)
+    local = threading.local()
+    connections: list[psycopg.Connection[Any]] = []
+
+    def upsert(payload: dict[str, Any]) -> None:
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = local.connection = psycopg.connect(url, autocommit=True)
+            connections.append(connection)
+        start = datetime.fromisoformat(payload["day_start"])
+        params = {**payload, "id": str(uuid.uuid4()), "start": start, "end": start + DAY}
+        with connection.transaction():
+            connection.execute(RAW_AGGREGATE, params).fetchone()
+
+    actor = dramatiq.actor(
+        upsert, actor_name="bench.upsert", queue_name=UPSERT_QUEUE, broker=broker
+    )
+    for payload in payloads:
+        actor.send(payload)
+    seconds = drain(broker, UPSERT_QUEUE, threads)
+    for connection in connections:
+        connection.close()
+    broker.close()
+    return len(payloads) / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -108,6 +157,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--pairs", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
@@ -141,25 +191,39 @@ def run(url: str, namespace: str, args: argparse.Namespace) -> None:
         f"{noop_default_rate:,.0f} msg/s (ours, every command: {ratio:.2f}×)"
     )
 
-    seed_pairs(url, JOB_DAY, n, "job")
     broker = build_broker(settings)
     previous = actors.attach(broker, settings=settings)
     actors.bind(factory)
     try:
-        days = [JOB_DAY]
         scheduler = BillingScheduler(settings, factory, LocalFireLock())
-        enqueue_s, sent = timed(lambda: scheduler.fan_out_days(days))
-        drain_s = drain(broker, QUEUE_NAME, threads)
-        with factory() as session:
-            aggregates = session.execute(select(func.count()).select_from(UsageAggregate)).scalar()
-            events = session.execute(select(func.count()).select_from(WebhookEvent)).scalar()
-        if not sent == aggregates == events == n:
-            raise SystemExit(f"lost work: sent {sent}, aggregates {aggregates}, events {events}")
-        rate = n / drain_s
-        print(
-            f"billing.aggregate_daily: {rate:,.0f} jobs/s ({rate / noop_rate:.0%} of the no-op "
-            f"actor); {n} aggregates and {n} outbox events in {drain_s:.1f} s"
-        )
+        rounds = Rounds()
+        for round_ in range(args.rounds):
+            day = JOB_DAY + timedelta(days=round_)
+            seed_pairs(url, day, n, f"job{round_}-")
+            payloads = [
+                {"tenant_id": tenant, "metric": metric, "day_start": day.isoformat()}
+                for tenant, metric in fanout.usage_pairs(factory, day, batch_size=1000)
+            ]
+            upsert_rate = bench_upsert(url, settings, payloads, threads)
+            rounds.rates.setdefault("bare actor, one raw upsert", []).append(upsert_rate)
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("TRUNCATE usage_aggregates")
+            events_before = count(factory, WebhookEvent)
+            sent = scheduler.fan_out_days([day])
+            drain_s = drain(broker, QUEUE_NAME, threads)
+            aggregates = count(factory, UsageAggregate)
+            events = count(factory, WebhookEvent) - events_before
+            if not sent == aggregates == events == n:
+                raise SystemExit(
+                    f"lost work: sent {sent}, aggregates {aggregates}, events {events}"
+                )
+            rounds.rates.setdefault("billing.aggregate_daily", []).append(n / drain_s)
+            rounds.loads.append(os.getloadavg()[0])
+            print(
+                f"round {round_ + 1}: billing.aggregate_daily {n / drain_s:,.0f} jobs/s, bare "
+                f"upsert actor {upsert_rate:,.0f}/s, no-op {noop_rate:,.0f}/s ({load()})"
+            )
+        rounds.report("billing.aggregate_daily", "bare actor, one raw upsert", 0.6)
 
         seed_pairs(url, FANOUT_DAY, args.pairs, "fan")
         rss_before = peak_rss_mb()
