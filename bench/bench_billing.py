@@ -78,7 +78,7 @@ RAW_AGGREGATE = (
     "INSERT INTO usage_aggregates (id, tenant_id, metric, period_start, granularity, total, "
     "updated_at) SELECT %s, %s, %s, %s, 'day', COALESCE(SUM(amount), 0), now() "
     "FROM usage_events WHERE tenant_id = %s AND metric = %s AND at_ts >= %s AND at_ts < %s "
-    "ON CONFLICT (tenant_id, metric, period_start, granularity) "
+    "ON CONFLICT (tenant_id, metric, period_start, granularity, group_key) "
     "DO UPDATE SET total = excluded.total RETURNING total"
 )
 

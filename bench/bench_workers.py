@@ -58,7 +58,7 @@ RAW_AGGREGATE = (
     "updated_at) SELECT %(id)s, %(tenant_id)s::text, %(metric)s::text, %(start)s, 'day', "
     "COALESCE(SUM(amount), 0), now() FROM usage_events WHERE tenant_id = %(tenant_id)s::text "
     "AND metric = %(metric)s::text AND at_ts >= %(start)s AND at_ts < %(end)s "
-    "ON CONFLICT (tenant_id, metric, period_start, granularity) "
+    "ON CONFLICT (tenant_id, metric, period_start, granularity, group_key) "
     "DO UPDATE SET total = excluded.total RETURNING total"
 )
 FANOUT_DAY = datetime(2025, 1, 20, tzinfo=UTC)
