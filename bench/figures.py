@@ -35,11 +35,18 @@ class Rounds:
 
     def __init__(self) -> None:
         self.rates: dict[str, list[float]] = {}
+        self.cpu_us: dict[str, list[float]] = {}  # this process's CPU per unit, in µs
         self.loads: list[float] = []
 
     def measure(self, label: str, units: int, work: Callable[[], object]) -> float:
-        """Run `work` once, record `units / seconds` under `label`; return the rate."""
+        """Run `work` once, record `units / seconds` under `label`; return the rate.
+
+        Also records this process's CPU time per unit (client-side work: less swayed by the
+        machine's load than the rate, which waits on the server and on other processes).
+        """
+        cpu = time.process_time()
         rate = units / timed(work)
+        self.cpu_us.setdefault(label, []).append((time.process_time() - cpu) / units * 1e6)
         self.rates.setdefault(label, []).append(rate)
         self.loads.append(os.getloadavg()[0])
         return rate
@@ -54,6 +61,11 @@ class Rounds:
             f"ratio {spread(ratios, '.2f')}{aim}; {len(ours)} rounds, "
             f"load {spread(self.loads, '.1f')}"
         )
+        if label in self.cpu_us and baseline in self.cpu_us:
+            print(
+                f"  client CPU per unit: {spread(self.cpu_us[label], ',.1f')} µs vs "
+                f"{spread(self.cpu_us[baseline], ',.1f')} µs"
+            )
         return {
             "label": label,
             "per_s": ours,

@@ -20,6 +20,7 @@ import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import Table, and_, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from billing.errors import IdempotencyConflictError, InvalidUsageError
@@ -152,7 +153,7 @@ def _insert_new(
     if len(events) > 1 and session.get_bind().dialect.name == "postgresql":
         connection = session.connection().connection.dbapi_connection
         if len(events) >= COPY_THRESHOLD and not getattr(connection, "autocommit", True):
-            return _insert_new_copy(cast("psycopg.Connection[Any]", connection), tenant_id, events)
+            return _insert_new_copy(session, tenant_id, events)
         insert_chunk = _insert_new_postgresql
     inserted: dict[tuple[str, str], str] = {}
     for start in range(0, len(events), INSERT_CHUNK):
@@ -249,17 +250,23 @@ RETURNING id, metric, idempotency_key
 
 
 def _insert_new_copy(
-    connection: psycopg.Connection[Any], tenant_id: str, events: Sequence[UsageInput]
+    session: Session, tenant_id: str, events: Sequence[UsageInput]
 ) -> dict[tuple[str, str], str]:
-    with connection.cursor() as cursor:
-        cursor.execute(_STAGE_CREATE)
-        with cursor.copy(_STAGE_COPY) as copy:
+    # The statements go through SQLAlchemy, so a refusal (a counter out of range…) raises its
+    # usual exceptions; COPY, which SQLAlchemy has no API for, has its errors wrapped alike.
+    sql = session.connection()
+    sql.exec_driver_sql(_STAGE_CREATE)
+    connection = cast("psycopg.Connection[Any]", sql.connection.dbapi_connection)
+    try:
+        with connection.cursor() as cursor, cursor.copy(_STAGE_COPY) as copy:
             copy.set_types(_STAGE_TYPES)
             for e in events:
                 metadata = None if e.metadata is None else Json(e.metadata)
                 copy.write_row((e.metric, e.amount, e.at, e.idempotency_key, metadata))
-        cursor.execute(_FROM_STAGE, {"tenant_id": tenant_id, "now": utcnow()})
-        return {(metric, key): event_id for event_id, metric, key in cursor}
+    except psycopg.Error as error:
+        raise DBAPIError.instance(_STAGE_COPY, None, error, psycopg.Error) from error
+    result = sql.exec_driver_sql(_FROM_STAGE, {"tenant_id": tenant_id, "now": utcnow()})
+    return {(metric, key): event_id for event_id, metric, key in result}
 
 
 def _match_existing(

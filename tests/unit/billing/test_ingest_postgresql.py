@@ -1,4 +1,4 @@
-"""Batches on PostgreSQL go through a COPY-staged INSERT; per event, they end as before.
+"""Ingest on PostgreSQL: batches go through a COPY-staged INSERT; per event, they end as before.
 
 The reference is the path batches took before (one `INSERT … SELECT FROM unnest(arrays)`),
 still taken on autocommit connections: the same batch, sent both ways, stores the same rows and
@@ -8,13 +8,14 @@ counters and says the same of each event (new or duplicate, and which stored row
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import BillingService, IdempotencyConflictError, ledger
@@ -191,3 +192,41 @@ def test_an_autocommit_connection_takes_the_single_statement_path(
     assert again == ids
     assert len(set(ids)) == 1500
     assert total == sum(range(1500))
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_a_single_event_is_stored_as_sent_in_a_transaction_or_not(
+    pg_factory: sessionmaker[Session], autocommit_engine: Engine, autocommit: bool
+) -> None:
+    factory = make_session_factory(autocommit_engine) if autocommit else pg_factory
+    sent = event(5, amount=9, metadata={"model": "é", "n": [1, 2]})
+    sent["at"] = sent["at"].astimezone(timezone(timedelta(hours=-5)))
+    with factory.begin() as session:
+        bs = BillingService(session=session, tenant_id="t1")
+        first = bs.ingest_event(**sent)
+        again = bs.ingest_event(**sent)
+        with pytest.raises(IdempotencyConflictError) as conflict:
+            bs.record_usage(**{**sent, "amount": 10})
+        assert conflict.value.existing_id == first.id
+    assert (first.duplicate, again.duplicate, again.id) == (False, True, first.id)
+    with pg_factory() as session:
+        assert stored(session) == [
+            ("t1", "tokens", "k5", 9, AT + timedelta(seconds=5), {"model": "é", "n": [1, 2]})
+        ]
+        assert [c[-1] for c in counters(session)] == [9, 9]  # the day's and the month's
+
+
+@pytest.mark.parametrize("where", ["key", "counter"])
+def test_the_database_refusing_a_staged_batch_raises_sqlalchemys_error(
+    pg_factory: sessionmaker[Session], where: str
+) -> None:
+    """The API answers SQLAlchemy's DBAPIError with a 400; COPY's refusals must be one too."""
+    batch = [event(k) for k in range(100)]
+    if where == "key":  # refused by COPY itself: text can't hold NUL
+        batch[50]["idempotency_key"] = "a\x00b"
+    else:  # refused by the INSERT's counter trigger: the day's total would overflow
+        batch[50]["amount"] = batch[51]["amount"] = 2**63 - 1
+    with pytest.raises(DBAPIError), pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage_batch(batch)
+    with pg_factory() as session:
+        assert session.execute(select(func.count()).select_from(UsageEvent)).scalar() == 0
