@@ -16,8 +16,9 @@ Only responses of requests that ran are stored: 2xx, 404 and 409. A request refu
 ran (400, 401, 403, 413, 415, 422, 429) or that failed (5xx) releases its key: the corrected
 retry runs. So does a response over `max_stored_bytes` (64 KiB), and a body that did not arrive
 whole (the client went away) is neither run nor stored. When the store does not answer (Redis
-down) the request gets 503 with `Retry-After` and is not run. A claim that is never completed
-(the process died) expires after `lock_ttl` (5 minutes).
+down), or the API key cannot be looked up (the database is down), the request gets 503 with
+`Retry-After` and is not run. A claim that is never completed (the process died) expires after
+`lock_ttl` (5 minutes).
 
 Stores: `MemoryIdempotencyStore` (what `store={}` becomes; one process only) and
 `RedisIdempotencyStore` (`redis.asyncio`, shared by every worker process).
@@ -39,6 +40,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, WatchError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -291,7 +293,11 @@ class IdempotencyMiddleware:
                 send,
             )
             return
-        caller = await self._caller(scope)
+        try:
+            caller = await self._caller(scope)
+        except SQLAlchemyError as error:  # the API key could not be looked up
+            await _unavailable(f"database: {type(error).__name__}", scope, receive, send)
+            return
         if caller is None:
             await self.app(scope, receive, send)
             return
@@ -316,15 +322,7 @@ class IdempotencyMiddleware:
         try:
             existing = await self.store.claim(store_key, claim, self.lock_ttl)
         except IdempotencyStoreUnavailable as error:
-            logger.warning("idempotency store unavailable: %s", error)
-            response = problem_response(
-                503,
-                "Service unavailable",
-                "idempotent requests cannot be served for a moment; retry later",
-                type_=f"{TYPE_PREFIX}idempotency-unavailable",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
-            await response(scope, receive, send)
+            await _unavailable(str(error), scope, receive, send)
             return
         if existing is not None:
             await self._answer_existing(existing, fingerprint, scope, receive, send)
@@ -433,6 +431,20 @@ class IdempotencyMiddleware:
             await write
         except IdempotencyStoreUnavailable as error:
             logger.warning("idempotency store unavailable after a response: %s", error)
+
+
+async def _unavailable(reason: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """503 with `Retry-After`: what idempotent requests need (the store, the key's lookup)
+    does not answer; nothing was run."""
+    logger.warning("idempotent request refused, a dependency is unavailable: %s", reason)
+    response = problem_response(
+        503,
+        "Service unavailable",
+        "idempotent requests cannot be served for a moment; retry later",
+        type_=f"{TYPE_PREFIX}idempotency-unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+    await response(scope, receive, send)
 
 
 async def _problem(

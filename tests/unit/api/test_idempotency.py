@@ -19,6 +19,7 @@ from billing.api import (
     IdempotencyMiddleware,
     MemoryIdempotencyStore,
     RedisIdempotencyStore,
+    add_billing,
     register_error_handlers,
 )
 from billing.api.keys import revoke_key
@@ -469,3 +470,17 @@ def test_the_web_app_s_keys_live_under_the_broker_namespace(redis_url, session_f
         sync.delete(*names)
     finally:
         sync.close()
+
+
+def test_a_database_down_while_naming_the_caller_answers_503(tmp_path, a_key) -> None:
+    from billing.db import make_engine, make_session_factory
+
+    gone = make_session_factory(make_engine(f"sqlite:///{tmp_path}/missing/dir/db.sqlite3"))
+    app = FastAPI()
+    app.add_middleware(IdempotencyMiddleware, store={})
+    add_billing(app, session_factory=gone)
+    body = {"metric": "tokens", "amount": 1, "idempotency_key": "e1"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/_billing/usage", json=body, headers={**a_key, **key()})
+    assert (response.status_code, response.headers["retry-after"]) == (503, "5")
+    assert response.json()["type"] == "urn:billing:problem:idempotency-unavailable"
