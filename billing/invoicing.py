@@ -13,12 +13,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from billing.errors import CurrencyMismatchError, InvalidPeriodError
+from billing.errors import CurrencyMismatchError, InvalidPeriodError, InvoiceStateError
 from billing.models import Invoice, InvoiceLine, Price, Subscription, UsageEvent
 from billing.periods import subscription_active_in
 from billing.pricing import fixed_amount, usage_amount
@@ -139,6 +139,34 @@ def store_invoice(
         existing = find_invoice(session, tenant_id, start, end, currency)
         assert existing is not None, "the conflicting invoice must be visible once committed"
         return existing.id, False
+    _insert_lines(session, invoice_id, lines, now)
+    return invoice_id, True
+
+
+def reprice_draft(session: Session, invoice: Invoice) -> None:
+    """Replace a locked draft's lines and total with the pricing of its period's usage now.
+
+    Raises:
+        InvoiceStateError: the invoice is not a draft; nothing is changed (a finalized
+            invoice's lines and amounts never change).
+    """
+    if invoice.status != "draft":
+        raise InvoiceStateError(
+            f"a {invoice.status} invoice cannot be re-priced",
+            invoice_id=invoice.id,
+            status=invoice.status,
+        )
+    lines = price_lines(
+        session, invoice.tenant_id, invoice.period_start, invoice.period_end, invoice.currency
+    )
+    session.execute(delete(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id))
+    _insert_lines(session, invoice.id, lines, utcnow())
+    invoice.total_amount = sum(line.amount for line in lines)
+    session.flush()
+    session.expire(invoice, ["lines"])
+
+
+def _insert_lines(session: Session, invoice_id: str, lines: list[LineDraft], now: datetime) -> None:
     if lines:
         session.execute(
             sa_insert(InvoiceLine),
@@ -155,7 +183,6 @@ def store_invoice(
                 for line in lines
             ],
         )
-    return invoice_id, True
 
 
 def _active_subscriptions(

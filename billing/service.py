@@ -152,9 +152,11 @@ class BillingService:
         """Create the invoice of `[period_start, period_end)` in `currency`, once; return its id.
 
         The invoice is created (`billing.invoice.created`) and, without a grace period,
-        finalized (numbered, `billing.invoice.finalized`) in the caller's transaction. Called
-        again (or by a racing worker) it returns the same id and creates nothing. A void
-        invoice does not count: the period is invoiced anew.
+        finalized (numbered, `billing.invoice.finalized`) in the caller's transaction; with
+        `policy.grace_period` it stays a draft, re-priced from the usage known whenever it is
+        generated again and when it is finalized. Called again (or by a racing worker) it
+        returns the same id and creates nothing. A void invoice does not count: the period is
+        invoiced anew.
 
         Raises:
             InvalidPeriodError: naive or reversed period, a malformed currency, or a period
@@ -171,8 +173,11 @@ class BillingService:
         existing = invoicing.find_invoice(
             self.session, self.tenant_id, period_start, period_end, currency
         )
+        created = False
         if existing is not None:
             invoice_id = existing.id
+            if existing.status == "draft" and self.policy.grace_period:
+                self._reprice(invoice_id)
         else:
             lines = invoicing.price_lines(
                 self.session, self.tenant_id, period_start, period_end, currency
@@ -193,7 +198,11 @@ class BillingService:
                     currency=currency,
                 )
         if not self.policy.grace_period:
-            self._transition(invoice_id, lifecycle.FINALIZE)
+            # Just priced: finalize as is; a draft left from a grace period is re-priced first.
+            if created:
+                self._transition(invoice_id, lifecycle.FINALIZE)
+            else:
+                self.finalize_invoice(invoice_id)
         self.session.flush()
         if self.provider_sync is not None:
             self.sync_invoice(invoice_id)
@@ -208,13 +217,21 @@ class BillingService:
         return lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=False)
 
     def finalize_invoice(self, invoice_id: str) -> Invoice:
-        """`draft` → `open`: give the invoice its number; an open invoice is left as it is.
+        """`draft` → `open`: re-price the draft from its period's usage now, then give it its
+        number; an open invoice is left as it is.
 
         Raises:
             UnknownInvoiceError: the tenant has no invoice with that id.
             InvoiceStateError: the invoice is paid, void or uncollectible.
         """
+        self._reprice(invoice_id)
         return self._transition(invoice_id, lifecycle.FINALIZE)
+
+    def _reprice(self, invoice_id: str) -> None:
+        """Re-price the invoice (its row locked) if it is still a draft."""
+        invoice = lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=True)
+        if invoice.status == "draft":
+            invoicing.reprice_draft(self.session, invoice)
 
     def pay_invoice(self, invoice_id: str) -> Invoice:
         """`open` or `uncollectible` → `paid`, with `paid_at`; a paid invoice stays as it is.

@@ -37,17 +37,20 @@ from billing.settings import BillingSettings
 from workers.broker import actor_options, build_broker, sync_actor_options
 from workers.jobs import (
     AGGREGATE_DAILY,
+    FINALIZE_INVOICE,
     GENERATE_MONTHLY_INVOICE,
     PERMANENT_ERRORS,
     SYNC_INVOICE,
     SessionFactory,
     aggregate_daily_job,
+    finalize_invoice_job,
     generate_monthly_invoice_job,
     sync_invoice_job,
 )
 from workers.logs import configure_logging
 from workers.payloads import (
     AggregateDailyPayload,
+    FinalizeInvoicePayload,
     MonthlyInvoicePayload,
     SyncInvoicePayload,
     parse_payload,
@@ -165,7 +168,21 @@ def sync_invoice(payload: dict[str, Any]) -> None:
     sync_invoice_job(resources.session_factory, payload, provider_sync=resources.provider_sync)
 
 
-ACTORS = (aggregate_daily, generate_monthly_invoice, sync_invoice)
+@dramatiq.actor(actor_name=FINALIZE_INVOICE, broker=broker, **_OPTIONS)
+def finalize_invoice(payload: dict[str, Any]) -> None:
+    """`{invoice_id}`: finalize a draft once its grace period ended (safe twice or at once),
+    then (with a provider hook) send `billing.sync_invoice` for it."""
+    resources = _bound()
+    finalize_invoice_job(
+        resources.session_factory,
+        payload,
+        webhooks=resources.webhooks,
+        enqueue_sync=_enqueue_sync if resources.provider_sync is not None else None,
+        policy=resources.policy,
+    )
+
+
+ACTORS = (aggregate_daily, generate_monthly_invoice, sync_invoice, finalize_invoice)
 
 
 def options_for(actor: dramatiq.Actor[Any, Any], settings: WorkerSettings) -> dict[str, Any]:
@@ -238,6 +255,17 @@ def enqueue_sync_invoice(*, invoice_id: str) -> Message[Any]:
     payload = {"invoice_id": invoice_id}
     parse_payload(SyncInvoicePayload, payload, job=SYNC_INVOICE)
     return _send(sync_invoice, payload)
+
+
+def enqueue_finalize_invoice(*, invoice_id: str) -> Message[Any]:
+    """Send `billing.finalize_invoice` for a draft invoice; return the message.
+
+    Raises:
+        InvalidPayloadError: an empty id; nothing is sent.
+    """
+    payload = {"invoice_id": invoice_id}
+    parse_payload(FinalizeInvoicePayload, payload, job=FINALIZE_INVOICE)
+    return _send(finalize_invoice, payload)
 
 
 def _enqueue_sync(invoice_id: str) -> None:

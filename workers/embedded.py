@@ -130,7 +130,12 @@ def start_embedded(
     actors.bind(session_factory, provider_sync=provider_sync, policy=database.invoice_policy())
     worker = Worker(actors.broker, worker_threads=threads)
     worker.start()
-    scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
+    scheduler = BillingScheduler(
+        settings,
+        session_factory,
+        make_lock(settings),
+        grace_period=database.invoice_grace_period,
+    )
     apscheduler = StoppableScheduler(timezone=UTC)
     scheduler.schedule(apscheduler)
     apscheduler.start()

@@ -105,12 +105,25 @@ def count_invoice_targets(
 
 
 def unsynced_invoices_query(created_after: datetime, created_before: datetime) -> Select[str, str]:
-    """(invoice id, tenant) of the invoices created in `[after, before)` without a provider id."""
+    """(invoice id, tenant) of the finalized invoices created in `[after, before)` without a
+    provider id (drafts are not synced)."""
     return select(Invoice.id, Invoice.tenant_id).where(
         Invoice.provider_invoice_id.is_(None),
+        Invoice.status.in_(["open", "paid", "uncollectible"]),
         Invoice.created_at >= created_after,
         Invoice.created_at < created_before,
     )
+
+
+def due_drafts(
+    session_factory: sessionmaker[Session], created_before: datetime, *, batch_size: int
+) -> Generator[tuple[str, str], None, None]:
+    """Every (invoice id, tenant) still a draft that was created before `created_before` (its
+    grace period has ended), streamed."""
+    query = select(Invoice.id, Invoice.tenant_id).where(
+        Invoice.status == "draft", Invoice.created_at < created_before
+    )
+    yield from _stream(session_factory, query, batch_size)
 
 
 def unsynced_invoices(

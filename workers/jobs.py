@@ -17,6 +17,8 @@ safe to run twice, concurrently or after a crash:
 - `billing.sync_invoice`: locks the invoice row, calls the provider hook unless the invoice
   already has a provider id, and stores the id returned; the provider's own idempotency keys
   (see `billing.providers.stripe`) make a sync that died after the provider answered safe.
+- `billing.finalize_invoice`: locks a draft, re-prices and numbers it (`billing.invoice.finalized`);
+  an invoice no longer a draft is left alone, so a second or concurrent run changes nothing.
 
 Each run logs one line (`workers.logs.job_log`): job, outcome, duration, tenant and ids.
 
@@ -53,6 +55,7 @@ from workers.errors import (
 from workers.logs import job_log
 from workers.payloads import (
     AggregateDailyPayload,
+    FinalizeInvoicePayload,
     MonthlyInvoicePayload,
     P,
     SyncInvoicePayload,
@@ -64,6 +67,7 @@ logger = logging.getLogger(__name__)
 AGGREGATE_DAILY = "billing.aggregate_daily"
 GENERATE_MONTHLY_INVOICE = "billing.generate_monthly_invoice"
 SYNC_INVOICE = "billing.sync_invoice"
+FINALIZE_INVOICE = "billing.finalize_invoice"
 USAGE_AGGREGATED = "billing.usage_aggregated"
 INVOICE_CREATED = lifecycle.INVOICE_CREATED
 
@@ -128,7 +132,7 @@ def generate_monthly_invoice_job(
     period_end, currency}` (and, finalizing it, `billing.invoice.finalized`) in the same
     transaction, with ids derived from the invoice's: one event each however often the job
     runs. After the commit, `enqueue_sync(invoice_id)` (when given) asks for the invoice's
-    provider sync; the provider itself is never called here.
+    provider sync, unless it is a draft; the provider itself is never called here.
 
     Raises:
         InvalidPayloadError: the payload breaks the contract; nothing ran.
@@ -151,11 +155,56 @@ def generate_monthly_invoice_job(
             invoice_id = service.generate_monthly_invoice(
                 period_start=job.period_start, period_end=job.period_end, currency=job.currency
             )
+            draft = service.get_invoice(invoice_id).status == "draft"
         log["invoice_id"] = invoice_id
-        if enqueue_sync is not None:
+        if enqueue_sync is not None and not draft:
             enqueue_sync(invoice_id)
             log["sync"] = "enqueued"
     return invoice_id
+
+
+def finalize_invoice_job(
+    session_factory: SessionFactory,
+    payload: Mapping[str, Any],
+    *,
+    webhooks: Outbox = webhooks_outbox,
+    enqueue_sync: Callable[[str], object] | None = None,
+    policy: InvoicePolicy = DEFAULT_POLICY,
+    now: Callable[[], datetime] = utcnow,
+) -> str:
+    """Finalize a draft invoice (of any tenant): re-price it, number it, announce it.
+
+    Safe twice or concurrently: the invoice row is locked, and an invoice that is no longer a
+    draft (finalized by another run, or voided meanwhile) is left as it is. Returns the
+    invoice's status afterwards. After the commit, `enqueue_sync(invoice_id)` asks for the
+    provider sync of an invoice this run finalized.
+
+    Raises:
+        InvalidPayloadError: the payload breaks the contract; nothing ran.
+        InvoiceNotFoundError: no invoice has that id.
+    """
+    with job_log(logger, FINALIZE_INVOICE, permanent=PERMANENT_ERRORS) as log:
+        job = _parse(FinalizeInvoicePayload, payload, FINALIZE_INVOICE)
+        log["invoice_id"] = job.invoice_id
+        with session_factory.begin() as session:
+            row = session.execute(
+                select(Invoice.tenant_id, Invoice.status).where(Invoice.id == job.invoice_id)
+            ).one_or_none()
+            if row is None:
+                raise InvoiceNotFoundError(f"no invoice {job.invoice_id!r} to finalize")
+            log["tenant_id"] = row.tenant_id
+            service = BillingService(
+                session=session, tenant_id=row.tenant_id, now=now, policy=policy, outbox=webhooks
+            )
+            before = service.get_invoice(job.invoice_id).status
+            status = before
+            if before == "draft":
+                status = service.finalize_invoice(job.invoice_id).status
+        log.update(status=status, finalized=before != status)
+        if before != status and enqueue_sync is not None:
+            enqueue_sync(job.invoice_id)
+            log["sync"] = "enqueued"
+    return status
 
 
 def sync_invoice_job(
@@ -234,6 +283,9 @@ def make_billing_job_handler(
             session_factory, p, webhooks=webhooks, enqueue_sync=enqueue_sync, policy=policy
         ),
         SYNC_INVOICE: lambda p: sync_invoice_job(session_factory, p, provider_sync=provider_sync),
+        FINALIZE_INVOICE: lambda p: finalize_invoice_job(
+            session_factory, p, webhooks=webhooks, enqueue_sync=enqueue_sync, policy=policy
+        ),
     }
 
     def handle(job_name: str, payload: Mapping[str, Any]) -> object:

@@ -73,6 +73,12 @@ class SyncInvoicePayload(_Payload):
     invoice_id: NonBlank
 
 
+class FinalizeInvoicePayload(_Payload):
+    """`billing.finalize_invoice`: finalize draft `invoice_id` (of whichever tenant)."""
+
+    invoice_id: NonBlank
+
+
 P = TypeVar("P", bound=_Payload)
 
 

@@ -14,6 +14,9 @@ APScheduler 3 runs two cron jobs in UTC, from `WorkerSettings`:
   has no provider id `SYNC_PENDING_AFTER` after it was created: the safety net under the
   message each invoice job sends after its commit (lost if the broker failed right then, or
   dead-lettered after a long provider outage).
+- `billing.finalize-drafts` (`FINALIZE_SWEEP_CRON`, every 10 minutes; only with an
+  `INVOICE_GRACE_PERIOD`) sends `billing.finalize_invoice` for every draft invoice created more
+  than the grace period ago (the actor is safe to receive twice).
 
 All have fixed ids, `coalesce=True`, `max_instances=1` and a misfire grace (`MISFIRE_GRACE`).
 Each fire is claimed first with a fire lock keyed by the work it stands for
@@ -63,6 +66,7 @@ DAILY_JOB_ID = "billing.aggregate-daily"
 MONTHLY_JOB_ID = "billing.monthly-invoices"
 CATCH_UP_JOB_ID = "billing.catch-up"
 SYNC_JOB_ID = "billing.sync-pending-invoices"
+FINALIZE_JOB_ID = "billing.finalize-drafts"
 SYNC_FIRE_LOCK_TTL = timedelta(days=1)
 RETRY_DELAY = timedelta(minutes=1)
 DAY = timedelta(days=1)
@@ -82,6 +86,8 @@ SendInvoice = Callable[..., object]
 """`enqueue_generate_monthly_invoice(*, tenant_id, period_start, period_end, currency)`."""
 SendSync = Callable[..., object]
 """`enqueue_sync_invoice(*, invoice_id)`."""
+SendFinalize = Callable[..., object]
+"""`enqueue_finalize_invoice(*, invoice_id)`."""
 
 
 class FireBusy(Exception):
@@ -152,6 +158,8 @@ class BillingScheduler:
         send_aggregate: SendAggregate | None = None,
         send_invoice: SendInvoice | None = None,
         send_sync: SendSync | None = None,
+        send_finalize: SendFinalize | None = None,
+        grace_period: timedelta = timedelta(0),
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
@@ -167,12 +175,15 @@ class BillingScheduler:
         self.send_aggregate = send_aggregate
         self.send_invoice = send_invoice
         self._send_sync = send_sync
+        self._send_finalize = send_finalize
+        self.grace_period = grace_period
         self.now = now
         self.sleep = sleep
         self.monotonic = monotonic  # leases, deadlines and backoff: tests pass a fake clock
         self.daily_trigger = CronTrigger.from_crontab(settings.aggregate_cron, timezone=UTC)
         self.monthly_trigger = CronTrigger.from_crontab(settings.invoice_cron, timezone=UTC)
         self.sync_trigger = CronTrigger.from_crontab(settings.sync_sweep_cron, timezone=UTC)
+        self.finalize_trigger = CronTrigger.from_crontab(settings.finalize_sweep_cron, timezone=UTC)
         self.stopping = threading.Event()
         self._apscheduler: BaseScheduler | None = None
         self._lease = threading.local()  # the fire this thread is fanning out, and when to renew
@@ -204,6 +215,17 @@ class BillingScheduler:
         key = f"sync-pending-invoices:{fire_time.strftime('%Y-%m-%dT%H:%M')}"
         return self._fire(SYNC_JOB_ID, key, self.fan_out_unsynced, ttl=SYNC_FIRE_LOCK_TTL)
 
+    def run_finalize_sweep(self, fire_time: datetime | None = None) -> FireReport:
+        """Send `billing.finalize_invoice` for the drafts whose grace period has ended."""
+        fire_time = fire_time or self._last_fire(self.finalize_trigger)
+        key = f"finalize-drafts:{fire_time.strftime('%Y-%m-%dT%H:%M')}"
+        return self._fire(FINALIZE_JOB_ID, key, self.fan_out_due_drafts, ttl=SYNC_FIRE_LOCK_TTL)
+
+    @property
+    def finalizes_drafts(self) -> bool:
+        """True with an `INVOICE_GRACE_PERIOD`, so the finalize sweep is scheduled."""
+        return self.grace_period > timedelta(0)
+
     @property
     def syncs_invoices(self) -> bool:
         """True when a provider sync is configured, so the sweep is scheduled."""
@@ -219,6 +241,8 @@ class BillingScheduler:
         ]
         if self.syncs_invoices:
             runs.append((self.sync_trigger, self.run_sync_sweep))
+        if self.finalizes_drafts:
+            runs.append((self.finalize_trigger, self.run_finalize_sweep))
         for trigger, run in runs:
             fire_time = last_fire_time(trigger, now)
             if fire_time is not None:
@@ -291,6 +315,33 @@ class BillingScheduler:
                 sent += 1
         return sent
 
+    def fan_out_due_drafts(self) -> int:
+        """Send `billing.finalize_invoice` for each draft older than the grace period."""
+        send_finalize = self.send_finalize
+        sent = 0
+        enqueued = SCHEDULER_ENQUEUED.labels(job=FINALIZE_JOB_ID)
+        stream = fanout.due_drafts(
+            self.session_factory,
+            self.now() - self.grace_period,
+            batch_size=self.settings.fanout_batch_size,
+        )
+        with closing(stream):
+            for invoice_id, _tenant_id in stream:
+                self._check_stopping()
+                self._retrying(partial(send_finalize, invoice_id=invoice_id))
+                enqueued.inc()
+                sent += 1
+        return sent
+
+    @property
+    def send_finalize(self) -> SendFinalize:
+        """How draft finalizations are sent (the environment's broker, by default)."""
+        if self._send_finalize is None:
+            from workers import actors
+
+            self._send_finalize = actors.enqueue_finalize_invoice
+        return self._send_finalize
+
     @property
     def send_sync(self) -> SendSync:
         """How invoice syncs are sent (the broker the environment configures, by default)."""
@@ -321,6 +372,14 @@ class BillingScheduler:
             scheduler.add_job(
                 self._job, self.sync_trigger, args=[SYNC_JOB_ID], id=SYNC_JOB_ID, **common
             )
+        if self.finalizes_drafts:
+            scheduler.add_job(
+                self._job,
+                self.finalize_trigger,
+                args=[FINALIZE_JOB_ID],
+                id=FINALIZE_JOB_ID,
+                **common,
+            )
         if catch_up:
             scheduler.add_job(
                 self._job,
@@ -340,12 +399,14 @@ class BillingScheduler:
             DAILY_JOB_ID: lambda: self.run_daily(fire_time),
             MONTHLY_JOB_ID: lambda: self.run_monthly(fire_time),
             SYNC_JOB_ID: lambda: self.run_sync_sweep(fire_time),
+            FINALIZE_JOB_ID: lambda: self.run_finalize_sweep(fire_time),
             CATCH_UP_JOB_ID: self.catch_up,
         }
         triggers = {
             DAILY_JOB_ID: self.daily_trigger,
             MONTHLY_JOB_ID: self.monthly_trigger,
             SYNC_JOB_ID: self.sync_trigger,
+            FINALIZE_JOB_ID: self.finalize_trigger,
         }
         if fire_time is None and job_id in triggers:
             fire_time = self._last_fire(triggers[job_id])
@@ -515,16 +576,23 @@ def main(argv: list[str] | None = None) -> int:
     serve_metrics(settings)
     database = BillingSettings()
     session_factory = make_session_factory(make_engine(database.database_url))
-    billing_scheduler = BillingScheduler(settings, session_factory, make_lock(settings))
+    billing_scheduler = BillingScheduler(
+        settings,
+        session_factory,
+        make_lock(settings),
+        grace_period=database.invoice_grace_period,
+    )
     apscheduler = StoppableScheduler(timezone=UTC)
     billing_scheduler.schedule(apscheduler)
     stopping = stop_on_signals(billing_scheduler.stop)
     apscheduler.start()
     logger.info(
-        "scheduler started: aggregate %r, invoices %r, invoice sync sweep %s (UTC)",
+        "scheduler started: aggregate %r, invoices %r, invoice sync sweep %s, "
+        "draft finalize sweep %s (UTC)",
         settings.aggregate_cron,
         settings.invoice_cron,
         repr(settings.sync_sweep_cron) if billing_scheduler.syncs_invoices else "off",
+        repr(settings.finalize_sweep_cron) if billing_scheduler.finalizes_drafts else "off",
     )
     wait_for_stop(stopping)
     apscheduler.shutdown(wait=True)  # running fires see `stopping`, give their claims back

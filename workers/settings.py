@@ -187,6 +187,10 @@ class WorkerSettings(LogSettings):
     sync_sweep_cron: str = "15 * * * *"
     """When the scheduler re-sends unsynced invoices (crontab, UTC; with `PROVIDER_SYNC`)."""
 
+    finalize_sweep_cron: str = "*/10 * * * *"
+    """When the scheduler finalizes drafts whose `INVOICE_GRACE_PERIOD` has ended (crontab,
+    UTC; only with a grace period)."""
+
     sync_pending_after: Duration = timedelta(hours=3)
     """An invoice still without a provider id this long after it was created is sent again."""
 
@@ -212,7 +216,7 @@ class WorkerSettings(LogSettings):
     """`billing status` fails when a message was dead-lettered, or a webhook delivery died,
     within this window; older ones are shown but no longer fail it."""
 
-    @field_validator("aggregate_cron", "invoice_cron", "sync_sweep_cron")
+    @field_validator("aggregate_cron", "invoice_cron", "sync_sweep_cron", "finalize_sweep_cron")
     @classmethod
     def _check_cron(cls, value: str) -> str:
         CronTrigger.from_crontab(value, timezone="UTC")

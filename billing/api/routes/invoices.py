@@ -1,6 +1,6 @@
 """Invoices: a tenant lists and reads its own (`billing.read`); an operator (`billing.admin`)
-lists and reads any tenant's (`/tenants/{tenant_id}/invoices`) and voids, pays or
-marks any invoice uncollectible (each change and its event in one transaction).
+lists and reads any tenant's (`/tenants/{tenant_id}/invoices`) and voids, pays, finalizes
+or marks any invoice uncollectible (each change and its event in one transaction).
 
 An invoice's lines come a page at a time (an invoice can have thousands): `GET` of an invoice
 holds the first `LINES_PER_DETAIL` and `next_lines_cursor`; `/lines` walks the rest.
@@ -133,6 +133,17 @@ def void_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep
     """A draft, open or uncollectible invoice becomes void, and its period may be invoiced
     anew; voiding again changes nothing; a paid invoice cannot be voided: 409."""
     return _transition(session, invoice_id, BillingService.void_invoice)
+
+
+@router.post(
+    "/invoices/{invoice_id}/finalize",
+    summary="Finalize a tenant's draft invoice now (operator)",
+    responses=problem_responses(401, 403, 404, 409, 422),
+)
+def finalize_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep) -> InvoiceOut:
+    """A draft is re-priced from its period's usage and numbered (`billing.invoice.finalized`);
+    an open invoice is returned as it is; a paid, void or uncollectible one: 409."""
+    return _transition(session, invoice_id, BillingService.finalize_invoice)
 
 
 @router.post(

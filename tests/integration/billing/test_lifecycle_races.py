@@ -107,3 +107,21 @@ def test_racing_pay_and_void_leave_one_outcome_and_one_event(factory) -> None:
         )
     assert changed == [f"billing.invoice.{'paid' if status == 'paid' else 'voided'}"]
     assert all(r == status or isinstance(r, InvoiceStateError) for r in results), results
+
+
+def test_racing_finalize_jobs_on_one_draft_number_it_once(factory) -> None:
+    from billing import InvoicePolicy
+    from workers.jobs import finalize_invoice_job
+
+    with factory.begin() as session:
+        draft = BillingService(
+            session=session, tenant_id="t00", policy=InvoicePolicy(grace_period=FEB - JAN)
+        ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    results = race(8, lambda _: finalize_invoice_job(factory, {"invoice_id": draft}))
+    assert results == ["open"] * 8
+    with factory() as session:
+        assert session.execute(select(Invoice.number)).scalars().all() == ["INV-000001"]
+        finalized = session.execute(
+            select(WebhookEvent).where(WebhookEvent.topic == "billing.invoice.finalized")
+        ).scalars()
+        assert len(list(finalized)) == 1

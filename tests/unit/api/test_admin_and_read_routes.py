@@ -266,3 +266,21 @@ def test_paying_and_marking_uncollectible_follow_the_lifecycle(
     with session_factory() as session:
         topics = sorted(session.execute(select(WebhookEvent.topic)).scalars())
     assert topics == ["billing.invoice.marked_uncollectible", "billing.invoice.paid"]
+
+
+def test_an_operator_finalizes_a_draft_now(client, operator, invoices, session_factory) -> None:
+    with session_factory.begin() as session:
+        draft = Invoice(
+            tenant_id="A",
+            period_start=datetime(2024, 12, 1, tzinfo=UTC),
+            period_end=datetime(2025, 1, 1, tzinfo=UTC),
+            total_amount=0,
+            currency="usd",
+            status="draft",
+        )
+        session.add(draft)
+    finalized = client.post(f"/_billing/invoices/{draft.id}/finalize", headers=operator)
+    assert (finalized.status_code, finalized.json()["status"]) == (200, "open")
+    assert finalized.json()["number"] == "INV-000001"
+    paid = client.post(f"/_billing/invoices/{invoices[0]}/finalize", headers=operator)
+    assert (paid.status_code, paid.json()["invoice_status"]) == (409, "paid")
