@@ -10,8 +10,10 @@ The quick start:
 from billing import catalog_rules  # noqa: F401 - registers the catalogue rules on flush
 from billing.errors import (
     BillingError,
+    CreditExceedsInvoiceError,
     CurrencyMismatchError,
     IdempotencyConflictError,
+    InvalidCreditNoteError,
     InvalidPeriodError,
     InvalidSubscriptionError,
     InvalidUsageError,
@@ -28,10 +30,12 @@ from billing.service import BillingService, ProviderSync
 __all__ = [
     "BillingError",
     "BillingService",
+    "CreditExceedsInvoiceError",
     "CurrencyMismatchError",
     "IdempotencyConflictError",
     "InvalidPeriodError",
     "InvalidSubscriptionError",
+    "InvalidCreditNoteError",
     "InvalidUsageError",
     "MeterDefinitionError",
     "InvoicePolicy",

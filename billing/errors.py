@@ -11,6 +11,8 @@ BillingError
 ├── UnknownInvoiceError        no invoice of this tenant has that id; permanent
 ├── InvoiceStateError          the invoice's status forbids the change asked for; permanent
 ├── CatalogError               a catalogue file is malformed (names file, entry, field); permanent
+├── InvalidCreditNoteError     a credit note's amount, lines or reason is malformed; permanent
+├── CreditExceedsInvoiceError  credit notes would exceed the invoice's total; permanent
 ├── QuotaExceededError         a hard quota is used up; retry after the window resets
 └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
 """
@@ -106,6 +108,23 @@ class ProviderSyncError(BillingError):
         self.invoice_id = invoice_id
 
 
+class InvalidCreditNoteError(BillingError, ValueError):
+    """A credit note's amount, lines or reason is malformed; nothing was stored."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CreditExceedsInvoiceError(BillingError):
+    """The invoice's credit notes would add up to more than its total; nothing was stored."""
+
+    def __init__(self, message: str, *, invoice_id: str, available: int) -> None:
+        super().__init__(message)
+        self.invoice_id = invoice_id
+        self.available = available
+
+
 PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     InvalidUsageError,
     IdempotencyConflictError,
@@ -116,5 +135,7 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     MeterDefinitionError,
     UnknownInvoiceError,
     InvoiceStateError,
+    InvalidCreditNoteError,
+    CreditExceedsInvoiceError,
 )
 """Errors that retrying can never fix (Dramatiq's `throws=`)."""

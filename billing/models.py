@@ -285,3 +285,50 @@ class InvoiceLine(Base):
     created_at: Mapped[datetime] = _created_at()
 
     invoice: Mapped[Invoice] = relationship(back_populates="lines")
+
+
+class CreditNote(Base):
+    """An amount given back on a finalized invoice, numbered from its own gapless sequence.
+
+    The credit notes of an invoice never add up to more than its total.
+    """
+
+    __tablename__ = "credit_notes"
+    __table_args__ = (
+        Index("ix_credit_notes_invoice_id", "invoice_id"),
+        CheckConstraint("amount > 0", name="amount"),
+    )
+
+    id: Mapped[str] = _id()
+    invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id"), nullable=False)
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    number: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+    lines: Mapped[list[CreditNoteLine]] = relationship(
+        back_populates="credit_note", order_by="CreditNoteLine.position"
+    )
+
+
+class CreditNoteLine(Base):
+    """One line of a credit note: an amount, optionally against one line of the invoice."""
+
+    __tablename__ = "credit_note_lines"
+    __table_args__ = (
+        Index("ix_credit_note_lines_credit_note_id", "credit_note_id"),
+        CheckConstraint("amount > 0", name="amount"),
+    )
+
+    id: Mapped[str] = _id()
+    credit_note_id: Mapped[str] = mapped_column(ForeignKey("credit_notes.id"), nullable=False)
+    position: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    invoice_line_id: Mapped[str | None] = mapped_column(
+        ForeignKey("invoice_lines.id"), nullable=True
+    )
+    description: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    credit_note: Mapped[CreditNote] = relationship(back_populates="lines")

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import webhooks
-from billing import aggregation, invoicing, ledger, lifecycle, metrics
+from billing import aggregation, credit_notes, invoicing, ledger, lifecycle, metrics
 from billing.errors import (
     IdempotencyConflictError,
     InvalidPeriodError,
@@ -23,7 +23,7 @@ from billing.errors import (
 )
 from billing.ledger import Recorded
 from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
-from billing.models import Invoice, InvoiceLine
+from billing.models import CreditNote, Invoice, InvoiceLine
 from webhooks.sqltypes import utcnow
 
 logger = logging.getLogger(__name__)
@@ -259,6 +259,44 @@ class BillingService:
             InvoiceStateError: the invoice is paid.
         """
         return self._transition(invoice_id, lifecycle.VOID)
+
+    def create_credit_note(
+        self,
+        invoice_id: str,
+        *,
+        amount: int | None = None,
+        lines: Sequence[Mapping[str, Any]] | None = None,
+        reason: str,
+    ) -> CreditNote:
+        """Credit an `open` or `paid` invoice: `amount`, or `lines` (`{amount, invoice_line_id?,
+        description?}`) adding up to it; numbered `CN-…`, announced by
+        `billing.credit_note.created`.
+
+        Raises:
+            InvalidCreditNoteError: malformed amount, lines or reason; nothing is stored.
+            UnknownInvoiceError: the tenant has no invoice with that id.
+            InvoiceStateError: the invoice is a draft, void or uncollectible.
+            CreditExceedsInvoiceError: its credit notes would exceed its total.
+        """
+        total, checked, text = credit_notes.validate(amount, lines, reason)
+        return credit_notes.create(
+            self.session,
+            self.tenant_id,
+            invoice_id,
+            amount=total,
+            lines=checked,
+            reason=text,
+            now=self.now,
+            outbox=self.outbox,
+        )
+
+    def list_credit_notes(self, invoice_id: str) -> list[CreditNote]:
+        """The credit notes of one of the tenant's invoices, oldest first.
+
+        Raises:
+            UnknownInvoiceError: the tenant has no invoice with that id.
+        """
+        return credit_notes.of_invoice(self.session, self.get_invoice(invoice_id).id)
 
     def _transition(self, invoice_id: str, transition: lifecycle.Transition) -> Invoice:
         invoice = lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=True)

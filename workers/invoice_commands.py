@@ -1,8 +1,9 @@
 """`billing invoices`: list, show and move invoices through their lifecycle (operators).
 
-`list [--tenant T] [--status S]`, `show ID` (lines), `finalize ID`, `pay ID`, `void ID` and
-`mark-uncollectible ID`. Each change runs `BillingService` in one transaction, with its event.
-A refused change (`InvoiceStateError`) or an unknown id prints one line on stderr, exit 1.
+`list [--tenant T] [--status S]`, `show ID` (lines, credit notes), `finalize ID`, `pay ID`,
+`void ID`, `mark-uncollectible ID` and `credit ID --amount N --reason TEXT`. Each change runs
+`BillingService` in one transaction, with its event. A refused change (`InvoiceStateError`, a
+credit over the total) or an unknown id prints one line on stderr, exit 1.
 Stored text (tenant ids, metric names) is printed escaped: it came from API callers.
 """
 
@@ -15,9 +16,14 @@ from collections.abc import Callable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import BillingService
+from billing import BillingService, credit_notes
 from billing.db import make_engine, make_session_factory
-from billing.errors import InvoiceStateError, UnknownInvoiceError
+from billing.errors import (
+    CreditExceedsInvoiceError,
+    InvalidCreditNoteError,
+    InvoiceStateError,
+    UnknownInvoiceError,
+)
 from billing.lifecycle import InvoicePolicy
 from billing.models import INVOICE_STATUSES, Invoice, InvoiceLine
 from billing.settings import BillingSettings
@@ -45,6 +51,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     show = sub.add_parser("show", help="one invoice with its lines")
     show.add_argument("invoice_id", metavar="ID")
     show.set_defaults(handler=_show)
+    credit = sub.add_parser("credit", help="credit an open or paid invoice (a CN- credit note)")
+    credit.add_argument("invoice_id", metavar="ID")
+    credit.add_argument("--amount", type=int, required=True, help="in the minor unit (cents)")
+    credit.add_argument("--reason", required=True)
+    credit.set_defaults(handler=_credit)
     for name, (help_text, change) in _CHANGES.items():
         command = sub.add_parser(name, help=help_text)
         command.add_argument("invoice_id", metavar="ID")
@@ -95,7 +106,40 @@ def _show(args: argparse.Namespace) -> int:
         for line in lines:
             label = safe_text(line.metric) if line.metric else "fixed fee"
             print(f"  {label:<24} {line.quantity:>14} {line.amount:>12}")
+        for note in credit_notes.of_invoice(session, invoice.id):
+            print(f"  credit note {note.number} -{note.amount} {safe_text(note.reason)}")
     return 0
+
+
+def _credit(args: argparse.Namespace) -> int:
+    session_factory, policy = _factory()
+    try:
+        with session_factory.begin() as session:
+            service = BillingService(
+                session=session, tenant_id=_tenant_of(session, args.invoice_id), policy=policy
+            )
+            note = service.create_credit_note(
+                args.invoice_id, amount=args.amount, reason=args.reason
+            )
+            print(f"{note.number} {note.id} {note.currency.upper()} {note.amount}")
+    except (
+        InvoiceStateError,
+        UnknownInvoiceError,
+        CreditExceedsInvoiceError,
+        InvalidCreditNoteError,
+    ) as error:
+        print(f"billing invoices: {safe_text(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tenant_of(session: Session, invoice_id: str) -> str:
+    tenant_id = session.execute(
+        select(Invoice.tenant_id).where(Invoice.id == invoice_id)
+    ).scalar_one_or_none()
+    if tenant_id is None:
+        raise UnknownInvoiceError(f"no invoice {safe_text(invoice_id)}")
+    return tenant_id
 
 
 def _changer(change: Change) -> Callable[[argparse.Namespace], int]:
@@ -103,11 +147,7 @@ def _changer(change: Change) -> Callable[[argparse.Namespace], int]:
         session_factory, policy = _factory()
         try:
             with session_factory.begin() as session:
-                tenant_id = session.execute(
-                    select(Invoice.tenant_id).where(Invoice.id == args.invoice_id)
-                ).scalar_one_or_none()
-                if tenant_id is None:
-                    raise UnknownInvoiceError(f"no invoice {safe_text(args.invoice_id)}")
+                tenant_id = _tenant_of(session, args.invoice_id)
                 service = BillingService(session=session, tenant_id=tenant_id, policy=policy)
                 invoice = change(service, args.invoice_id)
                 print(format_invoice(invoice))

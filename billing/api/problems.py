@@ -25,8 +25,10 @@ from starlette.routing import compile_path
 
 from billing.errors import (
     BillingError,
+    CreditExceedsInvoiceError,
     CurrencyMismatchError,
     IdempotencyConflictError,
+    InvalidCreditNoteError,
     InvalidPeriodError,
     InvalidSubscriptionError,
     InvalidUsageError,
@@ -255,6 +257,15 @@ def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
         )
     if isinstance(exc, InvalidPeriodError):
         return 422, "invalid-period", "Invalid period", {}
+    if isinstance(exc, InvalidCreditNoteError):
+        return 422, "invalid-credit-note", "Invalid credit note", {"field": exc.field}
+    if isinstance(exc, CreditExceedsInvoiceError):
+        return (
+            409,
+            "credit-exceeds-invoice",
+            "Credit exceeds the invoice",
+            {"available": exc.available},
+        )
     if isinstance(exc, InvoiceStateError):
         return 409, "invoice-state", "Invoice state forbids this", {"invoice_status": exc.status}
     if isinstance(exc, UnknownInvoiceError):

@@ -321,12 +321,44 @@ class InvoiceOut(BaseModel):
     voided_at: datetime | None = None
 
 
+class CreditNoteLineIn(_In):
+    amount: Annotated[int, Field(gt=0, le=MAX_BIGINT, strict=True)]
+    invoice_line_id: Annotated[str | None, StringConstraints(min_length=1, max_length=36)] = None
+    description: Annotated[str | None, StringConstraints(min_length=1, max_length=200)] = None
+
+
+class CreditNoteIn(_In):
+    """An `amount`, or `lines` adding up to it (not both), and a `reason`."""
+
+    amount: Annotated[int | None, Field(gt=0, le=MAX_BIGINT, strict=True)] = None
+    lines: Annotated[list[CreditNoteLineIn] | None, Field(min_length=1, max_length=100)] = None
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class CreditNoteLineOut(BaseModel):
+    invoice_line_id: str | None
+    description: str | None
+    amount: int
+
+
+class CreditNoteOut(BaseModel):
+    id: str
+    invoice_id: str
+    number: str
+    amount: int
+    currency: str
+    reason: str
+    created_at: datetime
+    lines: list[CreditNoteLineOut]
+
+
 class InvoiceDetail(InvoiceOut):
-    """An invoice with its first lines; `next_lines_cursor` pages through the rest at
-    `/invoices/{id}/lines`."""
+    """An invoice with its first lines (`next_lines_cursor` pages through the rest at
+    `/invoices/{id}/lines`) and its credit notes."""
 
     lines: list[InvoiceLineOut]
     next_lines_cursor: str | None = None
+    credit_notes: list[CreditNoteOut] = []
 
 
 class InvoiceLinePage(BaseModel):

@@ -15,11 +15,15 @@ from fastapi import APIRouter, Path, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from billing import credit_notes
 from billing.api.auth import Operator, Reader
 from billing.api.deps import SessionDep
 from billing.api.pagination import keyset_page
 from billing.api.problems import ProblemError, problem_responses
 from billing.api.schemas import (
+    CreditNoteIn,
+    CreditNoteLineOut,
+    CreditNoteOut,
     InvoiceDetail,
     InvoiceLineOut,
     InvoiceLinePage,
@@ -28,7 +32,7 @@ from billing.api.schemas import (
     ResourceId,
     TenantId,
 )
-from billing.models import Invoice, InvoiceLine
+from billing.models import CreditNote, Invoice, InvoiceLine
 from billing.service import BillingService
 
 router = APIRouter(tags=["invoices"])
@@ -147,6 +151,29 @@ def finalize_invoice(invoice_id: InvoiceId, principal: Operator, session: Sessio
 
 
 @router.post(
+    "/invoices/{invoice_id}/credit-notes",
+    status_code=201,
+    summary="Credit a tenant's open or paid invoice (operator)",
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422),
+)
+def create_credit_note(
+    invoice_id: InvoiceId, body: CreditNoteIn, principal: Operator, session: SessionDep
+) -> CreditNoteOut:
+    """A credit note numbered `CN-…` (`billing.credit_note.created`); 409 when the invoice is
+    not open or paid, or when its credit notes would exceed its total."""
+    tenant_id = _find_invoice(session, invoice_id).tenant_id
+    service = BillingService(session=session, tenant_id=tenant_id)
+    note = service.create_credit_note(
+        invoice_id,
+        amount=body.amount,
+        lines=None if body.lines is None else [line.model_dump() for line in body.lines],
+        reason=body.reason,
+    )
+    session.commit()
+    return credit_note_out(note)
+
+
+@router.post(
     "/invoices/{invoice_id}/pay",
     summary="Mark a tenant's invoice paid (operator)",
     responses=problem_responses(401, 403, 404, 409, 422),
@@ -199,10 +226,34 @@ def invoice_out(invoice: Invoice) -> InvoiceOut:
 
 
 def invoice_detail(session: Session, invoice: Invoice) -> InvoiceDetail:
-    """The API form of an invoice with its first `LINES_PER_DETAIL` lines."""
+    """The API form of an invoice with its first `LINES_PER_DETAIL` lines and credit notes."""
     lines = _lines(session, invoice.id, LINES_PER_DETAIL, None)
     return InvoiceDetail(
-        **invoice_out(invoice).model_dump(), lines=lines.items, next_lines_cursor=lines.next_cursor
+        **invoice_out(invoice).model_dump(),
+        lines=lines.items,
+        next_lines_cursor=lines.next_cursor,
+        credit_notes=[credit_note_out(n) for n in credit_notes.of_invoice(session, invoice.id)],
+    )
+
+
+def credit_note_out(note: CreditNote) -> CreditNoteOut:
+    """The API form of a credit note."""
+    return CreditNoteOut(
+        id=note.id,
+        invoice_id=note.invoice_id,
+        number=note.number,
+        amount=note.amount,
+        currency=note.currency,
+        reason=note.reason,
+        created_at=note.created_at,
+        lines=[
+            CreditNoteLineOut(
+                invoice_line_id=line.invoice_line_id,
+                description=line.description,
+                amount=line.amount,
+            )
+            for line in note.lines
+        ],
     )
 
 

@@ -125,3 +125,26 @@ def test_racing_finalize_jobs_on_one_draft_number_it_once(factory) -> None:
             select(WebhookEvent).where(WebhookEvent.topic == "billing.invoice.finalized")
         ).scalars()
         assert len(list(finalized)) == 1
+
+
+def test_racing_credit_notes_never_exceed_the_invoice_total(factory) -> None:
+    from billing import CreditExceedsInvoiceError
+    from billing.models import CreditNote
+
+    invoice_id = generate(factory, "t00")  # $10.00
+
+    def credit(_: int) -> str:
+        with factory.begin() as session:
+            return (
+                BillingService(session=session, tenant_id="t00")
+                .create_credit_note(invoice_id, amount=300, reason="outage")
+                .number
+            )
+
+    results = race(8, credit)
+    numbers = sorted(r for r in results if isinstance(r, str))
+    assert numbers == ["CN-000001", "CN-000002", "CN-000003"]
+    assert all(isinstance(r, CreditExceedsInvoiceError) for r in results if r not in numbers)
+    with factory() as session:
+        amounts = session.execute(select(CreditNote.amount)).scalars().all()
+    assert sum(amounts) == 900

@@ -284,3 +284,26 @@ def test_an_operator_finalizes_a_draft_now(client, operator, invoices, session_f
     assert finalized.json()["number"] == "INV-000001"
     paid = client.post(f"/_billing/invoices/{invoices[0]}/finalize", headers=operator)
     assert (paid.status_code, paid.json()["invoice_status"]) == (409, "paid")
+
+
+def test_an_operator_credits_an_invoice_and_the_tenant_sees_it(
+    client, operator, a_key, invoices
+) -> None:
+    path = f"/_billing/invoices/{invoices[1]}/credit-notes"  # open, $2.00
+    created = client.post(path, json={"amount": 150, "reason": "outage"}, headers=operator)
+    assert created.status_code == 201
+    assert (created.json()["number"], created.json()["amount"]) == ("CN-000001", 150)
+    over = client.post(path, json={"amount": 51, "reason": "too much"}, headers=operator)
+    assert (over.status_code, over.json()["available"]) == (409, 50)
+    assert over.json()["type"] == "urn:billing:problem:credit-exceeds-invoice"
+    both = client.post(
+        path, json={"amount": 5, "lines": [{"amount": 5}], "reason": "x"}, headers=operator
+    )
+    assert (both.status_code, both.json()["type"]) == (
+        422,
+        "urn:billing:problem:invalid-credit-note",
+    )
+    detail = client.get(f"/_billing/invoices/{invoices[1]}", headers=a_key).json()
+    assert [(n["number"], n["amount"], n["reason"]) for n in detail["credit_notes"]] == [
+        ("CN-000001", 150, "outage")
+    ]

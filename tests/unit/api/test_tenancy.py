@@ -222,6 +222,12 @@ def invoice_finalize(client, b, a, session_factory) -> None:
     assert client.post(path, headers=b).status_code == 403
 
 
+def invoice_credit(client, b, a, session_factory) -> None:
+    body = {"amount": 1, "reason": "goodwill"}
+    path = f"/_billing/invoices/{a['invoice']}/credit-notes"
+    assert client.post(path, json=body, headers=b).status_code == 403
+
+
 def invoice_pay(client, b, a, session_factory) -> None:
     assert client.post(f"/_billing/invoices/{a['invoice']}/pay", headers=b).status_code == 403
 
@@ -256,6 +262,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/_billing/invoices/{invoice_id}"): invoice_get,
     ("POST", "/_billing/invoices/{invoice_id}/void"): invoice_void,
     ("POST", "/_billing/invoices/{invoice_id}/pay"): invoice_pay,
+    ("POST", "/_billing/invoices/{invoice_id}/credit-notes"): invoice_credit,
     ("POST", "/_billing/invoices/{invoice_id}/finalize"): invoice_finalize,
     ("POST", "/_billing/invoices/{invoice_id}/mark-uncollectible"): invoice_mark_uncollectible,
     ("GET", "/_billing/quotas"): quotas_get,

@@ -78,3 +78,15 @@ def test_invoicing_a_month_that_has_not_ended_is_refused_in_one_line(cli_factory
     assert err == "billing invoice: 2099-01 has not ended yet (it ends 2099-02-01 00:00 UTC)\n"
     with cli_factory() as session:
         assert session.execute(select(Invoice)).first() is None
+
+
+def test_crediting_from_the_command_line(cli_factory, draft, capsys) -> None:
+    assert main(["invoices", "finalize", draft]) == 0
+    assert main(["invoices", "credit", draft, "--amount", "200", "--reason", "outage\x1b[2J"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("CN-000001 ")
+    assert main(["invoices", "credit", draft, "--amount", "301", "--reason", "more"]) == 1
+    assert capsys.readouterr().err == (
+        "billing invoices: the invoice has 300 left to credit, not 301\n"
+    )
+    assert main(["invoices", "show", draft]) == 0
+    assert "credit note CN-000001 -200 outage\\x1b[2J" in capsys.readouterr().out

@@ -1,0 +1,131 @@
+"""Credit notes on open and paid invoices: their own gapless CN- numbers, never more than the
+invoice's total, one event each, nothing stored when refused. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from billing import (
+    CreditExceedsInvoiceError,
+    InvalidCreditNoteError,
+    InvoiceStateError,
+    UnknownInvoiceError,
+)
+from billing.models import CreditNote, CreditNoteLine, InvoiceLine
+from tests.unit.billing.test_lifecycle import JAN, events, generate, service
+from tests.unit.billing.test_lifecycle import plan as plan  # a fixture
+
+
+def count(session, model) -> int:
+    return session.execute(select(func.count()).select_from(model)).scalar_one()
+
+
+def test_credit_notes_are_numbered_and_announced_once_each(session, plan) -> None:
+    invoice = generate(session)  # $10.00
+    first = service(session).create_credit_note(invoice.id, amount=300, reason="outage")
+    second = service(session).create_credit_note(invoice.id, amount=700, reason="goodwill")
+    assert [(n.number, n.amount, n.currency) for n in (first, second)] == [
+        ("CN-000001", 300, "usd"),
+        ("CN-000002", 700, "usd"),
+    ]
+    assert invoice.number == "INV-000001"  # the invoice sequence is apart
+    created = [p for topic, p in events(session) if topic == "billing.credit_note.created"]
+    assert created == [
+        {
+            "tenant_id": "t1",
+            "credit_note_id": first.id,
+            "invoice_id": invoice.id,
+            "number": "CN-000001",
+            "amount": 300,
+            "currency": "usd",
+        },
+        {
+            "tenant_id": "t1",
+            "credit_note_id": second.id,
+            "invoice_id": invoice.id,
+            "number": "CN-000002",
+            "amount": 700,
+            "currency": "usd",
+        },
+    ]
+    assert [n.id for n in service(session).list_credit_notes(invoice.id)] == [first.id, second.id]
+
+
+def test_the_credit_notes_of_an_invoice_never_exceed_its_total(session, plan) -> None:
+    invoice = generate(session)
+    service(session).create_credit_note(invoice.id, amount=999, reason="almost all")
+    with pytest.raises(CreditExceedsInvoiceError) as raised:
+        service(session).create_credit_note(invoice.id, amount=2, reason="one cent too many")
+    assert raised.value.available == 1
+    assert count(session, CreditNote) == 1
+    assert service(session).create_credit_note(invoice.id, amount=1, reason="the rest").amount == 1
+
+
+def test_a_paid_invoice_can_be_credited_a_draft_or_void_one_cannot(session, plan) -> None:
+    paid = generate(session)
+    service(session).pay_invoice(paid.id)
+    assert service(session).create_credit_note(paid.id, amount=5, reason="refund").amount == 5
+    draft = generate(session, "t2", grace_period=timedelta(days=3))
+    void = generate(session, "t3")
+    service(session, "t3").void_invoice(void.id)
+    for tenant, invoice in (("t2", draft), ("t3", void)):
+        with pytest.raises(InvoiceStateError):
+            service(session, tenant).create_credit_note(invoice.id, amount=5, reason="no")
+    with pytest.raises(UnknownInvoiceError):
+        service(session, "t2").create_credit_note(paid.id, amount=5, reason="not mine")
+    assert count(session, CreditNote) == 1
+
+
+def test_a_credit_note_by_lines_adds_them_up(session, plan) -> None:
+    service(session).record_usage(
+        metric="tokens", amount=50, at=JAN + timedelta(days=2), idempotency_key="k"
+    )
+    invoice = generate(session)
+    tokens_line = session.execute(
+        select(InvoiceLine.id).where(
+            InvoiceLine.invoice_id == invoice.id, InvoiceLine.metric == "tokens"
+        )
+    ).scalar_one()
+    note = service(session).create_credit_note(
+        invoice.id,
+        lines=[
+            {"amount": 100, "invoice_line_id": tokens_line, "description": "tokens refunded"},
+            {"amount": 50},
+        ],
+        reason="bad batch",
+    )
+    assert note.amount == 150
+    rows = session.execute(select(CreditNoteLine).order_by(CreditNoteLine.position)).scalars()
+    assert [(r.invoice_line_id, r.amount) for r in rows] == [(tokens_line, 100), (None, 50)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"amount": 0, "reason": "r"}, "amount"),
+        ({"amount": -5, "reason": "r"}, "amount"),
+        ({"amount": 1.5, "reason": "r"}, "amount"),
+        ({"amount": True, "reason": "r"}, "amount"),
+        ({"reason": "r"}, "amount"),
+        ({"amount": 5, "lines": [{"amount": 5}], "reason": "r"}, "amount"),
+        ({"amount": 5, "reason": " "}, "reason"),
+        ({"amount": 5, "reason": "r" * 501}, "reason"),
+        ({"lines": [], "reason": "r"}, "lines"),
+        ({"lines": [{"amount": 0}], "reason": "r"}, "lines[0].amount"),
+        (
+            {"lines": [{"amount": 5, "invoice_line_id": "nope"}], "reason": "r"},
+            "lines.invoice_line_id",
+        ),
+    ],
+)
+def test_a_malformed_credit_note_is_refused_and_nothing_stored(
+    session, plan, kwargs, field
+) -> None:
+    invoice = generate(session)
+    with pytest.raises(InvalidCreditNoteError) as raised:
+        service(session).create_credit_note(invoice.id, **kwargs)
+    assert raised.value.field == field
+    assert count(session, CreditNote) == 0
