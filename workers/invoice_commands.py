@@ -1,7 +1,8 @@
 """`billing invoices`: list, show and move invoices through their lifecycle (operators).
 
-`list [--tenant T] [--status S]`, `show ID` (lines, credit notes), `finalize ID`, `pay ID`,
-`void ID`, `mark-uncollectible ID` and `credit ID --amount N --reason TEXT`. Each change runs
+`list [--tenant T] [--status S] [--json]` (a table, or one JSON object per invoice),
+`show ID` (lines, credit notes), `finalize ID`, `pay ID`, `void ID`, `mark-uncollectible ID` and
+`credit ID --amount N --reason TEXT`. Each change runs
 `BillingService` in one transaction, with its event. A refused change (`InvoiceStateError`, a
 credit over the total) or an unknown id prints one line on stderr, exit 1.
 Stored text (tenant ids, metric names) is printed escaped: it came from API callers.
@@ -27,6 +28,7 @@ from billing.errors import (
 from billing.lifecycle import InvoicePolicy
 from billing.models import INVOICE_STATUSES, Invoice, InvoiceLine
 from billing.settings import BillingSettings
+from webhooks.output import print_rows
 from webhooks.safetext import safe_text
 
 Change = Callable[[BillingService, str], Invoice]
@@ -43,10 +45,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Add `billing invoices …` to the command line."""
     invoices = commands.add_parser("invoices", help="list, show, finalize, pay or void invoices")
     sub = invoices.add_subparsers(dest="invoices_command", required=True, metavar="ACTION")
-    listing = sub.add_parser("list", help="invoices, newest period first")
+    listing = sub.add_parser("list", help="invoices, newest period first (a table; --json)")
     listing.add_argument("--tenant", help="only this tenant")
     listing.add_argument("--status", choices=INVOICE_STATUSES, help="only this status")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_list)
     show = sub.add_parser("show", help="one invoice with its lines")
     show.add_argument("invoice_id", metavar="ID")
@@ -85,9 +88,25 @@ def _list(args: argparse.Namespace) -> int:
     if args.status:
         query = query.where(Invoice.status == args.status)
     with session_factory() as session:
-        for invoice in session.execute(query.limit(args.limit)).scalars():
-            print(format_invoice(invoice))
+        rows = [_row(invoice) for invoice in session.execute(query.limit(args.limit)).scalars()]
+    print_rows(COLUMNS, rows, as_json=args.json)
     return 0
+
+
+COLUMNS = ["number", "id", "tenant", "period_start", "period_end", "currency", "total", "status"]
+
+
+def _row(invoice: Invoice) -> dict[str, object]:
+    return {
+        "number": invoice.number,
+        "id": invoice.id,
+        "tenant": invoice.tenant_id,
+        "period_start": invoice.period_start,
+        "period_end": invoice.period_end,
+        "currency": invoice.currency.upper(),
+        "total": invoice.total_amount,
+        "status": invoice.status,
+    }
 
 
 def _show(args: argparse.Namespace) -> int:

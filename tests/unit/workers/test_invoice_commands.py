@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -45,16 +46,54 @@ def test_an_invoice_is_finalized_paid_listed_and_shown(cli_factory, draft, capsy
     assert main(["invoices", "finalize", draft]) == 0
     assert "INV-000001" in capsys.readouterr().out
     assert main(["invoices", "pay", draft]) == 0
+    capsys.readouterr()
     assert main(["invoices", "list", "--status", "paid"]) == 0
-    listed = capsys.readouterr().out
-    assert f"INV-000001   {draft} acme\\x1b[2J 2025-01-01..2025-02-01 USD 500 paid" in listed
+    header, _, row = capsys.readouterr().out.splitlines()
+    assert header.split() == [
+        "number",
+        "id",
+        "tenant",
+        "period_start",
+        "period_end",
+        "currency",
+        "total",
+        "status",
+    ]
+    assert row.split() == [
+        "INV-000001",
+        draft,
+        "acme\\x1b[2J",
+        "2025-01-01T00:00:00+00:00",
+        "2025-02-01T00:00:00+00:00",
+        "USD",
+        "500",
+        "paid",
+    ]
+    assert header.index("status") == row.index("paid")
     assert main(["invoices", "list", "--status", "open"]) == 0
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out.splitlines()[0].split() == header.split()  # no rows
     assert main(["invoices", "show", draft]) == 0
     shown = capsys.readouterr().out
     assert "\x1b" not in shown
     assert "acme\\x1b[2J" in shown
     assert "  calls " in shown
+
+
+def test_invoices_list_as_json_filters_by_tenant(cli_factory, draft, capsys) -> None:
+    assert main(["invoices", "list", "--json"]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row == {
+        "number": None,
+        "id": draft,
+        "tenant": "acme\x1b[2J",
+        "period_start": "2025-01-01T00:00:00+00:00",
+        "period_end": "2025-02-01T00:00:00+00:00",
+        "currency": "USD",
+        "total": 500,
+        "status": "draft",
+    }
+    assert main(["invoices", "list", "--tenant", "other", "--json"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_a_refused_change_is_one_line_and_changes_nothing(cli_factory, draft, capsys) -> None:
