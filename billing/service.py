@@ -14,7 +14,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import webhooks
-from billing import aggregation, credit_notes, invoicing, ledger, lifecycle, metrics
+from billing import (
+    aggregation,
+    credit_notes,
+    invoicing,
+    ledger,
+    lifecycle,
+    metrics,
+    periods,
+    preview,
+)
 from billing.errors import (
     IdempotencyConflictError,
     InvalidPeriodError,
@@ -24,6 +33,7 @@ from billing.errors import (
 from billing.ledger import Recorded
 from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
 from billing.models import CreditNote, Invoice, InvoiceLine
+from billing.preview import InvoicePreview
 from webhooks.sqltypes import utcnow
 
 logger = logging.getLogger(__name__)
@@ -207,6 +217,29 @@ class BillingService:
         if self.provider_sync is not None:
             self.sync_invoice(invoice_id)
         return invoice_id
+
+    def preview_invoice(
+        self, *, period_start: datetime, period_end: datetime, currency: str
+    ) -> InvoicePreview:
+        """The lines and total an invoice of `[period_start, period_end)` in `currency` would
+        have if generated now, from the usage known now; stores nothing (no row, no event, no
+        number). The period need not have ended.
+
+        Raises:
+            InvalidPeriodError: naive or reversed period, or a malformed currency.
+            CurrencyMismatchError: the tenant's plans have prices, none in `currency`.
+        """
+        return preview.preview(self.session, self.tenant_id, period_start, period_end, currency)
+
+    def preview_upcoming_invoice(self, *, currency: str) -> InvoicePreview:
+        """`preview_invoice` of the invoice period containing `now()` (its usage so far).
+
+        Raises:
+            InvalidPeriodError: a malformed currency.
+            CurrencyMismatchError: the tenant's plans have prices, none in `currency`.
+        """
+        start, end = periods.month_containing(self.now())
+        return self.preview_invoice(period_start=start, period_end=end, currency=currency)
 
     def get_invoice(self, invoice_id: str) -> Invoice:
         """One of the tenant's invoices.

@@ -368,6 +368,24 @@ class InvoiceLinePage(BaseModel):
     next_cursor: str | None = None
 
 
+class PreviewLineOut(BaseModel):
+    price_id: str | None
+    metric: str | None
+    quantity: int
+    amount: int
+
+
+class InvoicePreviewOut(BaseModel):
+    """What an invoice of the period would bill if generated now (nothing is stored)."""
+
+    tenant_id: str
+    period_start: datetime
+    period_end: datetime
+    currency: str
+    total_amount: int
+    lines: list[PreviewLineOut]
+
+
 class InvoicePage(BaseModel):
     """Invoices ordered by period start (then id); pass `next_cursor` for more."""
 

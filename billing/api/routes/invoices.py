@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from billing import credit_notes
 from billing.api.auth import Operator, Reader
-from billing.api.deps import SessionDep
+from billing.api.deps import ApiDep, BillingApi, SessionDep
 from billing.api.pagination import keyset_page
 from billing.api.problems import ProblemError, problem_responses
 from billing.api.schemas import (
@@ -29,6 +29,8 @@ from billing.api.schemas import (
     InvoiceLinePage,
     InvoiceOut,
     InvoicePage,
+    InvoicePreviewOut,
+    PreviewLineOut,
     ResourceId,
     TenantId,
 )
@@ -42,6 +44,7 @@ InvoiceId = Annotated[str, Path(max_length=36, pattern=ResourceId)]
 TenantPath = Annotated[TenantId, Path()]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Cursor = Annotated[str | None, Query(max_length=1000)]
+Currency = Annotated[str, Query(min_length=1, max_length=16)]
 READ_ERRORS = problem_responses(401, 403, 404, 422)
 
 
@@ -69,6 +72,55 @@ def list_tenant_invoices(
 ) -> InvoicePage:
     """As `GET /invoices`, for the tenant in the path."""
     return _page(session, tenant_id, limit, cursor)
+
+
+@router.get(
+    "/invoices/upcoming",
+    summary="The caller's invoice of the current period so far (a preview)",
+    responses=READ_ERRORS,
+)
+def upcoming_invoice(
+    principal: Reader, session: SessionDep, api: ApiDep, currency: Currency
+) -> InvoicePreviewOut:
+    """The lines and total the invoice of the calendar month (UTC) containing now would have
+    with the usage known now; stores nothing. 422 for a malformed currency or one the tenant's
+    plans have no price in."""
+    return _upcoming(session, principal.tenant_id, api, currency)
+
+
+@router.get(
+    "/tenants/{tenant_id}/invoices/upcoming",
+    summary="A tenant's invoice of the current period so far (operator)",
+    responses=READ_ERRORS,
+)
+def upcoming_tenant_invoice(
+    tenant_id: TenantPath, principal: Operator, session: SessionDep, api: ApiDep, currency: Currency
+) -> InvoicePreviewOut:
+    """As `GET /invoices/upcoming`, for the tenant in the path."""
+    return _upcoming(session, tenant_id, api, currency)
+
+
+def _upcoming(
+    session: Session, tenant_id: str, api: BillingApi, currency: str
+) -> InvoicePreviewOut:
+    service = BillingService(session=session, tenant_id=tenant_id, now=api.clock)
+    upcoming = service.preview_upcoming_invoice(currency=currency)
+    return InvoicePreviewOut(
+        tenant_id=upcoming.tenant_id,
+        period_start=upcoming.period_start,
+        period_end=upcoming.period_end,
+        currency=upcoming.currency,
+        total_amount=upcoming.total_amount,
+        lines=[
+            PreviewLineOut(
+                price_id=line.price_id,
+                metric=line.metric,
+                quantity=line.quantity,
+                amount=line.amount,
+            )
+            for line in upcoming.lines
+        ],
+    )
 
 
 @router.get(
