@@ -30,7 +30,6 @@ from billing.api.schemas import (
     InvoiceOut,
     InvoicePage,
     InvoicePreviewOut,
-    PreviewLineOut,
     ResourceId,
     TenantId,
 )
@@ -105,22 +104,7 @@ def _upcoming(
 ) -> InvoicePreviewOut:
     service = BillingService(session=session, tenant_id=tenant_id, now=api.clock)
     upcoming = service.preview_upcoming_invoice(currency=currency)
-    return InvoicePreviewOut(
-        tenant_id=upcoming.tenant_id,
-        period_start=upcoming.period_start,
-        period_end=upcoming.period_end,
-        currency=upcoming.currency,
-        total_amount=upcoming.total_amount,
-        lines=[
-            PreviewLineOut(
-                price_id=line.price_id,
-                metric=line.metric,
-                quantity=line.quantity,
-                amount=line.amount,
-            )
-            for line in upcoming.lines
-        ],
-    )
+    return InvoicePreviewOut.model_validate(upcoming, from_attributes=True)
 
 
 @router.get(

@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 from billing import BillingService, CurrencyMismatchError, InvalidPeriodError, InvoicePolicy
 from billing.models import Base, Invoice
 from billing.periods import month_containing
-from webhooks.models import Base as WebhooksBase
 from tests.unit.billing.test_lifecycle import FEB, JAN, MAR, lines_of, seed_plan
+from webhooks.models import Base as WebhooksBase
 
 MID_JAN = datetime(2025, 1, 15, 12, tzinfo=UTC)
 TICK = timedelta(microseconds=1)
@@ -91,7 +91,8 @@ def test_a_preview_stores_nothing_takes_no_number_and_publishes_nothing(session,
         service(session).preview_invoice(period_start=start, period_end=end, currency="usd")
     service(session).preview_upcoming_invoice(currency="usd")
     assert row_counts(session) == before
-    assert before["invoices"] == 1 and before["webhook_events"] == 2
+    assert before["invoices"] == 1
+    assert before["webhook_events"] == 2
 
 
 def test_a_preview_holds_only_the_tenants_own_usage_inside_the_period(session, plan) -> None:
@@ -154,4 +155,6 @@ def test_a_currency_the_plan_has_no_price_in_is_refused(session, plan) -> None:
 def test_month_containing(moment, period) -> None:
     start, end = month_containing(moment)
     assert (start.year, start.month, end.year, end.month) == period
-    assert start.tzinfo is UTC and start.day == end.day == 1 and start.hour == 0
+    assert start.tzinfo is UTC
+    assert start.day == end.day == 1
+    assert start.hour == 0
