@@ -16,12 +16,14 @@ from billing.errors import (
     InvalidCreditNoteError,
     InvalidPeriodError,
     InvalidSubscriptionError,
+    InvalidTimezoneError,
     InvalidUsageError,
     InvoiceStateError,
     MeterDefinitionError,
     PriceDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
+    TimezoneLockedError,
     UnknownInvoiceError,
 )
 from billing.lifecycle import InvoicePolicy
@@ -36,6 +38,7 @@ __all__ = [
     "InvalidPeriodError",
     "InvalidSubscriptionError",
     "InvalidCreditNoteError",
+    "InvalidTimezoneError",
     "InvalidUsageError",
     "MeterDefinitionError",
     "InvoicePolicy",
@@ -44,5 +47,6 @@ __all__ = [
     "ProviderSync",
     "ProviderSyncError",
     "QuotaExceededError",
+    "TimezoneLockedError",
     "UnknownInvoiceError",
 ]

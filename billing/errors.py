@@ -13,6 +13,8 @@ BillingError
 ├── CatalogError               a catalogue file is malformed (names file, entry, field); permanent
 ├── InvalidCreditNoteError     a credit note's amount, lines or reason is malformed; permanent
 ├── CreditExceedsInvoiceError  credit notes would exceed the invoice's total; permanent
+├── InvalidTimezoneError       not an IANA time zone name; permanent
+├── TimezoneLockedError        the tenant's zone cannot change: it has invoices; permanent
 ├── QuotaExceededError         a hard quota is used up; retry after the window resets
 └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
 """
@@ -94,6 +96,23 @@ class CatalogError(BillingError, ValueError):
     def __init__(self, message: str, *, source: str, entry: str = "", field: str = "") -> None:
         super().__init__(message)
         self.source, self.entry, self.field = source, entry, field
+
+
+class InvalidTimezoneError(BillingError, ValueError):
+    """A time zone is not an IANA name known here (`America/New_York`); nothing was stored."""
+
+    def __init__(self, message: str, *, field: str = "timezone") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class TimezoneLockedError(BillingError):
+    """The tenant has an invoice that is not void, whose period was cut in its current zone:
+    the zone stays as it is. Void the invoices first (a draft included) to change it."""
+
+    def __init__(self, message: str, *, invoice_id: str) -> None:
+        super().__init__(message)
+        self.invoice_id = invoice_id
 
 
 class QuotaExceededError(BillingError):

@@ -121,6 +121,24 @@ class Meter(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+class Tenant(Base):
+    """A tenant's settings; a tenant without a row is billed in UTC, as before tenants existed.
+
+    `timezone` is an IANA name: the tenant's days and invoice months follow its wall clock.
+    """
+
+    __tablename__ = "tenants"
+    # The scheduler fans out per zone: which tenants are not on UTC.
+    __table_args__ = (Index("ix_tenants_timezone", "timezone"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    timezone: Mapped[str] = mapped_column(
+        String(64), default="UTC", server_default="UTC", nullable=False
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
 class Plan(Base):
     """A named bundle of prices and entitlements that tenants subscribe to."""
 

@@ -20,6 +20,7 @@ from billing.catalog_cli import add_commands as add_catalog_commands
 from billing.db import make_engine, redact_url
 from billing.migrate import current_revision, upgrade
 from billing.settings import BillingSettings
+from billing.tenants_cli import add_commands as add_tenant_commands
 from webhooks.cli import add_commands as add_webhook_commands
 from webhooks.settings import WebhookSettings
 from workers.clierrors import EXIT_UNUSABLE, check_database_exists, explain
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_commands(commands)
     add_key_commands(commands)
     add_catalog_commands(commands)
+    add_tenant_commands(commands)
     add_worker_commands(commands)
     add_invoice_commands(commands)
     add_webhook_commands(commands)

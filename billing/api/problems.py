@@ -31,12 +31,14 @@ from billing.errors import (
     InvalidCreditNoteError,
     InvalidPeriodError,
     InvalidSubscriptionError,
+    InvalidTimezoneError,
     InvalidUsageError,
     InvoiceStateError,
     MeterDefinitionError,
     PriceDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
+    TimezoneLockedError,
     UnknownInvoiceError,
 )
 
@@ -248,6 +250,10 @@ def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
         return 422, "invalid-subscription", "Invalid subscription", {"field": exc.field}
     if isinstance(exc, MeterDefinitionError):
         return 422, "invalid-meter", "Invalid meter", {"field": exc.field}
+    if isinstance(exc, InvalidTimezoneError):
+        return 422, "invalid-timezone", "Unknown time zone", {"field": exc.field}
+    if isinstance(exc, TimezoneLockedError):
+        return 409, "timezone-locked", "Time zone locked", {"invoice_id": exc.invoice_id}
     if isinstance(exc, IdempotencyConflictError):
         return (
             409,

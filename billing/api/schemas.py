@@ -261,6 +261,29 @@ class MeterList(BaseModel):
     items: list[MeterOut]
 
 
+# --- tenants -------------------------------------------------------------------------------
+
+
+class TenantIn(_In):
+    """The fields to set; those left out keep their value (a new tenant: its id, `UTC`)."""
+
+    name: Name | None = None
+    timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None, examples=["America/New_York"]
+    )
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    timezone: str
+    created_at: datetime | None
+
+
+class TenantList(BaseModel):
+    items: list[TenantOut]
+
+
 # --- subscriptions -------------------------------------------------------------------------
 
 

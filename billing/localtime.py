@@ -1,0 +1,82 @@
+"""Days and months on a tenant's wall clock, as `[start, end)` instants in UTC.
+
+A local day runs from one local midnight to the next: 24 hours, or 23 and 25 across a daylight
+saving change. Where a zone skips midnight itself (clocks jump from 00:00 to 01:00), the day
+starts at the first instant that carries its date. Every instant belongs to exactly one local
+day and one local month; for `UTC` they are the UTC day and calendar month.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import NamedTuple
+
+from billing.errors import InvalidPeriodError
+
+UTC_NAME = "UTC"
+
+
+class Period(NamedTuple):
+    """`[start, end)` in aware UTC datetimes."""
+
+    start: datetime
+    end: datetime
+
+
+def midnight(zone: tzinfo, day: date) -> datetime:
+    """The instant (UTC) at which `day` begins on the wall clock of `zone`."""
+    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
+
+
+def local_day(zone: tzinfo, moment: datetime) -> Period:
+    """The local day of `zone` that contains the aware instant `moment`.
+
+    Raises:
+        InvalidPeriodError: `moment` is naive.
+    """
+    day = _aware(moment).astimezone(zone).date()
+    # A clock set back across midnight gives some instants a date whose midnight comes after
+    # them: step to the day whose bounds hold the instant.
+    while midnight(zone, day) > moment:
+        day -= timedelta(days=1)
+    while midnight(zone, day + timedelta(days=1)) <= moment:
+        day += timedelta(days=1)
+    return Period(midnight(zone, day), midnight(zone, day + timedelta(days=1)))
+
+
+def local_month(zone: tzinfo, moment: datetime) -> Period:
+    """The local calendar month of `zone` that contains the aware instant `moment`."""
+    first = local_day(zone, moment).start.astimezone(zone).date().replace(day=1)
+    return Period(midnight(zone, first), midnight(zone, _next_month(first)))
+
+
+def previous_local_day(zone: tzinfo, moment: datetime) -> Period:
+    """The last local day of `zone` that ended at or before `moment`."""
+    today = local_day(zone, moment)
+    return local_day(zone, today.start - timedelta(microseconds=1))
+
+
+def previous_local_month(zone: tzinfo, moment: datetime) -> Period:
+    """The last local month of `zone` that ended at or before `moment`."""
+    this_month = local_month(zone, moment)
+    return local_month(zone, this_month.start - timedelta(microseconds=1))
+
+
+def local_date(zone: tzinfo, period: Period) -> date:
+    """The wall-clock date on which `period` starts in `zone`."""
+    return period.start.astimezone(zone).date()
+
+
+def is_midnight(zone: tzinfo, moment: datetime) -> bool:
+    """True when `moment` is the start of a local day of `zone`."""
+    return local_day(zone, moment).start == moment
+
+
+def _next_month(first: date) -> date:
+    return date(first.year + first.month // 12, first.month % 12 + 1, 1)
+
+
+def _aware(moment: object) -> datetime:
+    if not isinstance(moment, datetime) or moment.tzinfo is None:
+        raise InvalidPeriodError("a timezone-aware datetime is required")
+    return moment
