@@ -23,6 +23,7 @@ from billing.errors import (
     PriceDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
+    SubscriptionConflictError,
     TimezoneLockedError,
     UnknownInvoiceError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "ProviderSync",
     "ProviderSyncError",
     "QuotaExceededError",
+    "SubscriptionConflictError",
     "TimezoneLockedError",
     "UnknownInvoiceError",
 ]

@@ -11,9 +11,10 @@ refuse the same things, and nothing is stored:
   a package size of at least 1. Raises `PriceDefinitionError`.
 - a subscription: `ended_at` not before `effective_at`, and no overlap with another of the
   tenant's subscriptions (periods are `[effective_at, ended_at)`: one ending when the next
-  starts is a plan change, not an overlap). Raises `InvalidSubscriptionError`. On PostgreSQL
-  the check holds a transaction-level advisory lock per tenant, so two sessions adding
-  overlapping subscriptions at once can't both pass it.
+  starts is a plan change, not an overlap). Raises `InvalidSubscriptionError`, for an overlap
+  `SubscriptionConflictError` naming the other subscription. On PostgreSQL the check holds a
+  transaction-level advisory lock per tenant (`lock_tenant_subscriptions`), so two sessions
+  adding overlapping subscriptions at once can't both pass it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from typing import Any
 from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
-from billing.errors import InvalidSubscriptionError, PriceDefinitionError
+from billing.errors import (
+    InvalidSubscriptionError,
+    PriceDefinitionError,
+    SubscriptionConflictError,
+)
 from billing.models import Price, Subscription
 from billing.pricing import parse_tiers
 
@@ -92,18 +97,25 @@ def check_subscriptions(session: Session, tenant_id: str, pending: list[Subscrip
             raise InvalidSubscriptionError(
                 f"subscription of tenant {tenant_id!r} ends before it starts", field="ended_at"
             )
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(_LOCK, {"key": f"subscriptions:{tenant_id}"})
+    lock_tenant_subscriptions(session, tenant_id)
     periods = _periods(session, tenant_id)
     for sub in pending:
         mine = (sub.effective_at, sub.ended_at)
         for other, period in periods.items():
             if other != _key(sub) and _overlap(mine, period):
-                raise InvalidSubscriptionError(
+                existing_id = other if isinstance(other, str) else None
+                raise SubscriptionConflictError(
                     f"subscription of tenant {tenant_id!r} from {mine[0].isoformat()} overlaps "
-                    f"another from {period[0].isoformat()}: end that one first",
-                    field="effective_at",
+                    f"{existing_id or 'another'} from {period[0].isoformat()}: end that one first",
+                    existing_id=existing_id,
                 )
+
+
+def lock_tenant_subscriptions(session: Session, tenant_id: str) -> None:
+    """On PostgreSQL, hold the tenant's subscriptions lock until the transaction ends (a no-op
+    on SQLite, whose writers are serialized anyway)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_LOCK, {"key": f"subscriptions:{tenant_id}"})
 
 
 Period = tuple[datetime, datetime | None]

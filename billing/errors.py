@@ -7,6 +7,7 @@ BillingError
 ├── CurrencyMismatchError      the plan has prices, none in the asked currency; permanent
 ├── PriceDefinitionError       a price is malformed or cannot be evaluated; permanent
 ├── InvalidSubscriptionError   a subscription ends before it starts or overlaps another; permanent
+│   └── SubscriptionConflictError  it overlaps or repeats one stored (`.existing_id`); permanent
 ├── MeterDefinitionError       a meter declaration is malformed; permanent
 ├── UnknownInvoiceError        no invoice of this tenant has that id; permanent
 ├── InvoiceStateError          the invoice's status forbids the change asked for; permanent
@@ -81,6 +82,15 @@ class InvalidSubscriptionError(BillingError, ValueError):
         self.field = field
 
 
+class SubscriptionConflictError(InvalidSubscriptionError):
+    """A subscription would overlap another of its tenant, or put the tenant on the plan it is
+    already on at that time (a request sent twice); `.existing_id` names the one in the way."""
+
+    def __init__(self, message: str, *, existing_id: str | None) -> None:
+        super().__init__(message, field="effective_at")
+        self.existing_id = existing_id
+
+
 class MeterDefinitionError(BillingError, ValueError):
     """A meter declaration is malformed (`.field` names the field); nothing was stored."""
 
@@ -151,6 +161,7 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     CurrencyMismatchError,
     PriceDefinitionError,
     InvalidSubscriptionError,
+    SubscriptionConflictError,
     MeterDefinitionError,
     UnknownInvoiceError,
     InvoiceStateError,

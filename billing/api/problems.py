@@ -38,6 +38,7 @@ from billing.errors import (
     PriceDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
+    SubscriptionConflictError,
     TimezoneLockedError,
     UnknownInvoiceError,
 )
@@ -246,6 +247,13 @@ def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
         return 422, "invalid-usage", "Invalid usage", {"field": exc.field}
     if isinstance(exc, PriceDefinitionError):
         return 422, "invalid-price", "Invalid price", {"field": exc.field}
+    if isinstance(exc, SubscriptionConflictError):
+        return (
+            409,
+            "subscription-conflict",
+            "Subscription conflict",
+            {"existing_id": exc.existing_id},
+        )
     if isinstance(exc, InvalidSubscriptionError):
         return 422, "invalid-subscription", "Invalid subscription", {"field": exc.field}
     if isinstance(exc, MeterDefinitionError):

@@ -1,9 +1,16 @@
 """Subscriptions: a tenant lists its own (`billing.read`); an operator (`billing.admin`) lists,
 creates and cancels any tenant's, the tenant named in the path or the body. A tenant cannot
-end its own subscription: that would lift its quotas."""
+end its own subscription: that would lift its quotas.
+
+Creating one the tenant already has (the same plan active at `effective_at`: a request sent
+twice without an `Idempotency-Key`) or one overlapping another is a 409
+`urn:billing:problem:subscription-conflict` naming the existing subscription (`existing_id`);
+nothing changes. On PostgreSQL the tenant's subscriptions lock is held from the check to the
+commit, so two such requests at once store one subscription."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path
@@ -21,6 +28,8 @@ from billing.api.schemas import (
     SubscriptionOut,
     TenantId,
 )
+from billing.catalog_rules import lock_tenant_subscriptions
+from billing.errors import SubscriptionConflictError
 from billing.models import Plan, Subscription
 
 router = APIRouter(tags=["subscriptions"])
@@ -57,7 +66,7 @@ def list_tenant_subscriptions(
     "/subscriptions",
     status_code=201,
     summary="Subscribe a tenant to a plan (operator)",
-    responses=problem_responses(400, 401, 403, 413, 415, 422),
+    responses=problem_responses(400, 401, 403, 409, 413, 415, 422),
 )
 def create_subscription(
     body: SubscriptionIn,
@@ -66,13 +75,16 @@ def create_subscription(
     api: ApiDep,
 ) -> SubscriptionOut:
     """The new subscription. Subscriptions of the tenant still open at `effective_at` end then,
-    so changing plans is one call."""
+    so changing plans is one call. The plan the tenant is already on then is a 409 naming
+    that subscription, as is an overlap with a later one."""
     plan = session.execute(select(Plan).where(Plan.key == body.plan_key)).scalar_one_or_none()
     if plan is None:
         raise invalid_field("plan_key", f"no plan with key {body.plan_key!r}")
     effective_at = body.effective_at or api.clock()
     if body.ended_at is not None and body.ended_at <= effective_at:
         raise invalid_field("ended_at", "must be after effective_at")
+    lock_tenant_subscriptions(session, body.tenant_id)
+    _refuse_repeat(session, body.tenant_id, plan, effective_at)
     session.execute(
         update(Subscription)
         .where(
@@ -122,6 +134,24 @@ def cancel_subscription(
         subscription.ended_at = at
     session.commit()
     return subscription_out(subscription, plan_key)
+
+
+def _refuse_repeat(session: Session, tenant_id: str, plan: Plan, at: datetime) -> None:
+    """Raise `SubscriptionConflictError` if the tenant is on `plan` at `at` already."""
+    existing = session.execute(
+        select(Subscription.id, Subscription.effective_at).where(
+            Subscription.tenant_id == tenant_id,
+            Subscription.plan_id == plan.id,
+            Subscription.effective_at <= at,
+            (Subscription.ended_at.is_(None)) | (Subscription.ended_at > at),
+        )
+    ).first()
+    if existing is not None:
+        raise SubscriptionConflictError(
+            f"tenant {tenant_id!r} is on plan {plan.key!r} at {at.isoformat()} already: "
+            f"subscription {existing.id} from {existing.effective_at.isoformat()}",
+            existing_id=existing.id,
+        )
 
 
 def _subscriptions_of(session: Session, tenant_id: str) -> SubscriptionList:

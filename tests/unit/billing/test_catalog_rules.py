@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
-from billing import InvalidSubscriptionError, PriceDefinitionError
+from billing import InvalidSubscriptionError, PriceDefinitionError, SubscriptionConflictError
 from billing.db import make_session_factory
 from billing.models import Plan, Price, Subscription
 
@@ -143,9 +143,11 @@ def test_overlapping_subscriptions_of_a_tenant_are_refused(
     session_factory, plan_id, start, end
 ) -> None:
     subscribe(session_factory, plan_id, JAN)
-    with pytest.raises(InvalidSubscriptionError, match="overlaps") as caught:
+    with pytest.raises(SubscriptionConflictError, match="overlaps") as caught:
         subscribe(session_factory, plan_id, start, end)
     assert caught.value.field == "effective_at"
+    with session_factory() as session:
+        assert caught.value.existing_id == session.execute(select(Subscription.id)).scalar_one()
     assert periods(session_factory) == [("acme", JAN, None)]
 
 
