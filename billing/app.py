@@ -66,6 +66,7 @@ def create_app(
         max_request_bytes=settings.max_request_bytes,
         max_batch_request_bytes=settings.max_batch_request_bytes,
         usage_max_age=settings.usage_max_age,
+        late_usage=settings.late_usage,
     )
 
     @app.get("/healthz", tags=["health"], summary="200 when the database answers")

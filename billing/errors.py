@@ -16,11 +16,14 @@ BillingError
 ├── CreditExceedsInvoiceError  credit notes would exceed the invoice's total; permanent
 ├── InvalidTimezoneError       not an IANA time zone name; permanent
 ├── TimezoneLockedError        the tenant's zone cannot change: it has invoices; permanent
+├── PeriodClosedError          usage in a finalized period (LATE_USAGE=reject); permanent
 ├── QuotaExceededError         a hard quota is used up; retry after the window resets
 └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class BillingError(Exception):
@@ -154,6 +157,24 @@ class CreditExceedsInvoiceError(BillingError):
         self.available = available
 
 
+class PeriodClosedError(BillingError):
+    """Under `LATE_USAGE=reject`, a usage event falls in a period that has a finalized invoice
+    (`[period_start, period_end)`); nothing was stored. `.index` is the event's index in a batch."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        period_start: datetime,
+        period_end: datetime,
+        index: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.period_start = period_start
+        self.period_end = period_end
+        self.index = index
+
+
 PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     InvalidUsageError,
     IdempotencyConflictError,
@@ -167,5 +188,6 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     InvoiceStateError,
     InvalidCreditNoteError,
     CreditExceedsInvoiceError,
+    PeriodClosedError,
 )
 """Errors that retrying can never fix (Dramatiq's `throws=`)."""

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.errors import InvoiceStateError, UnknownInvoiceError
+from billing.late_usage import DEFAULT_LOOKBACK, LateUsage
 from billing.models import Invoice
 from billing.numbering import INVOICE_SEQUENCE, next_number
 
@@ -51,10 +52,13 @@ class Outbox(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class InvoicePolicy:
-    """How a deployment issues invoices (`INVOICE_NUMBER_PREFIX`, `INVOICE_GRACE_PERIOD`)."""
+    """How a deployment issues invoices (`INVOICE_NUMBER_PREFIX`, `INVOICE_GRACE_PERIOD`) and
+    bills late usage (`LATE_USAGE`, `LATE_USAGE_LOOKBACK`: see `billing.late_usage`)."""
 
     number_prefix: str = "INV-"
     grace_period: timedelta = timedelta(0)
+    late_usage: LateUsage = "next_invoice"
+    late_usage_lookback: timedelta = DEFAULT_LOOKBACK
 
 
 DEFAULT_POLICY = InvoicePolicy()

@@ -33,6 +33,10 @@ AGGREGATE_DURATION_MS = Histogram(
     "Time to compute and upsert one daily aggregate, in milliseconds.",
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
+LATE_USAGE_IGNORED = Counter(
+    "billing_late_usage_ignored",
+    "Late usage events stored and billed nowhere (LATE_USAGE=ignore).",
+)
 INVOICES_GENERATED = Counter("billing_invoice_generated", "Invoices created.")
 PROVIDER_SYNC_FAILURES = Counter(
     "billing_provider_sync_failures", "Calls to the payment provider hook that raised."

@@ -18,6 +18,7 @@ from billing import (
     aggregation,
     credit_notes,
     invoicing,
+    late_usage,
     ledger,
     lifecycle,
     metrics,
@@ -59,7 +60,7 @@ class BillingService:
     has ended, and usage more than 5 minutes after it is refused; so is usage older than
     `max_usage_age` when that is set (the HTTP API sets `USAGE_MAX_AGE`; the default, None,
     takes any past event, for imports and backfills). `policy` says how invoices are numbered
-    and finalized.
+    and finalized, and what becomes of usage in a period already invoiced (`late_usage`).
     """
 
     def __init__(
@@ -95,6 +96,8 @@ class BillingService:
         Raises:
             InvalidUsageError: a field is malformed (`.field` names it); nothing is stored.
             IdempotencyConflictError: the key was used for another amount or time.
+            PeriodClosedError: `policy.late_usage` is `reject` and a finalized invoice covers
+                `at`; nothing is stored.
         """
         return self.ingest_event(
             metric=metric,
@@ -122,13 +125,14 @@ class BillingService:
             metadata=metadata,
             now=self.now(),
         )
-        return self._store([event])[0]
+        return self._store([event], batch=False)[0]
 
     def record_usage_batch(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
         """Store many events (each a mapping of `record_usage`'s arguments); ids in order.
 
         Every event is validated before anything is stored: one bad event raises
-        `InvalidUsageError` (its message gives the index) and stores nothing.
+        `InvalidUsageError` (its message gives the index) and stores nothing; so does one
+        refused by `LATE_USAGE=reject` (`PeriodClosedError`, `.index` set).
         """
         return [recorded.id for recorded in self.ingest(events)]
 
@@ -136,9 +140,12 @@ class BillingService:
         """`record_usage_batch` that also says, per event, whether it was a duplicate."""
         now = self.now()
         validated = [self._validate_item(index, item, now) for index, item in enumerate(events)]
-        return self._store(validated)
+        return self._store(validated, batch=True)
 
-    def _store(self, events: list[ledger.UsageInput]) -> list[Recorded]:
+    def _store(self, events: list[ledger.UsageInput], *, batch: bool) -> list[Recorded]:
+        late = self._late(events)
+        if late and self.policy.late_usage == "reject":
+            self._refuse_late(events, late, batch=batch)
         try:
             results = ledger.record_many(self.session, self.tenant_id, events)
         except IdempotencyConflictError:
@@ -148,7 +155,33 @@ class BillingService:
         if duplicates:
             metrics.USAGE_DUPLICATE.inc(duplicates)
         metrics.USAGE_STORED.inc(len(results) - duplicates)
+        if late and self.policy.late_usage == "ignore":
+            ignored = sum(not results[index].duplicate for index in late)
+            if ignored:
+                metrics.LATE_USAGE_IGNORED.inc(ignored)
         return results
+
+    def _late(self, events: list[ledger.UsageInput]) -> dict[int, late_usage.ClosedPeriod]:
+        """The events in closed periods, when the policy cares (`next_invoice` never looks)."""
+        if self.policy.late_usage == "next_invoice":
+            return {}
+        return late_usage.late_indexes(self.session, self.tenant_id, [e.at for e in events])
+
+    def _refuse_late(
+        self,
+        events: list[ledger.UsageInput],
+        late: dict[int, late_usage.ClosedPeriod],
+        *,
+        batch: bool,
+    ) -> None:
+        """Raise for the first late event not stored before (a retry stays a duplicate)."""
+        keys = [(events[i].metric, events[i].idempotency_key) for i in late]
+        stored = late_usage.stored_keys(self.session, self.tenant_id, keys)
+        for index, period in late.items():
+            event = events[index]
+            if (event.metric, event.idempotency_key) not in stored:
+                metrics.USAGE_REJECTED.inc(len(events))
+                raise late_usage.period_closed(period, event.at, index=index if batch else None)
 
     def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
         """Compute and upsert the total of `metric` over the UTC day containing `day_start`."""

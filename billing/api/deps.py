@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.late_usage import LateUsage
 from webhooks.sqltypes import utcnow
 
 
@@ -23,6 +24,7 @@ class BillingApi:
     clock: Callable[[], datetime] = field(default=utcnow)
     api_keys: bool = True
     usage_max_age: timedelta = timedelta(days=35)
+    late_usage: LateUsage = "next_invoice"
 
 
 async def get_api(request: Request) -> BillingApi:

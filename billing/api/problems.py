@@ -35,6 +35,7 @@ from billing.errors import (
     InvalidUsageError,
     InvoiceStateError,
     MeterDefinitionError,
+    PeriodClosedError,
     PriceDefinitionError,
     ProviderSyncError,
     QuotaExceededError,
@@ -271,6 +272,8 @@ def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
         )
     if isinstance(exc, InvalidPeriodError):
         return 422, "invalid-period", "Invalid period", {}
+    if isinstance(exc, PeriodClosedError):
+        return 409, "period-closed", "Period closed", closed_period_members(exc)
     if isinstance(exc, InvalidCreditNoteError):
         return 422, "invalid-credit-note", "Invalid credit note", {"field": exc.field}
     if isinstance(exc, CreditExceedsInvoiceError):
@@ -291,6 +294,14 @@ def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
     if isinstance(exc, ProviderSyncError):
         return 502, "provider-sync", "Payment provider sync failed", {"invoice_id": exc.invoice_id}
     return 400, "billing", "Billing error", {}
+
+
+def closed_period_members(exc: PeriodClosedError) -> dict[str, Any]:
+    """The problem members that name the closed period of a `PeriodClosedError`."""
+    return {
+        "period_start": exc.period_start.isoformat(),
+        "period_end": exc.period_end.isoformat(),
+    }
 
 
 def _database_refusal(status: int, title: str, detail: str, slug: str, logged: str) -> Handler:

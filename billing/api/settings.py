@@ -9,6 +9,7 @@ from pydantic import PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.api.bodies import DEFAULT_MAX_BATCH_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES
+from billing.late_usage import LateUsage
 from billing.settings import DEFAULT_DATABASE_URL
 
 
@@ -21,7 +22,8 @@ class ApiSettings(BaseSettings):
     (largest `/usage/batch` body, default 4 MiB); `BROKER_NAMESPACE` (prefix of the Redis
     keys, default `billing`); `METRICS_TOKEN` (when set, `/metrics` answers only requests with
     `Authorization: Bearer <token>`); `USAGE_MAX_AGE` (the oldest usage accepted over HTTP,
-    default 35 days)."""
+    default 35 days); `LATE_USAGE` (`next_invoice`, `reject` or `ignore`: usage in a period
+    that has a finalized invoice, see `billing.late_usage`)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -36,6 +38,7 @@ class ApiSettings(BaseSettings):
     broker_namespace: str = "billing"
     metrics_token: SecretStr | None = None
     usage_max_age: timedelta = timedelta(days=35)
+    late_usage: LateUsage = "next_invoice"
 
     @field_validator("idempotency_ttl", "idempotency_lock_ttl", "usage_max_age", mode="before")
     @classmethod

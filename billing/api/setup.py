@@ -19,6 +19,7 @@ from billing.api.deps import BillingApi
 from billing.api.openapi import install_openapi
 from billing.api.problems import ProblemError, register_error_handlers
 from billing.api.router import build_router
+from billing.late_usage import LateUsage
 from webhooks.sqltypes import utcnow
 
 
@@ -32,6 +33,7 @@ def add_billing(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_batch_request_bytes: int = DEFAULT_MAX_BATCH_REQUEST_BYTES,
     usage_max_age: timedelta = timedelta(days=35),
+    late_usage: LateUsage = "next_invoice",
 ) -> None:
     """Mount the billing routes under `prefix` and configure them and `require_quota`.
 
@@ -41,7 +43,8 @@ def add_billing(
     most `max_request_bytes`, or `max_batch_request_bytes` for `/usage/batch` (else 413; see
     `billing.api.bodies`). The problem+json handlers are registered unless the app already has
     them (`register_error_handlers`). Usage whose `at` is older than `usage_max_age` (or over
-    5 minutes ahead of `clock`) is refused with 422.
+    5 minutes ahead of `clock`) is refused with 422; with `late_usage="reject"`, usage in a
+    period that has a finalized invoice is refused with 409 (`billing.late_usage`).
     """
     if session_factory is None:
         from billing.db import make_engine, make_session_factory
@@ -58,6 +61,7 @@ def add_billing(
         clock=clock,
         api_keys=principal is None,
         usage_max_age=usage_max_age,
+        late_usage=late_usage,
     )
     if principal is not None:
         app.dependency_overrides[get_principal] = principal

@@ -39,8 +39,9 @@ from billing.api.schemas import (
     UsageRecorded,
     UTCInstant,
 )
-from billing.errors import IdempotencyConflictError, InvalidUsageError
+from billing.errors import IdempotencyConflictError, InvalidUsageError, PeriodClosedError
 from billing.ledger import Recorded
+from billing.lifecycle import InvoicePolicy
 from billing.models import UsageEvent
 from billing.service import BillingService
 
@@ -66,7 +67,9 @@ def record_usage(
     api: ApiDep,
 ) -> UsageRecorded:
     """202 with the new event's id; 200 with `duplicate: true` and the first id when the same
-    event was recorded before; 409 when its key was used with another amount or time."""
+    event was recorded before; 409 when its key was used with another amount or time, or (with
+    `LATE_USAGE=reject`) when its time falls in a period that has a finalized invoice
+    (`urn:billing:problem:period-closed`, with `period_start` and `period_end`)."""
     stored = _stored(session, principal.tenant_id, [body])
     at = _time_of(body, stored, api.clock())
     service = _service(session, principal.tenant_id, api)
@@ -163,9 +166,14 @@ def list_usage(
 
 
 def _service(session: Session, tenant_id: str, api: BillingApi) -> BillingService:
-    """The tenant's service, refusing usage older than `USAGE_MAX_AGE` or ahead of the clock."""
+    """The tenant's service, refusing usage older than `USAGE_MAX_AGE` or ahead of the clock,
+    and late usage as `LATE_USAGE` says."""
     return BillingService(
-        session=session, tenant_id=tenant_id, now=api.clock, max_usage_age=api.usage_max_age
+        session=session,
+        tenant_id=tenant_id,
+        now=api.clock,
+        max_usage_age=api.usage_max_age,
+        policy=InvoicePolicy(late_usage=api.late_usage),
     )
 
 
@@ -224,7 +232,13 @@ def _record_all(
     try:
         with service.session.begin_nested():
             outcomes = service.ingest([_fields(item, at) for item, at in items])
-    except (IdempotencyConflictError, InvalidUsageError, DataError, IntegrityError):
+    except (
+        IdempotencyConflictError,
+        InvalidUsageError,
+        PeriodClosedError,
+        DataError,
+        IntegrityError,
+    ):
         return [_record_one(service, item, at) for item, at in items]
     return [_result(recorded) for recorded in outcomes]
 
@@ -237,6 +251,8 @@ def _record_one(service: BillingService, item: UsageIn, at: datetime) -> BatchIt
         return _rejected(409, "Idempotency key reused", str(error), "idempotency_key")
     except InvalidUsageError as error:
         return _rejected(422, "Invalid usage", str(error), error.field)
+    except PeriodClosedError as error:
+        return _rejected(409, "Period closed", str(error), "at")
     except DataError:
         return _rejected(400, "Value not storable", "a value cannot be stored", None)
     except IntegrityError:
