@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -67,6 +68,24 @@ def find_invoice(
             Invoice.status != "void",
         )
     ).scalar_one_or_none()
+
+
+def drafts_covering(session: Session, tenant_id: str, times: Sequence[datetime]) -> list[str]:
+    """Ids of the tenant's drafts whose period holds one of `times`, in id order (the order
+    to lock them in, so that two writers never wait on each other crosswise)."""
+    if not times:
+        return []
+    rows = session.execute(
+        select(Invoice.id, Invoice.period_start, Invoice.period_end)
+        .where(
+            Invoice.tenant_id == tenant_id,
+            Invoice.status == "draft",
+            Invoice.period_start <= max(times),
+            Invoice.period_end > min(times),
+        )
+        .order_by(Invoice.id)
+    ).all()
+    return [invoice_id for invoice_id, start, end in rows if any(start <= at < end for at in times)]
 
 
 def price_lines(

@@ -93,6 +93,9 @@ class BillingService:
     ) -> str:
         """Store one usage event once; return its id (the first id when sent again).
 
+        A new event in the period of one of the tenant's draft invoices re-prices that draft
+        (same id, lines replaced, its row locked) in the same transaction; so do batches.
+
         Raises:
             InvalidUsageError: a field is malformed (`.field` names it); nothing is stored.
             IdempotencyConflictError: the key was used for another amount or time.
@@ -159,6 +162,9 @@ class BillingService:
             ignored = sum(not results[index].duplicate for index in late)
             if ignored:
                 metrics.LATE_USAGE_IGNORED.inc(ignored)
+        self._reprice_drafts(
+            [e.at for e, r in zip(events, results, strict=True) if not r.duplicate]
+        )
         return results
 
     def _late(self, events: list[ledger.UsageInput]) -> dict[int, late_usage.ClosedPeriod]:
@@ -182,6 +188,11 @@ class BillingService:
             if (event.metric, event.idempotency_key) not in stored:
                 metrics.USAGE_REJECTED.inc(len(events))
                 raise late_usage.period_closed(period, event.at, index=index if batch else None)
+
+    def _reprice_drafts(self, times: list[datetime]) -> None:
+        """Re-price the drafts whose period holds newly stored usage, in this transaction."""
+        for invoice_id in invoicing.drafts_covering(self.session, self.tenant_id, times):
+            self._reprice(invoice_id)
 
     def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
         """Compute and upsert the total of `metric` over the UTC day containing `day_start`."""

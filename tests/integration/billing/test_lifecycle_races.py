@@ -3,6 +3,7 @@ reissues of a voided period make one invoice, racing pay and void leave one outc
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -148,3 +149,59 @@ def test_racing_credit_notes_never_exceed_the_invoice_total(factory) -> None:
     with factory() as session:
         amounts = session.execute(select(CreditNote.amount)).scalars().all()
     assert sum(amounts) == 900
+
+
+def test_usage_recorded_while_its_draft_is_finalized_is_billed_on_it_or_left_late(
+    factory, pg_engine, wait_for_lock_waiters
+) -> None:
+    """Recording usage locks the draft it re-prices: a finalizer waits for that transaction and
+    bills its usage; usage arriving while the finalizer holds the draft finds it finalized."""
+    from billing import InvoicePolicy
+
+    grace = InvoicePolicy(grace_period=FEB - JAN)
+    with factory.begin() as session:
+        draft = BillingService(
+            session=session, tenant_id="t00", policy=grace
+        ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+
+    def finalize(_: int) -> int:
+        with factory.begin() as session:
+            service = BillingService(session=session, tenant_id="t00", policy=grace)
+            return service.finalize_invoice(draft).total_amount
+
+    def use(session, key: str) -> None:
+        BillingService(session=session, tenant_id="t00").record_usage(
+            metric="tokens", amount=50, at=JAN, idempotency_key=key
+        )
+
+    with factory() as recorder:
+        use(recorder, "first")  # holds the draft's row until it commits
+        finalizer = threading.Thread(target=lambda: totals.append(finalize(0)))
+        totals: list[int] = []
+        finalizer.start()
+        assert wait_for_lock_waiters(pg_engine, 1)
+        recorder.commit()
+    finalizer.join(timeout=30)
+    assert totals == [1100]  # the fee and the 50 tokens recorded before
+
+    with factory.begin() as session:
+        service = BillingService(session=session, tenant_id="t00", policy=grace)
+        service.void_invoice(draft)
+        reissued = service.generate_monthly_invoice(
+            period_start=JAN, period_end=FEB, currency="usd"
+        )
+    with factory() as finalizing:
+        BillingService(session=finalizing, tenant_id="t00").finalize_invoice(reissued)
+        recorder = threading.Thread(target=lambda: _commit(factory, use, "second"))
+        recorder.start()
+        assert wait_for_lock_waiters(pg_engine, 1)
+        finalizing.commit()
+    recorder.join(timeout=30)
+    with factory() as session:
+        invoice = session.get(Invoice, reissued)
+        assert (invoice.status, invoice.total_amount) == ("open", 1100)  # "second" is late
+
+
+def _commit(factory, work, *args) -> None:
+    with factory.begin() as session:
+        work(session, *args)

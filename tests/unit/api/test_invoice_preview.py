@@ -3,20 +3,22 @@ storing nothing; tenants see only their own; bad currencies are problems."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
 
-from billing import BillingService
+from billing import BillingService, InvoicePolicy
 from billing.models import Invoice
 from tests.unit.billing.test_lifecycle import seed_plan
 from webhooks.models import WebhookEvent
 
 from .conftest import NOW
 
+FEBRUARY = datetime(2025, 2, 1, tzinfo=UTC)
 MARCH = datetime(2025, 3, 1, tzinfo=UTC)
 APRIL = datetime(2025, 4, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
 
 
 @pytest.fixture
@@ -96,3 +98,24 @@ def test_a_bad_currency_is_a_problem(client, a_key, usage, query, slug) -> None:
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["type"].endswith(slug)
+
+
+def test_usage_posted_for_a_drafts_period_re_prices_the_draft_the_tenant_reads(
+    client, a_key, usage, session_factory
+) -> None:
+    with session_factory.begin() as session:
+        draft_id = BillingService(
+            session=session, tenant_id="A", now=lambda: NOW, policy=InvoicePolicy(grace_period=DAY)
+        ).generate_monthly_invoice(period_start=FEBRUARY, period_end=MARCH, currency="usd")
+    assert (
+        client.get(f"/_billing/invoices/{draft_id}", headers=a_key).json()["total_amount"] == 1010
+    )
+    body = {"metric": "tokens", "amount": 45, "at": "2025-02-20T00:00:00Z", "idempotency_key": "k"}
+    for status in (202, 200):  # the retry is a duplicate: nothing more
+        assert client.post("/_billing/usage", json=body, headers=a_key).status_code == status
+    draft = client.get(f"/_billing/invoices/{draft_id}", headers=a_key).json()
+    assert (draft["id"], draft["status"], draft["total_amount"]) == (draft_id, "draft", 1100)
+    assert sorted((line["metric"] or "", line["quantity"]) for line in draft["lines"]) == [
+        ("", 1),
+        ("tokens", 50),
+    ]
