@@ -5,7 +5,8 @@ memory), problem+json errors, `/healthz` (200 when the database answers, 503 oth
 `/metrics` (Prometheus: the ledger's and webhooks' counters, summed over the machine's processes
 when `PROMETHEUS_MULTIPROC_DIR` is set, as it must be for `uvicorn --workers N`; and the outbox
 gauges, read from the database at each scrape; with `METRICS_TOKEN` set, only for requests
-bearing it).
+bearing it). With `REDIS_URL`, API keys are cached for `API_KEY_CACHE_TTL` under Redis's
+revocation marker (`billing.api.keycache`): a revoked key is still refused on the next request.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import FastAPI, Header
@@ -23,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.api import IdempotencyMiddleware, add_billing, register_error_handlers
 from billing.api.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from billing.api.keycache import KeyLookup, RedisRevocationMarker
 from billing.api.problems import problem_response
 from billing.api.settings import ApiSettings
 from billing.db import make_engine, make_session_factory
@@ -43,12 +46,15 @@ def create_app(
         session_factory = make_session_factory(engine)
     factory = session_factory
     own_store = _store(settings) if idempotency_store is None else None
+    keys = _key_lookup(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         if isinstance(own_store, RedisIdempotencyStore):
             await own_store.client.aclose()  # the client this app made
+        if isinstance(keys.marker, RedisRevocationMarker):
+            keys.marker.client.close()
 
     app = FastAPI(title="billing-workers", version="0.1.0", lifespan=lifespan)
     app.add_middleware(
@@ -67,6 +73,7 @@ def create_app(
         max_batch_request_bytes=settings.max_batch_request_bytes,
         usage_max_age=settings.usage_max_age,
         late_usage=settings.late_usage,
+        keys=keys,
     )
 
     @app.get("/healthz", tags=["health"], summary="200 when the database answers")
@@ -102,6 +109,19 @@ def _bears(authorization: str | None, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(
         credentials.strip().encode(), token.encode()
     )
+
+
+def _key_lookup(settings: ApiSettings) -> KeyLookup:
+    """API keys cached for `API_KEY_CACHE_TTL` when Redis holds the revocation marker."""
+    if not settings.redis_url or settings.api_key_cache_ttl <= timedelta(0):
+        return KeyLookup()
+    from redis import Redis
+
+    marker = RedisRevocationMarker(
+        Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5),
+        namespace=settings.broker_namespace,
+    )
+    return KeyLookup(marker=marker, ttl=settings.api_key_cache_ttl)
 
 
 def _store(settings: ApiSettings) -> IdempotencyStore:

@@ -22,6 +22,8 @@ class BillingSettings(BaseSettings):
     e.g. `PT72H`): how long a new invoice stays a draft before it is finalized. `LATE_USAGE`
     (`next_invoice`, `reject` or `ignore`) and `LATE_USAGE_LOOKBACK` (35 days): what becomes of
     usage in a period that already has a finalized invoice (see `billing.late_usage`).
+    `REDIS_URL` and `BROKER_NAMESPACE` (`billing`): where `billing keys revoke` tells the web
+    processes that cache API keys (`API_KEY_CACHE_TTL`) to read them again.
     """
 
     model_config = SettingsConfigDict(extra="ignore")
@@ -32,6 +34,8 @@ class BillingSettings(BaseSettings):
     invoice_grace_period: timedelta = timedelta(0)
     late_usage: LateUsage = "next_invoice"
     late_usage_lookback: timedelta = DEFAULT_LOOKBACK
+    redis_url: str = ""
+    broker_namespace: str = "billing"
 
     @field_validator("invoice_grace_period", "late_usage_lookback", mode="before")
     @classmethod

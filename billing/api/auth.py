@@ -25,8 +25,8 @@ from typing import Annotated
 from fastapi import Depends, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from billing.api.deps import SessionDep
-from billing.api.keys import ADMIN_SCOPE, find_active_key
+from billing.api.deps import ApiDep, SessionDep
+from billing.api.keys import ADMIN_SCOPE
 from billing.api.problems import ProblemError
 
 bearer = HTTPBearer(
@@ -62,6 +62,7 @@ class TenantPrincipal:
 def get_principal(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     session: SessionDep,
+    api: ApiDep,
 ) -> Principal:
     """The principal of the request's API key (replaced by `add_billing(principal=...)`).
 
@@ -77,7 +78,7 @@ def get_principal(
             slug="unauthenticated",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    key = find_active_key(session, credentials.credentials)
+    key = api.keys.find(session, credentials.credentials)
     if key is None:
         raise ProblemError(
             401,
@@ -87,7 +88,7 @@ def get_principal(
             slug="unauthenticated",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
-    return Principal(tenant_id=key.tenant_id, scopes=frozenset(key.scopes), key_id=key.id)
+    return Principal(tenant_id=key.tenant_id, scopes=key.scopes, key_id=key.id)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

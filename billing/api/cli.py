@@ -7,9 +7,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 
 from billing.api import keys
+from billing.api.keycache import RedisRevocationMarker
 from billing.db import make_engine, make_session_factory
 from billing.errors import InvalidUsageError
 from billing.settings import BillingSettings
@@ -90,10 +93,26 @@ def _revoke(args: argparse.Namespace) -> int:
     with _transaction() as session:
         key = keys.revoke_key(session, args.key_id)
     if key is None:
-        print(f"billing keys revoke: no key with id {args.key_id}", file=sys.stderr)
+        print(f"billing keys revoke: no key with id {safe_text(args.key_id)}", file=sys.stderr)
         return 1
-    print(f"key {args.key_id} revoked")
+    print(f"key {key.id} revoked")
+    _tell_web_processes(BillingSettings())
     return 0
+
+
+def _tell_web_processes(settings: BillingSettings) -> None:
+    """Change the revocation marker, so web processes caching keys read them again."""
+    if not settings.redis_url:
+        return
+    try:
+        with Redis.from_url(settings.redis_url) as client:
+            RedisRevocationMarker(client, settings.broker_namespace).bump()
+    except RedisError as error:
+        print(
+            f"billing keys revoke: Redis did not answer ({type(error).__name__}); web processes "
+            "that cache API keys accept this one for up to API_KEY_CACHE_TTL more",
+            file=sys.stderr,
+        )
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.api.keycache import KeyLookup
 from billing.late_usage import LateUsage
 from webhooks.sqltypes import utcnow
 
@@ -17,7 +18,8 @@ from webhooks.sqltypes import utcnow
 @dataclass(frozen=True)
 class BillingApi:
     """What the routes and `require_quota` need, kept on `app.state.billing_api`.
-    `api_keys`: callers authenticate with API keys (no `principal=` given to `add_billing`)."""
+    `api_keys`: callers authenticate with API keys (no `principal=` given to `add_billing`),
+    found by `keys` (which may cache them, see `billing.api.keycache`)."""
 
     session_factory: sessionmaker[Session]
     prefix: str = "/_billing"
@@ -25,6 +27,7 @@ class BillingApi:
     api_keys: bool = True
     usage_max_age: timedelta = timedelta(days=35)
     late_usage: LateUsage = "next_invoice"
+    keys: KeyLookup = field(default_factory=KeyLookup)
 
 
 async def get_api(request: Request) -> BillingApi:

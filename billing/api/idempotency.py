@@ -41,7 +41,6 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, WatchError
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,7 +51,6 @@ from billing.api.bodies import (
     read_body,
 )
 from billing.api.deps import BillingApi
-from billing.api.keys import find_active_key
 from billing.api.problems import TYPE_PREFIX, problem_response
 from billing.errors import BillingError
 
@@ -217,14 +215,14 @@ def authorization_principal(scope: Scope) -> str | None:
     return hashlib.sha256(f"{scheme.lower()} {credentials}".encode("latin-1")).hexdigest()
 
 
-def api_key_principal(session_factory: sessionmaker[Session], scope: Scope) -> str | None:
+def api_key_principal(api: BillingApi, scope: Scope) -> str | None:
     """The id of the active API key the request bears; None for no, an unknown or a revoked
-    key (the app then answers 401 itself). Blocking: one indexed lookup."""
+    key (the app then answers 401 itself). Blocking: one indexed lookup, or `api.keys`' cache."""
     scheme, credentials = _authorization(scope)
     if scheme is None or scheme.lower() != "bearer" or not credentials:
         return None
-    with session_factory() as session:
-        key = find_active_key(session, credentials)
+    with api.session_factory() as session:
+        key = api.keys.find(session, credentials)
         return None if key is None else f"api-key:{key.id}"
 
 
@@ -335,7 +333,7 @@ class IdempotencyMiddleware:
             return await named if inspect.isawaitable(named) else named
         api = getattr(getattr(scope.get("app"), "state", None), "billing_api", None)
         if isinstance(api, BillingApi) and api.api_keys:
-            return await run_in_threadpool(api_key_principal, api.session_factory, scope)
+            return await run_in_threadpool(api_key_principal, api, scope)
         return authorization_principal(scope)
 
     async def _answer_existing(

@@ -23,7 +23,10 @@ class ApiSettings(BaseSettings):
     keys, default `billing`); `METRICS_TOKEN` (when set, `/metrics` answers only requests with
     `Authorization: Bearer <token>`); `USAGE_MAX_AGE` (the oldest usage accepted over HTTP,
     default 35 days); `LATE_USAGE` (`next_invoice`, `reject` or `ignore`: usage in a period
-    that has a finalized invoice, see `billing.late_usage`)."""
+    that has a finalized invoice, see `billing.late_usage`); `API_KEY_CACHE_TTL` (how long a
+    web process may keep an API key it has read, seconds or ISO 8601, default 5 s; only with
+    `REDIS_URL`, whose revocation marker `billing keys revoke` changes: 0 reads the key on
+    every request)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -39,8 +42,15 @@ class ApiSettings(BaseSettings):
     metrics_token: SecretStr | None = None
     usage_max_age: timedelta = timedelta(days=35)
     late_usage: LateUsage = "next_invoice"
+    api_key_cache_ttl: timedelta = timedelta(seconds=5)
 
-    @field_validator("idempotency_ttl", "idempotency_lock_ttl", "usage_max_age", mode="before")
+    @field_validator(
+        "idempotency_ttl",
+        "idempotency_lock_ttl",
+        "usage_max_age",
+        "api_key_cache_ttl",
+        mode="before",
+    )
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         """Plain numbers (as environment strings) are seconds."""

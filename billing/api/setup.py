@@ -16,6 +16,7 @@ from billing.api.bodies import (
     BodyLimitMiddleware,
 )
 from billing.api.deps import BillingApi
+from billing.api.keycache import KeyLookup
 from billing.api.openapi import install_openapi
 from billing.api.problems import ProblemError, register_error_handlers
 from billing.api.router import build_router
@@ -34,6 +35,7 @@ def add_billing(
     max_batch_request_bytes: int = DEFAULT_MAX_BATCH_REQUEST_BYTES,
     usage_max_age: timedelta = timedelta(days=35),
     late_usage: LateUsage = "next_invoice",
+    keys: KeyLookup | None = None,
 ) -> None:
     """Mount the billing routes under `prefix` and configure them and `require_quota`.
 
@@ -44,7 +46,9 @@ def add_billing(
     `billing.api.bodies`). The problem+json handlers are registered unless the app already has
     them (`register_error_handlers`). Usage whose `at` is older than `usage_max_age` (or over
     5 minutes ahead of `clock`) is refused with 422; with `late_usage="reject"`, usage in a
-    period that has a finalized invoice is refused with 409 (`billing.late_usage`).
+    period that has a finalized invoice is refused with 409 (`billing.late_usage`). `keys`
+    finds the API keys: by default one indexed lookup per request; `billing.app` passes a
+    cached one when Redis is configured.
     """
     if session_factory is None:
         from billing.db import make_engine, make_session_factory
@@ -62,6 +66,7 @@ def add_billing(
         api_keys=principal is None,
         usage_max_age=usage_max_age,
         late_usage=late_usage,
+        keys=keys or KeyLookup(),
     )
     if principal is not None:
         app.dependency_overrides[get_principal] = principal
