@@ -9,6 +9,7 @@ The quick start:
 
 from billing import catalog_rules  # noqa: F401 - registers the catalogue rules on flush
 from billing.errors import (
+    AmountOverflowError,
     BillingError,
     CreditExceedsInvoiceError,
     CurrencyMismatchError,
@@ -26,12 +27,14 @@ from billing.errors import (
     QuotaExceededError,
     SubscriptionConflictError,
     TimezoneLockedError,
+    TooManyMetricsError,
     UnknownInvoiceError,
 )
 from billing.lifecycle import InvoicePolicy
 from billing.service import BillingService, ProviderSync
 
 __all__ = [
+    "AmountOverflowError",
     "BillingError",
     "BillingService",
     "CreditExceedsInvoiceError",
@@ -52,5 +55,6 @@ __all__ = [
     "QuotaExceededError",
     "SubscriptionConflictError",
     "TimezoneLockedError",
+    "TooManyMetricsError",
     "UnknownInvoiceError",
 ]

@@ -74,6 +74,7 @@ def create_app(
         usage_max_age=settings.usage_max_age,
         late_usage=settings.late_usage,
         keys=keys,
+        max_metrics_per_tenant=settings.max_metrics_per_tenant,
     )
 
     @app.get("/healthz", tags=["health"], summary="200 when the database answers")

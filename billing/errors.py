@@ -17,6 +17,8 @@ BillingError
 ├── InvalidTimezoneError       not an IANA time zone name; permanent
 ├── TimezoneLockedError        the tenant's zone cannot change: it has invoices; permanent
 ├── PeriodClosedError          usage in a finalized period (LATE_USAGE=reject); permanent
+├── TooManyMetricsError        a tenant's month already has its limit of distinct metrics; permanent
+├── AmountOverflowError        an invoice line or total exceeds 2**63-1 minor units; permanent
 ├── QuotaExceededError         a hard quota is used up; retry after the window resets
 └── ProviderSyncError          the provider hook failed; transient, the invoice is kept
 """
@@ -175,6 +177,27 @@ class PeriodClosedError(BillingError):
         self.index = index
 
 
+class TooManyMetricsError(BillingError):
+    """A new metric would exceed the tenant's limit of distinct metrics in a UTC month
+    (`MAX_METRICS_PER_TENANT`); nothing was stored. Metrics the month already has are still
+    taken. `.limit` is the limit, `.month` the first instant of the month."""
+
+    def __init__(self, message: str, *, limit: int, month: datetime) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.month = month
+
+
+class AmountOverflowError(BillingError):
+    """An invoice line or total is over 2**63-1 minor units (the largest amount stored);
+    nothing was stored. `.metric` and `.price_key` name the line (None for the total)."""
+
+    def __init__(self, message: str, *, metric: str | None, price_key: str | None) -> None:
+        super().__init__(message)
+        self.metric = metric
+        self.price_key = price_key
+
+
 PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     InvalidUsageError,
     IdempotencyConflictError,
@@ -189,5 +212,7 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     InvalidCreditNoteError,
     CreditExceedsInvoiceError,
     PeriodClosedError,
+    TooManyMetricsError,
+    AmountOverflowError,
 )
 """Errors that retrying can never fix (Dramatiq's `throws=`)."""

@@ -30,9 +30,11 @@ from billing.errors import (
     InvalidPeriodError,
     InvalidUsageError,
     ProviderSyncError,
+    TooManyMetricsError,
 )
 from billing.ledger import Recorded
 from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
+from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT, metric_guard
 from billing.models import CreditNote, Invoice, InvoiceLine
 from billing.preview import InvoicePreview
 from webhooks.sqltypes import utcnow
@@ -61,6 +63,8 @@ class BillingService:
     `max_usage_age` when that is set (the HTTP API sets `USAGE_MAX_AGE`; the default, None,
     takes any past event, for imports and backfills). `policy` says how invoices are numbered
     and finalized, and what becomes of usage in a period already invoiced (`late_usage`).
+    `max_metrics_per_tenant` caps the distinct metrics the tenant may have in a UTC calendar
+    month (None: no cap; see `billing.metric_limit`).
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class BillingService:
         policy: InvoicePolicy = DEFAULT_POLICY,
         outbox: Outbox = webhooks,
         max_usage_age: timedelta | None = None,
+        max_metrics_per_tenant: int | None = DEFAULT_MAX_METRICS_PER_TENANT,
     ) -> None:
         self.session = session
         self.tenant_id = ledger.validate_tenant(tenant_id)
@@ -81,6 +86,7 @@ class BillingService:
         self.policy = policy
         self.outbox = outbox
         self.max_usage_age = max_usage_age
+        self.max_metrics_per_tenant = max_metrics_per_tenant
 
     def record_usage(
         self,
@@ -101,6 +107,8 @@ class BillingService:
             IdempotencyConflictError: the key was used for another amount or time.
             PeriodClosedError: `policy.late_usage` is `reject` and a finalized invoice covers
                 `at`; nothing is stored.
+            TooManyMetricsError: the metric is new to the event's month, which already has
+                `max_metrics_per_tenant` metrics; nothing is stored.
         """
         return self.ingest_event(
             metric=metric,
@@ -135,7 +143,8 @@ class BillingService:
 
         Every event is validated before anything is stored: one bad event raises
         `InvalidUsageError` (its message gives the index) and stores nothing; so does one
-        refused by `LATE_USAGE=reject` (`PeriodClosedError`, `.index` set).
+        refused by `LATE_USAGE=reject` (`PeriodClosedError`, `.index` set), and
+        `TooManyMetricsError` when the batch's new metrics bring a month over the limit.
         """
         return [recorded.id for recorded in self.ingest(events)]
 
@@ -150,8 +159,9 @@ class BillingService:
         if late and self.policy.late_usage == "reject":
             self._refuse_late(events, late, batch=batch)
         try:
-            results = ledger.record_many(self.session, self.tenant_id, events)
-        except IdempotencyConflictError:
+            with metric_guard(self.session, self.tenant_id, events, self.max_metrics_per_tenant):
+                results = ledger.record_many(self.session, self.tenant_id, events)
+        except (IdempotencyConflictError, TooManyMetricsError):
             metrics.USAGE_REJECTED.inc(len(events))
             raise
         duplicates = sum(r.duplicate for r in results)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.api.keycache import KeyLookup
 from billing.late_usage import LateUsage
+from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT
 from webhooks.sqltypes import utcnow
 
 
@@ -28,6 +29,7 @@ class BillingApi:
     usage_max_age: timedelta = timedelta(days=35)
     late_usage: LateUsage = "next_invoice"
     keys: KeyLookup = field(default_factory=KeyLookup)
+    max_metrics_per_tenant: int | None = DEFAULT_MAX_METRICS_PER_TENANT
 
 
 async def get_api(request: Request) -> BillingApi:

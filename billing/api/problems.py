@@ -41,6 +41,7 @@ from billing.errors import (
     QuotaExceededError,
     SubscriptionConflictError,
     TimezoneLockedError,
+    TooManyMetricsError,
     UnknownInvoiceError,
 )
 
@@ -289,6 +290,8 @@ def _billing_problem(exc: BillingError) -> tuple[int, str, str, dict[str, Any]]:
         return 404, "not-found", "Not found", {}
     if isinstance(exc, CurrencyMismatchError):
         return 422, "currency-mismatch", "Currency mismatch", {"field": "currency"}
+    if isinstance(exc, TooManyMetricsError):
+        return 422, "too-many-metrics", "Too many metrics", {"limit": exc.limit}
     if isinstance(exc, QuotaExceededError):
         return 429, "quota-exceeded", "Quota exceeded", {}
     if isinstance(exc, ProviderSyncError):

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.api.bodies import DEFAULT_MAX_BATCH_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES
 from billing.late_usage import LateUsage
+from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT
 from billing.settings import DEFAULT_DATABASE_URL
 
 
@@ -26,7 +27,8 @@ class ApiSettings(BaseSettings):
     that has a finalized invoice, see `billing.late_usage`); `API_KEY_CACHE_TTL` (how long a
     web process may keep an API key it has read, seconds or ISO 8601, default 5 s; only with
     `REDIS_URL`, whose revocation marker `billing keys revoke` changes: 0 reads the key on
-    every request)."""
+    every request); `MAX_METRICS_PER_TENANT` (distinct metrics a tenant may have in a UTC
+    month, default 1,000)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -43,6 +45,7 @@ class ApiSettings(BaseSettings):
     usage_max_age: timedelta = timedelta(days=35)
     late_usage: LateUsage = "next_invoice"
     api_key_cache_ttl: timedelta = timedelta(seconds=5)
+    max_metrics_per_tenant: PositiveInt = DEFAULT_MAX_METRICS_PER_TENANT
 
     @field_validator(
         "idempotency_ttl",

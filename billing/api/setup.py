@@ -21,6 +21,7 @@ from billing.api.openapi import install_openapi
 from billing.api.problems import ProblemError, register_error_handlers
 from billing.api.router import build_router
 from billing.late_usage import LateUsage
+from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT
 from webhooks.sqltypes import utcnow
 
 
@@ -36,6 +37,7 @@ def add_billing(
     usage_max_age: timedelta = timedelta(days=35),
     late_usage: LateUsage = "next_invoice",
     keys: KeyLookup | None = None,
+    max_metrics_per_tenant: int | None = DEFAULT_MAX_METRICS_PER_TENANT,
 ) -> None:
     """Mount the billing routes under `prefix` and configure them and `require_quota`.
 
@@ -48,7 +50,8 @@ def add_billing(
     5 minutes ahead of `clock`) is refused with 422; with `late_usage="reject"`, usage in a
     period that has a finalized invoice is refused with 409 (`billing.late_usage`). `keys`
     finds the API keys: by default one indexed lookup per request; `billing.app` passes a
-    cached one when Redis is configured.
+    cached one when Redis is configured. A metric new to a UTC month that already has
+    `max_metrics_per_tenant` metrics of the tenant is refused with 422 (None: no limit).
     """
     if session_factory is None:
         from billing.db import make_engine, make_session_factory
@@ -67,6 +70,7 @@ def add_billing(
         usage_max_age=usage_max_age,
         late_usage=late_usage,
         keys=keys or KeyLookup(),
+        max_metrics_per_tenant=max_metrics_per_tenant,
     )
     if principal is not None:
         app.dependency_overrides[get_principal] = principal

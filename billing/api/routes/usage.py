@@ -39,7 +39,12 @@ from billing.api.schemas import (
     UsageRecorded,
     UTCInstant,
 )
-from billing.errors import IdempotencyConflictError, InvalidUsageError, PeriodClosedError
+from billing.errors import (
+    IdempotencyConflictError,
+    InvalidUsageError,
+    PeriodClosedError,
+    TooManyMetricsError,
+)
 from billing.ledger import Recorded
 from billing.lifecycle import InvoicePolicy
 from billing.models import UsageEvent
@@ -167,13 +172,14 @@ def list_usage(
 
 def _service(session: Session, tenant_id: str, api: BillingApi) -> BillingService:
     """The tenant's service, refusing usage older than `USAGE_MAX_AGE` or ahead of the clock,
-    and late usage as `LATE_USAGE` says."""
+    late usage as `LATE_USAGE` says, and new metrics past `MAX_METRICS_PER_TENANT` in a month."""
     return BillingService(
         session=session,
         tenant_id=tenant_id,
         now=api.clock,
         max_usage_age=api.usage_max_age,
         policy=InvoicePolicy(late_usage=api.late_usage),
+        max_metrics_per_tenant=api.max_metrics_per_tenant,
     )
 
 
@@ -236,6 +242,7 @@ def _record_all(
         IdempotencyConflictError,
         InvalidUsageError,
         PeriodClosedError,
+        TooManyMetricsError,
         DataError,
         IntegrityError,
     ):
@@ -253,6 +260,8 @@ def _record_one(service: BillingService, item: UsageIn, at: datetime) -> BatchIt
         return _rejected(422, "Invalid usage", str(error), error.field)
     except PeriodClosedError as error:
         return _rejected(409, "Period closed", str(error), "at")
+    except TooManyMetricsError as error:
+        return _rejected(422, "Too many metrics", str(error), "metric")
     except DataError:
         return _rejected(400, "Value not storable", "a value cannot be stored", None)
     except IntegrityError:

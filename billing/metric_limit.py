@@ -1,0 +1,131 @@
+"""The limit on distinct metrics per tenant and UTC calendar month (`MAX_METRICS_PER_TENANT`).
+
+A tenant's month has a metric once `usage_counters` has a row for it (the `usage_events`
+triggers add one with the first event of the metric in the month). Before events are stored,
+`metric_guard` looks their (month, metric) pairs up in that table, by its primary key: when
+every pair is there (the usual case) it takes no lock and counts nothing. Only when a pair is
+new does it take a per-tenant lock (a transaction-level advisory lock on PostgreSQL, held to
+commit, so concurrent senders of new metrics count one after the other), look again, and count
+the month's metrics: more than the limit raises `TooManyMetricsError` and nothing is stored.
+On an autocommit connection, where each statement commits at once, the lock is a session-level
+one released after the insert. SQLite lets one transaction write at a time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy.orm import Session
+
+from billing.api.models import UsageCounter
+from billing.errors import TooManyMetricsError
+from billing.ledger import UsageInput
+
+DEFAULT_MAX_METRICS_PER_TENANT = 1000
+_NAMESPACE = "billing.metric_limit:"
+_XACT_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+_LOCK = text("SELECT pg_advisory_lock(hashtextextended(:key, 0))")
+_UNLOCK = text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))")
+# Pairs looked up per statement (two bound parameters each, far under PostgreSQL's 65,535).
+_CHUNK = 500
+
+Pair = tuple[datetime, str]
+
+
+def month_of(at: datetime) -> datetime:
+    """The first instant of the UTC calendar month of the aware datetime `at`."""
+    return at.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+@contextmanager
+def metric_guard(
+    session: Session, tenant_id: str, events: Sequence[UsageInput], limit: int | None
+) -> Iterator[None]:
+    """Around storing `events`: refuse them if they bring a month over `limit` metrics.
+
+    Raises:
+        TooManyMetricsError: a month of the tenant would have more than `limit` distinct
+            metrics; raised before anything is stored.
+    """
+    pairs = {(month_of(e.at), e.metric) for e in events}
+    if limit is None or not pairs or not _new_pairs(session, tenant_id, pairs):
+        yield
+        return
+    with _tenant_lock(session, tenant_id):
+        _check(session, tenant_id, _new_pairs(session, tenant_id, pairs), limit)
+        yield
+
+
+def _check(session: Session, tenant_id: str, new: set[Pair], limit: int) -> None:
+    by_month: dict[datetime, int] = defaultdict(int)
+    for month, _ in new:
+        by_month[month] += 1
+    for month, added in sorted(by_month.items()):
+        held = _metrics_in(session, tenant_id, month)
+        if held + added > limit:
+            raise TooManyMetricsError(
+                f"the tenant has {held} distinct metrics in {month:%Y-%m} (UTC) and these "
+                f"events add {added}: MAX_METRICS_PER_TENANT is {limit}",
+                limit=limit,
+                month=month,
+            )
+
+
+def _new_pairs(session: Session, tenant_id: str, pairs: set[Pair]) -> set[Pair]:
+    """The pairs `usage_counters` has no month row for."""
+    ordered = sorted(pairs)
+    known: set[Pair] = set()
+    for start in range(0, len(ordered), _CHUNK):
+        known.update(_known(session, tenant_id, ordered[start : start + _CHUNK]))
+    return pairs - known
+
+
+def _known(session: Session, tenant_id: str, pairs: Iterable[Pair]) -> set[Pair]:
+    rows = session.execute(
+        select(UsageCounter.period_start, UsageCounter.metric).where(
+            UsageCounter.tenant_id == tenant_id,
+            UsageCounter.granularity == "month",
+            or_(
+                *(
+                    and_(UsageCounter.period_start == month, UsageCounter.metric == metric)
+                    for month, metric in pairs
+                )
+            ),
+        )
+    )
+    return {(month_of(month), metric) for month, metric in rows}
+
+
+def _metrics_in(session: Session, tenant_id: str, month: datetime) -> int:
+    return int(
+        session.execute(
+            select(func.count()).where(
+                UsageCounter.tenant_id == tenant_id,
+                UsageCounter.granularity == "month",
+                UsageCounter.period_start == month,
+            )
+        ).scalar_one()
+    )
+
+
+@contextmanager
+def _tenant_lock(session: Session, tenant_id: str) -> Iterator[None]:
+    """Hold the tenant's metric lock (PostgreSQL) while the events are checked and stored."""
+    if session.get_bind().dialect.name != "postgresql":
+        yield
+        return
+    key = {"key": _NAMESPACE + tenant_id}
+    connection = session.connection()
+    if not getattr(connection.connection.dbapi_connection, "autocommit", False):
+        session.execute(_XACT_LOCK, key)  # released at commit or rollback
+        yield
+        return
+    session.execute(_LOCK, key)
+    try:
+        yield
+    finally:
+        session.execute(_UNLOCK, key)
