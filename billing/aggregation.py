@@ -4,7 +4,7 @@ statement."""
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import String, Table, bindparam, case, delete, literal, select, text
@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 from billing.errors import InvalidUsageError
 from billing.meters import MeterSpec, get_meter, group_key, grouped_quantities, quantity
 from billing.models import UsageAggregate, UsageEvent
+from billing.tenants import tenant_day
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
-DAY = timedelta(days=1)
 _LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 
 
@@ -28,14 +28,19 @@ def utc_day_start(moment: datetime) -> datetime:
 
 
 def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) -> int:
-    """Upsert the `day` aggregate of `metric` for the UTC day starting at `day`; return it.
+    """Upsert the `day` aggregate of `metric` for the tenant's local day containing `day`
+    (its UTC day for a tenant without a zone); return it.
+
+    The aggregate's `period_start` is the instant of the local midnight; a day across a
+    daylight saving change holds the events of its 23 or 25 hours.
 
     The quantity follows the metric's meter (`billing.meters`: a sum unless declared
     otherwise). `INSERT … SELECT (quantity) … ON CONFLICT DO UPDATE … RETURNING total`: the
     events never leave the database, a re-run rewrites the same row, and late events are
     counted next time. `updated_at` moves only when the total changes.
     """
-    start = utc_day_start(day)
+    utc_day_start(day)  # refuses a naive `day`
+    start, end = tenant_day(session, tenant_id, day)
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         # One run per (tenant, metric, day) at a time, each reading after the previous commits:
@@ -49,16 +54,21 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
         "tenant_id": tenant_id,
         "metric": metric,
         "start": start,
-        "end": start + DAY,
+        "end": end,
         "now": utcnow(),
     }
     total = int(session.execute(_upsert_statement(dialect, meter), params).scalar_one())
-    _aggregate_groups(session, dialect, meter, tenant_id, start)
+    _aggregate_groups(session, dialect, meter, tenant_id, start, end)
     return total
 
 
 def _aggregate_groups(
-    session: Session, dialect: str, meter: MeterSpec, tenant_id: str, start: datetime
+    session: Session,
+    dialect: str,
+    meter: MeterSpec,
+    tenant_id: str,
+    start: datetime,
+    end: datetime,
 ) -> None:
     """Upsert one row per group of the day (computed in SQL); drop groups no longer present
     (after the meter's `group_by` changed or was removed)."""
@@ -66,7 +76,7 @@ def _aggregate_groups(
         UsageEvent.tenant_id == tenant_id,
         UsageEvent.metric == meter.key,
         UsageEvent.at_ts >= start,
-        UsageEvent.at_ts < start + DAY,
+        UsageEvent.at_ts < end,
     )
     totals = {
         group_key(meter.group_by, row[:-1]): int(row[-1])

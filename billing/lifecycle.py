@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -29,6 +29,7 @@ from billing.errors import InvoiceStateError, UnknownInvoiceError
 from billing.late_usage import DEFAULT_LOOKBACK, LateUsage
 from billing.models import Invoice
 from billing.numbering import INVOICE_SEQUENCE, next_number
+from billing.tenants import tenant_zone
 
 INVOICE_CREATED = "billing.invoice.created"
 INVOICE_FINALIZED = "billing.invoice.finalized"
@@ -130,21 +131,22 @@ def apply(
     outbox.publish(
         session,
         transition.topic,
-        state_event(invoice),
+        state_event(invoice, tenant_zone(session, invoice.tenant_id)),
         event_id=f"invoice_{transition.event_name}_{invoice.id}",
     )
     return True
 
 
-def state_event(invoice: Invoice) -> dict[str, Any]:
-    """The payload of `billing.invoice.finalized` / `.paid` / `.voided`."""
+def state_event(invoice: Invoice, zone: tzinfo = UTC) -> dict[str, Any]:
+    """The payload of `billing.invoice.finalized` / `.paid` / `.voided`; the period is shown
+    with the offset of the tenant's `zone`."""
     return {
         "tenant_id": invoice.tenant_id,
         "invoice_id": invoice.id,
         "number": invoice.number,
         "status": invoice.status,
-        "period_start": invoice.period_start.isoformat(),
-        "period_end": invoice.period_end.isoformat(),
+        "period_start": invoice.period_start.astimezone(zone).isoformat(),
+        "period_end": invoice.period_end.astimezone(zone).isoformat(),
         "currency": invoice.currency,
         "total_amount": invoice.total_amount,
     }

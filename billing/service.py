@@ -22,8 +22,8 @@ from billing import (
     ledger,
     lifecycle,
     metrics,
-    periods,
     preview,
+    tenants,
 )
 from billing.errors import (
     IdempotencyConflictError,
@@ -34,6 +34,7 @@ from billing.errors import (
 )
 from billing.ledger import Recorded
 from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
+from billing.localtime import local_month
 from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT, metric_guard
 from billing.models import CreditNote, Invoice, InvoiceLine
 from billing.preview import InvoicePreview
@@ -205,7 +206,8 @@ class BillingService:
             self._reprice(invoice_id)
 
     def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
-        """Compute and upsert the total of `metric` over the UTC day containing `day_start`."""
+        """Compute and upsert the total of `metric` over the tenant's local day containing
+        `day_start` (midnight to midnight in its zone; its UTC day without one)."""
         metric = ledger.validate_stored_metric(metric)
         with metrics.timed_ms(metrics.AGGREGATE_DURATION_MS):
             return aggregation.aggregate_day(self.session, self.tenant_id, metric, day_start)
@@ -222,13 +224,20 @@ class BillingService:
         returns the same id and creates nothing. A void invoice does not count: the period is
         invoiced anew.
 
+        A tenant with a zone other than UTC (`billing.tenants`) is invoiced for periods from
+        a local midnight to a local midnight (the scheduler sends its local months), and its
+        events show the period with the zone's offset (`2025-03-01T00:00:00-05:00`).
+
         Raises:
-            InvalidPeriodError: naive or reversed period, a malformed currency, or a period
-                that has not ended by `now()`; nothing is created.
+            InvalidPeriodError: naive or reversed period, a malformed currency, a period that
+                has not ended by `now()`, or one whose bounds are not midnights in the
+                tenant's zone; nothing is created.
             CurrencyMismatchError: the plan has prices, none in `currency`; nothing is created.
             ProviderSyncError: `provider_sync` failed; the invoice is flushed and stays.
         """
         currency = invoicing.check_period(period_start, period_end, currency)
+        zone_name = tenants.zone_name_of(self.session, self.tenant_id, lock=True)
+        tenants.check_period(zone_name, period_start, period_end)
         if period_end > self.now():
             raise InvalidPeriodError(
                 f"the period {period_start.isoformat()} to {period_end.isoformat()} "
@@ -257,8 +266,8 @@ class BillingService:
                     self.outbox,
                     tenant_id=self.tenant_id,
                     invoice_id=invoice_id,
-                    period_start=period_start,
-                    period_end=period_end,
+                    period_start=period_start.astimezone(tenants.zone(zone_name)),
+                    period_end=period_end.astimezone(tenants.zone(zone_name)),
                     currency=currency,
                 )
         if not self.policy.grace_period:
@@ -286,13 +295,14 @@ class BillingService:
         return preview.preview(self.session, self.tenant_id, period_start, period_end, currency)
 
     def preview_upcoming_invoice(self, *, currency: str) -> InvoicePreview:
-        """`preview_invoice` of the invoice period containing `now()` (its usage so far).
+        """`preview_invoice` of the invoice period containing `now()` (its usage so far): the
+        tenant's local calendar month.
 
         Raises:
             InvalidPeriodError: a malformed currency.
             CurrencyMismatchError: the tenant's plans have prices, none in `currency`.
         """
-        start, end = periods.month_containing(self.now())
+        start, end = local_month(tenants.tenant_zone(self.session, self.tenant_id), self.now())
         return self.preview_invoice(period_start=start, period_end=end, currency=currency)
 
     def get_invoice(self, invoice_id: str) -> Invoice:

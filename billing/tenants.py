@@ -16,13 +16,18 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from billing.errors import InvalidTimezoneError, InvalidUsageError, TimezoneLockedError
+from billing.errors import (
+    InvalidPeriodError,
+    InvalidTimezoneError,
+    InvalidUsageError,
+    TimezoneLockedError,
+)
 from billing.ledger import validate_tenant
-from billing.localtime import UTC_NAME
+from billing.localtime import UTC_NAME, Period, is_midnight, local_day
 from billing.models import Invoice, Tenant, UsageAggregate
 from webhooks.safetext import safe_text
 from webhooks.sqltypes import utcnow
@@ -75,9 +80,10 @@ def set_tenant(
 ) -> TenantInfo:
     """Create the tenant's row or change the fields given; return the tenant as stored.
 
-    A new row gets `name` (default: the id) and `timezone` (default: `UTC`). The row is locked
-    (PostgreSQL) while its invoices are checked, so a racing invoice run either sees the new
-    zone or holds the old one until its invoice exists.
+    A new row gets `name` (default: the id) and `timezone` (default: `UTC`). A zone change
+    takes the tenant's zone lock (PostgreSQL) before it looks for invoices, so a racing invoice
+    run or aggregation either reads the new zone or commits in the old one first (and then
+    its invoice refuses the change, or its aggregate is dropped with the others).
 
     Raises:
         InvalidUsageError: a malformed id or name (`.field` names it); nothing is stored.
@@ -89,6 +95,7 @@ def set_tenant(
         name = _validate_name(name)
     if timezone is not None:
         timezone = validate_timezone(timezone)
+        _lock_zone(session, tenant_id, shared=False)
     dialect = session.get_bind().dialect.name
     insert: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Tenant)
     session.execute(
@@ -131,12 +138,59 @@ def list_tenants(session: Session) -> list[TenantInfo]:
 
 
 def zone_name_of(session: Session, tenant_id: str, *, lock: bool = False) -> str:
-    """The tenant's zone name (`UTC` without a row). With `lock`, the row is share-locked on
-    PostgreSQL until the transaction ends, so the zone cannot change under an invoice run."""
-    query = select(Tenant.timezone).where(Tenant.id == tenant_id)
+    """The tenant's zone name (`UTC` without a row).
+
+    With `lock` (PostgreSQL), the zone cannot change until the transaction ends: what is cut
+    from it (a day's aggregate, an invoice's period) commits in the zone it was read in. The
+    lock is shared, so invoice runs and aggregations of the tenant do not wait for each other.
+    """
     if lock:
-        query = query.with_for_update(read=True)
+        _lock_zone(session, tenant_id, shared=True)
+    query = select(Tenant.timezone).where(Tenant.id == tenant_id)
     return session.execute(query).scalar_one_or_none() or UTC_NAME
+
+
+def tenant_zone(session: Session, tenant_id: str, *, lock: bool = False) -> tzinfo:
+    """The tenant's `tzinfo` (UTC without a row); `lock` as in `zone_name_of`."""
+    return zone(zone_name_of(session, tenant_id, lock=lock))
+
+
+def tenant_day(session: Session, tenant_id: str, moment: datetime) -> Period:
+    """The tenant's local day containing `moment`, its zone locked as in `zone_name_of`."""
+    return local_day(tenant_zone(session, tenant_id, lock=True), moment)
+
+
+def check_period(zone_name: str, start: datetime, end: datetime) -> None:
+    """An invoice period of a tenant with a zone other than UTC runs from a local midnight to
+    a local midnight (the scheduler sends local months); a UTC tenant's may be any instants.
+
+    Raises:
+        InvalidPeriodError: a bound is not a local midnight of the zone.
+    """
+    if zone_name == UTC_NAME:
+        return
+    tz = zone(zone_name)
+    for name, moment in (("period_start", start), ("period_end", end)):
+        if not is_midnight(tz, moment):
+            raise InvalidPeriodError(
+                f"{name} {moment.isoformat()} is not a midnight in {zone_name}, the tenant's "
+                f"zone: its invoice periods run from local midnight to local midnight"
+            )
+
+
+def _lock_zone(session: Session, tenant_id: str, *, shared: bool) -> None:
+    """A transaction-level advisory lock on the tenant's zone (PostgreSQL; SQLite has one
+    writer at a time). Its own statement: what is read after it sees the holder's commit."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_ZONE_LOCK_SHARED if shared else _ZONE_LOCK, {"key": _lock_key(tenant_id)})
+
+
+def _lock_key(tenant_id: str) -> str:
+    return f"billing.tenant-zone:{tenant_id}"
+
+
+_ZONE_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+_ZONE_LOCK_SHARED = text("SELECT pg_advisory_xact_lock_shared(hashtextextended(:key, 0))")
 
 
 def _check_no_invoice(session: Session, tenant_id: str) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -213,7 +213,10 @@ def attach(new_broker: Broker, *, settings: WorkerSettings | None = None) -> Bro
 
 
 def enqueue_aggregate_daily(*, tenant_id: str, metric: str, day_start: datetime) -> Message[Any]:
-    """Send `billing.aggregate_daily` for the UTC day containing `day_start`; return the message.
+    """Send `billing.aggregate_daily` for the tenant's local day containing `day_start`;
+    return the message. A UTC `day_start` is sent as its UTC midnight (as before zones
+    existed); one with another offset (the scheduler sends local midnights, e.g.
+    `2025-03-09T00:00:00-05:00`) is sent as it is: the job finds the tenant's day.
 
     Raises:
         InvalidPayloadError: an empty field or a naive `day_start`; nothing is sent.
@@ -224,7 +227,8 @@ def enqueue_aggregate_daily(*, tenant_id: str, metric: str, day_start: datetime)
         "day_start": _iso(day_start),
     }
     checked = parse_payload(AggregateDailyPayload, payload, job=AGGREGATE_DAILY)
-    payload["day_start"] = utc_day_start(checked.day_start).isoformat()
+    if day_start.utcoffset() == timedelta(0):
+        payload["day_start"] = utc_day_start(checked.day_start).isoformat()
     return _send(aggregate_daily, payload)
 
 

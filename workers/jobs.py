@@ -40,10 +40,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import webhooks as webhooks_outbox
 from billing import BillingService, ProviderSync, lifecycle
-from billing.aggregation import utc_day_start
 from billing.errors import PERMANENT_ERRORS as BILLING_PERMANENT_ERRORS
 from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
+from billing.localtime import local_day
 from billing.models import Invoice
+from billing.tenants import tenant_zone
 from webhooks.errors import PERMANENT_ERRORS as WEBHOOK_PERMANENT_ERRORS
 from webhooks.sqltypes import utcnow
 from workers.errors import (
@@ -93,23 +94,27 @@ def aggregate_daily_job(
 ) -> int:
     """Upsert a tenant's daily total of a metric and announce it; return the total.
 
-    Publishes `billing.usage_aggregated {tenant_id, metric, day_start, total}` in the same
-    transaction; a re-run with an unchanged total publishes nothing new.
+    The day is the tenant's local day containing the payload's `day_start`. Publishes
+    `billing.usage_aggregated {tenant_id, metric, day_start, total}` in the same transaction,
+    `day_start` being the local midnight with the zone's offset (`+00:00` for UTC); a re-run
+    with an unchanged total publishes nothing new.
 
     Raises:
         InvalidPayloadError: the payload breaks the contract; nothing ran.
     """
     with job_log(logger, AGGREGATE_DAILY, permanent=PERMANENT_ERRORS) as log:
         job = _parse(AggregateDailyPayload, payload, AGGREGATE_DAILY)
-        day_start = utc_day_start(job.day_start)
-        log.update(tenant_id=job.tenant_id, metric=job.metric, day_start=day_start.isoformat())
+        log.update(tenant_id=job.tenant_id, metric=job.metric)
         with session_factory.begin() as session:
             service = BillingService(session=session, tenant_id=job.tenant_id)
-            total = service.aggregate_daily(metric=job.metric, day_start=day_start)
+            total = service.aggregate_daily(metric=job.metric, day_start=job.day_start)
+            zone = tenant_zone(session, job.tenant_id)  # as aggregated: it is locked now
+            day_start = local_day(zone, job.day_start).start.astimezone(zone).isoformat()
+            log["day_start"] = day_start
             event = {
                 "tenant_id": job.tenant_id,
                 "metric": job.metric,
-                "day_start": day_start.isoformat(),
+                "day_start": day_start,
                 "total": total,
             }
             webhooks.publish(session, USAGE_AGGREGATED, event, event_id=aggregate_event_id(event))

@@ -1,0 +1,112 @@
+"""Local days and months: every instant in exactly one, bounded by local midnights."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from billing.errors import InvalidPeriodError
+from billing.localtime import (
+    is_midnight,
+    local_day,
+    local_month,
+    previous_local_day,
+    previous_local_month,
+)
+
+NY = ZoneInfo("America/New_York")
+KTM = ZoneInfo("Asia/Kathmandu")
+HOUR = timedelta(hours=1)
+#: Zones with daylight saving at 02:00, at midnight (Santiago, Havana), half or quarter hours.
+ZONES = [
+    "UTC",
+    "America/New_York",
+    "Asia/Kathmandu",
+    "America/Santiago",
+    "America/Havana",
+    "Australia/Lord_Howe",
+    "Pacific/Chatham",
+    "Europe/London",
+]
+
+
+def at(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def test_new_york_days_across_the_2025_changes_last_23_and_25_hours() -> None:
+    spring = local_day(NY, at(2025, 3, 9, 12))
+    assert spring == (at(2025, 3, 9, 5), at(2025, 3, 10, 4))
+    assert spring.end - spring.start == 23 * HOUR
+    autumn = local_day(NY, at(2025, 11, 2, 12))
+    assert autumn == (at(2025, 11, 2, 4), at(2025, 11, 3, 5))
+    assert autumn.end - autumn.start == 25 * HOUR
+
+
+def test_a_day_holds_its_first_instant_and_not_its_end() -> None:
+    start, end = local_day(NY, at(2025, 3, 9, 12))
+    assert local_day(NY, start).start == start
+    assert local_day(NY, end - timedelta(microseconds=1)).start == start
+    assert local_day(NY, end).start == end
+
+
+def test_kathmandu_days_start_at_18_15_utc_the_day_before() -> None:
+    assert local_day(KTM, at(2025, 3, 9, 18, 14)) == (
+        at(2025, 3, 8, 18, 15),
+        at(2025, 3, 9, 18, 15),
+    )
+    assert local_day(KTM, at(2025, 3, 9, 18, 15)).start == at(2025, 3, 9, 18, 15)
+
+
+def test_months_are_local_calendar_months() -> None:
+    march = local_month(NY, at(2025, 3, 15))
+    assert march == (at(2025, 3, 1, 5), at(2025, 4, 1, 4))
+    assert march.end - march.start == timedelta(days=31) - HOUR
+    assert local_month(NY, at(2025, 4, 1, 3, 59)) == march  # still March 31 in New York
+    assert local_month(KTM, at(2025, 12, 31, 18, 15)) == (
+        at(2025, 12, 31, 18, 15),
+        at(2026, 1, 31, 18, 15),
+    )
+
+
+def test_previous_day_and_month_are_the_last_ones_ended() -> None:
+    assert previous_local_day(NY, at(2025, 3, 10, 4)) == (at(2025, 3, 9, 5), at(2025, 3, 10, 4))
+    assert previous_local_day(NY, at(2025, 3, 10, 3, 59)).start == at(2025, 3, 8, 5)
+    assert previous_local_month(NY, at(2025, 4, 1, 4)) == (at(2025, 3, 1, 5), at(2025, 4, 1, 4))
+    assert previous_local_month(NY, at(2025, 4, 1, 3)).start == at(2025, 2, 1, 5)
+
+
+def test_is_midnight() -> None:
+    assert is_midnight(NY, at(2025, 3, 1, 5))
+    assert not is_midnight(NY, at(2025, 3, 1))
+    assert is_midnight(ZoneInfo("UTC"), at(2025, 3, 1))
+
+
+def test_a_naive_instant_is_refused() -> None:
+    with pytest.raises(InvalidPeriodError):
+        local_day(NY, datetime(2025, 3, 1))
+
+
+@given(
+    zone=st.sampled_from(ZONES),
+    moment=st.datetimes(
+        min_value=datetime(1990, 1, 1), max_value=datetime(2040, 1, 1), timezones=st.just(UTC)
+    ),
+)
+def test_every_instant_is_in_one_day_and_one_month_that_tile_time(zone, moment) -> None:
+    tz = ZoneInfo(zone)
+    day = local_day(tz, moment)
+    assert day.start <= moment < day.end
+    assert timedelta(hours=22) <= day.end - day.start <= timedelta(hours=26)
+    assert local_day(tz, day.end).start == day.end  # the next day starts where this one ends
+    assert local_day(tz, day.start - timedelta(microseconds=1)).end == day.start
+    assert day.start.astimezone(tz).date() != day.end.astimezone(tz).date()
+    month = local_month(tz, moment)
+    assert month.start <= day.start < day.end <= month.end
+    assert local_month(tz, month.end).start == month.end
+    assert month.start.astimezone(tz).day == 1
+    assert is_midnight(tz, month.start)
