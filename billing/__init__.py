@@ -31,7 +31,8 @@ from billing.errors import (
     UnknownInvoiceError,
 )
 from billing.lifecycle import InvoicePolicy
-from billing.service import BillingService, ProviderSync
+from billing.provider_sync import ProviderSync
+from billing.service import BillingService
 
 __all__ = [
     "AmountOverflowError",

@@ -236,6 +236,8 @@ class Invoice(Base):
 
     At most one invoice per (tenant, period, currency) is not void (a partial unique index), so
     voiding one frees the period for a reissue. `number` is set when it is finalized.
+    `provider_status` is the status the payment provider was last brought to (`open` once the
+    invoice is sent, then `paid` or `void` once told).
     """
 
     __tablename__ = "invoices"
@@ -264,6 +266,7 @@ class Invoice(Base):
     total_amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
     currency: Mapped[str] = mapped_column(String(3), nullable=False)
     provider_invoice_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    provider_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = _created_at()
     number: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

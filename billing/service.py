@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
-import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -29,29 +26,18 @@ from billing.errors import (
     IdempotencyConflictError,
     InvalidPeriodError,
     InvalidUsageError,
-    ProviderSyncError,
     TooManyMetricsError,
 )
 from billing.ledger import Recorded
 from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
 from billing.localtime import local_month
 from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT, metric_guard
-from billing.models import CreditNote, Invoice, InvoiceLine
+from billing.models import CreditNote, Invoice
 from billing.preview import InvoicePreview
+from billing.provider_sync import ProviderSync, sync_to_provider
 from webhooks.sqltypes import utcnow
 
 logger = logging.getLogger(__name__)
-
-
-class ProviderSync(Protocol):
-    """Mirrors an invoice to a payment provider; may return the provider's invoice id.
-
-    A plain or an `async` callable; an awaitable result is awaited.
-    """
-
-    def __call__(
-        self, invoice: Invoice, lines: list[InvoiceLine]
-    ) -> str | None | Awaitable[str | None]: ...
 
 
 class BillingService:
@@ -337,7 +323,7 @@ class BillingService:
             UnknownInvoiceError: the tenant has no invoice with that id.
             InvoiceStateError: the invoice is a draft or void.
         """
-        return self._transition(invoice_id, lifecycle.PAY)
+        return self._synced(self._transition(invoice_id, lifecycle.PAY))
 
     def mark_uncollectible(self, invoice_id: str) -> Invoice:
         """`open` → `uncollectible` (it may still be paid later).
@@ -355,7 +341,7 @@ class BillingService:
             UnknownInvoiceError: the tenant has no invoice with that id.
             InvoiceStateError: the invoice is paid.
         """
-        return self._transition(invoice_id, lifecycle.VOID)
+        return self._synced(self._transition(invoice_id, lifecycle.VOID))
 
     def create_credit_note(
         self,
@@ -408,41 +394,28 @@ class BillingService:
             logger.info("invoice %s is %s", invoice.id, invoice.status)
         return invoice
 
-    def sync_invoice(self, invoice_id: str) -> str | None:
-        """Send a finalized invoice to `provider_sync` unless it has a provider id; store the id.
+    def _synced(self, invoice: Invoice) -> Invoice:
+        """With `provider_sync`, report the invoice's new status to the provider now."""
+        if self.provider_sync is not None:
+            self.sync_invoice(invoice.id)
+        return invoice
 
-        A draft is not sent: it may still change.
+    def sync_invoice(self, invoice_id: str) -> str | None:
+        """Bring `provider_sync` in line with a finalized invoice; return its provider id.
+
+        An invoice not sent yet is sent (and the id returned stored); then a paid or void one
+        is reported to a hook that supports it (`pay` / `void`), once. A draft is not sent: it
+        may still change; a void invoice never sent is not sent. See `billing.provider_sync`.
 
         Raises:
-            ProviderSyncError: the hook raised; the invoice stays as it is.
+            ProviderSyncError: the hook raised; what reached the provider before is kept.
         """
         invoice = self.session.execute(
             select(Invoice).where(Invoice.id == invoice_id, Invoice.tenant_id == self.tenant_id)
         ).scalar_one()
-        if (
-            invoice.provider_invoice_id is not None
-            or self.provider_sync is None
-            or invoice.status == "draft"
-        ):
+        if self.provider_sync is None:
             return invoice.provider_invoice_id
-        lines = list(
-            self.session.execute(
-                select(InvoiceLine)
-                .where(InvoiceLine.invoice_id == invoice_id)
-                .order_by(InvoiceLine.created_at, InvoiceLine.id)
-            ).scalars()
-        )
-        try:
-            provider_id = _resolve(self.provider_sync(invoice, lines))
-        except Exception as error:
-            metrics.PROVIDER_SYNC_FAILURES.inc()
-            raise ProviderSyncError(
-                f"provider sync failed for invoice {invoice_id}: {error}", invoice_id=invoice_id
-            ) from error
-        if isinstance(provider_id, str) and provider_id:
-            invoice.provider_invoice_id = provider_id
-            self.session.flush()
-        return invoice.provider_invoice_id
+        return sync_to_provider(self.session, invoice, self.provider_sync)
 
     def _validated(self, **fields: Any) -> ledger.UsageInput:
         try:
@@ -470,31 +443,3 @@ class BillingService:
             raise InvalidUsageError(
                 f"events[{index}]: {error}", field=f"events[{index}].{error.field}"
             ) from error
-
-
-def _resolve(result: Any) -> Any:
-    """Await an awaitable result, also when called from inside a running event loop."""
-    if not inspect.isawaitable(result):
-        return result
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_await(result))
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = asyncio.run(_await(result))
-        except BaseException as error:  # re-raised in the caller's thread
-            box["error"] = error
-
-    thread = threading.Thread(target=run, name="provider-sync")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable

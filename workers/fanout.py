@@ -13,7 +13,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy import Select, and_, func, or_, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.models import Invoice, Price, Subscription, UsageEvent
@@ -105,13 +105,26 @@ def count_invoice_targets(
 
 
 def unsynced_invoices_query(created_after: datetime, created_before: datetime) -> Select[str, str]:
-    """(invoice id, tenant) of the finalized invoices created in `[after, before)` without a
-    provider id (drafts are not synced)."""
+    """(invoice id, tenant) of the invoices the provider lags behind, changed in `[after,
+    before)`: finalized invoices created then without a provider id (drafts are not synced),
+    and synced ones paid or voided then that the provider was not told of."""
+    changed_at = func.coalesce(Invoice.paid_at, Invoice.voided_at)
     return select(Invoice.id, Invoice.tenant_id).where(
-        Invoice.provider_invoice_id.is_(None),
-        Invoice.status.in_(["open", "paid", "uncollectible"]),
-        Invoice.created_at >= created_after,
-        Invoice.created_at < created_before,
+        or_(
+            and_(
+                Invoice.provider_invoice_id.is_(None),
+                Invoice.status.in_(["open", "paid", "uncollectible"]),
+                Invoice.created_at >= created_after,
+                Invoice.created_at < created_before,
+            ),
+            and_(
+                Invoice.provider_invoice_id.is_not(None),
+                Invoice.status.in_(["paid", "void"]),
+                Invoice.provider_status.is_distinct_from(Invoice.status),
+                changed_at >= created_after,
+                changed_at < created_before,
+            ),
+        )
     )
 
 

@@ -15,7 +15,8 @@ safe to run twice, concurrently or after a crash:
   provider. If that send fails, the job fails and is retried (harmlessly), and the scheduler's
   sweep of unsynced invoices (`PROVIDER_SYNC`) sends it later anyway.
 - `billing.sync_invoice`: locks the invoice row, calls the provider hook unless the invoice
-  already has a provider id, and stores the id returned; the provider's own idempotency keys
+  already has a provider id, and stores the id returned; a paid or void invoice is then
+  reported to a hook that has `pay` / `void`, once; the provider's own idempotency keys
   (see `billing.providers.stripe`) make a sync that died after the provider answered safe.
 - `billing.finalize_invoice`: locks a draft, re-prices and numbers it (`billing.invoice.finalized`);
   an invoice no longer a draft is left alone, so a second or concurrent run changes nothing.
@@ -218,10 +219,11 @@ def sync_invoice_job(
     *,
     provider_sync: ProviderSync | None,
 ) -> str | None:
-    """Send an invoice (of any tenant) to the payment provider once; return the provider's id.
+    """Bring the payment provider in line with an invoice (of any tenant); return its id there.
 
-    In one transaction: lock the invoice row (concurrent syncs of one invoice take turns), call
-    `provider_sync` unless the invoice already has a provider id, store the id returned.
+    In one transaction: lock the invoice row (concurrent syncs of one invoice take turns); send
+    it unless it already has a provider id, storing the id returned; then, when it is paid or
+    void and the hook has `pay` / `void`, tell the provider once (`provider_status`).
 
     Raises:
         InvalidPayloadError: the payload breaks the contract; nothing ran.

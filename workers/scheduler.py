@@ -13,7 +13,9 @@ APScheduler 3 runs two cron jobs in UTC, from `WorkerSettings`:
   `billing.sync_invoice` again for every invoice created in the last `SYNC_LOOKBACK` that still
   has no provider id `SYNC_PENDING_AFTER` after it was created: the safety net under the
   message each invoice job sends after its commit (lost if the broker failed right then, or
-  dead-lettered after a long provider outage).
+  dead-lettered after a long provider outage). It also sends it for synced invoices paid or
+  voided in that window that the provider was not told of (the only way a payment or void
+  made over HTTP or by a command reaches it).
 - `billing.finalize-drafts` (`FINALIZE_SWEEP_CRON`, every 10 minutes; only with an
   `INVOICE_GRACE_PERIOD`) sends `billing.finalize_invoice` for every draft invoice created more
   than the grace period ago (the actor is safe to receive twice).

@@ -13,6 +13,11 @@ instead of creating a second invoice:
    (lines already on a found draft, by `metadata[billing_line_id]`, are not added again);
 4. `POST /v1/invoices/{id}/finalize` — while it is still a draft.
 
+It also follows the invoice's later life (the optional `pay` / `void` of a `provider_sync`):
+`pay` marks the Stripe invoice paid out of band (`POST /v1/invoices/{id}/pay` with
+`paid_out_of_band=true`), `void` voids it (`POST /v1/invoices/{id}/void`); each first reads the
+Stripe invoice and does nothing when it is already in that state.
+
 The tenant → customer mapping is the app's (`customer_for_tenant`). Stripe's search is
 eventually consistent (about a minute): the idempotency keys cover that window.
 """
@@ -84,6 +89,27 @@ class StripeInvoiceSync:
             idempotency_key=f"billing-finalize-{invoice.id}",
         )
         return stripe_invoice_id
+
+    def pay(self, invoice: Invoice) -> None:
+        """Mark the Stripe invoice of `invoice` paid out of band (it was paid here)."""
+        self._move(invoice, "paid", "pay", {"paid_out_of_band": "true"})
+
+    def void(self, invoice: Invoice) -> None:
+        """Void the Stripe invoice of `invoice`."""
+        self._move(invoice, "void", "void", {})
+
+    def _move(self, invoice: Invoice, status: str, action: str, form: dict[str, str]) -> None:
+        stripe_invoice_id = invoice.provider_invoice_id
+        if not stripe_invoice_id:
+            raise StripeError(f"invoice {invoice.id} was never sent to Stripe")
+        current = self._get(f"/v1/invoices/{stripe_invoice_id}", {})
+        if current.get("status") == status:
+            return
+        self._post(
+            f"/v1/invoices/{stripe_invoice_id}/{action}",
+            form,
+            idempotency_key=f"billing-{action}-{invoice.id}",
+        )
 
     def _find(self, invoice: Invoice) -> dict[str, Any] | None:
         found = self._get(

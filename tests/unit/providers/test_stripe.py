@@ -59,6 +59,8 @@ class FakeStripe:
                 if i["invoice"] == params["invoice"]
             ]
             return httpx.Response(200, json={"object": "list", "data": found})
+        if path.startswith("/v1/invoices/") and path.split("/")[3] in self.invoices:
+            return httpx.Response(200, json=self.invoices[path.split("/")[3]])
         return httpx.Response(404, json={"error": {"type": "invalid_request_error"}})
 
     def forget_idempotency_keys(self) -> None:
@@ -80,6 +82,14 @@ class FakeStripe:
         if path.startswith("/v1/invoices/") and path.endswith("/finalize"):
             invoice = self.invoices[path.split("/")[3]]
             invoice["status"] = "open"
+            return httpx.Response(200, json=invoice)
+        if path.startswith("/v1/invoices/") and path.endswith(("/pay", "/void")):
+            invoice = self.invoices[path.split("/")[3]]
+            if invoice["status"] not in ("open", "uncollectible"):  # Stripe's rule
+                return httpx.Response(400, json={"error": {"type": "invalid_request_error"}})
+            paying = path.endswith("/pay")
+            assert form == ({"paid_out_of_band": "true"} if paying else {})
+            invoice["status"] = "paid" if paying else "void"
             return httpx.Response(200, json=invoice)
         return httpx.Response(404, json={"error": {"type": "invalid_request_error"}})
 
@@ -200,3 +210,36 @@ def test_a_finalized_invoice_found_by_search_is_not_touched_again(session, sync,
     assert sync(ours, list(ours.lines)) == first
     assert stripe.requests == before + 1  # the search only
     assert len(stripe.items) == 2
+
+
+@pytest.mark.usefixtures("tenant_with_usage")
+@pytest.mark.parametrize(("change", "status"), [("pay_invoice", "paid"), ("void_invoice", "void")])
+def test_paying_or_voiding_moves_the_stripe_invoice_once(session, sync, stripe, change, status):
+    ours = invoice(session, sync)
+    bs = BillingService(session=session, tenant_id="t1", provider_sync=sync)
+    getattr(bs, change)(ours.id)
+    assert stripe.invoices[ours.provider_invoice_id]["status"] == status
+    before = stripe.requests
+    getattr(bs, change)(ours.id)
+    bs.sync_invoice(ours.id)
+    assert stripe.requests == before  # told once: no more calls
+
+
+@pytest.mark.usefixtures("tenant_with_usage")
+def test_a_payment_retried_after_stripe_forgot_its_keys_is_not_posted_again(
+    session, sync, stripe
+) -> None:
+    ours = invoice(session, sync)
+    ours.status = "paid"
+    sync.pay(ours)
+    stripe.forget_idempotency_keys()
+    before = stripe.requests
+    sync.pay(ours)  # Stripe says paid already: only the read
+    assert stripe.requests == before + 1
+    assert stripe.invoices[ours.provider_invoice_id]["status"] == "paid"
+
+
+def test_an_invoice_never_sent_cannot_be_paid_in_stripe(sync, stripe) -> None:
+    with pytest.raises(StripeError, match="never sent"):
+        sync.void(Invoice(id="x", provider_invoice_id=None))
+    assert stripe.requests == 0
