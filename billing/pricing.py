@@ -91,9 +91,7 @@ def graduated_cost(tiers: Sequence[Tier], quantity: int) -> Fraction:
         if quantity <= lower:
             break
         upper = quantity if tier.up_to is None else min(quantity, tier.up_to)
-        units = upper - lower
-        if units > 0:
-            cost += units * tier.unit_amount + tier.flat_amount
+        cost += (upper - lower) * tier.unit_amount + tier.flat_amount  # units > 0: up_to > lower
         if tier.up_to is None:
             break
         lower = tier.up_to

@@ -92,7 +92,7 @@ class AddressPolicy:
             return f"{reason}, which no setting allows"
         if isinstance(address, ipaddress.IPv6Address):
             if address in _LOCAL_NAT64:
-                return self._private(address, "a local-use NAT64 address")
+                return self._private("a local-use NAT64 address")
             inner = embedded_ipv4(address)
             if inner:
                 return next((r for r in map(self.refusal, inner) if r), None)
@@ -102,9 +102,9 @@ class AddressPolicy:
             return f"a loopback address; set {LOOPBACK_SETTING} to allow it"
         if address.is_global:
             return None
-        return self._private(address, "a private or reserved address")
+        return self._private("a private or reserved address")
 
-    def _private(self, address: IPAddress, what: str) -> str | None:
+    def _private(self, what: str) -> str | None:
         if self.allow_private_networks:
             return None
         return f"{what}; set {PRIVATE_SETTING} to allow it"
