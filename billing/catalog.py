@@ -42,6 +42,7 @@ from billing.api.schemas import (
     Count,
     DecimalAmount,
     Description,
+    Dimensions,
     Key,
     Metric,
     Name,
@@ -69,6 +70,7 @@ PRICE_FIELDS = (
     "tiers",
     "transform_divide_by",
     "transform_round",
+    "dimensions",
 )
 """What a price bills: a change to any of these (or to its plan) is a change of price."""
 
@@ -115,6 +117,7 @@ class CatalogPrice(_Entry):
     tiers: list[CatalogTier] | None = Field(default=None, max_length=100)
     transform_divide_by: Annotated[int, Field(ge=1, le=MAX_BIGINT, strict=True)] | None = None
     transform_round: Literal["up", "down"] | None = None
+    dimensions: Dimensions | None = None
 
     @model_validator(mode="after")
     def _billable(self) -> CatalogPrice:

@@ -7,9 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from billing import catalog
 from billing.db import make_engine, make_session_factory
-from billing.errors import CatalogError
+from billing.errors import CatalogError, PriceDefinitionError
 from billing.settings import BillingSettings
 from webhooks.safetext import safe_text
 from webhooks.sqltypes import utcnow
@@ -45,23 +47,36 @@ def _apply(args: argparse.Namespace) -> int:
         return 2
     engine = make_engine(BillingSettings().database_url)
     try:
-        with make_session_factory(engine).begin() as session:
-            changes = catalog.plan_changes(session, wanted, now=utcnow())
-            for change in changes:
-                print(safe_text(change.describe()))
-            made = [c for c in changes if c.action != "absent"]
-            if args.dry_run:
-                session.rollback()
-                print(f"{safe_text(source)}: {len(made)} changes (dry run: none made)")
-                return 0
-            catalog.apply_changes(session, made)
+        made = _plan_and_apply(engine, wanted, source, dry_run=args.dry_run)
+    except PriceDefinitionError as error:  # a rule that the database's other rows decide
+        print(f"billing catalog: {safe_text(source)}: {safe_text(error)}", file=sys.stderr)
+        return 2
     finally:
         engine.dispose()
+    if made is None:
+        return 0
     if made:
         print(f"{safe_text(source)}: {len(made)} changes applied")
     else:
         print(f"{safe_text(source)}: no changes")
     return 0
+
+
+def _plan_and_apply(
+    engine: Engine, wanted: catalog.Catalog, source: str, *, dry_run: bool
+) -> list[catalog.Change] | None:
+    """Print the changes and make them in one transaction; return them (None: a dry run)."""
+    with make_session_factory(engine).begin() as session:
+        changes = catalog.plan_changes(session, wanted, now=utcnow())
+        for change in changes:
+            print(safe_text(change.describe()))
+        made = [c for c in changes if c.action != "absent"]
+        if dry_run:
+            session.rollback()
+            print(f"{safe_text(source)}: {len(made)} changes (dry run: none made)")
+            return None
+        catalog.apply_changes(session, made)
+    return made
 
 
 def _export(args: argparse.Namespace) -> int:

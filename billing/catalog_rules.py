@@ -8,7 +8,9 @@ refuse the same things, and nothing is stored:
   12 decimal places and 18 integer digits (the column is NUMERIC(30, 12): PostgreSQL would
   round a 13th place where SQLite keeps it, and the two would bill differently); tiers as
   `billing.pricing.parse_tiers` takes them (ascending distinct bounds, flat amounts >= 0);
-  a package size of at least 1. Raises `PriceDefinitionError`.
+  a package size of at least 1; `dimensions` as `billing.dimensions` says (declared in the
+  meter's `group_by`, never two equally specific prices for one group). Raises
+  `PriceDefinitionError`.
 - a subscription: `ended_at` not before `effective_at`, and no overlap with another of the
   tenant's subscriptions (periods are `[effective_at, ended_at)`: one ending when the next
   starts is a plan change, not an overlap). Raises `InvalidSubscriptionError`, for an overlap
@@ -27,11 +29,13 @@ from typing import Any
 from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
+from billing import dimensions
 from billing.errors import (
     InvalidSubscriptionError,
     PriceDefinitionError,
     SubscriptionConflictError,
 )
+from billing.meters import get_meter
 from billing.models import Price, Subscription
 from billing.pricing import parse_tiers
 
@@ -63,6 +67,37 @@ def check_price(price: Price) -> None:
             f"price {price.key!r}: transform_divide_by must be at least 1",
             field="transform_divide_by",
         )
+    dimensions.check_dimensions(price)
+
+
+def check_price_dimensions(session: Session, price: Price) -> None:
+    """Raise `PriceDefinitionError` if the price's dimensions are not in its meter's
+    `group_by`, or another price of its plan, metric and currency is as specific for a group."""
+    if not price.dimensions or price.metric is None:
+        return
+    dimensions.check_declared(price, get_meter(session, price.metric))
+    if price.plan_id is not None:
+        dimensions.check_conflicts(price, _siblings(session, price))
+
+
+def _siblings(session: Session, price: Price) -> list[Price]:
+    """The other prices of the price's plan, metric and currency, as this flush leaves them."""
+    same = (price.plan_id, price.metric, price.currency)
+    stored = session.scalars(
+        select(Price).where(
+            Price.plan_id == price.plan_id,
+            Price.metric == price.metric,
+            Price.currency == price.currency,
+        )
+    ).all()
+    in_session = [*session.identity_map.values(), *session.new]
+    pending = [o for o in in_session if isinstance(o, Price)]
+    candidates = {id(p): p for p in [*stored, *pending] if p not in session.deleted}
+    return [
+        p
+        for p in candidates.values()
+        if p is not price and (p.plan_id, p.metric, p.currency) == same
+    ]
 
 
 def check_decimal_amount(key: str, value: Any) -> None:
@@ -163,6 +198,7 @@ def _check_before_flush(session: Session, _context: object, _instances: object) 
     touched = [*session.new, *(o for o in session.dirty if session.is_modified(o))]
     for price in _changed(session, touched, Price):
         check_price(price)
+        check_price_dimensions(session, price)
     subscriptions = _changed(session, touched, Subscription)
     for tenant_id in sorted({s.tenant_id for s in subscriptions}):
         check_subscriptions(

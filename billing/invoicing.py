@@ -2,40 +2,31 @@
 
 For each subscription active in `[period_start, period_end)`, its active interval is
 `[max(period_start, effective_at), min(period_end, ended_at or ∞))`, and each price of its plan
-in the invoice's currency gives one line (see `billing.pricing`). Usage that no price billed
-appears as a line with `price_id` null and amount 0, so the invoice shows all usage.
+in the invoice's currency gives its lines: a fixed fee one, prorated; a usage price one per
+group of its metric it bills (see `billing.usage_lines` and `billing.dimensions`). Usage that
+no price billed appears as a line with `price_id` null and amount 0, so the invoice shows all
+usage.
 """
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing.errors import CurrencyMismatchError, InvalidPeriodError, InvoiceStateError
-from billing.models import Invoice, InvoiceLine, Price, Subscription, UsageEvent
+from billing.models import Invoice, InvoiceLine, Price, Subscription
 from billing.periods import subscription_active_in
-from billing.pricing import fixed_amount, usage_amount
+from billing.pricing import fixed_amount
+from billing.usage_lines import LineDraft, Stretch, bill_usage
 from webhooks.sqltypes import new_id, utcnow
 
 _CURRENCY = re.compile(r"^[a-z]{3}$")
-
-
-@dataclass(frozen=True, slots=True)
-class LineDraft:
-    """An invoice line before it is stored."""
-
-    price_id: str | None
-    metric: str | None
-    quantity: int
-    amount: int
 
 
 def check_period(period_start: object, period_end: object, currency: object) -> str:
@@ -98,7 +89,6 @@ def price_lines(
             `currency`. (A plan that has none in it, beside one that has, as after a switch
             from a dollar plan to a euro plan mid-month, just adds no line to this invoice.)
     """
-    lines: list[LineDraft] = []
     subscriptions = [
         (subscription, _plan_prices(session, subscription.plan_id))
         for subscription in _active_subscriptions(session, tenant_id, start, end)
@@ -106,17 +96,24 @@ def price_lines(
     all_prices = [price for _, prices in subscriptions for price in prices]
     if all_prices and not any(price.currency == currency for price in all_prices):
         raise CurrencyMismatchError(f"the tenant's plans have no price in {currency!r}")
-    for subscription, prices in subscriptions:
-        active_start = max(start, subscription.effective_at)
-        active_end = min(end, subscription.ended_at) if subscription.ended_at else end
+    stretches = [
+        Stretch(
+            max(start, subscription.effective_at),
+            min(end, subscription.ended_at) if subscription.ended_at else end,
+            tuple(p for p in prices if p.currency == currency and p.metric is not None),
+        )
+        for subscription, prices in subscriptions
+    ]
+    usage = bill_usage(session, tenant_id, start, end, stretches)
+    lines: list[LineDraft] = []
+    for (_, prices), stretch, billed in zip(subscriptions, stretches, usage.priced, strict=True):
         for price in (p for p in prices if p.currency == currency):
             if price.metric is None:
-                amount = fixed_amount(price, active_end - active_start, end - start)
+                amount = fixed_amount(price, stretch.end - stretch.start, end - start)
                 lines.append(LineDraft(price.id, None, 1, amount))
             else:
-                used = _usage(session, tenant_id, price.metric, active_start, active_end)
-                lines.append(LineDraft(price.id, price.metric, used, usage_amount(price, used)))
-    return lines + _unbilled_usage(session, tenant_id, start, end, lines)
+                lines.extend(billed[price.id])
+    return lines + usage.unpriced
 
 
 def store_invoice(
@@ -197,6 +194,7 @@ def _insert_lines(session: Session, invoice_id: str, lines: list[LineDraft], now
                     "metric": line.metric,
                     "quantity": line.quantity,
                     "amount": line.amount,
+                    "dimensions": line.dimensions,
                     "created_at": now,
                 }
                 for line in lines
@@ -222,40 +220,3 @@ def _plan_prices(session: Session, plan_id: str) -> list[Price]:
             select(Price).where(Price.plan_id == plan_id).order_by(Price.created_at, Price.key)
         ).scalars()
     )
-
-
-def _usage(session: Session, tenant_id: str, metric: str, start: datetime, end: datetime) -> int:
-    total = session.execute(
-        select(func.coalesce(func.sum(UsageEvent.amount), 0)).where(
-            UsageEvent.tenant_id == tenant_id,
-            UsageEvent.metric == metric,
-            UsageEvent.at_ts >= start,
-            UsageEvent.at_ts < end,
-        )
-    ).scalar_one()
-    return int(total)
-
-
-def _unbilled_usage(
-    session: Session, tenant_id: str, start: datetime, end: datetime, lines: list[LineDraft]
-) -> list[LineDraft]:
-    """Zero-amount lines for usage in the period that no priced line counted."""
-    billed: dict[str, int] = defaultdict(int)
-    for line in lines:
-        if line.metric is not None:
-            billed[line.metric] += line.quantity
-    used = session.execute(
-        select(UsageEvent.metric, func.sum(UsageEvent.amount))
-        .where(
-            UsageEvent.tenant_id == tenant_id,
-            UsageEvent.at_ts >= start,
-            UsageEvent.at_ts < end,
-        )
-        .group_by(UsageEvent.metric)
-        .order_by(UsageEvent.metric)
-    ).all()
-    return [
-        LineDraft(None, metric, int(total) - billed[metric], 0)
-        for metric, total in used
-        if int(total) > billed[metric]
-    ]

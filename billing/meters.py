@@ -36,7 +36,8 @@ from webhooks.sqltypes import utcnow
 Aggregation = Literal["sum", "count", "max", "unique_count", "latest"]
 AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
 #: Metadata property names: the JSON path is built from them, so only plain key characters.
-PROPERTY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,99}$")
+PROPERTY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,99}$"
+PROPERTY = re.compile(PROPERTY_PATTERN)
 MAX_GROUP_BY = 5
 #: Group values are compared on their first characters only (they key an index).
 GROUP_VALUE_LENGTH = 100

@@ -194,7 +194,8 @@ class Price(Base):
 
     Usage prices bill `per_unit` or `tiered` (`graduated` or `volume` over `tiers`), optionally
     after package rounding (`transform_divide_by`, `transform_round`). `unit_amount_decimal`,
-    when set, replaces `unit_amount`.
+    when set, replaces `unit_amount`. `dimensions` (`{"model": "gpt-4"}`) narrows a usage price
+    to the groups of its metric whose values match (see `billing.dimensions`).
     """
 
     __tablename__ = "prices"
@@ -223,6 +224,7 @@ class Price(Base):
     tiers: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     transform_divide_by: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     transform_round: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    dimensions: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
 
     plan: Mapped[Plan | None] = relationship(back_populates="prices")
 
@@ -292,7 +294,11 @@ class NumberSequence(Base):
 
 
 class InvoiceLine(Base):
-    """One priced line of an invoice; `price_id` null for usage no price covers (amount 0)."""
+    """One priced line of an invoice; `price_id` null for usage no price covers (amount 0).
+
+    `dimensions` is the group of the metric the line bills (`{"model": "gpt-4"}`), null for
+    a fixed fee and for a metric billed whole.
+    """
 
     __tablename__ = "invoice_lines"
     __table_args__ = (Index("ix_invoice_lines_invoice_id", "invoice_id"),)
@@ -304,6 +310,7 @@ class InvoiceLine(Base):
     quantity: Mapped[int] = mapped_column(BigInteger, nullable=False)
     amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
     created_at: Mapped[datetime] = _created_at()
+    dimensions: Mapped[dict[str, str | None] | None] = mapped_column(JSON, nullable=True)
 
     invoice: Mapped[Invoice] = relationship(back_populates="lines")
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from billing import invoicing
-from billing.invoicing import LineDraft
+from billing.usage_lines import LineDraft
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing import BillingService, credit_notes
 from billing.db import make_engine, make_session_factory
+from billing.dimensions import describe
 from billing.errors import (
     CreditExceedsInvoiceError,
     InvalidCreditNoteError,
@@ -123,7 +124,7 @@ def _show(args: argparse.Namespace) -> int:
             .order_by(InvoiceLine.created_at, InvoiceLine.id)
         ).scalars()
         for line in lines:
-            label = safe_text(line.metric) if line.metric else "fixed fee"
+            label = safe_text(describe(line.metric, line.dimensions))
             print(f"  {label:<24} {line.quantity:>14} {line.amount:>12}")
         for note in credit_notes.of_invoice(session, invoice.id):
             print(f"  credit note {note.number} -{note.amount} {safe_text(note.reason)}")

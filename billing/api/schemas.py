@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from billing.ledger import MAX_METRIC_LENGTH, METRIC_PATTERN
+from billing.meters import GROUP_VALUE_LENGTH, MAX_GROUP_BY, PROPERTY_PATTERN
 
 MAX_BIGINT = 2**63 - 1
 MAX_BATCH = 1000
@@ -61,6 +62,14 @@ Count = Annotated[int, Field(ge=0, le=MAX_BIGINT, strict=True)]
 #: A non-negative decimal string that fits NUMERIC(30, 12), e.g. "0.0002" (minor units).
 DecimalAmount = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}(\.[0-9]{1,12})?$")]
 Window = Literal["day", "month"]
+#: A price's dimensions: metadata property → value (`billing.dimensions` checks the rest).
+Dimensions = Annotated[
+    dict[
+        Annotated[str, StringConstraints(pattern=PROPERTY_PATTERN)],
+        Annotated[str, StringConstraints(min_length=1, max_length=GROUP_VALUE_LENGTH)],
+    ],
+    Field(min_length=1, max_length=MAX_GROUP_BY),
+]
 Granularity = Literal["day", "month"]
 
 
@@ -203,6 +212,7 @@ class PriceIn(_In):
     tiers: list[TierIn] | None = Field(default=None, max_length=100)
     transform_divide_by: Annotated[int, Field(ge=1, le=MAX_BIGINT, strict=True)] | None = None
     transform_round: Literal["up", "down"] | None = None
+    dimensions: Dimensions | None = None
 
 
 class PriceOut(BaseModel):
@@ -220,6 +230,7 @@ class PriceOut(BaseModel):
     transform_divide_by: int | None
     transform_round: str | None
     created_at: datetime
+    dimensions: dict[str, str] | None = None
 
 
 class PlanOut(BaseModel):
@@ -326,6 +337,7 @@ class InvoiceLineOut(BaseModel):
     metric: str | None
     quantity: int
     amount: int
+    dimensions: dict[str, str | None] | None = None
 
 
 class InvoiceOut(BaseModel):
@@ -396,6 +408,7 @@ class PreviewLineOut(BaseModel):
     metric: str | None
     quantity: int
     amount: int
+    dimensions: dict[str, str | None] | None = None
 
 
 class InvoicePreviewOut(BaseModel):

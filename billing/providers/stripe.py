@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from billing.dimensions import describe
 from billing.models import Invoice, InvoiceLine
 
 STRIPE_API = "https://api.stripe.com"
@@ -178,4 +179,4 @@ class StripeInvoiceSync:
 def _describe(line: InvoiceLine) -> str:
     if line.metric is None:
         return "Subscription fee"
-    return f"{line.metric}: {line.quantity:,} units"
+    return f"{describe(line.metric, line.dimensions)}: {line.quantity:,} units"

@@ -120,6 +120,7 @@ def put_price(
     price.tiers = [tier.model_dump() for tier in body.tiers] if body.tiers else None
     price.transform_divide_by = body.transform_divide_by
     price.transform_round = body.transform_round
+    price.dimensions = body.dimensions
     _check_price(price)
     session.commit()
     return price_out(price)
@@ -160,6 +161,7 @@ def price_out(price: Price) -> PriceOut:
         transform_divide_by=price.transform_divide_by,
         transform_round=price.transform_round,
         created_at=price.created_at,
+        dimensions=price.dimensions,
     )
 
 

@@ -311,6 +311,7 @@ def _lines(session: Session, invoice_id: str, limit: int, cursor: str | None) ->
             metric=line.metric,
             quantity=line.quantity,
             amount=line.amount,
+            dimensions=line.dimensions,
         )
         for line in rows
     ]

@@ -51,12 +51,14 @@ def test_the_upcoming_invoice_is_this_month_so_far(client, a_key, usage, session
                 "metric": None,
                 "quantity": 1,
                 "amount": 1000,
+                "dimensions": None,
             },
             {
                 "price_id": response.json()["lines"][1]["price_id"],
                 "metric": "tokens",
                 "quantity": 100,
                 "amount": 200,
+                "dimensions": None,
             },
         ],
     }

@@ -1,0 +1,236 @@
+"""The usage lines of an invoice: each metric's usage, per stretch of the period and per group,
+aggregated in SQL under its meter, then priced per group.
+
+The period is cut into stretches: one per subscription active in it (its usage prices) and the
+gaps between them (no price). In each stretch, a metric's events are grouped by its meter's
+`group_by` (plus any property a price of it names, should the meter have dropped one) and each
+group is aggregated once in SQL; `billing.dimensions` says which price bills which group.
+
+- A group a price bills is a line of that price, with the group as its `dimensions`; every
+  scheme applies to the group's quantity. A price that bills no group still gets a line at 0.
+- A group no price bills is a line at amount 0 (`price_id` null), one per metric and group for
+  the whole period: its stretches combine under the aggregation (sums and counts add up, `max`
+  takes the largest, `latest` the last stretch's, `unique_count` is counted again in SQL over
+  those stretches). Groups whose quantity is 0 are left out.
+
+So a plan switch mid-period bills each subscription for the quantity of its own stretch:
+`max` and `latest` are neither prorated nor added across subscriptions (see `billing.meters`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from billing.dimensions import prices_for
+from billing.meters import GROUP_VALUE_LENGTH, MeterSpec, get_meter, grouped_quantities
+from billing.meters import property_text as _property_text
+from billing.models import Price, UsageEvent
+from billing.pricing import usage_amount
+
+Values = tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LineDraft:
+    """An invoice line before it is stored."""
+
+    price_id: str | None
+    metric: str | None
+    quantity: int
+    amount: int
+    dimensions: dict[str, str | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stretch:
+    """`[start, end)` of the period under one subscription's usage prices (none in a gap)."""
+
+    start: datetime
+    end: datetime
+    prices: tuple[Price, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBill:
+    """The lines of each stretch's usage prices (by price id; the stretches in the order
+    given) and the unpriced lines."""
+
+    priced: list[dict[str, list[LineDraft]]]
+    unpriced: list[LineDraft]
+
+
+def bill_usage(
+    session: Session, tenant_id: str, start: datetime, end: datetime, stretches: Sequence[Stretch]
+) -> UsageBill:
+    """Price the tenant's usage in `[start, end)`; `stretches` are the subscriptions' (ordered,
+    not overlapping, inside the period)."""
+    prices_of: dict[str, list[Price]] = defaultdict(list)
+    for stretch in stretches:
+        for price in stretch.prices:
+            prices_of[str(price.metric)].append(price)
+    metrics = sorted(set(prices_of) | _metrics_used(session, tenant_id, start, end))
+    specs = {metric: _spec(session, metric, prices_of[metric]) for metric in metrics}
+    leftovers: dict[tuple[str, Values], list[tuple[Stretch, int]]] = defaultdict(list)
+    everywhere = [*stretches, *_gaps(start, end, stretches)]
+    priced: dict[int, dict[str, list[LineDraft]]] = {id(stretch): {} for stretch in everywhere}
+    for stretch in sorted(everywhere, key=lambda s: s.start):
+        for metric in metrics:
+            prices = [p for p in stretch.prices if p.metric == metric]
+            lines = _price_groups(session, tenant_id, specs[metric], stretch, prices, leftovers)
+            priced[id(stretch)].update(lines)
+    return UsageBill(
+        [priced[id(stretch)] for stretch in stretches],
+        _unpriced(session, tenant_id, specs, leftovers),
+    )
+
+
+def _price_groups(
+    session: Session,
+    tenant_id: str,
+    spec: MeterSpec,
+    stretch: Stretch,
+    prices: list[Price],
+    leftovers: dict[tuple[str, Values], list[tuple[Stretch, int]]],
+) -> dict[str, list[LineDraft]]:
+    """The lines of each of `prices` in the stretch; the groups none bills go to `leftovers`."""
+    lines: dict[str, list[LineDraft]] = {price.id: [] for price in prices}
+    quantities = _quantities(session, tenant_id, spec, [stretch])
+    for values in sorted(quantities, key=_values_order):
+        used = quantities[values]
+        group = dict(zip(spec.group_by, values, strict=True))
+        billers = prices_for(prices, group)
+        if not billers:
+            leftovers[spec.key, values].append((stretch, used))
+        for price in billers:
+            amount = usage_amount(price, used)
+            dims = group if spec.group_by else None
+            lines[price.id].append(LineDraft(price.id, spec.key, used, amount, dims))
+    for price in prices:
+        if not lines[price.id]:
+            dims = dict(price.dimensions) if price.dimensions else None
+            lines[price.id].append(LineDraft(price.id, spec.key, 0, usage_amount(price, 0), dims))
+    return lines
+
+
+def _spec(session: Session, metric: str, prices: Iterable[Price]) -> MeterSpec:
+    """The metric's meter, grouped by its `group_by` then any other property a price names."""
+    meter = get_meter(session, metric)
+    named = {name for price in prices for name in price.dimensions or {}}
+    extra = sorted(named - set(meter.group_by))
+    return replace(meter, group_by=(*meter.group_by, *extra)) if extra else meter
+
+
+def _metrics_used(session: Session, tenant_id: str, start: datetime, end: datetime) -> set[str]:
+    return set(
+        session.scalars(
+            select(UsageEvent.metric)
+            .where(
+                UsageEvent.tenant_id == tenant_id,
+                UsageEvent.at_ts >= start,
+                UsageEvent.at_ts < end,
+            )
+            .distinct()
+        )
+    )
+
+
+def _gaps(start: datetime, end: datetime, stretches: Sequence[Stretch]) -> list[Stretch]:
+    """The parts of `[start, end)` no stretch covers."""
+    gaps, cursor = [], start
+    for stretch in sorted(stretches, key=lambda s: s.start):
+        if stretch.start > cursor:
+            gaps.append(Stretch(cursor, stretch.start))
+        cursor = max(cursor, stretch.end)
+    if cursor < end:
+        gaps.append(Stretch(cursor, end))
+    return gaps
+
+
+def _quantities(
+    session: Session,
+    tenant_id: str,
+    spec: MeterSpec,
+    stretches: Sequence[Stretch],
+    *where: ColumnElement[bool],
+) -> dict[Values, int]:
+    """Each group's quantity over the metric's events in `stretches` (groups without events
+    are absent), in one SQL statement."""
+    events = [
+        UsageEvent.tenant_id == tenant_id,
+        UsageEvent.metric == spec.key,
+        or_(*(and_(UsageEvent.at_ts >= s.start, UsageEvent.at_ts < s.end) for s in stretches)),
+        *where,
+    ]
+    width = len(spec.group_by)
+    query = grouped_quantities(spec, *events)
+    if spec.aggregation != "latest":  # an aggregate without GROUP BY has a row of no events
+        query = query.add_columns(func.count())
+    rows = session.execute(query).all()
+    return {
+        tuple(row[:width]): int(row[width] or 0)
+        for row in rows
+        if spec.aggregation == "latest" or row[width + 1]
+    }
+
+
+def _unpriced(
+    session: Session,
+    tenant_id: str,
+    specs: dict[str, MeterSpec],
+    leftovers: dict[tuple[str, Values], list[tuple[Stretch, int]]],
+) -> list[LineDraft]:
+    lines = []
+    for (metric, values), parts in sorted(leftovers.items(), key=lambda item: _order(item[0])):
+        spec = specs[metric]
+        used = _combined(session, tenant_id, spec, values, parts)
+        if used > 0:
+            dims = dict(zip(spec.group_by, values, strict=True)) if spec.group_by else None
+            lines.append(LineDraft(None, metric, used, 0, dims))
+    return lines
+
+
+def _combined(
+    session: Session,
+    tenant_id: str,
+    spec: MeterSpec,
+    values: Values,
+    parts: list[tuple[Stretch, int]],
+) -> int:
+    """One group's quantity over several stretches, from each stretch's quantity."""
+    quantities = [used for _, used in parts]
+    if len(parts) == 1 or spec.aggregation in ("sum", "count"):
+        return sum(quantities)
+    if spec.aggregation == "max":
+        return max(quantities)
+    if spec.aggregation == "latest":
+        return quantities[-1]
+    stretches = [stretch for stretch, _ in parts]
+    recount = _quantities(session, tenant_id, spec, stretches, *_in_group(spec, values))
+    return recount.get(values, 0)
+
+
+def _in_group(spec: MeterSpec, values: Values) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    for name, value in zip(spec.group_by, values, strict=True):
+        text = _property_text(name)
+        if value is None:
+            conditions.append(text.is_(None))
+        else:
+            conditions.append(func.substr(text, 1, GROUP_VALUE_LENGTH) == value)
+    return conditions
+
+
+def _order(key: tuple[str, Values]) -> tuple[str, tuple[tuple[bool, str], ...]]:
+    metric, values = key
+    return metric, _values_order(values)
+
+
+def _values_order(values: Values) -> tuple[tuple[bool, str], ...]:
+    """Groups in a stable order: by value, a missing value first."""
+    return tuple((value is not None, value or "") for value in values)
