@@ -13,13 +13,20 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import delete, select
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from billing.errors import CurrencyMismatchError, InvalidPeriodError, InvoiceStateError
+from billing.errors import (
+    AmountOverflowError,
+    CurrencyMismatchError,
+    InvalidPeriodError,
+    InvoiceStateError,
+)
+from billing.ledger import MAX_AMOUNT
 from billing.models import Invoice, InvoiceLine, Price, Subscription
 from billing.periods import subscription_active_in
 from billing.pricing import fixed_amount
@@ -88,6 +95,8 @@ def price_lines(
         CurrencyMismatchError: the tenant's plans in the period have prices, none in
             `currency`. (A plan that has none in it, beside one that has, as after a switch
             from a dollar plan to a euro plan mid-month, just adds no line to this invoice.)
+        AmountOverflowError: a line's amount or quantity, or the total, is over 2**63-1 (the
+            largest the ledger stores); the error names the line's metric and price.
     """
     subscriptions = [
         (subscription, _plan_prices(session, subscription.plan_id))
@@ -113,7 +122,40 @@ def price_lines(
                 lines.append(LineDraft(price.id, None, 1, amount))
             else:
                 lines.extend(billed[price.id])
-    return lines + usage.unpriced
+    return _storable(lines + usage.unpriced, {price.id: price for price in all_prices})
+
+
+def _storable(lines: list[LineDraft], prices: dict[str, Price]) -> list[LineDraft]:
+    """`lines`, unless a quantity, an amount or their total is over what the ledger stores."""
+    for line in lines:
+        if line.quantity > MAX_AMOUNT or line.amount > MAX_AMOUNT:
+            price = prices.get(line.price_id or "")
+            raise AmountOverflowError(
+                f"the line of metric {line.metric!r} at price {_described(price)} comes to "
+                f"{line.quantity} units and {line.amount} minor units, over the 2**63-1 the "
+                "ledger stores",
+                metric=line.metric,
+                price_key=price.key if price is not None else None,
+            )
+    total = sum(line.amount for line in lines)
+    if total > MAX_AMOUNT:
+        raise AmountOverflowError(
+            f"the invoice's {len(lines)} lines add up to {total} minor units, over the 2**63-1 "
+            "the ledger stores",
+            metric=None,
+            price_key=None,
+        )
+    return lines
+
+
+def _described(price: Price | None) -> str:
+    """`'pro-tokens' (2 per unit)`, `'pro-tokens' (tiered)`, or `none` for unpriced usage."""
+    if price is None:
+        return "none"
+    unit: Decimal | int | None = price.unit_amount_decimal
+    unit = unit if unit is not None else price.unit_amount
+    rate = f"{unit} per unit" if price.billing_scheme == "per_unit" else "tiered"
+    return f"{price.key!r} ({rate})"
 
 
 def store_invoice(

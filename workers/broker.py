@@ -141,11 +141,13 @@ def is_in_process(broker: Broker) -> bool:
 
 
 class DeadLetterLog(Middleware):
-    """Logs at ERROR every message that is about to be dead-lettered, and why.
+    """Logs at ERROR every message that is about to be dead-lettered, and why, and keeps the
+    why on the dead letter (its `traceback` option, which `billing jobs` and `billing status`
+    show): on Redis the dead letter's stored body is rewritten after the broker moved it.
 
     Its hooks run after those of `Retries` (which decides whether a failure is final), so
     `message.failed` is set for exhausted retries and `throws=` errors alike; `AgeLimit` fails
-    the messages it skips.
+    the messages it skips. (`Retries` records a traceback only for errors it retries.)
     """
 
     def after_process_message(
@@ -159,10 +161,30 @@ class DeadLetterLog(Middleware):
         if message.failed:
             reason = f"{type(exception).__name__}: {exception}" if exception else "failed"
             _log_dead_letter(message, reason)
+            message.options["traceback"] = reason
 
     def after_skip_message(self, broker: Broker, message: Any) -> None:
         if message.failed:
             _log_dead_letter(message, "older than its age limit")
+            message.options["traceback"] = "older than its age limit"
+
+    def after_nack(self, broker: Broker, message: Any) -> None:
+        redis_id = message.options.get("redis_message_id")
+        if isinstance(broker, RedisBroker) and redis_id is not None:
+            dead = f"{broker.namespace}:{message.queue_name}.XQ.msgs"
+            _replace_if_present(broker.client, [dead], [redis_id, message.encode()])
+
+
+# Rewrites a dead letter's body unless it is gone already (purged, or expired by maintenance).
+_REPLACE_IF_PRESENT_LUA = """
+if redis.call('hexists', KEYS[1], ARGV[1]) == 1 then
+    redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+end
+"""
+
+
+def _replace_if_present(client: Any, keys: list[str], args: list[Any]) -> None:
+    client.eval(_REPLACE_IF_PRESENT_LUA, len(keys), *keys, *args)
 
 
 class OneShutdownPerSigterm(Middleware):

@@ -4,7 +4,8 @@
 its `problems` are what makes `billing status` exit 1 (thresholds are `WorkerSettings`'
 `STATUS_*` fields):
 
-- a message dead-lettered within `STATUS_DEAD_WINDOW`;
+- a message dead-lettered within `STATUS_DEAD_WINDOW` (the newest few are named: job, tenant
+  and why, e.g. `AmountOverflowError: the line of metric 'tokens' at price 'pro-tokens' …`);
 - a webhook delivery that died within `STATUS_DEAD_WINDOW`;
 - a disabled webhook subscription (by the relay after failing for days, or by an operator);
 - a due webhook delivery waiting for the relay longer than `STATUS_MAX_DELIVERY_DELAY`;
@@ -34,14 +35,15 @@ from webhooks.metrics import outbox_stats
 from webhooks.models import DEAD, WebhookDelivery, WebhookSubscription
 from workers import fanout
 from workers.broker import QUEUE_NAME, is_in_process
-from workers.queues import queue_stats
+from workers.queues import DeadLetter, queue_stats
 from workers.scheduler import last_fire_time, previous_month
 from workers.settings import WorkerSettings
 
 
 @dataclass(frozen=True)
 class QueueHealth:
-    """One queue's counts; `dead_recent` is the dead letters within `STATUS_DEAD_WINDOW`."""
+    """One queue's counts; `dead_recent` is the dead letters within `STATUS_DEAD_WINDOW`, and
+    `recent_dead_letters` the newest of those (at most `RECENT_DEAD_LETTERS`)."""
 
     name: str
     ready: int
@@ -49,6 +51,11 @@ class QueueHealth:
     delayed: int
     dead: int
     dead_recent: int
+    recent_dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+#: How many of a queue's recent dead letters `billing status` names.
+RECENT_DEAD_LETTERS = 5
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,9 @@ def _problems(report: StatusReport, settings: WorkerSettings, stale_usage: bool)
         for q in report.queues
         if q.dead_recent
     ]
+    problems += [
+        dead_letter_line(letter) for q in report.queues for letter in q.recent_dead_letters
+    ]
     outbox = report.outbox
     if outbox.dead_recent:
         problems.append(
@@ -191,6 +201,17 @@ def _problems(report: StatusReport, settings: WorkerSettings, stale_usage: bool)
     return problems
 
 
+def dead_letter_line(letter: DeadLetter) -> str:
+    """`billing.generate_monthly_invoice for tenant t1 is dead (message …): <why>`."""
+    payload = letter.args[0] if letter.args and isinstance(letter.args[0], dict) else {}
+    owner = "tenant" if "tenant_id" in payload else "invoice"
+    subject = payload.get(f"{owner}_id", "?")
+    return (
+        f"{letter.actor_name} for {owner} {subject} is dead (message {letter.message_id}): "
+        f"{letter.last_error or 'no reason recorded'}"
+    )
+
+
 # --- the figures --------------------------------------------------------------------------
 
 
@@ -200,7 +221,7 @@ def _queues(broker: Broker, names: Sequence[str], since: datetime) -> tuple[str,
     health = []
     kind = ""
     for name in names:
-        stats = queue_stats(broker, queue_name=name, recent=1)
+        stats = queue_stats(broker, queue_name=name, recent=RECENT_DEAD_LETTERS)
         kind = stats.broker
         recent = stats.dead
         if isinstance(broker, RedisBroker):
@@ -209,8 +230,15 @@ def _queues(broker: Broker, names: Sequence[str], since: datetime) -> tuple[str,
                     f"{broker.namespace}:{name}.XQ", int(since.timestamp() * 1000), "+inf"
                 )
             )
+        letters = [
+            letter
+            for letter in stats.dead_letters
+            if letter.dead_since is None or letter.dead_since >= since
+        ]
         health.append(
-            QueueHealth(name, stats.ready, stats.in_progress, stats.delayed, stats.dead, recent)
+            QueueHealth(
+                name, stats.ready, stats.in_progress, stats.delayed, stats.dead, recent, letters
+            )
         )
     return kind, health
 

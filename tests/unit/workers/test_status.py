@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 import fakeredis
 import pytest
 from dramatiq import Worker
+from sqlalchemy import func, select
 
-from billing.models import Invoice, UsageAggregate
+from billing.models import Invoice, Price, UsageAggregate
 from webhooks.models import DEAD, FAILED, PENDING, WebhookDelivery, WebhookEvent
 from webhooks.models import WebhookSubscription as Subscription
 from workers import actors
@@ -23,6 +24,8 @@ from .conftest import add_plan, subscribe, use
 
 # 2025-02-10 12:00 UTC: January's invoices were due on the 1st at 00:30 (+6 h of grace).
 NOW = datetime(2025, 2, 10, 12, 0, tzinfo=UTC)
+JAN = datetime(2025, 1, 1, tzinfo=UTC)
+FEB = datetime(2025, 2, 1, tzinfo=UTC)
 SETTINGS = WorkerSettings()
 
 
@@ -40,13 +43,16 @@ def fake_redis_broker():
     actors.attach(previous, settings=actors.settings)
 
 
-def dead_letter_one(broker, session_factory) -> None:
-    """Run one message with a bad payload: it is dead-lettered at once."""
+def dead_letter_one(broker, session_factory, send=None) -> None:
+    """Run one message (by default one with a bad payload): it is dead-lettered at once."""
     actors.bind(session_factory)
     worker = Worker(broker, worker_timeout=20, worker_threads=1)
     worker.start()
     try:
-        actors.aggregate_daily.send({"tenant_id": "t1", "metric": "tokens"})  # no day_start
+        if send is None:
+            actors.aggregate_daily.send({"tenant_id": "t1", "metric": "tokens"})  # no day_start
+        else:
+            send()
         broker.join(QUEUE_NAME, timeout=10_000)
         worker.join()
     finally:
@@ -78,12 +84,43 @@ def test_a_recent_dead_letter_needs_a_human_and_an_old_one_no_longer(
     report = status(session_factory, fake_redis_broker, now=now)
     [queue] = report.queues
     assert (queue.ready, queue.dead, queue.dead_recent) == (1, 1, 1)
+    [letter] = queue.recent_dead_letters
     assert report.problems == [
-        "queue billing: 1 message(s) dead-lettered in the last 24 h (see `billing jobs`)"
+        "queue billing: 1 message(s) dead-lettered in the last 24 h (see `billing jobs`)",
+        f"billing.aggregate_daily for tenant t1 is dead (message {letter.message_id}): "
+        "InvalidPayloadError: billing.aggregate_daily payload rejected: day_start: Field required",
     ]
     later = status(session_factory, fake_redis_broker, now=now + timedelta(days=2))
     assert later.queues[0].dead == 1
     assert later.healthy
+
+
+def test_an_invoice_over_2_63_minus_1_is_dead_at_once_and_status_names_tenant_and_line(
+    session_factory, fake_redis_broker
+) -> None:
+    with session_factory.begin() as session:
+        plan = add_plan(session)  # 10.00 a month and 1 cent a token
+        session.add(
+            Price(plan_id=plan.id, key="big", currency="usd", metric="tokens", unit_amount=2)
+        )
+        subscribe(session, "t1", plan)
+        use(session, "t1", 2**62, JAN + timedelta(days=3))
+    dead_letter_one(
+        fake_redis_broker,
+        session_factory,
+        lambda: actors.enqueue_generate_monthly_invoice(
+            tenant_id="t1", period_start=JAN, period_end=FEB, currency="usd"
+        ),
+    )
+    report = status(session_factory, fake_redis_broker, now=datetime.now(UTC))
+    [letter] = report.queues[0].recent_dead_letters
+    assert letter.retries == 0  # a permanent error: not retried
+    assert report.problems[1].startswith(
+        f"billing.generate_monthly_invoice for tenant t1 is dead (message {letter.message_id}): "
+        "AmountOverflowError: the line of metric 'tokens' at price 'big' (2 per unit)"
+    )
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Invoice)) == 0
 
 
 def add_delivery(session_factory, status_: str, *, due: datetime, updated: datetime, sub=None):
@@ -336,9 +373,11 @@ def test_the_command_exits_0_when_healthy_and_1_when_a_human_is_needed(
     assert main(["status", "--json"]) == 1
     body = json.loads(capsys.readouterr().out)
     assert body["queues"][0]["dead_recent"] == 1
-    assert body["problems"] == [
+    assert body["problems"][0] == (
         "queue billing: 1 message(s) dead-lettered in the last 24 h (see `billing jobs`)"
-    ]
+    )
+    assert body["problems"][1].startswith("billing.aggregate_daily for tenant t1 is dead")
+    assert body["queues"][0]["recent_dead_letters"][0]["actor_name"] == "billing.aggregate_daily"
 
 
 def test_the_command_says_so_when_the_queue_is_in_process(

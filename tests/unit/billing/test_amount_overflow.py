@@ -1,0 +1,105 @@
+"""Amounts over 2**63-1 are found while pricing (AmountOverflowError names the line)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from billing import AmountOverflowError, BillingError, BillingService
+from billing.errors import PERMANENT_ERRORS
+from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
+
+JAN = datetime(2025, 1, 1, tzinfo=UTC)
+FEB = datetime(2025, 2, 1, tzinfo=UTC)
+MAX = 2**63 - 1
+
+
+def plan_with(session, *prices: dict) -> None:
+    plan = Plan(key="big", name="Big")
+    session.add(plan)
+    session.flush()
+    for index, fields in enumerate(prices):
+        session.add(Price(plan_id=plan.id, key=f"big-{index}", currency="usd", **fields))
+    session.add(Subscription(tenant_id="t1", plan_id=plan.id, effective_at=JAN - timedelta(days=9)))
+    session.flush()
+
+
+def use(session, amount: int) -> None:
+    BillingService(session=session, tenant_id="t1").record_usage(
+        metric="tokens", amount=amount, at=JAN + timedelta(days=3), idempotency_key="k"
+    )
+
+
+def generate(session) -> Invoice:
+    bs = BillingService(session=session, tenant_id="t1")
+    invoice_id = bs.generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    return session.get(Invoice, invoice_id)
+
+
+def stored(session) -> tuple[int, int]:
+    invoices = session.execute(select(func.count()).select_from(Invoice)).scalar_one()
+    lines = session.execute(select(func.count()).select_from(InvoiceLine)).scalar_one()
+    return invoices, lines
+
+
+def test_a_line_of_exactly_2_63_minus_1_is_billed(session) -> None:
+    plan_with(session, {"metric": "tokens", "unit_amount": 1})
+    use(session, MAX)
+    assert generate(session).total_amount == MAX
+
+
+def test_2_62_units_at_2_cents_raise_amount_overflow_naming_the_line(session) -> None:
+    plan_with(session, {"metric": "tokens", "unit_amount": 2})
+    use(session, 2**62)
+    with pytest.raises(AmountOverflowError) as caught:
+        generate(session)
+    assert (caught.value.metric, caught.value.price_key) == ("tokens", "big-0")
+    assert "metric 'tokens' at price 'big-0' (2 per unit)" in str(caught.value)
+    assert str(2**63) in str(caught.value)
+    assert stored(session) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("price", "overflows"),
+    [(Decimal("0.999999999999"), False), (Decimal("1.000000000001"), True)],
+)
+def test_decimal_prices_on_either_side_of_the_limit(session, price, overflows) -> None:
+    plan_with(session, {"metric": "tokens", "unit_amount_decimal": price})
+    use(session, MAX)
+    if overflows:
+        with pytest.raises(AmountOverflowError):
+            generate(session)
+        assert stored(session) == (0, 0)
+    else:
+        assert generate(session).total_amount < MAX
+
+
+def test_lines_that_fit_but_add_up_to_more_than_2_63_minus_1_are_refused(session) -> None:
+    plan_with(
+        session,
+        {"unit_amount": 2**62, "recurring_interval": "month"},
+        {"metric": "tokens", "unit_amount": 1},
+    )
+    use(session, 2**62)  # the fee plus this is 2**63: one more than fits
+    with pytest.raises(AmountOverflowError) as caught:
+        generate(session)
+    assert (caught.value.metric, caught.value.price_key) == (None, None)
+    assert stored(session) == (0, 0)
+
+
+def test_lines_that_add_up_to_exactly_2_63_minus_1_are_billed(session) -> None:
+    plan_with(
+        session,
+        {"unit_amount": 2**62, "recurring_interval": "month"},
+        {"metric": "tokens", "unit_amount": 1},
+    )
+    use(session, 2**62 - 1)
+    assert generate(session).total_amount == MAX
+
+
+def test_amount_overflow_is_a_permanent_billing_error() -> None:
+    assert issubclass(AmountOverflowError, BillingError)
+    assert AmountOverflowError in PERMANENT_ERRORS
