@@ -17,12 +17,14 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import make_engine, make_session_factory
+from billing.localtime import local_month, midnight
 from billing.settings import BillingSettings
 from webhooks.output import Counted, progress
 from webhooks.safetext import safe_text
@@ -55,7 +57,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     aggregate = commands.add_parser("aggregate", help="aggregate days of usage (backfill)")
     aggregate.add_argument(
-        "--from", dest="first", type=_day, required=True, metavar="DAY", help="first UTC day"
+        "--from",
+        dest="first",
+        type=_day,
+        required=True,
+        metavar="DAY",
+        help="first day (each tenant's local day of that date)",
     )
     aggregate.add_argument(
         "--to",
@@ -63,7 +70,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=_day,
         required=True,
         metavar="DAY",
-        help="last UTC day, included (--from 2025-01-01 --to 2025-01-31 is all of January)",
+        help="last day, included (--from 2025-01-01 --to 2025-01-31 is all of January)",
     )
     aggregate.add_argument("--tenant", help="only this tenant")
     aggregate.add_argument("--metric", help="only this metric")
@@ -200,17 +207,27 @@ def _aggregate(args: argparse.Namespace) -> int:
     if args.last < args.first:
         print("--to must not be before --from", file=sys.stderr)
         return 2
-    days = [args.first + timedelta(days=n) for n in range((args.last - args.first).days + 1)]
+    dates = [args.first + timedelta(days=n) for n in range((args.last - args.first).days + 1)]
     only = fanout.Filter(tenant_id=args.tenant, metric=args.metric)
     with _Backfill(args.inline, wait=args.wait) as backfill:
-        total = sum(fanout.count_usage_pairs(backfill.session_factory, d, only=only) for d in days)
-        span = f"{days[0].date()}..{days[-1].date()}"
+        # Each zone's tenants get their own local days of those dates.
+        plan = [
+            (zoned, [midnight(zoned.tz, day.date()) for day in dates])
+            for zoned in _per_zone(backfill.session_factory, only)
+        ]
+        total = sum(
+            fanout.count_usage_pairs(backfill.session_factory, day, only=zoned)
+            for zoned, days in plan
+            for day in days
+        )
+        span = f"{dates[0].date()}..{dates[-1].date()}"
         with progress(total, f"aggregate {span}") as bar:
             tally = Tally(bar)
             scheduler = backfill.scheduler(
                 send_aggregate=tally.wrap(backfill.aggregate_sender()), send_invoice=_unused
             )
-            scheduler.fan_out_days(days, only=only)
+            for zoned, days in plan:
+                scheduler.fan_out_days(days, only=zoned)
         return backfill.summary("billing.aggregate_daily", span, tally)
 
 
@@ -227,15 +244,30 @@ def _invoice(args: argparse.Namespace) -> int:
         return 2
     only = fanout.Filter(tenant_id=args.tenant)
     with _Backfill(args.inline, wait=args.wait) as backfill:
-        total = fanout.count_invoice_targets(backfill.session_factory, start, end, only=only)
+        # Each zone's tenants get their own local month; one not ended yet is left out.
+        plan = [
+            (zoned, local_month(zoned.tz, midnight(zoned.tz, start.date())))
+            for zoned in _per_zone(backfill.session_factory, only)
+        ]
+        plan = [(zoned, month) for zoned, month in plan if month.end <= datetime.now(UTC)]
+        total = sum(
+            fanout.count_invoice_targets(backfill.session_factory, *month, only=zoned)
+            for zoned, month in plan
+        )
         span = start.strftime("%Y-%m")
         with progress(total, f"invoice {span}") as bar:
             tally = Tally(bar)
             scheduler = backfill.scheduler(
                 send_aggregate=_unused, send_invoice=tally.wrap(backfill.invoice_sender())
             )
-            scheduler.fan_out_invoices(start, end, only=only)
+            for zoned, month in plan:
+                scheduler.fan_out_invoices(*month, only=zoned)
         return backfill.summary("billing.generate_monthly_invoice", span, tally)
+
+
+def _per_zone(session_factory: sessionmaker[Session], only: fanout.Filter) -> list[fanout.Filter]:
+    """`only`, once for each zone the tenants it names are billed in."""
+    return [replace(only, zone=zone) for zone in fanout.zone_names(session_factory, only)]
 
 
 def _unused(**_kwargs: Any) -> None:

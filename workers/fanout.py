@@ -11,33 +11,67 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, tzinfo
 
-from sqlalchemy import Select, and_, func, or_, select, tuple_
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
-from billing.models import Invoice, Price, Subscription, UsageEvent
+from billing import tenants
+from billing.localtime import UTC_NAME, local_day
+from billing.models import Invoice, Price, Subscription, Tenant, UsageEvent
 from billing.periods import subscription_active_in
-
-DAY = timedelta(days=1)
 
 
 @dataclass(frozen=True)
 class Filter:
-    """Restricts a fan-out to one tenant and/or one metric (the CLI's backfills)."""
+    """Restricts a fan-out to one tenant and/or one metric (the CLI's backfills), and/or to the
+    tenants billed in one zone (`UTC`: those with no row too)."""
 
     tenant_id: str | None = None
     metric: str | None = None
+    zone: str | None = None
+
+    @property
+    def tz(self) -> tzinfo:
+        """The zone whose days and months the fan-out cuts (UTC when none is named)."""
+        return tenants.zone(self.zone or UTC_NAME)
+
+
+def zone_names(session_factory: sessionmaker[Session], only: Filter = Filter()) -> list[str]:
+    """The zones to fan out in: `UTC` first (every tenant without a row is billed in it), then
+    each other zone some tenant has, by name; only the named tenant's or zone with `only`."""
+    if only.zone is not None:
+        return [only.zone]
+    with session_factory() as session:
+        if only.tenant_id is not None:
+            return [tenants.zone_name_of(session, only.tenant_id)]
+        others = session.scalars(
+            select(Tenant.timezone)
+            .where(Tenant.timezone != UTC_NAME)
+            .distinct()
+            .order_by(Tenant.timezone)
+        )
+        return [UTC_NAME, *others]
+
+
+def _in_zone(tenant_id: InstrumentedAttribute[str], zone: str) -> ColumnElement[bool]:
+    """SQL condition: the tenant is billed in `zone`."""
+    if zone == UTC_NAME:
+        return tenant_id.not_in(select(Tenant.id).where(Tenant.timezone != UTC_NAME))
+    return tenant_id.in_(select(Tenant.id).where(Tenant.timezone == zone))
 
 
 def _usage_pairs_query(day: datetime, only: Filter) -> Select[str, str]:
+    start, end = local_day(only.tz, day)
     query = (
         select(UsageEvent.tenant_id, UsageEvent.metric)
-        .where(UsageEvent.at_ts >= day, UsageEvent.at_ts < day + DAY)
+        .where(UsageEvent.at_ts >= start, UsageEvent.at_ts < end)
         .distinct()
     )
     if only.tenant_id is not None:
         query = query.where(UsageEvent.tenant_id == only.tenant_id)
+    if only.zone is not None:
+        query = query.where(_in_zone(UsageEvent.tenant_id, only.zone))
     if only.metric is not None:
         query = query.where(UsageEvent.metric == only.metric)
     return query
@@ -50,7 +84,8 @@ def usage_pairs(
     batch_size: int,
     only: Filter = Filter(),
 ) -> Generator[tuple[str, str], None, None]:
-    """Every (tenant, metric) with usage in the UTC day starting at `day`, streamed."""
+    """Every (tenant, metric) with usage in the day containing `day` (the local day of
+    `only.zone`, else the UTC day), streamed."""
     yield from _stream(session_factory, _usage_pairs_query(day, only), batch_size)
 
 
@@ -75,6 +110,8 @@ def invoice_targets_query(
     )
     if only.tenant_id is not None:
         query = query.where(Subscription.tenant_id == only.tenant_id)
+    if only.zone is not None:
+        query = query.where(_in_zone(Subscription.tenant_id, only.zone))
     return query
 
 

@@ -2,12 +2,14 @@
 
 APScheduler 3 runs two cron jobs in UTC, from `WorkerSettings`:
 
-- `billing.aggregate-daily` (`AGGREGATE_CRON`, 00:10 by default) enqueues
-  `billing.aggregate_daily` for every (tenant, metric) with usage on the day that just ended, and
-  again for the `LATE_EVENT_WINDOW_DAYS` days before it, so late events are counted.
-- `billing.monthly-invoices` (`INVOICE_CRON`, 00:30 on the 1st) enqueues
-  `billing.generate_monthly_invoice` for every tenant with a subscription active in the month
-  that just ended, once per currency its plan has prices in.
+- `billing.aggregate-daily` (`AGGREGATE_CRON`, every hour at :10 by default) enqueues, for the
+  tenants of each time zone (`billing.tenants`; UTC for tenants without one),
+  `billing.aggregate_daily` for every (tenant, metric) with usage on the zone's local day that
+  ended last, and again for the `LATE_EVENT_WINDOW_DAYS` days before it, so late events are
+  counted. A zone's day is enqueued by the first fire after it ends there.
+- `billing.monthly-invoices` (`INVOICE_CRON`, every hour of the 1st and 2nd at :30) enqueues,
+  per zone, `billing.generate_monthly_invoice` for every tenant with a subscription active in
+  the zone's local month that ended last, once per currency its plan has prices in.
 
 - `billing.sync-pending-invoices` (`SYNC_SWEEP_CRON`, hourly; only with `PROVIDER_SYNC`) sends
   `billing.sync_invoice` again for every invoice created in the last `SYNC_LOOKBACK` that still
@@ -21,11 +23,13 @@ APScheduler 3 runs two cron jobs in UTC, from `WorkerSettings`:
   than the grace period ago (the actor is safe to receive twice).
 
 All have fixed ids, `coalesce=True`, `max_instances=1` and a misfire grace (`MISFIRE_GRACE`).
-Each fire is claimed first with a fire lock keyed by the work it stands for
-(`aggregate-daily:2025-01-31`, `monthly-invoices:2025-01`): with two schedulers running, one
-enqueues and the other skips. On start, the scheduler runs the latest fire of each job unless
-its key is already claimed: what it missed while down (the days of the late-event window, the
-last month's invoices) is enqueued then.
+Each fire is claimed first, per zone, with a fire lock keyed by the work it stands for
+(`aggregate-daily:2025-01-31`, `monthly-invoices:2025-01` for UTC;
+`aggregate-daily:America/New_York:2025-01-31` for another zone): with two schedulers running,
+one enqueues and the other skips, and the hourly fires after the first skip what is done. On
+start, the scheduler runs the latest fire of each job unless its key is already claimed: what it
+missed while down (the days of the late-event window, the last month's invoices) is enqueued
+then.
 
 Sending retries while Redis is unreachable (`ENQUEUE_RETRY_FOR`), so a Redis restart loses
 nothing; a fire that still fails, or is interrupted by SIGTERM, gives its claim back and is tried
@@ -42,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -55,7 +59,9 @@ from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing import tenants
 from billing.aggregation import utc_day_start
+from billing.localtime import UTC_NAME, local_day, previous_local_day, previous_local_month
 from webhooks.shutdown import stop_on_signals, wait_for_stop
 from workers import fanout
 from workers.locks import FireLock, LocalFireLock, RedisFireLock
@@ -109,6 +115,8 @@ class FireReport:
     claimed: bool
     enqueued: int = 0
     seconds: float = 0.0
+    zones: tuple[FireReport, ...] = ()
+    """The same fire for the tenants of the other zones (this report is the UTC one's)."""
 
 
 def month_start(moment: datetime) -> datetime:
@@ -120,6 +128,11 @@ def previous_month(moment: datetime) -> tuple[datetime, datetime]:
     """`[start, end)` of the calendar month before the one containing `moment`."""
     end = month_start(moment)
     return month_start(end - DAY), end
+
+
+def _zone_prefix(zone: str) -> str:
+    """The zone's part of a fire key: none for UTC (the keys from before zones existed)."""
+    return "" if zone == UTC_NAME else f"{zone}:"
 
 
 def last_fire_time(trigger: CronTrigger, now: datetime) -> datetime | None:
@@ -192,24 +205,44 @@ class BillingScheduler:
 
     # --- the fires ------------------------------------------------------------------------
 
-    def days_to_aggregate(self, fire_time: datetime) -> list[datetime]:
-        """The day that ended before `fire_time`, then the late-event window's days before it."""
-        yesterday = utc_day_start(fire_time) - DAY
-        return [yesterday - k * DAY for k in range(self.settings.late_event_window_days + 1)]
+    def days_to_aggregate(self, fire_time: datetime, zone: str = UTC_NAME) -> list[datetime]:
+        """The local midnights (aware, in `zone`) of the day of `zone` that ended last by
+        `fire_time`, then of the late-event window's days before it."""
+        tz = tenants.zone(zone)
+        days = [previous_local_day(tz, fire_time)]
+        for _ in range(self.settings.late_event_window_days):
+            days.append(previous_local_day(tz, days[-1].start))
+        return [day.start.astimezone(tz) for day in days]
 
     def run_daily(self, fire_time: datetime | None = None) -> FireReport:
-        """Enqueue the aggregation of every (tenant, metric) of the days `fire_time` covers."""
+        """Enqueue, zone by zone, the aggregation of every (tenant, metric) of the days
+        `fire_time` covers there; each (zone, day) once."""
         fire_time = fire_time or self._last_fire(self.daily_trigger)
-        days = self.days_to_aggregate(fire_time)
-        key = f"aggregate-daily:{days[0].date().isoformat()}"
-        return self._fire(DAILY_JOB_ID, key, lambda: self.fan_out_days(days))
+        return self._per_zone(partial(self._run_daily_in, fire_time))
+
+    def _run_daily_in(self, fire_time: datetime, zone: str) -> FireReport:
+        days = self.days_to_aggregate(fire_time, zone)
+        key = f"aggregate-daily:{_zone_prefix(zone)}{days[0].date().isoformat()}"
+        only = fanout.Filter(zone=zone)
+        return self._fire(DAILY_JOB_ID, key, lambda: self.fan_out_days(days, only))
 
     def run_monthly(self, fire_time: datetime | None = None) -> FireReport:
-        """Enqueue the invoices of the month before `fire_time`."""
+        """Enqueue, zone by zone, the invoices of the local month that ended last by
+        `fire_time`; each (zone, month) once."""
         fire_time = fire_time or self._last_fire(self.monthly_trigger)
-        start, end = previous_month(fire_time)
-        key = f"monthly-invoices:{start.strftime('%Y-%m')}"
-        return self._fire(MONTHLY_JOB_ID, key, lambda: self.fan_out_invoices(start, end))
+        return self._per_zone(partial(self._run_monthly_in, fire_time))
+
+    def _run_monthly_in(self, fire_time: datetime, zone: str) -> FireReport:
+        start, end = previous_local_month(tenants.zone(zone), fire_time)
+        month = start.astimezone(tenants.zone(zone)).strftime("%Y-%m")
+        key = f"monthly-invoices:{_zone_prefix(zone)}{month}"
+        only = fanout.Filter(zone=zone)
+        return self._fire(MONTHLY_JOB_ID, key, lambda: self.fan_out_invoices(start, end, only))
+
+    def _per_zone(self, run: Callable[[str], FireReport]) -> FireReport:
+        """`run` for UTC, then for each other zone tenants are billed in."""
+        utc, *others = (run(zone) for zone in fanout.zone_names(self.session_factory))
+        return replace(utc, zones=tuple(others))
 
     def run_sync_sweep(self, fire_time: datetime | None = None) -> FireReport:
         """Send `billing.sync_invoice` again for the invoices still unsynced (`PROVIDER_SYNC`)."""
@@ -254,19 +287,24 @@ class BillingScheduler:
     # --- fan-out ----------------------------------------------------------------------------
 
     def fan_out_days(self, days: Iterable[datetime], only: fanout.Filter = EVERYTHING) -> int:
-        """Send `billing.aggregate_daily` for each pair with usage on each day; the count."""
+        """Send `billing.aggregate_daily` for each pair with usage on each day (the day
+        containing each instant in `only.zone`, UTC when none is named); the count."""
         sent = 0
         enqueued = SCHEDULER_ENQUEUED.labels(job=DAILY_JOB_ID)
         for day in days:
             stream = fanout.usage_pairs(
                 self.session_factory, day, batch_size=self.settings.fanout_batch_size, only=only
             )
+            day_start = local_day(only.tz, day).start.astimezone(only.tz)
             with closing(stream):
                 for tenant_id, metric in stream:
                     self._check_stopping()
                     self._retrying(
                         partial(
-                            self.send_aggregate, tenant_id=tenant_id, metric=metric, day_start=day
+                            self.send_aggregate,
+                            tenant_id=tenant_id,
+                            metric=metric,
+                            day_start=day_start,
                         )
                     )
                     enqueued.inc()
@@ -276,7 +314,8 @@ class BillingScheduler:
     def fan_out_invoices(
         self, start: datetime, end: datetime, only: fanout.Filter = EVERYTHING
     ) -> int:
-        """Send `billing.generate_monthly_invoice` for each (tenant, currency) due; the count."""
+        """Send `billing.generate_monthly_invoice` for each (tenant, currency) due; the count.
+        The period is sent with the offset of `only.zone` (UTC when none is named)."""
         sent = 0
         enqueued = SCHEDULER_ENQUEUED.labels(job=MONTHLY_JOB_ID)
         stream = fanout.invoice_targets(
@@ -288,8 +327,8 @@ class BillingScheduler:
                 send = partial(
                     self.send_invoice,
                     tenant_id=tenant_id,
-                    period_start=start,
-                    period_end=end,
+                    period_start=start.astimezone(only.tz),
+                    period_end=end.astimezone(only.tz),
                     currency=currency,
                 )
                 self._retrying(send)

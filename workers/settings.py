@@ -140,11 +140,13 @@ class WorkerSettings(LogSettings):
     prometheus_port: int = Field(default=9191, ge=1, le=65535)
     """Port of that endpoint."""
 
-    aggregate_cron: str = "10 0 * * *"
-    """When the daily aggregation fan-out runs (crontab, UTC)."""
+    aggregate_cron: str = "10 * * * *"
+    """When the daily aggregation fan-out runs (crontab, UTC): hourly, so each zone's day is
+    aggregated soon after it ends there."""
 
-    invoice_cron: str = "30 0 1 * *"
-    """When the monthly invoice fan-out runs (crontab, UTC): after that day's aggregation."""
+    invoice_cron: str = "30 * 1,2 * *"
+    """When the monthly invoice fan-out runs (crontab, UTC): every hour of the 1st and 2nd, by
+    when every zone's month has ended; each zone's month is enqueued by the first fire after."""
 
     late_event_window_days: int = Field(default=1, ge=0, le=31)
     """Days before yesterday that the daily run aggregates again, to count late events."""

@@ -30,6 +30,7 @@ from sqlalchemy import case, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.aggregation import utc_day_start
+from billing.localtime import UTC_NAME
 from billing.models import Invoice, UsageAggregate, UsageEvent
 from webhooks.metrics import outbox_stats
 from webhooks.models import DEAD, WebhookDelivery, WebhookSubscription
@@ -292,7 +293,10 @@ def _invoice_run(session: Session, settings: WorkerSettings, now: datetime) -> I
     if fired is None:
         return None
     start, end = previous_month(fired)
-    targets = fanout.invoice_targets_query(start, end).subquery()
+    # Due from the first fire after the month ended (the cron may fire more often than that).
+    due: datetime = trigger.get_next_fire_time(None, end) or fired
+    # UTC months: the tenants billed in UTC (those in other zones have local months).
+    targets = fanout.invoice_targets_query(start, end, fanout.Filter(zone=UTC_NAME)).subquery()
     invoiced = exists().where(
         Invoice.tenant_id == targets.c.tenant_id,
         Invoice.currency == targets.c.currency,
@@ -304,7 +308,7 @@ def _invoice_run(session: Session, settings: WorkerSettings, now: datetime) -> I
             targets
         )
     ).one()
-    return InvoiceRun(start, fired + settings.status_invoice_grace, int(expected), int(missing))
+    return InvoiceRun(start, due + settings.status_invoice_grace, int(expected), int(missing))
 
 
 def _sync(session: Session, settings: WorkerSettings, now: datetime) -> SyncHealth:

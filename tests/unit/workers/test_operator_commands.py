@@ -305,4 +305,4 @@ def test_a_progress_bar_is_drawn_on_a_terminal_only() -> None:
 def test_the_backfill_help_says_the_last_day_is_included(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["aggregate", "--help"])
-    assert "last UTC day, included" in " ".join(capsys.readouterr().out.split())
+    assert "last day, included" in " ".join(capsys.readouterr().out.split())

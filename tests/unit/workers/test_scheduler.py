@@ -69,9 +69,11 @@ def test_last_fire_time_and_periods() -> None:
     daily = CronTrigger.from_crontab(scheduler_settings.aggregate_cron, timezone=UTC)
     monthly = CronTrigger.from_crontab(scheduler_settings.invoice_cron, timezone=UTC)
     now = datetime(2025, 3, 15, 0, 5, tzinfo=UTC)
-    assert last_fire_time(daily, now) == datetime(2025, 3, 14, 0, 10, tzinfo=UTC)
+    # Hourly, and every hour of the 1st and 2nd: each zone's day and month soon after it ends.
+    assert last_fire_time(daily, now) == datetime(2025, 3, 14, 23, 10, tzinfo=UTC)
     assert last_fire_time(daily, now + timedelta(minutes=5)) == now + timedelta(minutes=5)
-    assert last_fire_time(monthly, now) == datetime(2025, 3, 1, 0, 30, tzinfo=UTC)
+    assert last_fire_time(monthly, now) == datetime(2025, 3, 2, 23, 30, tzinfo=UTC)
+    assert monthly.get_next_fire_time(None, FEB) == datetime(2025, 2, 1, 0, 30, tzinfo=UTC)
     assert previous_month(datetime(2025, 3, 1, 0, 30, tzinfo=UTC)) == (
         FEB,
         datetime(2025, 3, 1, tzinfo=UTC),
@@ -280,7 +282,11 @@ def test_the_jobs_have_fixed_ids_and_safe_options(session_factory) -> None:
         assert str(job.trigger.timezone) == "UTC"
     assert (
         str(jobs[DAILY_JOB_ID].trigger)
-        == "cron[month='*', day='*', day_of_week='*', hour='0', minute='10']"
+        == "cron[month='*', day='*', day_of_week='*', hour='*', minute='10']"
+    )
+    assert (
+        str(jobs[MONTHLY_JOB_ID].trigger)
+        == "cron[month='*', day='1,2', day_of_week='*', hour='*', minute='30']"
     )
 
 
