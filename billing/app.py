@@ -5,20 +5,23 @@ memory), problem+json errors, `/healthz` (200 when the database answers, 503 oth
 `/metrics` (Prometheus: the ledger's and webhooks' counters, summed over the machine's processes
 when `PROMETHEUS_MULTIPROC_DIR` is set, as it must be for `uvicorn --workers N`; and the outbox
 gauges, read from the database at each scrape; with `METRICS_TOKEN` set, only for requests
-bearing it). With `REDIS_URL`, API keys are cached for `API_KEY_CACHE_TTL` under Redis's
-revocation marker (`billing.api.keycache`): a revoked key is still refused on the next request.
+bearing it; with `METRICS_BIND` set, only on that address, never on the app's port). With
+`REDIS_URL`, API keys are cached for `API_KEY_CACHE_TTL` under Redis's revocation marker
+(`billing.api.keycache`): a revoked key is still refused on the next request.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated
 
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, Response
+from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,8 +32,10 @@ from billing.api.keycache import KeyLookup, RedisRevocationMarker
 from billing.api.problems import problem_response
 from billing.api.settings import ApiSettings
 from billing.db import make_engine, make_session_factory
-from billing.metrics import render
+from billing.metrics import render, serve
 from webhooks.metrics import OutboxCollector
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(
@@ -48,9 +53,13 @@ def create_app(
     own_store = _store(settings) if idempotency_store is None else None
     keys = _key_lookup(settings)
 
+    outbox = OutboxCollector(factory)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop_metrics = _serve_metrics(settings.metrics_address, outbox)
         yield
+        stop_metrics()
         if isinstance(own_store, RedisIdempotencyStore):
             await own_store.client.aclose()  # the client this app made
         if isinstance(keys.marker, RedisRevocationMarker):
@@ -86,22 +95,41 @@ def create_app(
             return problem_response(503, "Service unavailable", "the database does not answer")
         return JSONResponse({"status": "ok"})
 
-    outbox = OutboxCollector(factory)
-    token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    if settings.metrics_address is None:  # else served on METRICS_BIND only
+        token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
 
-    @app.get("/metrics", include_in_schema=False)
-    def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
-        if token and not _bears(authorization, token):
-            return problem_response(
-                401,
-                "Unauthorized",
-                "send the METRICS_TOKEN: Authorization: Bearer <token>",
-                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
-            )
-        body, content_type = render(outbox)
-        return Response(body, media_type=content_type)
+        @app.get("/metrics", include_in_schema=False)
+        def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
+            if token and not _bears(authorization, token):
+                return problem_response(
+                    401,
+                    "Unauthorized",
+                    "send the METRICS_TOKEN: Authorization: Bearer <token>",
+                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+                )
+            body, content_type = render(outbox)
+            return Response(body, media_type=content_type)
 
     return app
+
+
+def _serve_metrics(address: tuple[str, int] | None, *collectors: Collector) -> Callable[[], None]:
+    """Serve `/metrics` on `METRICS_BIND` from a thread of this process; return its stopper.
+
+    A no-op when unset, or when the address is taken: under `uvicorn --workers N` the first
+    process serves it (summing them all with `PROMETHEUS_MULTIPROC_DIR`), the others log why
+    they don't.
+    """
+    if address is None:
+        return lambda: None
+    host, port = address
+    try:
+        stop = serve(port, host, *collectors)
+    except OSError as error:
+        logger.warning("METRICS_BIND %s:%d is not served by this process: %s", host, port, error)
+        return lambda: None
+    logger.info("metrics on http://%s:%d/metrics (METRICS_BIND)", host, port)
+    return stop
 
 
 def _bears(authorization: str | None, token: str) -> bool:

@@ -28,7 +28,9 @@ class ApiSettings(BaseSettings):
     web process may keep an API key it has read, seconds or ISO 8601, default 5 s; only with
     `REDIS_URL`, whose revocation marker `billing keys revoke` changes: 0 reads the key on
     every request); `MAX_METRICS_PER_TENANT` (distinct metrics a tenant may have in a UTC
-    month, default 1,000)."""
+    month, default 1,000); `METRICS_BIND` (`HOST:PORT`, e.g. `127.0.0.1:9100`: `/metrics` is
+    served there, by prometheus_client's own server in the web process, and no longer on the
+    app's port)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -46,6 +48,21 @@ class ApiSettings(BaseSettings):
     late_usage: LateUsage = "next_invoice"
     api_key_cache_ttl: timedelta = timedelta(seconds=5)
     max_metrics_per_tenant: PositiveInt = DEFAULT_MAX_METRICS_PER_TENANT
+    metrics_bind: str | None = None
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        """`HOST:PORT` (`[::1]:9100` for IPv6); empty means unset."""
+        if value is None or not value.strip():
+            return None
+        split_address(value)
+        return value.strip()
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """`METRICS_BIND` as (host, port), or None."""
+        return split_address(self.metrics_bind) if self.metrics_bind else None
 
     @field_validator(
         "idempotency_ttl",
@@ -60,3 +77,12 @@ class ApiSettings(BaseSettings):
         if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():
             return float(value)
         return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` as (host, port); ValueError if it is neither."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("METRICS_BIND must be HOST:PORT, e.g. 127.0.0.1:9100")
+    return host, int(port)
