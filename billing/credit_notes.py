@@ -37,6 +37,7 @@ class CreditLine:
     amount: int
     invoice_line_id: str | None = None
     description: str | None = None
+    quantity: int | None = None
 
 
 def validate(amount: object, lines: object, reason: object) -> tuple[int, list[CreditLine], str]:
@@ -107,6 +108,7 @@ def create(
             invoice_line_id=line.invoice_line_id,
             description=line.description,
             amount=line.amount,
+            quantity=line.quantity,
         )
         for position, line in enumerate(lines)
     ]

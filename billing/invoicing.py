@@ -42,6 +42,11 @@ def check_period(period_start: object, period_end: object, currency: object) -> 
     end = _aware(period_end, "period_end")
     if end <= start:
         raise InvalidPeriodError("period_end must be after period_start")
+    return check_currency(currency)
+
+
+def check_currency(currency: object) -> str:
+    """Validate an ISO 4217-shaped currency code; return it in lower case."""
     if not isinstance(currency, str) or not _CURRENCY.match(currency.lower()):
         raise InvalidPeriodError("currency must be a three-letter ISO 4217 code")
     return currency.lower()
@@ -201,8 +206,11 @@ def store_invoice(
     return invoice_id, True
 
 
-def reprice_draft(session: Session, invoice: Invoice) -> None:
-    """Replace a locked draft's lines and total with the pricing of its period's usage now.
+def reprice_draft(
+    session: Session, invoice: Invoice, adjustments: Sequence[LineDraft] = ()
+) -> None:
+    """Replace a locked draft's lines and total with the pricing of its period's usage now,
+    and `adjustments` (late usage of earlier invoices, `billing.adjustments`).
 
     Raises:
         InvoiceStateError: the invoice is not a draft; nothing is changed (a finalized
@@ -216,7 +224,7 @@ def reprice_draft(session: Session, invoice: Invoice) -> None:
         )
     lines = price_lines(
         session, invoice.tenant_id, invoice.period_start, invoice.period_end, invoice.currency
-    )
+    ) + list(adjustments)
     session.execute(delete(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id))
     _insert_lines(session, invoice.id, lines, utcnow())
     invoice.total_amount = sum(line.amount for line in lines)
@@ -238,6 +246,8 @@ def _insert_lines(session: Session, invoice_id: str, lines: list[LineDraft], now
                     "amount": line.amount,
                     "dimensions": line.dimensions,
                     "created_at": now,
+                    "kind": line.kind,
+                    "adjusts_invoice_id": line.adjusts_invoice_id,
                 }
                 for line in lines
             ],

@@ -276,7 +276,9 @@ class Invoice(Base):
     voided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     lines: Mapped[list[InvoiceLine]] = relationship(
-        back_populates="invoice", order_by="InvoiceLine.created_at"
+        back_populates="invoice",
+        order_by="InvoiceLine.created_at",
+        foreign_keys="InvoiceLine.invoice_id",
     )
 
 
@@ -293,15 +295,27 @@ class NumberSequence(Base):
     last_value: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
+LINE_KINDS = ("charge", "adjustment")
+"""`charge`: the invoice's own period; `adjustment`: late usage of an earlier finalized invoice."""
+
+
 class InvoiceLine(Base):
     """One priced line of an invoice; `price_id` null for usage no price covers (amount 0).
 
     `dimensions` is the group of the metric the line bills (`{"model": "gpt-4"}`), null for
     a fixed fee and for a metric billed whole.
+
+    An `adjustment` line bills late usage of the finalized invoice `adjusts_invoice_id`: the
+    extra quantity of `metric` and what it adds to that invoice's line (see
+    `billing.adjustments`).
     """
 
     __tablename__ = "invoice_lines"
-    __table_args__ = (Index("ix_invoice_lines_invoice_id", "invoice_id"),)
+    __table_args__ = (
+        Index("ix_invoice_lines_invoice_id", "invoice_id"),
+        Index("ix_invoice_lines_adjusts_invoice_id", "adjusts_invoice_id"),
+        CheckConstraint("kind IN ('charge', 'adjustment')", name="kind"),
+    )
 
     id: Mapped[str] = _id()
     invoice_id: Mapped[str] = mapped_column(ForeignKey("invoices.id"), nullable=False)
@@ -311,8 +325,12 @@ class InvoiceLine(Base):
     amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
     created_at: Mapped[datetime] = _created_at()
     dimensions: Mapped[dict[str, str | None] | None] = mapped_column(JSON, nullable=True)
+    kind: Mapped[str] = mapped_column(
+        String(16), default="charge", server_default="charge", nullable=False
+    )
+    adjusts_invoice_id: Mapped[str | None] = mapped_column(ForeignKey("invoices.id"), nullable=True)
 
-    invoice: Mapped[Invoice] = relationship(back_populates="lines")
+    invoice: Mapped[Invoice] = relationship(back_populates="lines", foreign_keys=[invoice_id])
 
 
 class CreditNote(Base):
@@ -358,5 +376,7 @@ class CreditNoteLine(Base):
     )
     description: Mapped[str | None] = mapped_column(String(200), nullable=True)
     amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    quantity: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Late units this line re-prices (a late-usage credit note's line); null otherwise."""
 
     credit_note: Mapped[CreditNote] = relationship(back_populates="lines")

@@ -7,6 +7,7 @@ equals the invoice generated. It only reads: no row, no outbox event, no number.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -33,9 +34,15 @@ class InvoicePreview:
 
 
 def preview(
-    session: Session, tenant_id: str, period_start: datetime, period_end: datetime, currency: str
+    session: Session,
+    tenant_id: str,
+    period_start: datetime,
+    period_end: datetime,
+    currency: str,
+    adjustments: Sequence[LineDraft] = (),
 ) -> InvoicePreview:
-    """Price the tenant's period as an invoice generated now would, storing nothing.
+    """Price the tenant's period as an invoice generated now would, storing nothing; with the
+    `adjustments` (late usage of earlier invoices) it would carry.
 
     Raises:
         InvalidPeriodError: naive or reversed period, or a malformed currency.
@@ -43,4 +50,5 @@ def preview(
     """
     code = invoicing.check_period(period_start, period_end, currency)
     lines = invoicing.price_lines(session, tenant_id, period_start, period_end, code)
+    lines += adjustments
     return InvoicePreview(tenant_id, period_start, period_end, code, tuple(lines))

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 import webhooks
 from billing import (
+    adjustments,
     aggregation,
     credit_notes,
     invoicing,
@@ -238,13 +239,15 @@ class BillingService:
             if existing.status == "draft" and self.policy.grace_period:
                 self._reprice(invoice_id)
         else:
+            late = self._pending_adjustments(currency, lock=True)
             lines = invoicing.price_lines(
                 self.session, self.tenant_id, period_start, period_end, currency
-            )
+            ) + adjustments.adjustment_lines(late)
             invoice_id, created = invoicing.store_invoice(
                 self.session, self.tenant_id, period_start, period_end, currency, lines
             )
             if created:
+                self._credit_overbilled(late)
                 metrics.INVOICES_GENERATED.inc()
                 logger.info("invoice %s created for tenant %s", invoice_id, self.tenant_id)
                 lifecycle.publish_created(
@@ -271,14 +274,30 @@ class BillingService:
         self, *, period_start: datetime, period_end: datetime, currency: str
     ) -> InvoicePreview:
         """The lines and total an invoice of `[period_start, period_end)` in `currency` would
-        have if generated now, from the usage known now; stores nothing (no row, no event, no
-        number). The period need not have ended.
+        have if generated now, from the usage known now, with the adjustment lines of late
+        usage it would carry; stores nothing (no row, no event, no number). The period need
+        not have ended.
 
         Raises:
             InvalidPeriodError: naive or reversed period, or a malformed currency.
             CurrencyMismatchError: the tenant's plans have prices, none in `currency`.
         """
-        return preview.preview(self.session, self.tenant_id, period_start, period_end, currency)
+        code = invoicing.check_period(period_start, period_end, currency)
+        late = adjustments.adjustment_lines(self._late_for(period_start, period_end, code))
+        return preview.preview(self.session, self.tenant_id, period_start, period_end, code, late)
+
+    def _late_for(
+        self, period_start: datetime, period_end: datetime, currency: str
+    ) -> list[adjustments.Adjustment]:
+        """The adjustments an invoice of the period would carry if generated now: none when a
+        finalized one exists (generating returns it), a draft's own ones re-priced."""
+        existing = invoicing.find_invoice(
+            self.session, self.tenant_id, period_start, period_end, currency
+        )
+        if existing is not None and existing.status != "draft":
+            return []
+        exclude = existing.id if existing is not None else None
+        return self._pending_adjustments(currency, lock=False, exclude=exclude)
 
     def preview_upcoming_invoice(self, *, currency: str) -> InvoicePreview:
         """`preview_invoice` of the invoice period containing `now()` (its usage so far): the
@@ -311,10 +330,39 @@ class BillingService:
         return self._transition(invoice_id, lifecycle.FINALIZE)
 
     def _reprice(self, invoice_id: str) -> None:
-        """Re-price the invoice (its row locked) if it is still a draft."""
+        """Re-price the invoice (its row locked) if it is still a draft, with the late usage
+        of earlier invoices pending now."""
         invoice = lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=True)
         if invoice.status == "draft":
-            invoicing.reprice_draft(self.session, invoice)
+            late = self._pending_adjustments(invoice.currency, exclude=invoice.id, lock=True)
+            invoicing.reprice_draft(self.session, invoice, adjustments.adjustment_lines(late))
+            self._credit_overbilled(late)
+
+    def pending_adjustments(self, *, currency: str) -> list[adjustments.Adjustment]:
+        """What the tenant's next invoice in `currency` would bill (amount > 0) or credit
+        (amount < 0) for late usage of its finalized invoices (`policy.late_usage_lookback`);
+        none under `LATE_USAGE=ignore`. Stores nothing."""
+        return self._pending_adjustments(invoicing.check_currency(currency), lock=False)
+
+    def _pending_adjustments(
+        self, currency: str, *, lock: bool, exclude: str | None = None
+    ) -> list[adjustments.Adjustment]:
+        if self.policy.late_usage == "ignore":
+            return []
+        return adjustments.pending_adjustments(
+            self.session,
+            self.tenant_id,
+            currency,
+            self.now(),
+            lookback=self.policy.late_usage_lookback,
+            exclude_invoice_id=exclude,
+            lock=lock,
+        )
+
+    def _credit_overbilled(self, late: list[adjustments.Adjustment]) -> None:
+        adjustments.credit_overbilled(
+            self.session, self.tenant_id, late, now=self.now, outbox=self.outbox
+        )
 
     def pay_invoice(self, invoice_id: str) -> Invoice:
         """`open` or `uncollectible` → `paid`, with `paid_at`; a paid invoice stays as it is.

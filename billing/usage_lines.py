@@ -45,6 +45,8 @@ class LineDraft:
     quantity: int
     amount: int
     dimensions: dict[str, str | None] | None = None
+    kind: str = "charge"
+    adjusts_invoice_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,284 @@
+"""Late usage billed on the next invoice (`LATE_USAGE=next_invoice`).
+
+When a tenant's next invoice in a currency is generated (or a draft re-priced), each finalized
+invoice of that tenant and currency whose period ended within `LATE_USAGE_LOOKBACK` of the
+clock is priced again with all of its period's usage known now (`invoicing.price_lines`, the
+rule that priced it). Per usage line (price, metric and, for prices per dimension, group)
+of that invoice:
+
+    pending = price(usage now) − (its line + adjustments billed since − late credits since)
+
+A positive `pending` becomes an `adjustment` line of the new invoice (the extra quantity and
+amount, `adjusts_invoice_id`); a negative one (volume tiers can lower the price of more units)
+a credit note on the finalized invoice, whose line names the line it re-prices and the late
+units (`quantity`). Tiered prices thus bill price(new total) − price(old total), not the late
+units at a marginal guess.
+
+"Billed since" is read from what is stored, never remembered elsewhere: adjustment lines on
+invoices that are not void, for any invoice of the same period (a reissue after a void
+inherits what was billed for its period), and late-usage credit notes of the invoice. The
+finalized invoices are locked (`FOR UPDATE`, in id order) before anything is read, so two
+invoice runs of a tenant take turns and the second finds what the first billed: each
+adjustment is billed exactly once, also when runs race or are retried.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
+
+from billing import credit_notes
+from billing.errors import CurrencyMismatchError
+from billing.invoicing import price_lines
+from billing.late_usage import DEFAULT_LOOKBACK, FINALIZED
+from billing.lifecycle import Outbox
+from billing.models import CreditNote, CreditNoteLine, Invoice, InvoiceLine
+from billing.usage_lines import LineDraft
+
+LATE_USAGE_REASON = "late usage re-priced"
+Key = tuple[str, str, str]
+"""A usage line's (price id, metric, group as canonical JSON)."""
+Dimensions = dict[str, str | None] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """What late usage adds to one line of a finalized invoice: `amount` > 0 is billed on the
+    next invoice, `amount` < 0 credited on `adjusts_invoice_id`."""
+
+    adjusts_invoice_id: str
+    adjusts_line_id: str
+    price_id: str
+    metric: str
+    quantity: int
+    amount: int
+    dimensions: Dimensions = None
+
+
+@dataclass(slots=True)
+class _Tally:
+    quantity: int = 0
+    amount: int = 0
+
+
+def pending_adjustments(
+    session: Session,
+    tenant_id: str,
+    currency: str,
+    now: datetime,
+    *,
+    lookback: timedelta = DEFAULT_LOOKBACK,
+    exclude_invoice_id: str | None = None,
+    lock: bool = False,
+) -> list[Adjustment]:
+    """The adjustments not billed yet of the tenant's finalized invoices in `currency` whose
+    period ended at or after `now - lookback`, oldest period first. Stores nothing.
+
+    `exclude_invoice_id`: a draft about to be re-priced, whose own adjustment lines are about to
+    be replaced, so they do not count as billed. `lock`: lock those finalized invoices first
+    (the caller will bill what is returned, in this transaction).
+    """
+    return [
+        adjustment
+        for invoice in _recent_finalized(session, tenant_id, currency, now - lookback, lock=lock)
+        for adjustment in _of_invoice(session, invoice, exclude_invoice_id)
+    ]
+
+
+def adjustment_lines(adjustments: Sequence[Adjustment]) -> list[LineDraft]:
+    """The lines of the next invoice: the adjustments whose amount is positive."""
+    return [
+        LineDraft(
+            a.price_id,
+            a.metric,
+            a.quantity,
+            a.amount,
+            dimensions=a.dimensions,
+            kind="adjustment",
+            adjusts_invoice_id=a.adjusts_invoice_id,
+        )
+        for a in adjustments
+        if a.amount > 0
+    ]
+
+
+def credit_overbilled(
+    session: Session,
+    tenant_id: str,
+    adjustments: Sequence[Adjustment],
+    *,
+    now: Callable[[], datetime],
+    outbox: Outbox,
+) -> list[CreditNote]:
+    """Credit each negative adjustment on its invoice (as far as the invoice can still be
+    credited: `open` or `paid`, up to its total less its credit notes)."""
+    notes = []
+    for adjustment in adjustments:
+        if adjustment.amount >= 0:
+            continue
+        invoice = session.get(Invoice, adjustment.adjusts_invoice_id)
+        if invoice is None or invoice.status not in credit_notes.CREDITABLE:
+            continue
+        available = invoice.total_amount - credit_notes.credited(session, invoice.id)
+        amount = min(-adjustment.amount, available)
+        if amount <= 0:
+            continue
+        line = credit_notes.CreditLine(
+            amount,
+            invoice_line_id=adjustment.adjusts_line_id,
+            description=f"late usage of {adjustment.metric}: {adjustment.quantity:+d}"[:200],
+            quantity=adjustment.quantity,
+        )
+        notes.append(
+            credit_notes.create(
+                session,
+                tenant_id,
+                invoice.id,
+                amount=amount,
+                lines=[line],
+                reason=LATE_USAGE_REASON,
+                now=now,
+                outbox=outbox,
+            )
+        )
+    return notes
+
+
+def _recent_finalized(
+    session: Session, tenant_id: str, currency: str, since: datetime, *, lock: bool
+) -> list[Invoice]:
+    query = select(Invoice).where(
+        Invoice.tenant_id == tenant_id,
+        Invoice.currency == currency,
+        Invoice.status.in_(FINALIZED),
+        Invoice.period_end >= since,
+    )
+    if lock:  # in id order: two runs lock the same rows in the same order, no deadlock
+        query = query.order_by(Invoice.id).with_for_update()
+    invoices = session.execute(query.execution_options(populate_existing=True)).scalars()
+    return sorted(invoices, key=lambda invoice: (invoice.period_start, invoice.id))
+
+
+def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list[Adjustment]:
+    charged = _charged(session, invoice.id)
+    if not charged:
+        return []
+    try:
+        lines = price_lines(
+            session, invoice.tenant_id, invoice.period_start, invoice.period_end, invoice.currency
+        )
+    except CurrencyMismatchError:  # the plans changed currency since: nothing to re-price
+        return []
+    now_priced = _tally(
+        (_key(line.price_id, line.metric, line.dimensions), line.quantity, line.amount)
+        for line in lines
+    )
+    adjusted = _adjusted(session, invoice, exclude)
+    credited = _late_credits(session, invoice.id)
+    pending = []
+    for key, (line, billed) in charged.items():
+        priced = now_priced.get(key)
+        if priced is None:  # the price left the plan: its usage cannot be re-priced
+            continue
+        more, less = adjusted.get(key, _Tally()), credited.get(key, _Tally())
+        amount = priced.amount - (billed.amount + more.amount - less.amount)
+        quantity = priced.quantity - (billed.quantity + more.quantity + less.quantity)
+        if amount:
+            pending.append(
+                Adjustment(
+                    invoice.id,
+                    line.id,
+                    key[0],
+                    key[1],
+                    quantity,
+                    amount,
+                    dimensions=line.dimensions,
+                )
+            )
+    return pending
+
+
+def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
+    tallies: dict[Key, _Tally] = {}
+    for key, quantity, amount in rows:
+        if key[0] and key[1]:  # usage lines only: a price and a metric
+            tally = tallies.setdefault(key, _Tally())
+            tally.quantity += quantity
+            tally.amount += amount
+    return tallies
+
+
+def _charged(session: Session, invoice_id: str) -> dict[Key, tuple[InvoiceLine, _Tally]]:
+    """The invoice's own usage lines by key, with the first line of each."""
+    rows = session.execute(
+        select(InvoiceLine)
+        .where(
+            InvoiceLine.invoice_id == invoice_id,
+            InvoiceLine.kind == "charge",
+            InvoiceLine.price_id.is_not(None),
+            InvoiceLine.metric.is_not(None),
+        )
+        .order_by(InvoiceLine.created_at, InvoiceLine.id)
+    ).scalars()
+    charged: dict[Key, tuple[InvoiceLine, _Tally]] = {}
+    for line in rows:
+        key = _key(line.price_id, line.metric, line.dimensions)
+        _, tally = charged.setdefault(key, (line, _Tally()))
+        tally.quantity += line.quantity
+        tally.amount += line.amount
+    return charged
+
+
+def _adjusted(session: Session, invoice: Invoice, exclude: str | None) -> dict[Key, _Tally]:
+    """Adjustment lines billed on invoices that are not void for any invoice of this period."""
+    carrier, target = aliased(Invoice), aliased(Invoice)
+    query = (
+        select(
+            InvoiceLine.price_id,
+            InvoiceLine.metric,
+            InvoiceLine.dimensions,
+            InvoiceLine.quantity,
+            InvoiceLine.amount,
+        )
+        .join(carrier, carrier.id == InvoiceLine.invoice_id)
+        .join(target, target.id == InvoiceLine.adjusts_invoice_id)
+        .where(
+            InvoiceLine.kind == "adjustment",
+            carrier.status != "void",
+            target.tenant_id == invoice.tenant_id,
+            target.currency == invoice.currency,
+            target.period_start == invoice.period_start,
+            target.period_end == invoice.period_end,
+        )
+    )
+    if exclude is not None:
+        query = query.where(carrier.id != exclude)
+    return _tally((_key(p, m, d), q, a) for p, m, d, q, a in session.execute(query))
+
+
+def _late_credits(session: Session, invoice_id: str) -> dict[Key, _Tally]:
+    """The invoice's late-usage credit note lines (those with a quantity), by the line's key."""
+    rows = session.execute(
+        select(
+            InvoiceLine.price_id,
+            InvoiceLine.metric,
+            InvoiceLine.dimensions,
+            CreditNoteLine.quantity,
+            CreditNoteLine.amount,
+        )
+        .join(CreditNote, CreditNote.id == CreditNoteLine.credit_note_id)
+        .join(InvoiceLine, InvoiceLine.id == CreditNoteLine.invoice_line_id)
+        .where(CreditNote.invoice_id == invoice_id, CreditNoteLine.quantity.is_not(None))
+    )
+    return _tally((_key(p, m, d), q or 0, a) for p, m, d, q, a in rows)
+
+
+def _key(price_id: str | None, metric: str | None, dimensions: Dimensions) -> Key:
+    """A usage line's price, metric and group (`{"model": "gpt-4"}`, canonical JSON)."""
+    group = "" if dimensions is None else json.dumps(dimensions, sort_keys=True)
+    return (price_id or "", metric or "", group)

@@ -1,0 +1,306 @@
+"""LATE_USAGE=next_invoice: late usage of a finalized invoice becomes an adjustment line of the
+tenant's next invoice (tiered prices bill the difference), a negative difference a credit note
+on the finalized invoice; each exactly once. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from billing import BillingService, InvoicePolicy
+from billing.models import CreditNote, CreditNoteLine, Invoice, InvoiceLine, Plan, Price
+from tests.unit.billing.test_lifecycle import FEB, JAN, MAR, events
+from tests.unit.billing.test_lifecycle import plan as plan
+
+APR = MAR.replace(month=4)
+DAY = timedelta(days=1)
+
+
+def service(session, now, tenant="t1", **policy) -> BillingService:
+    return BillingService(
+        session=session, tenant_id=tenant, now=lambda: now, policy=InvoicePolicy(**policy)
+    )
+
+
+def use(session, amount, at, key, tenant="t1") -> None:
+    service(session, APR, tenant).record_usage(
+        metric="tokens", amount=amount, at=at, idempotency_key=key
+    )
+
+
+def invoice(session, start, end, now=None, tenant="t1", **policy) -> Invoice:
+    invoice_id = service(session, now or end + DAY, tenant, **policy).generate_monthly_invoice(
+        period_start=start, period_end=end, currency="usd"
+    )
+    return session.get(Invoice, invoice_id)
+
+
+def lines(session, inv) -> list[tuple]:
+    rows = session.execute(select(InvoiceLine).where(InvoiceLine.invoice_id == inv.id)).scalars()
+    return sorted(
+        (line.kind, line.metric or "", line.quantity, line.amount, line.adjusts_invoice_id)
+        for line in rows
+    )
+
+
+def adjustment_lines(session) -> list[tuple]:
+    rows = session.execute(select(InvoiceLine).where(InvoiceLine.kind == "adjustment")).scalars()
+    return sorted((line.invoice_id, line.quantity, line.amount) for line in rows)
+
+
+def credit_notes(session) -> list[tuple]:
+    rows = session.execute(
+        select(CreditNote.invoice_id, CreditNote.amount, CreditNoteLine.quantity).join(
+            CreditNoteLine
+        )
+    )
+    return sorted(tuple(row) for row in rows)
+
+
+def test_late_usage_becomes_an_adjustment_line_of_the_next_invoice(session, plan) -> None:
+    use(session, 100, JAN + 5 * DAY, "on-time")
+    january = invoice(session, JAN, FEB)
+    assert january.total_amount == 1200
+    use(session, 10, JAN + 20 * DAY, "late")
+    february = invoice(session, FEB, MAR)
+    assert lines(session, february) == [
+        ("adjustment", "tokens", 10, 20, january.id),
+        ("charge", "", 1, 1000, None),
+        ("charge", "tokens", 0, 0, None),
+    ]
+    assert february.total_amount == 1020
+    assert (january.total_amount, lines(session, january)) == (
+        1200,
+        [("charge", "", 1, 1000, None), ("charge", "tokens", 100, 200, None)],
+    )
+
+
+def test_an_adjustment_is_billed_once_however_often_invoices_are_generated(session, plan) -> None:
+    long = {"late_usage_lookback": timedelta(days=100)}
+    january = invoice(session, JAN, FEB, **long)
+    use(session, 10, JAN + 20 * DAY, "late")
+    february = invoice(session, FEB, MAR, **long)
+    assert invoice(session, FEB, MAR, **long).id == february.id  # a retry
+    march = invoice(session, MAR, APR, **long)
+    assert adjustment_lines(session) == [(february.id, 10, 20)]
+    assert march.total_amount == 1000
+    use(session, 5, JAN + 21 * DAY, "later still")
+    april = invoice(session, APR, APR.replace(month=5), **long)
+    assert adjustment_lines(session) == sorted([(february.id, 10, 20), (april.id, 5, 10)])
+    assert april.total_amount == 1010
+    assert january.total_amount == 1000
+
+
+def test_an_event_at_the_period_end_is_the_next_period_s_usage_not_late(session, plan) -> None:
+    invoice(session, JAN, FEB)
+    use(session, 10, FEB, "at-the-end")
+    february = invoice(session, FEB, MAR)
+    assert lines(session, february) == [
+        ("charge", "", 1, 1000, None),
+        ("charge", "tokens", 10, 20, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("after", "billed"), [(timedelta(0), True), (timedelta(microseconds=1), False)]
+)
+def test_the_lookback_reaches_invoices_whose_period_ended_exactly_that_long_ago(
+    session, plan, after, billed
+) -> None:
+    invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    now = FEB + timedelta(days=35) + after
+    february = invoice(session, FEB, MAR, now=now)
+    assert (february.total_amount == 1020) is billed
+
+
+def test_the_lookback_is_the_policy_s(session, plan) -> None:
+    invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    february = invoice(session, FEB, MAR, now=MAR + DAY, late_usage_lookback=20 * DAY)
+    assert february.total_amount == 1000  # the default 35 days would have billed it
+
+
+def tiered_plan(session, mode: str) -> None:
+    """Tenant t9: 2 a unit up to 100 units, 1 a unit beyond (`graduated` or `volume`)."""
+    plan = Plan(key=f"tiered-{mode}", name="Tiered")
+    session.add(plan)
+    session.flush()
+    session.add(
+        Price(
+            key=f"tokens-{mode}",
+            plan_id=plan.id,
+            currency="usd",
+            metric="tokens",
+            billing_scheme="tiered",
+            tiers_mode=mode,
+            tiers=[
+                {"up_to": 100, "unit_amount_decimal": "2"},
+                {"up_to": None, "unit_amount_decimal": "1"},
+            ],
+        )
+    )
+    from billing.models import Subscription
+
+    session.add(Subscription(tenant_id="t9", plan_id=plan.id, effective_at=JAN))
+    session.flush()
+
+
+def test_graduated_tiers_bill_the_price_of_the_new_total_less_the_old(session) -> None:
+    tiered_plan(session, "graduated")
+    use(session, 90, JAN + 5 * DAY, "on-time", tenant="t9")
+    january = invoice(session, JAN, FEB, tenant="t9")
+    assert january.total_amount == 180
+    use(session, 20, JAN + 20 * DAY, "late", tenant="t9")
+    february = invoice(session, FEB, MAR, tenant="t9")
+    # 110 units cost 100 × 2 + 10 × 1 = 210: 30 more, not 20 × 2 nor 20 × 1
+    assert ("adjustment", "tokens", 20, 30, january.id) in lines(session, february)
+
+
+def test_a_negative_difference_is_a_credit_note_on_the_finalized_invoice_once(session) -> None:
+    tiered_plan(session, "volume")
+    use(session, 100, JAN + 5 * DAY, "on-time", tenant="t9")
+    january = invoice(session, JAN, FEB, tenant="t9")
+    assert january.total_amount == 200
+    use(session, 10, JAN + 20 * DAY, "late", tenant="t9")
+    february = invoice(session, FEB, MAR, tenant="t9")
+    # 110 units all at 1 cost 110: 90 less than billed
+    assert adjustment_lines(session) == []
+    assert february.total_amount == 0
+    assert credit_notes(session) == [(january.id, 90, 10)]
+    [(_, note)] = events(session, "billing.credit_note.created")
+    assert (note["invoice_id"], note["amount"]) == (january.id, 90)
+    invoice(session, MAR, APR, tenant="t9")
+    assert credit_notes(session) == [(january.id, 90, 10)]
+    assert january.total_amount == 200  # the invoice itself never changes
+
+
+def test_ignore_bills_late_usage_nowhere(session, plan) -> None:
+    invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    assert invoice(session, FEB, MAR, late_usage="ignore").total_amount == 1000
+    assert adjustment_lines(session) == []
+
+
+def test_another_tenant_s_late_usage_adjusts_nothing_of_this_one(session, plan) -> None:
+    invoice(session, JAN, FEB, tenant="t1")
+    invoice(session, JAN, FEB, tenant="t2")
+    use(session, 10, JAN + 20 * DAY, "late", tenant="t2")
+    assert invoice(session, FEB, MAR, tenant="t1").total_amount == 1000
+    assert invoice(session, FEB, MAR, tenant="t2").total_amount == 1020
+
+
+def test_a_draft_next_invoice_carries_the_adjustment_once_while_re_priced(session, plan) -> None:
+    grace = {"grace_period": 3 * DAY}
+    january = invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    draft = invoice(session, FEB, MAR, **grace)
+    assert draft.status == "draft"
+    assert ("adjustment", "tokens", 10, 20, january.id) in lines(session, draft)
+    use(session, 5, JAN + 21 * DAY, "later")
+    assert invoice(session, FEB, MAR, **grace).id == draft.id  # re-priced
+    assert [line for line in lines(session, draft) if line[0] == "adjustment"] == [
+        ("adjustment", "tokens", 15, 30, january.id)
+    ]
+    finalized = service(session, MAR + DAY, **grace).finalize_invoice(draft.id)
+    assert (finalized.status, finalized.total_amount) == ("open", 1030)
+
+
+def test_a_voided_next_invoice_frees_its_adjustments_for_the_reissue(session, plan) -> None:
+    january = invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    february = invoice(session, FEB, MAR)
+    service(session, MAR + DAY).void_invoice(february.id)
+    reissued = invoice(session, FEB, MAR)
+    assert reissued.id != february.id
+    assert ("adjustment", "tokens", 10, 20, january.id) in lines(session, reissued)
+
+
+def test_a_reissued_period_is_credited_what_was_billed_for_its_void_predecessor(
+    session, plan
+) -> None:
+    january = invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    invoice(session, FEB, MAR)  # bills the 10 late units of January: 20
+    service(session, MAR + DAY).void_invoice(january.id)
+    reissued = invoice(session, JAN, FEB, now=MAR + DAY)  # bills all 10 again: 1020
+    assert reissued.total_amount == 1020
+    invoice(session, MAR, APR, late_usage_lookback=timedelta(days=70))
+    # 20 back for the 10 units billed twice (on February and on the reissue): -10 units
+    assert credit_notes(session) == [(reissued.id, 20, -10)]
+
+
+def test_pending_adjustments_and_the_preview_show_the_adjustment_and_store_nothing(
+    session, plan
+) -> None:
+    january = invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    bs = service(session, FEB + 10 * DAY)
+    [pending] = bs.pending_adjustments(currency="USD")
+    assert (pending.adjusts_invoice_id, pending.metric, pending.quantity, pending.amount) == (
+        january.id,
+        "tokens",
+        10,
+        20,
+    )
+    preview = bs.preview_upcoming_invoice(currency="usd")
+    assert preview.total_amount == 1020
+    assert [(line.kind, line.amount) for line in preview.lines if line.kind == "adjustment"] == [
+        ("adjustment", 20)
+    ]
+    assert adjustment_lines(session) == []
+    assert (
+        service(session, FEB + 10 * DAY, late_usage="ignore").pending_adjustments(currency="usd")
+        == []
+    )
+
+
+def test_late_usage_of_a_price_per_dimension_adjusts_that_group_only(session) -> None:
+    from billing.meters import declare_meter
+    from billing.models import Subscription
+
+    declare_meter(session, key="tokens", group_by=["model"])
+    plan = Plan(key="ai", name="AI")
+    session.add(plan)
+    session.flush()
+    session.add_all(
+        [
+            Price(
+                key="gpt4",
+                plan_id=plan.id,
+                currency="usd",
+                metric="tokens",
+                unit_amount=3,
+                dimensions={"model": "gpt-4"},
+            ),
+            Price(key="other", plan_id=plan.id, currency="usd", metric="tokens", unit_amount=1),
+        ]
+    )
+    session.add(Subscription(tenant_id="t7", plan_id=plan.id, effective_at=JAN))
+    session.flush()
+    bs = service(session, APR, "t7")
+    for key, model in [("a", "gpt-4"), ("b", "claude")]:
+        bs.record_usage(
+            metric="tokens", amount=10, at=JAN + DAY, idempotency_key=key, metadata={"model": model}
+        )
+    january = invoice(session, JAN, FEB, tenant="t7")
+    assert january.total_amount == 40
+    bs.record_usage(
+        metric="tokens",
+        amount=5,
+        at=JAN + 20 * DAY,
+        idempotency_key="late",
+        metadata={"model": "gpt-4"},
+    )
+    february = invoice(session, FEB, MAR, tenant="t7")
+    adjusted = [
+        (line.quantity, line.amount, line.dimensions, line.adjusts_invoice_id)
+        for line in session.execute(
+            select(InvoiceLine).where(
+                InvoiceLine.invoice_id == february.id, InvoiceLine.kind == "adjustment"
+            )
+        ).scalars()
+    ]
+    assert adjusted == [(5, 15, {"model": "gpt-4"}, january.id)]
