@@ -5,8 +5,8 @@ a byte every few seconds keeps one request alive for as long as it likes. `attem
 sets a deadline for the current thread's request, and `DeadlineStream` (which the guarded
 network backend wraps around every connection) gives each read, write, connect and TLS
 handshake at most the time left, failing with a timeout once it has passed: connecting, sending,
-the headers and the body together take no longer than the deadline. Name resolution happens
-before the connect and is not bounded by it.
+the headers and the body together take no longer than the deadline. Name resolution is bounded
+by it too (`webhooks.ssrf.resolve_within`: the resolver runs in a thread of its own).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from webhooks.deadline import attempt_deadline
 from webhooks.errors import DestinationNotAllowedError
 from webhooks.policy import RETRY_AFTER_STATUSES, Outcome, parse_retry_after
 from webhooks.signing import signature_headers
-from webhooks.ssrf import AddressPolicy, GuardedBackend
+from webhooks.ssrf import AddressPolicy, GuardedBackend, Resolver, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +69,15 @@ def make_client(
     read_timeout: float,
     max_connections: int,
     transport: httpx.BaseTransport | None = None,
+    resolver: Resolver = resolve,
 ) -> httpx.Client:
-    """One pooled client for a relay process: explicit timeouts, no redirects, no proxies."""
+    """One pooled client for a relay process: explicit timeouts, no redirects, no proxies;
+    `resolver` finds a host's addresses (tests inject slow or lying ones)."""
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
     return httpx.Client(
-        transport=transport or GuardedTransport(policy, limits=limits),
+        transport=transport or GuardedTransport(policy, limits=limits, resolver=resolver),
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
         follow_redirects=False,
         trust_env=False,
@@ -85,7 +87,9 @@ def make_client(
 class GuardedTransport(httpx.HTTPTransport):
     """httpx's transport whose connections go through the SSRF guard."""
 
-    def __init__(self, policy: AddressPolicy, *, limits: httpx.Limits) -> None:
+    def __init__(
+        self, policy: AddressPolicy, *, limits: httpx.Limits, resolver: Resolver = resolve
+    ) -> None:
         super().__init__(limits=limits, trust_env=False)
         # httpx has no public hook for the network backend; replace the pool it built with the
         # same one plus our backend.
@@ -94,7 +98,7 @@ class GuardedTransport(httpx.HTTPTransport):
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
-            network_backend=GuardedBackend(policy),
+            network_backend=GuardedBackend(policy, resolver),
         )
 
 

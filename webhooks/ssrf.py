@@ -15,7 +15,10 @@ there) nor the metadata addresses outside that range: no setting makes them deli
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -116,18 +119,69 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+#: Name resolutions running at once in a process (each in a thread of its own, see
+#: `resolve_within`): hung resolvers can't pile up threads beyond this.
+MAX_RESOLVING = 16
+_RESOLVING = threading.BoundedSemaphore(MAX_RESOLVING)
+
+
+def resolve_within(resolver: Resolver, host: str, port: int, timeout: float | None) -> list[str]:
+    """`resolver(host, port)`, waited for at most `timeout` seconds (None: as long as it takes).
+
+    `getaddrinfo` takes no timeout and can't be interrupted, so the resolver runs in a daemon
+    thread: a resolver that hangs keeps that thread, never the caller (a relay slot) past the
+    timeout.
+
+    Raises:
+        httpcore.ConnectTimeout: no answer within `timeout`.
+    """
+    if timeout is None:
+        return resolver(host, port)
+    deadline = time.monotonic() + timeout
+    slots = _RESOLVING
+    if not slots.acquire(timeout=max(0.0, timeout)):
+        raise httpcore.ConnectTimeout(f"resolving {host} did not start within {timeout:g} s")
+    answers: queue.SimpleQueue[tuple[list[str] | None, BaseException | None]] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            answers.put((resolver(host, port), None))
+        except BaseException as error:  # handed to the caller, who raises it
+            answers.put((None, error))
+        finally:
+            slots.release()
+
+    threading.Thread(target=run, name="webhooks-resolve", daemon=True).start()
+    try:
+        addresses, error = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        raise httpcore.ConnectTimeout(
+            f"resolving {host} took longer than the {timeout:g} s left of the attempt"
+        ) from None
+    if error is not None:
+        raise error
+    assert addresses is not None
+    return addresses
+
+
 def allowed_addresses(
-    host: str, port: int, policy: AddressPolicy, resolver: Resolver = resolve
+    host: str,
+    port: int,
+    policy: AddressPolicy,
+    resolver: Resolver = resolve,
+    timeout: float | None = None,
 ) -> list[str]:
-    """The addresses of `host` to connect to, all of them allowed by `policy`.
+    """The addresses of `host` to connect to, all of them allowed by `policy`; resolving them
+    takes at most `timeout` seconds (see `resolve_within`).
 
     Raises:
         DestinationNotAllowedError: the host resolves to nothing, or any address of the host is
             not allowed (a host with one private address among public ones is refused: it could
             be picked on retry). The message names the setting that would allow it, if any.
+        httpcore.ConnectTimeout: the resolver did not answer within `timeout`.
     """
     try:
-        addresses = resolver(host, port)
+        addresses = resolve_within(resolver, host, port, timeout)
     except OSError as error:
         raise httpcore.ConnectError(f"cannot resolve {host}: {error}") from error
     if not addresses:
@@ -140,8 +194,9 @@ def allowed_addresses(
 
 
 class GuardedBackend(httpcore.SyncBackend):
-    """httpcore's socket backend, connecting only to addresses the policy allows, with streams
-    bounded by the attempt's deadline (`webhooks.deadline`)."""
+    """httpcore's socket backend, connecting only to addresses the policy allows; name
+    resolution, the connect and the streams are all bounded by the attempt's deadline
+    (`webhooks.deadline`) and the connect timeout."""
 
     def __init__(self, policy: AddressPolicy, resolver: Resolver = resolve) -> None:
         self._policy = policy
@@ -156,7 +211,8 @@ class GuardedBackend(httpcore.SyncBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
         last_error: Exception | None = None
-        for address in allowed_addresses(host, port, self._policy, self._resolver):
+        addresses = allowed_addresses(host, port, self._policy, self._resolver, time_left(timeout))
+        for address in addresses:
             try:
                 stream = super().connect_tcp(
                     address, port, time_left(timeout), local_address, socket_options
