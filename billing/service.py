@@ -260,10 +260,11 @@ class BillingService:
                     currency=currency,
                 )
         if not self.policy.grace_period:
-            # Just priced: finalize as is; a draft left from a grace period is re-priced first.
+            # Just priced: finalize as is; a draft left from a grace period is re-priced first;
+            # one finalized already (open, paid, uncollectible) is returned as it is.
             if created:
                 self._transition(invoice_id, lifecycle.FINALIZE)
-            else:
+            elif self._locked(invoice_id).status == "draft":
                 self.finalize_invoice(invoice_id)
         self.session.flush()
         if self.provider_sync is not None:
@@ -329,10 +330,13 @@ class BillingService:
         self._reprice(invoice_id)
         return self._transition(invoice_id, lifecycle.FINALIZE)
 
+    def _locked(self, invoice_id: str) -> Invoice:
+        return lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=True)
+
     def _reprice(self, invoice_id: str) -> None:
         """Re-price the invoice (its row locked) if it is still a draft, with the late usage
         of earlier invoices pending now."""
-        invoice = lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=True)
+        invoice = self._locked(invoice_id)
         if invoice.status == "draft":
             late = self._pending_adjustments(invoice.currency, exclude=invoice.id, lock=True)
             invoicing.reprice_draft(self.session, invoice, adjustments.adjustment_lines(late))

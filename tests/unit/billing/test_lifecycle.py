@@ -226,3 +226,16 @@ def test_a_finalized_invoice_never_changes_when_usage_arrives_late(session, plan
     session.expire_all()
     again = session.get(Invoice, invoice.id)
     assert (again.total_amount, lines_of(session, again)) == before
+
+
+@pytest.mark.parametrize("change", ["pay_invoice", "mark_uncollectible"])
+def test_generating_again_after_a_payment_or_write_off_returns_the_invoice_as_it_is(
+    session, plan, change
+) -> None:
+    invoice = generate(session)
+    getattr(service(session), change)(invoice.id)
+    before = (invoice.status, invoice.total_amount, lines_of(session, invoice))
+    assert generate(session).id == invoice.id  # a retried invoice job, a re-run of the month
+    session.refresh(invoice)
+    assert (invoice.status, invoice.total_amount, lines_of(session, invoice)) == before
+    assert topics(session).count("billing.invoice.finalized") == 1
