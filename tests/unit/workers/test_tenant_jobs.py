@@ -104,3 +104,39 @@ def test_a_zone_change_waits_for_a_running_invoice_and_is_then_refused(
     assert isinstance(outcome[0], TimezoneLockedError)
     with factory() as session:
         assert get_tenant(session, "t1").timezone == "UTC"
+
+
+@pytest.mark.postgres
+def test_a_zone_change_waits_for_a_running_aggregation_then_drops_its_row(
+    pg_engine, wait_for_lock_waiters
+) -> None:
+    from billing.db import make_session_factory
+
+    factory = make_session_factory(pg_engine)
+    with factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(
+            metric="tokens", amount=5, at=datetime(2025, 3, 9, 12, tzinfo=UTC), idempotency_key="k"
+        )
+    aggregating = factory()
+    aggregating.begin()
+    BillingService(session=aggregating, tenant_id="t1").aggregate_daily(
+        metric="tokens", day_start=datetime(2025, 3, 9, tzinfo=UTC)
+    )  # a UTC day's row, not committed yet; the zone is share-locked
+    done: list[str] = []
+
+    def change_zone() -> None:
+        with factory.begin() as session:
+            done.append(set_tenant(session, "t1", timezone="Asia/Kathmandu").timezone)
+
+    thread = threading.Thread(target=change_zone)
+    thread.start()
+    try:
+        assert wait_for_lock_waiters(pg_engine, 1)
+        assert done == []
+    finally:
+        aggregating.commit()
+        aggregating.close()
+        thread.join(timeout=30)
+    assert done == ["Asia/Kathmandu"]
+    with factory() as session:
+        assert session.scalars(select(UsageAggregate)).all() == []  # the UTC-cut row is gone
