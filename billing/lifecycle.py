@@ -61,6 +61,12 @@ class InvoicePolicy:
     late_usage: LateUsage = "next_invoice"
     late_usage_lookback: timedelta = DEFAULT_LOOKBACK
 
+    @property
+    def late_fanout_lookback(self) -> timedelta | None:
+        """How far back the invoice fan-out looks for tenants with late usage to bill: the
+        lookback, or None under `LATE_USAGE=ignore` (nothing to bill)."""
+        return None if self.late_usage == "ignore" else self.late_usage_lookback
+
 
 DEFAULT_POLICY = InvoicePolicy()
 

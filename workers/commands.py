@@ -250,8 +250,11 @@ def _invoice(args: argparse.Namespace) -> int:
             for zoned in _per_zone(backfill.session_factory, only)
         ]
         plan = [(zoned, month) for zoned, month in plan if month.end <= datetime.now(UTC)]
+        late_since = backfill.late_since()
         total = sum(
-            fanout.count_invoice_targets(backfill.session_factory, *month, only=zoned)
+            fanout.count_invoice_targets(
+                backfill.session_factory, *month, only=zoned, late_since=late_since
+            )
             for zoned, month in plan
         )
         span = start.strftime("%Y-%m")
@@ -291,7 +294,9 @@ class _Backfill:
         from workers.broker import is_in_process
 
         self.settings = backfill_settings(WorkerSettings(), wait=wait)
-        self.engine = make_engine(BillingSettings().database_url)
+        database = BillingSettings()
+        self.policy = database.invoice_policy()
+        self.engine = make_engine(database.database_url)
         self.session_factory: sessionmaker[Session] = make_session_factory(self.engine)
         self.inline = inline or is_in_process(actors.broker)
         self._said_where = inline
@@ -313,7 +318,13 @@ class _Backfill:
             LocalFireLock(),
             send_aggregate=send_aggregate,
             send_invoice=send_invoice,
+            late_usage_lookback=self.policy.late_fanout_lookback,
         )
+
+    def late_since(self) -> datetime | None:
+        """What the backfill's scheduler bills late usage since (see `BillingScheduler`)."""
+        lookback = self.policy.late_fanout_lookback
+        return None if lookback is None else datetime.now(UTC) - lookback
 
     def _say_where(self) -> None:
         """Once the database answered: say that the jobs run here for want of a broker."""
@@ -337,7 +348,7 @@ class _Backfill:
             return enqueue_generate_monthly_invoice
         sync = self._sync_here()
         return lambda **kw: generate_monthly_invoice_job(
-            self.session_factory, _payload(kw), enqueue_sync=sync
+            self.session_factory, _payload(kw), enqueue_sync=sync, policy=self.policy
         )
 
     def _sync_here(self) -> Callable[[str], object] | None:

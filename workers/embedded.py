@@ -135,6 +135,7 @@ def start_embedded(
         session_factory,
         make_lock(settings),
         grace_period=database.invoice_grace_period,
+        late_usage_lookback=database.invoice_policy().late_fanout_lookback,
     )
     apscheduler = StoppableScheduler(timezone=UTC)
     scheduler.schedule(apscheduler)

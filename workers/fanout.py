@@ -13,12 +13,13 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, tuple_
+from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select, tuple_, union
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from billing import tenants
+from billing.late_usage import FINALIZED
 from billing.localtime import UTC_NAME, local_day
-from billing.models import Invoice, Price, Subscription, Tenant, UsageEvent
+from billing.models import Invoice, InvoiceLine, Price, Subscription, Tenant, UsageEvent
 from billing.periods import subscription_active_in
 
 
@@ -99,7 +100,11 @@ def count_usage_pairs(
 
 
 def invoice_targets_query(
-    start: datetime, end: datetime, only: Filter = Filter()
+    start: datetime,
+    end: datetime,
+    only: Filter = Filter(),
+    *,
+    late_since: datetime | None = None,
 ) -> Select[str, str]:
     """(tenant, currency) pairs to invoice for `[start, end)` (see `invoice_targets`)."""
     query = (
@@ -112,6 +117,41 @@ def invoice_targets_query(
         query = query.where(Subscription.tenant_id == only.tenant_id)
     if only.zone is not None:
         query = query.where(_in_zone(Subscription.tenant_id, only.zone))
+    if late_since is None:
+        return query
+    both = union(query, _late_usage_targets_query(start, late_since, only)).subquery()
+    return select(both.c.tenant_id, both.c.currency)
+
+
+def _late_usage_targets_query(start: datetime, since: datetime, only: Filter) -> Select[str, str]:
+    """(tenant, currency) of finalized invoices of a period that ended before `start` and at or
+    after `since`, with usage in their period stored after they were finalized and after the
+    last adjustment billed for them: late usage to bill, also once the subscription ended."""
+    billed_last = (
+        select(func.max(InvoiceLine.created_at))
+        .where(InvoiceLine.adjusts_invoice_id == Invoice.id)
+        .scalar_subquery()
+    )
+    late_usage = exists().where(
+        UsageEvent.tenant_id == Invoice.tenant_id,
+        UsageEvent.at_ts >= Invoice.period_start,
+        UsageEvent.at_ts < Invoice.period_end,
+        UsageEvent.created_at > func.coalesce(billed_last, Invoice.finalized_at),
+    )
+    query = (
+        select(Invoice.tenant_id, Invoice.currency)
+        .where(
+            Invoice.status.in_(FINALIZED),
+            Invoice.period_end <= start,
+            Invoice.period_end >= since,
+            late_usage,
+        )
+        .distinct()
+    )
+    if only.tenant_id is not None:
+        query = query.where(Invoice.tenant_id == only.tenant_id)
+    if only.zone is not None:
+        query = query.where(_in_zone(Invoice.tenant_id, only.zone))
     return query
 
 
@@ -122,10 +162,14 @@ def invoice_targets(
     *,
     batch_size: int,
     only: Filter = Filter(),
+    late_since: datetime | None = None,
 ) -> Generator[tuple[str, str], None, None]:
     """Every (tenant, currency) to invoice for `[start, end)`: a subscription active in the
-    period whose plan has prices in that currency. Streamed."""
-    yield from _stream(session_factory, invoice_targets_query(start, end, only), batch_size)
+    period whose plan has prices in that currency; with `late_since` (the clock less
+    `LATE_USAGE_LOOKBACK`), also a tenant with late usage of a finalized invoice whose period
+    ended since (`LATE_USAGE=next_invoice`), even with no subscription left. Streamed."""
+    query = invoice_targets_query(start, end, only, late_since=late_since)
+    yield from _stream(session_factory, query, batch_size)
 
 
 def count_invoice_targets(
@@ -134,9 +178,10 @@ def count_invoice_targets(
     end: datetime,
     *,
     only: Filter = Filter(),
+    late_since: datetime | None = None,
 ) -> int:
     """How many targets `invoice_targets` will yield."""
-    inner = invoice_targets_query(start, end, only).subquery()
+    inner = invoice_targets_query(start, end, only, late_since=late_since).subquery()
     with session_factory() as session:
         return int(session.execute(select(func.count()).select_from(inner)).scalar_one())
 

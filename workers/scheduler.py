@@ -175,6 +175,7 @@ class BillingScheduler:
         send_sync: SendSync | None = None,
         send_finalize: SendFinalize | None = None,
         grace_period: timedelta = timedelta(0),
+        late_usage_lookback: timedelta | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
@@ -192,6 +193,7 @@ class BillingScheduler:
         self._send_sync = send_sync
         self._send_finalize = send_finalize
         self.grace_period = grace_period
+        self.late_usage_lookback = late_usage_lookback
         self.now = now
         self.sleep = sleep
         self.monotonic = monotonic  # leases, deadlines and backoff: tests pass a fake clock
@@ -256,6 +258,13 @@ class BillingScheduler:
         key = f"finalize-drafts:{fire_time.strftime('%Y-%m-%dT%H:%M')}"
         return self._fire(FINALIZE_JOB_ID, key, self.fan_out_due_drafts, ttl=SYNC_FIRE_LOCK_TTL)
 
+    def late_since(self) -> datetime | None:
+        """The oldest period end whose late usage the invoice fan-out still bills (the clock
+        less `LATE_USAGE_LOOKBACK`), or None when late usage is not billed."""
+        if self.late_usage_lookback is None:
+            return None
+        return self.now() - self.late_usage_lookback
+
     @property
     def finalizes_drafts(self) -> bool:
         """True with an `INVOICE_GRACE_PERIOD`, so the finalize sweep is scheduled."""
@@ -319,7 +328,12 @@ class BillingScheduler:
         sent = 0
         enqueued = SCHEDULER_ENQUEUED.labels(job=MONTHLY_JOB_ID)
         stream = fanout.invoice_targets(
-            self.session_factory, start, end, batch_size=self.settings.fanout_batch_size, only=only
+            self.session_factory,
+            start,
+            end,
+            batch_size=self.settings.fanout_batch_size,
+            only=only,
+            late_since=self.late_since(),
         )
         with closing(stream):
             for tenant_id, currency in stream:
@@ -622,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         session_factory,
         make_lock(settings),
         grace_period=database.invoice_grace_period,
+        late_usage_lookback=database.invoice_policy().late_fanout_lookback,
     )
     apscheduler = StoppableScheduler(timezone=UTC)
     billing_scheduler.schedule(apscheduler)
