@@ -11,6 +11,14 @@
 With `group_by` (metadata property names), each day also gets one aggregate per group of values,
 under the same aggregation; the whole metric's row has the empty group.
 
+On an invoice, a metric's quantity is its aggregation over the events of the period, per group
+(see `billing.usage_lines`). A plan switch mid-period cuts the period: each subscription bills
+the aggregation over the events of its own stretch. So `max` bills each stretch's peak and
+`latest` the last value inside each stretch: neither is prorated, nor added up across the
+subscriptions, nor billed again by the next one (a peak of 40 seats before the switch and 25
+after bills 40 on the old plan and 25 on the new one). A group no price bills is shown once
+for the period, its stretches aggregated together.
+
 A metric nobody declared is a `sum`, as before meters existed. Declarations are shared by every
 tenant (like plans and prices) and made by operators: `declare_meter(session, key=...)`, or
 `POST /_billing/meters` with `billing.admin`.
