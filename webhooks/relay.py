@@ -337,7 +337,7 @@ class _Fields:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # pragma: no mutate block (process only)
     """`python -m webhooks.relay`: deliver until SIGTERM or SIGINT."""
     from webhooks.background import run_until_signalled  # it builds on this module
 

@@ -620,7 +620,7 @@ def serve_metrics(settings: WorkerSettings) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # pragma: no mutate block (process only)
     """`python -m workers.scheduler`: run the schedule until SIGTERM or SIGINT."""
     from billing.db import make_engine, make_session_factory
     from billing.settings import BillingSettings

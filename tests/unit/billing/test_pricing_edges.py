@@ -4,12 +4,24 @@ exact refusals."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import timedelta
 from fractions import Fraction
 
 import pytest
 
 from billing.errors import PriceDefinitionError
-from billing.pricing import Tier, graduated_cost, parse_tiers, volume_cost
+from billing.models import Price
+from billing.pricing import (
+    Tier,
+    billable_quantity,
+    fixed_amount,
+    graduated_cost,
+    parse_tiers,
+    unit_price,
+    usage_amount,
+    volume_cost,
+)
 
 TIERS = [Tier(10, Fraction(2), 0), Tier(None, Fraction(1), 500)]
 
@@ -39,9 +51,64 @@ def test_volume_refuses_tiers_without_an_unbounded_last_tier() -> None:
         ([{"up_to": 10.5}, {"up_to": None}], "tier up_to values must be ascending positive ints"),
         ([{"up_to": True}, {"up_to": None}], "tier up_to values must be ascending positive ints"),
         ([{"up_to": 0}, {"up_to": None}], "tier up_to values must be ascending positive ints"),
+        ([{"up_to": None, "flat_amount": -1}], "tier flat_amount must be a non-negative integer"),
     ],
 )
 def test_malformed_tiers_are_refused_saying_why(tiers: object, message: str) -> None:
     with pytest.raises(PriceDefinitionError) as refused:
         parse_tiers(tiers)  # type: ignore[arg-type]
     assert str(refused.value) == message
+
+
+def refusal(call: Callable[[], object]) -> str:
+    with pytest.raises(PriceDefinitionError) as refused:
+        call()
+    return str(refused.value)
+
+
+def test_price_refusals_say_exactly_why() -> None:
+    no_amount = Price(key="seats", currency="usd", billing_scheme="per_unit")
+    assert refusal(lambda: unit_price(no_amount)) == "price 'seats' has no unit amount"
+    odd_mode = Price(
+        key="calls",
+        currency="usd",
+        billing_scheme="tiered",
+        tiers_mode="stairs",
+        tiers=[{"up_to": None, "unit_amount_decimal": "1"}],
+    )
+    assert refusal(lambda: usage_amount(odd_mode, 3)) == (
+        "price 'calls': unknown tiers_mode 'stairs'"
+    )
+    assert refusal(lambda: billable_quantity(10, -2, None)) == (
+        "transform_divide_by must be positive"
+    )
+    assert refusal(lambda: unit_price(Price(key="f", unit_amount_decimal=0.5))) == (
+        "unit amounts must be decimal strings, not floats"
+    )
+    assert refusal(lambda: unit_price(Price(key="t", unit_amount_decimal="ten"))) == (
+        "not a decimal amount: 'ten'"
+    )
+    assert refusal(lambda: unit_price(Price(key="n", unit_amount_decimal="-1"))) == (
+        "unit amounts cannot be negative: '-1'"
+    )
+
+
+def test_a_period_of_zero_length_is_refused() -> None:
+    fee = Price(key="fee", currency="usd", unit_amount=100)
+    assert refusal(lambda: fixed_amount(fee, timedelta(0), timedelta(0))) == (
+        "a billing period must be longer than zero"
+    )
+
+
+def test_a_fixed_fee_is_prorated_to_the_microsecond() -> None:
+    # One minor unit per microsecond of a one-day period: the share is exact, nothing rounds.
+    fee = Price(key="fee", currency="usd", unit_amount=86_400_000_000)
+    half_a_day_and_a_tick = timedelta(hours=12, microseconds=1)
+    assert fixed_amount(fee, half_a_day_and_a_tick, timedelta(days=1)) == 43_200_000_001
+    assert fixed_amount(fee, timedelta(days=1), timedelta(days=1)) == 86_400_000_000
+
+
+def test_a_tier_without_a_unit_amount_bills_its_flat_amount_only() -> None:
+    tiers = parse_tiers([{"up_to": None, "flat_amount": 100}])
+    assert tiers == [Tier(None, Fraction(0), 100)]
+    assert graduated_cost(tiers, 5) == volume_cost(tiers, 5) == 100

@@ -135,7 +135,8 @@ def test_the_backend_connects_to_the_checked_address_with_the_callers_settings(
 
 
 def test_the_backend_tries_the_next_address_when_one_refuses(listener: int) -> None:
-    backend = GuardedBackend(EVERYTHING, lambda host, port: ["127.0.0.4", "127.0.0.2"])
+    addresses = ["127.0.0.4", "127.0.0.2", "127.0.0.5"]  # nothing listens on .4 and .5
+    backend = GuardedBackend(EVERYTHING, lambda host, port: addresses)
     stream = backend.connect_tcp("svc.test", listener, timeout=2)
     try:
         assert stream.get_extra_info("socket").getpeername() == ("127.0.0.2", listener)
