@@ -46,13 +46,18 @@ def zone_names(session_factory: sessionmaker[Session], only: Filter = Filter()) 
     with session_factory() as session:
         if only.tenant_id is not None:
             return [tenants.zone_name_of(session, only.tenant_id)]
-        others = session.scalars(
-            select(Tenant.timezone)
-            .where(Tenant.timezone != UTC_NAME)
-            .distinct()
-            .order_by(Tenant.timezone)
-        )
-        return [UTC_NAME, *others]
+        return zones_in_use(session)
+
+
+def zones_in_use(session: Session) -> list[str]:
+    """`UTC`, then each other zone some tenant is billed in, by name."""
+    others = session.scalars(
+        select(Tenant.timezone)
+        .where(Tenant.timezone != UTC_NAME)
+        .distinct()
+        .order_by(Tenant.timezone)
+    )
+    return [UTC_NAME, *others]
 
 
 def _in_zone(tenant_id: InstrumentedAttribute[str], zone: str) -> ColumnElement[bool]:

@@ -29,8 +29,9 @@ from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import case, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing import tenants
 from billing.aggregation import utc_day_start
-from billing.localtime import UTC_NAME
+from billing.localtime import Period, midnight
 from billing.models import Invoice, UsageAggregate, UsageEvent
 from webhooks.metrics import outbox_stats
 from webhooks.models import DEAD, WebhookDelivery, WebhookSubscription
@@ -287,28 +288,49 @@ def _usage_waiting(
 
 
 def _invoice_run(session: Session, settings: WorkerSettings, now: datetime) -> InvoiceRun | None:
-    """Last month's (tenant, currency) invoice targets and how many have no invoice yet."""
+    """Last month's (tenant, currency) invoice targets and how many have no invoice yet.
+
+    Each zone's tenants are counted against their local month of that name, once it has ended;
+    the run is due `STATUS_INVOICE_GRACE` after the first fire that followed the end of the
+    earliest month still missing an invoice (of the UTC month when none is missing).
+    """
     trigger = CronTrigger.from_crontab(settings.invoice_cron, timezone=UTC)
     fired = last_fire_time(trigger, now)
     if fired is None:
         return None
     start, end = previous_month(fired)
-    # Due from the first fire after the month ended (the cron may fire more often than that).
-    due: datetime = trigger.get_next_fire_time(None, end) or fired
-    # UTC months: the tenants billed in UTC (those in other zones have local months).
-    targets = fanout.invoice_targets_query(start, end, fanout.Filter(zone=UTC_NAME)).subquery()
+    expected = missing = 0
+    dues: list[datetime] = []
+    for zone in fanout.zones_in_use(session):
+        tz = tenants.zone(zone)
+        local = Period(midnight(tz, start.date()), midnight(tz, end.date()))
+        if local.end > now:
+            continue  # not over there yet
+        due: datetime = trigger.get_next_fire_time(None, local.end) or fired
+        zone_expected, zone_missing = _invoices_missing(session, zone, local)
+        expected, missing = expected + zone_expected, missing + zone_missing
+        if zone_missing:
+            dues.append(due)
+    first_due: datetime = trigger.get_next_fire_time(None, end) or fired
+    due_at = min(dues, default=first_due)
+    return InvoiceRun(start, due_at + settings.status_invoice_grace, expected, missing)
+
+
+def _invoices_missing(session: Session, zone: str, period: Period) -> tuple[int, int]:
+    """How many (tenant, currency) of `zone` are to be invoiced for `period`, how many are not."""
+    targets = fanout.invoice_targets_query(*period, fanout.Filter(zone=zone)).subquery()
     invoiced = exists().where(
         Invoice.tenant_id == targets.c.tenant_id,
         Invoice.currency == targets.c.currency,
-        Invoice.period_start == start,
-        Invoice.period_end == end,
+        Invoice.period_start == period.start,
+        Invoice.period_end == period.end,
     )
     expected, missing = session.execute(
         select(func.count(), func.coalesce(func.sum(case((~invoiced, 1), else_=0)), 0)).select_from(
             targets
         )
     ).one()
-    return InvoiceRun(start, due + settings.status_invoice_grace, int(expected), int(missing))
+    return int(expected), int(missing)
 
 
 def _sync(session: Session, settings: WorkerSettings, now: datetime) -> SyncHealth:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from billing.models import Invoice, UsageAggregate
 from billing.tenants import set_tenant
-from workers import actors
+from workers import actors, fanout
 from workers.broker import QUEUE_NAME
 from workers.cli import main
 from workers.jobs import USAGE_AGGREGATED, aggregate_daily_job, generate_monthly_invoice_job
@@ -273,7 +273,7 @@ def seeded_cli(cli_factory):
     return seed
 
 
-def test_status_counts_the_utc_months_invoices_of_utc_tenants_only(
+def test_status_counts_each_zones_local_month_once_it_is_over(
     session_factory, zoned, stub_broker
 ) -> None:
     from workers.status import collect_status
@@ -282,13 +282,27 @@ def test_status_counts_the_utc_months_invoices_of_utc_tenants_only(
         plan = add_plan(session)
         subscribe(session, "ny", plan, start=at(2024, 12, 1))
         subscribe(session, "utc", plan, start=at(2024, 12, 1))
-    report = collect_status(
-        session_factory, WorkerSettings(), stub_broker, now=lambda: at(2025, 2, 10, 12)
-    )
+
+    def status(now: datetime):
+        return collect_status(session_factory, WorkerSettings(), stub_broker, now=lambda: now)
+
+    early = status(at(2025, 2, 1, 4)).invoice_run  # January is not over in New York yet
+    assert early is not None
+    assert (early.expected, early.missing) == (1, 1)
+    report = status(at(2025, 2, 10, 12))
     assert report.invoice_run is not None
-    # Due 6 hours after the first fire of February (00:30 on the 1st), as with a monthly cron.
-    assert (report.invoice_run.expected, report.invoice_run.missing) == (1, 1)
+    assert (report.invoice_run.expected, report.invoice_run.missing) == (2, 2)
+    # Due 6 hours after the first fire that followed the end of the earliest missing month.
     assert report.problems == [
-        "1 of 1 invoice(s) for 2025-01 missing since 2025-02-01 06:30 UTC "
+        "2 of 2 invoice(s) for 2025-01 missing since 2025-02-01 06:30 UTC "
         "(see `billing invoice --period`)"
     ]
+    jobs = InlineJobs(session_factory)
+    scheduler_for(session_factory, jobs).fan_out_invoices(
+        at(2025, 1, 1), at(2025, 2, 1), only=fanout.Filter(zone="UTC")
+    )
+    after = status(at(2025, 2, 1, 11)).invoice_run
+    assert after is not None
+    # Only New York's is missing: due 6 hours after the fire at 05:30 that followed its end.
+    assert (after.expected, after.missing, after.due_at) == (2, 1, at(2025, 2, 1, 11, 30))
+    assert status(at(2025, 2, 1, 11)).problems == []
