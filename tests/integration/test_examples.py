@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +16,7 @@ from sqlalchemy.orm import sessionmaker
 
 from billing.api.keys import create_key
 from billing.db import make_session_factory
+from tests.processes import free_port, serving
 from webhooks import publish
 from webhooks.delivery import Sender, event_body, make_client
 from webhooks.models import WebhookDelivery
@@ -34,16 +30,9 @@ from webhooks.ssrf import AddressPolicy
 from webhooks.store import SqlDeliveryStore
 from webhooks.subscriptions import SqlWebhookSubscriptions
 
-ROOT = Path(__file__).resolve().parents[2]
 TOPIC = "billing.invoice.created"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -52,43 +41,8 @@ def example(module: str, env: dict[str, str], output: Path) -> Iterator[str]:
     port = free_port()
     argv = ["--app-dir", "examples", f"{module}:app", "--host", "127.0.0.1", "--port", str(port)]
     argv = [sys.executable, "-m", "uvicorn", *argv, "--log-level", "warning"]
-    with serve(argv, env, output, port, cwd=ROOT) as base:
+    with serving(argv, env, output, port) as base:
         yield base
-
-
-@contextmanager
-def serve(
-    argv: list[str], env: dict[str, str], output: Path, port: int, cwd: Path
-) -> Iterator[str]:
-    """Run `argv` (a web server on `port`); yield its base URL once it answers; SIGTERM it."""
-    with output.open("w") as out:
-        process = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, output.read_text()
-            try:
-                httpx.get(f"{base}/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
-        yield base
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
 
 
 def database_env(engine: Engine) -> dict[str, str]:
@@ -186,59 +140,3 @@ def test_the_webhook_receiver_accepts_a_relayed_delivery_and_rejects_a_tampered_
             "data": {"tenant_id": "acme", "invoice_id": "inv_2"},
         },
     ]
-
-
-def readme_bash_block(containing: str) -> str:
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
-    (block,) = [block for block in blocks if containing in block]
-    return block
-
-
-def json_documents(text: str) -> list[dict]:
-    """The JSON objects in `text` (curl prints bodies without a newline), in order."""
-    decoder, found, at = json.JSONDecoder(), [], text.find("{")
-    while at != -1:
-        document, end = decoder.raw_decode(text, at)
-        found.append(document)
-        at = text.find("{", end)
-    return found
-
-
-def test_the_readmes_admin_curl_examples_run_twice_against_billing_run(tmp_path) -> None:
-    """The README's HTTP admin blocks, run by bash as written (only the port differs) against
-    `billing run`: the key once, the calls twice; the second run changes nothing."""
-    port = free_port()
-    key = readme_bash_block("billing keys create --operator")
-    calls = readme_bash_block("$BILLING/plans")
-    script = f"{key}\n{calls}\necho ---\n{calls}".replace("127.0.0.1:8000", f"127.0.0.1:{port}")
-    bin_dir = str(Path(sys.executable).parent)
-    env = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'billing.sqlite3'}",
-        "USAGE_MAX_AGE": "P3650D",  # as the README starts it: its usage is from January 2025
-    }
-    argv = [f"{bin_dir}/billing", "run", "--web-port", str(port), "--no-relay"]
-    with serve(argv, env, tmp_path / "run.log", port, cwd=tmp_path):
-        done = subprocess.run(
-            ["bash", "-e", "-c", script],
-            cwd=tmp_path,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert done.returncode == 0, done.stderr
-    first, second = (json_documents(run) for run in done.stdout.split("---\n"))
-    plan, fee, tokens, calls_price, subscription, usage, totals, invoices, operators = first
-    assert (plan["key"], plan["entitlements"][0]["limit_per_window"]) == ("pro", 100)
-    prices = [fee, tokens, calls_price]
-    assert [price["key"] for price in prices] == ["pro-fee", "pro-tokens", "pro-calls"]
-    assert (subscription["tenant_id"], subscription["plan_key"]) == ("acme", "pro")
-    assert usage["duplicate"] is False
-    assert [item["total"] for item in totals["items"]] == [12_345_678]
-    ((invoice,),) = [invoices["items"]]
-    assert (invoice["total_amount"], invoice["currency"]) == (2100 + 2469, "usd")
-    assert operators["items"] == [invoice]
-    assert second[0]["prices"] == sorted(prices, key=lambda price: price["key"])
-    assert second[1:5] == [*prices, subscription]  # updated in place; the subscription replayed
-    assert (second[5]["duplicate"], second[6:]) == (True, [totals, invoices, operators])

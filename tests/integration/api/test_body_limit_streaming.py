@@ -14,8 +14,7 @@ from sqlalchemy.orm import sessionmaker
 from billing.api.keys import create_key
 from billing.api.settings import ApiSettings
 from billing.app import create_app
-
-from .conftest import serve
+from tests.processes import serve_app
 
 CHUNK = b"x" * 65536
 TOTAL = 200 * 1024 * 1024  # what the client would send: 200 MiB
@@ -50,7 +49,7 @@ def test_a_streamed_body_over_the_limit_is_refused_before_it_is_read_whole(
         head += b"Idempotency-Key: big-1\r\n"
     head += b"\r\n"
     sent, stop = [0], threading.Event()
-    with serve(app) as base:
+    with serve_app(app) as base:
         url = urlsplit(base)
         with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
             sender = threading.Thread(target=send_chunked, args=(sock, head, sent, stop))

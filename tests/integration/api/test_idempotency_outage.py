@@ -14,8 +14,7 @@ from billing.api.idempotency import RedisIdempotencyStore
 from billing.api.keys import create_key
 from billing.api.settings import ApiSettings
 from billing.app import create_app
-
-from .conftest import serve
+from tests.processes import serve_app
 
 
 def test_redis_down_answers_503_and_keeps_the_connection(sqlite_engine) -> None:
@@ -30,7 +29,7 @@ def test_redis_down_answers_503_and_keeps_the_connection(sqlite_engine) -> None:
         "Content-Type": "application/json",
         "Idempotency-Key": "k1",
     }
-    with serve(app) as base:
+    with serve_app(app) as base:
         url = urlsplit(base)
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
         try:

@@ -16,8 +16,7 @@ from billing.api.keys import create_key
 from billing.api.models import UsageCounter
 from billing.db import make_session_factory
 from billing.models import Plan, PlanEntitlement, Subscription, UsageEvent
-
-from .conftest import serve
+from tests.processes import serve_app
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -66,7 +65,7 @@ def test_exactly_the_limit_of_concurrent_requests_succeeds(pg_engine, window) ->
                 with lock:
                     statuses[status] += 1
 
-    with serve(app) as base_url:
+    with serve_app(app) as base_url:
         threads = [threading.Thread(target=client, args=(base_url,)) for _ in range(CLIENTS)]
         for thread in threads:
             thread.start()

@@ -5,37 +5,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.processes import Process, free_port, start
 from webhooks.secrets import generate_secret
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[2]
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, every: float = 0.05) -> None:
-    """Poll `condition` until it is true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Receiver:
@@ -86,10 +69,9 @@ class Relays:
     def __init__(self, database_url: str, tmp: Path) -> None:
         self.database_url = database_url
         self.tmp = tmp
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
+        self.processes: list[Process] = []
 
-    def start(self, **settings: object) -> subprocess.Popen[bytes]:
+    def start(self, **settings: object) -> Process:
         env = {
             **os.environ,
             "DATABASE_URL": self.database_url,
@@ -103,28 +85,19 @@ class Relays:
             "PYTHONPATH": str(ROOT),
         }
         env.update({f"WEBHOOKS_{k.upper()}": str(v) for k, v in settings.items()})
-        path = self.tmp / f"relay-{len(self.processes)}.log"
-        self.logs.append(path)
-        with path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "webhooks.relay"], env=env, stdout=log, stderr=log, cwd=ROOT
-            )
+        name = f"relay-{len(self.processes)}"
+        process = start(name, [sys.executable, "-m", "webhooks.relay"], env, self.tmp / name)
         self.processes.append(process)
         return process
 
     def output(self) -> str:
-        return "\n".join(path.read_text() for path in self.logs)
+        return "\n".join(process.output() for process in self.processes)
 
     def stop_all(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+            process.signal(signal.SIGTERM)
         for process in self.processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            process.stop()
 
 
 @pytest.fixture

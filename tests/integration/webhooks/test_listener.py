@@ -10,10 +10,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, text
 
+from tests.processes import wait_until
 from webhooks.db import libpq_url
 from webhooks.listener import PgListener
-
-from .conftest import wait_until
 
 pytestmark = pytest.mark.postgres
 

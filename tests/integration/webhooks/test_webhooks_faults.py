@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.processes import wait_until
 from webhooks import publish
 from webhooks.cli import add_commands
 from webhooks.delivery import event_body
@@ -24,7 +25,7 @@ from webhooks.models import WebhookDelivery, WebhookSubscription
 from webhooks.signing import signature_headers
 from webhooks.subscriptions import SqlWebhookSubscriptions
 
-from .conftest import Receiver, Relays, wait_until
+from .conftest import Receiver, Relays
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -150,7 +151,7 @@ def test_a_relay_killed_mid_batch_loses_nothing(
     ids = publish_many(pg_sessions, 24)
     first = relays.start(concurrency=4, batch_size=8, claim_lease="2s")
     wait_until(lambda: len(receiver.ids()) >= 4)
-    first.send_signal(signal.SIGKILL)
+    first.signal(signal.SIGKILL)
     first.wait(10)
     assert statuses(pg_sessions)["delivered"] < 24
 
@@ -170,7 +171,7 @@ def test_sigterm_finishes_what_is_in_flight_and_hands_back_the_rest(
     ids = publish_many(pg_sessions, 30)
     relay = relays.start(concurrency=3, batch_size=20, claim_lease="10m")
     wait_until(lambda: len(receiver.ids()) >= 3)
-    relay.send_signal(signal.SIGTERM)
+    relay.signal(signal.SIGTERM)
     assert relay.wait(15) == 0
 
     with pg_sessions() as session:
@@ -248,23 +249,23 @@ def test_billing_webhooks_listen_prints_what_the_relay_delivers(
     pg_sessions, relays: Relays, tmp_path
 ) -> None:
     import json
+    import os
     import shutil
     import socket
-    import subprocess
 
+    from tests.processes import free_port, start
     from webhooks.secrets import generate_secret
 
-    from .conftest import free_port
-
     port, secret = free_port(), generate_secret()
-    out = (tmp_path / "listen.out").open("w+")
     billing = shutil.which("billing")
     assert billing is not None
-    listen = subprocess.Popen(
-        [billing, "webhooks", "listen", "--secret", secret, "--port", str(port)],
-        stdout=out,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [billing, "webhooks", "listen", "--secret", secret, "--port", str(port)]
+    listen = start("listen", argv, dict(os.environ), tmp_path / "listen.out")
+
+    def printed() -> list[dict]:
+        text = listen.output()
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
     try:
 
         def accepting() -> bool:
@@ -276,12 +277,10 @@ def test_billing_webhooks_listen_prints_what_the_relay_delivers(
             SqlWebhookSubscriptions(session).add(TOPIC, f"http://127.0.0.1:{port}/hook", secret)
         relays.start()
         ids = publish_many(pg_sessions, 3)
-        wait_until(lambda: len((tmp_path / "listen.out").read_text().splitlines()) >= 3)
-        lines = [json.loads(line) for line in (tmp_path / "listen.out").read_text().splitlines()]
+        wait_until(lambda: len(printed()) >= 3)
+        lines = printed()
         assert sorted(line["id"] for line in lines) == sorted(ids)
         assert {line["type"] for line in lines} == {TOPIC}
         assert sorted(line["data"]["total"] for line in lines) == [0, 1, 2]
     finally:
-        listen.terminate()
-        listen.wait(10)
-        out.close()
+        listen.stop()

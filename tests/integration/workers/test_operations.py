@@ -14,6 +14,7 @@ from dramatiq import Worker
 from sqlalchemy import select
 
 from billing.models import Invoice
+from tests.processes import ROOT, free_port, procfile_command, wait_until
 from webhooks.models import WebhookSubscription
 from workers import actors
 from workers.broker import QUEUE_NAME, build_broker
@@ -21,7 +22,6 @@ from workers.cli import main
 from workers.settings import WorkerSettings
 from workers.status import collect_status
 
-from .conftest import ROOT, free_port, procfile_command, wait_until
 from .test_processes import invoiced_month, seed_subscriptions
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]

@@ -15,13 +15,12 @@ from sqlalchemy import func, select, text
 
 from billing import BillingService
 from billing.models import Invoice, Plan, Price, Subscription, UsageAggregate
+from tests.processes import procfile_command, wait_until
 from webhooks.models import WebhookEvent
 from workers.broker import QUEUE_NAME
 from workers.jobs import INVOICE_CREATED, USAGE_AGGREGATED
 from workers.scheduler import last_fire_time, previous_month
 from workers.settings import WorkerSettings
-
-from .conftest import procfile_command, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 

@@ -3,14 +3,11 @@ read from the database, the multi-process exposition and the relay's metrics por
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +17,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.processes import accepting_receiver, free_port, wait_until
 from webhooks import InMemoryOutboxStore, InMemoryWebhookSubscriptions, WebhookService, publish
 from webhooks.background import start_relay
 from webhooks.delivery import Sender, make_client
@@ -278,65 +276,38 @@ def test_with_a_multiprocess_dir_every_process_counts_into_one_exposition(tmp_pa
     assert 'webhooks_deliveries_total{outcome="delivered"} 4.0' in shown
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Accept(http.server.BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["content-length"]))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_a_background_relay_delivers_serves_its_metrics_and_stops(sqlite_engine) -> None:
-    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Accept)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
     factory = sessionmaker(sqlite_engine)
-    with factory.begin() as session:
-        url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-        SqlWebhookSubscriptions(session).add(TOPIC, url)
-        publish(session, TOPIC, PAYLOAD, event_id="bg-1")
     port = free_port()
     settings = WebhookSettings(
         allow_loopback=True, poll_interval=0.05, metrics_port=port, shutdown_timeout=5
     )
     delivered = sample("webhooks_deliveries_total", outcome="delivered")
-    relay = start_relay(settings, engine=sqlite_engine)
-    try:
-        deadline = time.monotonic() + 20
-        while sample("webhooks_deliveries_total", outcome="delivered") == delivered:
-            assert time.monotonic() < deadline, "not delivered in time"
-            time.sleep(0.02)
-        while True:  # the outcome is recorded a moment after it is counted
-            shown = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-            if 'webhooks_outbox_backlog{status="pending"} 0.0' in shown:
-                break
-            assert time.monotonic() < deadline, shown
-            time.sleep(0.05)
-        assert "webhooks_deliveries_dead 0.0" in shown
-        assert "webhooks_deliveries_total" in shown
-    finally:
-        relay.stop()
-        receiver.shutdown()
-        receiver.server_close()
+    with accepting_receiver() as url:
+        with factory.begin() as session:
+            SqlWebhookSubscriptions(session).add(TOPIC, url)
+            publish(session, TOPIC, PAYLOAD, event_id="bg-1")
+        relay = start_relay(settings, engine=sqlite_engine)
+        try:
+            wait_until(
+                lambda: sample("webhooks_deliveries_total", outcome="delivered") != delivered,
+                what="the delivery",
+            )
+            metrics = f"http://127.0.0.1:{port}/metrics"
+            pending = 'webhooks_outbox_backlog{status="pending"} 0.0'
+            # the outcome is recorded a moment after it is counted
+            wait_until(lambda: pending in httpx.get(metrics, timeout=5).text, what=pending)
+            shown = httpx.get(metrics, timeout=5).text
+            assert "webhooks_deliveries_dead 0.0" in shown
+            assert "webhooks_deliveries_total" in shown
+        finally:
+            relay.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
 def test_the_relay_process_logs_each_delivery_as_a_json_line_when_asked(sqlite_engine) -> None:
-    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Accept)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
     factory = sessionmaker(sqlite_engine)
-    with factory.begin() as session:
-        url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-        sub_id = SqlWebhookSubscriptions(session).add(TOPIC, url).id
-        event_id = publish(session, TOPIC, PAYLOAD)
     env = {
         **os.environ,
         "DATABASE_URL": sqlite_engine.url.render_as_string(hide_password=False),
@@ -344,21 +315,23 @@ def test_the_relay_process_logs_each_delivery_as_a_json_line_when_asked(sqlite_e
         "WEBHOOKS_POLL_INTERVAL": "0.05",
         "LOG_FORMAT": "json",
     }
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "webhooks.relay"], env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert relay.stderr is not None
-        deadline = time.monotonic() + 30
-        entry: dict = {}
-        while entry.get("message", "").startswith("webhook ") is False:
-            assert time.monotonic() < deadline, "no delivery line"
-            entry = json.loads(relay.stderr.readline())
-    finally:
-        relay.terminate()
-        rest = relay.communicate(timeout=30)[1]
-        receiver.shutdown()
-        receiver.server_close()
+    with accepting_receiver() as url:
+        with factory.begin() as session:
+            sub_id = SqlWebhookSubscriptions(session).add(TOPIC, url).id
+            event_id = publish(session, TOPIC, PAYLOAD)
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "webhooks.relay"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            assert relay.stderr is not None
+            deadline = time.monotonic() + 30
+            entry: dict = {}
+            while entry.get("message", "").startswith("webhook ") is False:
+                assert time.monotonic() < deadline, "no delivery line"
+                entry = json.loads(relay.stderr.readline())
+        finally:
+            relay.terminate()
+            rest = relay.communicate(timeout=30)[1]
     assert relay.returncode == 0, rest
     assert {k: entry[k] for k in ("event_id", "subscription_id", "tenant_id", "outcome")} == {
         "event_id": event_id,

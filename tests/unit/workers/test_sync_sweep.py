@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import socket
+import os
+import sys
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -11,6 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import REGISTRY
 
 from billing.models import Invoice
+from tests.processes import free_port, start, wait_until
 from workers.locks import LocalFireLock
 from workers.scheduler import (
     CATCH_UP_JOB_ID,
@@ -160,12 +162,6 @@ def test_fires_and_enqueued_messages_are_counted_by_job_and_outcome(session_fact
     assert sample("billing_scheduler_last_success_timestamp_seconds", job=SYNC_JOB_ID) > 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_scheduler_serves_its_metrics_only_when_a_port_is_set(session_factory, caplog) -> None:
     assert serve_metrics(WorkerSettings()) is False
     port = free_port()
@@ -190,14 +186,6 @@ def test_the_scheduler_serves_its_metrics_on_the_configured_address_only() -> No
 def test_with_a_multiprocess_directory_the_scheduler_serves_the_files_metrics(
     sqlite_engine, tmp_path
 ) -> None:
-    import contextlib
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     folder = tmp_path / "prometheus"
     folder.mkdir()
     port = free_port()
@@ -207,22 +195,18 @@ def test_with_a_multiprocess_directory_the_scheduler_serves_the_files_metrics(
         "PROMETHEUS_MULTIPROC_DIR": str(folder),
         "SCHEDULER_METRICS_PORT": str(port),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "workers.scheduler"],
-        cwd=Path(__file__).resolve().parents[3],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [sys.executable, "-m", "workers.scheduler"]
+    scheduler = start("scheduler", argv, env, tmp_path / "scheduler.log")
     wanted = 'billing_scheduler_fires_total{job="billing.monthly-invoices",outcome="enqueued"} 1.0'
-    body = ""
+
+    def scraped() -> str:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        except httpx.TransportError:  # not listening yet
+            return ""
+
     try:
-        deadline = time.monotonic() + 30
-        while wanted not in body and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):  # not listening yet
-                body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-            time.sleep(0.1)
+        wait_until(lambda: wanted in scraped(), 30, what=wanted, interval=0.1)
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-    assert wanted in body
+        scheduler.stop(timeout=30)
     assert any(folder.glob("counter_*.db"))  # read from the shared files, not the process
