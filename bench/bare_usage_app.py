@@ -1,7 +1,8 @@
 """The baseline of bench_api.py: a bare FastAPI endpoint doing the ledger's insert, nothing else.
 
 No auth, no idempotency middleware, no duplicate check: one pydantic body, the same
-`INSERT … ON CONFLICT DO NOTHING RETURNING id` on the same engine set-up, one commit.
+insert (`raw_sql.claim_and_store`: the key claimed, the event stored) on the same engine
+set-up, one commit.
 Run as `uvicorn bare_usage_app:app --app-dir bench` with DATABASE_URL set.
 """
 
@@ -13,14 +14,18 @@ from datetime import UTC, datetime
 
 from fastapi import FastAPI
 from pydantic import BaseModel
+from raw_sql import claim_and_store
 from sqlalchemy import text
 
 from billing.db import make_engine, make_session_factory
 
 INSERT = text(
-    "INSERT INTO usage_events (id, tenant_id, metric, amount, at_ts, idempotency_key, "
-    "metadata_json, created_at) VALUES (:id, :tenant, :metric, :amount, :at, :key, NULL, :at) "
-    "ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING RETURNING id"
+    claim_and_store(
+        "SELECT CAST(:id AS varchar) AS id, CAST(:tenant AS varchar) AS tenant_id, "
+        "CAST(:metric AS varchar) AS metric, CAST(:amount AS bigint) AS amount, "
+        "CAST(:at AS timestamptz) AS at_ts, CAST(:key AS varchar) AS idempotency_key, "
+        "CAST(NULL AS json) AS metadata_json"
+    )
 )
 
 sessions = make_session_factory(make_engine(os.environ["DATABASE_URL"]))

@@ -32,33 +32,30 @@ from typing import Any
 import psycopg
 from figures import Rounds, load
 from psycopg.types.json import Json
+from raw_sql import claim_and_store
 from scratch import scratch_database
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import BillingService
 from billing.db import make_engine, make_session_factory
+from billing.partitions import ensure_partitions
 
 DAY = datetime(2025, 1, 1, tzinfo=UTC)
 MONTH_SECONDS = 31 * 86400
 TENANTS = 100
 BATCH = 1000
-RAW_INSERT = (
-    "INSERT INTO usage_events (id, tenant_id, metric, amount, at_ts, idempotency_key, "
-    "metadata_json, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now()) "
-    "ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING RETURNING id"
+RAW_INSERT = claim_and_store(
+    "SELECT %s::varchar AS id, %s::varchar AS tenant_id, %s::varchar AS metric, "
+    "%s::bigint AS amount, %s::timestamptz AS at_ts, %s::varchar AS idempotency_key, "
+    "%s::json AS metadata_json"
 )
-RAW_UNNEST = """
-INSERT INTO usage_events
-    (id, tenant_id, metric, amount, at_ts, idempotency_key, metadata_json, created_at)
-SELECT u.id, %(tenant_id)s, u.metric, u.amount, u.at_ts, u.idempotency_key, u.metadata_json,
-       now()
+RAW_UNNEST = claim_and_store("""
+SELECT u.id, %(tenant_id)s::varchar AS tenant_id, u.metric, u.amount, u.at_ts, u.idempotency_key,
+       u.metadata_json
 FROM unnest(%(ids)s::varchar[], %(metrics)s::varchar[], %(amounts)s::bigint[],
             %(ats)s::timestamptz[], %(keys)s::varchar[], %(metadata)s::json[])
-     AS u(id, metric, amount, at_ts, idempotency_key, metadata_json)
-ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING
-RETURNING id, metric, idempotency_key
-"""
+     AS u(id, metric, amount, at_ts, idempotency_key, metadata_json)""")
 RAW_STAGE = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS bench_stage (id varchar, tenant_id varchar, "
     "metric varchar, amount bigint, at_ts timestamptz, idempotency_key varchar, "
@@ -66,14 +63,7 @@ RAW_STAGE = (
 )
 RAW_COPY = "COPY bench_stage FROM STDIN (FORMAT BINARY)"
 RAW_COPY_TYPES = ["varchar", "varchar", "varchar", "int8", "timestamptz", "varchar", "json"]
-RAW_FROM_STAGE = """
-WITH staged AS (DELETE FROM bench_stage RETURNING *)
-INSERT INTO usage_events
-    (id, tenant_id, metric, amount, at_ts, idempotency_key, metadata_json, created_at)
-SELECT id, tenant_id, metric, amount, at_ts, idempotency_key, metadata_json, now() FROM staged
-ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING
-RETURNING id, metric, idempotency_key
-"""
+RAW_FROM_STAGE = claim_and_store("DELETE FROM bench_stage RETURNING *")
 RAW_AGGREGATE = (
     "INSERT INTO usage_aggregates (id, tenant_id, metric, period_start, granularity, total, "
     "updated_at) SELECT %s, %s, %s, %s, 'day', COALESCE(SUM(amount), 0), now() "
@@ -129,13 +119,15 @@ def main() -> None:
 
 def run(url: str, args: argparse.Namespace) -> None:
     engine = make_engine(url)
+    with engine.begin() as conn:  # the month the events are in has its partition
+        ensure_partitions(conn, now=DAY)
     factory = make_session_factory(engine)
     raw = psycopg.connect(url, autocommit=True)
     results: dict[str, object] = {}
     print(f"PostgreSQL ledger bench, {args.rounds} rounds; {load()} at start")
 
     def reset() -> None:
-        raw.execute("TRUNCATE usage_events, usage_aggregates, usage_counters")
+        raw.execute("TRUNCATE usage_events, usage_event_keys, usage_aggregates, usage_counters")
         raw.execute("VACUUM ANALYZE usage_events")
 
     # 1. single events, one transaction each: an explicit BEGIN … COMMIT, and an autocommit

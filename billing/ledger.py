@@ -4,6 +4,10 @@ Storing is one `INSERT … ON CONFLICT DO NOTHING` (SQLite and PostgreSQL both h
 PostgreSQL are COPYed into a staging table first, see `_insert_new_copy`), so
 concurrent senders of the same event never see an `IntegrityError` and the caller's transaction
 is never rolled back: the losers read the winner's row and compare it with what they sent.
+
+On PostgreSQL `usage_events` is partitioned by month (`billing.partitions`), so the key that
+conflicts is `usage_event_keys`' (tenant, metric, idempotency key): one statement claims the
+keys there and stores the events whose keys it claimed, and duplicates are matched there.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from typing import Any, cast
 import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import Table, and_, or_, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from billing.errors import IdempotencyConflictError, InvalidUsageError
-from billing.models import UsageEvent
+from billing.models import UsageEvent, usage_event_keys
 from webhooks.sqltypes import new_id, utcnow
 
 MAX_METRIC_LENGTH = 100
@@ -150,7 +154,7 @@ def _insert_new(
 ) -> dict[tuple[str, str], str]:
     """Insert the events whose keys are new; return their ids by (metric, key)."""
     insert_chunk = _insert_new_values
-    if len(events) > 1 and session.get_bind().dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         connection = session.connection().connection.dbapi_connection
         if len(events) >= COPY_THRESHOLD and not getattr(connection, "autocommit", True):
             return _insert_new_copy(session, tenant_id, events)
@@ -184,19 +188,32 @@ def _insert_new_values(
     return {(metric, key): event_id for event_id, metric, key in result}
 
 
-# One statement text whatever the batch size: the columns travel as arrays, so psycopg parses
-# and prepares it once, instead of parsing a new 8,000-placeholder VALUES list per batch.
-_UNNEST_INSERT = """
+# PostgreSQL: `{source}` (the events, with their new ids) claims its keys in usage_event_keys;
+# the events whose keys it claimed are stored. A concurrent sender of the same key waits on the
+# key's row and then claims nothing, as ON CONFLICT on usage_events itself did before.
+_CLAIM_AND_STORE = """
+WITH source AS ({source}),
+claimed AS (
+    INSERT INTO usage_event_keys (tenant_id, metric, idempotency_key, at_ts, amount, event_id)
+    SELECT %(tenant_id)s, metric, idempotency_key, at_ts, amount, id FROM source
+    ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING
+    RETURNING event_id
+)
 INSERT INTO usage_events
     (id, tenant_id, metric, amount, at_ts, idempotency_key, metadata_json, created_at)
-SELECT u.id, %(tenant_id)s, u.metric, u.amount, u.at_ts, u.idempotency_key, u.metadata_json,
+SELECT s.id, %(tenant_id)s, s.metric, s.amount, s.at_ts, s.idempotency_key, s.metadata_json,
        %(now)s
-FROM unnest(%(ids)s::varchar[], %(metrics)s::varchar[], %(amounts)s::bigint[],
-            %(ats)s::timestamptz[], %(keys)s::varchar[], %(metadata)s::json[])
-     AS u(id, metric, amount, at_ts, idempotency_key, metadata_json)
-ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING
+FROM source AS s JOIN claimed AS c ON c.event_id = s.id
 RETURNING id, metric, idempotency_key
 """
+# One statement text whatever the batch size: the columns travel as arrays, so psycopg parses
+# and prepares it once, instead of parsing a new 8,000-placeholder VALUES list per batch.
+_UNNEST_INSERT = _CLAIM_AND_STORE.format(
+    source="""
+    SELECT * FROM unnest(%(ids)s::varchar[], %(metrics)s::varchar[], %(amounts)s::bigint[],
+                         %(ats)s::timestamptz[], %(keys)s::varchar[], %(metadata)s::json[])
+         AS u(id, metric, amount, at_ts, idempotency_key, metadata_json)"""
+)
 
 
 def _insert_new_postgresql(
@@ -238,15 +255,7 @@ _STAGE_COPY = (
     "FROM STDIN (FORMAT BINARY)"
 )
 _STAGE_TYPES = ("varchar", "int8", "timestamptz", "varchar", "json")
-_FROM_STAGE = """
-WITH staged AS (DELETE FROM billing_usage_stage RETURNING *)
-INSERT INTO usage_events
-    (id, tenant_id, metric, amount, at_ts, idempotency_key, metadata_json, created_at)
-SELECT id, %(tenant_id)s, metric, amount, at_ts, idempotency_key, metadata_json, %(now)s
-FROM staged
-ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING
-RETURNING id, metric, idempotency_key
-"""
+_FROM_STAGE = _CLAIM_AND_STORE.format(source="DELETE FROM billing_usage_stage RETURNING *")
 
 
 def _insert_new_copy(
@@ -273,20 +282,8 @@ def _match_existing(
     session: Session, tenant_id: str, events: Sequence[UsageInput]
 ) -> dict[tuple[str, str], str]:
     wanted = {(e.metric, e.idempotency_key): e for e in events}
-    stored = session.execute(
-        select(
-            UsageEvent.id,
-            UsageEvent.metric,
-            UsageEvent.idempotency_key,
-            UsageEvent.amount,
-            UsageEvent.at_ts,
-        ).where(
-            UsageEvent.tenant_id == tenant_id,
-            _keys_clause(session, list(wanted)),
-        )
-    ).all()
     found: dict[tuple[str, str], str] = {}
-    for event_id, metric, key, amount, at_ts in stored:
+    for event_id, metric, key, amount, at_ts in stored_events(session, tenant_id, list(wanted)):
         sent = wanted[(metric, key)]
         if (amount, at_ts) != (sent.amount, sent.at):
             raise IdempotencyConflictError(
@@ -300,24 +297,45 @@ def _match_existing(
     return found
 
 
-def _keys_clause(session: Session, keys: list[tuple[str, str]]) -> Any:
+def stored_events(
+    session: Session, tenant_id: str, keys: Sequence[tuple[str, str]]
+) -> list[tuple[str, str, str, int, datetime]]:
+    """The tenant's stored events with these (metric, idempotency key) pairs, as (id, metric,
+    key, amount, at); on PostgreSQL read from `usage_event_keys`, one primary key lookup each."""
     if session.get_bind().dialect.name == "postgresql":
-        return tuple_(UsageEvent.metric, UsageEvent.idempotency_key).in_(keys)
-    return or_(*(and_(UsageEvent.metric == m, UsageEvent.idempotency_key == k) for m, k in keys))
+        keys_table = usage_event_keys.c
+        query = select(
+            keys_table.event_id,
+            keys_table.metric,
+            keys_table.idempotency_key,
+            keys_table.amount,
+            keys_table.at_ts,
+        ).where(
+            keys_table.tenant_id == tenant_id,
+            tuple_(keys_table.metric, keys_table.idempotency_key).in_(keys),
+        )
+    else:
+        pairs = (and_(UsageEvent.metric == m, UsageEvent.idempotency_key == k) for m, k in keys)
+        query = select(
+            UsageEvent.id,
+            UsageEvent.metric,
+            UsageEvent.idempotency_key,
+            UsageEvent.amount,
+            UsageEvent.at_ts,
+        ).where(UsageEvent.tenant_id == tenant_id, or_(*pairs))
+    return [tuple(row) for row in session.execute(query)]
 
 
 @functools.cache
 def _insert_for(dialect: str) -> Any:
     table = cast(Table, UsageEvent.__table__)
-    if dialect == "postgresql":
-        insert: Any = postgresql.insert(table)
-    elif dialect == "sqlite":
-        insert = sqlite.insert(table)
-    else:
+    if dialect != "sqlite":  # PostgreSQL claims keys first: `_insert_new_postgresql`
         raise NotImplementedError(f"usage recording supports SQLite and PostgreSQL, not {dialect}")
-    return insert.on_conflict_do_nothing(
-        index_elements=["tenant_id", "metric", "idempotency_key"]
-    ).returning(table.c.id, table.c.metric, table.c.idempotency_key)
+    return (
+        sqlite.insert(table)
+        .on_conflict_do_nothing(index_elements=["tenant_id", "metric", "idempotency_key"])
+        .returning(table.c.id, table.c.metric, table.c.idempotency_key)
+    )
 
 
 def _insert_statement(session: Session) -> Any:

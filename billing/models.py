@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Column,
     ForeignKey,
     Index,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -29,6 +31,8 @@ from webhooks.sqltypes import NAMING_CONVENTION, ExactDecimal, UTCDateTime, new_
 
 #: Exact decimal minor units, e.g. 0.0002 cents per token.
 DecimalAmount = ExactDecimal()
+
+_DDL = TypeVar("_DDL", UniqueConstraint, Index)
 
 
 class Base(DeclarativeBase):
@@ -46,12 +50,24 @@ def _created_at() -> Mapped[datetime]:
     return mapped_column(UTCDateTime(), default=utcnow, nullable=False)
 
 
+def only_on(dialect: str, item: _DDL) -> _DDL:
+    """`item` (a constraint or index) exists on `dialect` only: created there alone, and
+    compared with the database there alone (`info["dialects"]`, see `billing.migrations`)."""
+    item.info["dialects"] = (dialect,)
+    return item.ddl_if(dialect=dialect)
+
+
 class UsageEvent(Base):
-    """One metered use, recorded once per (tenant, metric, idempotency key)."""
+    """One metered use, recorded once per (tenant, metric, idempotency key).
+
+    On PostgreSQL the table is partitioned by month of `at_ts` (see `billing.partitions`): its
+    primary key and unique key hold `at_ts`, and `usage_event_keys` keeps the keys unique.
+    """
 
     __tablename__ = "usage_events"
     __table_args__ = (
-        UniqueConstraint("tenant_id", "metric", "idempotency_key"),
+        only_on("sqlite", UniqueConstraint("tenant_id", "metric", "idempotency_key")),
+        only_on("postgresql", UniqueConstraint("tenant_id", "metric", "idempotency_key", "at_ts")),
         Index("ix_usage_events_tenant_id_metric_at_ts", "tenant_id", "metric", "at_ts"),
         # The scheduler's daily fan-out asks which (tenant, metric) pairs have usage on a day.
         Index("ix_usage_events_at_ts", "at_ts"),
@@ -380,3 +396,21 @@ class CreditNoteLine(Base):
     """Late units this line re-prices (a late-usage credit note's line); null otherwise."""
 
     credit_note: Mapped[CreditNote] = relationship(back_populates="lines")
+
+
+POSTGRESQL_METADATA = MetaData(naming_convention=NAMING_CONVENTION)
+"""Tables that exist on PostgreSQL only."""
+
+usage_event_keys = Table(
+    "usage_event_keys",
+    POSTGRESQL_METADATA,
+    Column("tenant_id", String(64), primary_key=True),
+    Column("metric", String(100), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("at_ts", UTCDateTime(), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    info={"dialects": ("postgresql",)},
+)
+"""PostgreSQL: each usage event's idempotency key, unique across the monthly partitions of
+`usage_events` (whose own unique key must hold `at_ts`), with what the duplicate check compares."""

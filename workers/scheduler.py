@@ -11,6 +11,10 @@ APScheduler 3 runs two cron jobs in UTC, from `WorkerSettings`:
   per zone, `billing.generate_monthly_invoice` for every tenant with a subscription active in
   the zone's local month that ended last, once per currency its plan has prices in.
 
+- `billing.usage-partitions` (`PARTITION_CRON`, 00:05 daily, and on start) creates the monthly
+  partitions of `usage_events` for this month and the `PARTITIONS_AHEAD` months after it, and
+  moves events that fell into the default partition into their month's (PostgreSQL; see
+  `billing.partitions`). It runs in the scheduler itself: DDL, no messages.
 - `billing.sync-pending-invoices` (`SYNC_SWEEP_CRON`, hourly; only with `PROVIDER_SYNC`) sends
   `billing.sync_invoice` again for every invoice created in the last `SYNC_LOOKBACK` that still
   has no provider id `SYNC_PENDING_AFTER` after it was created: the safety net under the
@@ -62,6 +66,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing import tenants
 from billing.aggregation import utc_day_start
 from billing.localtime import UTC_NAME, local_day, previous_local_day, previous_local_month
+from billing.partitions import ensure_partitions
 from webhooks.shutdown import stop_on_signals, wait_for_stop
 from workers import fanout
 from workers.locks import FireLock, LocalFireLock, RedisFireLock
@@ -75,6 +80,7 @@ MONTHLY_JOB_ID = "billing.monthly-invoices"
 CATCH_UP_JOB_ID = "billing.catch-up"
 SYNC_JOB_ID = "billing.sync-pending-invoices"
 FINALIZE_JOB_ID = "billing.finalize-drafts"
+PARTITIONS_JOB_ID = "billing.usage-partitions"
 SYNC_FIRE_LOCK_TTL = timedelta(days=1)
 RETRY_DELAY = timedelta(minutes=1)
 DAY = timedelta(days=1)
@@ -201,6 +207,7 @@ class BillingScheduler:
         self.monthly_trigger = CronTrigger.from_crontab(settings.invoice_cron, timezone=UTC)
         self.sync_trigger = CronTrigger.from_crontab(settings.sync_sweep_cron, timezone=UTC)
         self.finalize_trigger = CronTrigger.from_crontab(settings.finalize_sweep_cron, timezone=UTC)
+        self.partition_trigger = CronTrigger.from_crontab(settings.partition_cron, timezone=UTC)
         self.stopping = threading.Event()
         self._apscheduler: BaseScheduler | None = None
         self._lease = threading.local()  # the fire this thread is fanning out, and when to renew
@@ -264,6 +271,16 @@ class BillingScheduler:
         if self.late_usage_lookback is None:
             return None
         return self.now() - self.late_usage_lookback
+
+    def run_partitions(self) -> list[str]:
+        """Create the monthly partitions of `usage_events` ahead; the names created."""
+        with self.session_factory.begin() as session:
+            created = ensure_partitions(
+                session.connection(), now=self.now(), ahead=self.settings.partitions_ahead
+            )
+        logger.info("%s: created %s", PARTITIONS_JOB_ID, ", ".join(created) or "nothing")
+        record_fire(PARTITIONS_JOB_ID, "enqueued")
+        return created
 
     @property
     def finalizes_drafts(self) -> bool:
@@ -435,6 +452,8 @@ class BillingScheduler:
                 id=FINALIZE_JOB_ID,
                 **common,
             )
+        partitions = {"args": [PARTITIONS_JOB_ID], "id": PARTITIONS_JOB_ID, **common}
+        scheduler.add_job(self._job, self.partition_trigger, **partitions)
         if catch_up:
             scheduler.add_job(
                 self._job,
@@ -444,6 +463,8 @@ class BillingScheduler:
                 run_date=self.now(),
                 **common,
             )
+            run_now = {**partitions, "id": f"{PARTITIONS_JOB_ID}.start"}
+            scheduler.add_job(self._job, "date", run_date=self.now(), **run_now)
 
     def stop(self) -> None:
         """Ask running fan-outs to give their claims back and stop."""
@@ -456,6 +477,7 @@ class BillingScheduler:
             SYNC_JOB_ID: lambda: self.run_sync_sweep(fire_time),
             FINALIZE_JOB_ID: lambda: self.run_finalize_sweep(fire_time),
             CATCH_UP_JOB_ID: self.catch_up,
+            PARTITIONS_JOB_ID: self.run_partitions,
         }
         triggers = {
             DAILY_JOB_ID: self.daily_trigger,

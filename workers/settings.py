@@ -193,6 +193,13 @@ class WorkerSettings(LogSettings):
     """When the scheduler finalizes drafts whose `INVOICE_GRACE_PERIOD` has ended (crontab,
     UTC; only with a grace period)."""
 
+    partition_cron: str = "5 0 * * *"
+    """When the scheduler creates the monthly partitions of `usage_events` ahead (crontab, UTC;
+    PostgreSQL only). It also runs on start."""
+
+    partitions_ahead: int = Field(default=3, ge=1, le=24)
+    """How many months after the current one always have their partition."""
+
     sync_pending_after: Duration = timedelta(hours=3)
     """An invoice still without a provider id this long after it was created is sent again."""
 
@@ -218,7 +225,9 @@ class WorkerSettings(LogSettings):
     """`billing status` fails when a message was dead-lettered, or a webhook delivery died,
     within this window; older ones are shown but no longer fail it."""
 
-    @field_validator("aggregate_cron", "invoice_cron", "sync_sweep_cron", "finalize_sweep_cron")
+    @field_validator(
+        "aggregate_cron", "invoice_cron", "sync_sweep_cron", "finalize_sweep_cron", "partition_cron"
+    )
     @classmethod
     def _check_cron(cls, value: str) -> str:
         CronTrigger.from_crontab(value, timezone="UTC")

@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import Engine
 
 from billing.db import make_engine
-from billing.migrations import env_metadata
+from billing.migrations import env_metadata, include_object
 
 target_metadata = env_metadata()
 
@@ -22,6 +22,7 @@ def run_migrations_online() -> None:
             target_metadata=target_metadata,
             render_as_batch=connection.dialect.name == "sqlite",
             compare_type=True,
+            include_object=include_object(connection.dialect.name),
         )
         with context.begin_transaction():
             context.run_migrations()

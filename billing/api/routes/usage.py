@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -45,9 +45,8 @@ from billing.errors import (
     PeriodClosedError,
     TooManyMetricsError,
 )
-from billing.ledger import Recorded
+from billing.ledger import Recorded, stored_events
 from billing.lifecycle import InvoicePolicy
-from billing.models import UsageEvent
 from billing.service import BillingService
 
 router = APIRouter(tags=["usage"])
@@ -299,25 +298,8 @@ def _stored(session: Session, tenant_id: str, items: Sequence[UsageIn]) -> Store
         return {}
     found: Stored = {}
     for start in range(0, len(keys), 500):
-        chunk = keys[start : start + 500]
-        rows = session.execute(
-            select(
-                UsageEvent.metric,
-                UsageEvent.idempotency_key,
-                UsageEvent.id,
-                UsageEvent.amount,
-                UsageEvent.at_ts,
-            ).where(
-                UsageEvent.tenant_id == tenant_id,
-                or_(
-                    *(
-                        and_(UsageEvent.metric == m, UsageEvent.idempotency_key == k)
-                        for m, k in chunk
-                    )
-                ),
-            )
-        )
-        found.update({(m, k): (i, a, at) for m, k, i, a, at in rows})
+        rows = stored_events(session, tenant_id, keys[start : start + 500])
+        found.update({(m, k): (i, a, at) for i, m, k, a, at in rows})
     return found
 
 

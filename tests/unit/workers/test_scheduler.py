@@ -18,6 +18,7 @@ from workers.scheduler import (
     CATCH_UP_JOB_ID,
     DAILY_JOB_ID,
     MONTHLY_JOB_ID,
+    PARTITIONS_JOB_ID,
     SYNC_JOB_ID,
     BillingScheduler,
     FireBusy,
@@ -275,8 +276,14 @@ def test_the_jobs_have_fixed_ids_and_safe_options(session_factory) -> None:
     aps = BackgroundScheduler(timezone=UTC)
     scheduler.schedule(aps)
     jobs = {job.id: job for job in aps.get_jobs()}
-    assert set(jobs) == {DAILY_JOB_ID, MONTHLY_JOB_ID, CATCH_UP_JOB_ID}
-    for job_id in (DAILY_JOB_ID, MONTHLY_JOB_ID):
+    assert set(jobs) == {
+        DAILY_JOB_ID,
+        MONTHLY_JOB_ID,
+        CATCH_UP_JOB_ID,
+        PARTITIONS_JOB_ID,
+        f"{PARTITIONS_JOB_ID}.start",
+    }
+    for job_id in (DAILY_JOB_ID, MONTHLY_JOB_ID, PARTITIONS_JOB_ID):
         job = jobs[job_id]
         assert (job.coalesce, job.max_instances, job.misfire_grace_time) == (True, 1, 3600)
         assert str(job.trigger.timezone) == "UTC"
