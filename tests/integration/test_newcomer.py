@@ -99,6 +99,7 @@ def test_readme_python_block_runs_twice_in_an_empty_folder(index, tmp_path, monk
 # --- the README's shell blocks ------------------------------------------------------------------
 
 
+@pytest.mark.timeout(300)  # about 16 `billing` processes: 10 s each on a loaded machine
 def test_the_plans_as_code_blocks_run_twice_from_an_empty_folder(tmp_path) -> None:
     (tmp_path / "catalog.yaml").write_text(block("yaml", "plans:"))
     commands = block("bash", "billing catalog apply")
