@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from billing import BillingService, InvoiceStateError
 from billing.db import make_session_factory
-from billing.models import Invoice
+from billing.models import Invoice, InvoiceLine
 from tests.integration.billing.test_concurrency import race
 from tests.unit.billing.test_lifecycle import seed_plan
 from webhooks.models import WebhookEvent
@@ -205,3 +205,45 @@ def test_usage_recorded_while_its_draft_is_finalized_is_billed_on_it_or_left_lat
 def _commit(factory, work, *args) -> None:
     with factory.begin() as session:
         work(session, *args)
+
+
+def test_a_finalizer_waiting_for_another_finds_the_invoice_finalized_and_takes_no_number(
+    factory, pg_engine, wait_for_lock_waiters
+) -> None:
+    """The second finalizer waits on the draft's row, then sees it open: one number, no gap."""
+    from billing import InvoicePolicy
+    from billing.numbering import INVOICE_SEQUENCE, last_number
+
+    grace = InvoicePolicy(grace_period=FEB - JAN)
+    with factory.begin() as session:
+        draft = BillingService(
+            session=session, tenant_id="t00", policy=grace
+        ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    numbers: list[str | None] = []
+    with factory() as first:
+        numbers.append(
+            BillingService(session=first, tenant_id="t00").finalize_invoice(draft).number
+        )
+        second = threading.Thread(
+            target=lambda: numbers.append(_finalize_committed(factory, draft))
+        )
+        second.start()
+        assert wait_for_lock_waiters(pg_engine, 1)
+        first.commit()
+    second.join(timeout=30)
+    assert numbers == ["INV-000001", "INV-000001"]
+    with factory() as session:
+        assert last_number(session, INVOICE_SEQUENCE) == 1
+        lines = session.execute(
+            select(InvoiceLine.amount).where(InvoiceLine.invoice_id == draft)
+        ).scalars()
+        assert (sorted(lines), session.get(Invoice, draft).total_amount) == ([0, 1000], 1000)
+        finalized = session.execute(
+            select(WebhookEvent).where(WebhookEvent.topic == "billing.invoice.finalized")
+        ).scalars()
+        assert len(list(finalized)) == 1
+
+
+def _finalize_committed(factory, invoice_id: str) -> str | None:
+    with factory.begin() as session:
+        return BillingService(session=session, tenant_id="t00").finalize_invoice(invoice_id).number
