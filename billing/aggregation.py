@@ -4,6 +4,7 @@ statement."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -12,9 +13,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing.errors import InvalidUsageError
+from billing.localtime import local_day
 from billing.meters import MeterSpec, get_meter, group_key, grouped_quantities, quantity
 from billing.models import UsageAggregate, UsageEvent
-from billing.tenants import tenant_day
+from billing.tenants import tenant_zone
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
 _LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
@@ -27,9 +29,23 @@ def utc_day_start(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+@dataclass(frozen=True, slots=True)
+class DayTotal:
+    """A day's aggregate as stored: the total, and the local midnight it starts at (aware, in
+    the tenant's zone: `+00:00` for UTC)."""
+
+    total: int
+    day_start: datetime
+
+
 def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) -> int:
+    """`aggregate_local_day`'s total."""
+    return aggregate_local_day(session, tenant_id, metric, day).total
+
+
+def aggregate_local_day(session: Session, tenant_id: str, metric: str, day: datetime) -> DayTotal:
     """Upsert the `day` aggregate of `metric` for the tenant's local day containing `day`
-    (its UTC day for a tenant without a zone); return it.
+    (its UTC day for a tenant without a zone); return it and the day's start.
 
     The aggregate's `period_start` is the instant of the local midnight; a day across a
     daylight saving change holds the events of its 23 or 25 hours.
@@ -37,10 +53,12 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
     The quantity follows the metric's meter (`billing.meters`: a sum unless declared
     otherwise). `INSERT … SELECT (quantity) … ON CONFLICT DO UPDATE … RETURNING total`: the
     events never leave the database, a re-run rewrites the same row, and late events are
-    counted next time. `updated_at` moves only when the total changes.
+    counted next time. `updated_at` moves only when the total changes. A meter without
+    groups drops the group rows a former `group_by` left in the same statement (PostgreSQL).
     """
     utc_day_start(day)  # refuses a naive `day`
-    start, end = tenant_day(session, tenant_id, day)
+    zone = tenant_zone(session, tenant_id, lock=True)
+    start, end = local_day(zone, day)
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         # One run per (tenant, metric, day) at a time, each reading after the previous commits:
@@ -58,8 +76,11 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
         "now": utcnow(),
     }
     total = int(session.execute(_upsert_statement(dialect, meter), params).scalar_one())
-    _aggregate_groups(session, dialect, meter, tenant_id, start, end)
-    return total
+    if meter.group_by:
+        _aggregate_groups(session, dialect, meter, tenant_id, start, end)
+    elif dialect != "postgresql":
+        session.execute(_drop_groups(), params)
+    return DayTotal(total, start.astimezone(zone))
 
 
 def _aggregate_groups(
@@ -130,11 +151,24 @@ def _upsert_statement(dialect: str, meter: MeterSpec) -> Any:
         literal("day"),
         value,
         bindparam("now", type_=timestamp),
+        literal(""),
     )
-    insert = _insert(dialect).from_select(
-        ["id", "tenant_id", "metric", "period_start", "granularity", "total", "updated_at"], source
-    )
+    columns = ["id", "tenant_id", "metric", "period_start", "granularity", "total", "updated_at"]
+    insert = _insert(dialect).from_select([*columns, "group_key"], source)
+    if dialect == "postgresql" and not meter.group_by:
+        insert = insert.add_cte(_drop_groups().cte("dropped_groups"))
     return _on_conflict(insert).returning(_TABLE.c.total)
+
+
+def _drop_groups() -> Any:
+    """Delete the day's group rows (bound like the upsert): a meter without groups has none."""
+    return delete(_TABLE).where(
+        _TABLE.c.tenant_id == bindparam("tenant_id", type_=String()),
+        _TABLE.c.metric == bindparam("metric", type_=String()),
+        _TABLE.c.period_start == bindparam("start", type_=UTCDateTime()),
+        _TABLE.c.granularity == "day",
+        _TABLE.c.group_key != "",
+    )
 
 
 _TABLE = cast(Table, UsageAggregate.__table__)

@@ -14,9 +14,9 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import cast
 
-from sqlalchemy import delete, select
-from sqlalchemy import insert as sa_insert
+from sqlalchemy import Table, delete, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -103,10 +103,7 @@ def price_lines(
         AmountOverflowError: a line's amount or quantity, or the total, is over 2**63-1 (the
             largest the ledger stores); the error names the line's metric and price.
     """
-    subscriptions = [
-        (subscription, _plan_prices(session, subscription.plan_id))
-        for subscription in _active_subscriptions(session, tenant_id, start, end)
-    ]
+    subscriptions = _subscriptions_with_prices(session, tenant_id, start, end)
     all_prices = [price for _, prices in subscriptions for price in prices]
     if all_prices and not any(price.currency == currency for price in all_prices):
         raise CurrencyMismatchError(f"the tenant's plans have no price in {currency!r}")
@@ -170,20 +167,21 @@ def store_invoice(
     end: datetime,
     currency: str,
     lines: list[LineDraft],
-) -> tuple[str, bool]:
-    """Insert a draft invoice and its lines unless a live one exists; return (id, created).
+) -> Invoice | None:
+    """Insert a draft invoice and its lines unless a live one exists; return the new invoice
+    (None when one exists: the caller finds it).
 
-    `INSERT … ON CONFLICT DO NOTHING` on the partial unique index of invoices that are not
-    void: when two workers race, the second waits for the first to commit, inserts nothing,
-    and returns the first one's id. A void invoice does not hold its period.
+    `INSERT … ON CONFLICT DO NOTHING RETURNING` on the partial unique index of invoices that
+    are not void: when two workers race, the second waits for the first to commit and inserts
+    nothing. A void invoice does not hold its period. The new row is the caller's (no other
+    transaction sees it before the commit), so it needs no lock to be finalized.
     """
-    invoice_id = new_id()
     now = utcnow()
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     statement = (
         insert(Invoice)
         .values(
-            id=invoice_id,
+            id=new_id(),
             tenant_id=tenant_id,
             period_start=start,
             period_end=end,
@@ -194,16 +192,20 @@ def store_invoice(
         )
         .on_conflict_do_nothing(
             index_elements=["tenant_id", "period_start", "period_end", "currency"],
-            index_where=Invoice.status != "void",
+            index_where=_LIVE,
         )
-        .returning(Invoice.id)
+        .returning(Invoice)
     )
-    if session.execute(statement).scalar_one_or_none() is None:
-        existing = find_invoice(session, tenant_id, start, end, currency)
-        assert existing is not None, "the conflicting invoice must be visible once committed"
-        return existing.id, False
-    _insert_lines(session, invoice_id, lines, now)
-    return invoice_id, True
+    invoice = session.scalars(statement).one_or_none()
+    if invoice is not None:
+        _insert_lines(session, invoice.id, lines, now)
+    return invoice
+
+
+# The partial index's predicate as a literal, never a bound parameter: psycopg prepares a
+# statement run 5 times on a connection, PostgreSQL then plans it generically, and a parameter
+# there keeps ON CONFLICT from inferring the index (`InvalidColumnReference`).
+_LIVE = Invoice.status != literal_column("'void'")
 
 
 def reprice_draft(
@@ -233,9 +235,11 @@ def reprice_draft(
 
 
 def _insert_lines(session: Session, invoice_id: str, lines: list[LineDraft], now: datetime) -> None:
+    """One INSERT for all the lines: every row has the same keys, so Core sends them together
+    (the ORM's bulk insert splits rows by which values are None)."""
     if lines:
-        session.execute(
-            sa_insert(InvoiceLine),
+        session.connection().execute(
+            _LINES_TABLE.insert(),
             [
                 {
                     "id": new_id(),
@@ -254,21 +258,23 @@ def _insert_lines(session: Session, invoice_id: str, lines: list[LineDraft], now
         )
 
 
-def _active_subscriptions(
+_LINES_TABLE = cast(Table, InvoiceLine.__table__)
+
+
+def _subscriptions_with_prices(
     session: Session, tenant_id: str, start: datetime, end: datetime
-) -> list[Subscription]:
-    return list(
-        session.execute(
-            select(Subscription)
-            .where(Subscription.tenant_id == tenant_id, subscription_active_in(start, end))
-            .order_by(Subscription.effective_at, Subscription.id)
-        ).scalars()
-    )
-
-
-def _plan_prices(session: Session, plan_id: str) -> list[Price]:
-    return list(
-        session.execute(
-            select(Price).where(Price.plan_id == plan_id).order_by(Price.created_at, Price.key)
-        ).scalars()
-    )
+) -> list[tuple[Subscription, list[Price]]]:
+    """The tenant's subscriptions active in the period, each with its plan's prices (one
+    SELECT): subscriptions by start, prices by creation and key."""
+    rows = session.execute(
+        select(Subscription, Price)
+        .outerjoin(Price, Price.plan_id == Subscription.plan_id)
+        .where(Subscription.tenant_id == tenant_id, subscription_active_in(start, end))
+        .order_by(Subscription.effective_at, Subscription.id, Price.created_at, Price.key)
+    ).all()
+    grouped: dict[str, tuple[Subscription, list[Price]]] = {}
+    for subscription, price in rows:
+        _, prices = grouped.setdefault(subscription.id, (subscription, []))
+        if price is not None:
+            prices.append(price)
+    return list(grouped.values())

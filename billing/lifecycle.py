@@ -110,8 +110,10 @@ def apply(
     now: Callable[[], datetime],
     policy: InvoicePolicy,
     outbox: Outbox,
+    zone: tzinfo | None = None,
 ) -> bool:
     """Move a locked invoice through `transition`; return False if it was already there.
+    The event shows the period in `zone`, the tenant's (read when not given).
 
     Raises:
         InvoiceStateError: the invoice's status does not allow the transition.
@@ -137,7 +139,7 @@ def apply(
     outbox.publish(
         session,
         transition.topic,
-        state_event(invoice, tenant_zone(session, invoice.tenant_id)),
+        state_event(invoice, zone or tenant_zone(session, invoice.tenant_id)),
         event_id=f"invoice_{transition.event_name}_{invoice.id}",
     )
     return True

@@ -138,9 +138,14 @@ def declare_meter(
 
 
 def get_meter(session: Session, key: str) -> MeterSpec:
-    """The meter of metric `key`; a `sum` meter when none was declared."""
-    row = session.get(Meter, key)
-    return MeterSpec(key) if row is None else _spec(row)
+    """The meter of metric `key`; a `sum` meter when none was declared (one Core SELECT)."""
+    row = session.execute(_METER.where(Meter.key == key)).one_or_none()
+    if row is None:
+        return MeterSpec(key)
+    return MeterSpec(key, row.aggregation, row.property, tuple(row.group_by))
+
+
+_METER = select(Meter.aggregation, Meter.property, Meter.group_by)
 
 
 def list_meters(session: Session) -> list[MeterSpec]:

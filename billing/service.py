@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from sqlalchemy import select
@@ -195,9 +195,13 @@ class BillingService:
     def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
         """Compute and upsert the total of `metric` over the tenant's local day containing
         `day_start` (midnight to midnight in its zone; its UTC day without one)."""
+        return self.aggregate_local_day(metric=metric, day_start=day_start).total
+
+    def aggregate_local_day(self, *, metric: str, day_start: datetime) -> aggregation.DayTotal:
+        """`aggregate_daily`, also returning the local midnight the day starts at."""
         metric = ledger.validate_stored_metric(metric)
         with metrics.timed_ms(metrics.AGGREGATE_DURATION_MS):
-            return aggregation.aggregate_day(self.session, self.tenant_id, metric, day_start)
+            return aggregation.aggregate_local_day(self.session, self.tenant_id, metric, day_start)
 
     def generate_monthly_invoice(
         self, *, period_start: datetime, period_end: datetime, currency: str
@@ -233,7 +237,7 @@ class BillingService:
         existing = invoicing.find_invoice(
             self.session, self.tenant_id, period_start, period_end, currency
         )
-        created = False
+        new: Invoice | None = None
         if existing is not None:
             invoice_id = existing.id
             if existing.status == "draft" and self.policy.grace_period:
@@ -243,10 +247,17 @@ class BillingService:
             lines = invoicing.price_lines(
                 self.session, self.tenant_id, period_start, period_end, currency
             ) + adjustments.adjustment_lines(late)
-            invoice_id, created = invoicing.store_invoice(
+            new = invoicing.store_invoice(
                 self.session, self.tenant_id, period_start, period_end, currency, lines
             )
-            if created:
+            if new is None:  # a racing run created it: find it, create nothing
+                found = invoicing.find_invoice(
+                    self.session, self.tenant_id, period_start, period_end, currency
+                )
+                assert found is not None, "the conflicting invoice must be visible once committed"
+                invoice_id = found.id
+            else:
+                invoice_id = new.id
                 self._credit_overbilled(late)
                 metrics.INVOICES_GENERATED.inc()
                 logger.info("invoice %s created for tenant %s", invoice_id, self.tenant_id)
@@ -262,8 +273,8 @@ class BillingService:
         if not self.policy.grace_period:
             # Just priced: finalize as is; a draft left from a grace period is re-priced first;
             # one finalized already (open, paid, uncollectible) is returned as it is.
-            if created:
-                self._transition(invoice_id, lifecycle.FINALIZE)
+            if new is not None:  # the row is ours since its insert: no lock to take
+                self._apply(new, lifecycle.FINALIZE, tenants.zone(zone_name))
             elif self._locked(invoice_id).status == "draft":
                 self.finalize_invoice(invoice_id)
         self.session.flush()
@@ -435,6 +446,12 @@ class BillingService:
 
     def _transition(self, invoice_id: str, transition: lifecycle.Transition) -> Invoice:
         invoice = lifecycle.own_invoice(self.session, self.tenant_id, invoice_id, lock=True)
+        return self._apply(invoice, transition)
+
+    def _apply(
+        self, invoice: Invoice, transition: lifecycle.Transition, zone: tzinfo | None = None
+    ) -> Invoice:
+        """Move a locked (or just inserted) invoice through `transition`."""
         if lifecycle.apply(
             self.session,
             invoice,
@@ -442,6 +459,7 @@ class BillingService:
             now=self.now,
             policy=self.policy,
             outbox=self.outbox,
+            zone=zone,
         ):
             logger.info("invoice %s is %s", invoice.id, invoice.status)
         return invoice

@@ -43,9 +43,7 @@ import webhooks as webhooks_outbox
 from billing import BillingService, ProviderSync, lifecycle
 from billing.errors import PERMANENT_ERRORS as BILLING_PERMANENT_ERRORS
 from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
-from billing.localtime import local_day
 from billing.models import Invoice
-from billing.tenants import tenant_zone
 from webhooks.errors import PERMANENT_ERRORS as WEBHOOK_PERMANENT_ERRORS
 from webhooks.sqltypes import utcnow
 from workers.errors import (
@@ -108,9 +106,8 @@ def aggregate_daily_job(
         log.update(tenant_id=job.tenant_id, metric=job.metric)
         with session_factory.begin() as session:
             service = BillingService(session=session, tenant_id=job.tenant_id)
-            total = service.aggregate_daily(metric=job.metric, day_start=job.day_start)
-            zone = tenant_zone(session, job.tenant_id)  # as aggregated: it is locked now
-            day_start = local_day(zone, job.day_start).start.astimezone(zone).isoformat()
+            day = service.aggregate_local_day(metric=job.metric, day_start=job.day_start)
+            total, day_start = day.total, day.day_start.isoformat()
             log["day_start"] = day_start
             event = {
                 "tenant_id": job.tenant_id,

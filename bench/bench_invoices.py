@@ -1,0 +1,198 @@
+"""Benchmark the monthly invoice run: `--tenants` invoices through Redis to the Procfile's worker.
+
+    python bench/bench_invoices.py [--admin-url postgresql://postgres@127.0.0.1:5432/postgres]
+                                   [--redis-url redis://127.0.0.1:6379/0]
+                                   [--tenants 10000] [--rounds 3] [--threads 8]
+
+Creates a scratch PostgreSQL database and Redis namespace, removed at the end. Each of the
+`--tenants` tenants subscribes to one plan (a monthly fee, a per-token price finer than a cent,
+a per-call price) and used both metrics in January. Per round, for 1 and then 2 worker
+processes of `--threads` threads (the Procfile's `dramatiq workers.actors` line, its own
+processes): the invoices and their events are emptied, the scheduler's monthly fan-out sends
+one `billing.generate_monthly_invoice` per tenant, the workers start, and the run ends when
+every invoice is stored. Printed per configuration: invoices per second while the workers ran
+(first to last invoice stored; process start-up excluded), the wall time from the first
+message, and that rate extrapolated to 100,000 tenants, against the goal of 5 minutes with 1
+process. Medians and ranges of the rounds, with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import psycopg
+import redis
+from figures import load, spread
+from scratch import scratch_database
+from sqlalchemy import func, select
+
+from billing.db import make_engine, make_session_factory
+from billing.models import Invoice, Plan, Price
+from workers import actors
+from workers.broker import build_broker
+from workers.locks import LocalFireLock
+from workers.scheduler import BillingScheduler
+from workers.settings import WorkerSettings
+
+JAN = datetime(2025, 1, 1, tzinfo=UTC)
+FEB = datetime(2025, 2, 1, tzinfo=UTC)
+GOAL_SECONDS = 300
+AT_SCALE = 100_000
+RESET = (
+    "TRUNCATE invoices, invoice_lines, webhook_events, webhook_deliveries, number_sequences CASCADE"
+)
+
+
+def seed(url: str, tenants: int) -> None:
+    """The plan, one subscription per tenant (COPY) and two usage events each (COPY)."""
+    engine = make_engine(url)
+    with make_session_factory(engine).begin() as session:
+        plan = Plan(key="bench", name="Bench")
+        session.add(plan)
+        session.flush()
+        session.add_all(
+            [
+                Price(plan_id=plan.id, key="fee", currency="usd", unit_amount=2900,
+                      recurring_interval="month", billing_scheme="per_unit"),
+                Price(plan_id=plan.id, key="tokens", currency="usd", metric="tokens",
+                      unit_amount_decimal=Decimal("0.0002"), billing_scheme="per_unit"),
+                Price(plan_id=plan.id, key="calls", currency="usd", metric="calls",
+                      unit_amount=1, billing_scheme="per_unit"),
+            ]
+        )  # fmt: skip
+        plan_id = plan.id
+    engine.dispose()
+    subscriptions, events = io.StringIO(), io.StringIO()
+    since = (JAN - timedelta(days=40)).isoformat()
+    for n in range(tenants):
+        tenant = f"t{n:07d}"
+        subscriptions.write(f"{uuid.uuid4()}\t{tenant}\t{plan_id}\t{since}\t{since}\n")
+        for metric, amount in (("tokens", 1000 + n % 997), ("calls", n % 53 + 1)):
+            at = (JAN + timedelta(days=n % 28, minutes=n % 1440)).isoformat()
+            events.write(f"{uuid.uuid4()}\t{tenant}\t{metric}\t{amount}\t{at}\tk-{n}\t{at}\n")
+    with psycopg.connect(url) as conn, conn.cursor() as cursor:
+        columns = "id, tenant_id, plan_id, effective_at, created_at"
+        with cursor.copy(f"COPY subscriptions ({columns}) FROM STDIN") as copy:
+            copy.write(subscriptions.getvalue())
+        columns = "id, tenant_id, metric, amount, at_ts, idempotency_key, created_at"
+        with cursor.copy(f"COPY usage_events ({columns}) FROM STDIN") as copy:
+            copy.write(events.getvalue())
+        conn.commit()
+        conn.execute("ANALYZE")
+
+
+def start_workers(url: str, redis_url: str, namespace: str, processes: int, threads: int):
+    """The Procfile's worker line, with its own process group."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "REDIS_URL": redis_url,
+        "BROKER_NAMESPACE": namespace,
+        "PROMETHEUS_MULTIPROC_DIR": os.environ.get("PROMETHEUS_MULTIPROC_DIR", "/tmp/bench-m"),
+    }
+    os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    command = [sys.executable, "-m", "dramatiq", "workers.actors"]
+    command += ["--processes", str(processes), "--threads", str(threads)]
+    return subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=sys.stderr
+    )
+
+
+def one_run(
+    url: str, args: argparse.Namespace, namespace: str, processes: int
+) -> tuple[float, float]:
+    """(invoices/s while running, wall seconds from the first message) of one run."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(RESET)
+    settings = WorkerSettings(redis_url=args.redis_url, namespace=namespace)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    broker = build_broker(settings)
+    previous = actors.attach(broker, settings=settings)
+    try:
+        started = time.perf_counter()
+        sent = BillingScheduler(settings, factory, LocalFireLock()).fan_out_invoices(JAN, FEB)
+        if sent != args.tenants:
+            raise SystemExit(f"fan-out sent {sent}, expected {args.tenants}")
+        workers = start_workers(url, args.redis_url, namespace, processes, args.threads)
+        try:
+            deadline = time.monotonic() + 3600
+            while count(factory) < args.tenants:
+                if workers.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the workers stopped before the run ended")
+                time.sleep(0.2)
+            wall = time.perf_counter() - started
+        finally:
+            os.killpg(workers.pid, signal.SIGTERM)
+            workers.wait(timeout=60)
+        with factory() as session:
+            first, last = session.execute(
+                select(func.min(Invoice.created_at), func.max(Invoice.created_at))
+            ).one()
+        return (args.tenants - 1) / (last - first).total_seconds(), wall
+    finally:
+        actors.attach(previous, settings=actors.settings)
+        broker.close()
+        engine.dispose()
+
+
+def count(factory) -> int:
+    with factory() as session:
+        return int(session.execute(select(func.count()).select_from(Invoice)).scalar_one())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--tenants", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args()
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    try:
+        with scratch_database(args.admin_url) as url:
+            seed(url, args.tenants)
+            run(url, args, namespace)
+    finally:
+        client = redis.Redis.from_url(args.redis_url)
+        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+
+
+def run(url: str, args: argparse.Namespace, namespace: str) -> None:
+    print(f"monthly invoice run, {args.tenants:,} tenants, PostgreSQL and Redis, {load()}")
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    walls: dict[int, list[float]] = {1: [], 2: []}
+    for round_ in range(args.rounds):
+        for processes in (1, 2):
+            rate, wall = one_run(url, args, namespace, processes)
+            rates[processes].append(rate)
+            walls[processes].append(wall)
+            print(
+                f"round {round_ + 1}, {processes} × {args.threads}: {rate:,.0f} invoices/s, "
+                f"{wall:.1f} s from the first message ({load()})"
+            )
+    for processes in (1, 2):
+        median_rate = sorted(rates[processes])[len(rates[processes]) // 2]
+        at_scale = AT_SCALE / median_rate
+        print(
+            f"{processes} × {args.threads}: {spread(rates[processes])} invoices/s, wall "
+            f"{spread(walls[processes], '.1f')} s for {args.tenants:,}; {AT_SCALE:,} tenants "
+            f"≈ {at_scale / 60:.1f} min (goal with 1 process: {GOAL_SECONDS / 60:.0f} min, "
+            f"{AT_SCALE / GOAL_SECONDS:,.0f}/s)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""`billing.aggregate_daily` in a fixed number of statements: the tenant's zone read once, the
+meter by one Core SELECT, the upsert dropping a former grouping's rows in the same statement on
+PostgreSQL, the event; and what it stores unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, event, select
+
+from billing.meters import declare_meter
+from billing.models import UsageAggregate
+from workers.jobs import USAGE_AGGREGATED, aggregate_daily_job
+
+JAN = datetime(2025, 1, 1, tzinfo=UTC)
+PAYLOAD = {"tenant_id": "t1", "metric": "tokens", "day_start": "2025-01-01T00:00:00+00:00"}
+
+
+@pytest.fixture
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """Every statement sent to the database, its first words, as it is sent."""
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        seen.append(" ".join(statement.split()[:3]))
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_job_runs_a_fixed_sequence_of_statements(
+    engine, session_factory, seeded, outbox, statements
+) -> None:
+    seeded([("t1", 5, JAN + timedelta(hours=1)), ("t1", 7, JAN + timedelta(hours=23))])
+    statements.clear()
+    assert aggregate_daily_job(session_factory, PAYLOAD) == 12
+    on_postgresql = engine.dialect.name == "postgresql"
+    expected = [
+        *["BEGIN IMMEDIATE"] * (not on_postgresql),  # SQLite's writer lock (billing.db)
+        *["SELECT pg_advisory_xact_lock_shared(hashtextextended(%(key)s, 0))"] * on_postgresql,
+        "SELECT tenants.timezone FROM",  # once: the event's day_start comes from it too
+        *["SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))"] * on_postgresql,
+        "SELECT meters.aggregation, meters.property,",
+        "WITH dropped_groups AS" if on_postgresql else "INSERT INTO usage_aggregates",
+        *["DELETE FROM usage_aggregates"] * (not on_postgresql),
+        "SELECT webhook_subscriptions.id FROM",
+        "INSERT INTO webhook_events",
+    ]
+    assert statements == expected
+    [announced] = outbox(USAGE_AGGREGATED)
+    assert (announced["day_start"], announced["total"]) == ("2025-01-01T00:00:00+00:00", 12)
+
+
+def test_a_meter_that_lost_its_groups_drops_them_for_that_day_only(session_factory, seeded) -> None:
+    with session_factory.begin() as session:
+        declare_meter(session, key="tokens", group_by=["model"])
+    seeded([(tenant, 5, day) for tenant in ("t1", "t2") for day in (JAN, JAN + timedelta(days=1))])
+    for tenant in ("t1", "t2"):
+        for day in ("2025-01-01", "2025-01-02"):
+            payload = {"tenant_id": tenant, "metric": "tokens", "day_start": f"{day}T00:00:00Z"}
+            aggregate_daily_job(session_factory, payload)
+    with session_factory.begin() as session:
+        declare_meter(session, key="tokens")
+    assert aggregate_daily_job(session_factory, PAYLOAD) == 5
+    with session_factory() as session:
+        rows = session.execute(
+            select(UsageAggregate.tenant_id, UsageAggregate.period_start, UsageAggregate.group_key)
+        ).all()
+    grouped = sorted((t, start.day) for t, start, key in rows if key != "")
+    assert grouped == [("t1", 2), ("t2", 1), ("t2", 2)]
+    assert len([row for row in rows if row[2] == ""]) == 4
