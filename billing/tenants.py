@@ -96,6 +96,8 @@ def set_tenant(
     if timezone is not None:
         timezone = validate_timezone(timezone)
         _lock_zone(session, tenant_id, shared=False)
+        if timezone != zone_name_of(session, tenant_id):
+            _check_no_invoice(session, tenant_id)
     dialect = session.get_bind().dialect.name
     insert: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Tenant)
     session.execute(
@@ -112,7 +114,6 @@ def set_tenant(
     if name is not None:
         row.name = name
     if timezone is not None and timezone != row.timezone:
-        _check_no_invoice(session, tenant_id)
         session.execute(
             delete(UsageAggregate).where(
                 UsageAggregate.tenant_id == tenant_id, UsageAggregate.granularity == "day"

@@ -138,3 +138,10 @@ def test_billing_tenants_set_refuses_an_unknown_zone_in_one_line(cli, capsys) ->
     assert err == (
         "billing tenants set: unknown time zone 'Mars/Olympus': use an IANA name such as UTC\n"
     )
+
+
+def test_a_refused_zone_change_creates_no_row_either(session) -> None:
+    _invoice(session, "open")
+    with pytest.raises(TimezoneLockedError):
+        set_tenant(session, "t1", name="Acme", timezone="Asia/Kathmandu")
+    assert session.scalar(select(func.count()).select_from(Tenant)) == 0
