@@ -11,25 +11,28 @@ of that invoice:
 A positive `pending` becomes an `adjustment` line of the new invoice (the extra quantity and
 amount, `adjusts_invoice_id`); a negative one (volume tiers can lower the price of more units)
 a credit note on the finalized invoice, whose line names the line it re-prices and the late
-units (`quantity`). Tiered prices thus bill price(new total) − price(old total), not the late
-units at a marginal guess.
+units (`quantity`), and for what exceeds that invoice's total, on the invoices that billed
+adjustments for its period. Tiered prices thus bill price(new total) − price(old total), not
+the late units at a marginal guess.
 
 "Billed since" is read from what is stored, never remembered elsewhere: adjustment lines on
 invoices that are not void, for any invoice of the same period (a reissue after a void
-inherits what was billed for its period), and late-usage credit notes of the invoice. The
-finalized invoices are locked (`FOR UPDATE`, in id order) before anything is read, so two
-invoice runs of a tenant take turns and the second finds what the first billed: each
-adjustment is billed exactly once, also when runs race or are retried.
+inherits what was billed for its period), and late-usage credit notes on invoices that are
+not void, against its lines or those adjustment lines. The finalized invoices are locked
+(`FOR UPDATE`, in id order) before anything is read, so two invoice runs of a tenant take
+turns and the second finds what the first billed: each adjustment is billed exactly once,
+also when runs race or are retried.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from billing import credit_notes
@@ -115,38 +118,87 @@ def credit_overbilled(
     now: Callable[[], datetime],
     outbox: Outbox,
 ) -> list[CreditNote]:
-    """Credit each negative adjustment on its invoice (as far as the invoice can still be
-    credited: `open` or `paid`, up to its total less its credit notes)."""
+    """Credit each negative adjustment: on its finalized invoice first, then, for what that
+    invoice cannot take (its total less its credit notes), on the invoices that billed
+    adjustments for its period, newest first (each up to what its adjustment lines billed).
+    Only `open` and `paid` invoices are credited; what none can take stays pending."""
     notes = []
     for adjustment in adjustments:
-        if adjustment.amount >= 0:
-            continue
-        invoice = session.get(Invoice, adjustment.adjusts_invoice_id)
-        if invoice is None or invoice.status not in credit_notes.CREDITABLE:
-            continue
-        available = invoice.total_amount - credit_notes.credited(session, invoice.id)
-        amount = min(-adjustment.amount, available)
-        if amount <= 0:
-            continue
-        line = credit_notes.CreditLine(
-            amount,
-            invoice_line_id=adjustment.adjusts_line_id,
-            description=f"late usage of {adjustment.metric}: {adjustment.quantity:+d}"[:200],
-            quantity=adjustment.quantity,
-        )
-        notes.append(
-            credit_notes.create(
-                session,
-                tenant_id,
-                invoice.id,
-                amount=amount,
-                lines=[line],
-                reason=LATE_USAGE_REASON,
-                now=now,
-                outbox=outbox,
+        remaining, quantity = -adjustment.amount, adjustment.quantity
+        for invoice, line_id, room in _creditable(session, adjustment) if remaining > 0 else ():
+            amount = min(remaining, room)
+            if amount <= 0:
+                continue
+            line = credit_notes.CreditLine(
+                amount,
+                invoice_line_id=line_id,
+                description=f"late usage of {adjustment.metric}: {quantity:+d}"[:200],
+                quantity=quantity,  # the late units are counted once, on the first note
             )
-        )
+            notes.append(
+                credit_notes.create(
+                    session,
+                    tenant_id,
+                    invoice.id,
+                    amount=amount,
+                    lines=[line],
+                    reason=LATE_USAGE_REASON,
+                    now=now,
+                    outbox=outbox,
+                )
+            )
+            remaining, quantity = remaining - amount, 0
+            if remaining == 0:
+                break
     return notes
+
+
+def _creditable(session: Session, adjustment: Adjustment) -> Iterator[tuple[Invoice, str, int]]:
+    """(invoice, line, how much it can be credited) for a negative adjustment, in order."""
+    original = session.get(Invoice, adjustment.adjusts_invoice_id)
+    if original is None:
+        return
+    if original.status in credit_notes.CREDITABLE:
+        room = original.total_amount - credit_notes.credited(session, original.id)
+        yield original, adjustment.adjusts_line_id, room
+    key = _key(adjustment.price_id, adjustment.metric, adjustment.dimensions)
+    carrier, target = aliased(Invoice), aliased(Invoice)
+    lines = session.execute(
+        select(carrier, InvoiceLine)
+        .join(carrier, carrier.id == InvoiceLine.invoice_id)
+        .join(target, target.id == InvoiceLine.adjusts_invoice_id)
+        .where(
+            InvoiceLine.kind == "adjustment",
+            carrier.status.in_(credit_notes.CREDITABLE),
+            *_same_period(target, original),
+        )
+        .order_by(InvoiceLine.created_at.desc(), InvoiceLine.id)
+    ).all()
+    for invoice, line in lines:
+        if _key(line.price_id, line.metric, line.dimensions) != key:
+            continue
+        on_line = _credited_line(session, line.id)
+        room = invoice.total_amount - credit_notes.credited(session, invoice.id)
+        yield invoice, line.id, min(room, line.amount - on_line)
+
+
+def _credited_line(session: Session, line_id: str) -> int:
+    total = session.scalar(
+        select(func.coalesce(func.sum(CreditNoteLine.amount), 0)).where(
+            CreditNoteLine.invoice_line_id == line_id
+        )
+    )
+    return int(total or 0)
+
+
+def _same_period(target: Any, invoice: Invoice) -> list[ColumnElement[bool]]:
+    """SQL conditions: `target` is an invoice of the tenant, currency and period of `invoice`."""
+    return [
+        target.tenant_id == invoice.tenant_id,
+        target.currency == invoice.currency,
+        target.period_start == invoice.period_start,
+        target.period_end == invoice.period_end,
+    ]
 
 
 def _recent_finalized(
@@ -179,7 +231,7 @@ def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list
         for line in lines
     )
     adjusted = _adjusted(session, invoice, exclude)
-    credited = _late_credits(session, invoice.id)
+    credited = _late_credits(session, invoice)
     pending = []
     for key, (line, billed) in charged.items():
         priced = now_priced.get(key)
@@ -250,10 +302,7 @@ def _adjusted(session: Session, invoice: Invoice, exclude: str | None) -> dict[K
         .where(
             InvoiceLine.kind == "adjustment",
             carrier.status != "void",
-            target.tenant_id == invoice.tenant_id,
-            target.currency == invoice.currency,
-            target.period_start == invoice.period_start,
-            target.period_end == invoice.period_end,
+            *_same_period(target, invoice),
         )
     )
     if exclude is not None:
@@ -261,19 +310,30 @@ def _adjusted(session: Session, invoice: Invoice, exclude: str | None) -> dict[K
     return _tally((_key(p, m, d), q, a) for p, m, d, q, a in session.execute(query))
 
 
-def _late_credits(session: Session, invoice_id: str) -> dict[Key, _Tally]:
-    """The invoice's late-usage credit note lines (those with a quantity), by the line's key."""
+def _late_credits(session: Session, invoice: Invoice) -> dict[Key, _Tally]:
+    """Late-usage credit note lines (those with a quantity) on invoices that are not void,
+    against the invoice's own lines or against adjustment lines billed for its period."""
+    credited_line, holder, target = aliased(InvoiceLine), aliased(Invoice), aliased(Invoice)
     rows = session.execute(
         select(
-            InvoiceLine.price_id,
-            InvoiceLine.metric,
-            InvoiceLine.dimensions,
+            credited_line.price_id,
+            credited_line.metric,
+            credited_line.dimensions,
             CreditNoteLine.quantity,
             CreditNoteLine.amount,
         )
         .join(CreditNote, CreditNote.id == CreditNoteLine.credit_note_id)
-        .join(InvoiceLine, InvoiceLine.id == CreditNoteLine.invoice_line_id)
-        .where(CreditNote.invoice_id == invoice_id, CreditNoteLine.quantity.is_not(None))
+        .join(holder, holder.id == CreditNote.invoice_id)
+        .join(credited_line, credited_line.id == CreditNoteLine.invoice_line_id)
+        .outerjoin(target, target.id == credited_line.adjusts_invoice_id)
+        .where(
+            CreditNoteLine.quantity.is_not(None),
+            holder.status != "void",
+            or_(
+                and_(credited_line.invoice_id == invoice.id, credited_line.kind == "charge"),
+                and_(*_same_period(target, invoice)),
+            ),
+        )
     )
     return _tally((_key(p, m, d), q or 0, a) for p, m, d, q, a in rows)
 

@@ -259,27 +259,16 @@ def test_pending_adjustments_and_the_preview_show_the_adjustment_and_store_nothi
 
 def test_late_usage_of_a_price_per_dimension_adjusts_that_group_only(session) -> None:
     from billing.meters import declare_meter
-    from billing.models import Subscription
+    from tests.unit.billing.test_price_dimensions import plan_with, subscribe
 
     declare_meter(session, key="tokens", group_by=["model"])
-    plan = Plan(key="ai", name="AI")
-    session.add(plan)
-    session.flush()
-    session.add_all(
-        [
-            Price(
-                key="gpt4",
-                plan_id=plan.id,
-                currency="usd",
-                metric="tokens",
-                unit_amount=3,
-                dimensions={"model": "gpt-4"},
-            ),
-            Price(key="other", plan_id=plan.id, currency="usd", metric="tokens", unit_amount=1),
-        ]
+    plan = plan_with(
+        session,
+        "ai",
+        {"metric": "tokens", "unit_amount": 3, "dimensions": {"model": "gpt-4"}},
+        {"metric": "tokens", "unit_amount": 1},
     )
-    session.add(Subscription(tenant_id="t7", plan_id=plan.id, effective_at=JAN))
-    session.flush()
+    subscribe(session, plan, start=JAN, tenant="t7")
     bs = service(session, APR, "t7")
     for key, model in [("a", "gpt-4"), ("b", "claude")]:
         bs.record_usage(
