@@ -33,6 +33,7 @@ from billing.api.problems import problem_response
 from billing.api.settings import ApiSettings
 from billing.db import make_engine, make_session_factory
 from billing.metrics import render, serve
+from billing.settings import BillingSettings
 from webhooks.metrics import OutboxCollector
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def create_app(
         late_usage=settings.late_usage,
         keys=keys,
         max_metrics_per_tenant=settings.max_metrics_per_tenant,
+        invoice_policy=BillingSettings().invoice_policy(),
     )
 
     @app.get("/healthz", tags=["health"], summary="200 when the database answers")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Annotated
 
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.api.keycache import KeyLookup
 from billing.late_usage import LateUsage
+from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy
 from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT
 from webhooks.sqltypes import utcnow
 
@@ -30,6 +31,11 @@ class BillingApi:
     late_usage: LateUsage = "next_invoice"
     keys: KeyLookup = field(default_factory=KeyLookup)
     max_metrics_per_tenant: int | None = DEFAULT_MAX_METRICS_PER_TENANT
+    invoice_policy: InvoicePolicy = DEFAULT_POLICY
+
+    def policy(self) -> InvoicePolicy:
+        """How invoices are numbered and finalized here, with this API's `late_usage`."""
+        return replace(self.invoice_policy, late_usage=self.late_usage)
 
 
 async def get_api(request: Request) -> BillingApi:

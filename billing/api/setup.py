@@ -21,6 +21,7 @@ from billing.api.openapi import install_openapi
 from billing.api.problems import ProblemError, register_error_handlers
 from billing.api.router import build_router
 from billing.late_usage import LateUsage
+from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy
 from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT
 from webhooks.sqltypes import utcnow
 
@@ -38,6 +39,7 @@ def add_billing(
     late_usage: LateUsage = "next_invoice",
     keys: KeyLookup | None = None,
     max_metrics_per_tenant: int | None = DEFAULT_MAX_METRICS_PER_TENANT,
+    invoice_policy: InvoicePolicy = DEFAULT_POLICY,
 ) -> None:
     """Mount the billing routes under `prefix` and configure them and `require_quota`.
 
@@ -52,6 +54,8 @@ def add_billing(
     finds the API keys: by default one indexed lookup per request; `billing.app` passes a
     cached one when Redis is configured. A metric new to a UTC month that already has
     `max_metrics_per_tenant` metrics of the tenant is refused with 422 (None: no limit).
+    The invoice routes (finalize, pay, void, credit notes, the preview) follow `clock` and
+    `invoice_policy` (`INVOICE_NUMBER_PREFIX`, `INVOICE_GRACE_PERIOD`, `LATE_USAGE_LOOKBACK`).
     """
     if session_factory is None:
         from billing.db import make_engine, make_session_factory
@@ -71,6 +75,7 @@ def add_billing(
         late_usage=late_usage,
         keys=keys or KeyLookup(),
         max_metrics_per_tenant=max_metrics_per_tenant,
+        invoice_policy=invoice_policy,
     )
     if principal is not None:
         app.dependency_overrides[get_principal] = principal

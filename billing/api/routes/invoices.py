@@ -102,7 +102,9 @@ def upcoming_tenant_invoice(
 def _upcoming(
     session: Session, tenant_id: str, api: BillingApi, currency: str
 ) -> InvoicePreviewOut:
-    service = BillingService(session=session, tenant_id=tenant_id, now=api.clock)
+    service = BillingService(
+        session=session, tenant_id=tenant_id, now=api.clock, policy=api.policy()
+    )
     upcoming = service.preview_upcoming_invoice(currency=currency)
     return InvoicePreviewOut.model_validate(upcoming, from_attributes=True)
 
@@ -169,10 +171,12 @@ def list_tenant_invoice_lines(
     summary="Void a tenant's invoice (operator)",
     responses=problem_responses(401, 403, 404, 409, 413, 415, 422),
 )
-def void_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep) -> InvoiceOut:
+def void_invoice(
+    invoice_id: InvoiceId, principal: Operator, session: SessionDep, api: ApiDep
+) -> InvoiceOut:
     """A draft, open or uncollectible invoice becomes void, and its period may be invoiced
     anew; voiding again changes nothing; a paid invoice cannot be voided: 409."""
-    return _transition(session, invoice_id, BillingService.void_invoice)
+    return _transition(session, api, invoice_id, BillingService.void_invoice)
 
 
 @router.post(
@@ -180,10 +184,12 @@ def void_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep
     summary="Finalize a tenant's draft invoice now (operator)",
     responses=problem_responses(401, 403, 404, 409, 422),
 )
-def finalize_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep) -> InvoiceOut:
+def finalize_invoice(
+    invoice_id: InvoiceId, principal: Operator, session: SessionDep, api: ApiDep
+) -> InvoiceOut:
     """A draft is re-priced from its period's usage and numbered (`billing.invoice.finalized`);
     an open invoice is returned as it is; a paid, void or uncollectible one: 409."""
-    return _transition(session, invoice_id, BillingService.finalize_invoice)
+    return _transition(session, api, invoice_id, BillingService.finalize_invoice)
 
 
 @router.post(
@@ -193,12 +199,18 @@ def finalize_invoice(invoice_id: InvoiceId, principal: Operator, session: Sessio
     responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422),
 )
 def create_credit_note(
-    invoice_id: InvoiceId, body: CreditNoteIn, principal: Operator, session: SessionDep
+    invoice_id: InvoiceId,
+    body: CreditNoteIn,
+    principal: Operator,
+    session: SessionDep,
+    api: ApiDep,
 ) -> CreditNoteOut:
     """A credit note numbered `CN-…` (`billing.credit_note.created`); 409 when the invoice is
     not open or paid, or when its credit notes would exceed its total."""
     tenant_id = _find_invoice(session, invoice_id).tenant_id
-    service = BillingService(session=session, tenant_id=tenant_id)
+    service = BillingService(
+        session=session, tenant_id=tenant_id, now=api.clock, policy=api.policy()
+    )
     note = service.create_credit_note(
         invoice_id,
         amount=body.amount,
@@ -214,10 +226,12 @@ def create_credit_note(
     summary="Mark a tenant's invoice paid (operator)",
     responses=problem_responses(401, 403, 404, 409, 422),
 )
-def pay_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep) -> InvoiceOut:
+def pay_invoice(
+    invoice_id: InvoiceId, principal: Operator, session: SessionDep, api: ApiDep
+) -> InvoiceOut:
     """An open or uncollectible invoice becomes paid (`paid_at` set); paying again changes
     nothing; a draft or void invoice cannot be paid: 409."""
-    return _transition(session, invoice_id, BillingService.pay_invoice)
+    return _transition(session, api, invoice_id, BillingService.pay_invoice)
 
 
 @router.post(
@@ -226,18 +240,24 @@ def pay_invoice(invoice_id: InvoiceId, principal: Operator, session: SessionDep)
     responses=problem_responses(401, 403, 404, 409, 422),
 )
 def mark_uncollectible(
-    invoice_id: InvoiceId, principal: Operator, session: SessionDep
+    invoice_id: InvoiceId, principal: Operator, session: SessionDep, api: ApiDep
 ) -> InvoiceOut:
     """An open invoice becomes uncollectible (it can still be paid later); 409 otherwise."""
-    return _transition(session, invoice_id, BillingService.mark_uncollectible)
+    return _transition(session, api, invoice_id, BillingService.mark_uncollectible)
 
 
 def _transition(
-    session: Session, invoice_id: str, change: Callable[[BillingService, str], Invoice]
+    session: Session,
+    api: BillingApi,
+    invoice_id: str,
+    change: Callable[[BillingService, str], Invoice],
 ) -> InvoiceOut:
     """Apply a state change and its event, in the invoice's tenant, in one transaction."""
     tenant_id = _find_invoice(session, invoice_id).tenant_id
-    invoice = change(BillingService(session=session, tenant_id=tenant_id), invoice_id)
+    service = BillingService(
+        session=session, tenant_id=tenant_id, now=api.clock, policy=api.policy()
+    )
+    invoice = change(service, invoice_id)
     session.commit()
     return invoice_out(invoice)
 

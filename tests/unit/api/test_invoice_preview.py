@@ -121,3 +121,28 @@ def test_usage_posted_for_a_drafts_period_re_prices_the_draft_the_tenant_reads(
         ("", 1),
         ("tokens", 50),
     ]
+
+
+def test_the_invoice_routes_follow_the_deployments_policy_and_clock(
+    session_factory, operator, a_key, usage
+) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from billing.api import add_billing
+
+    app = FastAPI()
+    policy = InvoicePolicy(number_prefix="ACME-", grace_period=DAY, late_usage="ignore")
+    add_billing(app, session_factory=session_factory, clock=lambda: NOW, invoice_policy=policy)
+    with session_factory.begin() as session:
+        draft_id = BillingService(
+            session=session, tenant_id="A", now=lambda: NOW, policy=policy
+        ).generate_monthly_invoice(period_start=FEBRUARY, period_end=MARCH, currency="usd")
+    with TestClient(app) as client:
+        finalized = client.post(f"/_billing/invoices/{draft_id}/finalize", headers=operator)
+        paid = client.post(f"/_billing/invoices/{draft_id}/pay", headers=operator)
+    assert (finalized.json()["number"], finalized.json()["finalized_at"]) == (
+        "ACME-000001",
+        "2025-03-15T12:00:00Z",
+    )
+    assert paid.json()["paid_at"] == "2025-03-15T12:00:00Z"
