@@ -13,6 +13,7 @@ from billing import BillingService, PriceDefinitionError
 from billing.dimensions import describe
 from billing.meters import declare_meter
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
+from billing.providers.stripe import _describe as stripe_description
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
 FEB = datetime(2025, 2, 1, tzinfo=UTC)
@@ -375,3 +376,10 @@ def test_lines_are_named_with_their_group() -> None:
     )
     assert describe("tokens", None) == "tokens"
     assert describe(None, None) == "fixed fee"
+
+
+def test_a_provider_s_line_description_names_the_group() -> None:
+    line = InvoiceLine(metric="tokens", quantity=1000, amount=0, dimensions={"model": "gpt-4"})
+    assert stripe_description(line) == "tokens (model=gpt-4): 1,000 units"
+    whole = InvoiceLine(metric="tokens", quantity=5, amount=0)
+    assert stripe_description(whole) == "tokens: 5 units"
