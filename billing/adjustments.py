@@ -156,8 +156,7 @@ def credit_overbilled(
 def _creditable(session: Session, adjustment: Adjustment) -> Iterator[tuple[Invoice, str, int]]:
     """(invoice, line, how much it can be credited) for a negative adjustment, in order."""
     original = session.get(Invoice, adjustment.adjusts_invoice_id)
-    if original is None:
-        return
+    assert original is not None, "a finalized invoice is never deleted"
     if original.status in credit_notes.CREDITABLE:
         room = original.total_amount - credit_notes.credited(session, original.id)
         yield original, adjustment.adjusts_line_id, room

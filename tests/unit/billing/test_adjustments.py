@@ -293,3 +293,24 @@ def test_late_usage_of_a_price_per_dimension_adjusts_that_group_only(session) ->
         ).scalars()
     ]
     assert adjusted == [(5, 15, {"model": "gpt-4"}, january.id)]
+
+
+def test_a_negative_difference_on_a_fully_credited_invoice_stays_pending(session) -> None:
+    tiered_plan(session, "volume")
+    use(session, 100, JAN + 5 * DAY, "on-time", tenant="t9")
+    january = invoice(session, JAN, FEB, tenant="t9")
+    service(session, FEB + DAY, "t9").create_credit_note(january.id, amount=200, reason="goodwill")
+    use(session, 10, JAN + 20 * DAY, "late", tenant="t9")
+    invoice(session, FEB, MAR, tenant="t9")
+    assert list(session.scalars(select(CreditNote.reason))) == ["goodwill"]  # nothing left
+    [pending] = service(session, MAR + DAY, "t9").pending_adjustments(currency="usd")
+    assert (pending.quantity, pending.amount) == (10, -90)
+
+
+def test_late_usage_of_a_price_retired_from_the_plan_is_not_re_priced(session, plan) -> None:
+    invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    tokens = session.scalar(select(Price).where(Price.key == "tokens"))
+    tokens.plan_id = None  # what `billing catalog apply` does to a price's old version
+    session.flush()
+    assert service(session, FEB + DAY).pending_adjustments(currency="usd") == []

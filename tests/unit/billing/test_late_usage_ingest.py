@@ -154,3 +154,8 @@ def test_a_later_finalized_period_does_not_close_an_earlier_open_one(session, pl
     generate(session, start=FEB, end=MAR)
     record(session, MID_JAN)
     assert stored(session) == 1
+
+
+def test_an_empty_batch_stores_nothing_under_reject(session, plan) -> None:
+    generate(session)
+    assert service(session).record_usage_batch([]) == []
