@@ -47,7 +47,14 @@ from billing import (
 )
 from billing.db import make_session_factory
 from billing.late_usage import LateUsage
-from billing.models import Base, CreditNote, Invoice, InvoiceLine, UsageEvent
+from billing.models import (
+    POSTGRESQL_METADATA,
+    Base,
+    CreditNote,
+    Invoice,
+    InvoiceLine,
+    UsageEvent,
+)
 from tests.unit.billing.test_lifecycle import seed_plan
 from webhooks.models import Base as WebhooksBase
 from webhooks.models import WebhookEvent
@@ -129,8 +136,11 @@ class Model:
 
 def wipe(engine: Engine) -> None:
     """Empty every billing and webhook table (each example starts from nothing)."""
+    metadatas = [Base.metadata, WebhooksBase.metadata]
+    if engine.dialect.name == "postgresql":  # the idempotency keys outlive deleted events
+        metadatas.append(POSTGRESQL_METADATA)
     with engine.begin() as conn:
-        for metadata in (Base.metadata, WebhooksBase.metadata):
+        for metadata in metadatas:
             for table in reversed(metadata.sorted_tables):
                 conn.execute(delete(table))
 
