@@ -237,6 +237,30 @@ def invoice_mark_uncollectible(client, b, a, session_factory) -> None:
     assert client.post(path, headers=b).status_code == 403
 
 
+def invoices_upcoming(client, b, a, session_factory) -> None:
+    # B's own preview: none of A's usage (40 tokens this month) is in it.
+    response = client.get("/_billing/invoices/upcoming?currency=usd", headers=b)
+    assert response.status_code == 200
+    assert (response.json()["lines"], response.json()["total_amount"]) == ([], 0)
+
+
+def tenant_invoices_upcoming(client, b, a, session_factory) -> None:
+    path = "/_billing/tenants/A/invoices/upcoming?currency=usd"
+    assert client.get(path, headers=b).status_code == 403
+
+
+def tenants_get(client, b, a, session_factory) -> None:
+    assert client.get("/_billing/tenants", headers=b).status_code == 403
+    assert client.get("/_billing/tenants/A", headers=b).status_code == 403
+
+
+def tenant_put(client, b, a, session_factory) -> None:
+    # The zone moves invoiced days: only operators set it, for B as for A.
+    for tenant in ("A", "B"):
+        body = {"timezone": "America/New_York"}
+        assert client.put(f"/_billing/tenants/{tenant}", json=body, headers=b).status_code == 403
+
+
 def quotas_get(client, b, a, session_factory) -> None:
     assert client.get("/_billing/quotas", headers=b).json()["items"] == []
 
@@ -265,6 +289,11 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/_billing/invoices/{invoice_id}/credit-notes"): invoice_credit,
     ("POST", "/_billing/invoices/{invoice_id}/finalize"): invoice_finalize,
     ("POST", "/_billing/invoices/{invoice_id}/mark-uncollectible"): invoice_mark_uncollectible,
+    ("GET", "/_billing/invoices/upcoming"): invoices_upcoming,
+    ("GET", "/_billing/tenants/{tenant_id}/invoices/upcoming"): tenant_invoices_upcoming,
+    ("GET", "/_billing/tenants"): tenants_get,
+    ("GET", "/_billing/tenants/{tenant_id}"): tenants_get,
+    ("PUT", "/_billing/tenants/{tenant_id}"): tenant_put,
     ("GET", "/_billing/quotas"): quotas_get,
 }
 
