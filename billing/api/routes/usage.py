@@ -46,7 +46,6 @@ from billing.errors import (
     TooManyMetricsError,
 )
 from billing.ledger import Recorded, stored_events
-from billing.lifecycle import InvoicePolicy
 from billing.service import BillingService
 
 router = APIRouter(tags=["usage"])
@@ -177,7 +176,7 @@ def _service(session: Session, tenant_id: str, api: BillingApi) -> BillingServic
         tenant_id=tenant_id,
         now=api.clock,
         max_usage_age=api.usage_max_age,
-        policy=InvoicePolicy(late_usage=api.late_usage),
+        policy=api.policy(),
         max_metrics_per_tenant=api.max_metrics_per_tenant,
     )
 

@@ -146,3 +146,33 @@ def test_the_invoice_routes_follow_the_deployments_policy_and_clock(
         "2025-03-15T12:00:00Z",
     )
     assert paid.json()["paid_at"] == "2025-03-15T12:00:00Z"
+
+
+def test_usage_posted_re_prices_a_draft_with_the_deployments_late_usage_lookback(
+    session_factory, a_key, usage
+) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from billing.api import add_billing
+
+    # January (ended 42 days before NOW) is inside a 60-day lookback, outside the default 35.
+    policy = InvoicePolicy(grace_period=DAY, late_usage_lookback=timedelta(days=60))
+    january = datetime(2025, 1, 1, tzinfo=UTC)
+    with session_factory.begin() as session:
+        BillingService(
+            session=session, tenant_id="A", now=lambda: NOW, policy=InvoicePolicy()
+        ).generate_monthly_invoice(period_start=january, period_end=FEBRUARY, currency="usd")
+        a = BillingService(session=session, tenant_id="A", now=lambda: NOW, policy=policy)
+        a.record_usage(metric="tokens", amount=10, at=january + DAY, idempotency_key="late")
+        draft_id = a.generate_monthly_invoice(
+            period_start=FEBRUARY, period_end=MARCH, currency="usd"
+        )
+    app = FastAPI()
+    add_billing(app, session_factory=session_factory, clock=lambda: NOW, invoice_policy=policy)
+    body = {"metric": "tokens", "amount": 45, "at": "2025-02-20T00:00:00Z", "idempotency_key": "k"}
+    with TestClient(app) as client:
+        assert client.post("/_billing/usage", json=body, headers=a_key).status_code == 202
+        draft = client.get(f"/_billing/invoices/{draft_id}", headers=a_key).json()
+    # The fee, 50 tokens of February and January's 10 late tokens as an adjustment.
+    assert (draft["status"], draft["total_amount"]) == ("draft", 1000 + 2 * 50 + 2 * 10)
