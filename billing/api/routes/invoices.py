@@ -81,9 +81,9 @@ def list_tenant_invoices(
 def upcoming_invoice(
     principal: Reader, session: SessionDep, api: ApiDep, currency: Currency
 ) -> InvoicePreviewOut:
-    """The lines and total the invoice of the calendar month (UTC) containing now would have
-    with the usage known now; stores nothing. 422 for a malformed currency or one the tenant's
-    plans have no price in."""
+    """The lines and total the invoice of the tenant's month containing now (in its time zone,
+    UTC by default) would have with the usage known now; stores nothing. 422 for a malformed
+    currency or one the tenant's plans have no price in."""
     return _upcoming(session, principal.tenant_id, api, currency)
 
 
