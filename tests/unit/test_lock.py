@@ -17,6 +17,16 @@ def declared_requirements() -> list[Requirement]:
     return [Requirement(line) for line in [*project["dependencies"], *extras]]
 
 
+def pin_markers() -> dict[str, str]:
+    """Each pin's environment marker ("" for a pin that applies everywhere)."""
+    markers: dict[str, str] = {}
+    for raw in (ROOT / "constraints.txt").read_text().splitlines():
+        pin, _, marker = raw.partition(";")
+        if "==" in pin and not pin.lstrip().startswith("#"):
+            markers[canonicalize_name(pin.partition("==")[0].strip())] = marker.strip()
+    return markers
+
+
 def pinned_versions() -> dict[str, str]:
     pins: dict[str, str] = {}
     for raw in (ROOT / "constraints.txt").read_text().splitlines():
@@ -40,3 +50,19 @@ def test_every_declared_dependency_is_pinned_within_its_specifier() -> None:
 
 def test_every_pin_is_exact() -> None:
     assert all(version for version in pinned_versions().values())
+
+
+def test_a_dependency_declared_for_every_platform_is_pinned_for_every_platform() -> None:
+    markers = pin_markers()
+    narrowed = [
+        f"{req.name}: {markers[canonicalize_name(req.name)]}"
+        for req in declared_requirements()
+        if req.marker is None and markers.get(canonicalize_name(req.name))
+    ]
+    assert not narrowed, f"pinned only for some platforms: {narrowed}: run scripts/lock"
+
+
+def test_tzdata_is_a_dependency_so_zones_resolve_without_an_os_zone_database() -> None:
+    names = {canonicalize_name(req.name) for req in declared_requirements()}
+    assert "tzdata" in names
+    assert pin_markers()["tzdata"] == ""

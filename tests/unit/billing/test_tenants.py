@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -145,3 +148,19 @@ def test_a_refused_zone_change_creates_no_row_either(session) -> None:
     with pytest.raises(TimezoneLockedError):
         set_tenant(session, "t1", name="Acme", timezone="Asia/Kathmandu")
     assert session.scalar(select(func.count()).select_from(Tenant)) == 0
+
+
+def test_zones_resolve_from_the_tzdata_package_when_the_os_has_no_zone_database() -> None:
+    # PYTHONTZPATH="" leaves zoneinfo no system directory: only the tzdata package answers.
+    probe = (
+        "from billing.tenants import known_zones, validate_timezone, zone;"
+        "from datetime import datetime;"
+        "assert {'Asia/Kathmandu', 'America/New_York'} <= known_zones();"
+        "print(datetime(2025, 3, 1, tzinfo=zone(validate_timezone('Asia/Kathmandu'))).isoformat())"
+    )
+    env = {**os.environ, "PYTHONTZPATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2025-03-01T00:00:00+05:45"
