@@ -8,7 +8,7 @@ bills nothing in the period.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, or_
 
@@ -22,14 +22,3 @@ def subscription_active_in(start: datetime, end: datetime) -> ColumnElement[bool
         or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),
     )
 
-
-def month_containing(moment: datetime) -> tuple[datetime, datetime]:
-    """`[start, end)` of the UTC calendar month containing `moment` (the invoice period)."""
-    utc = moment.astimezone(UTC)
-    start = utc.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else start.replace(month=start.month + 1)
-    )
-    return start, end

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -71,6 +71,20 @@ def test_months_are_local_calendar_months() -> None:
         at(2025, 12, 31, 18, 15),
         at(2026, 1, 31, 18, 15),
     )
+
+
+@pytest.mark.parametrize(
+    ("moment", "period"),
+    [
+        (at(2025, 12, 31, 23, 59), (at(2025, 12, 1), at(2026, 1, 1))),
+        (at(2026, 1, 1), (at(2026, 1, 1), at(2026, 2, 1))),
+        # An instant given in another offset is placed by its UTC value.
+        (datetime(2025, 3, 1, 0, 30, tzinfo=timezone(HOUR)), (at(2025, 2, 1), at(2025, 3, 1))),
+    ],
+)
+def test_a_utc_month_is_the_calendar_month_across_a_year_end(moment, period) -> None:
+    assert local_month(UTC, moment) == period
+    assert local_month(UTC, moment).start.tzinfo is UTC
 
 
 def test_previous_day_and_month_are_the_last_ones_ended() -> None:

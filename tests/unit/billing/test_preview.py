@@ -3,14 +3,13 @@ nothing, for the caller's tenant only. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
 
 from billing import BillingService, CurrencyMismatchError, InvalidPeriodError, InvoicePolicy
 from billing.models import Base, Invoice
-from billing.periods import month_containing
 from tests.unit.billing.test_lifecycle import FEB, JAN, MAR, lines_of, seed_plan
 from webhooks.models import Base as WebhooksBase
 
@@ -143,18 +142,3 @@ def test_a_currency_the_plan_has_no_price_in_is_refused(session, plan) -> None:
     with pytest.raises(CurrencyMismatchError):
         service(session).preview_upcoming_invoice(currency="eur")
 
-
-@pytest.mark.parametrize(
-    ("moment", "period"),
-    [
-        (datetime(2025, 12, 31, 23, 59, tzinfo=UTC), (2025, 12, 2026, 1)),
-        (datetime(2026, 1, 1, tzinfo=UTC), (2026, 1, 2026, 2)),
-        (datetime(2025, 3, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))), (2025, 2, 2025, 3)),
-    ],
-)
-def test_month_containing(moment, period) -> None:
-    start, end = month_containing(moment)
-    assert (start.year, start.month, end.year, end.month) == period
-    assert start.tzinfo is UTC
-    assert start.day == end.day == 1
-    assert start.hour == 0
