@@ -21,4 +21,3 @@ def subscription_active_in(start: datetime, end: datetime) -> ColumnElement[bool
         Subscription.effective_at < end,
         or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),
     )
-

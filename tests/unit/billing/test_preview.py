@@ -141,4 +141,3 @@ def test_a_malformed_period_or_currency_is_refused(session, plan, start, end, cu
 def test_a_currency_the_plan_has_no_price_in_is_refused(session, plan) -> None:
     with pytest.raises(CurrencyMismatchError):
         service(session).preview_upcoming_invoice(currency="eur")
-
