@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 from dramatiq import Broker
@@ -204,14 +205,23 @@ def _problems(report: StatusReport, settings: WorkerSettings, stale_usage: bool)
 
 
 def dead_letter_line(letter: DeadLetter) -> str:
-    """`billing.generate_monthly_invoice for tenant t1 is dead (message …): <why>`."""
+    """`billing.generate_monthly_invoice for tenant t1 is dead (message …): <why>`.
+
+    The `for …` part names the payload's tenant (or else invoice); it is left out when the
+    payload has neither, or only an empty one."""
     payload = letter.args[0] if letter.args and isinstance(letter.args[0], dict) else {}
-    owner = "tenant" if "tenant_id" in payload else "invoice"
-    subject = payload.get(f"{owner}_id", "?")
     return (
-        f"{letter.actor_name} for {owner} {subject} is dead (message {letter.message_id}): "
+        f"{letter.actor_name}{_about(payload)} is dead (message {letter.message_id}): "
         f"{letter.last_error or 'no reason recorded'}"
     )
+
+
+def _about(payload: dict[str, Any]) -> str:
+    for owner in ("tenant", "invoice"):
+        named = str(payload.get(f"{owner}_id") or "").strip()
+        if named:
+            return f" for {owner} {named}"
+    return ""
 
 
 # --- the figures --------------------------------------------------------------------------

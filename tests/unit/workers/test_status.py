@@ -16,8 +16,9 @@ from webhooks.models import WebhookSubscription as Subscription
 from workers import actors
 from workers.broker import QUEUE_NAME, build_broker
 from workers.cli import main
+from workers.queues import DeadLetter
 from workers.settings import WorkerSettings
-from workers.status import collect_status
+from workers.status import collect_status, dead_letter_line
 from workers.status_view import format_status, status_json
 
 from .conftest import add_plan, subscribe, use
@@ -392,3 +393,42 @@ def test_the_command_exits_2_when_the_database_cannot_be_read(monkeypatch, capsy
     assert main(["status"]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("billing status: cannot use the database at postgresql://billing@")
+
+
+def letter(args) -> DeadLetter:
+    return DeadLetter("m1", "billing.sync_invoice", args, 0, None, "InvalidPayloadError: why")
+
+
+@pytest.mark.parametrize(
+    ("args", "about"),
+    [
+        ([{"invoice_id": "inv_1"}], " for invoice inv_1"),
+        ([{"tenant_id": "t1", "invoice_id": "inv_1"}], " for tenant t1"),
+        ([{"tenant_id": "", "invoice_id": "inv_1"}], " for invoice inv_1"),
+        ([{"invoice_id": ""}], ""),
+        ([{"invoice_id": "  "}], ""),
+        ([{"invoice_id": None}], ""),
+        ([{}], ""),
+        ([], ""),
+        (["not a payload"], ""),
+    ],
+)
+def test_a_dead_letter_line_names_a_tenant_or_invoice_only_when_the_payload_has_one(
+    args, about
+) -> None:
+    assert dead_letter_line(letter(args)) == (
+        f"billing.sync_invoice{about} is dead (message m1): InvalidPayloadError: why"
+    )
+
+
+def test_a_dead_job_with_an_empty_invoice_id_is_named_without_one(
+    session_factory, fake_redis_broker
+) -> None:
+    dead_letter_one(
+        fake_redis_broker, session_factory, lambda: actors.sync_invoice.send({"invoice_id": ""})
+    )
+    report = status(session_factory, fake_redis_broker, now=datetime.now(UTC))
+    [letter_] = report.queues[0].recent_dead_letters
+    assert report.problems[1].startswith(
+        f"billing.sync_invoice is dead (message {letter_.message_id}): InvalidPayloadError"
+    )
