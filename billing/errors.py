@@ -14,7 +14,7 @@ BillingError
 ├── CatalogError               a catalogue file is malformed (names file, entry, field); permanent
 ├── InvalidCreditNoteError     a credit note's amount, lines or reason is malformed; permanent
 ├── CreditExceedsInvoiceError  credit notes would exceed the invoice's total; permanent
-├── InvalidTimezoneError       not an IANA time zone name; permanent
+├── InvalidTimezoneError       not an IANA time zone name, or not in this machine's; permanent
 ├── TimezoneLockedError        the tenant's zone cannot change: it has invoices; permanent
 ├── PeriodClosedError          usage in a finalized period (LATE_USAGE=reject); permanent
 ├── TooManyMetricsError        a tenant's month already has its limit of distinct metrics; permanent
@@ -214,5 +214,7 @@ PERMANENT_ERRORS: tuple[type[BillingError], ...] = (
     PeriodClosedError,
     TooManyMetricsError,
     AmountOverflowError,
+    InvalidTimezoneError,
 )
-"""Errors that retrying can never fix (Dramatiq's `throws=`)."""
+"""Errors that retrying can never fix (Dramatiq's `throws=`). Only errors a job can raise:
+`CatalogError` and `TimezoneLockedError` come from operators' commands and routes alone."""

@@ -67,8 +67,19 @@ def validate_timezone(name: object) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def zone(name: str) -> tzinfo:
-    """The `tzinfo` of a validated zone name."""
-    return zoneinfo.ZoneInfo(name)
+    """The `tzinfo` of a validated zone name.
+
+    Raises:
+        InvalidTimezoneError: this machine's zone database lacks it (a zone stored by one with
+            a newer database): a job reading it fails for good, until `tzdata` is upgraded.
+    """
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise InvalidTimezoneError(
+            f"time zone {safe_text(name[:64])!r} is not in this machine's zone database: "
+            "upgrade the tzdata package"
+        ) from None
 
 
 def set_tenant(

@@ -12,7 +12,14 @@ from sqlalchemy import func, select
 
 from billing.errors import InvalidTimezoneError, InvalidUsageError, TimezoneLockedError
 from billing.models import Invoice, Tenant, UsageAggregate
-from billing.tenants import get_tenant, list_tenants, set_tenant, validate_timezone, zone_name_of
+from billing.tenants import (
+    get_tenant,
+    list_tenants,
+    set_tenant,
+    validate_timezone,
+    zone,
+    zone_name_of,
+)
 from workers.cli import main
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
@@ -164,3 +171,10 @@ def test_zones_resolve_from_the_tzdata_package_when_the_os_has_no_zone_database(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2025-03-01T00:00:00+05:45"
+
+
+def test_a_stored_zone_this_machine_does_not_know_is_a_typed_error() -> None:
+    with pytest.raises(InvalidTimezoneError, match="not in this machine's zone database"):
+        zone("Mars/Olympus")
+    with pytest.raises(InvalidTimezoneError):
+        zone("../etc/passwd")

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from billing.models import Invoice, UsageAggregate
+from billing.models import Invoice, Tenant, UsageAggregate
 from workers import actors
 from workers.broker import QUEUE_NAME
 from workers.errors import InvalidPayloadError
@@ -94,15 +94,20 @@ def test_the_same_message_delivered_three_times_leaves_one_row_and_one_event(
         assert session.execute(select(func.count()).select_from(UsageAggregate)).scalar_one() == 1
 
 
+def assert_dead_lettered_at_once(stub_broker, stub_worker) -> None:
+    """The one message sent failed without a retry and is the one dead letter."""
+    stub_broker.join(QUEUE_NAME, timeout=JOIN_MS, fail_fast=False)
+    stub_worker.join()
+    [dead] = stub_broker.dead_letters
+    assert dead.options.get("retries", 0) == 0
+
+
 def test_a_bad_payload_is_dead_lettered_at_once_and_logged(
     stub_broker, stub_worker, bound, caplog
 ) -> None:
     caplog.set_level(logging.INFO)
     actors.aggregate_daily.send({"tenant_id": "t1", "metric": "tokens", "day_start": "2025-01-01"})
-    stub_broker.join(QUEUE_NAME, timeout=JOIN_MS, fail_fast=False)
-    stub_worker.join()
-    [dead] = stub_broker.dead_letters
-    assert dead.options.get("retries", 0) == 0
+    assert_dead_lettered_at_once(stub_broker, stub_worker)
     assert "billing.aggregate_daily not run" in caplog.text
     assert "dead-lettering message" in caplog.text
     assert "day_start" in caplog.text
@@ -167,3 +172,18 @@ def test_an_unbound_worker_says_what_is_missing(stub_broker, stub_worker, caplog
     stub_broker.join(QUEUE_NAME, timeout=JOIN_MS, fail_fast=False)
     stub_worker.join()
     assert "workers.actors.bind(session_factory)" in caplog.text
+
+
+def test_a_tenant_zone_missing_from_this_machines_database_is_dead_lettered_at_once(
+    stub_broker, stub_worker, bound, seeded, caplog
+) -> None:
+    # Stored by a machine whose zone database has it; this worker's has not.
+    seeded([("t1", 5, JAN)])
+    with bound.begin() as session:
+        session.add(Tenant(id="t1", name="t1", timezone="Mars/Olympus", created_at=JAN))
+    actors.enqueue_aggregate_daily(tenant_id="t1", metric="tokens", day_start=JAN)
+    assert_dead_lettered_at_once(stub_broker, stub_worker)
+    assert "InvalidTimezoneError" in caplog.text
+    assert "'Mars/Olympus' is not in this machine's zone database" in caplog.text
+    with bound() as session:
+        assert session.execute(select(func.count()).select_from(UsageAggregate)).scalar_one() == 0
