@@ -1,11 +1,13 @@
 """Properties of the per-zone fan-out: whatever the events and zones, hourly fires (from one
 scheduler or two racing ones) leave each tenant one aggregate per local day with usage, equal
-to a recomputation over its raw events, each (tenant, day) enqueued once."""
+to a recomputation over its raw events, each (tenant, day) enqueued once. On SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -14,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
 
 from billing import BillingService
 from billing.db import make_engine, make_session_factory
@@ -21,6 +24,7 @@ from billing.localtime import local_day
 from billing.migrate import upgrade
 from billing.models import UsageAggregate
 from billing.tenants import set_tenant
+from tests.conftest import truncate_all
 from workers.locks import RedisFireLock
 from workers.scheduler import BillingScheduler, FireBusy
 from workers.settings import WorkerSettings
@@ -55,6 +59,21 @@ def fresh_factory(template: bytes, folder):
     path = folder / f"db-{threading.get_ident()}-{datetime.now().timestamp()}.sqlite3"
     path.write_bytes(template)
     return make_session_factory(make_engine(f"sqlite:///{path}"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def fresh(request, template, tmp_path) -> Callable[[], sessionmaker]:
+    """`fresh()`: a session factory on an empty migrated database, one per Hypothesis example
+    (a copy of a SQLite file; the PostgreSQL test database, truncated)."""
+    if request.param == "sqlite":
+        return lambda: fresh_factory(template, tmp_path)
+    engine = request.getfixturevalue("pg_engine")
+
+    def emptied() -> sessionmaker:
+        truncate_all(engine)
+        return make_session_factory(engine)
+
+    return emptied
 
 
 def seed(factory, zones: list[str], rows) -> dict[str, ZoneInfo]:
@@ -94,10 +113,8 @@ def stored(factory) -> dict:
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(zones=st.lists(st.sampled_from(ZONES), min_size=4, max_size=4), rows=events)
-def test_hourly_fires_aggregate_every_local_day_once_as_recomputed(
-    template, tmp_path, zones, rows
-) -> None:
-    factory = fresh_factory(template, tmp_path)
+def test_hourly_fires_aggregate_every_local_day_once_as_recomputed(fresh, zones, rows) -> None:
+    factory = fresh()
     tenants = seed(factory, zones, rows)
     jobs = InlineJobs(factory)
     scheduler = BillingScheduler(
@@ -116,8 +133,8 @@ def test_hourly_fires_aggregate_every_local_day_once_as_recomputed(
     assert len(jobs.days) == len(set(jobs.days)) == len(want)
 
 
-def test_two_racing_schedulers_enqueue_each_zones_day_once(template, tmp_path) -> None:
-    factory = fresh_factory(template, tmp_path)
+def test_two_racing_schedulers_enqueue_each_zones_day_once(fresh) -> None:
+    factory = fresh()
     rows = [(n, 3600 * h, 1) for n in range(4) for h in range(0, 72, 5)]
     tenants = seed(factory, ZONES, rows)
     jobs = InlineJobs(factory)
