@@ -108,6 +108,12 @@ def test_a_fixed_fee_is_prorated_to_the_microsecond() -> None:
     assert fixed_amount(fee, timedelta(days=1), timedelta(days=1)) == 86_400_000_000
 
 
+def test_a_microsecond_is_a_millionth_of_a_second_of_the_period() -> None:
+    # One microsecond of a one-second period: exactly a millionth of the fee, nothing to round.
+    fee = Price(key="fee", currency="usd", unit_amount=10**12)
+    assert fixed_amount(fee, timedelta(microseconds=1), timedelta(seconds=1)) == 10**6
+
+
 def test_a_tier_without_a_unit_amount_bills_its_flat_amount_only() -> None:
     tiers = parse_tiers([{"up_to": None, "flat_amount": 100}])
     assert tiers == [Tier(None, Fraction(0), 100)]
