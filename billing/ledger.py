@@ -131,8 +131,51 @@ def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) 
     reused with another amount or time raises `IdempotencyConflictError`. A conflict can only be
     found after the insert; the caller then rolls its transaction back, as for any error.
     """
+    return store(session, tenant_id, events).results
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What `store` did: each event's outcome, in order, and the drafts it touched.
+
+    `drafts` are the ids (in id order, the order to lock them in) of the tenant's draft
+    invoices whose period holds a newly stored event, found by the storing statement itself
+    on PostgreSQL; None where they were not looked up (SQLite): `invoicing.drafts_covering`.
+    """
+
+    results: list[Recorded]
+    drafts: list[str] | None
+
+
+def store(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> Stored:
+    """`record_many`, also saying which drafts the new events fall in (see `Stored`)."""
+    stored = _store(session, tenant_id, events, known_metrics_only=False)
+    assert stored is not None, "only a store of known metrics stores nothing"
+    return stored
+
+
+def store_known_metrics(
+    session: Session, tenant_id: str, events: Sequence[UsageInput]
+) -> Stored | None:
+    """`store`, in one statement, if every event's (UTC month, metric) already has a
+    `usage_counters` row; else None, and nothing is stored (the caller checks the tenant's
+    metric limit, `billing.metric_limit`, then calls `store`).
+
+    The check and the insert share the statement's snapshot, as `metric_guard`'s lookup and the
+    insert did in two. None too where they cannot share one: SQLite, COPY-staged batches and
+    batches of more than `INSERT_CHUNK` events.
+    """
+    return _store(session, tenant_id, events, known_metrics_only=True)
+
+
+def _store(
+    session: Session, tenant_id: str, events: Sequence[UsageInput], *, known_metrics_only: bool
+) -> Stored | None:
     unique = _dedupe(events)
-    inserted = _insert_new(session, tenant_id, unique)
+    written = _insert_new(session, tenant_id, unique, known_metrics_only=known_metrics_only)
+    if written is None:
+        return None
+    inserted, drafts = written
     existing: dict[tuple[str, str], str] = {}
     missing = [e for e in unique if (e.metric, e.idempotency_key) not in inserted]
     for start in range(0, len(missing), INSERT_CHUNK):
@@ -146,28 +189,47 @@ def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) 
         else:
             results.append(Recorded(inserted.get(key) or existing[key], duplicate=True))
         seen.add(key)
-    return results
+    return Stored(results, drafts)
+
+
+Inserted = dict[tuple[str, str], str]
 
 
 def _insert_new(
-    session: Session, tenant_id: str, events: Sequence[UsageInput]
-) -> dict[tuple[str, str], str]:
-    """Insert the events whose keys are new; return their ids by (metric, key)."""
-    insert_chunk = _insert_new_values
-    if session.get_bind().dialect.name == "postgresql":
-        connection = session.connection().connection.dbapi_connection
-        if len(events) >= COPY_THRESHOLD and not getattr(connection, "autocommit", True):
-            return _insert_new_copy(session, tenant_id, events)
-        insert_chunk = _insert_new_postgresql
-    inserted: dict[tuple[str, str], str] = {}
+    session: Session, tenant_id: str, events: Sequence[UsageInput], *, known_metrics_only: bool
+) -> tuple[Inserted, list[str] | None] | None:
+    """Insert the events whose keys are new; their ids by (metric, key), and the drafts.
+
+    None (nothing inserted) if `known_metrics_only` and the path cannot check the metrics in
+    its statement, or some (month, metric) has no counter row yet.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        if known_metrics_only:
+            return None
+        inserted: Inserted = {}
+        for start in range(0, len(events), INSERT_CHUNK):
+            inserted.update(
+                _insert_new_values(session, tenant_id, events[start : start + INSERT_CHUNK])
+            )
+        return inserted, None
+    connection = session.connection().connection.dbapi_connection
+    if len(events) >= COPY_THRESHOLD and not getattr(connection, "autocommit", True):
+        return None if known_metrics_only else _insert_new_copy(session, tenant_id, events)
+    if known_metrics_only and len(events) > INSERT_CHUNK:
+        return None
+    inserted = {}
+    drafts: set[str] = set()
     for start in range(0, len(events), INSERT_CHUNK):
-        inserted.update(insert_chunk(session, tenant_id, events[start : start + INSERT_CHUNK]))
-    return inserted
+        chunk = events[start : start + INSERT_CHUNK]
+        written = _insert_new_postgresql(session, tenant_id, chunk, known_metrics_only)
+        if written is None:
+            return None
+        inserted.update(written[0])
+        drafts.update(written[1])
+    return inserted, sorted(drafts)
 
 
-def _insert_new_values(
-    session: Session, tenant_id: str, events: Sequence[UsageInput]
-) -> dict[tuple[str, str], str]:
+def _insert_new_values(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> Inserted:
     now = utcnow()
     rows = [
         {
@@ -191,20 +253,43 @@ def _insert_new_values(
 # PostgreSQL: `{source}` (the events, with their new ids) claims its keys in usage_event_keys;
 # the events whose keys it claimed are stored. A concurrent sender of the same key waits on the
 # key's row and then claims nothing, as ON CONFLICT on usage_events itself did before.
+# With `known_only`, nothing is claimed if an event's (UTC month, metric) has no month row in
+# usage_counters (the metric limit must be checked first): one row of NULLs says so. The same
+# statement finds the tenant's drafts holding a stored event (rows with a NULL metric), which
+# the caller re-prices: one round trip for what took three.
 _CLAIM_AND_STORE = """
 WITH source AS ({source}),
+unknown AS (
+    SELECT 1 FROM source AS s
+    WHERE %(known_only)s AND NOT EXISTS (
+        SELECT FROM usage_counters AS c
+        WHERE c.tenant_id = %(tenant_id)s AND c.granularity = 'month'
+          AND c.period_start = date_trunc('month', s.at_ts, 'UTC') AND c.metric = s.metric
+    )
+    LIMIT 1
+),
 claimed AS (
     INSERT INTO usage_event_keys (tenant_id, metric, idempotency_key, at_ts, amount, event_id)
     SELECT %(tenant_id)s, metric, idempotency_key, at_ts, amount, id FROM source
+    WHERE NOT EXISTS (SELECT FROM unknown)
     ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING
     RETURNING event_id
+),
+stored AS (
+    INSERT INTO usage_events
+        (id, tenant_id, metric, amount, at_ts, idempotency_key, metadata_json, created_at)
+    SELECT s.id, %(tenant_id)s, s.metric, s.amount, s.at_ts, s.idempotency_key,
+           s.metadata_json, %(now)s
+    FROM source AS s JOIN claimed AS c ON c.event_id = s.id
+    RETURNING id, metric, idempotency_key, at_ts
 )
-INSERT INTO usage_events
-    (id, tenant_id, metric, amount, at_ts, idempotency_key, metadata_json, created_at)
-SELECT s.id, %(tenant_id)s, s.metric, s.amount, s.at_ts, s.idempotency_key, s.metadata_json,
-       %(now)s
-FROM source AS s JOIN claimed AS c ON c.event_id = s.id
-RETURNING id, metric, idempotency_key
+SELECT id, metric, idempotency_key FROM stored
+UNION ALL
+SELECT i.id, NULL, NULL FROM invoices AS i
+WHERE i.tenant_id = %(tenant_id)s AND i.status = 'draft'
+  AND EXISTS (SELECT FROM stored AS s WHERE i.period_start <= s.at_ts AND s.at_ts < i.period_end)
+UNION ALL
+SELECT NULL, NULL, NULL FROM unknown
 """
 # One statement text whatever the batch size: the columns travel as arrays, so psycopg parses
 # and prepares it once, instead of parsing a new 8,000-placeholder VALUES list per batch.
@@ -216,12 +301,28 @@ _UNNEST_INSERT = _CLAIM_AND_STORE.format(
 )
 
 
+def _claimed(rows: Iterable[Any]) -> tuple[Inserted, list[str]] | None:
+    """The ids of the stored events by (metric, key), and the drafts; None if nothing was
+    stored for an unknown metric."""
+    inserted: Inserted = {}
+    drafts: list[str] = []
+    for row_id, metric, key in rows:
+        if row_id is None:
+            return None
+        if metric is None:
+            drafts.append(row_id)
+        else:
+            inserted[(metric, key)] = row_id
+    return inserted, sorted(drafts)
+
+
 def _insert_new_postgresql(
-    session: Session, tenant_id: str, events: Sequence[UsageInput]
-) -> dict[tuple[str, str], str]:
+    session: Session, tenant_id: str, events: Sequence[UsageInput], known_only: bool
+) -> tuple[Inserted, list[str]] | None:
     params = {
         "tenant_id": tenant_id,
         "now": utcnow(),
+        "known_only": known_only,
         "ids": [new_id() for _ in events],
         "metrics": [e.metric for e in events],
         "amounts": [e.amount for e in events],
@@ -229,8 +330,7 @@ def _insert_new_postgresql(
         "keys": [e.idempotency_key for e in events],
         "metadata": [None if e.metadata is None else Json(e.metadata) for e in events],
     }
-    result = session.connection().exec_driver_sql(_UNNEST_INSERT, params)
-    return {(metric, key): event_id for event_id, metric, key in result}
+    return _claimed(session.connection().exec_driver_sql(_UNNEST_INSERT, params))
 
 
 # COPY-stage, for batches inside a transaction: the events are COPYed (binary) into a temporary
@@ -260,7 +360,7 @@ _FROM_STAGE = _CLAIM_AND_STORE.format(source="DELETE FROM billing_usage_stage RE
 
 def _insert_new_copy(
     session: Session, tenant_id: str, events: Sequence[UsageInput]
-) -> dict[tuple[str, str], str]:
+) -> tuple[Inserted, list[str]]:
     # The statements go through SQLAlchemy, so a refusal (a counter out of range…) raises its
     # usual exceptions; COPY, which SQLAlchemy has no API for, has its errors wrapped alike.
     sql = session.connection()
@@ -274,8 +374,10 @@ def _insert_new_copy(
                 copy.write_row((e.metric, e.amount, e.at, e.idempotency_key, metadata))
     except psycopg.Error as error:
         raise DBAPIError.instance(_STAGE_COPY, None, error, psycopg.Error) from error
-    result = sql.exec_driver_sql(_FROM_STAGE, {"tenant_id": tenant_id, "now": utcnow()})
-    return {(metric, key): event_id for event_id, metric, key in result}
+    params = {"tenant_id": tenant_id, "now": utcnow(), "known_only": False}
+    written = _claimed(sql.exec_driver_sql(_FROM_STAGE, params))
+    assert written is not None, "a store that checks no metric stores every new key"
+    return written
 
 
 def _match_existing(

@@ -147,11 +147,11 @@ class BillingService:
         if late and self.policy.late_usage == "reject":
             self._refuse_late(events, late, batch=batch)
         try:
-            with metric_guard(self.session, self.tenant_id, events, self.max_metrics_per_tenant):
-                results = ledger.record_many(self.session, self.tenant_id, events)
+            stored = self._record(events)
         except (IdempotencyConflictError, TooManyMetricsError):
             metrics.USAGE_REJECTED.inc(len(events))
             raise
+        results = stored.results
         duplicates = sum(r.duplicate for r in results)
         if duplicates:
             metrics.USAGE_DUPLICATE.inc(duplicates)
@@ -160,10 +160,25 @@ class BillingService:
             ignored = sum(not results[index].duplicate for index in late)
             if ignored:
                 metrics.LATE_USAGE_IGNORED.inc(ignored)
-        self._reprice_drafts(
-            [e.at for e, r in zip(events, results, strict=True) if not r.duplicate]
-        )
+        if stored.drafts is None:
+            new_times = [e.at for e, r in zip(events, results, strict=True) if not r.duplicate]
+            drafts = invoicing.drafts_covering(self.session, self.tenant_id, new_times)
+        else:
+            drafts = stored.drafts
+        for invoice_id in drafts:  # re-price the drafts holding new usage, in this transaction
+            self._reprice(invoice_id)
         return results
+
+    def _record(self, events: list[ledger.UsageInput]) -> ledger.Stored:
+        """Store the events within the metric limit: in one statement when their metrics are
+        known in their months (the usual case), else after `metric_guard`'s check."""
+        limit = self.max_metrics_per_tenant
+        if limit is not None:
+            stored = ledger.store_known_metrics(self.session, self.tenant_id, events)
+            if stored is not None:
+                return stored
+        with metric_guard(self.session, self.tenant_id, events, limit):
+            return ledger.store(self.session, self.tenant_id, events)
 
     def _late(self, events: list[ledger.UsageInput]) -> dict[int, late_usage.ClosedPeriod]:
         """The events in closed periods, when the policy cares (`next_invoice` never looks)."""
@@ -186,11 +201,6 @@ class BillingService:
             if (event.metric, event.idempotency_key) not in stored:
                 metrics.USAGE_REJECTED.inc(len(events))
                 raise late_usage.period_closed(period, event.at, index=index if batch else None)
-
-    def _reprice_drafts(self, times: list[datetime]) -> None:
-        """Re-price the drafts whose period holds newly stored usage, in this transaction."""
-        for invoice_id in invoicing.drafts_covering(self.session, self.tenant_id, times):
-            self._reprice(invoice_id)
 
     def aggregate_daily(self, *, metric: str, day_start: datetime) -> int:
         """Compute and upsert the total of `metric` over the tenant's local day containing

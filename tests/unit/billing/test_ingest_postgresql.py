@@ -15,12 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.event import listen
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing import BillingService, IdempotencyConflictError, ledger
+from billing import BillingService, IdempotencyConflictError, TooManyMetricsError, ledger
 from billing.db import make_engine, make_session_factory
-from billing.models import UsageEvent
+from billing.models import Invoice, UsageEvent
 
 pytestmark = pytest.mark.postgres
 
@@ -230,3 +231,84 @@ def test_the_database_refusing_a_staged_batch_raises_sqlalchemys_error(
         BillingService(session=session, tenant_id="t1").record_usage_batch(batch)
     with pg_factory() as session:
         assert session.execute(select(func.count()).select_from(UsageEvent)).scalar() == 0
+
+
+def statements(session: Session) -> list[str]:
+    """The SQL statements this session's connection runs from now on (first words)."""
+    sent: list[str] = []
+    listen(session.connection(), "before_cursor_execute", lambda *a: sent.append(a[2][:40]))
+    return sent
+
+
+@pytest.mark.parametrize("limit", [None, 1000])
+def test_an_event_of_a_metric_known_in_its_month_is_stored_by_one_statement(
+    pg_factory: sessionmaker[Session], limit: int | None
+) -> None:
+    """The metric limit's lookup and the drafts' are part of the insert: one round trip."""
+    with pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(**event(1))
+    with pg_factory.begin() as session:
+        sent = statements(session)
+        bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=limit)
+        recorded = bs.ingest_event(**event(2, amount=5))
+        assert len(sent) == 1
+        again = bs.ingest_event(**event(2, amount=5))  # then reads the stored one's id
+    assert (recorded.duplicate, again.duplicate, again.id) == (False, True, recorded.id)
+    with pg_factory() as session:
+        assert [c[-1] for c in counters(session)] == [6, 6]
+
+
+def test_a_metric_new_to_the_events_utc_month_is_checked_against_the_limit(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    """The month is the UTC month of `at`, whatever its offset: 20:00 on January 31st at
+    UTC-5 is February, where "tokens" is new, and February is full (limit 1)."""
+    feb = datetime(2025, 2, 1, tzinfo=UTC)
+    with pg_factory.begin() as session:
+        bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1)
+        bs.record_usage(metric="tokens", amount=1, at=feb - timedelta(days=1), idempotency_key="a")
+        bs.record_usage(metric="calls", amount=1, at=feb, idempotency_key="b")
+    late_january = datetime(2025, 1, 31, 20, 0, tzinfo=timezone(timedelta(hours=-5)))
+    with pytest.raises(TooManyMetricsError), pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1).record_usage(
+            metric="tokens", amount=1, at=late_january, idempotency_key="c"
+        )
+    with pg_factory.begin() as session:  # the last microsecond of January (UTC) is January
+        sent = statements(session)
+        BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1).record_usage(
+            metric="tokens", amount=1, at=feb - timedelta(microseconds=1), idempotency_key="d"
+        )
+        assert len(sent) == 1
+    with pg_factory() as session:
+        assert [k for _, _, k, *_ in stored(session)] == ["b", "a", "d"]
+
+
+def test_store_names_the_drafts_its_new_events_fall_in(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    """Found by the insert itself: drafts of the tenant holding a new (not duplicate) event."""
+    jan, feb = datetime(2025, 1, 1, tzinfo=UTC), datetime(2025, 2, 1, tzinfo=UTC)
+    with pg_factory.begin() as session:
+        for tenant, status in (("t1", "draft"), ("t2", "draft"), ("t3", "open")):
+            session.add(
+                Invoice(
+                    tenant_id=tenant,
+                    period_start=jan,
+                    period_end=feb,
+                    currency="usd",
+                    status=status,
+                    total_amount=0,
+                )
+            )
+        session.flush()
+        draft = session.execute(select(Invoice.id).where(Invoice.tenant_id == "t1")).scalar()
+
+        def drafts(tenant: str, key: int, at: datetime) -> list[str] | None:
+            sent = ledger.validate_usage(**{**event(key), "at": at})
+            return ledger.store(session, tenant, [sent]).drafts
+
+        assert drafts("t1", 1, jan) == [draft]
+        assert drafts("t1", 1, jan) == []  # a duplicate
+        assert drafts("t1", 2, feb) == []  # the next period
+        assert drafts("t1", 3, feb - timedelta(microseconds=1)) == [draft]
+        assert drafts("t3", 4, jan) == []  # finalized
