@@ -3,6 +3,7 @@
     python bench/bench_invoices.py [--admin-url postgresql://postgres@127.0.0.1:5432/postgres]
                                    [--redis-url redis://127.0.0.1:6379/0]
                                    [--tenants 10000] [--rounds 3] [--threads 8]
+                                   [--processes 1 2]
 
 Creates a scratch PostgreSQL database and Redis namespace, removed at the end. Each of the
 `--tenants` tenants subscribes to one plan (a monthly fee, a per-token price finer than a cent,
@@ -157,6 +158,9 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1, 2], help="worker processes to run"
+    )
     args = parser.parse_args()
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     try:
@@ -172,10 +176,10 @@ def main() -> None:
 
 def run(url: str, args: argparse.Namespace, namespace: str) -> None:
     print(f"monthly invoice run, {args.tenants:,} tenants, PostgreSQL and Redis, {load()}")
-    rates: dict[int, list[float]] = {1: [], 2: []}
-    walls: dict[int, list[float]] = {1: [], 2: []}
+    rates: dict[int, list[float]] = {n: [] for n in args.processes}
+    walls: dict[int, list[float]] = {n: [] for n in args.processes}
     for round_ in range(args.rounds):
-        for processes in (1, 2):
+        for processes in args.processes:
             rate, wall = one_run(url, args, namespace, processes)
             rates[processes].append(rate)
             walls[processes].append(wall)
@@ -183,7 +187,7 @@ def run(url: str, args: argparse.Namespace, namespace: str) -> None:
                 f"round {round_ + 1}, {processes} × {args.threads}: {rate:,.0f} invoices/s, "
                 f"{wall:.1f} s from the first message ({load()})"
             )
-    for processes in (1, 2):
+    for processes in args.processes:
         median_rate = sorted(rates[processes])[len(rates[processes]) // 2]
         at_scale = AT_SCALE / median_rate
         print(

@@ -8,10 +8,12 @@ draft ──finalize──► open ──pay──► paid
 ```
 
 `open` means finalized: numbered from the deployment's gapless sequence and immutable. `paid`
-and `void` are final. A transition locks the invoice row first (`SELECT … FOR UPDATE` on
-PostgreSQL), so of two racing callers one changes the invoice and the other finds it changed:
-asking for the state an invoice is already in changes nothing and publishes nothing; asking for
-a transition its state forbids raises `InvoiceStateError`. The event is written to the outbox
+and `void` are final. Finalizing takes the number last, after the event is written (which it
+then numbers too), so other finalizers wait on the sequence only until this one commits.
+A transition locks the invoice row first (`SELECT … FOR UPDATE` on PostgreSQL), so of two
+racing callers one changes the invoice and the other finds it changed: asking for the state
+an invoice is already in changes nothing and publishes nothing; asking for a transition its
+state forbids raises `InvoiceStateError`. The event is written to the outbox
 in the caller's transaction, with an id derived from the invoice and the transition.
 """
 
@@ -24,11 +26,12 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from billing.errors import InvoiceStateError, UnknownInvoiceError
 from billing.late_usage import DEFAULT_LOOKBACK, LateUsage
 from billing.models import Invoice
-from billing.numbering import INVOICE_SEQUENCE, next_number
+from billing.numbering import number_invoice
 from billing.tenants import tenant_zone
 
 INVOICE_CREATED = "billing.invoice.created"
@@ -113,7 +116,9 @@ def apply(
     zone: tzinfo | None = None,
 ) -> bool:
     """Move a locked invoice through `transition`; return False if it was already there.
-    The event shows the period in `zone`, the tenant's (read when not given).
+    The event shows the period in `zone`, the tenant's (read when not given). Finalizing, the
+    last statement takes the invoice's number (`billing.numbering.number_invoice`): commit
+    soon after, as every other finalizer waits for it.
 
     Raises:
         InvoiceStateError: the invoice's status does not allow the transition.
@@ -128,7 +133,6 @@ def apply(
         )
     moment = now()
     if transition is FINALIZE:
-        invoice.number = next_number(session, INVOICE_SEQUENCE, policy.number_prefix)
         invoice.finalized_at = moment
     elif transition is PAY:
         invoice.paid_at = moment
@@ -136,12 +140,16 @@ def apply(
         invoice.voided_at = moment
     invoice.status = transition.target
     session.flush()
+    event_id = f"invoice_{transition.event_name}_{invoice.id}"
     outbox.publish(
         session,
         transition.topic,
         state_event(invoice, zone or tenant_zone(session, invoice.tenant_id)),
-        event_id=f"invoice_{transition.event_name}_{invoice.id}",
+        event_id=event_id,
     )
+    if transition is FINALIZE:  # last: the sequence stays locked from here to the commit
+        number = number_invoice(session, invoice.id, event_id, policy.number_prefix)
+        set_committed_value(invoice, "number", number)
     return True
 
 

@@ -7,11 +7,12 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from billing import BillingService, InvoiceStateError
 from billing.db import make_session_factory
-from billing.models import Invoice, InvoiceLine
+from billing.models import Invoice, InvoiceLine, NumberSequence
+from billing.numbering import INVOICE_SEQUENCE
 from tests.integration.billing.test_concurrency import race
 from tests.unit.billing.test_lifecycle import seed_plan
 from webhooks.models import WebhookEvent
@@ -247,3 +248,41 @@ def test_a_finalizer_waiting_for_another_finds_the_invoice_finalized_and_takes_n
 def _finalize_committed(factory, invoice_id: str) -> str | None:
     with factory.begin() as session:
         return BillingService(session=session, tenant_id="t00").finalize_invoice(invoice_id).number
+
+
+def test_a_finalizer_waits_on_another_s_number_only_at_its_own_last_statement(
+    factory, pg_engine, wait_for_lock_waiters
+) -> None:
+    """The sequence's row is locked from the number to the commit: a second finalizer has
+    priced, stored and announced its invoice before it waits, and then takes the next number."""
+    with factory.begin() as session:  # the sequence's row, as after the deployment's first number
+        session.merge(NumberSequence(name=INVOICE_SEQUENCE, last_value=0))
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            sent.append(" ".join(statement.split()[:3]))
+
+    with factory() as first:
+        generate_in(first, TENANTS[0])  # holds the sequence's row until it commits
+        event.listen(pg_engine, "before_cursor_execute", record)
+        numbers: list[str] = []
+        second = threading.Thread(target=lambda: numbers.append(generate(factory, TENANTS[1])))
+        second.start()
+        try:
+            assert wait_for_lock_waiters(pg_engine, 1)
+            waiting_at = list(sent)
+        finally:
+            first.commit()
+            second.join(timeout=30)
+            event.remove(pg_engine, "before_cursor_execute", record)
+    assert waiting_at[-1] == "WITH taken AS"  # the number, last
+    assert waiting_at.count("INSERT INTO webhook_events") == 2  # created and finalized
+    with factory() as session:
+        assert session.get(Invoice, numbers[0]).number == "INV-000002"
+
+
+def generate_in(session, tenant: str) -> str:
+    return BillingService(session=session, tenant_id=tenant).generate_monthly_invoice(
+        period_start=JAN, period_end=FEB, currency="usd"
+    )

@@ -1,8 +1,15 @@
-"""Gapless number sequences: `last_number` reads what `next_number` issued, per sequence."""
+"""Gapless number sequences: `last_number` reads what `next_number` issued, per sequence; an
+invoice and its finalized event get the same number, with every digit past the sixth."""
 
 from __future__ import annotations
 
+from sqlalchemy import delete, select
+
+from billing.models import NumberSequence
 from billing.numbering import CREDIT_NOTE_SEQUENCE, INVOICE_SEQUENCE, last_number, next_number
+from webhooks.models import WebhookEvent
+
+from .test_lifecycle import generate, seed_plan
 
 
 def test_last_number_is_zero_before_the_first_and_then_the_last_issued(session) -> None:
@@ -13,3 +20,16 @@ def test_last_number_is_zero_before_the_first_and_then_the_last_issued(session) 
     assert last_number(session, INVOICE_SEQUENCE) == 2
     assert last_number(session, CREDIT_NOTE_SEQUENCE) == 1
     assert last_number(session, "unused") == 0
+
+
+def test_an_invoice_past_the_sixth_digit_keeps_every_digit_on_it_and_its_event(session) -> None:
+    session.execute(delete(NumberSequence))
+    session.add(NumberSequence(name=INVOICE_SEQUENCE, last_value=999_999))
+    seed_plan(session, ["t1", "t2"])
+    numbers = [generate(session, tenant).number for tenant in ("t1", "t2")]
+    assert numbers == ["INV-1000000", "INV-1000001"]
+    announced = session.execute(
+        select(WebhookEvent.payload).where(WebhookEvent.topic == "billing.invoice.finalized")
+    ).scalars()
+    assert sorted(payload["number"] for payload in announced) == numbers
+    assert last_number(session, INVOICE_SEQUENCE) == 1_000_001
