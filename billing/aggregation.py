@@ -8,18 +8,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import String, Table, bindparam, case, delete, literal, select, text
+from sqlalchemy import String, Table, bindparam, case, delete, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from billing.aggregated_event import (
+    USAGE_AGGREGATED,
+    aggregate_event_id,
+    aggregated_payload,
+    event_params,
+    event_row,
+)
 from billing.errors import InvalidUsageError
-from billing.localtime import local_day
+from billing.localtime import UTC_NAME, local_day
 from billing.meters import MeterSpec, get_meter, group_key, grouped_quantities, quantity
-from billing.models import UsageAggregate, UsageEvent
-from billing.tenants import tenant_zone
+from billing.models import Meter, Tenant, UsageAggregate, UsageEvent
+from billing.tenants import tenant_zone, zone_lock_key
+from billing.tenants import zone as tenant_zone_named
+from webhooks.outbox import publish, publishing_ctes
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
-
-_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 
 
 def utc_day_start(moment: datetime) -> datetime:
@@ -43,7 +50,9 @@ def aggregate_day(session: Session, tenant_id: str, metric: str, day: datetime) 
     return aggregate_local_day(session, tenant_id, metric, day).total
 
 
-def aggregate_local_day(session: Session, tenant_id: str, metric: str, day: datetime) -> DayTotal:
+def aggregate_local_day(
+    session: Session, tenant_id: str, metric: str, day: datetime, *, announce: bool = False
+) -> DayTotal:
     """Upsert the `day` aggregate of `metric` for the tenant's local day containing `day`
     (its UTC day for a tenant without a zone); return it and the day's start.
 
@@ -55,19 +64,69 @@ def aggregate_local_day(session: Session, tenant_id: str, metric: str, day: date
     events never leave the database, a re-run rewrites the same row, and late events are
     counted next time. `updated_at` moves only when the total changes. A meter without
     groups drops the group rows a former `group_by` left in the same statement (PostgreSQL).
+
+    With `announce`, also publishes `billing.usage_aggregated` to the SQL outbox
+    (`billing.aggregated_event`); on PostgreSQL the upsert's own statement stores it.
     """
     utc_day_start(day)  # refuses a naive `day`
+    if session.get_bind().dialect.name == "postgresql":
+        return _aggregate_on_postgresql(session, tenant_id, metric, day, announce)
     zone = tenant_zone(session, tenant_id, lock=True)
     start, end = local_day(zone, day)
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        # One run per (tenant, metric, day) at a time, each reading after the previous commits:
-        # otherwise a run whose snapshot predates a late event could overwrite a newer total.
-        session.execute(
-            _LOCK, {"key": f"billing.aggregate:{tenant_id}:{metric}:{start.isoformat()}"}
-        )
     meter = get_meter(session, metric)
-    params = {
+    params = _params(tenant_id, metric, start, end)
+    total = int(session.execute(_upsert_statement("sqlite", meter), params).scalar_one())
+    if meter.group_by:
+        _aggregate_groups(session, "sqlite", meter, tenant_id, start, end)
+    else:
+        session.execute(_drop_groups(), params)
+    result = DayTotal(total, start.astimezone(zone))
+    if announce:
+        event = aggregated_payload(tenant_id, metric, result.day_start.isoformat(), total)
+        publish(session, USAGE_AGGREGATED, event, event_id=aggregate_event_id(event))
+    return result
+
+
+def _aggregate_on_postgresql(
+    session: Session, tenant_id: str, metric: str, day: datetime, announce: bool
+) -> DayTotal:
+    """Two statements: the locks with the zone and meter read, then the upsert (and the event).
+
+    One run per (tenant, metric) at a time, each reading after the previous commits: otherwise
+    a run whose snapshot predates a late event could overwrite a newer total. The zone is read
+    in the locks' statement, whose snapshot may predate a zone change committed while it
+    waited; the upsert inserts only if the zone is still the one read (it cannot change once
+    the lock is held), else the zone is read again and the upsert sent again.
+    """
+    keys = {
+        "zone_key": zone_lock_key(tenant_id),
+        "pair_key": f"billing.aggregate:{tenant_id}:{metric}",
+        "tenant_id": tenant_id,
+        "metric": metric,
+    }
+    row = session.execute(_LOCKS_ZONE_METER, keys).one()
+    meter = MeterSpec(metric)
+    if row.aggregation is not None:
+        meter = MeterSpec(metric, row.aggregation, row.property, tuple(row.group_by))
+    stored_zone: str | None = row.timezone
+    while True:
+        zone = tenant_zone_named(stored_zone or UTC_NAME)
+        start, end = local_day(zone, day)
+        day_start = start.astimezone(zone)
+        params = {**_params(tenant_id, metric, start, end), "zone": stored_zone}
+        if announce:
+            params.update(event_params(tenant_id, metric, day_start.isoformat()))
+        total = session.execute(_upsert_statement("postgresql", meter, announce), params).scalar()
+        if total is not None:
+            break
+        stored_zone = session.execute(_STORED_ZONE, keys).scalar_one_or_none()
+    if meter.group_by:
+        _aggregate_groups(session, "postgresql", meter, tenant_id, start, end)
+    return DayTotal(int(total), day_start)
+
+
+def _params(tenant_id: str, metric: str, start: datetime, end: datetime) -> dict[str, Any]:
+    return {
         "id": new_id(),
         "tenant_id": tenant_id,
         "metric": metric,
@@ -75,12 +134,6 @@ def aggregate_local_day(session: Session, tenant_id: str, metric: str, day: date
         "end": end,
         "now": utcnow(),
     }
-    total = int(session.execute(_upsert_statement(dialect, meter), params).scalar_one())
-    if meter.group_by:
-        _aggregate_groups(session, dialect, meter, tenant_id, start, end)
-    elif dialect != "postgresql":
-        session.execute(_drop_groups(), params)
-    return DayTotal(total, start.astimezone(zone))
 
 
 def _aggregate_groups(
@@ -132,8 +185,11 @@ def _aggregate_groups(
 
 
 @functools.lru_cache(maxsize=256)
-def _upsert_statement(dialect: str, meter: MeterSpec) -> Any:
-    """Built once per dialect and meter, with bound parameters, so SQLAlchemy compiles it once."""
+def _upsert_statement(dialect: str, meter: MeterSpec, announce: bool = False) -> Any:
+    """Built once per dialect, meter and `announce`, with bound parameters, so SQLAlchemy
+    compiles it once. On PostgreSQL it writes only while the tenant's stored zone is `zone`,
+    drops a meter without groups' group rows, and with `announce` (a SELECT of the total then)
+    stores the day's event with its deliveries and notifies the relays."""
     timestamp = UTCDateTime()
     start = bindparam("start", type_=timestamp)
     value = quantity(
@@ -154,10 +210,22 @@ def _upsert_statement(dialect: str, meter: MeterSpec) -> Any:
         literal(""),
     )
     columns = ["id", "tenant_id", "metric", "period_start", "granularity", "total", "updated_at"]
-    insert = _insert(dialect).from_select([*columns, "group_key"], source)
-    if dialect == "postgresql" and not meter.group_by:
-        insert = insert.add_cte(_drop_groups().cte("dropped_groups"))
-    return _on_conflict(insert).returning(_TABLE.c.total)
+    if dialect != "postgresql":
+        insert = _insert(dialect).from_select([*columns, "group_key"], source)
+        return _on_conflict(insert).returning(_TABLE.c.total)
+    zone_unchanged = _STORED_ZONE.scalar_subquery().is_not_distinct_from(
+        bindparam("zone", type_=String())
+    )
+    insert = _insert(dialect).from_select([*columns, "group_key"], source.where(zone_unchanged))
+    upsert = _on_conflict(insert).returning(_TABLE.c.total)
+    ctes = [] if meter.group_by else [_drop_groups().where(zone_unchanged).cte("dropped_groups")]
+    if not announce:
+        return upsert.add_cte(*ctes)
+    day_total = upsert.cte("day_total")
+    published = publishing_ctes(event_row(day_total.c.total).select_from(day_total))
+    return select(day_total.c.total, published.notify()).add_cte(
+        *ctes, published.events, published.deliveries
+    )
 
 
 def _drop_groups() -> Any:
@@ -171,6 +239,25 @@ def _drop_groups() -> Any:
     )
 
 
+def _lock_id(key: str) -> Any:
+    return func.hashtextextended(bindparam(key), literal_column("0"))
+
+
+_STORED_ZONE = select(Tenant.timezone).where(Tenant.id == bindparam("tenant_id", type_=String()))
+#: PostgreSQL: the tenant's zone lock (shared, see `billing.tenants.zone_name_of`), the
+#: (tenant, metric) aggregation lock, then the stored zone and the declared meter, if any.
+_LOCKS_ZONE_METER = select(
+    func.pg_advisory_xact_lock_shared(_lock_id("zone_key")),
+    func.pg_advisory_xact_lock(_lock_id("pair_key")),
+    _STORED_ZONE.scalar_subquery().label("timezone"),
+    Meter.aggregation,
+    Meter.property,
+    Meter.group_by,
+).select_from(
+    select(literal(1).label("one"))
+    .subquery("one")
+    .outerjoin(Meter, Meter.key == bindparam("metric", type_=String()))
+)
 _TABLE = cast(Table, UsageAggregate.__table__)
 _T = TypeVar("_T")
 

@@ -207,11 +207,16 @@ class BillingService:
         `day_start` (midnight to midnight in its zone; its UTC day without one)."""
         return self.aggregate_local_day(metric=metric, day_start=day_start).total
 
-    def aggregate_local_day(self, *, metric: str, day_start: datetime) -> aggregation.DayTotal:
-        """`aggregate_daily`, also returning the local midnight the day starts at."""
+    def aggregate_local_day(
+        self, *, metric: str, day_start: datetime, announce: bool = False
+    ) -> aggregation.DayTotal:
+        """`aggregate_daily`, also returning the local midnight the day starts at; with
+        `announce`, publishing `billing.usage_aggregated` to the SQL outbox as well."""
         metric = ledger.validate_stored_metric(metric)
         with metrics.timed_ms(metrics.AGGREGATE_DURATION_MS):
-            return aggregation.aggregate_local_day(self.session, self.tenant_id, metric, day_start)
+            return aggregation.aggregate_local_day(
+                self.session, self.tenant_id, metric, day_start, announce=announce
+            )
 
     def generate_monthly_invoice(
         self, *, period_start: datetime, period_end: datetime, currency: str

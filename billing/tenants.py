@@ -194,10 +194,13 @@ def _lock_zone(session: Session, tenant_id: str, *, shared: bool) -> None:
     """A transaction-level advisory lock on the tenant's zone (PostgreSQL; SQLite has one
     writer at a time). Its own statement: what is read after it sees the holder's commit."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(_ZONE_LOCK_SHARED if shared else _ZONE_LOCK, {"key": _lock_key(tenant_id)})
+        session.execute(
+            _ZONE_LOCK_SHARED if shared else _ZONE_LOCK, {"key": zone_lock_key(tenant_id)}
+        )
 
 
-def _lock_key(tenant_id: str) -> str:
+def zone_lock_key(tenant_id: str) -> str:
+    """The key of the tenant's zone lock (`hashtextextended` of it is the advisory lock's id)."""
     return f"billing.tenant-zone:{tenant_id}"
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy import ColumnElement, Select, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from webhooks.encryption import SecretBox, reveal, seal
@@ -164,10 +164,18 @@ class InMemoryWebhookSubscriptions:
 
 def matching_subscriptions(topic: str, tenant_id: str | None) -> Select[str]:
     """Ids of the enabled subscriptions that receive `topic` events of `tenant_id`."""
+    return select(WebhookSubscription.id).where(subscription_matches(topic, tenant_id))
+
+
+def subscription_matches(
+    topic: str | ColumnElement[str], tenant_id: str | ColumnElement[str | None] | None
+) -> ColumnElement[bool]:
+    """The condition on `webhook_subscriptions` of `matching_subscriptions`: enabled, of
+    `topic`, and with no tenant filter or `tenant_id`'s (values, or another table's columns)."""
     tenant_filter: ColumnElement[bool] = WebhookSubscription.tenant_id.is_(None)
     if tenant_id is not None:
         tenant_filter = or_(tenant_filter, WebhookSubscription.tenant_id == tenant_id)
-    return select(WebhookSubscription.id).where(
+    return and_(
         WebhookSubscription.topic == topic,
         WebhookSubscription.enabled.is_(True),
         tenant_filter,
