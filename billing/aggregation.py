@@ -104,7 +104,9 @@ def _aggregate_on_postgresql(
         "tenant_id": tenant_id,
         "metric": metric,
     }
-    row = session.execute(_LOCKS_ZONE_METER, keys).one()
+    session.flush()  # what the caller added is counted, as `session.execute` would autoflush
+    connection = session.connection()  # Core: these statements load no objects
+    row = connection.execute(_LOCKS_ZONE_METER, keys).one()
     meter = MeterSpec(metric)
     if row.aggregation is not None:
         meter = MeterSpec(metric, row.aggregation, row.property, tuple(row.group_by))
@@ -116,10 +118,12 @@ def _aggregate_on_postgresql(
         params = {**_params(tenant_id, metric, start, end), "zone": stored_zone}
         if announce:
             params.update(event_params(tenant_id, metric, day_start.isoformat()))
-        total = session.execute(_upsert_statement("postgresql", meter, announce), params).scalar()
+        total = connection.execute(
+            _upsert_statement("postgresql", meter, announce), params
+        ).scalar()
         if total is not None:
             break
-        stored_zone = session.execute(_STORED_ZONE, keys).scalar_one_or_none()
+        stored_zone = connection.execute(_STORED_ZONE, keys).scalar_one_or_none()
     if meter.group_by:
         _aggregate_groups(session, "postgresql", meter, tenant_id, start, end)
     return DayTotal(int(total), day_start)
