@@ -1,7 +1,7 @@
 """Recording usage events: validated, and stored once per (tenant, metric, idempotency key).
 
 Storing is one `INSERT … ON CONFLICT DO NOTHING` (SQLite and PostgreSQL both have it; batches on
-PostgreSQL are COPYed into a staging table first, see `_insert_new_copy`), so
+PostgreSQL are COPYed into a staging table first, see `_copy_to_stage`), so
 concurrent senders of the same event never see an `IntegrityError` and the caller's transaction
 is never rolled back: the losers read the winner's row and compare it with what they sent.
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import psycopg
-from psycopg.types.json import Json
 from sqlalchemy import Table, and_, or_, select, tuple_
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
@@ -55,7 +55,8 @@ class UsageInput:
     amount: int
     at: datetime
     idempotency_key: str
-    metadata: dict[str, Any] | None = None
+    #: The metadata as compact JSON text, encoded once when validated (what PostgreSQL stores).
+    metadata_json: str | None = None
 
 
 def validate_tenant(tenant_id: object) -> str:
@@ -83,7 +84,7 @@ def validate_usage(
         amount=_amount(amount),
         at=_in_window(_aware_utc(at), now, max_age),
         idempotency_key=_bounded_text(idempotency_key, "idempotency_key", MAX_KEY_LENGTH),
-        metadata=_metadata(metadata),
+        metadata_json=_metadata(metadata),
     )
 
 
@@ -147,39 +148,31 @@ class Stored:
     drafts: list[str] | None
 
 
-def store(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> Stored:
-    """`record_many`, also saying which drafts the new events fall in (see `Stored`)."""
-    stored = _store(session, tenant_id, events, known_metrics_only=False)
-    assert stored is not None, "only a store of known metrics stores nothing"
-    return stored
+#: Entered around an insert that may bring a metric new to its month: the metric limit's check
+#: (`billing.metric_limit.metric_guard`), which raises before anything is stored.
+Guard = Callable[[], AbstractContextManager[None]]
 
 
-def store_known_metrics(
-    session: Session, tenant_id: str, events: Sequence[UsageInput]
-) -> Stored | None:
-    """`store`, in one statement, if every event's (UTC month, metric) already has a
-    `usage_counters` row; else None, and nothing is stored (the caller checks the tenant's
-    metric limit, `billing.metric_limit`, then calls `store`).
+def store(
+    session: Session, tenant_id: str, events: Sequence[UsageInput], *, guard: Guard | None = None
+) -> Stored:
+    """`record_many`, also saying which drafts the new events fall in (see `Stored`).
 
-    The check and the insert share the statement's snapshot, as `metric_guard`'s lookup and the
-    insert did in two. None too where they cannot share one: SQLite, COPY-staged batches and
-    batches of more than `INSERT_CHUNK` events.
+    With `guard`, the insert is made inside it unless every event's (UTC month, metric) has a
+    `usage_counters` row already: on PostgreSQL the insert checks that itself, in its snapshot
+    (a single event, or a batch, then takes BEGIN, one statement and COMMIT), and stores
+    nothing if not; then it is made again inside `guard`. SQLite always enters `guard`.
     """
-    return _store(session, tenant_id, events, known_metrics_only=True)
-
-
-def _store(
-    session: Session, tenant_id: str, events: Sequence[UsageInput], *, known_metrics_only: bool
-) -> Stored | None:
     unique = _dedupe(events)
-    written = _insert_new(session, tenant_id, unique, known_metrics_only=known_metrics_only)
-    if written is None:
-        return None
-    inserted, drafts = written
+    inserted, drafts = _insert_new(session, tenant_id, unique, guard)
     existing: dict[tuple[str, str], str] = {}
     missing = [e for e in unique if (e.metric, e.idempotency_key) not in inserted]
     for start in range(0, len(missing), INSERT_CHUNK):
         existing.update(_match_existing(session, tenant_id, missing[start : start + INSERT_CHUNK]))
+    if not existing and len(inserted) == len(events):  # all new (the usual case)
+        return Stored(
+            [Recorded(inserted[(e.metric, e.idempotency_key)], False) for e in events], drafts
+        )
     results: list[Recorded] = []
     seen: set[tuple[str, str]] = set()
     for event in events:
@@ -193,37 +186,49 @@ def _store(
 
 
 Inserted = dict[tuple[str, str], str]
+#: What an insert did: the new events' ids by (metric, key) and the drafts (`Stored.drafts`);
+#: None when it stored nothing because a (month, metric) is new (see `_CLAIM_AND_STORE`).
+Written = tuple[Inserted, list[str]] | None
 
 
 def _insert_new(
-    session: Session, tenant_id: str, events: Sequence[UsageInput], *, known_metrics_only: bool
-) -> tuple[Inserted, list[str] | None] | None:
-    """Insert the events whose keys are new; their ids by (metric, key), and the drafts.
-
-    None (nothing inserted) if `known_metrics_only` and the path cannot check the metrics in
-    its statement, or some (month, metric) has no counter row yet.
-    """
+    session: Session, tenant_id: str, events: Sequence[UsageInput], guard: Guard | None
+) -> tuple[Inserted, list[str] | None]:
+    """Insert the events whose keys are new; their ids by (metric, key), and the drafts."""
     if session.get_bind().dialect.name != "postgresql":
-        if known_metrics_only:
-            return None
-        inserted: Inserted = {}
-        for start in range(0, len(events), INSERT_CHUNK):
-            inserted.update(
-                _insert_new_values(session, tenant_id, events[start : start + INSERT_CHUNK])
-            )
+        with nullcontext() if guard is None else guard():
+            inserted: Inserted = {}
+            for start in range(0, len(events), INSERT_CHUNK):
+                chunk = events[start : start + INSERT_CHUNK]
+                inserted.update(_insert_new_values(session, tenant_id, chunk))
         return inserted, None
     connection = session.connection().connection.dbapi_connection
     if len(events) >= COPY_THRESHOLD and not getattr(connection, "autocommit", True):
-        return None if known_metrics_only else _insert_new_copy(session, tenant_id, events)
-    if known_metrics_only and len(events) > INSERT_CHUNK:
-        return None
-    inserted = {}
+        _copy_to_stage(session, events)
+        insert: Callable[[bool], Written] = functools.partial(_from_stage, session, tenant_id)
+    elif len(events) <= INSERT_CHUNK:
+        insert = functools.partial(_insert_new_postgresql, session, tenant_id, events)
+    else:  # autocommit, in chunks: each commits alone, so none may wait for a later one's check
+        with nullcontext() if guard is None else guard():
+            return _insert_chunks(session, tenant_id, events)
+    written = insert(guard is not None)
+    if written is None:  # a metric is new to a month: check the limit, then insert
+        assert guard is not None
+        with guard():
+            written = insert(False)
+        assert written is not None, "an insert that checks no metric stores every new key"
+    return written
+
+
+def _insert_chunks(
+    session: Session, tenant_id: str, events: Sequence[UsageInput]
+) -> tuple[Inserted, list[str]]:
+    inserted: Inserted = {}
     drafts: set[str] = set()
     for start in range(0, len(events), INSERT_CHUNK):
         chunk = events[start : start + INSERT_CHUNK]
-        written = _insert_new_postgresql(session, tenant_id, chunk, known_metrics_only)
-        if written is None:
-            return None
+        written = _insert_new_postgresql(session, tenant_id, chunk, False)
+        assert written is not None, "an insert that checks no metric stores every new key"
         inserted.update(written[0])
         drafts.update(written[1])
     return inserted, sorted(drafts)
@@ -239,7 +244,7 @@ def _insert_new_values(session: Session, tenant_id: str, events: Sequence[UsageI
             "amount": e.amount,
             "at_ts": e.at,
             "idempotency_key": e.idempotency_key,
-            "metadata_json": e.metadata,
+            "metadata_json": None if e.metadata_json is None else json.loads(e.metadata_json),
             "created_at": now,
         }
         for e in events
@@ -267,7 +272,7 @@ unknown AS (
           AND c.period_start = date_trunc('month', s.at_ts, 'UTC') AND c.metric = s.metric
     )
     LIMIT 1
-),
+){emptied},
 claimed AS (
     INSERT INTO usage_event_keys (tenant_id, metric, idempotency_key, at_ts, amount, event_id)
     SELECT %(tenant_id)s, metric, idempotency_key, at_ts, amount, id FROM source
@@ -294,14 +299,15 @@ SELECT NULL, NULL, NULL FROM unknown
 # One statement text whatever the batch size: the columns travel as arrays, so psycopg parses
 # and prepares it once, instead of parsing a new 8,000-placeholder VALUES list per batch.
 _UNNEST_INSERT = _CLAIM_AND_STORE.format(
+    emptied="",
     source="""
     SELECT * FROM unnest(%(ids)s::varchar[], %(metrics)s::varchar[], %(amounts)s::bigint[],
-                         %(ats)s::timestamptz[], %(keys)s::varchar[], %(metadata)s::json[])
-         AS u(id, metric, amount, at_ts, idempotency_key, metadata_json)"""
+                         %(ats)s::timestamptz[], %(keys)s::varchar[], %(metadata)s::text[]::json[])
+         AS u(id, metric, amount, at_ts, idempotency_key, metadata_json)""",
 )
 
 
-def _claimed(rows: Iterable[Any]) -> tuple[Inserted, list[str]] | None:
+def _claimed(rows: Iterable[Any]) -> Written:
     """The ids of the stored events by (metric, key), and the drafts; None if nothing was
     stored for an unknown metric."""
     inserted: Inserted = {}
@@ -318,7 +324,7 @@ def _claimed(rows: Iterable[Any]) -> tuple[Inserted, list[str]] | None:
 
 def _insert_new_postgresql(
     session: Session, tenant_id: str, events: Sequence[UsageInput], known_only: bool
-) -> tuple[Inserted, list[str]] | None:
+) -> Written:
     params = {
         "tenant_id": tenant_id,
         "now": utcnow(),
@@ -328,7 +334,7 @@ def _insert_new_postgresql(
         "amounts": [e.amount for e in events],
         "ats": [e.at for e in events],
         "keys": [e.idempotency_key for e in events],
-        "metadata": [None if e.metadata is None else Json(e.metadata) for e in events],
+        "metadata": [e.metadata_json for e in events],
     }
     return _claimed(session.connection().exec_driver_sql(_UNNEST_INSERT, params))
 
@@ -354,13 +360,18 @@ _STAGE_COPY = (
     "COPY billing_usage_stage (metric, amount, at_ts, idempotency_key, metadata_json) "
     "FROM STDIN (FORMAT BINARY)"
 )
-_STAGE_TYPES = ("varchar", "int8", "timestamptz", "varchar", "json")
-_FROM_STAGE = _CLAIM_AND_STORE.format(source="DELETE FROM billing_usage_stage RETURNING *")
+# json's binary form is its text: the metadata, encoded when validated, is sent as it is.
+_STAGE_TYPES = ("varchar", "int8", "timestamptz", "varchar", "text")
+# The stage is emptied by the statement that stores its events: kept when it stores nothing (a
+# metric new to its month), for the insert made again once the metric limit is checked.
+_FROM_STAGE = _CLAIM_AND_STORE.format(
+    source="SELECT * FROM billing_usage_stage",
+    emptied=""",
+emptied AS (DELETE FROM billing_usage_stage WHERE NOT EXISTS (SELECT FROM unknown))""",
+)
 
 
-def _insert_new_copy(
-    session: Session, tenant_id: str, events: Sequence[UsageInput]
-) -> tuple[Inserted, list[str]]:
+def _copy_to_stage(session: Session, events: Sequence[UsageInput]) -> None:
     # The statements go through SQLAlchemy, so a refusal (a counter out of range…) raises its
     # usual exceptions; COPY, which SQLAlchemy has no API for, has its errors wrapped alike.
     sql = session.connection()
@@ -370,14 +381,14 @@ def _insert_new_copy(
         with connection.cursor() as cursor, cursor.copy(_STAGE_COPY) as copy:
             copy.set_types(_STAGE_TYPES)
             for e in events:
-                metadata = None if e.metadata is None else Json(e.metadata)
-                copy.write_row((e.metric, e.amount, e.at, e.idempotency_key, metadata))
+                copy.write_row((e.metric, e.amount, e.at, e.idempotency_key, e.metadata_json))
     except psycopg.Error as error:
         raise DBAPIError.instance(_STAGE_COPY, None, error, psycopg.Error) from error
-    params = {"tenant_id": tenant_id, "now": utcnow(), "known_only": False}
-    written = _claimed(sql.exec_driver_sql(_FROM_STAGE, params))
-    assert written is not None, "a store that checks no metric stores every new key"
-    return written
+
+
+def _from_stage(session: Session, tenant_id: str, known_only: bool) -> Written:
+    params = {"tenant_id": tenant_id, "now": utcnow(), "known_only": known_only}
+    return _claimed(session.connection().exec_driver_sql(_FROM_STAGE, params))
 
 
 def _match_existing(
@@ -500,7 +511,7 @@ def _in_window(at: datetime, now: datetime | None, max_age: timedelta | None) ->
     return at
 
 
-def _metadata(value: object) -> dict[str, Any] | None:
+def _metadata(value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -513,4 +524,4 @@ def _metadata(value: object) -> dict[str, Any] | None:
         ) from error
     if len(encoded.encode()) > MAX_METADATA_BYTES:
         raise InvalidUsageError("metadata is larger than 16 KiB encoded", field="metadata")
-    return json.loads(encoded)  # type: ignore[no-any-return]
+    return encoded

@@ -170,15 +170,17 @@ class BillingService:
         return results
 
     def _record(self, events: list[ledger.UsageInput]) -> ledger.Stored:
-        """Store the events within the metric limit: in one statement when their metrics are
-        known in their months (the usual case), else after `metric_guard`'s check."""
+        """Store the events within the metric limit, checked (`metric_guard`) only when one of
+        them may bring a metric new to its month."""
         limit = self.max_metrics_per_tenant
-        if limit is not None:
-            stored = ledger.store_known_metrics(self.session, self.tenant_id, events)
-            if stored is not None:
-                return stored
-        with metric_guard(self.session, self.tenant_id, events, limit):
+        if limit is None:
             return ledger.store(self.session, self.tenant_id, events)
+        return ledger.store(
+            self.session,
+            self.tenant_id,
+            events,
+            guard=lambda: metric_guard(self.session, self.tenant_id, events, limit),
+        )
 
     def _late(self, events: list[ledger.UsageInput]) -> dict[int, late_usage.ClosedPeriod]:
         """The events in closed periods, when the policy cares (`next_invoice` never looks)."""

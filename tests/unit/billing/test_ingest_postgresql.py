@@ -312,3 +312,36 @@ def test_store_names_the_drafts_its_new_events_fall_in(
         assert drafts("t1", 2, feb) == []  # the next period
         assert drafts("t1", 3, feb - timedelta(microseconds=1)) == [draft]
         assert drafts("t3", 4, jan) == []  # finalized
+
+
+def test_a_staged_batch_of_known_metrics_checks_them_in_its_insert(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    with pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(**event(0))
+    with pg_factory.begin() as session:
+        sent = statements(session)
+        BillingService(session=session, tenant_id="t1").record_usage_batch(
+            [event(k) for k in range(1, 101)]
+        )
+    assert [s.split()[0] for s in sent] == ["CREATE", "WITH"]  # and COPY, outside SQLAlchemy
+
+
+def test_a_staged_batch_bringing_a_new_metric_is_checked_then_stored_once(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    """The stage outlives the insert that found the metric new, for the one made after the
+    check; a batch over the limit leaves nothing stored and an empty stage."""
+    with pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(**event(0))
+    batch = [event(k, metric=("tokens", "calls")[k % 2]) for k in range(1, 101)]
+    with pytest.raises(TooManyMetricsError), pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1).ingest(batch)
+    with pg_factory.begin() as session:
+        bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=2)
+        recorded = bs.ingest(batch)
+        assert session.execute(text("SELECT count(*) FROM billing_usage_stage")).scalar() == 0
+    assert [r.duplicate for r in recorded] == [False] * 100
+    with pg_factory() as session:
+        assert len(stored(session)) == 101
+        assert sorted(c[-1] for c in counters(session)) == [50, 50, 51, 51]
