@@ -4,6 +4,8 @@
                                   [--single 3000] [--batch 100000] [--events 1000000]
                                   [--rounds 3]
 
+A count of 0 skips its part (`--batch 0 --events 0`: single events only).
+
 Creates a scratch database, migrates it, measures, prints figures and ratios, drops it. Each
 variant runs once per round, interleaved with its baseline; figures are medians (ranges) of the
 rounds, with the 1-minute load average. Every baseline writes the same table, with its
@@ -130,148 +132,152 @@ def run(url: str, args: argparse.Namespace) -> None:
         raw.execute("TRUNCATE usage_events, usage_event_keys, usage_aggregates, usage_counters")
         raw.execute("VACUUM ANALYZE usage_events")
 
-    # 1. single events, one transaction each: an explicit BEGIN … COMMIT, and an autocommit
-    #    engine (the statement is its own transaction: how an ingest endpoint can run it).
-    n = args.single
-    tx_raw = psycopg.connect(url)
+    if args.single:
+        # 1. single events, one transaction each: an explicit BEGIN … COMMIT, and an autocommit
+        #    engine (the statement is its own transaction: how an ingest endpoint can run it).
+        n = args.single
+        tx_raw = psycopg.connect(url)
 
-    def raw_one_by_one(connection: psycopg.Connection[Any], commit: bool) -> Callable[[], None]:
-        reset()
-        tenant = uuid.uuid4().hex
-
-        def work() -> None:
-            for i in range(n):
-                connection.execute(
-                    RAW_INSERT, (str(uuid.uuid4()), tenant, "tokens", 1, DAY, f"k{i}", None)
-                ).fetchone()
-                if commit:
-                    connection.commit()
-
-        return work
-
-    def ours_one_by_one(session_factory: sessionmaker[Session]) -> Callable[[], None]:
-        reset()
-        tenant = uuid.uuid4().hex
-
-        def work() -> None:
-            for i in range(n):
-                with session_factory.begin() as session:
-                    BillingService(session=session, tenant_id=tenant).record_usage(
-                        metric="tokens", amount=1, at=DAY, idempotency_key=f"k{i}"
-                    )
-
-        return work
-
-    autocommit_engine = make_engine(url, isolation_level="AUTOCOMMIT")
-    autocommit_factory = make_session_factory(autocommit_engine)
-    raw_one_by_one(raw, commit=False)()  # warm up the server and the statement caches
-    ours_one_by_one(autocommit_factory)()
-    single = Rounds()
-    for _ in range(args.rounds):
-        single.measure("record_usage, autocommit", n, ours_one_by_one(autocommit_factory))
-        single.measure("raw autocommit INSERT", n, raw_one_by_one(raw, commit=False))
-        single.measure("record_usage, BEGIN … COMMIT", n, ours_one_by_one(factory))
-        single.measure("raw INSERT + commit()", n, raw_one_by_one(tx_raw, commit=True))
-    results["single_autocommit"] = single.report(
-        "record_usage, autocommit", "raw autocommit INSERT", 0.8
-    )
-    results["single_tx"] = single.report(
-        "record_usage, BEGIN … COMMIT", "raw INSERT + commit()", 0.8
-    )
-    tx_raw.close()
-    autocommit_engine.dispose()
-
-    # 2. batches of 1,000 events per transaction, one tenant each, against the same work done
-    #    by raw psycopg: COPY-stage (1,000 and 10,000 per transaction) and the unnest INSERT.
-    work = batches(args.batch)
-    n = sum(len(events) for _, events in work)
-    stage = psycopg.connect(url)
-    batch = Rounds()
-
-    def ours_batches() -> None:
-        for tenant, events in work:
-            with factory.begin() as session:
-                BillingService(session=session, tenant_id=tenant).record_usage_batch(events)
-
-    def raw_unnest() -> None:
-        for tenant, events in work:
-            with stage.transaction():
-                stage.execute(RAW_UNNEST, unnest_params(tenant, events)).fetchall()
-
-    def raw_copy_stage(per_transaction: int) -> Callable[[], None]:
-        def run() -> None:
-            for start in range(0, len(work), per_transaction // BATCH):
-                with stage.transaction(), stage.cursor() as cursor:
-                    cursor.execute(RAW_STAGE)
-                    with cursor.copy(RAW_COPY) as copy:
-                        copy.set_types(RAW_COPY_TYPES)
-                        for tenant, events in work[start : start + per_transaction // BATCH]:
-                            for e in events:
-                                copy.write_row(
-                                    (
-                                        str(uuid.uuid4()),
-                                        tenant,
-                                        e["metric"],
-                                        e["amount"],
-                                        e["at"],
-                                        e["idempotency_key"],
-                                        Json(e["metadata"]),
-                                    )
-                                )
-                    cursor.execute(RAW_FROM_STAGE).fetchall()
-
-        return run
-
-    variants: list[tuple[str, Callable[[], None]]] = [
-        ("record_usage_batch", ours_batches),
-        ("raw COPY-stage 1k/txn", raw_copy_stage(1000)),
-        ("raw COPY-stage 10k/txn", raw_copy_stage(10_000)),
-        ("raw unnest INSERT", raw_unnest),
-    ]
-    for _ in range(args.rounds):
-        for label, variant in variants:
+        def raw_one_by_one(connection: psycopg.Connection[Any], commit: bool) -> Callable[[], None]:
             reset()
-            batch.measure(label, n, variant)
-            check_stored(raw, n, work)
-    results["batch_vs_copy"] = batch.report("record_usage_batch", "raw COPY-stage 1k/txn", 0.9)
-    batch.report("record_usage_batch", "raw COPY-stage 10k/txn")
-    batch.report("record_usage_batch", "raw unnest INSERT")
-    stage.close()
+            tenant = uuid.uuid4().hex
 
-    # 3. aggregate one (tenant, metric, day) holding N events
-    reset()
-    raw.execute(
-        "INSERT INTO usage_events (id, tenant_id, metric, amount, at_ts, idempotency_key, "
-        "created_at) SELECT gen_random_uuid()::text, 't1', 'tokens', 1 + g %% 7, "
-        "%s::timestamptz + (g %% 86400) * interval '1 second', 'e' || g, now() "
-        "FROM generate_series(1, %s) AS g",
-        (DAY, args.events),
-    )
-    raw.execute("VACUUM ANALYZE usage_events")
-    rss_before = peak_rss_mb()
-    end = DAY + timedelta(days=1)
-    raw_agg = median_of(
-        3,
-        lambda: raw.execute(
-            RAW_AGGREGATE, (str(uuid.uuid4()), "t1", "tokens", DAY, "t1", "tokens", DAY, end)
-        ).fetchone(),
-    )
+            def work() -> None:
+                for i in range(n):
+                    connection.execute(
+                        RAW_INSERT, (str(uuid.uuid4()), tenant, "tokens", 1, DAY, f"k{i}", None)
+                    ).fetchone()
+                    if commit:
+                        connection.commit()
 
-    def ours_agg() -> None:
-        with factory.begin() as session:
-            BillingService(session=session, tenant_id="t1").aggregate_daily(
-                metric="tokens", day_start=DAY
-            )
+            return work
 
-    ours_agg_time = median_of(3, ours_agg)
-    with engine.connect() as conn:
-        total = conn.execute(text("SELECT total FROM usage_aggregates")).scalar_one()
-    print(
-        f"aggregate_daily over {args.events:,} events: ours {ours_agg_time * 1000:.0f} ms, "
-        f"raw {raw_agg * 1000:.0f} ms, ratio {ours_agg_time / raw_agg:.2f}x "
-        f"(goal <= 1.5x); total {total:,}; peak RSS {rss_before:.0f} -> {peak_rss_mb():.0f} MB"
-    )
-    results["aggregate_ms"] = {"ours": ours_agg_time * 1000, "raw": raw_agg * 1000}
+        def ours_one_by_one(session_factory: sessionmaker[Session]) -> Callable[[], None]:
+            reset()
+            tenant = uuid.uuid4().hex
+
+            def work() -> None:
+                for i in range(n):
+                    with session_factory.begin() as session:
+                        BillingService(session=session, tenant_id=tenant).record_usage(
+                            metric="tokens", amount=1, at=DAY, idempotency_key=f"k{i}"
+                        )
+
+            return work
+
+        autocommit_engine = make_engine(url, isolation_level="AUTOCOMMIT")
+        autocommit_factory = make_session_factory(autocommit_engine)
+        raw_one_by_one(raw, commit=False)()  # warm up the server and the statement caches
+        ours_one_by_one(autocommit_factory)()
+        single = Rounds()
+        for _ in range(args.rounds):
+            single.measure("record_usage, autocommit", n, ours_one_by_one(autocommit_factory))
+            single.measure("raw autocommit INSERT", n, raw_one_by_one(raw, commit=False))
+            single.measure("record_usage, BEGIN … COMMIT", n, ours_one_by_one(factory))
+            single.measure("raw INSERT + commit()", n, raw_one_by_one(tx_raw, commit=True))
+        results["single_autocommit"] = single.report(
+            "record_usage, autocommit", "raw autocommit INSERT", 0.8
+        )
+        results["single_tx"] = single.report(
+            "record_usage, BEGIN … COMMIT", "raw INSERT + commit()", 0.8
+        )
+        tx_raw.close()
+        autocommit_engine.dispose()
+
+    if args.batch:
+        # 2. batches of 1,000 events per transaction, one tenant each, against the same work done
+        #    by raw psycopg: COPY-stage (1,000 and 10,000 per transaction) and the unnest INSERT.
+        work = batches(args.batch)
+        n = sum(len(events) for _, events in work)
+        stage = psycopg.connect(url)
+        batch = Rounds()
+
+        def ours_batches() -> None:
+            for tenant, events in work:
+                with factory.begin() as session:
+                    BillingService(session=session, tenant_id=tenant).record_usage_batch(events)
+
+        def raw_unnest() -> None:
+            for tenant, events in work:
+                with stage.transaction():
+                    stage.execute(RAW_UNNEST, unnest_params(tenant, events)).fetchall()
+
+        def raw_copy_stage(per_transaction: int) -> Callable[[], None]:
+            def run() -> None:
+                for start in range(0, len(work), per_transaction // BATCH):
+                    with stage.transaction(), stage.cursor() as cursor:
+                        cursor.execute(RAW_STAGE)
+                        with cursor.copy(RAW_COPY) as copy:
+                            copy.set_types(RAW_COPY_TYPES)
+                            for tenant, events in work[start : start + per_transaction // BATCH]:
+                                for e in events:
+                                    copy.write_row(
+                                        (
+                                            str(uuid.uuid4()),
+                                            tenant,
+                                            e["metric"],
+                                            e["amount"],
+                                            e["at"],
+                                            e["idempotency_key"],
+                                            Json(e["metadata"]),
+                                        )
+                                    )
+                        cursor.execute(RAW_FROM_STAGE).fetchall()
+
+            return run
+
+        variants: list[tuple[str, Callable[[], None]]] = [
+            ("record_usage_batch", ours_batches),
+            ("raw COPY-stage 1k/txn", raw_copy_stage(1000)),
+            ("raw COPY-stage 10k/txn", raw_copy_stage(10_000)),
+            ("raw unnest INSERT", raw_unnest),
+        ]
+        for _ in range(args.rounds):
+            for label, variant in variants:
+                reset()
+                batch.measure(label, n, variant)
+                check_stored(raw, n, work)
+        results["batch_vs_copy"] = batch.report("record_usage_batch", "raw COPY-stage 1k/txn", 0.9)
+        batch.report("record_usage_batch", "raw COPY-stage 10k/txn")
+        batch.report("record_usage_batch", "raw unnest INSERT")
+        stage.close()
+
+    if args.events:
+        # 3. aggregate one (tenant, metric, day) holding N events
+        reset()
+        raw.execute(
+            "INSERT INTO usage_events (id, tenant_id, metric, amount, at_ts, idempotency_key, "
+            "created_at) SELECT gen_random_uuid()::text, 't1', 'tokens', 1 + g %% 7, "
+            "%s::timestamptz + (g %% 86400) * interval '1 second', 'e' || g, now() "
+            "FROM generate_series(1, %s) AS g",
+            (DAY, args.events),
+        )
+        raw.execute("VACUUM ANALYZE usage_events")
+        rss_before = peak_rss_mb()
+        end = DAY + timedelta(days=1)
+        raw_agg = median_of(
+            3,
+            lambda: raw.execute(
+                RAW_AGGREGATE, (str(uuid.uuid4()), "t1", "tokens", DAY, "t1", "tokens", DAY, end)
+            ).fetchone(),
+        )
+
+        def ours_agg() -> None:
+            with factory.begin() as session:
+                BillingService(session=session, tenant_id="t1").aggregate_daily(
+                    metric="tokens", day_start=DAY
+                )
+
+        ours_agg_time = median_of(3, ours_agg)
+        with engine.connect() as conn:
+            total = conn.execute(text("SELECT total FROM usage_aggregates")).scalar_one()
+        print(
+            f"aggregate_daily over {args.events:,} events: ours {ours_agg_time * 1000:.0f} ms, "
+            f"raw {raw_agg * 1000:.0f} ms, ratio {ours_agg_time / raw_agg:.2f}x "
+            f"(goal <= 1.5x); total {total:,}; peak RSS {rss_before:.0f} -> {peak_rss_mb():.0f} MB"
+        )
+        results["aggregate_ms"] = {"ours": ours_agg_time * 1000, "raw": raw_agg * 1000}
+
     print(json.dumps(results))
     raw.close()
     engine.dispose()
