@@ -250,16 +250,7 @@ class Relay:
                     return
             if not pending:
                 continue
-            # Gather for a moment: one transaction per ~50 ms, not one per delivery.
-            deadline = time.monotonic() + RECORD_EVERY
-            while len(pending) < self.batch_size and not stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    pending.append(self._done.get(timeout=left))
-                except queue.Empty:
-                    break
+            self._gather(pending, stop)
             try:
                 self.store.record(pending, self._now(), self.disable_after)
             except Exception:
@@ -274,6 +265,32 @@ class Relay:
             pending, failures = [], 0
             # Recorded deliveries free their subscriptions' slots: claim what the cap held back.
             self.wake.set()
+
+    def _gather(self, pending: list[AttemptResult], stop: threading.Event) -> None:
+        """Add to `pending` the outcomes of attempts still running, for up to `RECORD_EVERY`:
+        one transaction per ~50 ms, not one per delivery. Outcomes already queued are taken
+        at once, and when no attempt is running there is nothing to wait for: a relay whose
+        claims are few (a subscription at its cap, a quiet outbox) records them, freeing their
+        slots, as soon as they are known."""
+        deadline = time.monotonic() + RECORD_EVERY
+        while len(pending) < self.batch_size and not stop.is_set():
+            try:
+                pending.append(self._done.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._running():
+                return
+            try:
+                pending.append(self._done.get(timeout=left))
+            except queue.Empty:
+                return
+
+    def _running(self) -> bool:
+        """True while an attempt claimed by this relay has not finished."""
+        with self._lock:
+            return not all(future.done() for future in self._in_flight)
 
     def _shut_down(self, pool: ThreadPoolExecutor) -> None:
         with self._lock:

@@ -509,3 +509,51 @@ def test_a_stopping_relay_records_every_finished_outcome_even_after_a_failed_wri
     assert not thread.is_alive()
     assert not store.failing
     assert world.statuses() == ["delivered"]
+
+
+class NoWaiting(queue.SimpleQueue[AttemptResult]):
+    """A queue of outcomes that fails the test if the recorder blocks on it."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> AttemptResult:
+        if block:
+            raise AssertionError(f"the recorder waited {timeout} s for more outcomes")
+        return super().get(block=False)
+
+
+def test_with_no_attempt_running_the_recorder_takes_what_is_queued_without_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A subscription at its cap has its few outcomes recorded at once (freeing its slots),
+    not after the gathering window: nothing else is coming."""
+    monkeypatch.setattr("webhooks.relay.RECORD_EVERY", 3600.0)
+    relay = World(answer(200)).relay
+    relay._done = NoWaiting()
+    first, second, third = (object() for _ in range(3))
+    relay._done.put(second)  # type: ignore[arg-type]
+    relay._done.put(third)  # type: ignore[arg-type]
+    done: Future[AttemptResult | None] = Future()
+    done.set_result(None)
+    relay._in_flight[done] = None  # type: ignore[assignment]  # finished, not yet forgotten
+    pending = [first]
+    relay._gather(pending, threading.Event())  # type: ignore[arg-type]
+    assert pending == [first, second, third]
+
+
+def test_while_an_attempt_runs_the_recorder_waits_for_its_outcome(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Outcomes of attempts still running go into the same transaction (up to the window)."""
+    monkeypatch.setattr("webhooks.relay.RECORD_EVERY", 3600.0)
+    relay = World(answer(200)).relay
+    running: Future[AttemptResult | None] = Future()
+    relay._in_flight[running] = None  # type: ignore[assignment]
+    first, late = object(), object()
+
+    def finish() -> None:  # as an attempt ends: the future is done, then its callback queues
+        running.set_result(None)
+        relay._done.put(late)  # type: ignore[arg-type]
+
+    threading.Timer(0.05, finish).start()
+    pending = [first]
+    relay._gather(pending, threading.Event())  # type: ignore[arg-type]
+    assert pending == [first, late]
