@@ -1,14 +1,19 @@
 """Benchmark the HTTP API against a bare FastAPI endpoint, and quota checks at 10,000,000 events.
 
     python bench/bench_api.py [--admin-url postgresql://postgres@127.0.0.1:5432/postgres]
-                              [--duration 10] [--connections 8] [--events 10000000]
+                              [--duration 10] [--connections 4] [--rounds 3]
+                              [--redis-url redis://127.0.0.1:6379/0] [--events 10000000]
 
 Creates a scratch PostgreSQL database, migrates it, measures, prints figures and ratios, drops it.
 
 1. POST /usage requests/s under uvicorn (1 worker, its own process), driven by a load generator
    of N processes with one keep-alive `http.client` connection each: `billing.app` (API key auth,
    idempotency middleware, validation, duplicate detection, BillingService) vs
-   `bench/bare_usage_app.py` (the same INSERT on the same engine, nothing else), alternated twice.
+   `bench/bare_usage_app.py` (the same INSERT on the same engine, nothing else), alternated for
+   `--rounds` rounds. `billing.app` runs as deployed: with `REDIS_URL` (`--redis-url`, '' for
+   none), so API keys are cached under Redis's revocation marker (a namespace of its own).
+   Besides requests/s, the server process's CPU time per request (user + system, from /proc):
+   the machine's load sways it far less than the rate, which waits on every other process.
 2. Quota-check latency p50/p99 for a tenant with `--events` events in the current month
    (inserted by one `INSERT … SELECT generate_series`) vs a tenant with 10: `check_quota`
    (entitlement + counter read) and `consume_quota` (lock, record, commit), next to the scan a
@@ -25,7 +30,6 @@ import json
 import multiprocessing
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -57,11 +61,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def uvicorn_process(target: str, url: str, *extra: str) -> Iterator[int]:
-    """Run `uvicorn target` with one worker on a free loopback port; yield the port."""
+def uvicorn_process(
+    target: str, url: str, *extra: str, env_extra: dict[str, str] | None = None
+) -> Iterator[tuple[int, int]]:
+    """Run `uvicorn target` with one worker on a free loopback port; yield (port, pid)."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": url}
+    env = {**os.environ, "DATABASE_URL": url, **(env_extra or {})}
     command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", "1", "--log-level", "warning"]
     command += ["--no-access-log", *extra]
@@ -76,7 +88,7 @@ def uvicorn_process(target: str, url: str, *extra: str) -> Iterator[int]:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError(f"{target} did not start") from None
                 time.sleep(0.05)
-        yield port
+        yield port, process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -276,42 +288,55 @@ def quota_bench(url: str, events: int, repeat: int) -> None:
 # --- main ----------------------------------------------------------------------------------
 
 
-def http_bench(url: str, seconds: float, connections: int) -> None:
+def http_bench(url: str, seconds: float, connections: int, rounds: int, redis_url: str) -> None:
     engine = make_engine(url)
     with make_session_factory(engine).begin() as session:
         _, plaintext = create_key(session, tenant_id="bench", scopes=["billing.write"])
     engine.dispose()
     api_headers = {"Authorization": f"Bearer {plaintext}", "Content-Type": "application/json"}
     bare_headers = {"Content-Type": "application/json"}
+    app_env = {"REDIS_URL": redis_url, "BROKER_NAMESPACE": f"bench-api-{uuid.uuid4().hex[:8]}"}
     print(
         f"POST /usage, uvicorn 1 worker, {connections} keep-alive connections "
-        f"(one process each), {seconds:.0f} s per round"
+        f"(one process each), {seconds:.0f} s per round, billing.app with "
+        f"{'REDIS_URL (API keys cached)' if redis_url else 'no REDIS_URL (a key lookup each)'}"
     )
-    print(f"{'server':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}  statuses")
-    totals: dict[str, list[float]] = {"billing.app": [], "bare FastAPI insert": []}
-    for round_ in range(2):
-        for name in totals:
+    print(f"{'server':28} {'req/s':>9} {'CPU µs/req':>10} {'p50 ms':>8} {'p99 ms':>8}  statuses")
+    rates: dict[str, list[float]] = {"billing.app": [], "bare FastAPI insert": []}
+    cpu: dict[str, list[float]] = {name: [] for name in rates}
+    for round_ in range(rounds):
+        for name in rates:
             bare = name != "billing.app"
-            target = (
-                ("bare_usage_app:app", "--app-dir", str(BENCH_DIR))
+            target, extra, env = (
+                ("bare_usage_app:app", ("--app-dir", str(BENCH_DIR)), {})
                 if bare
-                else (
-                    "billing.app:create_app",
-                    "--factory",
-                )
+                else ("billing.app:create_app", ("--factory",), app_env if redis_url else {})
             )
             path, headers = ("/usage", bare_headers) if bare else ("/_billing/usage", api_headers)
-            with uvicorn_process(target[0], url, *target[1:]) as port:
+            with uvicorn_process(target, url, *extra, env_extra=env) as (port, pid):
                 drive(port, path, headers, 1, connections)  # warm up
+                before = cpu_seconds(pid)
                 result = drive(port, path, headers, seconds, connections)
-            totals[name].append(result["rps"])
+                used = cpu_seconds(pid) - before
+            requests = result["rps"] * seconds
+            rates[name].append(result["rps"])
+            cpu[name].append(used / requests * 1e6)
             print(
-                f"{name + f' (round {round_ + 1})':28} {result['rps']:9.0f} "
-                f"{result['p50_ms']:8.2f} {result['p99_ms']:8.2f}  {result['statuses']}"
+                f"{name + f' (round {round_ + 1})':28} {result['rps']:9.0f} {cpu[name][-1]:10.0f} "
+                f"{result['p50_ms']:8.2f} {result['p99_ms']:8.2f}  {result['statuses']} ({load()})"
             )
-    api = statistics.mean(totals["billing.app"])
-    bare = statistics.mean(totals["bare FastAPI insert"])
-    print(f"billing.app / bare: {api / bare:.2f} ({api:.0f} vs {bare:.0f} req/s, mean of 2 rounds)")
+    api, bare = rates["billing.app"], rates["bare FastAPI insert"]
+    ratios = [a / b for a, b in zip(api, bare, strict=True)]
+    api_cpu, bare_cpu = cpu["billing.app"], cpu["bare FastAPI insert"]
+    cpu_ratios = [b / a for a, b in zip(api_cpu, bare_cpu, strict=True)]
+    print(
+        f"billing.app / bare, req/s: {spread(ratios, '.2f')} "
+        f"({spread(api)} vs {spread(bare)} req/s; median (range) of {rounds} rounds)"
+    )
+    print(
+        f"bare / billing.app, server CPU per request: {spread(cpu_ratios, '.2f')} "
+        f"({spread(api_cpu)} vs {spread(bare_cpu)} µs)"
+    )
 
 
 def main() -> None:
@@ -319,6 +344,8 @@ def main() -> None:
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--repeat", type=int, default=2000)
     parser.add_argument("--skip-http", action="store_true")
@@ -327,7 +354,7 @@ def main() -> None:
 
     with scratch_database(args.admin_url, "billing_bench_api") as url:
         if not args.skip_http:
-            http_bench(url, args.duration, args.connections)
+            http_bench(url, args.duration, args.connections, args.rounds, args.redis_url)
         if not args.skip_quota:
             quota_bench(url, args.events, args.repeat)
 

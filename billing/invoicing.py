@@ -16,7 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import cast
 
-from sqlalchemy import Table, delete, literal_column, select
+from sqlalchemy import Table, bindparam, delete, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -78,17 +78,23 @@ def drafts_covering(session: Session, tenant_id: str, times: Sequence[datetime])
     to lock them in, so that two writers never wait on each other crosswise)."""
     if not times:
         return []
-    rows = session.execute(
-        select(Invoice.id, Invoice.period_start, Invoice.period_end)
-        .where(
-            Invoice.tenant_id == tenant_id,
-            Invoice.status == "draft",
-            Invoice.period_start <= max(times),
-            Invoice.period_end > min(times),
-        )
-        .order_by(Invoice.id)
-    ).all()
+    bounds = {"tenant_id": tenant_id, "last": max(times), "first": min(times)}
+    rows = session.connection().execute(_DRAFTS_COVERING, bounds).all()
     return [invoice_id for invoice_id, start, end in rows if any(start <= at < end for at in times)]
+
+
+_invoices = cast(Table, Invoice.__table__)
+# Run after every usage event stored, so built once on the table: no ORM work per call.
+_DRAFTS_COVERING = (
+    select(_invoices.c.id, _invoices.c.period_start, _invoices.c.period_end)
+    .where(
+        _invoices.c.tenant_id == bindparam("tenant_id"),
+        _invoices.c.status == "draft",
+        _invoices.c.period_start <= bindparam("last"),
+        _invoices.c.period_end > bindparam("first"),
+    )
+    .order_by(_invoices.c.id)
+)
 
 
 def price_lines(

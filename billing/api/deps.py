@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Annotated
 
+from anyio import CancelScope
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from billing.api.keycache import KeyLookup
 from billing.late_usage import LateUsage
@@ -49,10 +51,22 @@ async def get_api(request: Request) -> BillingApi:
 ApiDep = Annotated[BillingApi, Depends(get_api)]
 
 
-def get_session(api: ApiDep) -> Iterator[Session]:
-    """One session per request; endpoints that write commit it themselves."""
-    with api.session_factory() as session:
+async def get_session(api: ApiDep) -> AsyncIterator[Session]:
+    """One session per request; endpoints that write commit it themselves.
+
+    Async, so opening it (no I/O: the connection is taken at the first statement) and closing
+    it after a commit (nothing left to roll back) cost no trip through the thread pool; a
+    session still in a transaction (a read, an error) is rolled back and closed in a thread.
+    """
+    session = api.session_factory()
+    try:
         yield session
+    finally:
+        with CancelScope(shield=True):  # a client gone mid-request still frees the connection
+            if session.in_transaction():
+                await run_in_threadpool(session.close)
+            else:
+                session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
