@@ -149,8 +149,9 @@ class Stored:
 
 
 #: Entered around an insert that may bring a metric new to its month: the metric limit's check
-#: (`billing.metric_limit.metric_guard`), which raises before anything is stored.
-Guard = Callable[[], AbstractContextManager[None]]
+#: (`billing.metric_limit.metric_guard`), which raises before anything is stored. Its argument
+#: says whether the insert found a (month, metric) new already, so it need not look again.
+Guard = Callable[[bool], AbstractContextManager[None]]
 
 
 def store(
@@ -196,7 +197,7 @@ def _insert_new(
 ) -> tuple[Inserted, list[str] | None]:
     """Insert the events whose keys are new; their ids by (metric, key), and the drafts."""
     if session.get_bind().dialect.name != "postgresql":
-        with nullcontext() if guard is None else guard():
+        with nullcontext() if guard is None else guard(False):
             inserted: Inserted = {}
             for start in range(0, len(events), INSERT_CHUNK):
                 chunk = events[start : start + INSERT_CHUNK]
@@ -209,12 +210,12 @@ def _insert_new(
     elif len(events) <= INSERT_CHUNK:
         insert = functools.partial(_insert_new_postgresql, session, tenant_id, events)
     else:  # autocommit, in chunks: each commits alone, so none may wait for a later one's check
-        with nullcontext() if guard is None else guard():
+        with nullcontext() if guard is None else guard(False):
             return _insert_chunks(session, tenant_id, events)
     written = insert(guard is not None)
     if written is None:  # a metric is new to a month: check the limit, then insert
         assert guard is not None
-        with guard():
+        with guard(True):
             written = insert(False)
         assert written is not None, "an insert that checks no metric stores every new key"
     return written

@@ -2,11 +2,13 @@
 
 A tenant's month has a metric once `usage_counters` has a row for it (the `usage_events`
 triggers add one with the first event of the metric in the month). Before events are stored,
-`metric_guard` looks their (month, metric) pairs up in that table, by its primary key: when
-every pair is there (the usual case) it takes no lock and counts nothing. Only when a pair is
-new does it take a per-tenant lock (a transaction-level advisory lock on PostgreSQL, held to
-commit, so concurrent senders of new metrics count one after the other), look again, and count
-the month's metrics: more than the limit raises `TooManyMetricsError` and nothing is stored.
+their (month, metric) pairs are looked up in that table, by its primary key (on PostgreSQL by
+the ledger's insert itself, `billing.ledger.store`; else by `metric_guard`): when every pair is
+there (the usual case) no lock is taken and nothing counted. Only when a pair is new does
+`metric_guard` take a per-tenant lock (a transaction-level advisory lock on PostgreSQL, held to
+commit, so concurrent senders of new metrics count one after the other) and read the months'
+metrics again, in one statement: more than the limit raises `TooManyMetricsError` and nothing
+is stored.
 On an autocommit connection, where each statement commits at once, the lock is a session-level
 one released after the insert. SQLite lets one transaction write at a time.
 """
@@ -18,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from billing.api.models import UsageCounter
@@ -43,32 +45,43 @@ def month_of(at: datetime) -> datetime:
 
 @contextmanager
 def metric_guard(
-    session: Session, tenant_id: str, events: Sequence[UsageInput], limit: int | None
+    session: Session,
+    tenant_id: str,
+    events: Sequence[UsageInput],
+    limit: int | None,
+    *,
+    found_new: bool = False,
 ) -> Iterator[None]:
     """Around storing `events`: refuse them if they bring a month over `limit` metrics.
+
+    `found_new`: the caller saw a (month, metric) of the events without a counter row (the
+    ledger's insert checks that itself), so the lock is taken without looking first.
 
     Raises:
         TooManyMetricsError: a month of the tenant would have more than `limit` distinct
             metrics; raised before anything is stored.
     """
     pairs = {(month_of(e.at), e.metric) for e in events}
-    if limit is None or not pairs or not _new_pairs(session, tenant_id, pairs):
+    if limit is None or not pairs or not (found_new or _new_pairs(session, tenant_id, pairs)):
         yield
         return
     with _tenant_lock(session, tenant_id):
-        _check(session, tenant_id, _new_pairs(session, tenant_id, pairs), limit)
+        _check(session, tenant_id, pairs, limit)
         yield
 
 
-def _check(session: Session, tenant_id: str, new: set[Pair], limit: int) -> None:
+def _check(session: Session, tenant_id: str, pairs: set[Pair], limit: int) -> None:
+    """Raise if the new pairs bring a month over `limit`: one look at the months' metrics."""
+    held = _metrics_of(session, tenant_id, sorted({month for month, _ in pairs}))
     by_month: dict[datetime, int] = defaultdict(int)
-    for month, _ in new:
-        by_month[month] += 1
+    for month, metric in pairs:
+        if metric not in held[month]:
+            by_month[month] += 1
     for month, added in sorted(by_month.items()):
-        held = _metrics_in(session, tenant_id, month)
-        if held + added > limit:
+        count = len(held[month])
+        if count + added > limit:
             raise TooManyMetricsError(
-                f"the tenant has {held} distinct metrics in {month:%Y-%m} (UTC) and these "
+                f"the tenant has {count} distinct metrics in {month:%Y-%m} (UTC) and these "
                 f"events add {added}: MAX_METRICS_PER_TENANT is {limit}",
                 limit=limit,
                 month=month,
@@ -99,16 +112,22 @@ _KNOWN = select(UsageCounter.period_start, UsageCounter.metric).where(
 )
 
 
-def _metrics_in(session: Session, tenant_id: str, month: datetime) -> int:
-    return int(
-        session.execute(
-            select(func.count()).where(
-                UsageCounter.tenant_id == tenant_id,
-                UsageCounter.granularity == "month",
-                UsageCounter.period_start == month,
-            )
-        ).scalar_one()
-    )
+def _metrics_of(
+    session: Session, tenant_id: str, months: list[datetime]
+) -> dict[datetime, set[str]]:
+    """The metrics each of `months` has (a month row in `usage_counters`)."""
+    held: dict[datetime, set[str]] = defaultdict(set)
+    rows = session.connection().execute(_HELD, {"tenant_id": tenant_id, "months": months})
+    for month, metric in rows:
+        held[month_of(month)].add(metric)
+    return held
+
+
+_HELD = select(UsageCounter.period_start, UsageCounter.metric).where(
+    UsageCounter.tenant_id == bindparam("tenant_id"),
+    UsageCounter.granularity == "month",
+    UsageCounter.period_start.in_(bindparam("months", expanding=True)),
+)
 
 
 @contextmanager

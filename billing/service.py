@@ -179,7 +179,9 @@ class BillingService:
             self.session,
             self.tenant_id,
             events,
-            guard=lambda: metric_guard(self.session, self.tenant_id, events, limit),
+            guard=lambda found_new: metric_guard(
+                self.session, self.tenant_id, events, limit, found_new=found_new
+            ),
         )
 
     def _late(self, events: list[ledger.UsageInput]) -> dict[int, late_usage.ClosedPeriod]:

@@ -338,8 +338,17 @@ def test_a_staged_batch_bringing_a_new_metric_is_checked_then_stored_once(
     with pytest.raises(TooManyMetricsError), pg_factory.begin() as session:
         BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1).ingest(batch)
     with pg_factory.begin() as session:
+        sent = statements(session)
         bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=2)
         recorded = bs.ingest(batch)
+        # the insert finds "calls" new; the lock, one read of the month's metrics, the insert
+        assert [" ".join(s.split()[:2])[:28] for s in sent] == [
+            "CREATE TEMPORARY",
+            "WITH source",
+            "SELECT pg_advisory_xact_lock",
+            "SELECT usage_counters.period",
+            "WITH source",
+        ]
         assert session.execute(text("SELECT count(*) FROM billing_usage_stage")).scalar() == 0
     assert [r.duplicate for r in recorded] == [False] * 100
     with pg_factory() as session:
