@@ -162,7 +162,9 @@ def _described(price: Price | None) -> str:
         return "none"
     unit: Decimal | int | None = price.unit_amount_decimal
     unit = unit if unit is not None else price.unit_amount
-    rate = f"{unit} per unit" if price.billing_scheme == "per_unit" else "tiered"
+    # Without trailing zeros: PostgreSQL returns a decimal price at its column's scale.
+    shown = format(Decimal(unit).normalize(), "f") if unit is not None else unit
+    rate = f"{shown} per unit" if price.billing_scheme == "per_unit" else "tiered"
     return f"{price.key!r} ({rate})"
 
 

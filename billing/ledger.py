@@ -116,15 +116,6 @@ class Recorded:
     duplicate: bool
 
 
-def record(session: Session, tenant_id: str, event: UsageInput) -> Recorded:
-    """Store `event` unless stored already; its id is the first one's for a duplicate.
-
-    Raises:
-        IdempotencyConflictError: the key was used for an event with another amount or time.
-    """
-    return record_many(session, tenant_id, [event])[0]
-
-
 def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> list[Recorded]:
     """Store many events in a few round trips; return what became of each, in order.
 

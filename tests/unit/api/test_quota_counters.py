@@ -226,6 +226,19 @@ def test_check_reports_used_remaining_and_reset(session) -> None:
     ]
 
 
+def test_current_quotas_are_by_key_then_window_and_a_used_up_one_is_not_allowed(session) -> None:
+    limits = (("tokens", "month", 50), ("calls", "month", 9), ("tokens", "day", 4))
+    subscribe(session, limits=limits)
+    record(session, amount=4)
+    record(session, metric="calls", amount=3)
+    statuses = current_quotas(session, tenant_id="A", now=NOW)
+    assert [(q.key, q.window, q.used, q.allowed) for q in statuses] == [
+        ("calls", "month", 3, True),
+        ("tokens", "day", 4, False),
+        ("tokens", "month", 4, True),
+    ]
+
+
 def test_a_used_up_quota_is_not_allowed(session) -> None:
     subscribe(session, limits=(("tokens", "day", 10),))
     record(session, amount=10)
@@ -315,8 +328,9 @@ def test_consume_without_a_limit_records_and_returns_none(session) -> None:
 def test_consume_needs_a_positive_integer(session, amount) -> None:
     from billing.errors import InvalidUsageError
 
-    with pytest.raises(InvalidUsageError):
+    with pytest.raises(InvalidUsageError, match="^consume must be a positive integer$") as raised:
         consume_quota(session, tenant_id="A", key="t", window="day", amount=amount, now=NOW)
+    assert raised.value.field == "consume"
 
 
 def test_importing_billing_and_the_quota_checks_does_not_import_fastapi() -> None:

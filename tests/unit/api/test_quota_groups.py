@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from billing import BillingService, InvalidUsageError
 from billing.api import add_billing, register_error_handlers, require_quota
+from billing.meters import MAX_GROUP_BY
 from billing.quotas import check_quota, consume_quota
 
 from .test_quota_counters import NOW, subscribe
@@ -59,12 +60,30 @@ def test_consuming_a_group_records_it_and_stops_at_its_limit(session) -> None:
     assert after.used == 70
 
 
-@pytest.mark.parametrize("group", [{}, {"model": 4}, {"bad key": "x"}, ["model"]])
+@pytest.mark.parametrize(
+    "group",
+    [
+        {},
+        {"model": 4},
+        {"bad key": "x"},
+        ["model"],
+        {f"p{i}": "x" for i in range(MAX_GROUP_BY + 1)},
+    ],
+)
 def test_a_malformed_group_is_refused(session, group) -> None:
-    with pytest.raises(InvalidUsageError):
+    with pytest.raises(InvalidUsageError) as raised:
         check_quota(session, tenant_id="A", key="tokens", window="day", now=NOW, group=group)
+    assert raised.value.field == "group"
     with pytest.raises(ValueError, match="group"):
         require_quota("tokens", group=group)
+
+
+def test_a_group_of_as_many_properties_as_a_meter_groups_by_is_taken(session) -> None:
+    subscribe(session)
+    group = {f"p{i}": "x" for i in range(MAX_GROUP_BY)}
+    status = check_quota(session, tenant_id="A", key="tokens", window="day", now=NOW, group=group)
+    assert status is not None
+    assert (status.used, status.allowed) == (0, True)
 
 
 def test_require_quota_with_a_group_answers_429_once_the_group_is_used_up(

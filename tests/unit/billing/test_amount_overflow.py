@@ -63,6 +63,28 @@ def test_2_62_units_at_2_cents_raise_amount_overflow_naming_the_line(session) ->
 
 
 @pytest.mark.parametrize(
+    ("price", "described"),
+    [
+        ({"unit_amount_decimal": Decimal("2.50")}, "'big-0' (2.5 per unit)"),
+        (
+            {
+                "billing_scheme": "tiered",
+                "tiers_mode": "volume",
+                "tiers": [{"up_to": None, "unit_amount_decimal": "3"}],
+            },
+            "'big-0' (tiered)",
+        ),
+    ],
+)
+def test_the_overflow_names_the_price_s_rate(session, price, described) -> None:
+    plan_with(session, {"metric": "tokens", **price})
+    use(session, 2**62)
+    with pytest.raises(AmountOverflowError) as caught:
+        generate(session)
+    assert f"metric 'tokens' at price {described} comes to" in str(caught.value)
+
+
+@pytest.mark.parametrize(
     ("price", "overflows"),
     [(Decimal("0.999999999999"), False), (Decimal("1.000000000001"), True)],
 )

@@ -15,7 +15,7 @@ from billing import (
     UnknownInvoiceError,
 )
 from billing.models import CreditNote, CreditNoteLine, InvoiceLine
-from tests.unit.billing.test_lifecycle import JAN, events, generate, service
+from tests.unit.billing.test_lifecycle import JAN, LATER, events, generate, service
 from tests.unit.billing.test_lifecycle import plan as plan  # a fixture
 
 
@@ -52,6 +52,30 @@ def test_credit_notes_are_numbered_and_announced_once_each(session, plan) -> Non
         },
     ]
     assert [n.id for n in service(session).list_credit_notes(invoice.id)] == [first.id, second.id]
+
+
+def test_credit_notes_are_listed_oldest_first_and_by_number_at_the_same_instant(
+    session, plan
+) -> None:
+    invoice = generate(session)
+    hour = timedelta(hours=1)
+    service(session, now=LATER + 2 * hour).create_credit_note(invoice.id, amount=1, reason="a")
+    service(session, now=LATER + hour).create_credit_note(invoice.id, amount=1, reason="b")
+    for number in ("CN-000009", "CN-000008"):  # stored in the opposite order of their numbers
+        session.add(
+            CreditNote(
+                invoice_id=invoice.id,
+                tenant_id="t1",
+                number=number,
+                amount=1,
+                currency="usd",
+                reason="imported",
+                created_at=LATER + 3 * hour,
+            )
+        )
+    session.flush()
+    listed = [note.number for note in service(session).list_credit_notes(invoice.id)]
+    assert listed == ["CN-000002", "CN-000001", "CN-000008", "CN-000009"]
 
 
 def test_the_credit_notes_of_an_invoice_never_exceed_its_total(session, plan) -> None:
@@ -99,7 +123,18 @@ def test_a_credit_note_by_lines_adds_them_up(session, plan) -> None:
     )
     assert note.amount == 150
     rows = session.execute(select(CreditNoteLine).order_by(CreditNoteLine.position)).scalars()
-    assert [(r.invoice_line_id, r.amount) for r in rows] == [(tokens_line, 100), (None, 50)]
+    assert [(r.invoice_line_id, r.amount, r.description) for r in rows] == [
+        (tokens_line, 100, "tokens refunded"),
+        (None, 50, None),
+    ]
+
+
+def test_a_line_that_is_not_an_object_is_refused_by_its_index(session, plan) -> None:
+    invoice = generate(session)
+    with pytest.raises(InvalidCreditNoteError, match=r"^lines\[1\] must be an object$") as raised:
+        service(session).create_credit_note(invoice.id, lines=[{"amount": 5}, 5], reason="r")
+    assert raised.value.field == "lines[1]"
+    assert count(session, CreditNote) == 0
 
 
 @pytest.mark.parametrize(
@@ -115,6 +150,15 @@ def test_a_credit_note_by_lines_adds_them_up(session, plan) -> None:
         ({"amount": 5, "reason": "r" * 501}, "reason"),
         ({"lines": [], "reason": "r"}, "lines"),
         ({"lines": [{"amount": 0}], "reason": "r"}, "lines[0].amount"),
+        ({"lines": [{"amount": 5, "description": ""}], "reason": "r"}, "lines[0].description"),
+        (
+            {"lines": [{"amount": 5, "description": "d" * 201}], "reason": "r"},
+            "lines[0].description",
+        ),
+        (
+            {"lines": [{"amount": 5}, {"amount": 5, "invoice_line_id": "x" * 37}], "reason": "r"},
+            "lines[1].invoice_line_id",
+        ),
         (
             {"lines": [{"amount": 5, "invoice_line_id": "nope"}], "reason": "r"},
             "lines.invoice_line_id",
