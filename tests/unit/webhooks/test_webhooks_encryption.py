@@ -97,7 +97,9 @@ def test_an_encrypted_secret_without_the_key_is_a_clear_error(session_factory) -
         reveal(stored(session_factory).secret, None)
 
 
-@pytest.mark.parametrize("value", ["not-a-key", "a,b", f"{OLD_KEY},"])
+@pytest.mark.parametrize(
+    "value", ["not-a-key", "a,b", f"{OLD_KEY},"], ids=["not-a-key", "a,b", "key-and-empty"]
+)
 def test_a_malformed_key_is_refused(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEBHOOKS_SECRET_KEY", value)
     with pytest.raises(SecretKeyError, match="Fernet keys"):

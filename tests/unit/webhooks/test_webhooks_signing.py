@@ -50,7 +50,11 @@ def test_signature_matches_standardwebhooks_byte_for_byte() -> None:
     assert sign(SECRET, "evt_1", int(at.timestamp()), BODY) == theirs
 
 
-@pytest.mark.parametrize("secret", ["sekrit", "whsec_" + "A" * 43, generate_secret()])
+@pytest.mark.parametrize(
+    "secret",
+    ["sekrit", "whsec_" + "A" * 43, generate_secret()],
+    ids=["plain", "zeros", "generated"],
+)
 def test_secrets_are_read_as_standardwebhooks_reads_them(secret: str) -> None:
     assert standardwebhooks.Webhook(secret).verify(BODY, headers((secret,)))
 
@@ -294,6 +298,10 @@ def test_a_subscription_secret_of_fewer_than_24_bytes_is_refused(size: int) -> N
         check_secret(short)
 
 
-@pytest.mark.parametrize("secret", [SECRET, SECRET.removeprefix("whsec_"), generate_secret()])
+@pytest.mark.parametrize(
+    "secret",
+    [SECRET, SECRET.removeprefix("whsec_"), generate_secret()],
+    ids=["whsec", "bare", "generated"],
+)
 def test_a_subscription_secret_of_24_bytes_or_more_is_accepted(secret: str) -> None:
     assert check_secret(secret) == secret
