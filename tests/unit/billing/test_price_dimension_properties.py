@@ -108,7 +108,7 @@ def make_plan(
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     aggregation=st.sampled_from(["sum", "count", "max", "unique_count", "latest"]),
