@@ -149,16 +149,21 @@ def test_the_sql_event_row_is_what_publish_stores(
     event_id, topic, tenant_id, payload, created_at = row.c
     query = select(event_id, topic, tenant_id, cast(payload, Text), created_at)
     params: dict[str, Any] = {**event_params(tenant, metric, day_start), "now": JAN}
-    with pg_engine.connect() as conn:
-        stored = conn.execute(query, params).one()
     expected = aggregated_payload(tenant, metric, day_start, total)
-    assert tuple(stored) == (
-        aggregate_event_id(expected),
-        USAGE_AGGREGATED,
-        tenant,
-        json.dumps(expected),  # SQLAlchemy's JSON type stores json.dumps(payload)
-        JAN,
-    )
+    with pg_engine.connect() as conn:
+        computed = conn.execute(query, params).one()
+        with Session(bind=conn) as session:  # what `publish` stores, rolled back below
+            published_id = webhooks.publish(
+                session, USAGE_AGGREGATED, expected, event_id=aggregate_event_id(expected)
+            )
+            published = session.execute(
+                select(WebhookEvent.tenant_id, cast(WebhookEvent.payload, Text)).where(
+                    WebhookEvent.id == published_id
+                )
+            ).one()
+        conn.rollback()
+    assert tuple(computed) == (published_id, USAGE_AGGREGATED, *published, JAN)
+    assert json.loads(published[1]) == expected
 
 
 @pytest.mark.postgres
