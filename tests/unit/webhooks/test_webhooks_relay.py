@@ -290,24 +290,30 @@ def test_disabled_and_enabled_subscriptions() -> None:
     assert world.relay.run_once() == 1
 
 
-def test_run_delivers_everything_with_several_in_flight_then_stops() -> None:
-    in_flight = 0
-    most = 0
-    lock = threading.Lock()
-    release = threading.Event()
+class InFlight:
+    """A subscriber holding each request until `release_at` are in flight at once (or `wait`
+    seconds pass); `most` is the most it saw at once."""
 
-    def slow(request: httpx.Request) -> httpx.Response:
-        nonlocal in_flight, most
-        with lock:
-            in_flight += 1
-            most = max(most, in_flight)
-            if in_flight == 4:
-                release.set()
-        release.wait(5)
-        with lock:
-            in_flight -= 1
+    def __init__(self, release_at: int, wait: float) -> None:
+        self.release_at, self.wait = release_at, wait
+        self.in_flight = self.most = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            if self.in_flight >= self.release_at:
+                self.release.set()
+        self.release.wait(self.wait)
+        with self.lock:
+            self.in_flight -= 1
         return httpx.Response(200)
 
+
+def test_run_delivers_everything_with_several_in_flight_then_stops() -> None:
+    slow = InFlight(release_at=4, wait=5)
     world = World(
         slow, concurrency=4, batch_size=3, poll_interval=0.01, max_in_flight_per_subscription=None
     )
@@ -328,7 +334,7 @@ def test_run_delivers_everything_with_several_in_flight_then_stops() -> None:
     assert not thread.is_alive()
     assert world.statuses() == ["delivered"] * 20
     assert sorted(r.headers["webhook-id"] for r in world.requests) == sorted(ids)
-    assert most == 4
+    assert slow.most == 4
 
 
 def test_stopping_finishes_requests_in_flight_and_hands_back_the_rest() -> None:
@@ -557,3 +563,85 @@ def test_while_an_attempt_runs_the_recorder_waits_for_its_outcome(
     pending = [first]
     relay._gather(pending, threading.Event())  # type: ignore[arg-type]
     assert pending == [first, late]
+
+
+def test_a_relay_from_settings_takes_every_setting() -> None:
+    from webhooks.settings import WebhookSettings
+
+    settings = WebhookSettings(
+        retry_schedule="1s,2m",
+        jitter=0.1,
+        retry_after_max=timedelta(hours=2),
+        concurrency=3,
+        batch_size=7,
+        claim_lease=timedelta(minutes=9),
+        poll_interval=0.25,
+        disable_after=timedelta(days=2),
+        shutdown_timeout=4.0,
+        attempt_timeout=11.0,
+        max_in_flight_per_subscription=5,
+    )
+    world = World(answer(200))
+    relay = Relay.from_settings(settings, world.outbox, world.relay.sender)
+    assert relay.policy == RetryPolicy(
+        schedule=(timedelta(seconds=1), timedelta(minutes=2)),
+        jitter=0.1,
+        retry_after_max=timedelta(hours=2),
+    )
+    assert (relay.concurrency, relay.batch_size, relay.lease, relay.poll_interval) == (
+        3,
+        7,
+        timedelta(minutes=9),
+        0.25,
+    )
+    assert (relay.disable_after, relay.shutdown_timeout, relay.attempt_timeout) == (
+        timedelta(days=2),
+        4.0,
+        11.0,
+    )
+    assert relay.max_in_flight_per_subscription == 5
+
+
+def test_run_once_keeps_at_most_concurrency_requests_in_flight() -> None:
+    """Two deliveries, one slot: the first request waits (half a second at most) for a second
+    one to arrive beside it; one never does."""
+    overlapping = InFlight(release_at=2, wait=0.5)
+    world = World(overlapping, concurrency=1, max_in_flight_per_subscription=None)
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    world.service.publish(TOPIC, PAYLOAD)
+    assert world.relay.run_once() == 2
+    assert overlapping.most == 1
+    assert world.statuses() == ["delivered", "delivered"]
+
+
+def test_a_failed_hand_back_is_logged_with_its_count(caplog) -> None:
+    world = World(answer(200))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    [claimed] = world.outbox.claim(10, world.clock.now, world.relay.lease)
+    world.relay.store = store = Flaky(world.outbox, "release")
+    world.clock.advance(world.relay.lease)  # the lease ran out while it waited for a slot
+    with caplog.at_level("ERROR", logger="webhooks.relay"):
+        assert world.relay.attempt(claimed) is None
+    assert not store.failing
+    assert world.requests == []
+    [record] = [r for r in caplog.records if r.name == "webhooks.relay"]
+    assert record.getMessage() == "handing back 1 claimed deliveries failed"
+
+
+def test_the_log_line_lists_the_fields_as_key_value_pairs(caplog) -> None:
+    world = World(answer(503))
+    sub = world.subs.add(TOPIC, url=URL)
+    event_id = world.service.publish(TOPIC, PAYLOAD)
+    [delivery] = world.outbox.deliveries()
+    with caplog.at_level("INFO", logger="webhooks.relay"):
+        world.relay.run_once()
+    [record] = [r for r in caplog.records if r.name == "webhooks.relay"]
+    fields = record.getMessage().split(": ", 1)[1]
+    retry_at = (world.clock.now + timedelta(seconds=5)).isoformat()
+    assert fields == (
+        f"event_id={event_id} subscription_id={sub.id} tenant_id=t1 "
+        f"delivery_id={delivery.id} attempt=1 status_code=503 error='HTTP 503' "
+        f"next_attempt_at={retry_at}"
+    )

@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from billing import BillingService, InvoicePolicy
@@ -39,6 +41,19 @@ class Recorder:
 
     def __call__(self, **kwargs) -> None:
         self.calls.append(kwargs)
+
+
+def make_scheduler(session_factory, lock=None, **kwargs) -> BillingScheduler:
+    """A scheduler whose sends are recorded (`send_finalize` too, unless given)."""
+    kwargs.setdefault("send_finalize", Recorder())
+    return BillingScheduler(
+        WorkerSettings(),
+        session_factory,
+        lock or LocalFireLock(),
+        send_aggregate=Recorder(),
+        send_invoice=Recorder(),
+        **kwargs,
+    )
 
 
 @pytest.fixture
@@ -103,12 +118,8 @@ def test_the_sweep_sends_only_drafts_past_their_grace_period(session_factory, dr
     with session_factory() as session:
         created = session.get(Invoice, draft).created_at
     sent = Recorder()
-    scheduler = BillingScheduler(
-        WorkerSettings(),
+    scheduler = make_scheduler(
         session_factory,
-        LocalFireLock(),
-        send_aggregate=Recorder(),
-        send_invoice=Recorder(),
         send_finalize=sent,
         grace_period=timedelta(days=3),
         now=lambda: created + timedelta(days=3) - timedelta(seconds=1),
@@ -129,11 +140,57 @@ def test_the_sweep_sends_only_drafts_past_their_grace_period(session_factory, dr
 
 
 def test_without_a_grace_period_no_sweep_is_scheduled(session_factory) -> None:
-    scheduler = BillingScheduler(
-        WorkerSettings(),
+    assert not make_scheduler(session_factory).finalizes_drafts
+
+
+def test_each_finalize_sweep_fire_is_claimed_once_for_a_day(session_factory, seeded, clock) -> None:
+    seeded([], plan_for=("t1", "t2"))
+    drafts = {
+        generate_monthly_invoice_job(
+            session_factory,
+            {**PAYLOAD, "tenant_id": t},
+            policy=GRACE,
+            enqueue_sync=lambda _id: None,
+        )
+        for t in ("t1", "t2")
+    }
+    fire_time = datetime(2025, 2, 9, 7, 20, tzinfo=UTC)
+    lock = LocalFireLock(clock=clock)
+
+    def sweep() -> tuple[str, int, list[dict]]:
+        sent = Recorder()
+        report = make_scheduler(
+            session_factory,
+            lock,
+            send_finalize=sent,
+            grace_period=timedelta(days=3),
+            now=lambda: datetime.now(UTC) + timedelta(days=4),
+            monotonic=clock,
+        ).run_finalize_sweep(fire_time)
+        return report.key, report.enqueued, sent.calls
+
+    counted = "billing_scheduler_enqueued_total"
+    before = REGISTRY.get_sample_value(counted, {"job": FINALIZE_JOB_ID}) or 0.0
+    key, enqueued, calls = sweep()
+    assert (key, enqueued) == ("finalize-drafts:2025-02-09T07:20", 2)
+    assert {call["invoice_id"] for call in calls} == drafts
+    assert REGISTRY.get_sample_value(counted, {"job": FINALIZE_JOB_ID}) == before + 2
+    clock.advance(timedelta(days=1) - timedelta(seconds=1))
+    assert sweep()[1:] == (0, [])  # the same fire, done: skipped
+    clock.advance(timedelta(seconds=1))  # its done marker lasts a day, not FIRE_LOCK_TTL
+    assert sweep()[1] == 2
+
+
+def test_with_a_grace_period_the_sweep_is_scheduled_and_caught_up(session_factory) -> None:
+    scheduler = make_scheduler(
         session_factory,
-        LocalFireLock(),
-        send_aggregate=Recorder(),
-        send_invoice=Recorder(),
+        grace_period=timedelta(days=3),
+        now=lambda: datetime(2025, 2, 9, 7, 25, tzinfo=UTC),
     )
-    assert not scheduler.finalizes_drafts
+    aps = BackgroundScheduler(timezone=UTC)
+    scheduler.schedule(aps, catch_up=False)
+    job = aps.get_job(FINALIZE_JOB_ID)
+    assert (str(job.trigger), job.args) == (str(scheduler.finalize_trigger), (FINALIZE_JOB_ID,))
+    assert [r.key for r in scheduler.catch_up() if r.job_id == FINALIZE_JOB_ID] == [
+        "finalize-drafts:2025-02-09T07:20"
+    ]

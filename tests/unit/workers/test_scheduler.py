@@ -327,6 +327,7 @@ def test_a_failed_fire_is_retried_a_minute_later_with_the_same_fire_time(
     assert retry is not None
     assert retry.args == (DAILY_JOB_ID, now)
     assert retry.trigger.run_date == now + timedelta(minutes=1)
+    assert retry.misfire_grace_time is None  # run however late it gets to run, not dropped
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 1000])
@@ -493,7 +494,9 @@ def test_without_redis_fires_are_locked_in_process_with_a_warning(caplog) -> Non
     with caplog.at_level("WARNING", logger="workers.scheduler"):
         lock = make_lock(WorkerSettings())
     assert isinstance(lock, LocalFireLock)
-    assert "run one scheduler only" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "no REDIS_URL: fire locks are in-process; run one scheduler only"
+    ]
 
 
 def test_removing_a_missing_job_fails_only_while_the_scheduler_runs() -> None:
@@ -559,5 +562,53 @@ def test_a_fire_failing_again_keeps_one_retry(session_factory, seeded) -> None:
         scheduler._job(DAILY_JOB_ID)  # the retry failed too: it replaces itself
         retries = [job for job in aps.get_jobs() if job.id == f"{DAILY_JOB_ID}.retry"]
         assert len(retries) == 1
+    finally:
+        aps.shutdown(wait=False)
+
+
+def test_scheduling_again_replaces_the_jobs_and_each_job_runs_its_own_fire(
+    session_factory, seeded
+) -> None:
+    seeded([("t1", 1, datetime(2025, 1, 31, 9, tzinfo=UTC))], plan_for=("t1",))
+    now = datetime(2025, 2, 1, 0, 40, tzinfo=UTC)
+    scheduler = make_scheduler(session_factory, now=lambda: now)
+    aps = BackgroundScheduler(timezone=UTC)
+    aps.start(paused=True)
+    try:
+        scheduler.schedule(aps, catch_up=False)
+        scheduler.schedule(aps, catch_up=False)  # a restart against a persistent job store
+        jobs = {job.id: job for job in aps.get_jobs()}
+        assert sorted(jobs) == sorted([DAILY_JOB_ID, MONTHLY_JOB_ID, PARTITIONS_JOB_ID])
+        for job_id in (DAILY_JOB_ID, MONTHLY_JOB_ID):
+            jobs[job_id].func(*jobs[job_id].args)  # what APScheduler calls at the fire time
+    finally:
+        aps.shutdown(wait=False)
+    assert pairs(scheduler.send_aggregate) == [("t1", "tokens", datetime(2025, 1, 31, tzinfo=UTC))]
+    assert [c["period_start"] for c in scheduler.send_invoice.calls] == [JAN]
+
+
+def test_catch_up_runs_the_fires_due_when_it_started(session_factory, seeded) -> None:
+    """The clock is read once: a catch-up that runs past the next fire still runs the fires
+    that were due when it started (the next ones are the cron jobs')."""
+    seeded([("t1", 1, datetime(2025, 1, 2, 9, tzinfo=UTC))], plan_for=("t1",))
+    readings = iter(datetime(2025, 1, 3, 5, tzinfo=UTC) + timedelta(days=i) for i in range(99))
+    scheduler = make_scheduler(session_factory, now=lambda: next(readings))
+    assert [r.key for r in scheduler.catch_up()] == [
+        "aggregate-daily:2025-01-02",
+        "monthly-invoices:2024-12",
+    ]
+
+
+def test_removing_a_job_removes_it_from_the_job_store_named() -> None:
+    aps = StoppableScheduler(timezone=UTC)
+    aps.add_jobstore("memory", alias="other")
+    aps.start(paused=True)
+    try:
+        aps.add_job(print, "date", id="kept", run_date=JAN)
+        aps.add_job(print, "date", id="gone", run_date=JAN, jobstore="other")
+        with pytest.raises(JobLookupError):
+            aps.remove_job("kept", "other")
+        aps.remove_job("gone", "other")
+        assert [job.id for job in aps.get_jobs()] == ["kept"]
     finally:
         aps.shutdown(wait=False)

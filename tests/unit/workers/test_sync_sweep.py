@@ -167,7 +167,9 @@ def test_the_scheduler_serves_its_metrics_only_when_a_port_is_set(session_factor
     port = free_port()
     with caplog.at_level("INFO", logger="workers.scheduler"):
         assert serve_metrics(WorkerSettings(scheduler_metrics_port=port)) is True
-    assert f"metrics on http://127.0.0.1:{port}/metrics" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "workers.scheduler"] == [
+        f"metrics on http://127.0.0.1:{port}/metrics"
+    ]
     make_scheduler(session_factory).run_sync_sweep()
     body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     assert 'billing_scheduler_fires_total{job="billing.sync-pending-invoices"' in body
