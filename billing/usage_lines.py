@@ -24,16 +24,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_
 from sqlalchemy.orm import Session
 
 from billing.dimensions import prices_for
-from billing.meters import GROUP_VALUE_LENGTH, MeterSpec, get_meter, grouped_quantities
+from billing.meters import GROUP_VALUE_LENGTH, MeterSpec, grouped_quantities
 from billing.meters import property_text as _property_text
 from billing.models import Price, UsageEvent
 from billing.pricing import usage_amount
-
-Values = tuple[str | None, ...]
+from billing.usage_quantities import Values, meters_in_use, period_quantities
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,21 +70,24 @@ def bill_usage(
     session: Session, tenant_id: str, start: datetime, end: datetime, stretches: Sequence[Stretch]
 ) -> UsageBill:
     """Price the tenant's usage in `[start, end)`; `stretches` are the subscriptions' (ordered,
-    not overlapping, inside the period)."""
+    not overlapping, inside the period). Two statements read the ledger (see
+    `billing.usage_quantities`), whatever the metrics and stretches."""
     prices_of: dict[str, list[Price]] = defaultdict(list)
     for stretch in stretches:
         for price in stretch.prices:
             prices_of[str(price.metric)].append(price)
-    metrics = sorted(set(prices_of) | _metrics_used(session, tenant_id, start, end))
-    specs = {metric: _spec(session, metric, prices_of[metric]) for metric in metrics}
+    meters = meters_in_use(session, tenant_id, start, end, prices_of)
+    specs = {metric: _spec(meters[metric], prices_of[metric]) for metric in sorted(meters)}
+    everywhere = sorted([*stretches, *_gaps(start, end, stretches)], key=lambda s: s.start)
+    bounds = [(stretch.start, stretch.end) for stretch in everywhere]
+    quantities = period_quantities(session, tenant_id, bounds, list(specs.values()))
     leftovers: dict[tuple[str, Values], list[tuple[Stretch, int]]] = defaultdict(list)
-    everywhere = [*stretches, *_gaps(start, end, stretches)]
     priced: dict[int, dict[str, list[LineDraft]]] = {id(stretch): {} for stretch in everywhere}
-    for stretch in sorted(everywhere, key=lambda s: s.start):
-        for metric in metrics:
+    for index, stretch in enumerate(everywhere):
+        for metric, spec in specs.items():
             prices = [p for p in stretch.prices if p.metric == metric]
-            lines = _price_groups(session, tenant_id, specs[metric], stretch, prices, leftovers)
-            priced[id(stretch)].update(lines)
+            used = quantities.get((index, metric), {})
+            priced[id(stretch)].update(_price_groups(spec, stretch, prices, used, leftovers))
     return UsageBill(
         [priced[id(stretch)] for stretch in stretches],
         _unpriced(session, tenant_id, specs, leftovers),
@@ -93,16 +95,14 @@ def bill_usage(
 
 
 def _price_groups(
-    session: Session,
-    tenant_id: str,
     spec: MeterSpec,
     stretch: Stretch,
     prices: list[Price],
+    quantities: dict[Values, int],
     leftovers: dict[tuple[str, Values], list[tuple[Stretch, int]]],
 ) -> dict[str, list[LineDraft]]:
     """The lines of each of `prices` in the stretch; the groups none bills go to `leftovers`."""
     lines: dict[str, list[LineDraft]] = {price.id: [] for price in prices}
-    quantities = _quantities(session, tenant_id, spec, [stretch])
     for values in sorted(quantities, key=_values_order):
         used = quantities[values]
         group = dict(zip(spec.group_by, values, strict=True))
@@ -120,26 +120,11 @@ def _price_groups(
     return lines
 
 
-def _spec(session: Session, metric: str, prices: Iterable[Price]) -> MeterSpec:
+def _spec(meter: MeterSpec, prices: Iterable[Price]) -> MeterSpec:
     """The metric's meter, grouped by its `group_by` then any other property a price names."""
-    meter = get_meter(session, metric)
     named = {name for price in prices for name in price.dimensions or {}}
     extra = sorted(named - set(meter.group_by))
     return replace(meter, group_by=(*meter.group_by, *extra)) if extra else meter
-
-
-def _metrics_used(session: Session, tenant_id: str, start: datetime, end: datetime) -> set[str]:
-    return set(
-        session.scalars(
-            select(UsageEvent.metric)
-            .where(
-                UsageEvent.tenant_id == tenant_id,
-                UsageEvent.at_ts >= start,
-                UsageEvent.at_ts < end,
-            )
-            .distinct()
-        )
-    )
 
 
 def _gaps(start: datetime, end: datetime, stretches: Sequence[Stretch]) -> list[Stretch]:

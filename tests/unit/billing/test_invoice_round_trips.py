@@ -1,5 +1,7 @@
 """An invoice in a fixed number of statements: one SELECT for the subscriptions and their
-prices, one INSERT for all the lines, the new invoice finalized without being read again."""
+prices, one for the metrics used and their meters, one GROUP BY for every metric's usage, one
+INSERT for all the lines, the new invoice finalized without being read again and numbered
+last."""
 
 from __future__ import annotations
 
@@ -86,7 +88,10 @@ def test_an_invoice_is_priced_stored_and_announced_in_a_fixed_number_of_statemen
         *announced,  # billing.invoice.finalized
         *numbered,
     ]
-    assert len(sent) == 21 + 2 * (not on_postgresql) + on_postgresql  # PG: the advisory lock
+    priced = sent.index("SELECT subscriptions.id, subscriptions.tenant_id,")
+    usage = sent[priced + 1 : sent.index("INSERT INTO invoices")]
+    assert len(usage) == 2  # the metrics used, with their meters; one GROUP BY for all three
+    assert len(sent) == 16 + 2 * (not on_postgresql) + on_postgresql  # PG: the advisory lock
     invoice = session.get(Invoice, invoice_id)
     assert (invoice.status, invoice.number, invoice.total_amount) == ("open", "INV-000001", 2930)
     assert lines_of(session, invoice) == [

@@ -1,0 +1,152 @@
+"""What an invoice reads of the ledger, in two statements whatever its metrics and plans:
+
+- `meters_in_use`: the metrics the tenant used in the period or has prices for, each with its
+  meter (one SELECT: the used metrics joined with their meters);
+- `period_quantities`: every metric's quantity per stretch of the period and per group, in one
+  GROUP BY over (metric, stretch, group values) — plus one window query beside it for the
+  metrics whose meter is `latest` (the last event of each group is not an aggregate).
+
+Each metric groups by its own properties: group column i is the i-th property of the row's
+metric (`CASE metric WHEN … THEN …`), NULL past its last. The quantities are those
+`billing.meters.grouped_quantities` gives one metric and stretch at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, distinct, func, select, union_all
+from sqlalchemy.orm import Session
+
+from billing.meters import GROUP_VALUE_LENGTH, MeterSpec, property_text
+from billing.models import Meter, UsageEvent
+
+Values = tuple[str | None, ...]
+Quantities = dict[tuple[int, str], dict[Values, int]]
+"""(stretch index, metric) → group values → quantity; groups without events are absent."""
+
+
+def meters_in_use(
+    session: Session, tenant_id: str, start: datetime, end: datetime, priced: Iterable[str]
+) -> dict[str, MeterSpec]:
+    """The meter of each metric the tenant used in `[start, end)` or that is in `priced`
+    (a `sum` meter where none was declared), by key."""
+    used = (
+        select(UsageEvent.metric.label("key"))
+        .where(UsageEvent.tenant_id == tenant_id, UsageEvent.at_ts >= start, UsageEvent.at_ts < end)
+        .distinct()
+        .subquery()
+    )
+    columns = (Meter.aggregation, Meter.property, Meter.group_by)
+    query: Any = select(used.c.key, *columns).outerjoin(Meter, Meter.key == used.c.key)
+    wanted = sorted(set(priced))
+    if wanted:
+        query = union_all(query, select(Meter.key, *columns).where(Meter.key.in_(wanted)))
+    specs = {key: MeterSpec(key) for key in wanted}
+    for key, aggregation, prop, group_by in session.execute(query):
+        if aggregation is not None:
+            specs[key] = MeterSpec(key, aggregation, prop, tuple(group_by))
+        else:
+            specs.setdefault(key, MeterSpec(key))
+    return specs
+
+
+def period_quantities(
+    session: Session,
+    tenant_id: str,
+    stretches: Sequence[tuple[datetime, datetime]],
+    specs: Sequence[MeterSpec],
+) -> Quantities:
+    """Each metric's quantity per group in each of `stretches` (`[start, end)`, not
+    overlapping, ordered): one GROUP BY, and one window query for `latest` meters."""
+    found: Quantities = {}
+    aggregated = [spec for spec in specs if spec.aggregation != "latest"]
+    latest = [spec for spec in specs if spec.aggregation == "latest"]
+    if aggregated and stretches:
+        _grouped(session, _Shape(tenant_id, stretches, aggregated), found)
+    if latest and stretches:
+        _last_events(session, _Shape(tenant_id, stretches, latest), found)
+    return found
+
+
+class _Shape:
+    """The columns and conditions both queries share: metric, stretch index, group values."""
+
+    def __init__(
+        self,
+        tenant_id: str,
+        stretches: Sequence[tuple[datetime, datetime]],
+        specs: Sequence[MeterSpec],
+    ) -> None:
+        self.specs = {spec.key: spec for spec in specs}
+        self.stretch = case(
+            *(
+                (and_(UsageEvent.at_ts >= start, UsageEvent.at_ts < end), index)
+                for index, (start, end) in enumerate(stretches)
+            )
+        )
+        width = max(len(spec.group_by) for spec in specs)
+        self.groups = [
+            case(
+                *(
+                    (UsageEvent.metric == spec.key, _value(spec.group_by[position]))
+                    for spec in specs
+                    if len(spec.group_by) > position
+                )
+            )
+            for position in range(width)
+        ]
+        self.where = [
+            UsageEvent.tenant_id == tenant_id,
+            UsageEvent.metric.in_(sorted(self.specs)),
+            UsageEvent.at_ts >= min(start for start, _ in stretches),
+            UsageEvent.at_ts < max(end for _, end in stretches),
+        ]
+
+    @property
+    def keys(self) -> list[Any]:
+        return [UsageEvent.metric, self.stretch, *self.groups]
+
+    def store(self, found: Quantities, row: Sequence[Any], quantity: int) -> None:
+        metric, stretch, *values = row[: 2 + len(self.groups)]
+        if stretch is not None:
+            width = len(self.specs[metric].group_by)
+            found.setdefault((int(stretch), metric), {})[tuple(values[:width])] = quantity
+
+
+def _grouped(session: Session, shape: _Shape, found: Quantities) -> None:
+    unique = [spec.key for spec in shape.specs.values() if spec.aggregation == "unique_count"]
+    distinct_counts = [
+        func.count(distinct(property_text(shape.specs[key].property or ""))) for key in unique
+    ]
+    measures = [func.sum(UsageEvent.amount), func.count(), func.max(UsageEvent.amount)]
+    keys = shape.keys
+    query = select(*keys, *measures, *distinct_counts).where(*shape.where).group_by(*keys)
+    width = len(keys)
+    for row in session.execute(query):
+        spec = shape.specs[row[0]]
+        if spec.aggregation == "unique_count":
+            quantity = row[width + 3 + unique.index(spec.key)]
+        else:
+            quantity = row[width + ("sum", "count", "max").index(spec.aggregation)]
+        shape.store(found, row, int(quantity or 0))
+
+
+def _last_events(session: Session, shape: _Shape, found: Quantities) -> None:
+    keys = shape.keys
+    rank = func.row_number().over(
+        partition_by=keys, order_by=(UsageEvent.at_ts.desc(), UsageEvent.amount.desc())
+    )
+    labelled = [key.label(f"k{index}") for index, key in enumerate(keys)]
+    ranked = select(*labelled, UsageEvent.amount, rank.label("rank")).where(*shape.where)
+    last = ranked.subquery()
+    columns = [last.c[f"k{index}"] for index in range(len(keys))]
+    query = select(*columns, last.c.amount).where(last.c.rank == 1)
+    for row in session.execute(query):
+        shape.store(found, row, int(row[len(keys)] or 0))
+
+
+def _value(name: str) -> ColumnElement[str]:
+    return func.substr(property_text(name), 1, GROUP_VALUE_LENGTH)
