@@ -89,6 +89,30 @@ def test_the_event_is_delivered_to_each_matching_subscription_once(
     assert [due == created for created, due in stamps] == [True, True]
 
 
+def test_the_next_job_sees_a_subscription_added_or_disabled_after_the_last(
+    session_factory, seeded, outbox
+) -> None:
+    """Nothing about subscriptions is kept between jobs: each statement reads them."""
+    seeded([("t1", 5, JAN)])
+    aggregate_daily_job(session_factory, PAYLOAD)
+    ids = subscribe(session_factory)
+    seeded([("t1", 1, JAN + timedelta(hours=1))])
+    aggregate_daily_job(session_factory, PAYLOAD)
+    with session_factory.begin() as session:
+        SqlWebhookSubscriptions(session).disable(ids["t1"])
+    seeded([("t1", 1, JAN + timedelta(hours=2))])
+    aggregate_daily_job(session_factory, PAYLOAD)
+    first, second, third = (event["id"] for event in outbox(USAGE_AGGREGATED))
+    assert deliveries(session_factory) == sorted(
+        [
+            (second, ids["any tenant"], "pending", 0),
+            (second, ids["t1"], "pending", 0),
+            (third, ids["any tenant"], "pending", 0),
+        ]
+    )
+    assert first not in {row[0] for row in deliveries(session_factory)}
+
+
 def test_another_tenants_event_goes_to_the_subscriptions_without_a_tenant_only(
     session_factory, seeded, outbox
 ) -> None:
