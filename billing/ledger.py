@@ -503,13 +503,17 @@ def _in_window(at: datetime, now: datetime | None, max_age: timedelta | None) ->
     return at
 
 
+# Compact, NaN refused; made once (`json.dumps` with options builds an encoder per call).
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _metadata(value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
         raise InvalidUsageError("metadata must be a JSON object", field="metadata")
     try:
-        encoded = json.dumps(dict(value), separators=(",", ":"), allow_nan=False)
+        encoded = _JSON.encode(dict(value))
     except (TypeError, ValueError) as error:
         raise InvalidUsageError(
             f"metadata is not JSON-serialisable: {error}", field="metadata"
