@@ -24,6 +24,7 @@ from billing import (
     tenants,
 )
 from billing.errors import (
+    BillingError,
     IdempotencyConflictError,
     InvalidPeriodError,
     InvalidUsageError,
@@ -253,53 +254,70 @@ class BillingService:
                 f"the period {period_start.isoformat()} to {period_end.isoformat()} "
                 "has not ended yet"
             )
-        existing = invoicing.find_invoice(
-            self.session, self.tenant_id, period_start, period_end, currency
+        # With a grace period a draft is usually there, to re-price: look for it first.
+        existing = (
+            self._live(period_start, period_end, currency) if self.policy.grace_period else None
         )
-        new: Invoice | None = None
-        if existing is not None:
-            invoice_id = existing.id
-            if existing.status == "draft" and self.policy.grace_period:
-                self._reprice(invoice_id)
+        if existing is None:
+            invoice, created = self._create(period_start, period_end, currency, zone_name)
         else:
-            late = self._pending_adjustments(currency, lock=True)
-            lines = invoicing.price_lines(
-                self.session, self.tenant_id, period_start, period_end, currency
-            ) + adjustments.adjustment_lines(late)
-            new = invoicing.store_invoice(
-                self.session, self.tenant_id, period_start, period_end, currency, lines
-            )
-            if new is None:  # a racing run created it: find it, create nothing
-                found = invoicing.find_invoice(
-                    self.session, self.tenant_id, period_start, period_end, currency
-                )
-                assert found is not None, "the conflicting invoice must be visible once committed"
-                invoice_id = found.id
-            else:
-                invoice_id = new.id
-                self._credit_overbilled(late)
-                metrics.INVOICES_GENERATED.inc()
-                logger.info("invoice %s created for tenant %s", invoice_id, self.tenant_id)
-                lifecycle.publish_created(
-                    self.session,
-                    self.outbox,
-                    tenant_id=self.tenant_id,
-                    invoice_id=invoice_id,
-                    period_start=period_start.astimezone(tenants.zone(zone_name)),
-                    period_end=period_end.astimezone(tenants.zone(zone_name)),
-                    currency=currency,
-                )
+            invoice, created = existing, False
+        invoice_id = invoice.id
+        if not created and invoice.status == "draft" and self.policy.grace_period:
+            self._reprice(invoice_id)
         if not self.policy.grace_period:
             # Just priced: finalize as is; a draft left from a grace period is re-priced first;
             # one finalized already (open, paid, uncollectible) is returned as it is.
-            if new is not None:  # the row is ours since its insert: no lock to take
-                self._apply(new, lifecycle.FINALIZE, tenants.zone(zone_name))
+            if created:  # the row is ours since its insert: no lock to take
+                self._apply(invoice, lifecycle.FINALIZE, tenants.zone(zone_name))
             elif self._locked(invoice_id).status == "draft":
                 self.finalize_invoice(invoice_id)
         self.session.flush()
         if self.provider_sync is not None:
             self.sync_invoice(invoice_id)
         return invoice_id
+
+    def _live(self, start: datetime, end: datetime, currency: str) -> Invoice | None:
+        return invoicing.find_invoice(self.session, self.tenant_id, start, end, currency)
+
+    def _create(
+        self, start: datetime, end: datetime, currency: str, zone_name: str
+    ) -> tuple[Invoice, bool]:
+        """The period's invoice, created (priced, stored, announced: True) or found (False).
+
+        No SELECT first: the insert's ON CONFLICT finds a live invoice (also one a racing run
+        commits meanwhile), and pricing that fails, as when the plan changed since the period
+        was invoiced, looks for one before it raises.
+        """
+        try:
+            late = self._pending_adjustments(currency, lock=True)
+            lines = invoicing.price_lines(
+                self.session, self.tenant_id, start, end, currency
+            ) + adjustments.adjustment_lines(late)
+        except BillingError:
+            found = self._live(start, end, currency)
+            if found is None:
+                raise
+            return found, False
+        new = invoicing.store_invoice(self.session, self.tenant_id, start, end, currency, lines)
+        if new is None:  # a racing run created it: find it, create nothing
+            found = self._live(start, end, currency)
+            assert found is not None, "the conflicting invoice must be visible once committed"
+            return found, False
+        self._credit_overbilled(late)
+        metrics.INVOICES_GENERATED.inc()
+        logger.info("invoice %s created for tenant %s", new.id, self.tenant_id)
+        zone = tenants.zone(zone_name)
+        lifecycle.publish_created(
+            self.session,
+            self.outbox,
+            tenant_id=self.tenant_id,
+            invoice_id=new.id,
+            period_start=start.astimezone(zone),
+            period_end=end.astimezone(zone),
+            currency=currency,
+        )
+        return new, True
 
     def preview_invoice(
         self, *, period_start: datetime, period_end: datetime, currency: str
