@@ -127,6 +127,42 @@ class BillingService:
         )
         return self._store([event], batch=False)[0]
 
+    def ingest_untimed(
+        self,
+        *,
+        metric: str,
+        amount: int,
+        idempotency_key: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Recorded:
+        """`ingest_event` of an event sent without a time: stored at `now()`, unless its key is
+        stored already with the same amount, which makes it a retry of that event (and its
+        stored time its time: a duplicate, not a conflict).
+
+        The usual case, a new key, is stored at once, without looking for the key first. Only
+        when that finds the key taken (or the metric new to this month, past the limit) is the
+        stored event looked up and the event recorded again at its time, exactly as
+        `ingest_event` would have; that first try stores and counts nothing.
+        """
+        now = self.now()
+        event = self._validated(
+            metric=metric,
+            amount=amount,
+            at=now,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+            now=now,
+        )
+        try:
+            return self._store([event], batch=False, count_refusals=False)[0]
+        except (IdempotencyConflictError, TooManyMetricsError):
+            pass  # a retry, maybe: decide on the stored event's time
+        stored = ledger.stored_events(self.session, self.tenant_id, [(metric, idempotency_key)])
+        at = next((at for _, _, _, sent, at in stored if sent == amount), now)
+        return self.ingest_event(
+            metric=metric, amount=amount, at=at, idempotency_key=idempotency_key, metadata=metadata
+        )
+
     def record_usage_batch(self, events: Sequence[Mapping[str, Any]]) -> list[str]:
         """Store many events (each a mapping of `record_usage`'s arguments); ids in order.
 
@@ -143,14 +179,17 @@ class BillingService:
         validated = [self._validate_item(index, item, now) for index, item in enumerate(events)]
         return self._store(validated, batch=True)
 
-    def _store(self, events: list[ledger.UsageInput], *, batch: bool) -> list[Recorded]:
+    def _store(
+        self, events: list[ledger.UsageInput], *, batch: bool, count_refusals: bool = True
+    ) -> list[Recorded]:
         late = self._late(events)
         if late and self.policy.late_usage == "reject":
             self._refuse_late(events, late, batch=batch)
         try:
             stored = self._record(events)
         except (IdempotencyConflictError, TooManyMetricsError):
-            metrics.USAGE_REJECTED.inc(len(events))
+            if count_refusals:
+                metrics.USAGE_REJECTED.inc(len(events))
             raise
         results = stored.results
         duplicates = sum(r.duplicate for r in results)

@@ -73,10 +73,16 @@ def record_usage(
     event was recorded before; 409 when its key was used with another amount or time, or (with
     `LATE_USAGE=reject`) when its time falls in a period that has a finalized invoice
     (`urn:billing:problem:period-closed`, with `period_start` and `period_end`)."""
-    stored = _stored(session, principal.tenant_id, [body])
-    at = _time_of(body, stored, api.clock())
     service = _service(session, principal.tenant_id, api)
-    recorded = service.ingest_event(**_fields(body, at))
+    if body.at is None:  # stored now, or a retry of the event stored with this key
+        recorded = service.ingest_untimed(
+            metric=body.metric,
+            amount=body.amount,
+            idempotency_key=body.idempotency_key,
+            metadata=body.metadata,
+        )
+    else:
+        recorded = service.ingest_event(**_fields(body, body.at))
     session.commit()
     if recorded.duplicate:
         response.status_code = 200

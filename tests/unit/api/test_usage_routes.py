@@ -5,13 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from prometheus_client import REGISTRY
+from sqlalchemy import event, select
 
+from billing.api import add_billing
 from billing.models import UsageEvent
 
-from .conftest import NOW
+from .conftest import NOW, Clock
 
 EVENT = {"metric": "tokens", "amount": 42, "idempotency_key": "req-42"}
 
@@ -352,3 +356,69 @@ def test_a_cursor_the_api_did_not_make_answers_422(client, a_key, cursor) -> Non
     response = client.get("/_billing/usage", params={"cursor": cursor}, headers=a_key)
     assert response.status_code == 422
     assert response.json()["field"] == "cursor"
+
+
+def ingest_counts() -> dict[str, float]:
+    return {
+        outcome: REGISTRY.get_sample_value("billing_usage_ingest_total", {"outcome": outcome})
+        or 0.0
+        for outcome in ("stored", "duplicate", "rejected")
+    }
+
+
+def test_a_new_event_without_at_is_stored_without_looking_for_its_key_first(
+    client, a_key, engine, session_factory
+) -> None:
+    """The usual case costs no read of the stored events: the insert itself finds a key taken."""
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        response = client.post("/_billing/usage", json=EVENT, headers=a_key)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert response.status_code == 202
+    assert len(events(session_factory)) == 1
+    reads_of_stored_events = [
+        s for s in statements if s.lstrip().upper().startswith("SELECT") and "idempotency_key" in s
+    ]
+    assert reads_of_stored_events == []
+
+
+def test_a_retry_without_at_counts_one_duplicate_and_no_refusal(client, a_key, clock) -> None:
+    client.post("/_billing/usage", json=EVENT, headers=a_key)
+    clock.now += timedelta(minutes=5)  # the first try, at the new time, finds the key taken
+    before = ingest_counts()
+    again = client.post("/_billing/usage", json=EVENT, headers=a_key)
+    assert again.status_code == 200
+    after = ingest_counts()
+    assert {k: after[k] - before[k] for k in after} == {
+        "stored": 0.0,
+        "duplicate": 1.0,
+        "rejected": 0.0,
+    }
+
+
+def test_a_retry_without_at_in_a_month_at_its_metric_limit_is_still_a_duplicate(
+    session_factory, make_key
+) -> None:
+    """Sent on March 31st, retried on April 1st when April already has its one metric: the
+    retry is the March event (a duplicate), not a new April metric past the limit."""
+    clock = Clock(datetime(2025, 3, 31, 23, 59, tzinfo=UTC))
+    app = FastAPI()
+    add_billing(app, session_factory=session_factory, clock=clock, max_metrics_per_tenant=1)
+    key = make_key("A")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        first = client.post("/_billing/usage", json=EVENT, headers=key)
+        clock.now = datetime(2025, 4, 1, 0, 1, tzinfo=UTC)
+        other = {"metric": "calls", "amount": 1, "idempotency_key": "c-1"}
+        assert client.post("/_billing/usage", json=other, headers=key).status_code == 202
+        again = client.post("/_billing/usage", json=EVENT, headers=key)
+    assert first.status_code == 202
+    assert again.status_code == 200, again.json()
+    assert again.json() == {"id": first.json()["id"], "duplicate": True}
+    [march] = [e for e in events(session_factory) if e.metric == "tokens"]
+    assert march.at_ts == datetime(2025, 3, 31, 23, 59, tzinfo=UTC)
