@@ -27,7 +27,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from billing.errors import IdempotencyConflictError, InvalidUsageError
+from billing.errors import BillingError, IdempotencyConflictError, InvalidUsageError
 from billing.models import UsageEvent, usage_event_keys
 from webhooks.sqltypes import new_id, utcnow
 
@@ -195,7 +195,8 @@ def _insert_new(
                 inserted.update(_insert_new_values(session, tenant_id, chunk))
         return inserted, None
     connection = session.connection().connection.dbapi_connection
-    if len(events) >= COPY_THRESHOLD and not getattr(connection, "autocommit", True):
+    staged = len(events) >= COPY_THRESHOLD and not getattr(connection, "autocommit", True)
+    if staged:
         _copy_to_stage(session, events)
         insert: Callable[[bool], Written] = functools.partial(_from_stage, session, tenant_id)
     elif len(events) <= INSERT_CHUNK:
@@ -206,8 +207,13 @@ def _insert_new(
     written = insert(guard is not None)
     if written is None:  # a metric is new to a month: check the limit, then insert
         assert guard is not None
-        with guard(True):
-            written = insert(False)
+        try:
+            with guard(True):
+                written = insert(False)
+        except BillingError:  # refused (the limit): a later batch must not find these staged
+            if staged:
+                session.connection().exec_driver_sql(_STAGE_EMPTY)
+            raise
         assert written is not None, "an insert that checks no metric stores every new key"
     return written
 
@@ -353,6 +359,7 @@ _STAGE_COPY = (
     "FROM STDIN (FORMAT BINARY)"
 )
 # json's binary form is its text: the metadata, encoded when validated, is sent as it is.
+_STAGE_EMPTY = "DELETE FROM billing_usage_stage"
 _STAGE_TYPES = ("varchar", "int8", "timestamptz", "varchar", "text")
 # The stage is emptied by the statement that stores its events: kept when it stores nothing (a
 # metric new to its month), for the insert made again once the metric limit is checked.

@@ -354,3 +354,21 @@ def test_a_staged_batch_bringing_a_new_metric_is_checked_then_stored_once(
     with pg_factory() as session:
         assert len(stored(session)) == 101
         assert sorted(c[-1] for c in counters(session)) == [50, 50, 51, 51]
+
+
+def test_a_staged_batch_refused_by_the_limit_leaves_nothing_for_the_next_batch(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    """A caller that goes on in its transaction after the refusal stores only what it sends
+    next: the refused batch does not stay in the stage."""
+    with pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(**event(0))
+    with pg_factory.begin() as session:
+        bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1)
+        with pytest.raises(TooManyMetricsError):
+            bs.ingest([event(k, metric="calls") for k in range(1, 101)])
+        recorded = bs.ingest([event(k) for k in range(1, 101)])
+    assert [r.duplicate for r in recorded] == [False] * 100
+    with pg_factory() as session:
+        assert {m for _, m, *_ in stored(session)} == {"tokens"}
+        assert len(stored(session)) == 101
