@@ -26,6 +26,7 @@ from billing.quotas import (
 )
 
 NOW = datetime(2025, 3, 15, 12, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
 
 
 def counters(session) -> dict[tuple[str, str, str, datetime], int]:
@@ -207,6 +208,46 @@ def test_only_the_subscription_in_force_counts(session) -> None:
         ended_at=NOW + timedelta(seconds=1),
     )
     assert entitlement_limit(session, tenant_id="A", key="tokens", window="day", now=NOW) == 3
+
+
+def test_a_subscription_is_in_force_from_its_start_until_its_end_exclusive(session) -> None:
+    subscribe(session, limits=(("tokens", "day", 5),), effective_at=NOW, ended_at=NOW + HOUR)
+    assert entitlement_limit(session, tenant_id="A", key="tokens", window="day", now=NOW) == 5
+    at_end = NOW + HOUR
+    assert entitlement_limit(session, tenant_id="A", key="tokens", window="day", now=at_end) is None
+
+
+def test_a_status_names_its_key_and_window_and_resets_in_at_least_a_second(session) -> None:
+    subscribe(session, limits=(("tokens", "month", 10),))
+    checked = check_quota(session, tenant_id="A", key="tokens", window="month", now=NOW)
+    consumed = consume_quota(
+        session, tenant_id="A", key="tokens", window="month", amount=1, now=NOW
+    )
+    assert checked is not None
+    assert consumed is not None
+    assert (checked.key, checked.window) == (consumed.key, consumed.window) == ("tokens", "month")
+    reset = checked.reset_at
+    assert checked.seconds_to_reset(reset - timedelta(milliseconds=500)) == 1
+    assert checked.seconds_to_reset(reset - timedelta(seconds=1, milliseconds=500)) == 2
+    assert checked.seconds_to_reset(reset + HOUR) == 1
+
+
+def test_on_the_first_of_a_month_the_day_and_month_counters_are_read_apart(session) -> None:
+    first = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    subscribe(session, limits=(("tokens", "day", 10), ("tokens", "month", 10)))
+    record(session, amount=2, at=first)
+    for window in ("day", "month"):
+        assert (
+            used_in_window(session, tenant_id="A", metric="tokens", window=window, now=first) == 2
+        )
+
+
+def test_a_naive_now_is_refused() -> None:
+    from billing.errors import InvalidUsageError
+
+    with pytest.raises(InvalidUsageError, match="^now must be timezone-aware$") as raised:
+        window_bounds("day", NOW.replace(tzinfo=None))
+    assert raised.value.field == "now"
 
 
 def test_check_reports_used_remaining_and_reset(session) -> None:

@@ -7,10 +7,12 @@ from datetime import timedelta
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from billing import BillingService, InvalidUsageError
 from billing.api import add_billing, register_error_handlers, require_quota
 from billing.meters import MAX_GROUP_BY
+from billing.models import UsageEvent
 from billing.quotas import check_quota, consume_quota
 
 from .test_quota_counters import NOW, subscribe
@@ -76,6 +78,28 @@ def test_a_malformed_group_is_refused(session, group) -> None:
     assert raised.value.field == "group"
     with pytest.raises(ValueError, match="group"):
         require_quota("tokens", group=group)
+
+
+def test_a_group_counts_its_tenant_s_metric_in_the_window_only(session) -> None:
+    subscribe(session)
+    day_start = NOW.replace(hour=0)
+    use(session, "at-start", 1, "gpt-4", at=day_start)
+    use(session, "at-end", 10, "gpt-4", at=day_start + timedelta(days=1))
+    BillingService(session=session, tenant_id="B").record_usage(
+        metric="tokens", amount=100, at=NOW, idempotency_key="b", metadata=GPT4
+    )
+    BillingService(session=session, tenant_id="A").record_usage(
+        metric="calls", amount=1000, at=NOW, idempotency_key="c", metadata=GPT4
+    )
+    status = check_quota(session, tenant_id="A", key="tokens", window="day", now=NOW, group=GPT4)
+    assert status is not None
+    assert status.used == 1
+
+
+def test_consuming_a_group_stores_the_event_with_the_group_as_its_metadata(session) -> None:
+    subscribe(session)
+    consume_quota(session, tenant_id="A", key="tokens", window="day", amount=5, now=NOW, group=GPT4)
+    assert session.execute(select(UsageEvent.metadata_json)).scalars().all() == [GPT4]
 
 
 def test_a_group_of_as_many_properties_as_a_meter_groups_by_is_taken(session) -> None:
