@@ -2,6 +2,7 @@
 
     python bench/bench_webhooks.py [--admin-url postgresql://postgres@127.0.0.1/postgres]
                                    [--events 10000] [--concurrency 16] [--latency-samples 200]
+                                   [--max-in-flight-per-subscription 2]
 
 Creates a scratch database, starts a local subscriber process (bench/webhook_receiver.py, which
 verifies every delivery) and a relay process (`python -m webhooks.relay`), then prints:
@@ -9,7 +10,12 @@ verifies every delivery) and a relay process (`python -m webhooks.relay`), then 
   each built and signed inside the timed loop (as the relay does); and, for reference, the
   same with as many threads as the relay's concurrency sharing one pooled Client;
 - the relay: N events published in one transaction, deliveries/s from the commit to the last
-  arrival at the subscriber, and until every row is marked delivered; the ratio to raw;
+  arrival at the subscriber, and until every row is marked delivered; the ratio to raw. All go
+  to one subscription, so the relay's cap on one subscription's deliveries in flight
+  (`WEBHOOKS_MAX_IN_FLIGHT_PER_SUBSCRIPTION`, default 2, over every relay) bounds the rate:
+  each claim takes at most that many, and the next claim waits until their outcomes are
+  recorded. `--max-in-flight-per-subscription 10000` measures the relay with the cap out of
+  the way (as many subscriptions sharing the load would);
 - commit-to-delivery latency for single events on an idle system (p50, p99, max), the relay
   woken by LISTEN/NOTIFY.
 """
@@ -29,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+from figures import load
 from scratch import scratch_database
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -131,9 +138,12 @@ def raw_httpx(url: str, secret: str, count: int, threads: int) -> float:
         return count / (time.perf_counter() - start)
 
 
-def start_relay(url: str, concurrency: int, batch_size: int) -> subprocess.Popen[bytes]:
+def start_relay(
+    url: str, concurrency: int, batch_size: int, max_in_flight: int
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "WEBHOOKS_MAX_IN_FLIGHT_PER_SUBSCRIPTION": str(max_in_flight),
         "PYTHONPATH": str(ROOT),
         "DATABASE_URL": url,
         "WEBHOOKS_ALLOW_LOOPBACK": "true",
@@ -203,6 +213,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--max-in-flight-per-subscription", type=int, default=2)
     args = parser.parse_args()
 
     with scratch_database(args.admin_url, "webhooks_bench") as url:
@@ -216,7 +227,10 @@ def run(url: str, args: argparse.Namespace) -> None:
     receiver = Receiver(secret)
     relay = None
     try:
-        print(f"cpus: {os.cpu_count()}, events: {args.events}, concurrency: {args.concurrency}")
+        print(
+            f"cpus: {os.cpu_count()}, events: {args.events}, concurrency: {args.concurrency}, "
+            f"max in flight per subscription: {args.max_in_flight_per_subscription}, {load()}"
+        )
         raw_one = raw_httpx(receiver.url, secret, min(args.events, 5000), 1)
         raw = raw_httpx(receiver.url, secret, args.events, args.concurrency)
         receiver.dump()
@@ -225,7 +239,9 @@ def run(url: str, args: argparse.Namespace) -> None:
 
         with sessions.begin() as session:
             SqlWebhookSubscriptions(session).add(TOPIC, receiver.url, secret)
-        relay = start_relay(url, args.concurrency, args.batch_size)
+        relay = start_relay(
+            url, args.concurrency, args.batch_size, args.max_in_flight_per_subscription
+        )
         time.sleep(1.5)  # started and LISTENing
         published, to_receiver, to_recorded = throughput(sessions, receiver, args.events)
         print(f"publish (one transaction):           {published:8.0f} events/s")
@@ -234,7 +250,7 @@ def run(url: str, args: argparse.Namespace) -> None:
             f"(ratio {to_receiver / raw_one:.2f} to raw, 1 thread (goal >= 0.8); "
             f"{to_receiver / raw:.2f} to {args.concurrency} threads)"
         )
-        print(f"relay, commit to all rows delivered: {to_recorded:8.0f} deliveries/s")
+        print(f"relay, commit to all rows delivered: {to_recorded:8.0f} deliveries/s ({load()})")
 
         samples = latency(sessions, receiver, args.latency_samples)
         print(
