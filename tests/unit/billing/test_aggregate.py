@@ -80,3 +80,12 @@ def test_a_naive_day_is_refused(session) -> None:
     with pytest.raises(InvalidUsageError):
         bs.aggregate_daily(metric="tokens", day_start=datetime(2025, 1, 1))
     assert aggregates(session) == []
+
+
+@pytest.mark.parametrize("metric", ["", "m" * 101])
+def test_an_empty_or_over_long_metric_is_refused_as_the_metric_field(session, metric) -> None:
+    bs = BillingService(session=session, tenant_id="t1")
+    with pytest.raises(InvalidUsageError) as raised:
+        bs.aggregate_daily(metric=metric, day_start=DAY)
+    assert raised.value.field == "metric"
+    assert aggregates(session) == []

@@ -48,7 +48,7 @@ def test_reject_refuses_usage_in_a_finalized_period_naming_it_and_stores_nothing
         record(session, MID_JAN)
     assert (caught.value.period_start, caught.value.period_end) == (JAN, FEB)
     assert caught.value.index is None
-    assert JAN.isoformat() in str(caught.value)
+    assert str(caught.value).startswith(f"the period {JAN.isoformat()} to {FEB.isoformat()} ")
     assert stored(session) == 0
 
 
@@ -70,6 +70,34 @@ def test_reject_closes_exactly_the_invoice_s_period(session, plan, at, refused) 
     else:
         record(session, at)
         assert stored(session) == 1
+
+
+def test_a_batch_around_a_closed_period_but_outside_it_is_stored(session, plan) -> None:
+    generate(session)
+    batch = [
+        {
+            "metric": "tokens",
+            "amount": 1,
+            "at": JAN - timedelta(microseconds=1),
+            "idempotency_key": "a",
+        },
+        {"metric": "tokens", "amount": 1, "at": FEB, "idempotency_key": "b"},
+    ]
+    service(session).record_usage_batch(batch)
+    assert stored(session) == 2
+
+
+@pytest.mark.parametrize(
+    ("metric", "key"), [("calls", "k"), ("tokens", "other")], ids=["other-metric", "other-key"]
+)
+def test_a_late_event_is_a_duplicate_only_of_its_own_metric_and_key(
+    session, plan, metric, key
+) -> None:
+    service(session).record_usage(metric=metric, amount=5, at=MID_JAN, idempotency_key=key)
+    generate(session)
+    with pytest.raises(PeriodClosedError):
+        record(session, MID_JAN, key="k")
+    assert stored(session) == 1
 
 
 def test_a_draft_or_a_void_invoice_does_not_close_its_period(session, plan) -> None:
