@@ -89,7 +89,7 @@ class _Entry(BaseModel):
 
 
 class CatalogEntitlement(_Entry):
-    """How much of `key` the plan allows per UTC day or month."""
+    """How much of `key` the plan allows per day or month of the tenant's time zone."""
 
     key: Key
     limit_per_window: Count

@@ -8,6 +8,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.counters import register_sqlite_functions
+
 
 def normalize_url(url: str) -> str:
     """Point plain `postgresql://` URLs at psycopg 3, the driver we ship."""
@@ -23,7 +25,8 @@ def redact_url(url: str) -> str:
 
 
 def make_engine(url: str, *, echo: bool = False, **kwargs: Any) -> Engine:
-    """Create an engine; SQLite gets foreign keys, WAL and a busy timeout for worker threads.
+    """Create an engine; SQLite gets foreign keys, WAL, a busy timeout for worker threads and
+    the functions the usage counters' triggers call (`billing.counters`).
 
     No `pool_pre_ping` by default: it costs a round trip per checkout (a quarter of a
     single-event ingest), and SQLAlchemy already invalidates the pool when a connection turns
@@ -49,6 +52,7 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy, not the sqlite3 module, say when transactions begin (see _sqlite_on_begin):
     # the module's implicit BEGIN before the first write makes savepoints commit on release.
     dbapi_connection.isolation_level = None
+    register_sqlite_functions(dbapi_connection)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     if not _is_memory(dbapi_connection):

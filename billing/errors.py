@@ -178,9 +178,9 @@ class PeriodClosedError(BillingError):
 
 
 class TooManyMetricsError(BillingError):
-    """A new metric would exceed the tenant's limit of distinct metrics in a UTC month
+    """A new metric would exceed the tenant's limit of distinct metrics in a month of its zone
     (`MAX_METRICS_PER_TENANT`); nothing was stored. Metrics the month already has are still
-    taken. `.limit` is the limit, `.month` the first instant of the month."""
+    taken. `.limit` is the limit, `.month` the first instant (UTC) of the month."""
 
     def __init__(self, message: str, *, limit: int, month: datetime) -> None:
         super().__init__(message)

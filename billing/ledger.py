@@ -150,7 +150,7 @@ def store(
 ) -> Stored:
     """`record_many`, also saying which drafts the new events fall in (see `Stored`).
 
-    With `guard`, the insert is made inside it unless every event's (UTC month, metric) has a
+    With `guard`, the insert is made inside it unless every event's (month, metric) has a
     `usage_counters` row already: on PostgreSQL the insert checks that itself, in its snapshot
     (a single event, or a batch, then takes BEGIN, one statement and COMMIT), and stores
     nothing if not; then it is made again inside `guard`. SQLite always enters `guard`.
@@ -256,18 +256,21 @@ def _insert_new_values(session: Session, tenant_id: str, events: Sequence[UsageI
 # PostgreSQL: `{source}` (the events, with their new ids) claims its keys in usage_event_keys;
 # the events whose keys it claimed are stored. A concurrent sender of the same key waits on the
 # key's row and then claims nothing, as ON CONFLICT on usage_events itself did before.
-# With `known_only`, nothing is claimed if an event's (UTC month, metric) has no month row in
-# usage_counters (the metric limit must be checked first): one row of NULLs says so. The same
+# With `known_only`, nothing is claimed if an event's (month, metric) has no month row in
+# usage_counters (the metric limit must be checked first): one row of NULLs says so. The month
+# is the tenant's local one, as the counters' triggers key it (`billing.counters`). The same
 # statement finds the tenant's drafts holding a stored event (rows with a NULL metric), which
 # the caller re-prices: one round trip for what took three.
 _CLAIM_AND_STORE = """
 WITH source AS ({source}),
+zone AS (SELECT coalesce(max(timezone), 'UTC') AS name FROM tenants WHERE id = %(tenant_id)s),
 unknown AS (
-    SELECT 1 FROM source AS s
+    SELECT 1 FROM source AS s, zone AS z
     WHERE %(known_only)s AND NOT EXISTS (
         SELECT FROM usage_counters AS c
-        WHERE c.tenant_id = %(tenant_id)s AND c.granularity = 'month'
-          AND c.period_start = date_trunc('month', s.at_ts, 'UTC') AND c.metric = s.metric
+        WHERE c.tenant_id = %(tenant_id)s AND c.granularity = 'month' AND c.metric = s.metric
+          AND c.period_start = CASE WHEN z.name = 'UTC' THEN date_trunc('month', s.at_ts, 'UTC')
+                                    ELSE billing_period_start('month', s.at_ts, z.name) END
     )
     LIMIT 1
 ){emptied},

@@ -8,10 +8,13 @@ day and one local month; for `UTC` they are the UTC day and calendar month.
 
 from __future__ import annotations
 
+import functools
+import zoneinfo
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import NamedTuple
 
-from billing.errors import InvalidPeriodError
+from billing.errors import InvalidPeriodError, InvalidTimezoneError
+from webhooks.safetext import safe_text
 
 UTC_NAME = "UTC"
 
@@ -21,6 +24,23 @@ class Period(NamedTuple):
 
     start: datetime
     end: datetime
+
+
+@functools.lru_cache(maxsize=1024)
+def zone(name: str) -> tzinfo:
+    """The `tzinfo` of a validated zone name.
+
+    Raises:
+        InvalidTimezoneError: this machine's zone database lacks it (a zone stored by one with
+            a newer database): a job reading it fails for good, until `tzdata` is upgraded.
+    """
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise InvalidTimezoneError(
+            f"time zone {safe_text(name[:64])!r} is not in this machine's zone database: "
+            "upgrade the tzdata package"
+        ) from None
 
 
 def midnight(zone: tzinfo, day: date) -> datetime:

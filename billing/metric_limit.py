@@ -1,7 +1,9 @@
-"""The limit on distinct metrics per tenant and UTC calendar month (`MAX_METRICS_PER_TENANT`).
+"""The limit on distinct metrics per tenant and month (`MAX_METRICS_PER_TENANT`).
 
-A tenant's month has a metric once `usage_counters` has a row for it (the `usage_events`
-triggers add one with the first event of the metric in the month). Before events are stored,
+The month is the tenant's local calendar month (`billing.tenants`; UTC without a zone), as its
+invoices, quotas and usage counters have it. A tenant's month has a metric once
+`usage_counters` has a row for it (the `usage_events` triggers add one with the first event of
+the metric in the month). Before events are stored,
 their (month, metric) pairs are looked up in that table, by its primary key (on PostgreSQL by
 the ledger's insert itself, `billing.ledger.store`; else by `metric_guard`): when every pair is
 there (the usual case) no lock is taken and nothing counted. Only when a pair is new does
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
@@ -26,6 +28,8 @@ from sqlalchemy.orm import Session
 from billing.api.models import UsageCounter
 from billing.errors import TooManyMetricsError
 from billing.ledger import UsageInput
+from billing.localtime import local_month
+from billing.tenants import tenant_zone
 
 DEFAULT_MAX_METRICS_PER_TENANT = 1000
 _NAMESPACE = "billing.metric_limit:"
@@ -38,9 +42,9 @@ _CHUNK = 1000
 Pair = tuple[datetime, str]
 
 
-def month_of(at: datetime) -> datetime:
-    """The first instant of the UTC calendar month of the aware datetime `at`."""
-    return at.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+def month_of(at: datetime, tz: tzinfo = UTC) -> datetime:
+    """The first instant (UTC) of the calendar month of zone `tz` holding the aware `at`."""
+    return local_month(tz, at).start
 
 
 @contextmanager
@@ -61,16 +65,20 @@ def metric_guard(
         TooManyMetricsError: a month of the tenant would have more than `limit` distinct
             metrics; raised before anything is stored.
     """
-    pairs = {(month_of(e.at), e.metric) for e in events}
-    if limit is None or not pairs or not (found_new or _new_pairs(session, tenant_id, pairs)):
+    if limit is None or not events:
+        yield
+        return
+    tz = tenant_zone(session, tenant_id)
+    pairs = {(month_of(e.at, tz), e.metric) for e in events}
+    if not (found_new or _new_pairs(session, tenant_id, pairs)):
         yield
         return
     with _tenant_lock(session, tenant_id):
-        _check(session, tenant_id, pairs, limit)
+        _check(session, tenant_id, pairs, limit, tz)
         yield
 
 
-def _check(session: Session, tenant_id: str, pairs: set[Pair], limit: int) -> None:
+def _check(session: Session, tenant_id: str, pairs: set[Pair], limit: int, tz: tzinfo) -> None:
     """Raise if the new pairs bring a month over `limit`: one look at the months' metrics."""
     held = _metrics_of(session, tenant_id, sorted({month for month, _ in pairs}))
     by_month: dict[datetime, int] = defaultdict(int)
@@ -81,8 +89,8 @@ def _check(session: Session, tenant_id: str, pairs: set[Pair], limit: int) -> No
         count = len(held[month])
         if count + added > limit:
             raise TooManyMetricsError(
-                f"the tenant has {count} distinct metrics in {month:%Y-%m} (UTC) and these "
-                f"events add {added}: MAX_METRICS_PER_TENANT is {limit}",
+                f"the tenant has {count} distinct metrics in {month.astimezone(tz):%Y-%m} ({tz}) "
+                f"and these events add {added}: MAX_METRICS_PER_TENANT is {limit}",
                 limit=limit,
                 month=month,
             )
@@ -98,7 +106,7 @@ def _new_pairs(session: Session, tenant_id: str, pairs: set[Pair]) -> set[Pair]:
             _KNOWN,
             {"tenant_id": tenant_id, "months": months, "metrics": metrics[start : start + _CHUNK]},
         )
-        known.update((month_of(month), metric) for month, metric in rows)
+        known.update((month, metric) for month, metric in rows)
     return pairs - known
 
 
@@ -119,7 +127,7 @@ def _metrics_of(
     held: dict[datetime, set[str]] = defaultdict(set)
     rows = session.connection().execute(_HELD, {"tenant_id": tenant_id, "months": months})
     for month, metric in rows:
-        held[month_of(month)].add(metric)
+        held[month].add(metric)
     return held
 
 

@@ -1,14 +1,15 @@
-"""Plan quotas: how much of a metric a tenant may use per UTC day or month.
+"""Plan quotas: how much of a metric a tenant may use per day or month of its time zone.
 
 A tenant's limit comes from its active subscription (effective now, not ended; the most recent
 one if several overlap) and that plan's entitlement for the metric and window. No active
 subscription, or no entitlement for the key and window, means no limit (`None` below).
 
-Usage is read from `usage_counters` (`billing.api.models.UsageCounter`): one row per tenant,
-metric and UTC day or month, which triggers on `usage_events` (migration `0003_api`) keep equal
-to the sum of the events, whichever code path inserted them (`BillingService.record_usage`, a
-batch, a bulk `INSERT … SELECT`). A check therefore reads one row however many events the
-window holds, and counts usage recorded a moment ago.
+Windows are the tenant's local days and months (`billing.tenants`; UTC for a tenant without a
+zone): a New York tenant's monthly quota resets at its midnight on the 1st. Usage is read from
+`usage_counters` (`billing.counters`): one row per tenant, metric and local day or month, which
+triggers on `usage_events` keep equal to the sum of the events, whichever code path inserted
+them (`BillingService.record_usage`, a batch, a bulk `INSERT … SELECT`). A check therefore
+reads one row however many events the window holds, and counts usage recorded a moment ago.
 
 `consume_quota` checks and records in one transaction while holding the window's counter rows
 locked (`INSERT … ON CONFLICT DO UPDATE … RETURNING`, which takes the row locks on PostgreSQL
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, tzinfo
 from typing import Any, Literal, get_args
 
 from sqlalchemy import or_, select
@@ -31,10 +32,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing.api.models import UsageCounter
+from billing.counters import counter_period
 from billing.errors import InvalidUsageError
 from billing.meters import MAX_GROUP_BY, PROPERTY, MeterSpec, property_text, quantity
 from billing.models import PlanEntitlement, Subscription, UsageEvent
 from billing.service import BillingService
+from billing.tenants import tenant_zone
 from webhooks.sqltypes import new_id
 
 Window = Literal["day", "month"]
@@ -68,23 +71,13 @@ class QuotaStatus:
         return max(1, math.ceil((self.reset_at - now).total_seconds()))
 
 
-def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
-    """`[start, end)` of the UTC day or month containing the aware datetime `now`."""
+def window_bounds(window: Window, now: datetime, tz: tzinfo = UTC) -> tuple[datetime, datetime]:
+    """`[start, end)` (UTC) of the day or month of zone `tz` containing the aware `now`."""
     if now.tzinfo is None:
         raise InvalidUsageError("now must be timezone-aware", field="now")
-    moment = now.astimezone(UTC)
-    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    if window == "day":
-        return day, day + timedelta(days=1)
-    if window == "month":
-        start = day.replace(day=1)
-        end = (
-            start.replace(year=start.year + 1, month=1)
-            if start.month == 12
-            else (start.replace(month=start.month + 1))
-        )
-        return start, end
-    raise InvalidUsageError(f"window must be one of {WINDOWS}, not {window!r}", field="window")
+    if window not in WINDOWS:
+        raise InvalidUsageError(f"window must be one of {WINDOWS}, not {window!r}", field="window")
+    return counter_period(tz, window, now)
 
 
 def entitlement_limit(
@@ -109,12 +102,13 @@ def current_quotas(session: Session, *, tenant_id: str, now: datetime) -> list[Q
         .where(PlanEntitlement.plan_id == current)
         .order_by(PlanEntitlement.key, PlanEntitlement.window)
     ).all()
+    tz = tenant_zone(session, tenant_id) if entitlements else UTC
     statuses = []
     for key, stored_window, limit in entitlements:
         window = _as_window(stored_window)
-        used = used_in_window(session, tenant_id=tenant_id, metric=key, window=window, now=now)
-        _, end = window_bounds(window, now)
-        statuses.append(QuotaStatus(key, window, int(limit), used, end, allowed=used < limit))
+        bounds = window_bounds(window, now, tz)
+        used = _used(session, tenant_id, key, window, bounds)
+        statuses.append(QuotaStatus(key, window, int(limit), used, bounds[1], used < limit))
     return statuses
 
 
@@ -127,29 +121,10 @@ def used_in_window(
     now: datetime,
     group: Group | None = None,
 ) -> int:
-    """Units of `metric` the tenant has used in the current `window` (one indexed read); with
-    `group`, only the events whose metadata holds those values (summed in SQL)."""
-    start, end = window_bounds(window, now)
-    if group is not None:
-        where = [property_text(name) == value for name, value in check_group(group).items()]
-        used = quantity(
-            MeterSpec(metric),
-            UsageEvent.tenant_id == tenant_id,
-            UsageEvent.metric == metric,
-            UsageEvent.at_ts >= start,
-            UsageEvent.at_ts < end,
-            *where,
-        )
-        return int(session.execute(select(used)).scalar_one())
-    total = session.execute(
-        select(UsageCounter.total).where(
-            UsageCounter.tenant_id == tenant_id,
-            UsageCounter.metric == metric,
-            UsageCounter.granularity == window,
-            UsageCounter.period_start == start,
-        )
-    ).scalar_one_or_none()
-    return int(total or 0)
+    """Units of `metric` the tenant has used in the current `window` of its zone (one indexed
+    read); with `group`, only the events whose metadata holds those values (summed in SQL)."""
+    bounds = window_bounds(window, now, tenant_zone(session, tenant_id))
+    return _used(session, tenant_id, metric, window, bounds, group)
 
 
 def check_quota(
@@ -169,11 +144,9 @@ def check_quota(
     limit = entitlement_limit(session, tenant_id=tenant_id, key=key, window=window, now=now)
     if limit is None:
         return None
-    used = used_in_window(
-        session, tenant_id=tenant_id, metric=key, window=window, now=now, group=group
-    )
-    _, end = window_bounds(window, now)
-    return QuotaStatus(key, window, limit, used, end, allowed=used < limit)
+    bounds = window_bounds(window, now, tenant_zone(session, tenant_id))
+    used = _used(session, tenant_id, key, window, bounds, group)
+    return QuotaStatus(key, window, limit, used, bounds[1], allowed=used < limit)
 
 
 def consume_quota(
@@ -203,34 +176,37 @@ def consume_quota(
     if limit is None:
         _record(session, tenant_id, key, amount, now, group)
         return None
-    used = lock_counters(session, tenant_id=tenant_id, metric=key, now=now)[window]
+    tz = tenant_zone(session, tenant_id, lock=True)
+    used = lock_counters(session, tenant_id=tenant_id, metric=key, now=now, tz=tz)[window]
+    bounds = window_bounds(window, now, tz)
     if group is not None:
         # Read once the metric's counters are locked: no concurrent consumer in between.
-        used = used_in_window(
-            session, tenant_id=tenant_id, metric=key, window=window, now=now, group=group
-        )
+        used = _used(session, tenant_id, key, window, bounds, group)
     allowed = used + amount <= limit
     if allowed or soft:
         _record(session, tenant_id, key, amount, now, group)
         used += amount
-    _, end = window_bounds(window, now)
-    return QuotaStatus(key, window, limit, used, end, allowed=allowed)
+    return QuotaStatus(key, window, limit, used, bounds[1], allowed=allowed)
 
 
 def lock_counters(
-    session: Session, *, tenant_id: str, metric: str, now: datetime
+    session: Session, *, tenant_id: str, metric: str, now: datetime, tz: tzinfo | None = None
 ) -> dict[Window, int]:
     """Create (if needed) and lock the day and month counters of `now`; return their totals.
 
-    Always locks day before month, the order the `usage_events` triggers update them in, so
-    callers of different windows cannot deadlock each other.
+    `tz` is the tenant's zone; without it the zone is read, holding the tenant's shared zone
+    lock (PostgreSQL) as the `usage_events` triggers do, and before them: a zone change cannot
+    then wait on these rows while their holder waits on it. Always locks day before month, the
+    order the triggers update them in, so callers of different windows cannot deadlock.
     """
+    if tz is None:
+        tz = tenant_zone(session, tenant_id, lock=True)
     rows = [
         {
             "tenant_id": tenant_id,
             "metric": metric,
             "granularity": window,
-            "period_start": window_bounds(window, now)[0],
+            "period_start": window_bounds(window, now, tz)[0],
             "total": 0,
         }
         for window in WINDOWS
@@ -241,6 +217,37 @@ def lock_counters(
         set_={"total": UsageCounter.total},
     ).returning(UsageCounter.granularity, UsageCounter.total)
     return {granularity: int(total) for granularity, total in session.execute(statement)}
+
+
+def _used(
+    session: Session,
+    tenant_id: str,
+    metric: str,
+    window: Window,
+    bounds: tuple[datetime, datetime],
+    group: Group | None = None,
+) -> int:
+    start, end = bounds
+    if group is not None:
+        where = [property_text(name) == value for name, value in check_group(group).items()]
+        used = quantity(
+            MeterSpec(metric),
+            UsageEvent.tenant_id == tenant_id,
+            UsageEvent.metric == metric,
+            UsageEvent.at_ts >= start,
+            UsageEvent.at_ts < end,
+            *where,
+        )
+        return int(session.execute(select(used)).scalar_one())
+    total = session.execute(
+        select(UsageCounter.total).where(
+            UsageCounter.tenant_id == tenant_id,
+            UsageCounter.metric == metric,
+            UsageCounter.granularity == window,
+            UsageCounter.period_start == start,
+        )
+    ).scalar_one_or_none()
+    return int(total or 0)
 
 
 def _as_window(value: str) -> Window:

@@ -52,8 +52,8 @@ class BillingService:
     `max_usage_age` when that is set (the HTTP API sets `USAGE_MAX_AGE`; the default, None,
     takes any past event, for imports and backfills). `policy` says how invoices are numbered
     and finalized, and what becomes of usage in a period already invoiced (`late_usage`).
-    `max_metrics_per_tenant` caps the distinct metrics the tenant may have in a UTC calendar
-    month (None: no cap; see `billing.metric_limit`).
+    `max_metrics_per_tenant` caps the distinct metrics the tenant may have in a calendar month
+    of its zone (None: no cap; see `billing.metric_limit`).
     """
 
     def __init__(

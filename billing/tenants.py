@@ -5,7 +5,7 @@ operator creates or changes a row with `set_tenant` (`PUT /_billing/tenants/{id}
 tenants set`). The zone can change only while the tenant has no invoice other than void ones
 (a draft counts: its period was cut in the old zone): invoiced days never move. A change drops
 the tenant's daily aggregates, cut in the old zone; the daily fan-out (or `billing aggregate`)
-computes them again in the new one.
+computes them again in the new one. Its usage counters (quotas) are counted again at once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from billing.counters import recount
 from billing.errors import (
     InvalidPeriodError,
     InvalidTimezoneError,
@@ -28,6 +29,7 @@ from billing.errors import (
 )
 from billing.ledger import validate_tenant
 from billing.localtime import UTC_NAME, Period, is_midnight, local_day
+from billing.localtime import zone as zone  # `tenants.zone`, as before it moved
 from billing.models import Invoice, Tenant, UsageAggregate
 from webhooks.safetext import safe_text
 from webhooks.sqltypes import utcnow
@@ -65,23 +67,6 @@ def validate_timezone(name: object) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=1024)
-def zone(name: str) -> tzinfo:
-    """The `tzinfo` of a validated zone name.
-
-    Raises:
-        InvalidTimezoneError: this machine's zone database lacks it (a zone stored by one with
-            a newer database): a job reading it fails for good, until `tzdata` is upgraded.
-    """
-    try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise InvalidTimezoneError(
-            f"time zone {safe_text(name[:64])!r} is not in this machine's zone database: "
-            "upgrade the tzdata package"
-        ) from None
-
-
 def set_tenant(
     session: Session,
     tenant_id: str,
@@ -94,7 +79,9 @@ def set_tenant(
     A new row gets `name` (default: the id) and `timezone` (default: `UTC`). A zone change
     takes the tenant's zone lock (PostgreSQL) before it looks for invoices, so a racing invoice
     run or aggregation either reads the new zone or commits in the old one first (and then
-    its invoice refuses the change, or its aggregate is dropped with the others).
+    its invoice refuses the change, or its aggregate is dropped with the others). A change
+    also counts the tenant's events again into `usage_counters` of the new zone (quotas, `GET
+    /usage`); the writers of the tenant's events wait for it (`billing.counters`).
 
     Raises:
         InvalidUsageError: a malformed id or name (`.field` names it); nothing is stored.
@@ -131,6 +118,8 @@ def set_tenant(
             )
         )
         row.timezone = timezone
+        session.flush()
+        recount(session, tenant_id)
     session.flush()
     return _info(row)
 

@@ -15,6 +15,7 @@ from billing.api.problems import invalid_field
 from billing.api.schemas import UsagePage, UsagePeriod
 from billing.meters import get_meter
 from billing.models import UsageAggregate
+from billing.tenants import tenant_zone
 
 
 def grouped_usage(
@@ -59,9 +60,10 @@ def grouped_usage(
         query = query.where(UsageAggregate.period_start < end)
     order = (UsageAggregate.period_start, UsageAggregate.group_key)
     rows, next_cursor = keyset_page(session, query, order, limit, cursor)
+    tz = tenant_zone(session, tenant_id)
     items = [
         UsagePeriod(
-            period_start=row.period_start,
+            period_start=row.period_start.astimezone(tz),
             granularity="day",
             metric=row.metric,
             total=row.total,

@@ -41,7 +41,7 @@ class ApiKey(ApiBase):
 
 
 class UsageCounter(ApiBase):
-    """A tenant's running total of one metric in one UTC day or month.
+    """A tenant's running total of one metric in one day or month of the tenant's zone.
 
     Kept by database triggers on `usage_events` (see `billing.counters`), so every way of
     recording usage counts, and a quota check reads one row however many events the window

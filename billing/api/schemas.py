@@ -137,8 +137,9 @@ class UsageBatchOut(BaseModel):
 
 
 class UsagePeriod(BaseModel):
-    """The total of one metric over one UTC day or month; with `group_by`, of one group of
-    values (`group`, e.g. `{"model": "gpt-4"}`; left out otherwise)."""
+    """The total of one metric over one day or month of the tenant's zone (`period_start` with
+    its offset); with `group_by`, of one group of values (`group`, e.g. `{"model": "gpt-4"}`;
+    left out otherwise)."""
 
     period_start: datetime
     granularity: Granularity
@@ -165,7 +166,7 @@ class UsagePage(BaseModel):
 
 
 class EntitlementIn(_In):
-    """How much of `key` the plan allows per UTC day or month."""
+    """How much of `key` the plan allows per day or month of the tenant's time zone."""
 
     key: Key
     limit_per_window: Count

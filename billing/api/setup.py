@@ -52,7 +52,7 @@ def add_billing(
     5 minutes ahead of `clock`) is refused with 422; with `late_usage="reject"`, usage in a
     period that has a finalized invoice is refused with 409 (`billing.late_usage`). `keys`
     finds the API keys: by default one indexed lookup per request; `billing.app` passes a
-    cached one when Redis is configured. A metric new to a UTC month that already has
+    cached one when Redis is configured. A metric new to a (local) month that already has
     `max_metrics_per_tenant` metrics of the tenant is refused with 422 (None: no limit).
     The invoice routes (finalize, pay, void, credit notes, the preview) follow `clock` and
     `invoice_policy` (`INVOICE_NUMBER_PREFIX`, `INVOICE_GRACE_PERIOD`, `LATE_USAGE_LOOKBACK`).

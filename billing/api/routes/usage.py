@@ -47,6 +47,7 @@ from billing.errors import (
 )
 from billing.ledger import Recorded, stored_events
 from billing.service import BillingService
+from billing.tenants import tenant_zone
 
 router = APIRouter(tags=["usage"])
 
@@ -120,7 +121,7 @@ def record_usage_batch(
 
 @router.get(
     "/usage",
-    summary="Usage totals per UTC day or month",
+    summary="Usage totals per day or month of the tenant's time zone",
     responses=problem_responses(401, 403, 422),
 )
 def list_usage(
@@ -135,7 +136,8 @@ def list_usage(
     group_by: Annotated[list[str] | None, Query(max_length=5)] = None,
 ) -> UsagePage:
     """The caller's totals with `from <= period_start < to`, ordered by period start and metric;
-    walking `next_cursor` returns every period once.
+    walking `next_cursor` returns every period once. Periods are the tenant's local days and
+    months; `period_start` carries its zone's offset (`2025-03-01T00:00:00-05:00`; `Z` on UTC).
 
     `group_by` (repeatable: `?metric=tokens&group_by=model`) names the metric's meter groups and
     returns the daily aggregates of each group under the meter's aggregation instead, ordered by
@@ -162,9 +164,10 @@ def list_usage(
         query = query.where(UsageCounter.period_start < to)
     order = (UsageCounter.period_start, UsageCounter.metric)
     rows, next_cursor = keyset_page(session, query, order, limit, cursor)
+    tz = tenant_zone(session, principal.tenant_id)
     items = [
         UsagePeriod(
-            period_start=row.period_start,
+            period_start=row.period_start.astimezone(tz),
             granularity=granularity,
             metric=row.metric,
             total=row.total,

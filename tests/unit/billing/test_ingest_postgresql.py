@@ -341,10 +341,12 @@ def test_a_staged_batch_bringing_a_new_metric_is_checked_then_stored_once(
         sent = statements(session)
         bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=2)
         recorded = bs.ingest(batch)
-        # the insert finds "calls" new; the lock, one read of the month's metrics, the insert
+        # the insert finds "calls" new; the tenant's zone (its months are local), the lock, one
+        # read of the month's metrics, the insert
         assert [" ".join(s.split()[:2])[:28] for s in sent] == [
             "CREATE TEMPORARY",
             "WITH source",
+            "SELECT tenants.timezone",
             "SELECT pg_advisory_xact_lock",
             "SELECT usage_counters.period",
             "WITH source",
