@@ -84,7 +84,8 @@ class UsageEvent(Base):
 
 
 class UsageAggregate(Base):
-    """A tenant's total of one metric over one period (a UTC day for granularity `day`).
+    """A tenant's total of one metric over one period (for granularity `day`, a day of the
+    tenant's zone; `period_start` is its local midnight, in UTC).
 
     `group_key` is empty for the whole metric, else the compact JSON of the group's values
     (`{"model":"gpt-4"}`) under the meter's `group_by`.

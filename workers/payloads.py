@@ -51,7 +51,8 @@ class _Payload(BaseModel):
 
 
 class AggregateDailyPayload(_Payload):
-    """`billing.aggregate_daily`: total `metric` of `tenant_id` over the UTC day of `day_start`."""
+    """`billing.aggregate_daily`: total `metric` of `tenant_id` over its local day holding
+    `day_start` (the UTC day for a tenant without a zone)."""
 
     tenant_id: NonBlank
     metric: NonBlank
