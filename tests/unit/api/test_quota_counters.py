@@ -242,6 +242,22 @@ def test_on_the_first_of_a_month_the_day_and_month_counters_are_read_apart(sessi
         )
 
 
+def test_an_unknown_window_is_refused_naming_the_windows() -> None:
+    from billing.errors import InvalidUsageError
+
+    with pytest.raises(InvalidUsageError) as raised:
+        window_bounds("week", NOW)  # type: ignore[arg-type]
+    assert str(raised.value) == "window must be one of ('day', 'month'), not 'week'"
+    assert raised.value.field == "window"
+
+
+def test_billing_quotas_has_no_other_lazy_attribute() -> None:
+    import billing.quotas
+
+    with pytest.raises(AttributeError, match="^module 'billing.quotas' has no attribute 'nope'$"):
+        billing.quotas.nope  # noqa: B018
+
+
 def test_a_naive_now_is_refused() -> None:
     from billing.errors import InvalidUsageError
 
