@@ -129,6 +129,12 @@ def test_a_credit_note_by_lines_adds_them_up(session, plan) -> None:
     ]
 
 
+def test_a_credit_of_zero_is_refused_saying_the_amount_must_be_positive(session, plan) -> None:
+    invoice = generate(session)
+    with pytest.raises(InvalidCreditNoteError, match="^amount must be a positive integer$"):
+        service(session).create_credit_note(invoice.id, amount=0, reason="r")
+
+
 def test_a_line_that_is_not_an_object_is_refused_by_its_index(session, plan) -> None:
     invoice = generate(session)
     with pytest.raises(InvalidCreditNoteError, match=r"^lines\[1\] must be an object$") as raised:

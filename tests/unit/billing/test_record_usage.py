@@ -49,6 +49,7 @@ def test_the_same_key_with_another_amount_or_time_conflicts(session, change) -> 
     with pytest.raises(IdempotencyConflictError) as caught:
         record(session, **change)
     assert caught.value.existing_id == first
+    assert "was already used for an event with amount 42 at 2025-" in str(caught.value)
     assert count(session) == 1
 
 
