@@ -42,7 +42,12 @@ INVOICE_MARKED_UNCOLLECTIBLE = "billing.invoice.marked_uncollectible"
 
 
 class Outbox(Protocol):
-    """Where billing publishes its events: the `webhooks` module itself, or anything alike."""
+    """Where billing publishes its events: the `webhooks` module itself, or anything alike.
+
+    It must store them in `webhook_events`, in the caller's transaction: finalizing publishes
+    `billing.invoice.finalized` before the number is taken, and the numbering statement then
+    writes the number into that stored event (`billing.numbering.number_invoice`).
+    """
 
     def publish(
         self,
