@@ -645,3 +645,32 @@ def test_the_log_line_lists_the_fields_as_key_value_pairs(caplog) -> None:
         f"delivery_id={delivery.id} attempt=1 status_code=503 error='HTTP 503' "
         f"next_attempt_at={retry_at}"
     )
+
+
+def test_a_stopping_recorder_waits_for_an_attempt_that_finished_but_is_not_queued_yet() -> None:
+    """An attempt whose future is done but whose done-callback has not queued its outcome yet
+    keeps a stopping recorder looking (`_settling`): the outcome is recorded, not dropped. The
+    callback is made to run exactly when the recorder looks a second time."""
+    world = World(answer(200))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    relay = world.relay
+    [claimed] = world.outbox.claim(10, world.clock.now, relay.lease)
+    finished: Future[AttemptResult | None] = Future()
+    finished.set_result(relay.attempt(claimed))
+    relay._in_flight[finished] = claimed
+
+    class CallbackOnSecondLook(queue.SimpleQueue[AttemptResult]):
+        looks = 0
+
+        def get(self, block: bool = True, timeout: float | None = None) -> AttemptResult:
+            self.looks += 1
+            if self.looks == 2:
+                relay._finished(finished)
+            return super().get(block, timeout)
+
+    relay._done = CallbackOnSecondLook()
+    stop = threading.Event()
+    stop.set()
+    relay._record_until(stop)
+    assert world.statuses() == ["delivered"]

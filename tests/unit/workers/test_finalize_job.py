@@ -194,3 +194,5 @@ def test_with_a_grace_period_the_sweep_is_scheduled_and_caught_up(session_factor
     assert [r.key for r in scheduler.catch_up() if r.job_id == FINALIZE_JOB_ID] == [
         "finalize-drafts:2025-02-09T07:20"
     ]
+    scheduler._job(FINALIZE_JOB_ID, datetime(2025, 2, 9, 7, tzinfo=UTC))  # a retry
+    assert scheduler.lock.is_done("finalize-drafts:2025-02-09T07:00")

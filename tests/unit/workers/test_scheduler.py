@@ -10,13 +10,18 @@ import pytest
 import redis
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from prometheus_client import REGISTRY
 
 from billing.models import Plan, Price, Subscription
+from billing.tenants import set_tenant
 from workers.broker import QUEUE_NAME
 from workers.locks import LocalFireLock, RedisFireLock
 from workers.scheduler import (
     CATCH_UP_JOB_ID,
     DAILY_JOB_ID,
+    DAY,
+    FINALIZE_JOB_ID,
     MONTHLY_JOB_ID,
     PARTITIONS_JOB_ID,
     SYNC_JOB_ID,
@@ -353,18 +358,23 @@ def test_the_fan_out_streams_every_pair_once_whatever_the_batch_size(
     )
 
 
+@pytest.mark.parametrize(("lease", "step"), [(30.0, 0.5), (1.0, 0.25)])
 def test_a_fire_still_held_after_two_leases_is_looked_at_again_a_minute_later(
-    session_factory, seeded, clock, caplog
+    session_factory, seeded, clock, caplog, lease, step
 ) -> None:
+    """The waiting run looks again every quarter lease (half a second at most) for two leases;
+    then it gives up and APScheduler is asked to run the fire again a minute later."""
     day = datetime(2025, 1, 3, tzinfo=UTC)
     seeded([("t1", 1, day)])
     now = day + timedelta(days=1, minutes=10)
-    settings = WorkerSettings(fire_lease=timedelta(seconds=30))
+    settings = WorkerSettings(fire_lease=timedelta(seconds=lease))
     lock = LocalFireLock(clock=clock)
     key = "aggregate-daily:2025-01-03"
     assert lock.claim(key, settings.fire_lease)  # another run, slow but alive
+    steps: set[float] = set()
 
     def the_holder_renews_while_we_wait(seconds: float) -> None:
+        steps.add(seconds)
         clock.sleep(seconds)
         assert lock.renew(key, settings.fire_lease)
 
@@ -383,7 +393,8 @@ def test_a_fire_still_held_after_two_leases_is_looked_at_again_a_minute_later(
     started = clock()
     with pytest.raises(FireBusy):
         scheduler.run_daily(now)
-    assert clock() - started > 60  # waited two leases
+    assert 2 * lease < clock() - started <= 2 * lease + step  # waited two leases
+    assert steps == {step}
     with caplog.at_level("INFO", logger="workers.scheduler"):
         scheduler._job(DAILY_JOB_ID)  # what APScheduler calls at the fire time
     retry = aps.get_job(f"{DAILY_JOB_ID}.retry")
@@ -392,7 +403,9 @@ def test_a_fire_still_held_after_two_leases_is_looked_at_again_a_minute_later(
     assert retry.trigger.run_date == now + timedelta(minutes=1)
     assert sent.calls == []
     busy = f"{key} is being enqueued by another scheduler run"
-    assert f"{DAILY_JOB_ID}: {busy}; looking again in 0:01:00" in caplog.text
+    assert f"{DAILY_JOB_ID}: {busy}; looking again in 0:01:00" in [
+        r.getMessage() for r in caplog.records
+    ]
 
 
 def test_a_fire_that_fails_while_stopping_is_not_retried(session_factory, seeded) -> None:
@@ -542,8 +555,10 @@ def test_each_outcome_of_a_fire_is_logged_with_its_job(session_factory, seeded, 
     with caplog.at_level("INFO", logger="workers.scheduler"):
         failing._job(DAILY_JOB_ID)
         stopped._job(DAILY_JOB_ID)
-    assert f"{DAILY_JOB_ID} failed; retrying in 0:01:00" in caplog.text
-    assert f"{DAILY_JOB_ID} interrupted by shutdown; the next start runs it again" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.levelname != "INFO"] == [
+        f"{DAILY_JOB_ID} failed; retrying in 0:01:00",
+        f"{DAILY_JOB_ID} interrupted by shutdown; the next start runs it again",
+    ]
 
 
 def test_a_fire_failing_again_keeps_one_retry(session_factory, seeded) -> None:
@@ -571,14 +586,27 @@ def test_scheduling_again_replaces_the_jobs_and_each_job_runs_its_own_fire(
 ) -> None:
     seeded([("t1", 1, datetime(2025, 1, 31, 9, tzinfo=UTC))], plan_for=("t1",))
     now = datetime(2025, 2, 1, 0, 40, tzinfo=UTC)
-    scheduler = make_scheduler(session_factory, now=lambda: now)
+    scheduler = make_scheduler(
+        session_factory,
+        settings=WorkerSettings(provider_sync="billing_hooks:stripe_sync"),
+        now=lambda: now,
+        send_sync=Recorder(),
+        send_finalize=Recorder(),
+        grace_period=DAY,
+    )
     aps = BackgroundScheduler(timezone=UTC)
     aps.start(paused=True)
     try:
-        scheduler.schedule(aps, catch_up=False)
-        scheduler.schedule(aps, catch_up=False)  # a restart against a persistent job store
+        scheduler.schedule(aps)
+        scheduler.schedule(aps)  # a restart against a persistent job store
         jobs = {job.id: job for job in aps.get_jobs()}
-        assert sorted(jobs) == sorted([DAILY_JOB_ID, MONTHLY_JOB_ID, PARTITIONS_JOB_ID])
+        assert {job_id: job.args for job_id, job in jobs.items()} == {
+            job_id: (job_id.removesuffix(".start"),)
+            for job_id in (DAILY_JOB_ID, MONTHLY_JOB_ID, SYNC_JOB_ID, FINALIZE_JOB_ID)
+            + (CATCH_UP_JOB_ID, PARTITIONS_JOB_ID, f"{PARTITIONS_JOB_ID}.start")
+        }
+        assert jobs[CATCH_UP_JOB_ID].trigger.run_date == now
+        assert jobs[f"{PARTITIONS_JOB_ID}.start"].trigger.run_date == now
         for job_id in (DAILY_JOB_ID, MONTHLY_JOB_ID):
             jobs[job_id].func(*jobs[job_id].args)  # what APScheduler calls at the fire time
     finally:
@@ -612,3 +640,59 @@ def test_removing_a_job_removes_it_from_the_job_store_named() -> None:
         assert [job.id for job in aps.get_jobs()] == ["kept"]
     finally:
         aps.shutdown(wait=False)
+
+
+def test_last_fire_time_looks_back_62_days() -> None:
+    yearly = CronTrigger.from_crontab("0 0 1 1 *", timezone=UTC)
+    assert last_fire_time(yearly, JAN + timedelta(days=61, hours=23)) == JAN
+    assert last_fire_time(yearly, JAN + timedelta(days=62, hours=1)) is None
+
+
+def test_without_a_fire_time_the_monthly_fire_is_the_latest_one(session_factory) -> None:
+    now = datetime(2025, 2, 2, 5, tzinfo=UTC)
+    report = make_scheduler(session_factory, now=lambda: now).run_monthly()
+    assert report.key == "monthly-invoices:2025-01"
+
+
+def test_a_zone_ahead_of_utc_fires_for_its_own_month(session_factory, seeded) -> None:
+    """Tokyo's January starts on December 31st in UTC; its key names January."""
+    seeded([], plan_for=("tokyo",))
+    with session_factory.begin() as session:
+        set_tenant(session, "tokyo", timezone="Asia/Tokyo")
+    scheduler = make_scheduler(session_factory)
+    counted = ("billing_scheduler_enqueued_total", {"job": MONTHLY_JOB_ID})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
+    report = scheduler.run_monthly(datetime(2025, 2, 1, 0, 30, tzinfo=UTC))
+    assert REGISTRY.get_sample_value(*counted) == before + 1
+    assert [(z.key, z.enqueued) for z in report.zones] == [
+        ("monthly-invoices:Asia/Tokyo:2025-01", 1)
+    ]
+
+
+def test_late_usage_is_looked_for_as_far_back_as_the_lookback(session_factory) -> None:
+    now = datetime(2025, 3, 10, tzinfo=UTC)
+    billing = make_scheduler(session_factory, now=lambda: now, late_usage_lookback=DAY * 60)
+    assert billing.late_since() == now - DAY * 60
+    assert make_scheduler(session_factory, now=lambda: now).late_since() is None
+
+
+def test_a_claim_that_cannot_be_given_back_is_logged(session_factory, seeded, caplog) -> None:
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([("t1", 1, day)])
+
+    class Unreleasable(LocalFireLock):
+        def release(self, key: str) -> None:
+            raise redis.ConnectionError("Connection refused")
+
+    settings = WorkerSettings(enqueue_retry_for=timedelta(0))
+    scheduler = make_scheduler(
+        session_factory, Unreleasable(), settings, send_aggregate=Recorder(fail_first=1)
+    )
+    with (
+        caplog.at_level("WARNING", logger="workers.scheduler"),
+        pytest.raises(redis.ConnectionError),
+    ):
+        scheduler.run_daily(day + timedelta(days=1, minutes=10))
+    assert "could not release aggregate-daily:2025-01-03; it is claimed until it expires" in [
+        r.getMessage() for r in caplog.records
+    ]

@@ -88,6 +88,16 @@ def test_two_schedulers_sweep_each_fire_once(session_factory) -> None:
     assert (len(first.calls), len(second.calls), report.claimed) == (1, 0, False)
 
 
+def test_a_sweep_fire_is_done_for_a_day(session_factory, clock) -> None:
+    add_invoice(session_factory, "t1", timedelta(hours=4))
+    lock = LocalFireLock(clock=clock)
+    assert make_scheduler(session_factory, lock=lock).run_sync_sweep().claimed
+    clock.advance(timedelta(days=1) - timedelta(seconds=1))
+    assert not make_scheduler(session_factory, lock=lock).run_sync_sweep().claimed
+    clock.advance(timedelta(seconds=1))  # the done marker lasts a day, not FIRE_LOCK_TTL
+    assert make_scheduler(session_factory, lock=lock).run_sync_sweep().enqueued == 1
+
+
 def test_an_invoice_whose_sync_was_never_enqueued_is_sent_by_the_sweep(
     session_factory, seeded
 ) -> None:
@@ -147,7 +157,7 @@ def test_fires_and_enqueued_messages_are_counted_by_job_and_outcome(session_fact
     }
     enqueued_before = sample("billing_scheduler_enqueued_total", job=SYNC_JOB_ID)
     lock = LocalFireLock()
-    make_scheduler(session_factory, lock=lock).run_sync_sweep()
+    assert make_scheduler(session_factory, lock=lock).run_sync_sweep().enqueued == 2
     make_scheduler(session_factory, lock=lock).run_sync_sweep()  # claimed already: skipped
 
     def broken(**_kwargs) -> None:
