@@ -461,6 +461,10 @@ def test_the_relay_rides_out_a_database_error(failing: str, caplog) -> None:
     assert world.statuses() == ["delivered"] * 5
     assert sorted(r.headers["webhook-id"] for r in world.requests) == sorted(ids)
     assert f"{failing}: database unreachable" in caplog.text
+    if failing == "claim":
+        assert "claiming deliveries failed; retrying in 0.0s" in [
+            r.getMessage() for r in caplog.records
+        ]
 
 
 def test_an_idle_relay_rides_out_a_database_error(caplog) -> None:
@@ -674,3 +678,47 @@ def test_a_stopping_recorder_waits_for_an_attempt_that_finished_but_is_not_queue
     stop.set()
     relay._record_until(stop)
     assert world.statuses() == ["delivered"]
+
+
+def test_the_relays_threads_are_named_for_what_they_do() -> None:
+    senders: set[str] = set()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        senders.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return httpx.Response(200)
+
+    world = World(handler, poll_interval=0.01)
+    recorders: set[str] = set()
+    record = world.outbox.record
+
+    def recording(*args, **kwargs):
+        recorders.add(threading.current_thread().name)
+        return record(*args, **kwargs)
+
+    world.outbox.record = recording  # type: ignore[method-assign]
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    run_until(world, lambda: world.statuses() == ["delivered"])
+    assert (senders, recorders) == ({"webhook-send"}, {"webhook-record"})
+
+
+def test_an_attempt_that_raises_is_logged_and_leaves_nothing_to_record(caplog) -> None:
+    """A bug in an attempt: logged; the delivery stays claimed until its lease ends, and the
+    recorder is handed no outcome for it."""
+
+    class Broken:
+        def send(self, delivery, timeout):
+            raise RuntimeError("a bug")
+
+    world = World(answer(200), poll_interval=0.01)
+    world.relay.sender = Broken()  # type: ignore[assignment]
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+
+    def messages() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "webhooks.relay"]
+
+    with caplog.at_level("ERROR", logger="webhooks.relay"):
+        run_until(world, lambda: messages())
+    assert messages() == ["a delivery attempt failed unexpectedly"]
+    assert world.statuses() == ["pending"]
