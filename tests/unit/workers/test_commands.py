@@ -356,6 +356,7 @@ def test_billing_run_aggregates_delivers_serves_the_api_and_stops_on_sigterm(
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait(30)
         subscriber.shutdown()
         subscriber.server_close()
     output = log.read_text()
