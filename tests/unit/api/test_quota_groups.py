@@ -96,8 +96,12 @@ def test_a_group_counts_its_tenant_s_metric_in_the_window_only(session) -> None:
     assert status.used == 1
 
 
-def test_consuming_a_group_stores_the_event_with_the_group_as_its_metadata(session) -> None:
-    subscribe(session)
+@pytest.mark.parametrize("limited", [True, False])
+def test_consuming_a_group_stores_the_event_with_the_group_as_its_metadata(
+    session, limited
+) -> None:
+    if limited:
+        subscribe(session)
     consume_quota(session, tenant_id="A", key="tokens", window="day", amount=5, now=NOW, group=GPT4)
     assert session.execute(select(UsageEvent.metadata_json)).scalars().all() == [GPT4]
 

@@ -66,6 +66,7 @@ def test_2_62_units_at_2_cents_raise_amount_overflow_naming_the_line(session) ->
     ("price", "described"),
     [
         ({"unit_amount_decimal": Decimal("2.50")}, "'big-0' (2.5 per unit)"),
+        ({"unit_amount_decimal": Decimal("100")}, "'big-0' (100 per unit)"),
         (
             {
                 "billing_scheme": "tiered",
