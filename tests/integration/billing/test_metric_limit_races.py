@@ -68,8 +68,11 @@ def test_the_limit_holds_for_autocommit_sessions_too(pg_engine) -> None:
 
 
 def advisory_locks_held(session) -> int:
+    """Exclusive advisory locks this session holds (the zone's shared lock, which every write of
+    usage takes so a zone change waits for it, is not the metric limit's)."""
     query = text(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' "
+        "AND pid = pg_backend_pid()"
     )
     return session.execute(query).scalar_one()
 
