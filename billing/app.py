@@ -65,6 +65,8 @@ def create_app(
             await own_store.client.aclose()  # the client this app made
         if isinstance(keys.marker, RedisRevocationMarker):
             keys.marker.client.close()
+            if keys.marker.async_client is not None:
+                await keys.marker.async_client.aclose()
 
     app = FastAPI(title="billing-workers", version="0.1.0", lifespan=lifespan)
     app.add_middleware(
@@ -147,10 +149,14 @@ def _key_lookup(settings: ApiSettings) -> KeyLookup:
     if not settings.redis_url or settings.api_key_cache_ttl <= timedelta(0):
         return KeyLookup()
     from redis import Redis
+    from redis.asyncio import Redis as AsyncRedis
 
+    url = settings.redis_url
     marker = RedisRevocationMarker(
-        Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5),
+        Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5),
         namespace=settings.broker_namespace,
+        # read on every request: awaited, with no trip through the thread pool
+        async_client=AsyncRedis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5),
     )
     return KeyLookup(marker=marker, ttl=settings.api_key_cache_ttl)
 

@@ -10,6 +10,10 @@ can never come back to a value an entry was kept under.
 
 When the marker cannot be read (Redis down), the row is read instead and nothing is kept: the
 database stays the authority. Needs no FastAPI.
+
+`afind` is `find` for an event loop: a marker that also reads asynchronously (`acurrent`, as
+`RedisRevocationMarker` given an `async_client`) is awaited, so a request whose key is kept
+costs no trip through the thread pool; the row, when it must be read, is read in a thread.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
+from anyio.to_thread import run_sync
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from sqlalchemy import Table, bindparam, select
 from sqlalchemy.orm import Session
@@ -61,19 +67,39 @@ class RevocationMarker(Protocol):
         """Give the marker a value it never had (after a revocation commits)."""
 
 
-class RedisRevocationMarker:
-    """The marker as one Redis key, `{namespace}:api-keys:revoked` (a sync client)."""
+@runtime_checkable
+class AsyncMarkerRead(Protocol):
+    """A marker that can also be read without blocking the event loop."""
 
-    def __init__(self, client: Redis, namespace: str = "billing") -> None:
+    async def acurrent(self) -> bytes | None:
+        """The marker's value now (None: never set), awaited."""
+
+
+class RedisRevocationMarker:
+    """The marker as one Redis key, `{namespace}:api-keys:revoked`: a sync client, and an
+    optional `async_client` on the same Redis for `acurrent` (reads from an event loop)."""
+
+    def __init__(
+        self, client: Redis, namespace: str = "billing", *, async_client: AsyncRedis | None = None
+    ) -> None:
         self.client = client
+        self.async_client = async_client
         self.name = f"{namespace}:api-keys:revoked"
 
     def current(self) -> bytes | None:
-        value = self.client.get(self.name)
-        return value if isinstance(value, bytes) or value is None else str(value).encode()
+        return _as_bytes(self.client.get(self.name))
+
+    async def acurrent(self) -> bytes | None:
+        if self.async_client is None:
+            return await run_sync(self.current)
+        return _as_bytes(await self.async_client.get(self.name))
 
     def bump(self) -> None:
         self.client.set(self.name, secrets.token_hex(16))
+
+
+def _as_bytes(value: object) -> bytes | None:
+    return value if isinstance(value, bytes) or value is None else str(value).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +131,39 @@ class KeyLookup:
             logger.warning("API key cache bypassed, its marker is unreadable: %s", error)
             return read_active_key(session, digest)
         now = self.clock()
-        entry = self._entries.get(digest)
-        if entry is not None and entry.marker == marker and entry.expires_at > now:
-            return entry.key
+        kept = self._kept(digest, marker, now)
+        if kept is not None:
+            return kept
         key = read_active_key(session, digest)
         self._keep(digest, key, marker, now)
         return key
+
+    async def afind(self, session: Session, plaintext: str) -> ActiveKey | None:
+        """`find` from an event loop: no thread while a kept entry answers (with a marker
+        that reads asynchronously); the row read in a thread. Same answers as `find`."""
+        if not isinstance(self.marker, AsyncMarkerRead) or self.ttl <= timedelta(0):
+            return await run_sync(self.find, session, plaintext)
+        if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > MAX_KEY_LENGTH:
+            return None
+        digest = hash_key(plaintext)
+        try:
+            marker = await self.marker.acurrent()
+        except RedisError as error:
+            logger.warning("API key cache bypassed, its marker is unreadable: %s", error)
+            return await run_sync(read_active_key, session, digest)
+        now = self.clock()
+        kept = self._kept(digest, marker, now)
+        if kept is not None:
+            return kept
+        key = await run_sync(read_active_key, session, digest)
+        self._keep(digest, key, marker, now)
+        return key
+
+    def _kept(self, digest: str, marker: bytes | None, now: float) -> ActiveKey | None:
+        entry = self._entries.get(digest)
+        if entry is not None and entry.marker == marker and entry.expires_at > now:
+            return entry.key
+        return None
 
     def _keep(self, digest: str, key: ActiveKey | None, marker: bytes | None, now: float) -> None:
         if key is None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import timedelta
 
+import anyio
 import fakeredis
+import fakeredis.aioredis
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -42,9 +44,22 @@ class DeadMarker:
         raise RedisConnectionError("Redis is down")
 
 
-@pytest.fixture
-def marker() -> RedisRevocationMarker:
-    return RedisRevocationMarker(fakeredis.FakeRedis(), namespace="test")
+class DeadAsyncMarker(DeadMarker):
+    """A marker read from the event loop whose Redis is down."""
+
+    async def acurrent(self) -> bytes | None:
+        raise RedisConnectionError("Redis is down")
+
+
+@pytest.fixture(params=["sync", "async"])
+def marker(request: pytest.FixtureRequest) -> RedisRevocationMarker:
+    """The marker as `billing keys revoke` bumps it, read by a sync client, or (as `billing.app`
+    reads it) by an async client on the same Redis."""
+    server = fakeredis.FakeServer()
+    async_client = fakeredis.aioredis.FakeRedis(server=server) if request.param == "async" else None
+    return RedisRevocationMarker(
+        fakeredis.FakeRedis(server=server), namespace="test", async_client=async_client
+    )
 
 
 @pytest.fixture
@@ -140,6 +155,46 @@ def test_an_unreadable_marker_reads_every_key_from_the_database(
     revoke(session_factory, key_id)
     assert client.get("/_billing/usage", headers=headers).status_code == 401
     assert len(key_reads) == 3
+
+
+def test_an_unreadable_async_marker_reads_every_key_from_the_database(
+    session_factory, ticks, key_reads
+) -> None:
+    key_id, headers = new_key(session_factory)
+    keys = KeyLookup(marker=DeadAsyncMarker(), ttl=TTL, clock=ticks)
+    client = client_for(session_factory, keys)
+    assert client.get("/_billing/usage", headers=headers).status_code == 200
+    revoke(session_factory, key_id)
+    assert client.get("/_billing/usage", headers=headers).status_code == 401
+    assert len(key_reads) == 2
+    assert keys._entries == {}
+
+
+def test_a_kept_key_under_an_async_marker_costs_no_thread(
+    session_factory, ticks, monkeypatch
+) -> None:
+    server = fakeredis.FakeServer()
+    marker = RedisRevocationMarker(
+        fakeredis.FakeRedis(server=server),
+        async_client=fakeredis.aioredis.FakeRedis(server=server),
+    )
+    keys = KeyLookup(marker=marker, ttl=TTL, clock=ticks)
+    _, headers = new_key(session_factory)
+    plaintext = headers["Authorization"].removeprefix("Bearer ")
+    hops: list[str] = []
+
+    async def counted(function, *args):
+        hops.append(function.__name__)
+        return function(*args)
+
+    monkeypatch.setattr("billing.api.keycache.run_sync", counted)
+    with session_factory() as session:
+        first = anyio.run(keys.afind, session, plaintext)
+        again = anyio.run(keys.afind, session, plaintext)
+        marker.bump()
+        after_bump = anyio.run(keys.afind, session, plaintext)
+    assert first is not None and again == first and after_bump == first
+    assert hops == ["read_active_key", "read_active_key"]  # the first read, and after the bump
 
 
 def test_without_a_marker_every_request_reads_its_key(session_factory, key_reads) -> None:
