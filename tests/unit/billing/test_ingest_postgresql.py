@@ -84,10 +84,8 @@ def counters(session: Session) -> list[tuple[Any, ...]]:
 def outcome(
     session: Session, before: Sequence[dict[str, Any]], batch: Sequence[dict[str, Any]]
 ) -> tuple[object, list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """Store `before` one by one, then `batch`; what each event became, the rows, the counters.
-
-    An event's outcome is (duplicate?, the (metric, key) of the stored row whose id it got).
-    """
+    """Store `before` one by one, then `batch`; what each event became (`said`), the rows,
+    the counters."""
     bs = BillingService(session=session, tenant_id="t1")
     for item in before:
         bs.record_usage(**item)
@@ -95,13 +93,17 @@ def outcome(
         recorded = bs.ingest(batch)
     except IdempotencyConflictError:
         return "conflict", [], []
+    return said(session, recorded), stored(session), counters(session)
+
+
+def said(session: Session, recorded: Sequence[ledger.Recorded]) -> list[tuple[bool, str]]:
+    """Each event's outcome: (duplicate?, the (metric, key) of the stored row whose id it got)."""
     keys_by_id = dict(
         session.execute(
             select(UsageEvent.id, func.concat(UsageEvent.metric, "/", UsageEvent.idempotency_key))
         ).all()
     )
-    said = [(r.duplicate, keys_by_id[r.id]) for r in recorded]
-    return said, stored(session), counters(session)
+    return [(r.duplicate, keys_by_id[r.id]) for r in recorded]
 
 
 events = st.lists(
@@ -179,6 +181,37 @@ def test_a_conflict_in_a_staged_batch_raises_and_its_transaction_stores_nothing(
     with pg_factory() as session:
         assert session.execute(select(func.count()).select_from(UsageEvent)).scalar() == 1
         assert counters(session)[0][-1] == 1
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sent=st.lists(
+        st.builds(
+            event,
+            key=st.integers(0, 8),
+            metric=st.sampled_from(["tokens", "calls"]),
+            metadata=st.none() | st.fixed_dictionaries({"model": st.sampled_from(["a", "é"])}),
+        ),
+        min_size=2,
+        max_size=12,
+    )
+)
+def test_events_sent_one_by_one_end_as_the_same_events_sent_as_one_batch(
+    pg_factory: sessionmaker[Session], sent: list[dict[str, Any]]
+) -> None:
+    """A single event has a statement of its own (scalar parameters); it stores what the
+    batch statement (arrays) stores, and says the same of each event."""
+    results = []
+    for one_by_one in (True, False):
+        with pytest.MonkeyPatch.context() as patch, pg_factory() as session:
+            patch.setattr(ledger, "COPY_THRESHOLD", 10**9)  # batches: the unnest statement
+            bs = BillingService(session=session, tenant_id="t1")
+            recorded = [bs.ingest_event(**e) for e in sent] if one_by_one else bs.ingest(sent)
+            results.append((said(session, recorded), stored(session), counters(session)))
+            session.rollback()
+    assert results[0] == results[1]
 
 
 def test_an_autocommit_connection_takes_the_single_statement_path(
