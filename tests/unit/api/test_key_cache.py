@@ -193,7 +193,9 @@ def test_a_kept_key_under_an_async_marker_costs_no_thread(
         again = anyio.run(keys.afind, session, plaintext)
         marker.bump()
         after_bump = anyio.run(keys.afind, session, plaintext)
-    assert first is not None and again == first and after_bump == first
+    assert first is not None
+    assert again == first
+    assert after_bump == first
     assert hops == ["read_active_key", "read_active_key"]  # the first read, and after the bump
 
 
