@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import Table, bindparam, select
 from sqlalchemy.orm import Session
 
-from billing.api.keys import KEY_PREFIX, MAX_KEY_LENGTH, hash_key
+from billing.api.keys import hash_key, is_key_shaped
 from billing.api.models import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class KeyLookup:
 
     def find(self, session: Session, plaintext: str) -> ActiveKey | None:
         """The unrevoked key whose plaintext this is, or None (unknown, revoked, malformed)."""
-        if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > MAX_KEY_LENGTH:
+        if not is_key_shaped(plaintext):
             return None
         digest = hash_key(plaintext)
         if self.marker is None or self.ttl <= timedelta(0):
@@ -143,7 +143,7 @@ class KeyLookup:
         that reads asynchronously); the row read in a thread. Same answers as `find`."""
         if not isinstance(self.marker, AsyncMarkerRead) or self.ttl <= timedelta(0):
             return await run_sync(self.find, session, plaintext)
-        if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > MAX_KEY_LENGTH:
+        if not is_key_shaped(plaintext):
             return None
         digest = hash_key(plaintext)
         try:

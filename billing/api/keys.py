@@ -80,9 +80,14 @@ def create_key(
     return key, plaintext
 
 
+def is_key_shaped(plaintext: str) -> bool:
+    """Whether `plaintext` could be one of our keys (prefix, length): worth a lookup."""
+    return plaintext.startswith(KEY_PREFIX) and len(plaintext) <= MAX_KEY_LENGTH
+
+
 def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
     """The unrevoked key whose plaintext this is, or None."""
-    if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > MAX_KEY_LENGTH:
+    if not is_key_shaped(plaintext):
         return None
     return session.execute(
         select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
