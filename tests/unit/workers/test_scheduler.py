@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from billing.models import Plan, Price, Subscription
 from billing.tenants import set_tenant
+from tests.processes import wait_until
 from workers.broker import QUEUE_NAME
 from workers.locks import LocalFireLock, RedisFireLock
 from workers.scheduler import (
@@ -221,7 +222,11 @@ def test_a_fire_left_unfinished_by_a_dead_scheduler_runs_again_once_its_lease_en
     assert len(sent.calls) >= 1
     again = Recorder()
     later = make_scheduler(session_factory, fire_lock, settings, send_aggregate=again)
-    threading.Event().wait(0.3)  # long past the lease: the fire is marked done, not leased
+    # Past the lease, on the lock's own clock: a lease taken after the fire finished has run
+    # out, so the fire's key outlives a lease only because it is marked done.
+    probe = "probe:" + key
+    assert fire_lock.claim(probe, settings.fire_lease)
+    wait_until(lambda: fire_lock.claim(probe, settings.fire_lease), 10, what="the lease's end")
     assert not later.run_daily(fire).claimed
     assert again.calls == []
 
