@@ -34,6 +34,26 @@ RUN = uuid.uuid4().hex[:10]
 """This test session's mark, in the names of the databases and Redis namespaces it makes."""
 _SERVERS_USED: set[str] = set()
 
+MUTATE_WITH_POSTGRES = "MUTATE_WITH_POSTGRES"
+"""Set by `scripts/mutate --postgres`: the mutation run includes the `postgres` tests too."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `scripts/mutate --postgres`, drop `not postgres` from the run's marker filter.
+
+    mutmut reads its pytest arguments from `pyproject.toml` alone; its children inherit the
+    environment, so the variable chooses the filter for the stats run and every mutant alike.
+    """
+    if os.environ.get(MUTATE_WITH_POSTGRES):
+        config.option.markexpr = "not redis and not slow"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A new mark per session: mutmut runs one session per mutant, in processes forked from one
+    that imported this module, and two at once must not share a database name."""
+    global RUN
+    RUN = uuid.uuid4().hex[:10]
+
 
 def service_missing(what: str, error: BaseException) -> None:
     """Fail in CI, skip elsewhere, when a server a test needs is not running."""
