@@ -3,7 +3,8 @@
 `publish(session, ...)` writes the event and one `pending` delivery per matching subscription
 with the caller's session, so the event commits, or rolls back, with the change it announces.
 It never commits. On PostgreSQL it also notifies `NOTIFY_CHANNEL`, which PostgreSQL delivers at
-commit, so an idle relay wakes at once.
+commit, so an idle relay wakes at once; there the event, its deliveries and the notification
+are one statement, built once (`publishing_ctes`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Select,
     String,
     Text,
+    bindparam,
     case,
     cast,
     exists,
@@ -33,8 +35,8 @@ from sqlalchemy.sql.dml import Insert
 
 from webhooks.interfaces import NewEvent, Subscriber
 from webhooks.models import PENDING, WebhookDelivery, WebhookEvent, WebhookSubscription
-from webhooks.service import WebhookService
-from webhooks.sqltypes import new_id
+from webhooks.service import WebhookService, new_event
+from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 from webhooks.subscriptions import matching_subscriptions, subscription_matches
 
 #: The PostgreSQL channel relays LISTEN on.
@@ -56,6 +58,19 @@ def publish(
         InvalidEventError: the topic or event id is malformed, or the payload is not a JSON
             object; nothing is stored.
     """
+    if session.get_bind().dialect.name == "postgresql":
+        event = new_event(topic, payload, event_id, utcnow())
+        session.execute(
+            _PUBLISH,
+            {
+                "event_id": event.id,
+                "event_topic": event.topic,
+                "event_tenant_id": event.tenant_id,
+                "event_payload": event.payload,
+                "event_created_at": event.created_at,
+            },
+        )
+        return event.id
     service = WebhookService(outbox=SqlOutboxStore(session), subs=_MatchingIds(session))
     return service.publish(topic, payload, event_id=event_id)
 
@@ -76,7 +91,7 @@ class PublishingCtes:
         return case((exists(select(self.deliveries.c.id)), notify))
 
 
-def publishing_ctes(events: Select[Any]) -> PublishingCtes:
+def publishing_ctes(events: Select[*tuple[Any, ...]]) -> PublishingCtes:
     """On PostgreSQL, store in the caller's statement the events `events` selects, as `publish`
     does: each with a pending delivery per enabled subscription of its topic and tenant, an id
     stored before skipped (with no new delivery). The one round trip of the caller's statement
@@ -127,6 +142,19 @@ def publishing_ctes(events: Select[Any]) -> PublishingCtes:
         .cte("published_deliveries")
     )
     return PublishingCtes(stored, deliveries)
+
+
+_PUBLISHED = publishing_ctes(
+    select(
+        bindparam("event_id", type_=String()),
+        bindparam("event_topic", type_=String()),
+        bindparam("event_tenant_id", type_=String()),
+        bindparam("event_payload", type_=postgresql.JSON()),
+        bindparam("event_created_at", type_=UTCDateTime()),
+    )
+)
+#: PostgreSQL: `publish` in one round trip (the event, its deliveries, the notification).
+_PUBLISH = select(_PUBLISHED.notify()).add_cte(_PUBLISHED.events, _PUBLISHED.deliveries)
 
 
 @dataclass(frozen=True)
