@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from sqlalchemy import Row, Select, Table, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from webhooks.delivery import ClaimedDelivery
 from webhooks.encryption import SecretBox, reveal
@@ -59,50 +60,27 @@ class SqlDeliveryStore:
 
         The claimed deliveries come round-robin: each subscription's first, then the seconds.
         """
-        with self._sessions.begin() as session:
-            in_flight: dict[str, int] = {}
-            full: list[str] = []
-            if max_in_flight is not None:
-                _serialize_claims(session)
-                in_flight = _in_flight(session, now)
-                full = [sid for sid, count in in_flight.items() if count >= max_in_flight]
-            scan = limit if max_in_flight is None else limit * CLAIM_SCAN_FACTOR
-            due = (
-                select(WebhookDelivery.id, WebhookDelivery.subscription_id)
-                .join(
-                    WebhookSubscription,
-                    WebhookSubscription.id == WebhookDelivery.subscription_id,
-                )
-                .where(
-                    _DUE,
-                    WebhookDelivery.next_attempt_at <= now,
-                    WebhookSubscription.enabled.is_(True),
-                    *([WebhookDelivery.subscription_id.not_in(full)] if full else []),
-                )
-                .order_by(WebhookDelivery.next_attempt_at)
-                .limit(scan)
+        if max_in_flight is None:
+            chosen = (
+                _details(now)
+                .order_by(WebhookDelivery.next_attempt_at, WebhookEvent.created_at)
+                .limit(limit)
                 .with_for_update(skip_locked=True, of=WebhookDelivery)
             )
-            rows = [(d, sid) for d, sid in session.execute(due)]
-            ids = fair_share(rows, in_flight, max_in_flight, limit)
-            if not ids:
+        else:
+            chosen = _capped(now, max_in_flight, limit)
+        with self._sessions.begin() as session:
+            if max_in_flight is not None:
+                _serialize_claims(session)
+            rows = list(session.execute(chosen))
+            if not rows:
                 return []
-            session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(ids))
-                .values(
-                    attempts=WebhookDelivery.attempts + 1,
-                    next_attempt_at=now + lease,
-                    claimed_until=now + lease,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            rows_by_id = {
-                row[0]: row
-                for row in session.execute(_details().where(WebhookDelivery.id.in_(ids)))
-            }
-        return [_claimed(rows_by_id[i], now, now + lease, self._box) for i in ids]
+            taken = {i: n for i, n in session.execute(_take([row[0] for row in rows], now, lease))}
+        return [
+            _claimed(row, taken[row[0]], now, now + lease, self._box)
+            for row in rows
+            if row[0] in taken
+        ]
 
     def record(
         self, results: Sequence[AttemptResult], now: datetime, disable_after: timedelta
@@ -179,11 +157,11 @@ class SqlDeliveryStore:
             return session.execute(query).scalar()
 
 
-def _details() -> Select[Any]:
+def _details(now: datetime) -> Select[Any]:
+    """What sending needs of each due delivery of an enabled subscription."""
     return (
         select(
             WebhookDelivery.id,
-            WebhookDelivery.attempts,
             WebhookEvent.id,
             WebhookEvent.topic,
             WebhookEvent.payload,
@@ -197,7 +175,75 @@ def _details() -> Select[Any]:
         )
         .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
         .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
-        .order_by(WebhookDelivery.next_attempt_at, WebhookEvent.created_at)
+        .where(_DUE, WebhookDelivery.next_attempt_at <= now, WebhookSubscription.enabled.is_(True))
+    )
+
+
+def _capped(now: datetime, cap: int, limit: int) -> Select[Any]:
+    """`_details` of the deliveries a claim takes under a cap per subscription, in one
+    statement: `fair_share` in SQL, so only the rows taken come back (none is locked: the
+    claims counting what is in flight take turns, `_serialize_claims`)."""
+    flying = (
+        select(WebhookDelivery.subscription_id.label("sid"), func.count().label("n"))
+        .where(WebhookDelivery.claimed_until > now, _DUE)
+        .group_by(WebhookDelivery.subscription_id)
+        .subquery()
+    )
+    full = select(flying.c.sid).where(flying.c.n >= cap)
+    due = (
+        select(WebhookDelivery.id, WebhookDelivery.subscription_id, WebhookDelivery.next_attempt_at)
+        .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+        .where(
+            _DUE,
+            WebhookDelivery.next_attempt_at <= now,
+            WebhookSubscription.enabled.is_(True),
+            WebhookDelivery.subscription_id.not_in(full),
+        )
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit * CLAIM_SCAN_FACTOR)
+        .subquery()
+    )
+    turn = func.row_number().over(
+        partition_by=due.c.subscription_id, order_by=(due.c.next_attempt_at, due.c.id)
+    )
+    ranked = (
+        select(
+            due.c.id,
+            due.c.next_attempt_at,
+            turn.label("turn"),
+            (turn + func.coalesce(flying.c.n, 0)).label("slot"),
+        )
+        .outerjoin(flying, flying.c.sid == due.c.subscription_id)
+        .subquery()
+    )
+    picked = (
+        select(ranked.c.id, ranked.c.turn, ranked.c.next_attempt_at)
+        .where(ranked.c.slot <= cap)
+        .order_by(ranked.c.turn, ranked.c.next_attempt_at, ranked.c.id)
+        .limit(limit)
+        .subquery()
+    )
+    return (
+        _details(now)
+        .join(picked, picked.c.id == WebhookDelivery.id)
+        .order_by(picked.c.turn, picked.c.next_attempt_at, picked.c.id)
+    )
+
+
+def _take(ids: Sequence[str], now: datetime, lease: timedelta) -> ReturningUpdate[str, int]:
+    """Claim `ids` until `now + lease`, counting the attempt; returns `(id, attempt)` of each
+    still due (another relay's claim without a cap may have taken one meanwhile)."""
+    return (
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(ids), _DUE, WebhookDelivery.next_attempt_at <= now)
+        .values(
+            attempts=WebhookDelivery.attempts + 1,
+            next_attempt_at=now + lease,
+            claimed_until=now + lease,
+            updated_at=now,
+        )
+        .returning(WebhookDelivery.id, WebhookDelivery.attempts)
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -227,21 +273,10 @@ def _serialize_claims(session: Session) -> None:
         session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
 
 
-def _in_flight(session: Session, now: datetime) -> dict[str, int]:
-    query = (
-        select(WebhookDelivery.subscription_id, func.count())
-        .where(WebhookDelivery.claimed_until > now, _DUE)
-        .group_by(WebhookDelivery.subscription_id)
-    )
-    return {sid: count for sid, count in session.execute(query)}
-
-
 def _claimed(
-    row: Row[Any], now: datetime, lease_ends_at: datetime, box: SecretBox | None
+    row: Row[Any], attempt: int, now: datetime, lease_ends_at: datetime, box: SecretBox | None
 ) -> ClaimedDelivery:
-    (delivery_id, attempts, event_id, topic, payload, created_at, tenant_id, *subscription) = tuple(
-        row
-    )
+    (delivery_id, event_id, topic, payload, created_at, tenant_id, *subscription) = tuple(row)
     (sub_id, url, secret, previous_secret, previous_expires_at) = subscription
     return ClaimedDelivery(
         delivery_id=delivery_id,
@@ -259,7 +294,7 @@ def _claimed(
                 now,
             )
         ),
-        attempt=attempts,
+        attempt=attempt,
         tenant_id=tenant_id,
         lease_ends_at=lease_ends_at,
     )
