@@ -12,8 +12,9 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import REGISTRY
+from sqlalchemy import Connection, insert
 
-from billing.models import Plan, Price, Subscription
+from billing.models import Plan, Price, Subscription, Tenant
 from billing.tenants import set_tenant
 from tests.processes import wait_until
 from workers.broker import QUEUE_NAME
@@ -701,3 +702,58 @@ def test_a_claim_that_cannot_be_given_back_is_logged(session_factory, seeded, ca
     assert "could not release aggregate-daily:2025-01-03; it is claimed until it expires" in [
         r.getMessage() for r in caplog.records
     ]
+
+
+def test_the_late_event_windows_days_are_the_zones_own_days(session_factory) -> None:
+    """Each day of the window is a local day of the zone (New York's 23-hour March 9th
+    included), not a UTC day."""
+    scheduler = make_scheduler(session_factory, settings=WorkerSettings(late_event_window_days=2))
+    days = scheduler.days_to_aggregate(datetime(2025, 3, 11, 4, 10, tzinfo=UTC), "America/New_York")
+    assert [day.isoformat() for day in days] == [
+        "2025-03-10T00:00:00-04:00",
+        "2025-03-09T00:00:00-05:00",
+        "2025-03-08T00:00:00-05:00",
+    ]
+    days = scheduler.days_to_aggregate(datetime(2025, 3, 10, 19, 10, tzinfo=UTC), "Asia/Kathmandu")
+    assert [day.isoformat() for day in days] == [
+        "2025-03-10T00:00:00+05:45",
+        "2025-03-09T00:00:00+05:45",
+        "2025-03-08T00:00:00+05:45",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("created", "logged"),
+    [
+        (
+            ["usage_events_2025_04", "usage_events_2025_05"],
+            "usage_events_2025_04, usage_events_2025_05",
+        ),
+        ([], "nothing"),
+    ],
+)
+def test_the_partitions_job_makes_the_months_ahead_in_a_committed_transaction(
+    session_factory, monkeypatch, caplog, created, logged
+) -> None:
+    """The DDL itself runs on PostgreSQL only (`tests/integration/billing/test_partitions.py`);
+    here `ensure_partitions` is replaced to see what the job hands it and does with its answer."""
+    now = datetime(2025, 3, 10, tzinfo=UTC)
+    calls: list[tuple[datetime, int]] = []
+
+    def ensure_partitions(connection: Connection, *, now: datetime, ahead: int) -> list[str]:
+        connection.execute(insert(Tenant).values(id="probe", name="probe"))
+        calls.append((now, ahead))
+        return created
+
+    monkeypatch.setattr("workers.scheduler.ensure_partitions", ensure_partitions)
+    settings = WorkerSettings(partitions_ahead=5)
+    scheduler = make_scheduler(session_factory, settings=settings, now=lambda: now)
+    counted = ("billing_scheduler_fires_total", {"job": PARTITIONS_JOB_ID, "outcome": "enqueued"})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
+    with caplog.at_level("INFO", logger="workers.scheduler"):
+        assert scheduler.run_partitions() == created
+    assert calls == [(now, 5)]
+    assert REGISTRY.get_sample_value(*counted) == before + 1
+    assert f"billing.usage-partitions: created {logged}" in [r.getMessage() for r in caplog.records]
+    with session_factory() as session:  # what it wrote was committed
+        assert session.get(Tenant, "probe") is not None
