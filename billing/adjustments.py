@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from billing import credit_notes
@@ -203,16 +203,25 @@ def _same_period(target: Any, invoice: Invoice) -> list[ColumnElement[bool]]:
 def _recent_finalized(
     session: Session, tenant_id: str, currency: str, since: datetime, *, lock: bool
 ) -> list[Invoice]:
-    query = select(Invoice).where(
-        Invoice.tenant_id == tenant_id,
-        Invoice.currency == currency,
-        Invoice.status.in_(FINALIZED),
-        Invoice.period_end >= since,
-    )
-    if lock:  # in id order: two runs lock the same rows in the same order, no deadlock
-        query = query.order_by(Invoice.id).with_for_update()
-    invoices = session.execute(query.execution_options(populate_existing=True)).scalars()
+    query = _RECENT_FINALIZED_LOCKED if lock else _RECENT_FINALIZED
+    bounds = {"tenant_id": tenant_id, "currency": currency, "since": since}
+    invoices = session.execute(query, bounds).scalars()
     return sorted(invoices, key=lambda invoice: (invoice.period_start, invoice.id))
+
+
+# Read for every invoice: built once.
+_RECENT_FINALIZED = (
+    select(Invoice)
+    .where(
+        Invoice.tenant_id == bindparam("tenant_id"),
+        Invoice.currency == bindparam("currency"),
+        Invoice.status.in_(FINALIZED),
+        Invoice.period_end >= bindparam("since"),
+    )
+    .execution_options(populate_existing=True)
+)
+# In id order: two runs lock the same rows in the same order, no deadlock.
+_RECENT_FINALIZED_LOCKED = _RECENT_FINALIZED.order_by(Invoice.id).with_for_update()
 
 
 def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list[Adjustment]:

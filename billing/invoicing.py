@@ -11,10 +11,10 @@ usage.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -31,7 +31,7 @@ from billing.models import Invoice, InvoiceLine, Price, Subscription
 from billing.periods import subscription_active_in
 from billing.pricing import fixed_amount
 from billing.usage_lines import LineDraft, Stretch, bill_usage
-from webhooks.sqltypes import new_id, utcnow
+from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
 _CURRENCY = re.compile(r"^[a-z]{3}$")
 
@@ -185,26 +185,17 @@ def store_invoice(
     transaction sees it before the commit), so it needs no lock to be finalized.
     """
     now = utcnow()
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    statement = (
-        insert(Invoice)
-        .values(
-            id=new_id(),
-            tenant_id=tenant_id,
-            period_start=start,
-            period_end=end,
-            status="draft",
-            total_amount=sum(line.amount for line in lines),
-            currency=currency,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(
-            index_elements=["tenant_id", "period_start", "period_end", "currency"],
-            index_where=_LIVE,
-        )
-        .returning(Invoice)
-    )
-    invoice = session.scalars(statement).one_or_none()
+    row = {
+        "id": new_id(),
+        "tenant_id": tenant_id,
+        "period_start": start,
+        "period_end": end,
+        "total_amount": sum(line.amount for line in lines),
+        "currency": currency,
+        "created_at": now,
+    }
+    statement = _INSERT_INVOICE[session.get_bind().dialect.name == "postgresql"]
+    invoice = session.scalars(statement, row).one_or_none()
     if invoice is not None:
         _insert_lines(session, invoice.id, lines, now)
     return invoice
@@ -214,6 +205,37 @@ def store_invoice(
 # statement run 5 times on a connection, PostgreSQL then plans it generically, and a parameter
 # there keeps ON CONFLICT from inferring the index (`InvalidColumnReference`).
 _LIVE = Invoice.status != literal_column("'void'")
+
+
+def _insert_invoice(insert: Callable[[type[Invoice]], Any]) -> Any:
+    """`store_invoice`'s statement, built once per dialect (`postgresql` or `sqlite`)."""
+    columns = (
+        "id",
+        "tenant_id",
+        "period_start",
+        "period_end",
+        "total_amount",
+        "currency",
+        "created_at",
+    )
+    return (
+        insert(Invoice)
+        .values(
+            {
+                **{name: bindparam(name) for name in columns},
+                "status": literal_column("'draft'"),
+            }
+        )
+        .on_conflict_do_nothing(
+            index_elements=["tenant_id", "period_start", "period_end", "currency"],
+            index_where=_LIVE,
+        )
+        .returning(Invoice)
+    )
+
+
+#: By whether the session's dialect is PostgreSQL.
+_INSERT_INVOICE = {True: _insert_invoice(postgresql.insert), False: _insert_invoice(sqlite.insert)}
 
 
 def reprice_draft(
@@ -274,15 +296,26 @@ def _subscriptions_with_prices(
 ) -> list[tuple[Subscription, list[Price]]]:
     """The tenant's subscriptions active in the period, each with its plan's prices (one
     SELECT): subscriptions by start, prices by creation and key."""
-    rows = session.execute(
-        select(Subscription, Price)
-        .outerjoin(Price, Price.plan_id == Subscription.plan_id)
-        .where(Subscription.tenant_id == tenant_id, subscription_active_in(start, end))
-        .order_by(Subscription.effective_at, Subscription.id, Price.created_at, Price.key)
-    ).all()
+    bounds = {"tenant_id": tenant_id, "start": start, "end": end}
+    rows = session.execute(_SUBSCRIPTIONS_WITH_PRICES, bounds).all()
     grouped: dict[str, tuple[Subscription, list[Price]]] = {}
     for subscription, price in rows:
         _, prices = grouped.setdefault(subscription.id, (subscription, []))
         if price is not None:
             prices.append(price)
     return list(grouped.values())
+
+
+# Run for every invoice (and every finalized invoice late usage re-prices): built once, so a
+# call neither builds the statement nor computes its cache key again.
+_SUBSCRIPTIONS_WITH_PRICES = (
+    select(Subscription, Price)
+    .outerjoin(Price, Price.plan_id == Subscription.plan_id)
+    .where(
+        Subscription.tenant_id == bindparam("tenant_id"),
+        subscription_active_in(
+            bindparam("start", type_=UTCDateTime()), bindparam("end", type_=UTCDateTime())
+        ),
+    )
+    .order_by(Subscription.effective_at, Subscription.id, Price.created_at, Price.key)
+)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import BindParameter, ColumnElement, and_, or_
 
 from billing.models import Subscription
 
 
-def subscription_active_in(start: datetime, end: datetime) -> ColumnElement[bool]:
-    """SQL condition: the subscription overlaps `[start, end)`."""
+def subscription_active_in(
+    start: datetime | BindParameter[datetime], end: datetime | BindParameter[datetime]
+) -> ColumnElement[bool]:
+    """SQL condition: the subscription overlaps `[start, end)` (instants, or parameters of a
+    statement built once)."""
     return and_(
         Subscription.effective_at < end,
         or_(Subscription.ended_at.is_(None), Subscription.ended_at > start),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import bindparam, delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -147,8 +147,11 @@ def zone_name_of(session: Session, tenant_id: str, *, lock: bool = False) -> str
     """
     if lock:
         _lock_zone(session, tenant_id, shared=True)
-    query = select(Tenant.timezone).where(Tenant.id == tenant_id)
-    return session.execute(query).scalar_one_or_none() or UTC_NAME
+    return session.execute(_ZONE_OF, {"tenant_id": tenant_id}).scalar_one_or_none() or UTC_NAME
+
+
+# Read for every invoice and aggregation: built once.
+_ZONE_OF = select(Tenant.timezone).where(Tenant.id == bindparam("tenant_id"))
 
 
 def tenant_zone(session: Session, tenant_id: str, *, lock: bool = False) -> tzinfo:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, distinct, func, select, union_all
+from sqlalchemy import ColumnElement, and_, bindparam, case, distinct, func, select, union_all
 from sqlalchemy.orm import Session
 
 from billing.meters import GROUP_VALUE_LENGTH, MeterSpec, property_text
@@ -33,24 +33,35 @@ def meters_in_use(
 ) -> dict[str, MeterSpec]:
     """The meter of each metric the tenant used in `[start, end)` or that is in `priced`
     (a `sum` meter where none was declared), by key."""
-    used = (
-        select(UsageEvent.metric.label("key"))
-        .where(UsageEvent.tenant_id == tenant_id, UsageEvent.at_ts >= start, UsageEvent.at_ts < end)
-        .distinct()
-        .subquery()
-    )
-    columns = (Meter.aggregation, Meter.property, Meter.group_by)
-    query: Any = select(used.c.key, *columns).outerjoin(Meter, Meter.key == used.c.key)
     wanted = sorted(set(priced))
-    if wanted:
-        query = union_all(query, select(Meter.key, *columns).where(Meter.key.in_(wanted)))
+    query = _METERS_USED_OR_PRICED if wanted else _METERS_USED
+    bounds = {"tenant_id": tenant_id, "start": start, "end": end, "wanted": wanted}
     specs = {key: MeterSpec(key) for key in wanted}
-    for key, aggregation, prop, group_by in session.execute(query):
+    for key, aggregation, prop, group_by in session.execute(query, bounds):
         if aggregation is not None:
             specs[key] = MeterSpec(key, aggregation, prop, tuple(group_by))
         else:
             specs.setdefault(key, MeterSpec(key))
     return specs
+
+
+# Read for every invoice: built once (the priced metrics are one expanding parameter).
+_USED = (
+    select(UsageEvent.metric.label("key"))
+    .where(
+        UsageEvent.tenant_id == bindparam("tenant_id"),
+        UsageEvent.at_ts >= bindparam("start"),
+        UsageEvent.at_ts < bindparam("end"),
+    )
+    .distinct()
+    .subquery()
+)
+_METER_COLUMNS = (Meter.aggregation, Meter.property, Meter.group_by)
+_METERS_USED = select(_USED.c.key, *_METER_COLUMNS).outerjoin(Meter, Meter.key == _USED.c.key)
+_METERS_USED_OR_PRICED = union_all(
+    _METERS_USED,
+    select(Meter.key, *_METER_COLUMNS).where(Meter.key.in_(bindparam("wanted", expanding=True))),
+)
 
 
 def period_quantities(
