@@ -14,7 +14,9 @@ rounds, with the 1-minute load average. Every baseline writes the same table, wi
   autocommit engine vs raw autocommit, and in BEGIN … COMMIT vs raw with commit()
 - record_usage_batch, 1,000 events per transaction (one tenant each, 100 tenants, random times in
   a month, metadata)  vs  raw COPY into a temporary staging table then one INSERT … SELECT … ON
-  CONFLICT (1,000 and 10,000 per transaction), and vs one INSERT … SELECT FROM unnest(arrays)
+  CONFLICT (1,000 and 10,000 per transaction), and vs one INSERT … SELECT FROM unnest(arrays);
+  and the same batches for 100 tenants in America/New_York  vs  those for the UTC tenants (the
+  counters' trigger and the metric check cut local days and months)
 - aggregate_daily over N events in one day  vs  the raw INSERT … SELECT SUM … ON CONFLICT upsert
   (and peak memory of the Python process, which must stay flat: events never leave PostgreSQL)
 """
@@ -42,8 +44,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing import BillingService
 from billing.db import make_engine, make_session_factory
 from billing.partitions import ensure_partitions
+from billing.tenants import set_tenant
 
 DAY = datetime(2025, 1, 1, tzinfo=UTC)
+ZONE = "America/New_York"
 MONTH_SECONDS = 31 * 86400
 TENANTS = 100
 BATCH = 1000
@@ -197,6 +201,16 @@ def run(url: str, args: argparse.Namespace) -> None:
                 with factory.begin() as session:
                     BillingService(session=session, tenant_id=tenant).record_usage_batch(events)
 
+        zoned = [(f"zoned-{tenant}", events) for tenant, events in work]
+        with factory.begin() as session:
+            for tenant in sorted({tenant for tenant, _ in zoned}):
+                set_tenant(session, tenant, timezone=ZONE)
+
+        def ours_zoned_batches() -> None:
+            for tenant, events in zoned:
+                with factory.begin() as session:
+                    BillingService(session=session, tenant_id=tenant).record_usage_batch(events)
+
         def raw_unnest() -> None:
             for tenant, events in work:
                 with stage.transaction():
@@ -231,6 +245,7 @@ def run(url: str, args: argparse.Namespace) -> None:
             ("raw COPY-stage 1k/txn", raw_copy_stage(1000)),
             ("raw COPY-stage 10k/txn", raw_copy_stage(10_000)),
             ("raw unnest INSERT", raw_unnest),
+            (f"record_usage_batch, {ZONE} tenants", ours_zoned_batches),
         ]
         for _ in range(args.rounds):
             for label, variant in variants:
@@ -240,6 +255,9 @@ def run(url: str, args: argparse.Namespace) -> None:
         results["batch_vs_copy"] = batch.report("record_usage_batch", "raw COPY-stage 1k/txn", 0.9)
         batch.report("record_usage_batch", "raw COPY-stage 10k/txn")
         batch.report("record_usage_batch", "raw unnest INSERT")
+        results["zoned_vs_utc"] = batch.report(
+            f"record_usage_batch, {ZONE} tenants", "record_usage_batch"
+        )
         stage.close()
 
     if args.events:

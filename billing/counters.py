@@ -4,7 +4,9 @@ The triggers on `usage_events` (migrations `0003_api`, `0019_usage_counters_loca
 per tenant, metric and day or month of the tenant's zone (`billing.tenants`; UTC without a
 row), `period_start` being that period's first instant in UTC as `billing.localtime` cuts it.
 They find the period with the SQL function `billing_period_start(granularity, at, zone)`: a
-PL/pgSQL function on PostgreSQL, and `sqlite_period_start` below on SQLite, which every
+PL/pgSQL function on PostgreSQL (whose trigger statement, since `0020_counters_per_local_date`,
+reads the local midnights once per zone and wall-clock date of its rows and calls it only for
+a row those midnights do not hold), and `sqlite_period_start` below on SQLite, which every
 connection made by `billing.db.make_engine` registers (a connection without it cannot store
 events). On PostgreSQL each trigger first takes the shared zone lock of every tenant in the
 statement (`billing.tenants`), so a zone change, which takes it exclusively and re-counts the

@@ -259,19 +259,38 @@ def _insert_new_values(session: Session, tenant_id: str, events: Sequence[UsageI
 # key's row and then claims nothing, as ON CONFLICT on usage_events itself did before.
 # With `known_only`, nothing is claimed if an event's (month, metric) has no month row in
 # usage_counters (the metric limit must be checked first): one row of NULLs says so. The month
-# is the tenant's local one, as the counters' triggers key it (`billing.counters`). The same
+# is the tenant's local one, as the counters' triggers key it (`billing.counters`), found as
+# they find it (migration 0020): the local midnights once per wall-clock date of the events,
+# `billing_period_start` only for an event those midnights do not hold. The same
 # statement finds the tenant's drafts holding a stored event (rows with a NULL metric), which
 # the caller re-prices: one round trip for what took three.
 _CLAIM_AND_STORE = """
 WITH source AS ({source}),
 zone AS (SELECT coalesce(max(timezone), 'UTC') AS name FROM tenants WHERE id = %(tenant_id)s),
+dated AS (
+    SELECT s.metric, s.at_ts, z.name AS zone,
+           CASE WHEN z.name <> 'UTC' THEN (s.at_ts AT TIME ZONE z.name)::date END AS d
+    FROM source AS s, zone AS z
+    WHERE %(known_only)s
+),
+dates AS MATERIALIZED (
+    SELECT zone, d, billing_midnight(d, zone) AS lo, billing_midnight(d + 1, zone) AS hi,
+           billing_midnight(date_trunc('month', d)::date, zone) AS mo
+    FROM (SELECT DISTINCT zone, d FROM dated WHERE d IS NOT NULL) AS z
+),
+months AS (
+    SELECT DISTINCT s.metric,
+           CASE WHEN s.d IS NULL THEN date_trunc('month', s.at_ts, 'UTC')
+                WHEN dt.lo <= s.at_ts AND s.at_ts < dt.hi THEN dt.mo
+                ELSE billing_period_start('month', s.at_ts, s.zone) END AS start
+    FROM dated AS s LEFT JOIN dates AS dt ON dt.zone = s.zone AND dt.d = s.d
+),
 unknown AS (
-    SELECT 1 FROM source AS s, zone AS z
-    WHERE %(known_only)s AND NOT EXISTS (
+    SELECT 1 FROM months AS m
+    WHERE NOT EXISTS (
         SELECT FROM usage_counters AS c
-        WHERE c.tenant_id = %(tenant_id)s AND c.granularity = 'month' AND c.metric = s.metric
-          AND c.period_start = CASE WHEN z.name = 'UTC' THEN date_trunc('month', s.at_ts, 'UTC')
-                                    ELSE billing_period_start('month', s.at_ts, z.name) END
+        WHERE c.tenant_id = %(tenant_id)s AND c.granularity = 'month' AND c.metric = m.metric
+          AND c.period_start = m.start
     )
     LIMIT 1
 ){emptied},
