@@ -13,6 +13,7 @@ metric (`CASE metric WHEN … THEN …`), NULL past its last. The quantities are
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -71,31 +72,50 @@ def period_quantities(
     specs: Sequence[MeterSpec],
 ) -> Quantities:
     """Each metric's quantity per group in each of `stretches` (`[start, end)`, not
-    overlapping, ordered): one GROUP BY, and one window query for `latest` meters."""
+    overlapping, ordered): one GROUP BY, and one window query for `latest` meters.
+
+    Both statements are built once per set of meters and number of stretches (`_Shape`,
+    cached), the tenant and the instants being their parameters."""
     found: Quantities = {}
-    aggregated = [spec for spec in specs if spec.aggregation != "latest"]
-    latest = [spec for spec in specs if spec.aggregation == "latest"]
-    if aggregated and stretches:
-        _grouped(session, _Shape(tenant_id, stretches, aggregated), found)
-    if latest and stretches:
-        _last_events(session, _Shape(tenant_id, stretches, latest), found)
+    if not stretches:
+        return found
+    bounds: dict[str, Any] = {
+        "tenant_id": tenant_id,
+        "first": min(start for start, _ in stretches),
+        "last": max(end for _, end in stretches),
+    }
+    for index, (start, end) in enumerate(stretches):
+        bounds[f"start_{index}"], bounds[f"end_{index}"] = start, end
+    aggregated = tuple(spec for spec in specs if spec.aggregation != "latest")
+    latest = tuple(spec for spec in specs if spec.aggregation == "latest")
+    if aggregated:
+        _grouped(session, _shape(aggregated, len(stretches)), bounds, found)
+    if latest:
+        _last_events(session, _shape(latest, len(stretches)), bounds, found)
     return found
 
 
-class _Shape:
-    """The columns and conditions both queries share: metric, stretch index, group values."""
+@functools.lru_cache(maxsize=256)
+def _shape(specs: tuple[MeterSpec, ...], stretches: int) -> _Shape:
+    return _Shape(specs, stretches)
 
-    def __init__(
-        self,
-        tenant_id: str,
-        stretches: Sequence[tuple[datetime, datetime]],
-        specs: Sequence[MeterSpec],
-    ) -> None:
+
+class _Shape:
+    """The columns and conditions both queries share: metric, stretch index, group values;
+    bound by `tenant_id`, `first` and `last` (the period) and `start_i`, `end_i` (stretch i)."""
+
+    def __init__(self, specs: Sequence[MeterSpec], stretches: int) -> None:
         self.specs = {spec.key: spec for spec in specs}
         self.stretch = case(
             *(
-                (and_(UsageEvent.at_ts >= start, UsageEvent.at_ts < end), index)
-                for index, (start, end) in enumerate(stretches)
+                (
+                    and_(
+                        UsageEvent.at_ts >= bindparam(f"start_{index}"),
+                        UsageEvent.at_ts < bindparam(f"end_{index}"),
+                    ),
+                    index,
+                )
+                for index in range(stretches)
             )
         )
         width = max(len(spec.group_by) for spec in specs)
@@ -110,11 +130,16 @@ class _Shape:
             for position in range(width)
         ]
         self.where = [
-            UsageEvent.tenant_id == tenant_id,
+            UsageEvent.tenant_id == bindparam("tenant_id"),
             UsageEvent.metric.in_(sorted(self.specs)),
-            UsageEvent.at_ts >= min(start for start, _ in stretches),
-            UsageEvent.at_ts < max(end for _, end in stretches),
+            UsageEvent.at_ts >= bindparam("first"),
+            UsageEvent.at_ts < bindparam("last"),
         ]
+        self.unique = [
+            key for key, spec in self.specs.items() if spec.aggregation == "unique_count"
+        ]
+        self.grouped = self._grouped()
+        self.last_events = self._last_events()
 
     @property
     def keys(self) -> list[Any]:
@@ -126,37 +151,44 @@ class _Shape:
             width = len(self.specs[metric].group_by)
             found.setdefault((int(stretch), metric), {})[tuple(values[:width])] = quantity
 
+    def _grouped(self) -> Any:
+        distinct_counts = [
+            func.count(distinct(property_text(self.specs[key].property or "")))
+            for key in self.unique
+        ]
+        measures = [func.sum(UsageEvent.amount), func.count(), func.max(UsageEvent.amount)]
+        keys = self.keys
+        return select(*keys, *measures, *distinct_counts).where(*self.where).group_by(*keys)
 
-def _grouped(session: Session, shape: _Shape, found: Quantities) -> None:
-    unique = [spec.key for spec in shape.specs.values() if spec.aggregation == "unique_count"]
-    distinct_counts = [
-        func.count(distinct(property_text(shape.specs[key].property or ""))) for key in unique
-    ]
-    measures = [func.sum(UsageEvent.amount), func.count(), func.max(UsageEvent.amount)]
-    keys = shape.keys
-    query = select(*keys, *measures, *distinct_counts).where(*shape.where).group_by(*keys)
-    width = len(keys)
-    for row in session.execute(query):
+    def _last_events(self) -> Any:
+        keys = self.keys
+        rank = func.row_number().over(
+            partition_by=keys, order_by=(UsageEvent.at_ts.desc(), UsageEvent.amount.desc())
+        )
+        labelled = [key.label(f"k{index}") for index, key in enumerate(keys)]
+        ranked = select(*labelled, UsageEvent.amount, rank.label("rank")).where(*self.where)
+        last = ranked.subquery()
+        columns = [last.c[f"k{index}"] for index in range(len(keys))]
+        return select(*columns, last.c.amount).where(last.c.rank == 1)
+
+
+def _grouped(session: Session, shape: _Shape, bounds: dict[str, Any], found: Quantities) -> None:
+    width = len(shape.keys)
+    for row in session.execute(shape.grouped, bounds):
         spec = shape.specs[row[0]]
         if spec.aggregation == "unique_count":
-            quantity = row[width + 3 + unique.index(spec.key)]
+            quantity = row[width + 3 + shape.unique.index(spec.key)]
         else:
             quantity = row[width + ("sum", "count", "max").index(spec.aggregation)]
         shape.store(found, row, int(quantity or 0))
 
 
-def _last_events(session: Session, shape: _Shape, found: Quantities) -> None:
-    keys = shape.keys
-    rank = func.row_number().over(
-        partition_by=keys, order_by=(UsageEvent.at_ts.desc(), UsageEvent.amount.desc())
-    )
-    labelled = [key.label(f"k{index}") for index, key in enumerate(keys)]
-    ranked = select(*labelled, UsageEvent.amount, rank.label("rank")).where(*shape.where)
-    last = ranked.subquery()
-    columns = [last.c[f"k{index}"] for index in range(len(keys))]
-    query = select(*columns, last.c.amount).where(last.c.rank == 1)
-    for row in session.execute(query):
-        shape.store(found, row, int(row[len(keys)] or 0))
+def _last_events(
+    session: Session, shape: _Shape, bounds: dict[str, Any], found: Quantities
+) -> None:
+    width = len(shape.keys)
+    for row in session.execute(shape.last_events, bounds):
+        shape.store(found, row, int(row[width] or 0))
 
 
 def _value(name: str) -> ColumnElement[str]:
