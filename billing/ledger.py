@@ -370,7 +370,7 @@ def _insert_new_postgresql(
             "key": event.idempotency_key,
             "metadata_json": event.metadata_json,
         }
-        return _claimed(session.connection().exec_driver_sql(_ROW_INSERT, row))
+        return _claimed(session.connection().exec_driver_sql(_ROW_INSERT, row).all())
     params = {
         "tenant_id": tenant_id,
         "now": utcnow(),
@@ -382,7 +382,7 @@ def _insert_new_postgresql(
         "keys": [e.idempotency_key for e in events],
         "metadata": [e.metadata_json for e in events],
     }
-    return _claimed(session.connection().exec_driver_sql(_UNNEST_INSERT, params))
+    return _claimed(session.connection().exec_driver_sql(_UNNEST_INSERT, params).all())
 
 
 # COPY-stage, for batches inside a transaction: the events are COPYed (binary) into a temporary
@@ -435,7 +435,7 @@ def _copy_to_stage(session: Session, events: Sequence[UsageInput]) -> None:
 
 def _from_stage(session: Session, tenant_id: str, known_only: bool) -> Written:
     params = {"tenant_id": tenant_id, "now": utcnow(), "known_only": known_only}
-    return _claimed(session.connection().exec_driver_sql(_FROM_STAGE, params))
+    return _claimed(session.connection().exec_driver_sql(_FROM_STAGE, params).all())
 
 
 def _match_existing(
@@ -565,10 +565,12 @@ _JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 def _metadata(value: object) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, Mapping):
-        raise InvalidUsageError("metadata must be a JSON object", field="metadata")
+    if type(value) is not dict:  # a dict (the usual case) skips the ABC check and the copy
+        if not isinstance(value, Mapping):
+            raise InvalidUsageError("metadata must be a JSON object", field="metadata")
+        value = dict(value)
     try:
-        encoded = _JSON.encode(dict(value))
+        encoded = _JSON.encode(value)
     except (TypeError, ValueError) as error:
         raise InvalidUsageError(
             f"metadata is not JSON-serialisable: {error}", field="metadata"

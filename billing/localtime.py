@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import zoneinfo
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from billing.errors import InvalidPeriodError, InvalidTimezoneError
 from webhooks.safetext import safe_text
 
 UTC_NAME = "UTC"
+_DAY = timedelta(days=1)
 
 
 class Period(NamedTuple):
@@ -68,6 +70,28 @@ def local_month(zone: tzinfo, moment: datetime) -> Period:
     """The local calendar month of `zone` that contains the aware instant `moment`."""
     first = local_day(zone, moment).start.astimezone(zone).date().replace(day=1)
     return Period(midnight(zone, first), midnight(zone, _next_month(first)))
+
+
+def local_month_starts(zone: tzinfo, moments: Iterable[datetime]) -> list[datetime]:
+    """`local_month(zone, moment).start` of each of `moments`, in order, for many at once.
+
+    The local midnights are found once per wall-clock date (a batch of events spans a few):
+    an instant its date's midnight and the next hold lies in that local day, and so in the
+    month `local_month` gives that day; `local_month` itself runs only for the others (an
+    instant in the hour after a clock set back across midnight).
+    """
+    bounds: dict[date, tuple[datetime, datetime, datetime]] = {}
+    starts: list[datetime] = []
+    for moment in moments:
+        day = _aware(moment).astimezone(zone).date()
+        known = bounds.get(day)
+        if known is None:
+            start = midnight(zone, day)
+            first = start.astimezone(zone).date().replace(day=1)
+            known = bounds[day] = (start, midnight(zone, day + _DAY), midnight(zone, first))
+        start, end, month_start = known
+        starts.append(month_start if start <= moment < end else local_month(zone, moment).start)
+    return starts
 
 
 def previous_local_day(zone: tzinfo, moment: datetime) -> Period:

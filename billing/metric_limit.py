@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from billing.api.models import UsageCounter
 from billing.errors import TooManyMetricsError
 from billing.ledger import UsageInput
-from billing.localtime import local_month
+from billing.localtime import local_month, local_month_starts
 from billing.tenants import tenant_zone
 
 DEFAULT_MAX_METRICS_PER_TENANT = 1000
@@ -69,7 +69,8 @@ def metric_guard(
         yield
         return
     tz = tenant_zone(session, tenant_id)
-    pairs = {(month_of(e.at, tz), e.metric) for e in events}
+    months = local_month_starts(tz, [e.at for e in events])
+    pairs = {(month, e.metric) for month, e in zip(months, events, strict=True)}
     if not (found_new or _new_pairs(session, tenant_id, pairs)):
         yield
         return

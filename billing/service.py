@@ -573,7 +573,7 @@ class BillingService:
     def _validate_item(
         self, index: int, item: Mapping[str, Any], now: datetime
     ) -> ledger.UsageInput:
-        if not isinstance(item, Mapping):
+        if type(item) is not dict and not isinstance(item, Mapping):  # dict: no ABC check
             metrics.USAGE_REJECTED.inc()
             raise InvalidUsageError(f"events[{index}] must be a mapping", field=f"events[{index}]")
         try:

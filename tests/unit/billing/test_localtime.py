@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -14,6 +14,7 @@ from billing.localtime import (
     is_midnight,
     local_day,
     local_month,
+    local_month_starts,
     previous_local_day,
     previous_local_month,
 )
@@ -124,3 +125,64 @@ def test_every_instant_is_in_one_day_and_one_month_that_tile_time(zone, moment) 
     assert local_month(tz, month.end).start == month.end
     assert month.start.astimezone(tz).day == 1
     assert is_midnight(tz, month.start)
+
+
+#: 2010-03-04 15:00 UTC: Antarctica/Casey from 02:00 on the 5th back to 23:00 on the 4th, the
+#: one clock set back across midnight since 1970: the hour after it shows the 4th, in the 5th.
+CASEY_BACK = at(2010, 3, 4, 15)
+
+
+@given(
+    zone=st.sampled_from([*ZONES, "Antarctica/Casey"]),
+    moments=st.lists(
+        st.one_of(
+            st.datetimes(
+                min_value=datetime(1990, 1, 1),
+                max_value=datetime(2040, 1, 1),
+                timezones=st.just(UTC),
+            ),
+            st.integers(-120, 180).map(lambda minutes: CASEY_BACK + timedelta(minutes=minutes)),
+        ),
+        max_size=30,
+    ),
+)
+def test_month_starts_of_many_instants_are_each_ones_local_month(zone, moments) -> None:
+    tz = ZoneInfo(zone)
+    # twice each: the second finds its date's midnights known
+    many = [*moments, *moments]
+    assert local_month_starts(tz, many) == [local_month(tz, m).start for m in many]
+
+
+class BackAcrossMonthEnd(tzinfo):
+    """+11 until 2025-03-31 15:00 UTC (April 1st, 02:00), then +08 (March 31st, 23:00): a
+    clock set back across the midnight that starts April, which no real zone has done."""
+
+    CHANGE = datetime(2025, 3, 31, 15)  # UTC
+    REPEATED = (datetime(2025, 3, 31, 23), datetime(2025, 4, 1, 2))  # wall times shown twice
+
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        assert dt is not None
+        wall = dt.replace(tzinfo=None)
+        if wall < self.REPEATED[0] or (wall < self.REPEATED[1] and dt.fold == 0):
+            return timedelta(hours=11)
+        return timedelta(hours=8)
+
+    def dst(self, dt: datetime | None) -> timedelta:
+        return timedelta(0)
+
+    def fromutc(self, dt: datetime) -> datetime:
+        utc = dt.replace(tzinfo=None)
+        if utc < self.CHANGE:
+            return (utc + timedelta(hours=11)).replace(tzinfo=self)
+        wall = utc + timedelta(hours=8)
+        return wall.replace(tzinfo=self, fold=int(wall < self.REPEATED[1]))
+
+
+def test_an_instant_whose_date_is_march_but_past_aprils_midnight_starts_april() -> None:
+    tz = BackAcrossMonthEnd()
+    april = datetime(2025, 3, 31, 13, tzinfo=UTC)  # April 1st, 00:00 at +11
+    late = datetime(2025, 3, 31, 15, 30, tzinfo=UTC)  # shows March 31st, 23:30 at +08
+    assert (late.astimezone(tz).month, local_month(tz, late).start) == (3, april)
+    before = datetime(2025, 3, 31, 12, tzinfo=UTC)
+    march = local_month(tz, before).start
+    assert local_month_starts(tz, [before, late, before]) == [march, april, march]
