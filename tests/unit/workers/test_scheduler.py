@@ -277,7 +277,7 @@ def test_stopping_interrupts_the_fan_out_and_gives_the_claim_back(session_factor
     lock = LocalFireLock()
     scheduler = make_scheduler(session_factory, lock=lock)
     scheduler.stop()
-    with pytest.raises(FireInterrupted):
+    with pytest.raises(FireInterrupted, match="^scheduler stopping$"):
         scheduler.run_daily(day + timedelta(days=1))
     assert lock.claim("aggregate-daily:2025-01-03", timedelta(hours=1))
 
@@ -472,7 +472,8 @@ def test_a_fan_out_that_lost_its_lease_stops_and_leaves_the_new_holder_alone(
     scheduler = make_scheduler(
         session_factory, mine, settings, send_aggregate=stalls_once, monotonic=clock
     )
-    with pytest.raises(FireBusy):
+    lost = f"^{key}: the lease ran out and another scheduler run took it$"  # _job logs it
+    with pytest.raises(FireBusy, match=lost):
         scheduler.run_daily(day + timedelta(days=1, minutes=10))
     assert len(sent.calls) == 1  # stopped at once
     assert client.get(mine.prefix + key) == theirs.owner.encode()  # theirs, not released
@@ -757,3 +758,72 @@ def test_the_partitions_job_makes_the_months_ahead_in_a_committed_transaction(
     assert f"billing.usage-partitions: created {logged}" in [r.getMessage() for r in caplog.records]
     with session_factory() as session:  # what it wrote was committed
         assert session.get(Tenant, "probe") is not None
+
+
+def test_a_fan_out_renews_its_lease_every_third_of_a_lease(session_factory, seeded, clock) -> None:
+    """The first renewal comes a third of a lease after the claim, at that instant exactly,
+    then one every third of a lease: the lease never gets near running out."""
+    day = datetime(2025, 1, 3, tzinfo=UTC)
+    seeded([(f"t{i:02d}", 1, day) for i in range(35)])
+    settings = WorkerSettings(fire_lease=timedelta(seconds=30))
+    renewed: list[float] = []
+
+    class Renewals(LocalFireLock):
+        def renew(self, key: str, lease: timedelta) -> bool:
+            renewed.append(clock())
+            return super().renew(key, lease)
+
+    def one_second_each(**_payload) -> None:
+        clock.advance(timedelta(seconds=1))
+
+    scheduler = make_scheduler(
+        session_factory,
+        Renewals(clock=clock),
+        settings,
+        send_aggregate=one_second_each,
+        monotonic=clock,
+    )
+    started = clock()
+    assert scheduler.run_daily(day + timedelta(days=1, minutes=10)).enqueued == 35
+    assert [at - started for at in renewed] == [10.0, 20.0, 30.0]
+
+
+def test_a_fire_whose_claim_fails_is_counted_as_failed(session_factory) -> None:
+    class Unreachable(LocalFireLock):
+        def claim(self, key: str, ttl: timedelta) -> bool:
+            raise redis.ConnectionError("Connection refused")
+
+    settings = WorkerSettings(enqueue_retry_for=timedelta(0))
+    scheduler = make_scheduler(session_factory, Unreachable(), settings)
+    counted = ("billing_scheduler_fires_total", {"job": DAILY_JOB_ID, "outcome": "failed"})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
+    with pytest.raises(redis.ConnectionError):
+        scheduler.run_daily(datetime(2025, 1, 4, 0, 10, tzinfo=UTC))
+    assert REGISTRY.get_sample_value(*counted) == before + 1
+
+
+def test_a_fire_done_already_is_skipped_with_a_line_naming_it(
+    session_factory, seeded, caplog
+) -> None:
+    seeded([("t1", 1, datetime(2025, 1, 3, tzinfo=UTC))])
+    scheduler = make_scheduler(session_factory)
+    fire = datetime(2025, 1, 4, 0, 10, tzinfo=UTC)
+    assert scheduler.run_daily(fire).claimed
+    with caplog.at_level("INFO", logger="workers.scheduler"):
+        assert not scheduler.run_daily(fire).claimed
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{DAILY_JOB_ID}: aggregate-daily:2025-01-03 already claimed by another scheduler run;"
+        " skipped"
+    ]
+
+
+def test_without_a_fire_time_the_daily_fire_is_the_latest_one_and_its_sends_are_counted(
+    session_factory, seeded
+) -> None:
+    seeded([("t1", 1, datetime(2025, 1, 3, 9, tzinfo=UTC))])
+    now = datetime(2025, 1, 4, 5, tzinfo=UTC)  # the last fire was at 04:10: January 3rd is over
+    counted = ("billing_scheduler_enqueued_total", {"job": DAILY_JOB_ID})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
+    report = make_scheduler(session_factory, now=lambda: now).run_daily()
+    assert (report.key, report.enqueued) == ("aggregate-daily:2025-01-03", 1)
+    assert REGISTRY.get_sample_value(*counted) == before + 1
