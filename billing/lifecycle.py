@@ -122,8 +122,9 @@ def apply(
 ) -> bool:
     """Move a locked invoice through `transition`; return False if it was already there.
     The event shows the period in `zone`, the tenant's (read when not given). Finalizing, the
-    last statement takes the invoice's number (`billing.numbering.number_invoice`): commit
-    soon after, as every other finalizer waits for it.
+    last statement writes the status and takes the invoice's number in one UPDATE of its row
+    (`billing.numbering.number_invoice`): commit soon after, as every other finalizer waits
+    for it.
 
     Raises:
         InvoiceStateError: the invoice's status does not allow the transition.
@@ -137,14 +138,16 @@ def apply(
             status=invoice.status,
         )
     moment = now()
-    if transition is FINALIZE:
-        invoice.finalized_at = moment
-    elif transition is PAY:
-        invoice.paid_at = moment
-    elif transition is VOID:
-        invoice.voided_at = moment
-    invoice.status = transition.target
-    session.flush()
+    if transition is FINALIZE:  # the row is written with its number, last (below)
+        set_committed_value(invoice, "finalized_at", moment)
+        set_committed_value(invoice, "status", transition.target)
+    else:
+        if transition is PAY:
+            invoice.paid_at = moment
+        elif transition is VOID:
+            invoice.voided_at = moment
+        invoice.status = transition.target
+        session.flush()
     event_id = f"invoice_{transition.event_name}_{invoice.id}"
     outbox.publish(
         session,
@@ -153,7 +156,8 @@ def apply(
         event_id=event_id,
     )
     if transition is FINALIZE:  # last: the sequence stays locked from here to the commit
-        number = number_invoice(session, invoice.id, event_id, policy.number_prefix)
+        prefix = policy.number_prefix
+        number = number_invoice(session, invoice.id, event_id, prefix, finalized_at=moment)
         set_committed_value(invoice, "number", number)
     return True
 

@@ -6,18 +6,22 @@ finalizers take numbers one after another in commit order, and a transaction tha
 gives its number back: no gap, no duplicate. (SQLite has a single writer anyway.)
 
 Every other finalizer waits on that row from the moment a number is taken to the COMMIT, so
-an invoice takes its number last (`number_invoice`): one statement numbers the invoice and
-its `billing.invoice.finalized` event, already written, and only the COMMIT follows.
+an invoice takes its number last (`number_invoice`): one statement finalizes and numbers the
+invoice and numbers its `billing.invoice.finalized` event, already written, and only the
+COMMIT follows.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, text, update
+from datetime import datetime
+
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from billing.models import Invoice, NumberSequence
 from webhooks.models import WebhookEvent
+from webhooks.sqltypes import UTCDateTime
 
 INVOICE_SEQUENCE = "invoice"
 CREDIT_NOTE_SEQUENCE = "credit_note"
@@ -35,22 +39,37 @@ def next_number(session: Session, sequence: str, prefix: str) -> str:
 
 
 def number_invoice(
-    session: Session, invoice_id: str, event_id: str, prefix: str, sequence: str = INVOICE_SEQUENCE
+    session: Session,
+    invoice_id: str,
+    event_id: str,
+    prefix: str,
+    *,
+    finalized_at: datetime,
+    sequence: str = INVOICE_SEQUENCE,
 ) -> str:
-    """Take the next number of `sequence` for the invoice and write it into the invoice's row and
-    the `number` of its stored event `event_id`; return it.
+    """Finalize the invoice: take the next number of `sequence` for it and write it, the status
+    `open` and `finalized_at` into the invoice's row, and the number into its stored event
+    `event_id`; return the number.
 
     Run it last before the commit: the sequence's row stays locked until then. On PostgreSQL it
     is one statement (increment, invoice, event); on SQLite three.
     """
+    finalized = {"status": "open", "finalized_at": finalized_at}
     if session.get_bind().dialect.name != "postgresql":
         number = next_number(session, sequence, prefix)
-        session.execute(update(Invoice).where(Invoice.id == invoice_id).values(number=number))
+        invoice = update(Invoice).where(Invoice.id == invoice_id)
+        session.execute(invoice.values(number=number, **finalized))
         patched = func.json_set(WebhookEvent.payload, "$.number", number)
         event = update(WebhookEvent).where(WebhookEvent.id == event_id)
         session.execute(event.values(payload=patched))
         return number
-    names = {"sequence": sequence, "prefix": prefix, "invoice_id": invoice_id, "event_id": event_id}
+    names = {
+        "sequence": sequence,
+        "prefix": prefix,
+        "invoice_id": invoice_id,
+        "event_id": event_id,
+        **finalized,
+    }
     taken = session.execute(_NUMBER_INVOICE, names).scalar_one_or_none()
     if taken is None:  # the sequence's first number: make its row, then take it
         _create(session, sequence)
@@ -66,7 +85,9 @@ _NUMBER_INVOICE = text(
         RETURNING CAST(:prefix AS text) || CASE WHEN last_value < {10**WIDTH}
             THEN lpad(last_value::text, {WIDTH}, '0') ELSE last_value::text END AS number
     ), numbered AS (
-        UPDATE invoices SET number = taken.number FROM taken WHERE invoices.id = :invoice_id
+        UPDATE invoices
+        SET number = taken.number, status = :status, finalized_at = :finalized_at
+        FROM taken WHERE invoices.id = :invoice_id
         RETURNING invoices.number
     ), announced AS (
         UPDATE webhook_events
@@ -76,7 +97,7 @@ _NUMBER_INVOICE = text(
     )
     SELECT number FROM numbered
     """
-)
+).bindparams(bindparam("finalized_at", type_=UTCDateTime()))
 
 
 def _create(session: Session, sequence: str) -> None:
