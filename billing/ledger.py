@@ -116,16 +116,6 @@ class Recorded:
     duplicate: bool
 
 
-def record_many(session: Session, tenant_id: str, events: Sequence[UsageInput]) -> list[Recorded]:
-    """Store many events in a few round trips; return what became of each, in order.
-
-    Duplicates (of stored events, or repeats within the batch) get the first event's id; a key
-    reused with another amount or time raises `IdempotencyConflictError`. A conflict can only be
-    found after the insert; the caller then rolls its transaction back, as for any error.
-    """
-    return store(session, tenant_id, events).results
-
-
 @dataclass(frozen=True, slots=True)
 class Stored:
     """What `store` did: each event's outcome, in order, and the drafts it touched.
@@ -148,7 +138,12 @@ Guard = Callable[[bool], AbstractContextManager[None]]
 def store(
     session: Session, tenant_id: str, events: Sequence[UsageInput], *, guard: Guard | None = None
 ) -> Stored:
-    """`record_many`, also saying which drafts the new events fall in (see `Stored`).
+    """Store many events in a few round trips; say what became of each, in order, and which
+    drafts the new events fall in (see `Stored`).
+
+    Duplicates (of stored events, or repeats within the batch) get the first event's id; a key
+    reused with another amount or time raises `IdempotencyConflictError`. A conflict can only be
+    found after the insert; the caller then rolls its transaction back, as for any error.
 
     With `guard`, the insert is made inside it unless every event's (month, metric) has a
     `usage_counters` row already: on PostgreSQL the insert checks that itself, in its snapshot

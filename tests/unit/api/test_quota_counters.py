@@ -24,6 +24,7 @@ from billing.quotas import (
     used_in_window,
     window_bounds,
 )
+from billing.tenants import set_tenant
 
 NOW = datetime(2025, 3, 15, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -111,6 +112,22 @@ def test_recording_usage_counts_it_at_once_in_its_day_and_month(session) -> None
     assert used_in_window(session, tenant_id="A", metric="tokens", window="month", now=NOW) == 15
     assert used_in_window(session, tenant_id="B", metric="tokens", window="day", now=NOW) == 100
     assert used_in_window(session, tenant_id="A", metric="other", window="day", now=NOW) == 0
+
+
+def test_used_in_window_reads_the_tenant_s_local_day(session) -> None:
+    set_tenant(session, "A", timezone="America/New_York")  # UTC-4 on 15 March 2025
+    record(session, amount=5, at=NOW.replace(hour=3))  # the 14th in New York
+    record(session, amount=7, at=NOW.replace(hour=5))
+    assert used_in_window(session, tenant_id="A", metric="tokens", window="day", now=NOW) == 7
+
+
+def test_current_quotas_read_and_reset_in_the_tenant_s_local_day(session) -> None:
+    subscribe(session)  # tokens: 100 a day
+    set_tenant(session, "A", timezone="America/New_York")  # UTC-4 on 15 March 2025
+    record(session, amount=5, at=NOW.replace(hour=3))  # the 14th in New York
+    record(session, amount=7, at=NOW.replace(hour=5))
+    (status,) = current_quotas(session, tenant_id="A", now=NOW)
+    assert (status.used, status.reset_at) == (7, datetime(2025, 3, 16, 4, tzinfo=UTC))
 
 
 def test_a_duplicate_event_is_not_counted_twice(session) -> None:

@@ -13,7 +13,7 @@ from billing import BillingService, InvalidUsageError
 from billing.api import add_billing, register_error_handlers, require_quota
 from billing.meters import MAX_GROUP_BY
 from billing.models import UsageEvent
-from billing.quotas import check_quota, consume_quota
+from billing.quotas import check_quota, consume_quota, used_in_window
 
 from .test_quota_counters import NOW, subscribe
 
@@ -94,6 +94,15 @@ def test_a_group_counts_its_tenant_s_metric_in_the_window_only(session) -> None:
     status = check_quota(session, tenant_id="A", key="tokens", window="day", now=NOW, group=GPT4)
     assert status is not None
     assert status.used == 1
+
+
+def test_used_in_window_with_a_group_counts_that_group_s_usage_alone(session) -> None:
+    use(session, "gpt", 60, "gpt-4")
+    use(session, "claude", 30, "claude")
+    used = used_in_window(
+        session, tenant_id="A", metric="tokens", window="day", now=NOW, group=GPT4
+    )
+    assert used == 60
 
 
 @pytest.mark.parametrize("limited", [True, False])

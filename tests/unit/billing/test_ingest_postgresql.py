@@ -219,12 +219,14 @@ def test_an_autocommit_connection_takes_the_single_statement_path(
 ) -> None:
     with make_session_factory(autocommit_engine)() as session:
         bs = BillingService(session=session, tenant_id="t1")
-        ids = bs.record_usage_batch([event(k, amount=k) for k in range(1500)])
+        first = bs.ingest([event(k, amount=k) for k in range(1500)])
         assert not staged(session)  # each statement commits alone: no stage to lose rows from
-        again = bs.record_usage_batch([event(k, amount=k) for k in range(1500)])
+        again = bs.ingest([event(k, amount=k) for k in range(1500)])
         total = session.execute(select(func.sum(UsageEvent.amount))).scalar()
-    assert again == ids
-    assert len(set(ids)) == 1500
+    assert [r.id for r in again] == [r.id for r in first]
+    assert len({r.id for r in first}) == 1500
+    assert {r.duplicate for r in first} == {False}  # in chunks of 1,000: each chunk's ids kept
+    assert {r.duplicate for r in again} == {True}
     assert total == sum(range(1500))
 
 
