@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -277,8 +278,11 @@ def test_stopping_interrupts_the_fan_out_and_gives_the_claim_back(session_factor
     lock = LocalFireLock()
     scheduler = make_scheduler(session_factory, lock=lock)
     scheduler.stop()
+    counted = ("billing_scheduler_fires_total", {"job": DAILY_JOB_ID, "outcome": "interrupted"})
+    before = REGISTRY.get_sample_value(*counted) or 0.0
     with pytest.raises(FireInterrupted, match="^scheduler stopping$"):
         scheduler.run_daily(day + timedelta(days=1))
+    assert REGISTRY.get_sample_value(*counted) == before + 1
     assert lock.claim("aggregate-daily:2025-01-03", timedelta(hours=1))
 
 
@@ -810,7 +814,8 @@ def test_a_fire_done_already_is_skipped_with_a_line_naming_it(
     fire = datetime(2025, 1, 4, 0, 10, tzinfo=UTC)
     assert scheduler.run_daily(fire).claimed
     with caplog.at_level("INFO", logger="workers.scheduler"):
-        assert not scheduler.run_daily(fire).claimed
+        skipped = scheduler.run_daily(fire)
+    assert (skipped.job_id, skipped.claimed) == (DAILY_JOB_ID, False)
     assert [r.getMessage() for r in caplog.records] == [
         f"{DAILY_JOB_ID}: aggregate-daily:2025-01-03 already claimed by another scheduler run;"
         " skipped"
@@ -827,3 +832,50 @@ def test_without_a_fire_time_the_daily_fire_is_the_latest_one_and_its_sends_are_
     report = make_scheduler(session_factory, now=lambda: now).run_daily()
     assert (report.key, report.enqueued) == ("aggregate-daily:2025-01-03", 1)
     assert REGISTRY.get_sample_value(*counted) == before + 1
+
+
+def test_an_enqueued_fire_is_logged_with_its_fields_and_reports_its_duration(
+    session_factory, seeded, caplog
+) -> None:
+    seeded([("t1", 1, datetime(2025, 1, 3, tzinfo=UTC))])
+    with caplog.at_level("INFO", logger="workers.scheduler"):
+        report = make_scheduler(session_factory).run_daily(datetime(2025, 1, 4, 0, 10, tzinfo=UTC))
+    assert 0 < report.seconds < 60
+    [line] = caplog.records
+    assert re.fullmatch(
+        rf"{DAILY_JOB_ID}: aggregate-daily:2025-01-03 enqueued 1 messages in \d+\.\d s",
+        line.getMessage(),
+    )
+    fields = {name: getattr(line, name) for name in ("fire", "key", "enqueued", "duration_ms")}
+    assert fields == {
+        "fire": DAILY_JOB_ID,
+        "key": "aggregate-daily:2025-01-03",
+        "enqueued": 1,
+        "duration_ms": report.seconds * 1000,
+    }
+
+
+def test_once_its_fire_is_over_a_scheduler_holds_no_lease(session_factory, seeded, clock) -> None:
+    """Waiting on another run's fire afterwards (past the first fire's renewal time) renews
+    nothing and claims nothing: Redis holds the two fires' keys only."""
+    seeded([("t1", 1, datetime(2025, 1, 3, tzinfo=UTC))])
+    settings = WorkerSettings(fire_lease=timedelta(seconds=30))
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    mine, theirs = (RedisFireLock(client, namespace="t") for _ in range(2))
+    second = "aggregate-daily:2025-01-04"
+
+    def the_holder_finishes(seconds: float) -> None:
+        clock.sleep(seconds)
+        theirs.finish(second, timedelta(days=1))
+
+    scheduler = make_scheduler(
+        session_factory, mine, settings, sleep=the_holder_finishes, monotonic=clock
+    )
+    assert scheduler.run_daily(datetime(2025, 1, 4, 0, 10, tzinfo=UTC)).claimed
+    clock.advance(settings.fire_lease)  # past when the first fire would have renewed
+    assert theirs.claim(second, settings.fire_lease)
+    assert not scheduler.run_daily(datetime(2025, 1, 5, 0, 10, tzinfo=UTC)).claimed
+    assert sorted(client.keys()) == [
+        b"t:scheduler:aggregate-daily:2025-01-03",
+        b"t:scheduler:aggregate-daily:2025-01-04",
+    ]
