@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.event import listen
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import BillingService, IdempotencyConflictError, TooManyMetricsError, ledger
@@ -266,6 +266,37 @@ def test_the_database_refusing_a_staged_batch_raises_sqlalchemys_error(
         BillingService(session=session, tenant_id="t1").record_usage_batch(batch)
     with pg_factory() as session:
         assert session.execute(select(func.count()).select_from(UsageEvent)).scalar() == 0
+
+
+@pytest.mark.parametrize("size", [1, 10])
+def test_an_event_the_driver_refuses_raises_sqlalchemys_error_and_stores_nothing(
+    autocommit_engine: Engine, pg_factory: sessionmaker[Session], size: int
+) -> None:
+    """The claim-and-store statement runs on the driver's cursor (no listener here), its errors
+    raised as SQLAlchemy's, which the API answers: one event, and a batch on autocommit."""
+    batch = [event(k) for k in range(size)]
+    batch[-1]["idempotency_key"] = "a\x00b"  # text cannot hold NUL
+    factory = pg_factory if size == 1 else make_session_factory(autocommit_engine)
+    with pytest.raises(DataError), factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage_batch(batch)
+    with pg_factory() as session:
+        assert session.execute(select(func.count()).select_from(UsageEvent)).scalar() == 0
+
+
+def test_a_connection_lost_under_an_insert_is_invalidated_and_the_next_one_works(
+    pg_engine: Engine, pg_factory: sessionmaker[Session]
+) -> None:
+    with pg_factory() as session:
+        pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with pg_engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError) as lost:
+            BillingService(session=session, tenant_id="t1").record_usage(**event(1))
+        assert lost.value.connection_invalidated
+    with pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1").record_usage(**event(1))
+    with pg_factory() as session:
+        assert [c[-1] for c in counters(session)] == [1, 1]
 
 
 def statements(session: Session) -> list[str]:
