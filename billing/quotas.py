@@ -190,17 +190,16 @@ def consume_quota(
 
 
 def lock_counters(
-    session: Session, *, tenant_id: str, metric: str, now: datetime, tz: tzinfo | None = None
+    session: Session, *, tenant_id: str, metric: str, now: datetime, tz: tzinfo
 ) -> dict[Window, int]:
     """Create (if needed) and lock the day and month counters of `now`; return their totals.
 
-    `tz` is the tenant's zone; without it the zone is read, holding the tenant's shared zone
-    lock (PostgreSQL) as the `usage_events` triggers do, and before them: a zone change cannot
-    then wait on these rows while their holder waits on it. Always locks day before month, the
-    order the triggers update them in, so callers of different windows cannot deadlock.
+    `tz` is the tenant's zone, read holding the tenant's shared zone lock (`tenant_zone(…,
+    lock=True)`, PostgreSQL) as the `usage_events` triggers do, and before these rows: a zone
+    change cannot then wait on them while their holder waits on it. Always locks day before
+    month, the order the triggers update them in, so callers of different windows cannot
+    deadlock.
     """
-    if tz is None:
-        tz = tenant_zone(session, tenant_id, lock=True)
     rows = [
         {
             "tenant_id": tenant_id,

@@ -130,6 +130,18 @@ def test_current_quotas_read_and_reset_in_the_tenant_s_local_day(session) -> Non
     assert (status.used, status.reset_at) == (7, datetime(2025, 3, 16, 4, tzinfo=UTC))
 
 
+def test_consume_counts_against_the_tenant_s_local_day(session) -> None:
+    subscribe(session, limits=(("tokens", "day", 10),))
+    set_tenant(session, "A", timezone="America/New_York")  # UTC-4 on 15 March 2025
+    record(session, amount=7, at=NOW.replace(hour=3))  # the 14th in New York
+    record(session, amount=6, at=NOW.replace(hour=5))  # the 15th, 01:00 there
+    allowed = consume_quota(session, tenant_id="A", key="tokens", window="day", amount=4, now=NOW)
+    refused = consume_quota(session, tenant_id="A", key="tokens", window="day", amount=1, now=NOW)
+    assert allowed is not None
+    assert refused is not None
+    assert (allowed.used, allowed.allowed, refused.allowed) == (10, True, False)
+
+
 def test_a_duplicate_event_is_not_counted_twice(session) -> None:
     record(session, amount=5, key="same")
     record(session, amount=5, key="same")
