@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from billing.errors import (
     AmountOverflowError,
@@ -183,31 +183,50 @@ def store_invoice(
     are not void: when two workers race, the second waits for the first to commit and inserts
     nothing. A void invoice does not hold its period. The new row is the caller's (no other
     transaction sees it before the commit), so it needs no lock to be finalized.
+
+    The statement is Core (it returns the id only): the new invoice's object is made from the
+    values inserted, every column set, and added to the session as persistent, not read back.
     """
-    now = utcnow()
-    row = {
-        "id": new_id(),
+    now, invoice_id = utcnow(), new_id()
+    row: dict[str, Any] = {
+        "id": invoice_id,
         "tenant_id": tenant_id,
-        "period_start": start,
-        "period_end": end,
+        "period_start": start.astimezone(UTC),
+        "period_end": end.astimezone(UTC),
         "total_amount": sum(line.amount for line in lines),
         "currency": currency,
         "created_at": now,
     }
     statement = _INSERT_INVOICE[session.get_bind().dialect.name == "postgresql"]
-    invoice = session.scalars(statement, row).one_or_none()
-    if invoice is not None:
-        _insert_lines(session, invoice.id, lines, now)
+    if session.execute(statement, row).scalar_one_or_none() is None:
+        return None
+    _insert_lines(session, invoice_id, lines, now)
+    invoice = Invoice(**row, **_NEW_INVOICE)
+    make_transient_to_detached(invoice)  # persistent once added: its row exists
+    session.add(invoice)
     return invoice
+
+
+#: The columns of a new invoice `store_invoice` does not set: the object it makes has every
+#: column loaded, so reading one never goes back to the database.
+_NEW_INVOICE: dict[str, Any] = {
+    "status": "draft",
+    "provider_invoice_id": None,
+    "provider_status": None,
+    "number": None,
+    "finalized_at": None,
+    "paid_at": None,
+    "voided_at": None,
+}
 
 
 # The partial index's predicate as a literal, never a bound parameter: psycopg prepares a
 # statement run 5 times on a connection, PostgreSQL then plans it generically, and a parameter
 # there keeps ON CONFLICT from inferring the index (`InvalidColumnReference`).
-_LIVE = Invoice.status != literal_column("'void'")
+_LIVE = _invoices.c.status != literal_column("'void'")
 
 
-def _insert_invoice(insert: Callable[[type[Invoice]], Any]) -> Any:
+def _insert_invoice(insert: Callable[[Table], Any]) -> Any:
     """`store_invoice`'s statement, built once per dialect (`postgresql` or `sqlite`)."""
     columns = (
         "id",
@@ -219,7 +238,7 @@ def _insert_invoice(insert: Callable[[type[Invoice]], Any]) -> Any:
         "created_at",
     )
     return (
-        insert(Invoice)
+        insert(_invoices)
         .values(
             {
                 **{name: bindparam(name) for name in columns},
@@ -230,7 +249,7 @@ def _insert_invoice(insert: Callable[[type[Invoice]], Any]) -> Any:
             index_elements=["tenant_id", "period_start", "period_end", "currency"],
             index_where=_LIVE,
         )
-        .returning(Invoice)
+        .returning(_invoices.c.id)
     )
 
 
