@@ -159,9 +159,11 @@ def generate_monthly_invoice_job(
             invoice_id = service.generate_monthly_invoice(
                 period_start=job.period_start, period_end=job.period_end, currency=job.currency
             )
-            # From the session (no statement): the invoice's number was its last one.
-            invoice = session.get(Invoice, invoice_id)
-            draft = invoice is not None and invoice.status == "draft"
+            draft = False
+            if enqueue_sync is not None:  # a draft is not synced: read it only then (the
+                # service keeps no reference to it, so this may be a SELECT)
+                invoice = session.get(Invoice, invoice_id)
+                draft = invoice is not None and invoice.status == "draft"
         log["invoice_id"] = invoice_id
         if enqueue_sync is not None and not draft:
             enqueue_sync(invoice_id)
