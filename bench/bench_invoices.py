@@ -3,7 +3,7 @@
     python bench/bench_invoices.py [--admin-url postgresql://postgres@127.0.0.1:5432/postgres]
                                    [--redis-url redis://127.0.0.1:6379/0]
                                    [--tenants 10000] [--rounds 3] [--threads 8]
-                                   [--processes 1 2]
+                                   [--processes 1 2] [--in-process N]
 
 Creates a scratch PostgreSQL database and Redis namespace, removed at the end. Each of the
 `--tenants` tenants subscribes to one plan (a monthly fee, a per-token price finer than a cent,
@@ -15,6 +15,11 @@ every invoice is stored. Printed per configuration: invoices per second while th
 (first to last invoice stored; process start-up excluded), the wall time from the first
 message, and that rate extrapolated to 100,000 tenants, against the goal of 5 minutes with 1
 process. Medians and ranges of the rounds, with the machine's load.
+
+With `--in-process N`, first: N of those jobs run one after another in this process (no
+broker, one connection), printing per invoice job the CPU time of this process (the worker's
+Python: SQLAlchemy, pricing, payloads) and of the PostgreSQL backend serving it, and the
+statements sent. CPU time is less swayed by the machine's load than a rate is.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import psycopg
 import redis
 from figures import load, spread
 from scratch import scratch_database
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select, text
 
 from billing.db import make_engine, make_session_factory
 from billing.models import Invoice, Plan, Price
 from workers import actors
 from workers.broker import build_broker
+from workers.jobs import generate_monthly_invoice_job
 from workers.locks import LocalFireLock
 from workers.scheduler import BillingScheduler
 from workers.settings import WorkerSettings
@@ -146,6 +152,47 @@ def one_run(
         engine.dispose()
 
 
+def in_process(url: str, jobs: int) -> None:
+    """`jobs` invoice jobs in this process, one after another: CPU and statements per job."""
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+
+    def backend_cpu() -> tuple[float, int]:
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with open(f"/proc/{pid}/stat") as stat:  # the server runs on this machine
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), pid
+
+    payloads = [
+        {"tenant_id": f"t{n:07d}", "period_start": JAN.isoformat(),
+         "period_end": FEB.isoformat(), "currency": "usd"}
+        for n in range(jobs)
+    ]  # fmt: skip
+    try:
+        generate_monthly_invoice_job(factory, payloads[0])  # connect, warm the caches
+        server, pid = backend_cpu()
+        sent.clear()
+        cpu = time.process_time()
+        for payload in payloads[1:]:
+            generate_monthly_invoice_job(factory, payload)
+        cpu, n = time.process_time() - cpu, len(payloads) - 1
+        statements = (len(sent) - 1) / n  # less the backend's pid
+        server_after, same = backend_cpu()
+        server_cpu = f"{(server_after - server) / n * 1000:.2f} ms" if same == pid else "unknown"
+        print(
+            f"in process, {n:,} invoice jobs one after another: {cpu / n * 1000:.2f} ms of "
+            f"this process's CPU and {server_cpu} of the PostgreSQL backend's per job, "
+            f"{statements:.0f} statements per job ({load()})"
+        )
+    finally:
+        engine.dispose()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(RESET)
+
+
 def count(factory) -> int:
     with factory() as session:
         return int(session.execute(select(func.count()).select_from(Invoice)).scalar_one())
@@ -161,12 +208,18 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, nargs="+", default=[1, 2], help="worker processes to run"
     )
+    parser.add_argument(
+        "--in-process", type=int, default=0, help="first run this many jobs in this process"
+    )
     args = parser.parse_args()
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     try:
         with scratch_database(args.admin_url) as url:
             seed(url, args.tenants)
-            run(url, args, namespace)
+            if args.in_process:
+                in_process(url, min(args.in_process, args.tenants))
+            if args.rounds:
+                run(url, args, namespace)
     finally:
         client = redis.Redis.from_url(args.redis_url)
         keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
