@@ -595,14 +595,15 @@ class BillingScheduler:
     def _retrying(self, operation: Callable[[], T]) -> T:
         """Run `operation`, retrying broker outages with backoff for `ENQUEUE_RETRY_FOR`."""
         deadline = self.monotonic() + self.settings.enqueue_retry_for.total_seconds()
-        delay, warned_at = 0.2, 0.0
+        delay = 0.2
+        warned_at: float | None = None  # the first failure warns, whatever the clock reads
         while True:
             try:
                 return operation()
             except TRANSIENT_SEND_ERRORS as error:
                 if self.monotonic() >= deadline:
                     raise
-                if self.monotonic() - warned_at > 10:
+                if warned_at is None or self.monotonic() - warned_at > 10:
                     logger.warning("broker unreachable (%s); retrying until it is back", error)
                     warned_at = self.monotonic()
                 self._check_stopping()

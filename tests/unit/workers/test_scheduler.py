@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from datetime import UTC, datetime, timedelta
@@ -879,3 +880,75 @@ def test_once_its_fire_is_over_a_scheduler_holds_no_lease(session_factory, seede
         b"t:scheduler:aggregate-daily:2025-01-03",
         b"t:scheduler:aggregate-daily:2025-01-04",
     ]
+
+
+class ClockedLines(logging.Handler):
+    """Notes the fake clock's reading at each line logged."""
+
+    def __init__(self, clock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.lines: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((self.clock(), record.getMessage()))
+
+
+@pytest.mark.parametrize("started_at", [0.0, 1000.0])
+def test_a_broker_outage_is_retried_with_doubling_delays_and_a_warning_every_10_seconds(
+    session_factory, seeded, clock, started_at
+) -> None:
+    """Delays of 0.2 s doubling up to 5 s; a warning at the first failure (whatever the clock
+    reads) and then once more than 10 s passed; given up at `ENQUEUE_RETRY_FOR` exactly. The
+    clock moves 1 s per sleep whatever was asked, so the checks fall on whole seconds."""
+    seeded([("t1", 1, datetime(2025, 1, 3, tzinfo=UTC))])
+    clock.now = started_at
+    asked: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        asked.append(seconds)
+        clock.advance(timedelta(seconds=1))
+
+    down = Recorder(fail_first=1000)
+    settings = WorkerSettings(enqueue_retry_for=timedelta(seconds=25))
+    scheduler = make_scheduler(
+        session_factory, settings=settings, send_aggregate=down, sleep=sleep, monotonic=clock
+    )
+    lines = ClockedLines(clock)
+    logger = logging.getLogger("workers.scheduler")
+    logger.addHandler(lines)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            scheduler.run_daily(datetime(2025, 1, 4, 0, 10, tzinfo=UTC))
+    finally:
+        logger.removeHandler(lines)
+    assert asked == [0.2, 0.4, 0.8, 1.6, 3.2] + [5.0] * 20  # at 25 s it gives up
+    assert 1000 - down.fail_first == 26
+    warning = "broker unreachable (Connection refused); retrying until it is back"
+    assert [(at - started_at, line) for at, line in lines.lines if line == warning] == [
+        (0.0, warning),
+        (11.0, warning),
+        (22.0, warning),
+    ]
+
+
+@pytest.mark.parametrize("given", ["send_aggregate", "send_invoice"])
+def test_a_sender_not_given_sends_through_the_actors(
+    session_factory, seeded, stub_broker, given
+) -> None:
+    """Each of the two senders defaults to its actor on its own: giving one keeps the other."""
+    seeded([("t1", 1, datetime(2025, 1, 3, tzinfo=UTC))], plan_for=("t1",))
+    recorder = Recorder()
+    scheduler = BillingScheduler(
+        WorkerSettings(), session_factory, LocalFireLock(), **{given: recorder}
+    )
+    scheduler.run_daily(datetime(2025, 1, 4, 0, 10, tzinfo=UTC))
+    scheduler.run_monthly(datetime(2025, 2, 1, 0, 30, tzinfo=UTC))
+    [message] = list(stub_broker.queues[QUEUE_NAME].queue)
+    [call] = recorder.calls
+    if given == "send_aggregate":
+        assert call["day_start"] == datetime(2025, 1, 3, tzinfo=UTC)
+        assert b'"period_start":"2025-01-01T00:00:00+00:00"' in message
+    else:
+        assert call["period_start"] == datetime(2025, 1, 1, tzinfo=UTC)
+        assert b'"day_start":"2025-01-03T00:00:00+00:00"' in message
