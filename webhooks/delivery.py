@@ -50,6 +50,11 @@ class ClaimedDelivery:
     tenant_id: str | None = None
     #: When the claim ends and another relay may send it; the attempt must be over by then.
     lease_ends_at: datetime | None = None
+    #: The chain this delivery was claimed in, sent one after another in one slot of its
+    #: subscription (None: a slot of its own).
+    slot: str | None = None
+    #: When it fell due: its place in the queue, kept if it is handed back unsent.
+    due_at: datetime | None = None
 
 
 def event_body(topic: str, payload: dict[str, Any], created_at: datetime) -> bytes:

@@ -63,11 +63,25 @@ class DeliveryStore(Protocol):
     """Where a relay claims due deliveries and records what became of them."""
 
     def claim(
-        self, limit: int, now: datetime, lease: timedelta, max_in_flight: int | None = None
+        self,
+        limit: int,
+        now: datetime,
+        lease: timedelta,
+        max_in_flight: int | None = None,
+        chain: int = 1,
     ) -> list[ClaimedDelivery]:
         """Reserve up to `limit` due deliveries of enabled subscriptions until `now + lease`,
         counting the attempt; a delivery is claimed by one relay at a time, and no more than
-        `max_in_flight` of one subscription are claimed and not yet recorded at once."""
+        `max_in_flight` slots of one subscription are claimed and not yet recorded at once.
+        A slot is one delivery, or with `chain` > 1 up to `chain` deliveries of one
+        subscription sent one after another (they carry the slot's name)."""
+        ...
+
+    def extend(
+        self, slot: str, subscription_id: str, limit: int, now: datetime, lease: timedelta
+    ) -> list[ClaimedDelivery]:
+        """Claim up to `limit` more due deliveries of `subscription_id` into `slot` (as `claim`
+        does) if one of the slot's deliveries is still claimed; else none."""
         ...
 
     def record(
@@ -79,7 +93,8 @@ class DeliveryStore(Protocol):
         ...
 
     def release(self, deliveries: Sequence[ClaimedDelivery], now: datetime) -> None:
-        """Hand back claimed deliveries that were not attempted, due at `now`, uncounted."""
+        """Hand back claimed deliveries that were not attempted, uncounted, due when they fell
+        due (`ClaimedDelivery.due_at`, their place in the queue) or else at `now`."""
         ...
 
     def next_due(self, now: datetime) -> datetime | None:

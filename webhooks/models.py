@@ -144,6 +144,9 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     #: While a relay holds the delivery: the end of its claim's lease (None when not claimed).
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: The chain of one subscription's deliveries a relay claimed to send one after another
+    #: (None: a slot of its own); the cap per subscription counts slots in flight.
+    slot: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, onupdate=utcnow, nullable=False

@@ -3,8 +3,13 @@
 Run it as `python -m webhooks.relay` (the `relay` line of the Procfile); run several for more
 throughput or availability, they never claim the same delivery. Each process keeps up to
 `concurrency` requests in flight on one pooled `httpx.Client`, plus up to `batch_size` claimed
-deliveries waiting for a free slot. Delivery is at least once: a receiver drops repeats by
-`webhook-id`. The failure policy is `webhooks.policy`'s.
+deliveries waiting for a free slot. Under a cap per subscription a claim takes each subscription
+a chain of up to `batch_size // 2` deliveries in one slot, sent one after another: a busy
+subscription at its cap costs one claim and a few recordings per chain, not per delivery, and
+a chain running low is fed more from its slot. A failing subscription gets chains of one (each
+retry in a slot of its own, as before), and a chain whose next delivery cannot be attempted
+(its lease ran out) is handed back whole. Delivery is at least once: a receiver drops repeats
+by `webhook-id`. The failure policy is `webhooks.policy`'s.
 
 Fairness: every attempt has a total deadline (`attempt_timeout`, cut shorter so it ends before
 its claim's lease: a delivery is never sent again while an attempt is running), and no more than
@@ -25,6 +30,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -81,6 +87,12 @@ class Relay:
         self.wake = threading.Event()
         self._done: queue.SimpleQueue[AttemptResult] = queue.SimpleQueue()
         self._in_flight: dict[Future[AttemptResult | None], ClaimedDelivery] = {}
+        #: The claimed deliveries of each chain (`ClaimedDelivery.slot`) not started yet.
+        self._chains: dict[tuple[str, str], deque[ClaimedDelivery]] = {}
+        #: Chains running low, to feed from their slots (`DeliveryStore.extend`).
+        self._low: set[tuple[str, str]] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._stopping = False
         self._lock = threading.Lock()
         self._more_due = False
 
@@ -147,12 +159,19 @@ class Relay:
         self.store.record(results, self._now(), self.disable_after)
         return len(results)
 
-    def _claim(self, limit: int) -> list[ClaimedDelivery]:
-        return self.store.claim(limit, self._now(), self.lease, self.max_in_flight_per_subscription)
+    def _claim(self, limit: int, chain: int = 1) -> list[ClaimedDelivery]:
+        cap = self.max_in_flight_per_subscription
+        return self.store.claim(limit, self._now(), self.lease, cap, chain=chain)
+
+    @property
+    def chain(self) -> int:
+        """How many deliveries of one subscription `run` claims into one slot."""
+        return max(1, self.batch_size // 2)
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until `stop` is set, then shut down gracefully."""
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="webhook-send")
+        self._pool, self._stopping = pool, False
         recorder_stop = threading.Event()
         recorder = threading.Thread(
             target=self._record_until, args=(recorder_stop,), name="webhook-record"
@@ -176,23 +195,98 @@ class Relay:
         return self.concurrency + self.batch_size // 2
 
     def _claim_into(self, pool: ThreadPoolExecutor) -> int:
+        extended = self._extend_chains(pool)
         in_flight = self._in_flight_count()
         if in_flight > self._refill_at:
-            return 0
+            return extended
         wanted = self.concurrency + self.batch_size - in_flight
         try:
-            claimed = self._claim(wanted)
+            claimed = self._claim(wanted, self.chain)
         except Exception:
             logger.exception("claiming deliveries failed; retrying in %.1fs", self.poll_interval)
             return 0
         # Only a full claim suggests more is due now; otherwise wait for a NOTIFY or the poll.
         self._more_due = len(claimed) == wanted
-        for delivery in claimed:
-            future = pool.submit(self.attempt, delivery)
-            with self._lock:
-                self._in_flight[future] = delivery
+        for delivery in self._chain_heads(claimed):
+            self._submit(pool, delivery)
+        return extended + len(claimed)
+
+    def _extend_chains(self, pool: ThreadPoolExecutor) -> int:
+        """Feed each chain running low from its own slot, so a busy subscription's slot never
+        waits for its chain to be recorded and a new one claimed; return how many it took."""
+        with self._lock:
+            low, self._low = self._low, set()
+            wanted = {key: self.chain - len(self._chains.get(key, ())) for key in low}
+        taken = 0
+        for (slot, subscription_id), count in sorted(wanted.items()):
+            try:
+                more = self.store.extend(slot, subscription_id, count, self._now(), self.lease)
+            except Exception:
+                logger.exception("extending a chain failed; its slot ends with it")
+                continue
+            for delivery in self._chain_heads(more):
+                self._submit(pool, delivery)
+            taken += len(more)
+        return taken
+
+    def _chain_heads(self, claimed: Sequence[ClaimedDelivery]) -> list[ClaimedDelivery]:
+        """The deliveries to start now: each chain's first (the rest wait in `_chains`, in
+        order) and each one claimed alone."""
+        heads = []
+        with self._lock:
+            for delivery in claimed:
+                key = _chain_key(delivery)
+                if key in self._chains:
+                    self._chains[key].append(delivery)
+                    continue
+                if key is not None:
+                    self._chains[key] = deque()
+                heads.append(delivery)
+        return heads
+
+    def _submit(self, pool: ThreadPoolExecutor, delivery: ClaimedDelivery) -> None:
+        with self._lock:
+            future = self._start(pool, delivery)
+        future.add_done_callback(self._finished)
+
+    def _start(
+        self, pool: ThreadPoolExecutor, delivery: ClaimedDelivery
+    ) -> Future[AttemptResult | None]:
+        # Called holding `_lock`: a stopping relay sees the attempt in `_in_flight` or not
+        # started at all, never in between.
+        future = pool.submit(self.attempt, delivery)
+        self._in_flight[future] = delivery
+        return future
+
+    def _next_in_chain(
+        self, delivery: ClaimedDelivery | None, result: AttemptResult | None
+    ) -> None:
+        """After an attempt of a chain: start the chain's next delivery, or if the attempt was
+        not made (its lease ran out, or a bug), hand the rest of the chain back."""
+        key = None if delivery is None else _chain_key(delivery)
+        if key is None:
+            return
+        rest: list[ClaimedDelivery] = []
+        future = None
+        with self._lock:
+            chain = self._chains.get(key)
+            if chain is None or self._stopping or self._pool is None:
+                return
+            if chain and result is not None:
+                future = self._start(self._pool, chain.popleft())
+                running_low = len(chain) < self.chain // 2 and key not in self._low
+                if running_low:
+                    self._low.add(key)
+            else:
+                rest, running_low = list(chain), False
+                del self._chains[key]
+                self._low.discard(key)
+        if future is not None:
             future.add_done_callback(self._finished)
-        return len(claimed)
+        if running_low:
+            self.wake.set()
+        if rest:
+            self._release(rest)
 
     def _finished(self, future: Future[AttemptResult | None]) -> None:
         # Queue the outcome before the future leaves `_in_flight`: a stopping recorder waits
@@ -207,10 +301,11 @@ class Relay:
         if result is not None:
             self._done.put(result)
         with self._lock:
-            self._in_flight.pop(future, None)
-            remaining = len(self._in_flight)
+            delivery = self._in_flight.pop(future, None)
         if future.cancelled():
             return
+        self._next_in_chain(delivery, result)
+        remaining = self._in_flight_count()
         if self._more_due and remaining == self._refill_at:
             self.wake.set()
 
@@ -220,8 +315,9 @@ class Relay:
             return any(future.done() for future in self._in_flight)
 
     def _in_flight_count(self) -> int:
+        """Claimed deliveries not finished: attempts started, and chains' deliveries waiting."""
         with self._lock:
-            return len(self._in_flight)
+            return len(self._in_flight) + sum(len(chain) for chain in self._chains.values())
 
     def _idle_wait(self, claimed: int) -> float:
         if claimed or self._in_flight_count():
@@ -294,8 +390,11 @@ class Relay:
 
     def _shut_down(self, pool: ThreadPoolExecutor) -> None:
         with self._lock:
+            self._stopping = True
             pending = list(self._in_flight.items())
-        not_started = [delivery for future, delivery in pending if future.cancel()]
+            waiting = [delivery for chain in self._chains.values() for delivery in chain]
+            self._chains.clear()
+        not_started = [delivery for future, delivery in pending if future.cancel()] + waiting
         running = [future for future, _ in pending if not future.cancelled()]
         if not_started:
             self._release(not_started)
@@ -309,6 +408,13 @@ class Relay:
             self.store.release(deliveries, self._now())
         except Exception:
             logger.exception("handing back %d claimed deliveries failed", len(deliveries))
+
+
+def _chain_key(delivery: ClaimedDelivery) -> tuple[str, str] | None:
+    """A chain is one claim's deliveries of one subscription in a slot (None: not chained)."""
+    if delivery.slot is None:
+        return None
+    return (delivery.slot, delivery.subscription_id)
 
 
 def log_attempt(result: AttemptResult, outcome: str, seconds: float) -> None:

@@ -5,7 +5,9 @@ an `UPDATE` counts the attempt and pushes `next_attempt_at` (and `claimed_until`
 so relays running side by side never pick the same row, and no transaction stays open while HTTP
 requests are in flight. With a cap per subscription, the claim first counts each subscription's
 deliveries in flight (`claimed_until` in the future), skips the full ones, and takes the rest
-round-robin, so one slow subscriber cannot fill every relay's slots. A relay
+round-robin, so one slow subscriber cannot fill every relay's slots. A slot may hold a chain of
+one subscription's deliveries that the relay sends one after another (`claim(chain=…)`): one
+claim and one recording serve many deliveries of a subscription at its cap. A relay
 that dies mid-batch loses nothing: its claimed rows fall due again when the lease ends (a delivery
 may then be sent twice, with the same `webhook-id`). Outcomes are written only if the row still
 carries the attempt number that was claimed, so a stale relay cannot overwrite a newer state.
@@ -17,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Select, Table, bindparam, func, or_, select, text, update
+from sqlalchemy import Row, Select, Table, bindparam, case, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import ReturningUpdate
 
@@ -27,6 +29,7 @@ from webhooks.interfaces import AttemptResult
 from webhooks.models import FAILED, PENDING, WebhookDelivery, WebhookEvent, WebhookSubscription
 from webhooks.policy import failure_streak
 from webhooks.secrets import active_secrets
+from webhooks.sqltypes import new_id
 
 _CLAIMABLE = (PENDING, FAILED)
 # Spelled as the partial index `ix_webhook_deliveries_due` is, with constants rather than bound
@@ -54,11 +57,15 @@ class SqlDeliveryStore:
         now: datetime,
         lease: timedelta,
         max_in_flight: int | None = None,
+        chain: int = 1,
     ) -> list[ClaimedDelivery]:
         """Reserve up to `limit` due deliveries of enabled subscriptions until `now + lease`,
-        at most `max_in_flight` of one subscription in flight at once (over every relay).
+        at most `max_in_flight` slots of one subscription in flight at once (over every relay).
 
-        The claimed deliveries come round-robin: each subscription's first, then the seconds.
+        A slot is one delivery; with `chain` > 1 (and a cap), each subscription with a free
+        slot gets one, holding up to `chain` of its deliveries (oldest first) that the relay
+        sends one after another: they carry the slot's name (`ClaimedDelivery.slot`). The
+        claimed deliveries come round-robin: each subscription's first, then the seconds.
         """
         if max_in_flight is None:
             chosen = (
@@ -68,16 +75,54 @@ class SqlDeliveryStore:
                 .with_for_update(skip_locked=True, of=WebhookDelivery)
             )
         else:
-            chosen = _capped(now, max_in_flight, limit)
+            chosen = _capped(now, max_in_flight, limit, chain)
+        slot = new_id() if chain > 1 and max_in_flight is not None else None
+        return self._take_chosen(chosen, now, lease, slot, serialize=max_in_flight is not None)
+
+    def extend(
+        self, slot: str, subscription_id: str, limit: int, now: datetime, lease: timedelta
+    ) -> list[ClaimedDelivery]:
+        """Claim up to `limit` more due deliveries of `subscription_id` into the caller's
+        `slot`, oldest first, while the slot is held (one of its deliveries still claimed):
+        a busy subscription's slot goes on with no pause between chains. Once the slot is
+        free it may count for another claim, and nothing is taken."""
+        held = (
+            select(WebhookDelivery.id)
+            .where(
+                WebhookDelivery.subscription_id == subscription_id,
+                WebhookDelivery.slot == slot,
+                WebhookDelivery.claimed_until > now,
+                _DUE,
+            )
+            .exists()
+        )
+        chosen = (
+            _details(now)
+            .where(WebhookDelivery.subscription_id == subscription_id, held)
+            .order_by(WebhookDelivery.next_attempt_at, WebhookEvent.created_at)
+            .limit(limit)
+        )
+        return self._take_chosen(chosen, now, lease, slot, serialize=True)
+
+    def _take_chosen(
+        self,
+        chosen: Select[Any],
+        now: datetime,
+        lease: timedelta,
+        slot: str | None,
+        *,
+        serialize: bool,
+    ) -> list[ClaimedDelivery]:
         with self._sessions.begin() as session:
-            if max_in_flight is not None:
+            if serialize:
                 _serialize_claims(session)
             rows = list(session.execute(chosen))
             if not rows:
                 return []
-            taken = {i: n for i, n in session.execute(_take([row[0] for row in rows], now, lease))}
+            ids = [row[0] for row in rows]
+            taken = {i: n for i, n in session.execute(_take(ids, now, lease, slot))}
         return [
-            _claimed(row, taken[row[0]], now, now + lease, self._box)
+            _claimed(row, taken[row[0]], now, now + lease, self._box, slot)
             for row in rows
             if row[0] in taken
         ]
@@ -101,6 +146,7 @@ class SqlDeliveryStore:
                 last_error=bindparam("b_error"),
                 delivered_at=bindparam("b_delivered"),
                 claimed_until=None,
+                slot=None,
                 updated_at=now,
             )
         )
@@ -121,7 +167,8 @@ class SqlDeliveryStore:
             _update_streaks(session, results, now, disable_after)
 
     def release(self, deliveries: Sequence[ClaimedDelivery], now: datetime) -> None:
-        """Hand back claimed, unattempted deliveries, due now and uncounted."""
+        """Hand back claimed, unattempted deliveries, uncounted, due when they fell due (in
+        their place in the queue) or else now."""
         if not deliveries:
             return
         unclaim = (
@@ -134,12 +181,16 @@ class SqlDeliveryStore:
             )
             .values(
                 attempts=_deliveries.c.attempts - 1,
-                next_attempt_at=now,
+                next_attempt_at=bindparam("b_due"),
                 claimed_until=None,
+                slot=None,
                 updated_at=now,
             )
         )
-        params = [{"b_id": d.delivery_id, "b_attempt": d.attempt} for d in deliveries]
+        params = [
+            {"b_id": d.delivery_id, "b_attempt": d.attempt, "b_due": d.due_at or now}
+            for d in deliveries
+        ]
         with self._sessions.begin() as session:
             session.execute(unclaim, params)
 
@@ -172,6 +223,7 @@ def _details(now: datetime) -> Select[Any]:
             WebhookSubscription.secret,
             WebhookSubscription.previous_secret,
             WebhookSubscription.previous_secret_expires_at,
+            WebhookDelivery.next_attempt_at,
         )
         .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
         .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
@@ -179,19 +231,27 @@ def _details(now: datetime) -> Select[Any]:
     )
 
 
-def _capped(now: datetime, cap: int, limit: int) -> Select[Any]:
+def _capped(now: datetime, cap: int, limit: int, chain: int = 1) -> Select[Any]:
     """`_details` of the deliveries a claim takes under a cap per subscription, in one
     statement: `fair_share` in SQL, so only the rows taken come back (none is locked: the
-    claims counting what is in flight take turns, `_serialize_claims`)."""
+    claims counting what is in flight take turns, `_serialize_claims`). With `chain` > 1, up
+    to `chain` of each subscription with a free slot (they fill one slot); one only of a
+    subscription failing, which gets each retry in a slot of its own as it falls due."""
+    slots = func.count(func.distinct(func.coalesce(WebhookDelivery.slot, WebhookDelivery.id)))
     flying = (
-        select(WebhookDelivery.subscription_id.label("sid"), func.count().label("n"))
+        select(WebhookDelivery.subscription_id.label("sid"), slots.label("n"))
         .where(WebhookDelivery.claimed_until > now, _DUE)
         .group_by(WebhookDelivery.subscription_id)
         .subquery()
     )
     full = select(flying.c.sid).where(flying.c.n >= cap)
     due = (
-        select(WebhookDelivery.id, WebhookDelivery.subscription_id, WebhookDelivery.next_attempt_at)
+        select(
+            WebhookDelivery.id,
+            WebhookDelivery.subscription_id,
+            WebhookDelivery.next_attempt_at,
+            WebhookSubscription.failing_since.is_(None).label("healthy"),
+        )
         .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
         .where(
             _DUE,
@@ -206,19 +266,17 @@ def _capped(now: datetime, cap: int, limit: int) -> Select[Any]:
     turn = func.row_number().over(
         partition_by=due.c.subscription_id, order_by=(due.c.next_attempt_at, due.c.id)
     )
+    room = (
+        cap - func.coalesce(flying.c.n, 0) if chain == 1 else case((due.c.healthy, chain), else_=1)
+    )
     ranked = (
-        select(
-            due.c.id,
-            due.c.next_attempt_at,
-            turn.label("turn"),
-            (turn + func.coalesce(flying.c.n, 0)).label("slot"),
-        )
+        select(due.c.id, due.c.next_attempt_at, turn.label("turn"), room.label("room"))
         .outerjoin(flying, flying.c.sid == due.c.subscription_id)
         .subquery()
     )
     picked = (
         select(ranked.c.id, ranked.c.turn, ranked.c.next_attempt_at)
-        .where(ranked.c.slot <= cap)
+        .where(ranked.c.turn <= ranked.c.room)
         .order_by(ranked.c.turn, ranked.c.next_attempt_at, ranked.c.id)
         .limit(limit)
         .subquery()
@@ -230,9 +288,11 @@ def _capped(now: datetime, cap: int, limit: int) -> Select[Any]:
     )
 
 
-def _take(ids: Sequence[str], now: datetime, lease: timedelta) -> ReturningUpdate[str, int]:
-    """Claim `ids` until `now + lease`, counting the attempt; returns `(id, attempt)` of each
-    still due (another relay's claim without a cap may have taken one meanwhile)."""
+def _take(
+    ids: Sequence[str], now: datetime, lease: timedelta, slot: str | None
+) -> ReturningUpdate[str, int]:
+    """Claim `ids` in `slot` until `now + lease`, counting the attempt; returns `(id, attempt)`
+    of each still due (another relay's claim without a cap may have taken one meanwhile)."""
     return (
         update(WebhookDelivery)
         .where(WebhookDelivery.id.in_(ids), _DUE, WebhookDelivery.next_attempt_at <= now)
@@ -240,6 +300,7 @@ def _take(ids: Sequence[str], now: datetime, lease: timedelta) -> ReturningUpdat
             attempts=WebhookDelivery.attempts + 1,
             next_attempt_at=now + lease,
             claimed_until=now + lease,
+            slot=slot,
             updated_at=now,
         )
         .returning(WebhookDelivery.id, WebhookDelivery.attempts)
@@ -274,10 +335,15 @@ def _serialize_claims(session: Session) -> None:
 
 
 def _claimed(
-    row: Row[Any], attempt: int, now: datetime, lease_ends_at: datetime, box: SecretBox | None
+    row: Row[Any],
+    attempt: int,
+    now: datetime,
+    lease_ends_at: datetime,
+    box: SecretBox | None,
+    slot: str | None = None,
 ) -> ClaimedDelivery:
     (delivery_id, event_id, topic, payload, created_at, tenant_id, *subscription) = tuple(row)
-    (sub_id, url, secret, previous_secret, previous_expires_at) = subscription
+    (sub_id, url, secret, previous_secret, previous_expires_at, due_at) = subscription
     return ClaimedDelivery(
         delivery_id=delivery_id,
         event_id=event_id,
@@ -297,6 +363,8 @@ def _claimed(
         attempt=attempt,
         tenant_id=tenant_id,
         lease_ends_at=lease_ends_at,
+        slot=slot,
+        due_at=due_at,
     )
 
 

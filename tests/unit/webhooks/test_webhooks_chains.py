@@ -1,0 +1,202 @@
+"""The relay sends a subscription at its cap chains of deliveries, one after another in a slot,
+feeds a chain running low from its slot, and hands a chain back when it fails or stops."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import httpx
+
+from webhooks import InMemoryOutboxStore, InMemoryWebhookSubscriptions, WebhookService
+from webhooks.delivery import Sender
+from webhooks.interfaces import AttemptResult
+from webhooks.policy import Outcome, RetryPolicy
+from webhooks.relay import Relay
+from webhooks.settings import parse_schedule
+from webhooks.sqltypes import utcnow
+
+TOPIC = "billing.usage_aggregated"
+PAYLOAD = {"tenant_id": "t1", "metric": "tokens", "day_start": "2025-01-01T00:00:00+00:00"}
+URL = "https://subscriber.test/hook"
+POLICY = RetryPolicy(schedule=parse_schedule("5s,5m"), jitter=0.0)
+
+
+class Counting(InMemoryOutboxStore):
+    """Counts the claims and feeds that took something, and the most deliveries in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.took: Counter[str] = Counter()
+
+    def claim(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        claimed = super().claim(*args, **kwargs)
+        self.took["claim"] += bool(claimed)
+        return claimed
+
+    def extend(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        claimed = super().extend(*args, **kwargs)
+        self.took["extend"] += bool(claimed)
+        return claimed
+
+
+class World:
+    def __init__(self, handler: Callable[[httpx.Request], httpx.Response], **options) -> None:
+        self.outbox = Counting()
+        self.subs = InMemoryWebhookSubscriptions()
+        self.service = WebhookService(outbox=self.outbox, subs=self.subs)
+        self.client = httpx.Client(transport=httpx.MockTransport(handler))
+        self.relay = Relay(
+            self.outbox,
+            Sender(self.client, user_agent="test"),
+            POLICY,
+            **options,
+        )
+
+    def publish(self, count: int) -> None:
+        self.subs.add(TOPIC, url=URL)
+        for _ in range(count):
+            self.service.publish(TOPIC, PAYLOAD)
+
+    def statuses(self) -> list[tuple[str, int, bool]]:
+        return [(d.status, d.attempts, d.claimed_until is None) for d in self.outbox.deliveries()]
+
+    def run_until(self, done: Callable[[], bool], stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        thread = threading.Thread(target=self.relay.run, args=(stop,))
+        thread.start()
+        deadline = time.monotonic() + 20
+        try:
+            while not done() and time.monotonic() < deadline:
+                threading.Event().wait(0.01)
+        finally:
+            stop.set()
+            self.relay.wake.set()
+            thread.join(10)
+        assert not thread.is_alive()
+
+
+class Overlap:
+    """A subscriber that notes the most requests it had in flight at once."""
+
+    def __init__(self) -> None:
+        self.in_flight = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        threading.Event().wait(0.001)
+        with self.lock:
+            self.in_flight -= 1
+        return httpx.Response(200)
+
+
+def busy_world(subscriber: Callable[[httpx.Request], httpx.Response]) -> World:
+    # Chains of 4 (half a batch of 8), one slot; a poll far longer than the test: every next
+    # delivery is started, fed or claimed without waiting for it.
+    world = World(subscriber, batch_size=8, max_in_flight_per_subscription=1, poll_interval=600)
+    world.publish(40)
+    return world
+
+
+def test_a_subscription_at_its_cap_gets_chains_not_one_claim_per_delivery() -> None:
+    subscriber = Overlap()
+    world = busy_world(subscriber)
+    world.run_until(lambda: all(s == "delivered" for s, _, _ in world.statuses()))
+    assert [s for s, _, _ in world.statuses()] == ["delivered"] * 40
+    assert subscriber.most == 1
+    assert sum(world.outbox.took.values()) <= 40 // 2
+
+
+def test_a_chain_running_low_is_fed_from_its_slot() -> None:
+    world = busy_world(Overlap())
+    world.run_until(lambda: all(s == "delivered" for s, _, _ in world.statuses()))
+    assert world.outbox.took["extend"] >= 1
+
+
+def claim_chain(world: World, count: int) -> list:
+    world.publish(count)
+    claimed = world.outbox.claim(10, utcnow(), world.relay.lease, 1, chain=count)
+    assert len({d.slot for d in claimed}) == 1
+    return claimed
+
+
+def outcome_of(delivery, outcome: Outcome, now: datetime) -> AttemptResult:
+    return AttemptResult(delivery, outcome, POLICY.decide(delivery.attempt, outcome, now))
+
+
+def test_a_chain_whose_attempt_was_not_made_is_handed_back_whole() -> None:
+    requests: list[httpx.Request] = []
+    world = World(lambda r: requests.append(r) or httpx.Response(200))
+    first, *rest = claim_chain(world, 3)
+    assert world.relay._chain_heads([first, *rest]) == [first]
+    world.relay._pool = pool = ThreadPoolExecutor(1)
+    with pool:
+        world.relay._next_in_chain(first, None)  # its lease ran out, or the attempt raised
+    assert requests == []
+    assert world.relay._chains == {}
+    assert world.statuses()[1:] == [("pending", 0, True), ("pending", 0, True)]
+
+
+def test_a_failing_subscription_gets_chains_of_one() -> None:
+    world = World(lambda r: httpx.Response(200))
+    world.publish(3)
+    [sub] = world.subs.matching(TOPIC, None)
+    sub.failing_since = utcnow()
+    claimed = world.outbox.claim(10, utcnow(), world.relay.lease, 2, chain=3)
+    assert len(claimed) == 1
+    assert claimed[0].slot is not None
+
+
+def test_an_attempt_made_starts_the_next_of_its_chain_and_so_on_to_its_end() -> None:
+    requests: list[httpx.Request] = []
+    world = World(lambda r: requests.append(r) or httpx.Response(200))
+    first, second, third = claim_chain(world, 3)
+    world.relay._chain_heads([first, second, third])
+    world.relay._pool = pool = ThreadPoolExecutor(1)
+    with pool:
+        world.relay._next_in_chain(first, outcome_of(first, Outcome(status_code=500), utcnow()))
+        deadline = time.monotonic() + 10
+        while world.relay._chains and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+    assert [r.headers["webhook-id"] for r in requests] == [second.event_id, third.event_id]
+    assert world.relay._chains == {}
+
+
+def test_stopping_hands_back_the_deliveries_of_a_chain_not_started() -> None:
+    arrived, answer = threading.Event(), threading.Event()
+
+    def held(request: httpx.Request) -> httpx.Response:
+        arrived.set()
+        answer.wait(10)
+        return httpx.Response(200)
+
+    world = World(held, batch_size=8, max_in_flight_per_subscription=1, poll_interval=600)
+    world.publish(4)
+    stop = threading.Event()
+
+    def stop_while_the_first_is_in_flight() -> None:
+        arrived.wait(10)
+        stop.set()
+        world.relay.wake.set()
+        deadline = time.monotonic() + 10
+        while not world.relay._stopping and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+        answer.set()
+
+    threading.Thread(target=stop_while_the_first_is_in_flight).start()
+    world.run_until(lambda: answer.is_set(), stop)
+    assert world.statuses() == [("delivered", 1, True)] + [("pending", 0, True)] * 3
+
+
+def test_the_chain_is_half_a_batch_and_at_least_one() -> None:
+    world = World(Overlap(), batch_size=9)
+    assert world.relay.chain == 4
+    world.relay.batch_size = 1
+    assert world.relay.chain == 1
