@@ -140,6 +140,7 @@ def test_consume_counts_against_the_tenant_s_local_day(session) -> None:
     assert allowed is not None
     assert refused is not None
     assert (allowed.used, allowed.allowed, refused.allowed) == (10, True, False)
+    assert allowed.reset_at == datetime(2025, 3, 16, 4, tzinfo=UTC)  # New York's midnight
 
 
 def test_a_duplicate_event_is_not_counted_twice(session) -> None:
