@@ -356,11 +356,11 @@ def _rows(session: Session, sql: str, params: dict[str, Any]) -> list[Any]:
     result whose columns it reads from the cursor's description each time: the statement is
     text) was a third of a single event's client CPU, and these rows need none of it. Errors
     are SQLAlchemy's, as from `exec_driver_sql` (`DBAPIError` and its kinds; a lost connection
-    invalidated). A connection with event listeners (statement counters, tracing) takes
-    `exec_driver_sql`, so that they see the statement.
+    invalidated). A connection with event listeners (statement counters, tracing) or echoing
+    its SQL (`SQL_ECHO`) takes `exec_driver_sql`, so that they see the statement.
     """
     connection = session.connection()
-    if connection._has_events:
+    if connection._has_events or connection._echo:
         return list(connection.exec_driver_sql(sql, params).all())
     driver = cast("psycopg.Connection[Any]", connection.connection.dbapi_connection)
     try:

@@ -7,6 +7,7 @@ counters and says the same of each event (new or duplicate, and which stored row
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -297,6 +298,22 @@ def test_a_connection_lost_under_an_insert_is_invalidated_and_the_next_one_works
         BillingService(session=session, tenant_id="t1").record_usage(**event(1))
     with pg_factory() as session:
         assert [c[-1] for c in counters(session)] == [1, 1]
+
+
+def test_an_engine_echoing_its_sql_logs_the_insert(
+    pg_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`SQL_ECHO` shows every statement, the one the ledger runs on the driver's cursor too."""
+    engine = make_engine(pg_engine.url.render_as_string(hide_password=False), echo=True)
+    try:
+        with (
+            caplog.at_level(logging.INFO, "sqlalchemy.engine"),
+            make_session_factory(engine).begin() as session,
+        ):
+            BillingService(session=session, tenant_id="t1").record_usage(**event(1))
+    finally:
+        engine.dispose()
+    assert any("INSERT INTO usage_event_keys" in r.getMessage() for r in caplog.records)
 
 
 def statements(session: Session) -> list[str]:
