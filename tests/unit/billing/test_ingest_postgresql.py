@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -263,8 +264,11 @@ def test_the_database_refusing_a_staged_batch_raises_sqlalchemys_error(
         batch[50]["idempotency_key"] = "a\x00b"
     else:  # refused by the INSERT's counter trigger: the day's total would overflow
         batch[50]["amount"] = batch[51]["amount"] = 2**63 - 1
-    with pytest.raises(DBAPIError), pg_factory.begin() as session:
+    with pytest.raises(DBAPIError) as refused, pg_factory.begin() as session:
         BillingService(session=session, tenant_id="t1").record_usage_batch(batch)
+    assert isinstance(refused.value.orig, psycopg.Error)  # the driver's own error, kept
+    if where == "key":  # named by its statement, as SQLAlchemy names the ones it runs
+        assert refused.value.statement.startswith("COPY billing_usage_stage ")
     with pg_factory() as session:
         assert session.execute(select(func.count()).select_from(UsageEvent)).scalar() == 0
 
