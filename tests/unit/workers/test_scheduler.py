@@ -952,3 +952,23 @@ def test_a_sender_not_given_sends_through_the_actors(
     else:
         assert call["period_start"] == datetime(2025, 1, 1, tzinfo=UTC)
         assert b'"day_start":"2025-01-03T00:00:00+00:00"' in message
+
+
+def test_every_job_fires_on_utc_whatever_the_machines_zone(session_factory) -> None:
+    """With the invoice sync and the finalize sweep on, every cron job's trigger is in UTC (a
+    trigger without a zone takes the machine's: `Etc/UTC` here, anything elsewhere)."""
+    settings = WorkerSettings(provider_sync="billing_hooks:stripe_sync")
+    scheduler = make_scheduler(session_factory, settings=settings, grace_period=DAY)
+    aps = BackgroundScheduler(timezone=UTC)
+    scheduler.schedule(aps, catch_up=False)
+    zones = {job.id: str(job.trigger.timezone) for job in aps.get_jobs()}
+    assert zones == {
+        job_id: "UTC"
+        for job_id in (
+            DAILY_JOB_ID,
+            MONTHLY_JOB_ID,
+            SYNC_JOB_ID,
+            FINALIZE_JOB_ID,
+            PARTITIONS_JOB_ID,
+        )
+    }
