@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -477,6 +477,7 @@ def test_an_idle_relay_rides_out_a_database_error(caplog) -> None:
     run_until(world, lambda: world.statuses() == ["delivered"])
     assert world.statuses() == ["delivered"]
     assert "next_due: database unreachable" in caplog.text
+    assert "looking for due deliveries failed" in [r.getMessage() for r in caplog.records]
 
 
 def test_retry_after_as_an_http_date_is_read_against_the_relays_clock() -> None:
@@ -722,3 +723,86 @@ def test_an_attempt_that_raises_is_logged_and_leaves_nothing_to_record(caplog) -
         run_until(world, lambda: messages())
     assert messages() == ["a delivery attempt failed unexpectedly"]
     assert world.statuses() == ["pending"]
+
+
+def test_a_stop_waits_for_requests_in_flight_at_most_the_shutdown_timeout(caplog) -> None:
+    started, finish = threading.Event(), threading.Event()
+
+    def blocking(request: httpx.Request) -> httpx.Response:
+        started.set()
+        finish.wait(10)
+        return httpx.Response(200)
+
+    world = World(blocking, concurrency=1, poll_interval=0.01, shutdown_timeout=0.2)
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    stop = threading.Event()
+    thread = threading.Thread(target=world.relay.run, args=(stop,))
+    thread.start()
+    try:
+        assert started.wait(5)
+        with caplog.at_level("INFO", logger="webhooks.relay"):
+            stop.set()
+            world.relay.wake.set()
+            thread.join(5)
+        assert not thread.is_alive()  # it gave up on the request still running
+    finally:
+        finish.set()
+        thread.join(5)
+    assert "waiting for 1 deliveries in flight" in [r.getMessage() for r in caplog.records]
+    assert world.statuses() == ["pending"]  # claimed: another relay sends it after the lease
+
+
+def test_an_idle_relay_waits_until_the_next_delivery_is_due_within_the_poll_interval() -> None:
+    world = World(answer(200), poll_interval=5.0)
+    relay = world.relay
+    assert relay._idle_wait(0) == 5.0  # nothing due: the poll interval
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)  # due now
+    assert relay._idle_wait(0) == 0.001  # at once (the floor, not a busy loop)
+    assert relay._idle_wait(1) == 5.0  # it just claimed: a NOTIFY or a finished request wakes it
+    world.clock.advance(timedelta(seconds=-2))  # due in 2 s
+    assert relay._idle_wait(0) == 2.0
+
+
+def test_the_recorder_gathers_at_most_a_batch_per_transaction() -> None:
+    relay = World(answer(200), batch_size=2).relay
+    first, second, third = (object() for _ in range(3))
+    relay._done.put(second)  # type: ignore[arg-type]
+    relay._done.put(third)  # type: ignore[arg-type]
+    pending = [first]
+    relay._gather(pending, threading.Event())  # type: ignore[arg-type]
+    assert pending == [first, second]
+
+
+def test_a_claim_tops_up_to_concurrency_plus_a_batch_and_waits_above_the_refill_mark() -> None:
+    """With 2 slots and batches of 2, 1 in flight: 3 more are claimed (and a full claim means
+    more may be due); at 4 in flight (above 2 + 2 // 2) none; a failed claim claims none."""
+    release = threading.Event()
+    world = World(
+        lambda request: httpx.Response(200) if release.wait(10) else httpx.Response(500),
+        concurrency=2,
+        batch_size=2,
+        max_in_flight_per_subscription=None,
+    )
+    world.subs.add(TOPIC, url=URL)
+    for _ in range(10):
+        world.service.publish(TOPIC, PAYLOAD)
+    relay = world.relay
+    running: Future[AttemptResult | None] = Future()
+    relay._in_flight[running] = None  # type: ignore[assignment]
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        assert relay._claim_into(pool) == 3
+        assert relay._more_due
+        assert relay._in_flight_count() == 4
+        assert relay._claim_into(pool) == 0
+        relay._in_flight.pop(running)
+        relay.store = Flaky(world.outbox, "claim")
+        assert relay._claim_into(pool) == 0  # 3 in flight, at the mark: it tries, and fails
+        assert relay._claim_into(pool) == 1  # the next try claims the one wanted
+        assert relay._in_flight_count() == 4
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert len(world.requests) == 4  # sent: the outcomes are the recorder's to write
