@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Engine, delete, event, func, select
 
 from billing import BillingService
+from billing.invoicing import store_invoice
 from billing.models import Invoice, NumberSequence, Price
 from billing.numbering import INVOICE_SEQUENCE
 from webhooks.models import WebhookSubscription
@@ -139,3 +140,16 @@ def test_the_insert_finds_its_unique_index_when_prepared_and_planned_generically
         service = BillingService(session=session, tenant_id=f"g{n}")
         service.generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
     assert session.scalar(select(func.count()).select_from(Invoice)) == 15
+
+
+def test_a_stored_invoice_s_object_has_every_column_without_reading_the_row_back(
+    session, tenant, statements
+) -> None:
+    invoice = store_invoice(session, "t1", JAN, FEB, "usd", [])
+    statements.clear()
+    columns = [column.key for column in Invoice.__table__.columns]
+    made = {name: getattr(invoice, name) for name in columns}
+    assert statements == []  # every column set: nothing loaded on access
+    session.expire(invoice)
+    assert {name: getattr(invoice, name) for name in columns} == made  # as the row stores it
+    assert (made["status"], made["number"], made["total_amount"]) == ("draft", None, 0)
