@@ -22,7 +22,7 @@ from webhooks import (
 from webhooks.delivery import Sender
 from webhooks.interfaces import AttemptResult
 from webhooks.policy import RetryPolicy
-from webhooks.relay import Relay
+from webhooks.relay import Relay, log_attempt
 from webhooks.settings import parse_schedule
 
 TOPIC = "billing.usage_aggregated"
@@ -806,3 +806,55 @@ def test_a_claim_tops_up_to_concurrency_plus_a_batch_and_waits_above_the_refill_
         release.set()
         pool.shutdown(wait=True)
     assert len(world.requests) == 4  # sent: the outcomes are the recorder's to write
+
+
+def test_an_attempt_is_logged_with_its_duration_in_milliseconds_and_a_dead_one_warns(
+    caplog,
+) -> None:
+    world = World(answer(200))
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    [claimed] = world.outbox.claim(10, world.clock.now, world.relay.lease)
+    with caplog.at_level("INFO", logger="webhooks.relay"):
+        result = world.relay.attempt(claimed)
+        assert result is not None
+        log_attempt(result, "delivered", 0.01234)
+        log_attempt(result, "dead", 0.01234)
+    measured, given, dead = [r for r in caplog.records if r.name == "webhooks.relay"]
+    assert 0 <= measured.duration_ms < 60_000  # this attempt's own time
+    assert (given.duration_ms, given.levelname) == (12.3, "INFO")
+    assert given.getMessage().startswith("webhook delivered in 12.3 ms: event_id=")
+    assert (dead.outcome, dead.levelname) == ("dead", "WARNING")
+
+
+class FailingRecords:
+    """A store whose `record` fails its first `failures` calls; counts the calls."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls, self.recorded = failures, 0, []
+
+    def record(self, results, now, disable_after) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("database unreachable")
+        self.recorded.extend(results)
+
+
+@pytest.mark.parametrize(("failures", "calls", "recorded"), [(2, 3, 1), (1000, 3, 0)])
+def test_a_stopping_recorder_tries_a_failing_write_three_times(
+    caplog, failures: int, calls: int, recorded: int
+) -> None:
+    relay = World(answer(200), poll_interval=5.0).relay
+    relay.store = store = FailingRecords(failures)  # type: ignore[assignment]
+    relay._done.put(object())  # type: ignore[arg-type]
+    stop = threading.Event()
+    stop.set()
+    recorder = threading.Thread(target=relay._record_until, args=(stop,))
+    with caplog.at_level("ERROR", logger="webhooks.relay"):
+        recorder.start()
+        recorder.join(10)
+    assert not recorder.is_alive()
+    assert (store.calls, len(store.recorded)) == (calls, recorded)
+    assert [r.getMessage() for r in caplog.records] == [
+        "recording 1 outcomes failed; will retry"
+    ] * min(failures, calls)
