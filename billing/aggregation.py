@@ -12,6 +12,7 @@ from sqlalchemy import String, Table, bindparam, case, delete, func, literal, li
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from billing import driver_sql
 from billing.aggregated_event import (
     USAGE_AGGREGATED,
     aggregate_event_id,
@@ -105,12 +106,10 @@ def _aggregate_on_postgresql(
         "metric": metric,
     }
     session.flush()  # what the caller added is counted, as `session.execute` would autoflush
-    connection = session.connection()  # Core: these statements load no objects
-    row = connection.execute(_LOCKS_ZONE_METER, keys).one()
-    meter = MeterSpec(metric)
-    if row.aggregation is not None:
-        meter = MeterSpec(metric, row.aggregation, row.property, tuple(row.group_by))
-    stored_zone: str | None = row.timezone
+    # Both statements on the driver's cursor (`billing.driver_sql`): a `latest` upsert takes a
+    # fraction of a millisecond, and SQLAlchemy's work per statement was about half the call.
+    [(_, _, stored_zone, kind, prop, group_by)] = _LOCKS_SQL.rows(session, keys)
+    meter = MeterSpec(metric) if kind is None else MeterSpec(metric, kind, prop, tuple(group_by))
     while True:
         zone = tenant_zone_named(stored_zone or UTC_NAME)
         start, end = local_day(zone, day)
@@ -118,12 +117,11 @@ def _aggregate_on_postgresql(
         params = {**_params(tenant_id, metric, start, end), "zone": stored_zone}
         if announce:
             params.update(event_params(tenant_id, metric, day_start.isoformat()))
-        total = connection.execute(
-            _upsert_statement("postgresql", meter, announce), params
-        ).scalar()
+        returned = _upsert_sql(meter, announce).rows(session, params)
+        total = returned[0][0] if returned else None  # none: the zone changed meanwhile
         if total is not None:
             break
-        stored_zone = connection.execute(_STORED_ZONE, keys).scalar_one_or_none()
+        [(stored_zone,)] = driver_sql.rows(session, _STORED_ZONE_SQL, keys) or [(None,)]
     if meter.group_by:
         _aggregate_groups(session, "postgresql", meter, tenant_id, start, end)
     return DayTotal(int(total), day_start)
@@ -186,6 +184,12 @@ def _aggregate_groups(
     stored = session.execute(select(UsageAggregate.group_key).where(*day)).scalars()
     for stale in _chunks(sorted(set(stored) - set(totals))):
         session.execute(delete(UsageAggregate).where(*day, UsageAggregate.group_key.in_(stale)))
+
+
+@functools.lru_cache(maxsize=256)
+def _upsert_sql(meter: MeterSpec, announce: bool) -> driver_sql.Compiled:
+    """`_upsert_statement` on PostgreSQL, compiled for the driver's cursor."""
+    return driver_sql.compiled(_upsert_statement("postgresql", meter, announce))
 
 
 @functools.lru_cache(maxsize=256)
@@ -262,6 +266,8 @@ _LOCKS_ZONE_METER = select(
     .subquery("one")
     .outerjoin(Meter, Meter.key == bindparam("metric", type_=String()))
 )
+_LOCKS_SQL = driver_sql.compiled(_LOCKS_ZONE_METER)
+_STORED_ZONE_SQL = driver_sql.compiled(_STORED_ZONE).sql
 _TABLE = cast(Table, UsageAggregate.__table__)
 _T = TypeVar("_T")
 

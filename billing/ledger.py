@@ -27,6 +27,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from billing import driver_sql
 from billing.errors import BillingError, IdempotencyConflictError, InvalidUsageError
 from billing.models import UsageEvent, usage_event_keys
 from webhooks.sqltypes import new_id, utcnow
@@ -349,28 +350,6 @@ def _claimed(rows: Iterable[Any]) -> Written:
     return inserted, sorted(drafts)
 
 
-def _rows(session: Session, sql: str, params: dict[str, Any]) -> list[Any]:
-    """Run one of the statements above on the session's connection; its rows.
-
-    Straight on the driver's cursor: SQLAlchemy's work per statement (an execution context, a
-    result whose columns it reads from the cursor's description each time: the statement is
-    text) was a third of a single event's client CPU, and these rows need none of it. Errors
-    are SQLAlchemy's, as from `exec_driver_sql` (`DBAPIError` and its kinds; a lost connection
-    invalidated). A connection with event listeners (statement counters, tracing) or echoing
-    its SQL (`SQL_ECHO`) takes `exec_driver_sql`, so that they see the statement.
-    """
-    connection = session.connection()
-    if connection._has_events or connection._echo:
-        return list(connection.exec_driver_sql(sql, params).all())
-    driver = cast("psycopg.Connection[Any]", connection.connection.dbapi_connection)
-    try:
-        with driver.cursor() as cursor:
-            return cursor.execute(sql, params).fetchall()
-    except psycopg.Error as error:
-        connection._handle_dbapi_exception(error, sql, params, None, None)  # raises
-        raise
-
-
 def _insert_new_postgresql(
     session: Session, tenant_id: str, events: Sequence[UsageInput], known_only: bool
 ) -> Written:
@@ -387,7 +366,7 @@ def _insert_new_postgresql(
             "key": event.idempotency_key,
             "metadata_json": event.metadata_json,
         }
-        return _claimed(_rows(session, _ROW_INSERT, row))
+        return _claimed(driver_sql.rows(session, _ROW_INSERT, row))
     params = {
         "tenant_id": tenant_id,
         "now": utcnow(),
@@ -399,7 +378,7 @@ def _insert_new_postgresql(
         "keys": [e.idempotency_key for e in events],
         "metadata": [e.metadata_json for e in events],
     }
-    return _claimed(_rows(session, _UNNEST_INSERT, params))
+    return _claimed(driver_sql.rows(session, _UNNEST_INSERT, params))
 
 
 # COPY-stage, for batches inside a transaction: the events are COPYed (binary) into a temporary
@@ -452,7 +431,7 @@ def _copy_to_stage(session: Session, events: Sequence[UsageInput]) -> None:
 
 def _from_stage(session: Session, tenant_id: str, known_only: bool) -> Written:
     params = {"tenant_id": tenant_id, "now": utcnow(), "known_only": known_only}
-    return _claimed(_rows(session, _FROM_STAGE, params))
+    return _claimed(driver_sql.rows(session, _FROM_STAGE, params))
 
 
 def _match_existing(

@@ -1,0 +1,63 @@
+"""Statements sent straight on psycopg's cursor (PostgreSQL), where SQLAlchemy's work per
+statement is a measurable part of a call: the ledger's inserts, the daily aggregation.
+
+SQLAlchemy's work per statement (an execution context, a compile-cache lookup walking the
+statement, a result whose columns it reads from the cursor's description each time) was a third
+of a single event's client CPU, and about as much as the round trips of a `latest` aggregation,
+whose SQL takes a fraction of a millisecond. Errors are SQLAlchemy's, as from `exec_driver_sql`
+(`DBAPIError` and its kinds; a lost connection invalidated). A connection with event listeners
+(statement counters, tracing) or echoing its SQL (`SQL_ECHO`) takes `exec_driver_sql`, so that
+they see the statement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import psycopg
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+_DIALECT: Dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+
+
+def rows(session: Session, sql: str, params: dict[str, Any]) -> list[Any]:
+    """Run `sql` (psycopg's `%(name)s` parameters) on the session's connection; its rows."""
+    connection = session.connection()
+    if connection._has_events or connection.engine._has_events or connection._echo:
+        return list(connection.exec_driver_sql(sql, params).all())
+    driver = cast("psycopg.Connection[Any]", connection.connection.dbapi_connection)
+    try:
+        with driver.cursor() as cursor:
+            return cursor.execute(sql, params).fetchall()
+    except psycopg.Error as error:
+        connection._handle_dbapi_exception(error, sql, params, None, None)  # raises
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A SQLAlchemy statement compiled once for `rows`: its SQL and the values of its literals
+    (`literal("day")`, a LIMIT), to which each call adds its own bound values."""
+
+    sql: str
+    literals: dict[str, Any]
+
+    def rows(self, session: Session, values: dict[str, Any]) -> list[Any]:
+        return rows(session, self.sql, {**self.literals, **values})
+
+
+def compiled(statement: ClauseElement) -> Compiled:
+    """`statement` compiled for psycopg. Its bound parameters must need no conversion by their
+    SQLAlchemy type (text, integers, aware datetimes: psycopg adapts them itself)."""
+    result = cast(SQLCompiler, statement.compile(dialect=_DIALECT))
+    literals = {
+        result.bind_names[bind]: bind.effective_value
+        for bind in result.binds.values()
+        if not bind.required
+    }
+    return Compiled(result.string, literals)
