@@ -6,13 +6,16 @@
 One tenant's metric gets N events in one UTC day (amounts 0-999, 5,000 users in metadata, about
 12 events at each second so that `latest` meets ties). For each aggregation the meter is
 declared, then per round, interleaved: `BillingService.aggregate_daily` in its own transaction
-(BEGIN; the locks with the tenant's zone and meter read; the upsert; COMMIT: 4 round trips),
+(BEGIN; the locks with the tenant's zone and meter read; the upsert; COMMIT: 4 round trips,
+both statements on psycopg's cursor, `billing.driver_sql`),
 the upsert statement it sends alone (through SQLAlchemy, in a transaction),
 and the raw baseline: the same `INSERT … SELECT <aggregate> … ON CONFLICT DO UPDATE` upsert
 written by hand and sent with psycopg (autocommit). All must give the same total. For `latest`
 the raw baseline reads max(at_ts) then the largest amount at it (two index lookups), and a
 second one is the meter's own form, `ORDER BY at_ts DESC, amount DESC LIMIT 1` (measured as
-fast: the index on (tenant, metric, at_ts) serves both). `latest`
+fast: the index on (tenant, metric, at_ts) serves both). A third, "raw with the locks", sends
+the raw upsert in a transaction after the call's two advisory locks (BEGIN; locks; upsert;
+COMMIT: the round trips the call's race safety needs, by hand). `latest`
 takes milliseconds where the others scan the day, so the call's fixed round trips and commit,
 not its SQL, are what separate aggregate_daily from the raw upsert there.
 Prints per aggregation: median (range) milliseconds, the ratio to raw (goal <= 1.5x), load.
@@ -35,6 +38,7 @@ from scratch import DEFAULT_ADMIN_URL, scratch_database
 from billing import BillingService, aggregation
 from billing.db import make_engine, make_session_factory
 from billing.meters import declare_meter, get_meter
+from billing.tenants import zone_lock_key
 
 DAY = datetime(2025, 1, 15, tzinfo=UTC)
 TENANT, METRIC = "bench", "m"
@@ -73,9 +77,18 @@ SEED = (
 )
 
 
+#: The raw baseline with the call's transaction and locks, written by hand (psycopg, not
+#: autocommit): BEGIN; the tenant's zone lock (shared) and the (tenant, metric) lock; the raw
+#: upsert; COMMIT. What the call adds to it is its own overhead, not the race safety.
+LOCKS = (
+    "SELECT pg_advisory_xact_lock_shared(hashtextextended(%(zone_key)s, 0)), "
+    "pg_advisory_xact_lock(hashtextextended(%(pair_key)s, 0))"
+)
+
 PAIRS = [
     ("aggregate_daily", "raw"),
     ("its upsert", "raw"),
+    ("aggregate_daily", "raw with the locks"),
     ("aggregate_daily", "raw ORDER BY … LIMIT 1"),
 ]
 
@@ -93,6 +106,20 @@ def raw_upsert(raw: psycopg.Connection[Any], quantity: str) -> Callable[[], int]
         row = raw.execute(statement, {**params, "id": str(uuid.uuid4())}).fetchone()
         assert row is not None
         return int(row[0])
+
+    return run
+
+
+def raw_locked(locked: psycopg.Connection[Any], quantity: str) -> Callable[[], int]:
+    """`raw_upsert` in a transaction of its own after the call's two advisory locks."""
+    upsert = raw_upsert(locked, quantity)
+    keys = {"zone_key": zone_lock_key(TENANT), "pair_key": f"billing.aggregate:{TENANT}:{METRIC}"}
+
+    def run() -> int:
+        locked.execute(LOCKS, keys)
+        total = upsert()
+        locked.commit()
+        return total
 
     return run
 
@@ -163,7 +190,7 @@ def main() -> None:
     with scratch_database(args.admin_url, prefix="bench_meters") as url:
         engine = make_engine(url)
         factory = make_session_factory(engine)
-        with psycopg.connect(url, autocommit=True) as raw:
+        with psycopg.connect(url, autocommit=True) as raw, psycopg.connect(url) as locked:
             seed(raw, args.events)
             print(f"bench_meters: {args.events:,} events in one day, {load()}")
             for kind, quantity in RAW_QUANTITY.items():
@@ -174,6 +201,7 @@ def main() -> None:
                     "aggregate_daily": ours(factory),
                     "its upsert": ours_statement(engine),
                     "raw": raw_upsert(raw, quantity),
+                    "raw with the locks": raw_locked(locked, quantity),
                 }
                 if kind == "latest":
                     variants["raw ORDER BY … LIMIT 1"] = raw_upsert(raw, LATEST_SORTED)
