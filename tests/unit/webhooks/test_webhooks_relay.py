@@ -337,15 +337,22 @@ def test_run_delivers_everything_with_several_in_flight_then_stops() -> None:
     assert slow.most == 4
 
 
-def test_stopping_finishes_requests_in_flight_and_hands_back_the_rest() -> None:
-    started = threading.Event()
-    finish = threading.Event()
+class Blocking:
+    """A subscriber that answers 200 once `finish` is set (or `wait` seconds pass); `started`
+    is set by the first request."""
 
-    def blocking(request: httpx.Request) -> httpx.Response:
-        started.set()
-        finish.wait(5)
+    def __init__(self, wait: float = 5) -> None:
+        self.started, self.finish, self.wait = threading.Event(), threading.Event(), wait
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.started.set()
+        self.finish.wait(self.wait)
         return httpx.Response(200)
 
+
+def test_stopping_finishes_requests_in_flight_and_hands_back_the_rest() -> None:
+    blocking = Blocking()
+    started, finish = blocking.started, blocking.finish
     world = World(blocking, concurrency=1, batch_size=5, poll_interval=0.01)
     world.subs.add(TOPIC, url=URL)
     for _ in range(3):
@@ -498,13 +505,8 @@ def test_retry_after_as_an_http_date_is_read_against_the_relays_clock() -> None:
 
 
 def test_a_stopping_relay_records_every_finished_outcome_even_after_a_failed_write() -> None:
-    started, finish = threading.Event(), threading.Event()
-
-    def blocking(request: httpx.Request) -> httpx.Response:
-        started.set()
-        finish.wait(5)
-        return httpx.Response(200)
-
+    blocking = Blocking()
+    started, finish = blocking.started, blocking.finish
     world = World(blocking, concurrency=2, poll_interval=0.01)
     world.relay.store = store = Flaky(world.outbox, "record")
     world.subs.add(TOPIC, url=URL)
@@ -726,13 +728,8 @@ def test_an_attempt_that_raises_is_logged_and_leaves_nothing_to_record(caplog) -
 
 
 def test_a_stop_waits_for_requests_in_flight_at_most_the_shutdown_timeout(caplog) -> None:
-    started, finish = threading.Event(), threading.Event()
-
-    def blocking(request: httpx.Request) -> httpx.Response:
-        started.set()
-        finish.wait(10)
-        return httpx.Response(200)
-
+    blocking = Blocking(wait=10)
+    started, finish = blocking.started, blocking.finish
     world = World(blocking, concurrency=1, poll_interval=0.01, shutdown_timeout=0.2)
     world.subs.add(TOPIC, url=URL)
     world.service.publish(TOPIC, PAYLOAD)
