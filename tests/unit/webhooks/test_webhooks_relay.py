@@ -855,3 +855,24 @@ def test_a_stopping_recorder_tries_a_failing_write_three_times(
     assert [r.getMessage() for r in caplog.records] == [
         "recording 1 outcomes failed; will retry"
     ] * min(failures, calls)
+
+
+@pytest.mark.parametrize(
+    ("lease", "margin"),
+    [(timedelta(minutes=5), timedelta(seconds=5)), (timedelta(seconds=20), timedelta(seconds=2))],
+)
+def test_a_delivery_left_with_only_the_margin_of_its_lease_is_handed_back_unsent(
+    lease: timedelta, margin: timedelta
+) -> None:
+    """The margin is 5 s, or a tenth of the lease when shorter; with no more than it left, the
+    attempt is not sent (its outcome could not be recorded before another relay claims it)."""
+    world = World(answer(200), lease=lease)
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    [claimed] = world.outbox.claim(10, world.clock.now, lease)
+    world.clock.advance(lease - margin - timedelta(milliseconds=1))
+    assert world.relay.attempt(claimed) is not None  # a millisecond more than the margin: sent
+    [claimed] = world.outbox.claim(10, world.clock.now + timedelta(minutes=1), lease)
+    world.clock.now = claimed.lease_ends_at - margin
+    assert world.relay.attempt(claimed) is None
+    assert len(world.requests) == 1
