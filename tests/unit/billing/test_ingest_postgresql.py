@@ -327,6 +327,20 @@ def statements(session: Session) -> list[str]:
     return sent
 
 
+def test_a_duplicate_is_looked_up_in_the_key_table_not_the_monthly_partitions(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    """`stored_events` reads `usage_event_keys` by its primary key on PostgreSQL."""
+    with pg_factory.begin() as session:
+        bs = BillingService(session=session, tenant_id="t1")
+        first = bs.ingest_event(**event(1))
+        sent = statements(session)
+        again = bs.ingest_event(**event(1))
+    assert (again.duplicate, again.id) == (True, first.id)
+    assert any(s.startswith("SELECT usage_event_keys.event_id") for s in sent)
+    assert not any(s.startswith("SELECT usage_events.") for s in sent)
+
+
 @pytest.mark.parametrize("limit", [None, 1000])
 def test_an_event_of_a_metric_known_in_its_month_is_stored_by_one_statement(
     pg_factory: sessionmaker[Session], limit: int | None

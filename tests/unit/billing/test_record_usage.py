@@ -147,6 +147,14 @@ def test_a_key_another_tenant_used_is_matched_against_this_tenant_s_event_only(s
     assert count(session) == 3
 
 
+def test_a_key_used_for_two_metrics_is_matched_against_its_own_metric_s_event(session) -> None:
+    tokens = record(session, metric="tokens", amount=1)
+    calls = record(session, metric="calls", amount=2)
+    assert record(session, metric="tokens", amount=1) == tokens
+    assert record(session, metric="calls", amount=2) == calls
+    assert count(session) == 2
+
+
 def test_usage_more_than_5_minutes_ahead_of_the_clock_is_refused(session) -> None:
     def service(now):
         return BillingService(session=session, tenant_id="t1", now=lambda: now)
