@@ -14,6 +14,8 @@ from billing import (
     InvalidPeriodError,
     ProviderSyncError,
 )
+from billing.errors import InvoiceStateError
+from billing.invoicing import drafts_covering, reprice_draft, store_invoice
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
@@ -263,3 +265,24 @@ def test_unit_prices_finer_than_a_float_stay_exact(session) -> None:
     session.expire_all()
     assert session.get(Price, plan.prices[0].id).unit_amount_decimal == exact
     assert invoice(session).total_amount == 1000000  # not 1000001
+
+
+def test_drafts_covering_holds_a_time_in_its_period_start_inclusive_end_exclusive(
+    session,
+) -> None:
+    draft = store_invoice(session, "t1", JAN, FEB, "usd", [])
+    assert draft is not None
+    jan = draft.id
+    tick = timedelta(microseconds=1)
+    assert drafts_covering(session, "t1", [JAN]) == [jan]
+    assert drafts_covering(session, "t1", [FEB - tick]) == [jan]
+    assert drafts_covering(session, "t1", [FEB]) == []
+    assert drafts_covering(session, "t1", [JAN - tick, FEB]) == []
+
+
+def test_re_pricing_an_invoice_that_is_not_a_draft_is_refused_naming_it(session) -> None:
+    invoice = Invoice(id="inv-1", tenant_id="t1", status="finalized")
+    with pytest.raises(InvoiceStateError) as refused:
+        reprice_draft(session, invoice)
+    assert str(refused.value) == "a finalized invoice cannot be re-priced"
+    assert (refused.value.invoice_id, refused.value.status) == ("inv-1", "finalized")
