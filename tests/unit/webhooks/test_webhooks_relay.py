@@ -724,6 +724,9 @@ def test_an_attempt_that_raises_is_logged_and_leaves_nothing_to_record(caplog) -
     with caplog.at_level("ERROR", logger="webhooks.relay"):
         run_until(world, lambda: messages())
     assert messages() == ["a delivery attempt failed unexpectedly"]
+    [record] = [r for r in caplog.records if r.name == "webhooks.relay"]
+    assert record.exc_info is not None
+    assert repr(record.exc_info[1]) == "RuntimeError('a bug')"  # the traceback is logged too
     assert world.statuses() == ["pending"]
 
 
