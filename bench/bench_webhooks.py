@@ -11,11 +11,11 @@ verifies every delivery) and a relay process (`python -m webhooks.relay`), then 
   same with as many threads as the relay's concurrency sharing one pooled Client;
 - the relay: N events published in one transaction, deliveries/s from the commit to the last
   arrival at the subscriber, and until every row is marked delivered; the ratio to raw. All go
-  to one subscription, so the relay's cap on one subscription's deliveries in flight
-  (`WEBHOOKS_MAX_IN_FLIGHT_PER_SUBSCRIPTION`, default 2, over every relay) bounds the rate:
-  each claim takes at most that many, and the next claim waits until their outcomes are
-  recorded. `--max-in-flight-per-subscription 10000` measures the relay with the cap out of
-  the way (as many subscriptions sharing the load would);
+  to one subscription, so the relay's cap on one subscription's slots in flight
+  (`WEBHOOKS_MAX_IN_FLIGHT_PER_SUBSCRIPTION`, default 2, over every relay) allows 2 requests
+  at once: each slot holds a chain of the subscription's deliveries, sent one after another
+  and fed from the slot as it runs low. `--max-in-flight-per-subscription 10000` measures the
+  relay with the cap out of the way (as many subscriptions sharing the load would);
 - commit-to-delivery latency for single events on an idle system (p50, p99, max), the relay
   woken by LISTEN/NOTIFY.
 """

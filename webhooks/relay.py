@@ -3,13 +3,13 @@
 Run it as `python -m webhooks.relay` (the `relay` line of the Procfile); run several for more
 throughput or availability, they never claim the same delivery. Each process keeps up to
 `concurrency` requests in flight on one pooled `httpx.Client`, plus up to `batch_size` claimed
-deliveries waiting for a free slot. Under a cap per subscription a claim takes each subscription
-a chain of up to `batch_size // 2` deliveries in one slot, sent one after another: a busy
-subscription at its cap costs one claim and a few recordings per chain, not per delivery, and
-a chain running low is fed more from its slot. A failing subscription gets chains of one (each
-retry in a slot of its own, as before), and a chain whose next delivery cannot be attempted
-(its lease ran out) is handed back whole. Delivery is at least once: a receiver drops repeats
-by `webhook-id`. The failure policy is `webhooks.policy`'s.
+deliveries waiting for a free slot. Under a cap per subscription below `concurrency`, a claim
+takes each subscription a chain of up to `batch_size // 2` deliveries in one slot, sent one
+after another: a busy subscription at its cap costs one claim and a few recordings per chain,
+not per delivery, and a chain running low is fed more from its slot. A failing subscription
+gets chains of one (each retry in a slot of its own, as before), and a chain whose next
+delivery cannot be attempted (its lease ran out) is handed back whole. Delivery is at least
+once: a receiver drops repeats by `webhook-id`. The failure policy is `webhooks.policy`'s.
 
 Fairness: every attempt has a total deadline (`attempt_timeout`, cut shorter so it ends before
 its claim's lease: a delivery is never sent again while an attempt is running), and no more than
@@ -165,7 +165,12 @@ class Relay:
 
     @property
     def chain(self) -> int:
-        """How many deliveries of one subscription `run` claims into one slot."""
+        """How many deliveries of one subscription `run` claims into one slot: half a batch
+        while the cap holds a subscription to fewer requests than `concurrency` (a chain keeps
+        each of its slots busy), else one (its deliveries alone can fill every request)."""
+        cap = self.max_in_flight_per_subscription
+        if cap is None or cap >= self.concurrency:
+            return 1
         return max(1, self.batch_size // 2)
 
     def run(self, stop: threading.Event) -> None:

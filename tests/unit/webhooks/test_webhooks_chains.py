@@ -196,7 +196,14 @@ def test_stopping_hands_back_the_deliveries_of_a_chain_not_started() -> None:
 
 
 def test_the_chain_is_half_a_batch_and_at_least_one() -> None:
-    world = World(Overlap(), batch_size=9)
+    world = World(Overlap(), batch_size=9, concurrency=3, max_in_flight_per_subscription=2)
     assert world.relay.chain == 4
     world.relay.batch_size = 1
+    assert world.relay.chain == 1
+
+
+def test_there_are_no_chains_when_the_cap_does_not_hold_a_subscription_below_concurrency() -> None:
+    world = World(Overlap(), batch_size=9, concurrency=3, max_in_flight_per_subscription=3)
+    assert world.relay.chain == 1
+    world.relay.max_in_flight_per_subscription = None
     assert world.relay.chain == 1
