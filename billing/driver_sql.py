@@ -3,8 +3,8 @@ statement is a measurable part of a call: the ledger's inserts, the daily aggreg
 
 SQLAlchemy's work per statement (an execution context, a compile-cache lookup walking the
 statement, a result whose columns it reads from the cursor's description each time) was a third
-of a single event's client CPU, and about as much as the round trips of a `latest` aggregation,
-whose SQL takes a fraction of a millisecond. Errors are SQLAlchemy's, as from `exec_driver_sql`
+of a single event's client CPU, and up to a tenth of a `latest` aggregation, whose SQL takes a
+fraction of a millisecond. Errors are SQLAlchemy's, as from `exec_driver_sql`
 (`DBAPIError` and its kinds; a lost connection invalidated). A connection with event listeners
 (statement counters, tracing) or echoing its SQL (`SQL_ECHO`) takes `exec_driver_sql`, so that
 they see the statement.
