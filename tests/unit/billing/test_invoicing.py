@@ -15,7 +15,7 @@ from billing import (
     ProviderSyncError,
 )
 from billing.errors import InvoiceStateError
-from billing.invoicing import drafts_covering, reprice_draft, store_invoice
+from billing.invoicing import drafts_covering, find_invoice, reprice_draft, store_invoice
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
@@ -286,3 +286,20 @@ def test_re_pricing_an_invoice_that_is_not_a_draft_is_refused_naming_it(session)
         reprice_draft(session, invoice)
     assert str(refused.value) == "a finalized invoice cannot be re-priced"
     assert (refused.value.invoice_id, refused.value.status) == ("inv-1", "finalized")
+
+
+def test_find_invoice_finds_the_one_of_that_period_and_currency(session) -> None:
+    mar = datetime(2025, 3, 1, tzinfo=UTC)
+    stored = {
+        (start, end, currency): store_invoice(session, "t1", start, end, currency, [])
+        for start, end, currency in [(JAN, FEB, "usd"), (FEB, mar, "usd"), (JAN, FEB, "eur")]
+    }
+    stored[(JAN, mar, "usd")] = None  # same start, another end: none
+    for (start, end, currency), invoice in stored.items():
+        assert find_invoice(session, "t1", start, end, currency) is invoice
+    voided = stored[(JAN, FEB, "usd")]
+    assert voided is not None
+    voided.status = "void"
+    session.flush()
+    live = store_invoice(session, "t1", JAN, FEB, "usd", [])
+    assert find_invoice(session, "t1", JAN, FEB, "usd") is live is not None
