@@ -139,31 +139,19 @@ def _gaps(start: datetime, end: datetime, stretches: Sequence[Stretch]) -> list[
     return gaps
 
 
-def _quantities(
-    session: Session,
-    tenant_id: str,
-    spec: MeterSpec,
-    stretches: Sequence[Stretch],
-    *where: ColumnElement[bool],
-) -> dict[Values, int]:
-    """Each group's quantity over the metric's events in `stretches` (groups without events
-    are absent), in one SQL statement."""
+def _unique_count(
+    session: Session, tenant_id: str, spec: MeterSpec, values: Values, stretches: Sequence[Stretch]
+) -> int:
+    """One group's `unique_count` over the metric's events in `stretches`, in one SQL
+    statement: a value seen in two stretches counts once."""
     events = [
         UsageEvent.tenant_id == tenant_id,
         UsageEvent.metric == spec.key,
         or_(*(and_(UsageEvent.at_ts >= s.start, UsageEvent.at_ts < s.end) for s in stretches)),
-        *where,
+        *_in_group(spec, values),
     ]
-    width = len(spec.group_by)
-    query = grouped_quantities(spec, *events)
-    if spec.aggregation != "latest":  # an aggregate without GROUP BY has a row of no events
-        query = query.add_columns(func.count())
-    rows = session.execute(query).all()
-    return {
-        tuple(row[:width]): int(row[width] or 0)
-        for row in rows
-        if spec.aggregation == "latest" or row[width + 1]
-    }
+    row = session.execute(grouped_quantities(spec, *events)).one()  # the group has events
+    return int(row[len(spec.group_by)])
 
 
 def _unpriced(
@@ -189,7 +177,8 @@ def _combined(
     values: Values,
     parts: list[tuple[Stretch, int]],
 ) -> int:
-    """One group's quantity over several stretches, from each stretch's quantity."""
+    """One group's quantity over several stretches, from each stretch's quantity (a
+    `unique_count` is counted again)."""
     quantities = [used for _, used in parts]
     if len(parts) == 1 or spec.aggregation in ("sum", "count"):
         return sum(quantities)
@@ -197,9 +186,7 @@ def _combined(
         return max(quantities)
     if spec.aggregation == "latest":
         return quantities[-1]
-    stretches = [stretch for stretch, _ in parts]
-    recount = _quantities(session, tenant_id, spec, stretches, *_in_group(spec, values))
-    return recount.get(values, 0)
+    return _unique_count(session, tenant_id, spec, values, [stretch for stretch, _ in parts])
 
 
 def _in_group(spec: MeterSpec, values: Values) -> list[ColumnElement[bool]]:

@@ -249,6 +249,37 @@ def test_unpriced_usage_over_several_stretches_is_aggregated_once(
     assert (None, (), expected, 0) in invoice_lines(session)
 
 
+def test_unpriced_unique_counts_over_several_stretches_are_counted_again_per_group(
+    session,
+) -> None:
+    declare_meter(
+        session, key="tokens", aggregation="unique_count", property="user", group_by=["model"]
+    )
+    other = plan_with(session, "other", {"metric": "calls", "unit_amount": 1})
+    subscribe(session, other, start=MID)  # stretches [JAN, MID) and [MID, FEB), tokens unpriced
+    for at, model, user in [
+        (JAN, "claude", "u6"),  # at the period's start: counted
+        (JAN + timedelta(days=2), "gpt-4", "u1"),
+        (MID + timedelta(days=1), "gpt-4", "u1"),  # in both stretches: counted once
+        (MID + timedelta(days=2), "gpt-4", "u2"),
+        (JAN + timedelta(days=3), "claude", "u3"),
+        (MID + timedelta(days=3), "claude", "u4"),
+        (JAN + timedelta(days=4), None, "u1"),
+        (MID + timedelta(days=4), None, "u5"),
+        (JAN - timedelta(microseconds=1), "gpt-4", "u7"),  # before the period
+        (FEB, "gpt-4", "u8"),  # at its end: the next period's
+    ]:
+        use(session, 1, at, user=user, **({"model": model} if model else {}))
+    use(session, 1, MID, tenant="other", model="gpt-4", user="u9")
+    use(session, 1, MID, metric="calls", model="gpt-4", user="u10")
+    assert invoice_lines(session) == [
+        ("other-0", (), 1, 1),
+        (None, (("model", "claude"),), 3, 0),
+        (None, (("model", "gpt-4"),), 2, 0),
+        (None, (("model", None),), 2, 0),
+    ]
+
+
 # --- rules ------------------------------------------------------------------------------------
 
 
