@@ -3,6 +3,7 @@ reissued, each change announced once; finalized invoices never change. On SQLite
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -89,6 +90,14 @@ def test_without_a_grace_period_the_invoice_is_finalized_with_a_number_at_once(
     invoice = generate(session)
     assert (invoice.status, invoice.number, invoice.finalized_at) == ("open", "INV-000001", LATER)
     assert topics(session) == ["billing.invoice.created", "billing.invoice.finalized"]
+    [(_, created)] = events(session, "billing.invoice.created")
+    assert created == {
+        "tenant_id": "t1",
+        "invoice_id": invoice.id,
+        "period_start": JAN.isoformat(),
+        "period_end": FEB.isoformat(),
+        "currency": "usd",
+    }
     [(_, finalized)] = events(session, "billing.invoice.finalized")
     assert finalized == {
         "tenant_id": "t1",
@@ -112,6 +121,7 @@ def test_numbers_are_gapless_across_tenants_and_periods_with_the_deployment_pref
         for tenant, start, end in [("t1", JAN, FEB), ("t2", JAN, FEB), ("t1", FEB, MAR)]
     ]
     assert numbers == ["ACME-000001", "ACME-000002", "ACME-000003"]
+    assert topics(session).count("billing.invoice.created") == 3  # each its own event
 
 
 def test_a_rolled_back_finalization_leaves_no_gap(session_factory, plan_committed) -> None:
@@ -127,6 +137,24 @@ def test_a_rolled_back_finalization_leaves_no_gap(session_factory, plan_committe
 def plan_committed(session_factory) -> None:
     with session_factory.begin() as session:
         seed_plan(session)
+
+
+def test_a_change_reads_the_invoice_as_stored_not_as_the_session_last_saw_it(
+    session_factory, plan_committed
+) -> None:
+    with session_factory.begin() as session:
+        invoice_id = generate(session).id
+    with session_factory() as stale:  # its objects outlive a commit (expire_on_commit off)
+        seen = service(stale).get_invoice(invoice_id)
+        stale.commit()
+        with session_factory.begin() as other:  # another process pays it meanwhile
+            service(other, now=LATER + timedelta(days=1)).pay_invoice(invoice_id)
+        paid = service(stale, now=LATER + timedelta(days=2)).pay_invoice(invoice_id)
+        assert paid is seen
+        assert (paid.status, paid.paid_at) == ("paid", LATER + timedelta(days=1))
+        stale.commit()
+    with session_factory() as session:
+        assert session.get(Invoice, invoice_id).paid_at == LATER + timedelta(days=1)
 
 
 def test_with_a_grace_period_the_invoice_is_a_draft_without_a_number(session, plan) -> None:
@@ -184,16 +212,27 @@ def test_forbidden_transitions_change_nothing(session, plan, prepare, change) ->
     before = (invoice.status, invoice.number, len(events(session)))
     with pytest.raises(InvoiceStateError) as raised:
         getattr(service(session), change)(invoice.id)
-    assert raised.value.status == prepare
+    assert (raised.value.invoice_id, raised.value.status) == (invoice.id, prepare)
     session.expire_all()
     after = session.get(Invoice, invoice.id)
     assert (after.status, after.number, len(events(session))) == before
 
 
+def test_each_change_of_state_is_logged_once(session, plan, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="billing.service")
+    invoice = generate(session)
+    service(session).pay_invoice(invoice.id)
+    service(session).pay_invoice(invoice.id)  # paid already: nothing to log
+    changes = [
+        r.getMessage() for r in caplog.records if r.getMessage().endswith((" open", " paid"))
+    ]
+    assert changes == [f"invoice {invoice.id} is open", f"invoice {invoice.id} is paid"]
+
+
 def test_another_tenant_s_invoice_is_unknown(session, plan) -> None:
     invoice = generate(session, "t1")
     for change in ("pay_invoice", "void_invoice", "finalize_invoice", "get_invoice"):
-        with pytest.raises(UnknownInvoiceError):
+        with pytest.raises(UnknownInvoiceError, match=f"no invoice '{invoice.id}' for this tenant"):
             getattr(service(session, "t2"), change)(invoice.id)
     assert session.get(Invoice, invoice.id).status == "open"
 

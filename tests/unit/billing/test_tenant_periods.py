@@ -159,6 +159,17 @@ def test_invoice_events_show_the_period_with_the_tenants_offset(session) -> None
         )
 
 
+def test_a_later_change_of_state_shows_the_period_with_the_tenants_offset(session) -> None:
+    set_tenant(session, "ny", timezone="America/New_York")
+    bill = invoice(session, "ny", at(2025, 3, 1, 5), at(2025, 4, 1, 4))
+    BillingService(session=session, tenant_id="ny").pay_invoice(bill.id)  # zone read again
+    [paid] = payloads(session, "billing.invoice.paid")
+    assert (paid["period_start"], paid["period_end"]) == (
+        "2025-03-01T00:00:00-05:00",
+        "2025-04-01T00:00:00-04:00",
+    )
+
+
 def test_the_upcoming_preview_is_the_local_month_so_far(session, fee_plan) -> None:
     set_tenant(session, "ny", timezone="America/New_York")
     service = BillingService(session=session, tenant_id="ny", now=lambda: at(2025, 4, 1, 3))
