@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from billing import BillingService, PriceDefinitionError
 from billing.dimensions import describe
@@ -229,24 +229,38 @@ def test_a_plan_switch_bills_each_subscription_for_its_own_stretch(
 
 
 @pytest.mark.parametrize(
-    ("aggregation", "prop", "expected"),
+    ("aggregation", "prop", "expected", "reads"),
     [
-        ("unique_count", "user", 2),  # u1 in both stretches, counted once
-        ("max", None, 8),
-        ("latest", None, 4),
-        ("count", None, 3),
+        ("unique_count", "user", 2, 3),  # u1 in two stretches, counted once: counted again
+        ("max", None, 8, 2),
+        ("latest", None, 4, 3),  # the last stretch's; its own window query
+        ("count", None, 3, 2),
+        ("sum", None, 17, 2),
     ],
 )
 def test_unpriced_usage_over_several_stretches_is_aggregated_once(
-    session, aggregation, prop, expected
+    session, engine, aggregation, prop, expected, reads
 ) -> None:
     declare_meter(session, key="tokens", aggregation=aggregation, property=prop)
     other = plan_with(session, "other", {"metric": "calls", "unit_amount": 1})
-    subscribe(session, other, start=MID)  # before MID: no subscription; after: tokens unpriced
+    # [JAN, MID) and [MID + 5 days, FEB) without a subscription; tokens unpriced in between
+    subscribe(session, other, start=MID, end=MID + timedelta(days=5))
     use(session, 8, JAN + timedelta(days=2), user="u1")
     use(session, 5, MID + timedelta(days=1), user="u1")
-    use(session, 4, MID + timedelta(days=2), user="u2")
-    assert (None, (), expected, 0) in invoice_lines(session)
+    use(session, 4, MID + timedelta(days=7), user="u2")
+    ledger_reads = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "usage_events" in statement:
+            ledger_reads.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert (None, (), expected, 0) in invoice_lines(session)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    # The metrics used, their quantities per stretch; only a unique count is read again.
+    assert len(ledger_reads) == reads
 
 
 def test_unpriced_unique_counts_over_several_stretches_are_counted_again_per_group(
