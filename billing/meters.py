@@ -32,7 +32,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from sqlalchemy import ColumnElement, Select, String, cast, distinct, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    cast,
+    distinct,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -164,7 +174,10 @@ def quantity(spec: MeterSpec, *where: ColumnElement[bool]) -> ColumnElement[int]
         last = events.add_columns(UsageEvent.amount).order_by(
             UsageEvent.at_ts.desc(), UsageEvent.amount.desc()
         )
-        return func.coalesce(last.limit(1).scalar_subquery(), 0)
+        # LIMIT 1 in the SQL, not a parameter: PostgreSQL plans a prepared statement's generic
+        # plan for a parameter LIMIT as a tenth of the rows and, finding it dearer, plans the
+        # statement again at each run (0.3 ms, twice the upsert's execution)
+        return func.coalesce(last.limit(literal_column("1", Integer())).scalar_subquery(), 0)
     return func.coalesce(events.add_columns(_aggregate(spec)).scalar_subquery(), 0)
 
 
