@@ -5,11 +5,12 @@ throughput or availability, they never claim the same delivery. Each process kee
 `concurrency` requests in flight on one pooled `httpx.Client`, plus up to `batch_size` claimed
 deliveries waiting for a free slot. Under a cap per subscription below `concurrency`, a claim
 takes each subscription a chain of up to `batch_size // 2` deliveries in one slot, sent one
-after another: a busy subscription at its cap costs one claim and a few recordings per chain,
-not per delivery, and a chain running low is fed more from its slot. A failing subscription
-gets chains of one (each retry in a slot of its own, as before), and a chain whose next
-delivery cannot be attempted (its lease ran out) is handed back whole. Delivery is at least
-once: a receiver drops repeats by `webhook-id`. The failure policy is `webhooks.policy`'s.
+after another by one task of the pool: a busy subscription at its cap costs one claim, one task
+and a few recordings per chain, not per delivery, and a chain running low is fed more from its
+slot. A failing subscription gets chains of one (each retry in a slot of its own, as before),
+and a chain whose next delivery cannot be attempted (its lease ran out) is handed back whole.
+Delivery is at least once: a receiver drops repeats by `webhook-id`. The failure policy is
+`webhooks.policy`'s.
 
 Fairness: every attempt has a total deadline (`attempt_timeout`, cut shorter so it ends before
 its claim's lease: a delivery is never sent again while an attempt is running), and no more than
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: Longest wait gathering outcomes into one recording transaction, in seconds.
 RECORD_EVERY = 0.05
+#: How often the recorder takes the outcomes queued meanwhile while it gathers, in seconds.
+GATHER_TICK = 0.005
 #: Seconds of a claim's lease left free after an attempt's deadline, to record its outcome
 #: (a tenth of the lease when that is shorter).
 LEASE_MARGIN = 5.0
@@ -86,7 +89,8 @@ class Relay:
         #: Set to make a waiting relay look for work now (a NOTIFY, a finished request, a stop).
         self.wake = threading.Event()
         self._done: queue.SimpleQueue[AttemptResult] = queue.SimpleQueue()
-        self._in_flight: dict[Future[AttemptResult | None], ClaimedDelivery] = {}
+        #: Each chain's task (or a delivery's alone), with the delivery it starts with.
+        self._in_flight: dict[Future[None], ClaimedDelivery] = {}
         #: The claimed deliveries of each chain (`ClaimedDelivery.slot`) not started yet.
         self._chains: dict[tuple[str, str], deque[ClaimedDelivery]] = {}
         #: Chains running low, to feed from their slots (`DeliveryStore.extend`).
@@ -254,31 +258,45 @@ class Relay:
             future = self._start(pool, delivery)
         future.add_done_callback(self._finished)
 
-    def _start(
-        self, pool: ThreadPoolExecutor, delivery: ClaimedDelivery
-    ) -> Future[AttemptResult | None]:
+    def _start(self, pool: ThreadPoolExecutor, delivery: ClaimedDelivery) -> Future[None]:
         # Called holding `_lock`: a stopping relay sees the attempt in `_in_flight` or not
         # started at all, never in between.
-        future = pool.submit(self.attempt, delivery)
+        future = pool.submit(self._deliver_chain, delivery)
         self._in_flight[future] = delivery
         return future
 
+    def _deliver_chain(self, delivery: ClaimedDelivery) -> None:
+        """Attempt `delivery`, then the rest of its chain one after another in this thread
+        (one task per chain, not per delivery), queueing each outcome for the recorder."""
+        current: ClaimedDelivery | None = delivery
+        while current is not None:
+            try:
+                result = self.attempt(current)
+            except Exception:
+                result = None  # the claim's lease ends and another attempt follows
+                logger.exception("a delivery attempt failed unexpectedly")
+            if result is not None:
+                self._done.put(result)
+            current = self._next_in_chain(current, result)
+            self._wake_if_more_due()
+
     def _next_in_chain(
-        self, delivery: ClaimedDelivery | None, result: AttemptResult | None
-    ) -> None:
-        """After an attempt of a chain: start the chain's next delivery, or if the attempt was
-        not made (its lease ran out, or a bug), hand the rest of the chain back."""
-        key = None if delivery is None else _chain_key(delivery)
+        self, delivery: ClaimedDelivery, result: AttemptResult | None
+    ) -> ClaimedDelivery | None:
+        """After an attempt of a chain: its next delivery to attempt, or None when the chain
+        ends; if the attempt was not made (its lease ran out, or a bug), the rest of the chain
+        is handed back."""
+        key = _chain_key(delivery)
         if key is None:
-            return
+            return None
         rest: list[ClaimedDelivery] = []
-        future = None
+        following = None
         with self._lock:
             chain = self._chains.get(key)
-            if chain is None or self._stopping or self._pool is None:
-                return
+            if chain is None or self._stopping:
+                return None
             if chain and result is not None:
-                future = self._start(self._pool, chain.popleft())
+                following = chain.popleft()
                 running_low = len(chain) < self.chain // 2 and key not in self._low
                 if running_low:
                     self._low.add(key)
@@ -286,38 +304,22 @@ class Relay:
                 rest, running_low = list(chain), False
                 del self._chains[key]
                 self._low.discard(key)
-        if future is not None:
-            future.add_done_callback(self._finished)
         if running_low:
             self.wake.set()
         if rest:
             self._release(rest)
+        return following
 
-    def _finished(self, future: Future[AttemptResult | None]) -> None:
-        # Queue the outcome before the future leaves `_in_flight`: a stopping recorder waits
-        # for finished futures still in there (`_settling`), so none is left unrecorded.
-        if future.cancelled():
-            result = None
-        elif error := future.exception():
-            result = None  # the claim's lease ends and another attempt follows
-            logger.error("a delivery attempt failed unexpectedly", exc_info=error)
-        else:
-            result = future.result()
-        if result is not None:
-            self._done.put(result)
+    def _finished(self, future: Future[None]) -> None:
         with self._lock:
-            delivery = self._in_flight.pop(future, None)
-        if future.cancelled():
-            return
-        self._next_in_chain(delivery, result)
-        remaining = self._in_flight_count()
-        if self._more_due and remaining == self._refill_at:
+            self._in_flight.pop(future, None)
+        if not future.cancelled():
+            self._wake_if_more_due()
+
+    def _wake_if_more_due(self) -> None:
+        """Claim again as the deliveries claimed fall to `_refill_at`, if more are due."""
+        if self._more_due and self._in_flight_count() == self._refill_at:
             self.wake.set()
-
-    def _settling(self) -> bool:
-        """True while a finished attempt's outcome may still be on its way to the recorder."""
-        with self._lock:
-            return any(future.done() for future in self._in_flight)
 
     def _in_flight_count(self) -> int:
         """Claimed deliveries not finished: attempts started, and chains' deliveries waiting."""
@@ -345,9 +347,9 @@ class Relay:
             try:
                 pending.append(self._done.get(timeout=0.05))
             except queue.Empty:
-                # `_settling` before `empty`: a callback queues its outcome before it leaves
-                # `_in_flight`, so one that finished after the `get` above is seen by either.
-                if stop.is_set() and not pending and not self._settling() and self._done.empty():
+                # A chain's task queues each outcome before it finishes, and `stop` is set
+                # once the tasks are done (or given up on): nothing more is coming.
+                if stop.is_set() and not pending and self._done.empty():
                     return
             if not pending:
                 continue
@@ -369,22 +371,24 @@ class Relay:
 
     def _gather(self, pending: list[AttemptResult], stop: threading.Event) -> None:
         """Add to `pending` the outcomes of attempts still running, for up to `RECORD_EVERY`:
-        one transaction per ~50 ms, not one per delivery. Outcomes already queued are taken
-        at once, and when no attempt is running there is nothing to wait for: a relay whose
-        claims are few (a subscription at its cap, a quiet outbox) records them, freeing their
-        slots, as soon as they are known."""
+        one transaction per ~50 ms, not one per delivery. Outcomes are taken every
+        `GATHER_TICK` (not a wake-up per outcome), and when no attempt is running there is
+        nothing to wait for: a relay whose claims are few (a subscription at its cap, a quiet
+        outbox) records them, freeing their slots, as soon as they are known."""
         deadline = time.monotonic() + RECORD_EVERY
-        while len(pending) < self.batch_size and not stop.is_set():
+        while not stop.is_set():
+            # Looked at before taking: a chain's task queues its outcomes before it ends.
+            running = self._running()
+            self._take_queued(pending)
+            left = deadline - time.monotonic()
+            if len(pending) >= self.batch_size or not running or left <= 0:
+                return
+            stop.wait(min(GATHER_TICK, left))
+
+    def _take_queued(self, pending: list[AttemptResult]) -> None:
+        while len(pending) < self.batch_size:
             try:
                 pending.append(self._done.get_nowait())
-                continue
-            except queue.Empty:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._running():
-                return
-            try:
-                pending.append(self._done.get(timeout=left))
             except queue.Empty:
                 return
 

@@ -7,7 +7,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import httpx
@@ -136,9 +135,7 @@ def test_a_chain_whose_attempt_was_not_made_is_handed_back_whole() -> None:
     world = World(lambda r: requests.append(r) or httpx.Response(200))
     first, *rest = claim_chain(world, 3)
     assert world.relay._chain_heads([first, *rest]) == [first]
-    world.relay._pool = pool = ThreadPoolExecutor(1)
-    with pool:
-        world.relay._next_in_chain(first, None)  # its lease ran out, or the attempt raised
+    assert world.relay._next_in_chain(first, None) is None  # its lease ran out, or it raised
     assert requests == []
     assert world.relay._chains == {}
     assert world.statuses()[1:] == [("pending", 0, True), ("pending", 0, True)]
@@ -154,19 +151,17 @@ def test_a_failing_subscription_gets_chains_of_one() -> None:
     assert claimed[0].slot is not None
 
 
-def test_an_attempt_made_starts_the_next_of_its_chain_and_so_on_to_its_end() -> None:
+def test_a_chains_task_makes_each_attempt_in_turn_to_its_end_even_failed_ones() -> None:
     requests: list[httpx.Request] = []
-    world = World(lambda r: requests.append(r) or httpx.Response(200))
+    world = World(lambda r: requests.append(r) or httpx.Response(500))
     first, second, third = claim_chain(world, 3)
     world.relay._chain_heads([first, second, third])
-    world.relay._pool = pool = ThreadPoolExecutor(1)
-    with pool:
-        world.relay._next_in_chain(first, outcome_of(first, Outcome(status_code=500), utcnow()))
-        deadline = time.monotonic() + 10
-        while world.relay._chains and time.monotonic() < deadline:
-            threading.Event().wait(0.005)
-    assert [r.headers["webhook-id"] for r in requests] == [second.event_id, third.event_id]
+    world.relay._deliver_chain(first)
+    sent = [first.event_id, second.event_id, third.event_id]
+    assert [r.headers["webhook-id"] for r in requests] == sent
     assert world.relay._chains == {}
+    assert [status for status, _, _ in world.statuses()] == ["pending"] * 3  # not recorded yet
+    assert world.relay._done.qsize() == 3
 
 
 def test_stopping_hands_back_the_deliveries_of_a_chain_not_started() -> None:

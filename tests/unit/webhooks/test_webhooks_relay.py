@@ -562,9 +562,9 @@ def test_while_an_attempt_runs_the_recorder_waits_for_its_outcome(
     relay._in_flight[running] = None  # type: ignore[assignment]
     first, late = object(), object()
 
-    def finish() -> None:  # as an attempt ends: the future is done, then its callback queues
-        running.set_result(None)
+    def finish() -> None:  # as a chain's task ends: its outcome queued, then its future done
         relay._done.put(late)  # type: ignore[arg-type]
+        running.set_result(None)
 
     threading.Timer(0.05, finish).start()
     pending = [first]
@@ -654,33 +654,23 @@ def test_the_log_line_lists_the_fields_as_key_value_pairs(caplog) -> None:
     )
 
 
-def test_a_stopping_recorder_waits_for_an_attempt_that_finished_but_is_not_queued_yet() -> None:
-    """An attempt whose future is done but whose done-callback has not queued its outcome yet
-    keeps a stopping recorder looking (`_settling`): the outcome is recorded, not dropped. The
-    callback is made to run exactly when the recorder looks a second time."""
+def test_a_chains_task_queues_its_outcomes_before_it_ends() -> None:
+    """A chain's task queues each outcome itself, before its future is done: a stopping
+    recorder that finds the queue empty once the tasks are done has missed none."""
     world = World(answer(200))
     world.subs.add(TOPIC, url=URL)
     world.service.publish(TOPIC, PAYLOAD)
+    world.service.publish(TOPIC, PAYLOAD)
     relay = world.relay
-    [claimed] = world.outbox.claim(10, world.clock.now, relay.lease)
-    finished: Future[AttemptResult | None] = Future()
-    finished.set_result(relay.attempt(claimed))
-    relay._in_flight[finished] = claimed
-
-    class CallbackOnSecondLook(queue.SimpleQueue[AttemptResult]):
-        looks = 0
-
-        def get(self, block: bool = True, timeout: float | None = None) -> AttemptResult:
-            self.looks += 1
-            if self.looks == 2:
-                relay._finished(finished)
-            return super().get(block, timeout)
-
-    relay._done = CallbackOnSecondLook()
+    claimed = world.outbox.claim(10, world.clock.now, relay.lease, 1, chain=2)
+    [head] = relay._chain_heads(claimed)
+    with ThreadPoolExecutor(max_workers=1) as pool, relay._lock:
+        task = relay._start(pool, head)
+    task.result()
     stop = threading.Event()
     stop.set()
     relay._record_until(stop)
-    assert world.statuses() == ["delivered"]
+    assert world.statuses() == ["delivered", "delivered"]
 
 
 def test_the_relays_threads_are_named_for_what_they_do() -> None:
