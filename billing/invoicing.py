@@ -14,12 +14,29 @@ import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
+from typing import cast as typed
 
-from sqlalchemy import Table, bindparam, delete, literal_column, select
+from psycopg.types.json import Json
+from sqlalchemy import (
+    BigInteger,
+    String,
+    Table,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    literal_column,
+    select,
+    true,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, make_transient_to_detached
 
+import webhooks
+from billing import driver_sql
 from billing.errors import (
     AmountOverflowError,
     CurrencyMismatchError,
@@ -31,6 +48,8 @@ from billing.models import Invoice, InvoiceLine, Price, Subscription
 from billing.periods import subscription_active_in
 from billing.pricing import fixed_amount
 from billing.usage_lines import LineDraft, Stretch, bill_usage
+from webhooks.interfaces import NewEvent
+from webhooks.outbox import publishing_ctes
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
 _CURRENCY = re.compile(r"^[a-z]{3}$")
@@ -83,7 +102,8 @@ def drafts_covering(session: Session, tenant_id: str, times: Sequence[datetime])
     return [invoice_id for invoice_id, start, end in rows if any(start <= at < end for at in times)]
 
 
-_invoices = cast(Table, Invoice.__table__)
+_invoices = typed(Table, Invoice.__table__)
+_LINES_TABLE = typed(Table, InvoiceLine.__table__)
 # Run after every usage event stored, so built once on the table: no ORM work per call.
 _DRAFTS_COVERING = (
     select(_invoices.c.id, _invoices.c.period_start, _invoices.c.period_end)
@@ -175,17 +195,22 @@ def store_invoice(
     end: datetime,
     currency: str,
     lines: list[LineDraft],
+    *,
+    announce: Callable[[str], NewEvent] | None = None,
 ) -> Invoice | None:
     """Insert a draft invoice and its lines unless a live one exists; return the new invoice
-    (None when one exists: the caller finds it).
+    (None when one exists: the caller finds it). With `announce`, also store the event it
+    returns for the new invoice's id in the SQL outbox (as `webhooks.publish` would).
 
     `INSERT … ON CONFLICT DO NOTHING RETURNING` on the partial unique index of invoices that
     are not void: when two workers race, the second waits for the first to commit and inserts
     nothing. A void invoice does not hold its period. The new row is the caller's (no other
-    transaction sees it before the commit), so it needs no lock to be finalized.
+    transaction sees it before the commit), so it needs no lock to be finalized. On PostgreSQL
+    the invoice, its lines and the event are one statement on the driver's cursor
+    (`billing.driver_sql`), each part written only if the invoice is.
 
-    The statement is Core (it returns the id only): the new invoice's object is made from the
-    values inserted, every column set, and added to the session as persistent, not read back.
+    The new invoice's object is made from the values inserted, every column set, and added to
+    the session as persistent, not read back.
     """
     now, invoice_id = utcnow(), new_id()
     row: dict[str, Any] = {
@@ -197,14 +222,47 @@ def store_invoice(
         "currency": currency,
         "created_at": now,
     }
-    statement = _INSERT_INVOICE[session.get_bind().dialect.name == "postgresql"]
-    if session.execute(statement, row).scalar_one_or_none() is None:
-        return None
-    _insert_lines(session, invoice_id, lines, now)
+    event = announce(invoice_id) if announce is not None else None
+    if session.get_bind().dialect.name == "postgresql":
+        session.flush()  # what the caller added is written first, as `session.execute` would
+        values = {**row, **_line_arrays(lines), **(_event_values(event) if event else {})}
+        if not _STORE_ALL[event is not None].rows(session, values):
+            return None
+    else:
+        if session.execute(_INSERT_INVOICE[False], row).scalar_one_or_none() is None:
+            return None
+        _insert_lines(session, invoice_id, lines, now)
+        if event is not None:
+            webhooks.publish(session, event.topic, event.payload, event_id=event.id)
     invoice = Invoice(**row, **_NEW_INVOICE)
     make_transient_to_detached(invoice)  # persistent once added: its row exists
     session.add(invoice)
     return invoice
+
+
+def _line_arrays(lines: list[LineDraft]) -> dict[str, list[Any]]:
+    """The lines as one array per column, for `unnest` (psycopg sends lists as arrays)."""
+    return {
+        "line_price_id": [line.price_id for line in lines],
+        "line_metric": [line.metric for line in lines],
+        "line_quantity": [line.quantity for line in lines],
+        "line_amount": [line.amount for line in lines],
+        "line_dimensions": [
+            None if line.dimensions is None else Json(line.dimensions) for line in lines
+        ],
+        "line_kind": [line.kind for line in lines],
+        "line_adjusts_invoice_id": [line.adjusts_invoice_id for line in lines],
+    }
+
+
+def _event_values(event: NewEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.id,
+        "event_topic": event.topic,
+        "event_tenant_id": event.tenant_id,
+        "event_payload": Json(event.payload),
+        "event_created_at": event.created_at,
+    }
 
 
 #: The columns of a new invoice `store_invoice` does not set: the object it makes has every
@@ -257,6 +315,67 @@ def _insert_invoice(insert: Callable[[Table], Any]) -> Any:
 _INSERT_INVOICE = {True: _insert_invoice(postgresql.insert), False: _insert_invoice(sqlite.insert)}
 
 
+def _store_all(announce: bool) -> driver_sql.Compiled:
+    """PostgreSQL: `store_invoice` in one statement. The invoice's INSERT is a CTE; the lines
+    (`unnest` of one array per column) and, with `announce`, the event with its deliveries
+    (`webhooks.outbox.publishing_ctes`) are selected from it, so a conflict writes nothing."""
+    new = _INSERT_INVOICE[True].cte("new_invoice")
+    arrays = (
+        func.unnest(
+            bindparam("line_price_id", type_=ARRAY(String())),
+            bindparam("line_metric", type_=ARRAY(String())),
+            bindparam("line_quantity", type_=ARRAY(BigInteger())),
+            bindparam("line_amount", type_=ARRAY(BigInteger())),
+            bindparam("line_dimensions", type_=ARRAY(postgresql.JSON())),
+            bindparam("line_kind", type_=ARRAY(String())),
+            bindparam("line_adjusts_invoice_id", type_=ARRAY(String())),
+        )
+        .table_valued(*_LINE_COLUMNS)
+        .render_derived(name="line")
+    )
+    line_rows = select(
+        cast(func.gen_random_uuid(), String),
+        new.c.id,
+        *(arrays.c[name] for name in _LINE_COLUMNS),
+        bindparam("created_at", type_=UTCDateTime()),
+    ).select_from(new.join(arrays, true()))
+    columns = ["id", "invoice_id", *_LINE_COLUMNS, "created_at"]
+    new_lines = (
+        insert(_LINES_TABLE)
+        .from_select(columns, line_rows)
+        .returning(_LINES_TABLE.c.id)
+        .cte("new_lines")
+    )
+    if not announce:
+        return driver_sql.compiled(select(new.c.id).add_cte(new, new_lines))
+    published = publishing_ctes(
+        select(
+            bindparam("event_id", type_=String()),
+            bindparam("event_topic", type_=String()),
+            bindparam("event_tenant_id", type_=String()),
+            bindparam("event_payload", type_=postgresql.JSON()),
+            bindparam("event_created_at", type_=UTCDateTime()),
+        ).select_from(new)
+    )
+    statement = select(new.c.id, published.notify()).add_cte(
+        new, new_lines, published.events, published.deliveries
+    )
+    return driver_sql.compiled(statement)
+
+
+_LINE_COLUMNS = (
+    "price_id",
+    "metric",
+    "quantity",
+    "amount",
+    "dimensions",
+    "kind",
+    "adjusts_invoice_id",
+)
+#: By whether the statement also stores the new invoice's event.
+_STORE_ALL = {False: _store_all(False), True: _store_all(True)}
+
+
 def reprice_draft(
     session: Session, invoice: Invoice, adjustments: Sequence[LineDraft] = ()
 ) -> None:
@@ -305,9 +424,6 @@ def _insert_lines(session: Session, invoice_id: str, lines: list[LineDraft], now
                 for line in lines
             ],
         )
-
-
-_LINES_TABLE = cast(Table, InvoiceLine.__table__)
 
 
 def _subscriptions_with_prices(

@@ -28,11 +28,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+import webhooks
 from billing.errors import InvoiceStateError, UnknownInvoiceError
 from billing.late_usage import DEFAULT_LOOKBACK, LateUsage
 from billing.models import Invoice
 from billing.numbering import number_invoice
 from billing.tenants import tenant_zone
+from webhooks.interfaces import NewEvent
+from webhooks.service import new_event
+from webhooks.sqltypes import utcnow
 
 INVOICE_CREATED = "billing.invoice.created"
 INVOICE_FINALIZED = "billing.invoice.finalized"
@@ -46,7 +50,9 @@ class Outbox(Protocol):
 
     It must store them in `webhook_events`, in the caller's transaction: finalizing publishes
     `billing.invoice.finalized` before the number is taken, and the numbering statement then
-    writes the number into that stored event (`billing.numbering.number_invoice`).
+    writes the number into that stored event (`billing.numbering.number_invoice`). The
+    `webhooks` module itself (the SQL outbox) is not called for the invoice's created and
+    finalized events: the statements that store the invoice and number it store them.
     """
 
     def publish(
@@ -149,15 +155,16 @@ def apply(
         invoice.status = transition.target
         session.flush()
     event_id = f"invoice_{transition.event_name}_{invoice.id}"
-    outbox.publish(
-        session,
-        transition.topic,
-        state_event(invoice, zone or tenant_zone(session, invoice.tenant_id)),
-        event_id=event_id,
-    )
+    payload = state_event(invoice, zone or tenant_zone(session, invoice.tenant_id))
+    # Finalizing with the SQL outbox, the numbering statement stores the event too.
+    announce = transition is FINALIZE and outbox is webhooks
+    if not announce:
+        outbox.publish(session, transition.topic, payload, event_id=event_id)
     if transition is FINALIZE:  # last: the sequence stays locked from here to the commit
-        prefix = policy.number_prefix
-        number = number_invoice(session, invoice.id, event_id, prefix, finalized_at=moment)
+        event = new_event(transition.topic, payload, event_id, utcnow()) if announce else None
+        number = number_invoice(
+            session, invoice.id, event_id, policy.number_prefix, finalized_at=moment, event=event
+        )
         set_committed_value(invoice, "number", number)
     return True
 
@@ -177,25 +184,24 @@ def state_event(invoice: Invoice, zone: tzinfo = UTC) -> dict[str, Any]:
     }
 
 
-def publish_created(
-    session: Session,
-    outbox: Outbox,
+def created_event(
     *,
     tenant_id: str,
     invoice_id: str,
     period_start: datetime,
     period_end: datetime,
     currency: str,
-) -> None:
-    """`billing.invoice.created` (the seed's payload), once per invoice row."""
-    event = {
+) -> NewEvent:
+    """`billing.invoice.created` (the seed's payload), with its stable id: once per invoice
+    row."""
+    payload = {
         "tenant_id": tenant_id,
         "invoice_id": invoice_id,
         "period_start": period_start.isoformat(),
         "period_end": period_end.isoformat(),
         "currency": currency,
     }
-    outbox.publish(session, INVOICE_CREATED, event, event_id=created_event_id(invoice_id))
+    return new_event(INVOICE_CREATED, payload, created_event_id(invoice_id), utcnow())
 
 
 def created_event_id(invoice_id: str) -> str:

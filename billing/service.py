@@ -37,6 +37,7 @@ from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT, metric_guard
 from billing.models import CreditNote, Invoice
 from billing.preview import InvoicePreview
 from billing.provider_sync import ProviderSync, sync_to_provider
+from webhooks.interfaces import NewEvent
 from webhooks.sqltypes import utcnow
 
 logger = logging.getLogger(__name__)
@@ -338,7 +339,29 @@ class BillingService:
             if found is None:
                 raise
             return found, False
-        new = invoicing.store_invoice(self.session, self.tenant_id, start, end, currency, lines)
+        zone = tenants.zone(zone_name)
+
+        def created(invoice_id: str) -> NewEvent:
+            return lifecycle.created_event(
+                tenant_id=self.tenant_id,
+                invoice_id=invoice_id,
+                period_start=start.astimezone(zone),
+                period_end=end.astimezone(zone),
+                currency=currency,
+            )
+
+        # The SQL outbox stores the event with the invoice (on PostgreSQL in its statement);
+        # another outbox is handed it once the invoice is stored.
+        sql_outbox = self.outbox is webhooks
+        new = invoicing.store_invoice(
+            self.session,
+            self.tenant_id,
+            start,
+            end,
+            currency,
+            lines,
+            announce=created if sql_outbox else None,
+        )
         if new is None:  # a racing run created it: find it, create nothing
             found = self._live(start, end, currency)
             assert found is not None, "the conflicting invoice must be visible once committed"
@@ -346,16 +369,9 @@ class BillingService:
         self._credit_overbilled(late)
         metrics.INVOICES_GENERATED.inc()
         logger.info("invoice %s created for tenant %s", new.id, self.tenant_id)
-        zone = tenants.zone(zone_name)
-        lifecycle.publish_created(
-            self.session,
-            self.outbox,
-            tenant_id=self.tenant_id,
-            invoice_id=new.id,
-            period_start=start.astimezone(zone),
-            period_end=end.astimezone(zone),
-            currency=currency,
-        )
+        if not sql_outbox:
+            event = created(new.id)
+            self.outbox.publish(self.session, event.topic, event.payload, event_id=event.id)
         return new, True
 
     def preview_invoice(

@@ -1,7 +1,8 @@
 """An invoice in a fixed number of statements: one SELECT for the subscriptions and their
 prices, one for the metrics used and their meters, one GROUP BY for every metric's usage, one
 INSERT for all the lines, the new invoice finalized without being read again and numbered
-last."""
+last. On PostgreSQL the invoice, its lines and its created event are one statement, and the
+number with the finalized event another."""
 
 from __future__ import annotations
 
@@ -75,28 +76,32 @@ def test_an_invoice_is_priced_stored_and_announced_in_a_fixed_number_of_statemen
     assert sent.count("SELECT subscriptions.id, subscriptions.tenant_id,") == 1  # with prices
     assert not any(s.startswith("SELECT prices") for s in sent)
     assert sent.count("SELECT tenants.timezone FROM") == 1  # for the period and both events
-    assert sent.count("INSERT INTO invoice_lines") == 1  # fee, metered, unbilled lines at once
     numbered = (  # last: the sequence's row stays locked until the commit
-        ["WITH taken AS"]  # sequence, invoice and event in one statement
+        ["WITH taken AS"]  # sequence, invoice and finalized event in one statement
         if on_postgresql
-        else ["UPDATE number_sequences SET", "UPDATE invoices SET", "UPDATE webhook_events SET"]
+        else [
+            *announced,  # billing.invoice.finalized
+            "UPDATE number_sequences SET",
+            "UPDATE invoices SET",
+            "UPDATE webhook_events SET",
+        ]
     )
-    after_insert = sent[sent.index("INSERT INTO invoices") :]
-    assert after_insert == [  # finalized at once: the new row is ours, no SELECT … FOR UPDATE
-        "INSERT INTO invoices",
-        "INSERT INTO invoice_lines",
-        *announced,  # billing.invoice.created
-        *announced,  # billing.invoice.finalized
-        *numbered,  # with the status: the row is updated once
-    ]
+    stored = (  # the invoice, all its lines and billing.invoice.created
+        ["WITH new_invoice AS"]  # in one statement
+        if on_postgresql
+        else ["INSERT INTO invoices", "INSERT INTO invoice_lines", *announced]
+    )
+    after_insert = sent[sent.index(stored[0]) :]
+    # finalized at once: the new row is ours, no SELECT … FOR UPDATE
+    assert after_insert == [*stored, *numbered]  # with the status: the row is updated once
     priced = sent.index("SELECT subscriptions.id, subscriptions.tenant_id,")
-    usage = sent[priced + 1 : sent.index("INSERT INTO invoices")]
+    usage = sent[priced + 1 : sent.index(stored[0])]
     assert len(usage) == 2  # the metrics used, with their meters; one GROUP BY for all three
     # No SELECT for the invoice first (the INSERT's ON CONFLICT covers it): one SELECT of
     # invoices, the tenant's finalized ones that late usage may adjust.
     assert sent.count("SELECT invoices.id, invoices.tenant_id,") == 1
-    assert len(sent) == 14 + 2 * (not on_postgresql) - 3 * on_postgresql  # PG: the advisory
-    # lock, and each event in one statement
+    assert len(sent) == (8 if on_postgresql else 16)  # PostgreSQL: the advisory lock, and
+    # the writes in two statements
     invoice = session.get(Invoice, invoice_id)
     assert (invoice.status, invoice.number, invoice.total_amount) == ("open", "INV-000001", 2930)
     assert lines_of(session, invoice) == [
