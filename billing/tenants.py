@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from billing import driver_sql
 from billing.counters import recount
 from billing.errors import (
     InvalidPeriodError,
@@ -145,13 +146,20 @@ def zone_name_of(session: Session, tenant_id: str, *, lock: bool = False) -> str
     from it (a day's aggregate, an invoice's period) commits in the zone it was read in. The
     lock is shared, so invoice runs and aggregations of the tenant do not wait for each other.
     """
-    if lock:
-        _lock_zone(session, tenant_id, shared=True)
+    if session.get_bind().dialect.name == "postgresql":
+        # Run for every invoice: both statements on the driver's cursor (`billing.driver_sql`).
+        session.flush()  # what the caller added is read, as `session.execute` would
+        if lock:
+            driver_sql.rows(session, _ZONE_LOCK_SHARED_SQL, {"key": zone_lock_key(tenant_id)})
+        found = driver_sql.rows(session, _ZONE_OF_SQL.sql, {"tenant_id": tenant_id})
+        return str(found[0][0]) if found and found[0][0] else UTC_NAME
     return session.execute(_ZONE_OF, {"tenant_id": tenant_id}).scalar_one_or_none() or UTC_NAME
 
 
 # Read for every invoice and aggregation: built once.
 _ZONE_OF = select(Tenant.timezone).where(Tenant.id == bindparam("tenant_id"))
+_ZONE_OF_SQL = driver_sql.compiled(_ZONE_OF)
+_ZONE_LOCK_SHARED_SQL = "SELECT pg_advisory_xact_lock_shared(hashtextextended(%(key)s, 0))"
 
 
 def tenant_zone(session: Session, tenant_id: str, *, lock: bool = False) -> tzinfo:

@@ -18,9 +18,23 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, distinct, func, select, union_all
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    and_,
+    any_,
+    bindparam,
+    case,
+    distinct,
+    func,
+    literal,
+    select,
+    union_all,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from billing import driver_sql
 from billing.meters import GROUP_VALUE_LENGTH, MeterSpec, property_text
 from billing.models import Meter, UsageEvent
 
@@ -35,10 +49,9 @@ def meters_in_use(
     """The meter of each metric the tenant used in `[start, end)` or that is in `priced`
     (a `sum` meter where none was declared), by key."""
     wanted = sorted(set(priced))
-    query = _METERS_USED_OR_PRICED if wanted else _METERS_USED
     bounds = {"tenant_id": tenant_id, "start": start, "end": end, "wanted": wanted}
     specs = {key: MeterSpec(key) for key in wanted}
-    for key, aggregation, prop, group_by in session.execute(query, bounds):
+    for key, aggregation, prop, group_by in _rows(session, _METERS[bool(wanted)], bounds):
         if aggregation is not None:
             specs[key] = MeterSpec(key, aggregation, prop, tuple(group_by))
         else:
@@ -63,6 +76,29 @@ _METERS_USED_OR_PRICED = union_all(
     _METERS_USED,
     select(Meter.key, *_METER_COLUMNS).where(Meter.key.in_(bindparam("wanted", expanding=True))),
 )
+_METERS_USED_OR_PRICED_PG = union_all(  # the priced metrics as one array, for the driver
+    _METERS_USED,
+    select(Meter.key, *_METER_COLUMNS).where(
+        Meter.key == any_(bindparam("wanted", type_=ARRAY(String())))
+    ),
+)
+#: By whether metrics are priced: the statement, and its SQL for the driver's cursor.
+_METERS = {
+    False: (_METERS_USED, driver_sql.compiled(_METERS_USED)),
+    True: (_METERS_USED_OR_PRICED, driver_sql.compiled(_METERS_USED_OR_PRICED_PG)),
+}
+
+
+def _rows(
+    session: Session, statement: tuple[Any, driver_sql.Compiled], values: dict[str, Any]
+) -> Sequence[Any]:
+    """The rows of `statement` (as built, and compiled for the driver's cursor): on PostgreSQL
+    sent on the driver's cursor (`billing.driver_sql`), as these run for every invoice."""
+    built, compiled = statement
+    if session.get_bind().dialect.name != "postgresql":
+        return session.execute(built, values).all()
+    session.flush()  # what the caller added is read, as `session.execute` would
+    return compiled.rows(session, values)
 
 
 def period_quantities(
@@ -138,7 +174,7 @@ class _Shape:
         self.unique = [
             key for key, spec in self.specs.items() if spec.aggregation == "unique_count"
         ]
-        self.grouped = self._grouped()
+        self.grouped = (self._grouped(), driver_sql.compiled(self._grouped(as_array=True)))
         self.last_events = self._last_events()
 
     @property
@@ -151,14 +187,20 @@ class _Shape:
             width = len(self.specs[metric].group_by)
             found.setdefault((int(stretch), metric), {})[tuple(values[:width])] = quantity
 
-    def _grouped(self) -> Any:
+    def _grouped(self, *, as_array: bool = False) -> Any:
+        """The GROUP BY; `as_array`: the metrics as one array literal (PostgreSQL), not an IN
+        list SQLAlchemy expands per execution, so that it compiles once for the driver."""
         distinct_counts = [
             func.count(distinct(property_text(self.specs[key].property or "")))
             for key in self.unique
         ]
         measures = [func.sum(UsageEvent.amount), func.count(), func.max(UsageEvent.amount)]
         keys = self.keys
-        return select(*keys, *measures, *distinct_counts).where(*self.where).group_by(*keys)
+        where = self.where
+        if as_array:
+            metrics = literal(sorted(self.specs), ARRAY(String()))
+            where = [where[0], UsageEvent.metric == any_(metrics), *where[2:]]
+        return select(*keys, *measures, *distinct_counts).where(*where).group_by(*keys)
 
     def _last_events(self) -> Any:
         keys = self.keys
@@ -174,7 +216,7 @@ class _Shape:
 
 def _grouped(session: Session, shape: _Shape, bounds: dict[str, Any], found: Quantities) -> None:
     width = len(shape.keys)
-    for row in session.execute(shape.grouped, bounds):
+    for row in _rows(session, shape.grouped, bounds):
         spec = shape.specs[row[0]]
         if spec.aggregation == "unique_count":
             quantity = row[width + 3 + shape.unique.index(spec.key)]
