@@ -314,3 +314,75 @@ def test_late_usage_of_a_price_retired_from_the_plan_is_not_re_priced(session, p
     tokens.plan_id = None  # what `billing catalog apply` does to a price's old version
     session.flush()
     assert service(session, FEB + DAY).pending_adjustments(currency="usd") == []
+
+
+def late_credits(session) -> list[tuple]:
+    """(invoice, amount, credited line, late units) of each late-usage credit note line."""
+    rows = session.execute(
+        select(CreditNote.invoice_id, CreditNoteLine.amount, CreditNoteLine.invoice_line_id)
+        .add_columns(CreditNoteLine.quantity)
+        .join(CreditNoteLine)
+        .where(CreditNote.reason == "late usage re-priced")
+    )
+    return sorted(tuple(row) for row in rows)
+
+
+def test_what_the_invoice_cannot_take_is_credited_on_the_invoices_that_billed_its_adjustments(
+    session,
+) -> None:
+    long = {"tenant": "t9", "late_usage_lookback": timedelta(days=100)}
+    tiered_plan(session, "volume")
+    use(session, 40, JAN + 5 * DAY, "on-time", tenant="t9")
+    january = invoice(session, JAN, FEB, **long)
+    service(session, FEB + DAY, "t9").create_credit_note(january.id, amount=80, reason="goodwill")
+    carriers = []  # each bills 30 late units of January (+60) and 10 units of its own (20)
+    for start, end in [(FEB, MAR), (MAR, APR)]:
+        use(session, 30, JAN + 20 * DAY, f"late {start}", tenant="t9")
+        use(session, 10, start + DAY, f"own {start}", tenant="t9")
+        carriers.append(invoice(session, start, end, **long))
+    assert [carrier.total_amount for carrier in carriers] == [80, 80]
+    older, newer = sorted(
+        session.scalars(select(InvoiceLine).where(InvoiceLine.kind == "adjustment")),
+        key=lambda line: line.id,
+    )
+    newer.created_at = older.created_at + timedelta(seconds=1)  # newest first, whatever the ids
+    session.flush()
+    on_line = [{"amount": 25, "invoice_line_id": newer.id}]
+    service(session, APR, "t9").create_credit_note(newer.invoice_id, lines=on_line, reason="x")
+    service(session, APR, "t9").create_credit_note(older.invoice_id, amount=50, reason="y")
+    use(session, 1, JAN + 21 * DAY, "crossing", tenant="t9")  # 101 units at 1: 99 less
+    invoice(session, APR, APR.replace(month=5), **long)
+    # January took nothing more; the newer line 60 - 25; the older invoice 80 - 50.
+    assert late_credits(session) == sorted(
+        [(newer.invoice_id, 35, newer.id, 1), (older.invoice_id, 30, older.id, 0)]
+    )
+    [pending] = service(
+        session, APR, "t9", late_usage_lookback=timedelta(days=100)
+    ).pending_adjustments(currency="usd")
+    assert (pending.adjusts_invoice_id, pending.quantity, pending.amount) == (january.id, 0, -34)
+
+
+def test_only_open_or_paid_invoices_that_billed_adjustments_for_its_period_are_credited(
+    session,
+) -> None:
+    long = {"tenant": "t9", "late_usage_lookback": timedelta(days=100)}
+    tiered_plan(session, "volume")
+    use(session, 40, JAN + 5 * DAY, "on-time", tenant="t9")
+    january = invoice(session, JAN, FEB, **long)
+    service(session, FEB + DAY, "t9").create_credit_note(january.id, amount=80, reason="goodwill")
+    use(session, 30, JAN + 20 * DAY, "late 1", tenant="t9")
+    february = invoice(session, FEB, MAR, **long)  # +60 for January
+    service(session, MAR, "t9").mark_uncollectible(february.id)
+    use(session, 30, JAN + 20 * DAY, "late 2", tenant="t9")
+    use(session, 5, FEB + 20 * DAY, "late for february", tenant="t9")
+    march = invoice(session, MAR, APR, **long)  # +60 for January, +10 for February
+    assert lines(session, march) == [
+        ("adjustment", "tokens", 5, 10, february.id),
+        ("adjustment", "tokens", 30, 60, january.id),
+        ("charge", "tokens", 0, 0, None),
+    ]
+    use(session, 1, JAN + 21 * DAY, "crossing", tenant="t9")  # 101 units at 1: 99 less
+    invoice(session, APR, APR.replace(month=5), **long)
+    [(invoice_id, amount, line_id, units)] = late_credits(session)
+    assert (invoice_id, amount, units) == (march.id, 60, 1)
+    assert session.get(InvoiceLine, line_id).adjusts_invoice_id == january.id
