@@ -215,6 +215,27 @@ def test_without_listen_the_relay_still_finds_events_by_polling(
     assert sorted(receiver.ids()) == sorted(ids)
 
 
+def test_a_relay_whose_database_connections_are_cut_goes_on_delivering(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    """Its pool holds no ping: the first claim or recording on a dead connection fails, is
+    retried on a fresh one, and every event arrives."""
+    receiver.start()
+    subscribe(pg_sessions, receiver)
+    relays.start()
+    first = publish_many(pg_sessions, 5)
+    wait_until(lambda: statuses(pg_sessions) == {"delivered": 5})
+    cut = text(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    with pg_sessions() as session:
+        assert session.scalar(cut)
+    second = publish_many(pg_sessions, 5)
+    wait_until(lambda: statuses(pg_sessions) == {"delivered": 10})
+    assert sorted(receiver.ids()) == sorted(first + second)
+
+
 def test_410_gone_disables_the_subscription(
     pg_sessions, receiver: Receiver, relays: Relays
 ) -> None:
