@@ -132,7 +132,8 @@ def credit_overbilled(
             line = credit_notes.CreditLine(
                 amount,
                 invoice_line_id=line_id,
-                description=f"late usage of {adjustment.metric}: {quantity:+d}"[:200],
+                # under 200 characters: a metric has 100 at most
+                description=f"late usage of {adjustment.metric}: {quantity:+d}",
                 quantity=quantity,  # the late units are counted once, on the first note
             )
             notes.append(
@@ -264,12 +265,12 @@ def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list
 
 
 def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
+    """Quantities and amounts added up by key (only the keys of usage lines are looked up)."""
     tallies: dict[Key, _Tally] = {}
     for key, quantity, amount in rows:
-        if key[0] and key[1]:  # usage lines only: a price and a metric
-            tally = tallies.setdefault(key, _Tally())
-            tally.quantity += quantity
-            tally.amount += amount
+        tally = tallies.setdefault(key, _Tally())
+        tally.quantity += quantity
+        tally.amount += amount
     return tallies
 
 

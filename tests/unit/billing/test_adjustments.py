@@ -175,6 +175,12 @@ def test_a_negative_difference_is_a_credit_note_on_the_finalized_invoice_once(se
     invoice(session, MAR, APR, tenant="t9")
     assert credit_notes(session) == [(january.id, 90, 10)]
     assert january.total_amount == 200  # the invoice itself never changes
+    [credited] = session.scalars(select(CreditNoteLine))
+    [tokens] = [line for line in january.lines if line.metric == "tokens"]
+    assert (credited.invoice_line_id, credited.description) == (
+        tokens.id,
+        "late usage of tokens: +10",
+    )
 
 
 def test_ignore_bills_late_usage_nowhere(session, plan) -> None:
@@ -308,12 +314,19 @@ def test_a_negative_difference_on_a_fully_credited_invoice_stays_pending(session
 
 
 def test_late_usage_of_a_price_retired_from_the_plan_is_not_re_priced(session, plan) -> None:
-    invoice(session, JAN, FEB)
+    session.add(Price(key="calls", plan_id=plan.id, currency="usd", metric="calls", unit_amount=5))
+    january = invoice(session, JAN, FEB)
+    for line in january.lines:  # the retired price's line first: the others are still looked at
+        line.created_at -= timedelta(seconds=1) if line.metric == "tokens" else timedelta(0)
     use(session, 10, JAN + 20 * DAY, "late")
+    service(session, APR).record_usage(
+        metric="calls", amount=2, at=JAN + 20 * DAY, idempotency_key="late calls"
+    )
     tokens = session.scalar(select(Price).where(Price.key == "tokens"))
     tokens.plan_id = None  # what `billing catalog apply` does to a price's old version
     session.flush()
-    assert service(session, FEB + DAY).pending_adjustments(currency="usd") == []
+    [pending] = service(session, FEB + DAY).pending_adjustments(currency="usd")
+    assert (pending.metric, pending.quantity, pending.amount) == ("calls", 2, 10)
 
 
 def late_credits(session) -> list[tuple]:
