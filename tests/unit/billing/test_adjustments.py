@@ -399,3 +399,19 @@ def test_only_open_or_paid_invoices_that_billed_adjustments_for_its_period_are_c
     [(invoice_id, amount, line_id, units)] = late_credits(session)
     assert (invoice_id, amount, units) == (march.id, 60, 1)
     assert session.get(InvoiceLine, line_id).adjusts_invoice_id == january.id
+    service(session, APR, "t9").void_invoice(march.id)  # its adjustments and credit no longer count
+    pending = service(session, APR, "t9", late_usage_lookback=timedelta(days=100))
+    # 101 units cost 101, January and February billed 80 + 60 for them; 101 - 40 - 30 late units
+    assert [(a.quantity, a.amount) for a in pending.pending_adjustments(currency="usd")] == [
+        (31, -39),
+        (5, 10),  # February's late 5 units, billed on March no more
+    ]
+
+
+def test_pending_adjustments_are_listed_oldest_period_first(session, plan) -> None:
+    february = invoice(session, FEB, MAR)  # stored first
+    january = invoice(session, JAN, FEB)
+    use(session, 10, FEB + 20 * DAY, "late february")
+    use(session, 10, JAN + 20 * DAY, "late january")
+    pending = service(session, MAR + DAY).pending_adjustments(currency="usd")
+    assert [a.adjusts_invoice_id for a in pending] == [january.id, february.id]
