@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import psycopg
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -30,13 +30,18 @@ def rows(session: Session, sql: str, params: dict[str, Any]) -> list[Any]:
     connection = session.connection()
     if connection._has_events or connection.engine._has_events or connection._echo:
         return list(connection.exec_driver_sql(sql, params).all())
-    driver = cast("psycopg.Connection[Any]", connection.connection.dbapi_connection)
+    driver = driver_connection(connection)
     try:
         with driver.cursor() as cursor:
             return cursor.execute(sql, params).fetchall()
     except psycopg.Error as error:
         connection._handle_dbapi_exception(error, sql, params, None, None)  # raises
         raise
+
+
+def driver_connection(connection: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under `connection` (for what SQLAlchemy has no API for: COPY)."""
+    return cast("psycopg.Connection[Any]", connection.connection.dbapi_connection)
 
 
 @dataclass(frozen=True, slots=True)

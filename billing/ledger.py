@@ -419,7 +419,7 @@ def _copy_to_stage(session: Session, events: Sequence[UsageInput]) -> None:
     # usual exceptions; COPY, which SQLAlchemy has no API for, has its errors wrapped alike.
     sql = session.connection()
     sql.exec_driver_sql(_STAGE_CREATE)
-    connection = cast("psycopg.Connection[Any]", sql.connection.dbapi_connection)
+    connection = driver_sql.driver_connection(sql)
     try:
         with connection.cursor() as cursor, cursor.copy(_STAGE_COPY) as copy:
             copy.set_types(_STAGE_TYPES)
