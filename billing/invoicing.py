@@ -318,10 +318,11 @@ def _insert_invoice(insert: Callable[[Table], Any]) -> Any:  # pragma: no mutate
 _INSERT_INVOICE = {True: _insert_invoice(postgresql.insert), False: _insert_invoice(sqlite.insert)}
 
 
-def _store_all(announce: bool) -> driver_sql.Compiled:
+def _store_all(announce: bool) -> driver_sql.Compiled:  # pragma: no mutate block
     """PostgreSQL: `store_invoice` in one statement. The invoice's INSERT is a CTE; the lines
     (`unnest` of one array per column) and, with `announce`, the event with its deliveries
-    (`webhooks.outbox.publishing_ctes`) are selected from it, so a conflict writes nothing."""
+    (`webhooks.outbox.publishing_ctes`) are selected from it, so a conflict writes nothing.
+    Not mutated, as `_insert_invoice`: it runs at import."""
     new = _INSERT_INVOICE[True].cte("new_invoice")
     arrays = (
         func.unnest(
