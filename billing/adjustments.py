@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, aliased
 from billing import credit_notes
 from billing.errors import CurrencyMismatchError
 from billing.invoicing import price_lines
-from billing.late_usage import DEFAULT_LOOKBACK, FINALIZED
+from billing.late_usage import FINALIZED
 from billing.lifecycle import Outbox
 from billing.models import CreditNote, CreditNoteLine, Invoice, InvoiceLine
 from billing.usage_lines import LineDraft
@@ -75,9 +75,9 @@ def pending_adjustments(
     currency: str,
     now: datetime,
     *,
-    lookback: timedelta = DEFAULT_LOOKBACK,
-    exclude_invoice_id: str | None = None,
-    lock: bool = False,
+    lookback: timedelta,
+    exclude_invoice_id: str | None,
+    lock: bool,
 ) -> list[Adjustment]:
     """The adjustments not billed yet of the tenant's finalized invoices in `currency` whose
     period ended at or after `now - lookback`, oldest period first. Stores nothing.
@@ -117,12 +117,11 @@ def credit_overbilled(
     *,
     now: Callable[[], datetime],
     outbox: Outbox,
-) -> list[CreditNote]:
+) -> None:
     """Credit each negative adjustment: on its finalized invoice first, then, for what that
     invoice cannot take (its total less its credit notes), on the invoices that billed
     adjustments for its period, newest first (each up to what its adjustment lines billed).
     Only `open` and `paid` invoices are credited; what none can take stays pending."""
-    notes = []
     for adjustment in adjustments:
         remaining, quantity = -adjustment.amount, adjustment.quantity
         for invoice, line_id, room in _creditable(session, adjustment) if remaining > 0 else ():
@@ -136,22 +135,19 @@ def credit_overbilled(
                 description=f"late usage of {adjustment.metric}: {quantity:+d}",
                 quantity=quantity,  # the late units are counted once, on the first note
             )
-            notes.append(
-                credit_notes.create(
-                    session,
-                    tenant_id,
-                    invoice.id,
-                    amount=amount,
-                    lines=[line],
-                    reason=LATE_USAGE_REASON,
-                    now=now,
-                    outbox=outbox,
-                )
+            credit_notes.create(
+                session,
+                tenant_id,
+                invoice.id,
+                amount=amount,
+                lines=[line],
+                reason=LATE_USAGE_REASON,
+                now=now,
+                outbox=outbox,
             )
             remaining, quantity = remaining - amount, 0
             if remaining == 0:
                 break
-    return notes
 
 
 def _creditable(session: Session, adjustment: Adjustment) -> Iterator[tuple[Invoice, str, int]]:

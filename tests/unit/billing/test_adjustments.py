@@ -415,3 +415,25 @@ def test_pending_adjustments_are_listed_oldest_period_first(session, plan) -> No
     use(session, 10, JAN + 20 * DAY, "late january")
     pending = service(session, MAR + DAY).pending_adjustments(currency="usd")
     assert [a.adjusts_invoice_id for a in pending] == [january.id, february.id]
+
+
+@pytest.mark.parametrize(
+    ("mode", "on_time", "late", "billed", "credited"),
+    [
+        ("graduated", 100, 1, [1, 1], []),  # 100 units cost 200, 101 cost 201
+        ("volume", 51, 50, [], [1, 1]),  # 51 units cost 102, 101 cost 101
+    ],
+)
+def test_each_invoice_s_difference_of_a_cent_is_billed_or_credited(
+    session, mode, on_time, late, billed, credited
+) -> None:
+    long = {"tenant": "t9", "late_usage_lookback": timedelta(days=100)}
+    tiered_plan(session, mode)
+    for start, end in [(JAN, FEB), (FEB, MAR)]:
+        use(session, on_time, start + 5 * DAY, f"on-time {start}", tenant="t9")
+        invoice(session, start, end, **long)
+    for start in (JAN, FEB):
+        use(session, late, start + 20 * DAY, f"late {start}", tenant="t9")
+    invoice(session, MAR, APR, **long)
+    assert [amount for _, _, amount in adjustment_lines(session)] == billed
+    assert [amount for _, amount, _ in credit_notes(session)] == credited
