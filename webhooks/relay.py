@@ -95,8 +95,6 @@ class Relay:
         self._chains: dict[tuple[str, str], deque[ClaimedDelivery]] = {}
         #: Chains running low, to feed from their slots (`DeliveryStore.extend`).
         self._low: set[tuple[str, str]] = set()
-        self._pool: ThreadPoolExecutor | None = None
-        self._stopping = False
         self._lock = threading.Lock()
         self._more_due = False
 
@@ -180,7 +178,6 @@ class Relay:
     def run(self, stop: threading.Event) -> None:
         """Deliver until `stop` is set, then shut down gracefully."""
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="webhook-send")
-        self._pool, self._stopping = pool, False
         recorder_stop = threading.Event()
         recorder = threading.Thread(
             target=self._record_until, args=(recorder_stop,), name="webhook-record"
@@ -191,7 +188,7 @@ class Relay:
                 self.wake.clear()
                 claimed = self._claim_into(pool)
                 if claimed == 0 or self._in_flight_count() > self._refill_at:
-                    self.wake.wait(self._idle_wait(claimed))
+                    self.wake.wait(self._idle_wait())
         finally:
             self._shut_down(pool)
             recorder_stop.set()
@@ -293,7 +290,7 @@ class Relay:
         following = None
         with self._lock:
             chain = self._chains.get(key)
-            if chain is None or self._stopping:
+            if chain is None:  # a stopping relay has none left (`_shut_down`)
                 return None
             if chain and result is not None:
                 following = chain.popleft()
@@ -326,8 +323,8 @@ class Relay:
         with self._lock:
             return len(self._in_flight) + sum(len(chain) for chain in self._chains.values())
 
-    def _idle_wait(self, claimed: int) -> float:
-        if claimed or self._in_flight_count():
+    def _idle_wait(self) -> float:
+        if self._in_flight_count():  # a finished request or a recording wakes the relay
             return self.poll_interval
         try:
             due = self.store.next_due(self._now())
@@ -398,8 +395,7 @@ class Relay:
             return not all(future.done() for future in self._in_flight)
 
     def _shut_down(self, pool: ThreadPoolExecutor) -> None:
-        with self._lock:
-            self._stopping = True
+        with self._lock:  # no chain goes on past this: `_next_in_chain` finds none
             pending = list(self._in_flight.items())
             waiting = [delivery for chain in self._chains.values() for delivery in chain]
             self._chains.clear()
@@ -410,7 +406,7 @@ class Relay:
         if running:
             logger.info("waiting for %d deliveries in flight", len(running))
             wait_for(running, timeout=self.shutdown_timeout)
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False)  # every attempt not started was cancelled above
 
     def _release(self, deliveries: Sequence[ClaimedDelivery]) -> None:
         try:

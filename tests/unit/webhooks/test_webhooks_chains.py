@@ -7,6 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import httpx
@@ -181,7 +182,9 @@ def test_stopping_hands_back_the_deliveries_of_a_chain_not_started() -> None:
         stop.set()
         world.relay.wake.set()
         deadline = time.monotonic() + 10
-        while not world.relay._stopping and time.monotonic() < deadline:
+        while world.statuses()[1:] != [("pending", 0, True)] * 3:  # handed back
+            if time.monotonic() > deadline:
+                break
             threading.Event().wait(0.005)
         answer.set()
 
@@ -202,3 +205,118 @@ def test_there_are_no_chains_when_the_cap_does_not_hold_a_subscription_below_con
     assert world.relay.chain == 1
     world.relay.max_in_flight_per_subscription = None
     assert world.relay.chain == 1
+
+
+def low_chain(world: World, waiting: int) -> tuple[tuple[str, str], list]:
+    """A chain of 4 claimed, its head in flight (held by the store), `waiting` of the rest
+    still waiting, and the chain marked running low; return its key and every delivery."""
+    claimed = claim_chain(world, 4)
+    head = claimed[0]
+    key = (head.slot, head.subscription_id)
+    world.relay._chain_heads(claimed)
+    for _ in range(3 - waiting):
+        world.relay._chains[key].popleft()
+    world.relay._low = {key}
+    return key, claimed
+
+
+def publish_more(world: World, count: int) -> None:
+    for _ in range(count):
+        world.service.publish(TOPIC, PAYLOAD)
+
+
+def fed_world(requests: list[httpx.Request]) -> World:
+    world = World(
+        lambda r: requests.append(r) or httpx.Response(200),
+        batch_size=8,
+        max_in_flight_per_subscription=1,
+    )
+    assert world.relay.chain == 4
+    return world
+
+
+def test_a_chain_running_low_is_topped_up_to_a_full_chain_from_its_slot() -> None:
+    requests: list[httpx.Request] = []
+    world = fed_world(requests)
+    key, _ = low_chain(world, waiting=1)
+    publish_more(world, 6)  # due, of the same subscription
+    with ThreadPoolExecutor(1) as pool:
+        assert world.relay._extend_chains(pool) == 3
+    assert len(world.relay._chains[key]) == 4  # the fed ones wait their turn in the chain
+    assert requests == []
+    assert world.relay._low == set()
+
+
+def test_a_chain_that_ended_before_it_was_fed_starts_again_with_what_its_slot_took() -> None:
+    requests: list[httpx.Request] = []
+    world = fed_world(requests)
+    key, claimed = low_chain(world, waiting=0)
+    del world.relay._chains[key]  # its last attempt finished before the feed
+    before = {d.id for d in world.outbox.deliveries()}
+    publish_more(world, 6)
+    fed = [d.id for d in world.outbox.deliveries() if d.id not in before][:4]
+    with ThreadPoolExecutor(1) as pool:
+        assert world.relay._claim_into(pool) == 4  # the rest wait: the slot is the cap's one
+        deadline = time.monotonic() + 10
+        while len(requests) < 4 and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+    sent = [r.headers["webhook-id"] for r in requests]
+    assert sent == [d.event.id for d in world.outbox.deliveries() if d.id in fed]
+    assert world.relay._chains == {}
+
+
+class FailingFirstExtend(Counting):
+    """Its first `extend` fails, as a database error would."""
+
+    failed = False
+
+    def extend(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("database unreachable")
+        return super().extend(*args, **kwargs)
+
+
+def test_a_chain_whose_feed_fails_ends_and_the_other_chains_are_still_fed(caplog) -> None:
+    world = World(Overlap(), batch_size=8, max_in_flight_per_subscription=1)
+    world.outbox = world.relay.store = FailingFirstExtend()  # type: ignore[assignment]
+    world.service = WebhookService(outbox=world.outbox, subs=world.subs)
+    world.subs.add(TOPIC, url=URL)
+    world.subs.add(TOPIC, url=URL + "/2")
+    world.subs.add(TOPIC, url=URL + "/3")
+    for _ in range(10):
+        world.service.publish(TOPIC, PAYLOAD)
+    claimed = world.outbox.claim(12, utcnow(), world.relay.lease, 1, chain=4)
+    world.relay._chain_heads(claimed)
+    keys = sorted(world.relay._chains)
+    assert len(keys) == 3
+    for key in keys:
+        world.relay._chains[key].clear()
+    world.relay._low = set(keys)
+    with caplog.at_level("ERROR", logger="webhooks.relay"), ThreadPoolExecutor(1) as pool:
+        assert world.relay._extend_chains(pool) == 8
+    assert [len(world.relay._chains[key]) for key in keys] == [0, 4, 4]
+    assert [r.getMessage() for r in caplog.records] == [
+        "extending a chain failed; its slot ends with it"
+    ]
+
+
+def test_a_chain_with_under_half_a_chain_waiting_is_marked_low_once_and_wakes_the_relay() -> None:
+    """Chains of 5: of 4 waiting behind the head, taking the third leaves 1 (< 5 // 2) and
+    marks the chain low (once), waking the relay to feed it; 3 and 2 left are not low."""
+    world = World(Overlap(), batch_size=10, max_in_flight_per_subscription=1)
+    assert world.relay.chain == 5
+    claimed = claim_chain(world, 5)
+    first = claimed[0]
+    key = (first.slot, first.subscription_id)
+    relay = world.relay
+    assert relay._chain_heads(claimed) == [first]
+    low: list[tuple[int, bool, bool]] = []
+    following = []
+    for _step in range(4):
+        relay.wake.clear()
+        result = outcome_of(first, Outcome(status_code=200), utcnow())
+        following.append(relay._next_in_chain(first, result))
+        low.append((len(relay._chains[key]), key in relay._low, relay.wake.is_set()))
+    assert low == [(3, False, False), (2, False, False), (1, True, True), (0, True, False)]
+    assert following == claimed[1:]

@@ -746,13 +746,15 @@ def test_a_stop_waits_for_requests_in_flight_at_most_the_shutdown_timeout(caplog
 def test_an_idle_relay_waits_until_the_next_delivery_is_due_within_the_poll_interval() -> None:
     world = World(answer(200), poll_interval=5.0)
     relay = world.relay
-    assert relay._idle_wait(0) == 5.0  # nothing due: the poll interval
+    assert relay._idle_wait() == 5.0  # nothing due: the poll interval
     world.subs.add(TOPIC, url=URL)
     world.service.publish(TOPIC, PAYLOAD)  # due now
-    assert relay._idle_wait(0) == 0.001  # at once (the floor, not a busy loop)
-    assert relay._idle_wait(1) == 5.0  # it just claimed: a NOTIFY or a finished request wakes it
+    assert relay._idle_wait() == 0.001  # at once (the floor, not a busy loop)
     world.clock.advance(timedelta(seconds=-2))  # due in 2 s
-    assert relay._idle_wait(0) == 2.0
+    assert relay._idle_wait() == 2.0
+    running: Future[AttemptResult | None] = Future()
+    relay._in_flight[running] = None  # type: ignore[assignment]
+    assert relay._idle_wait() == 5.0  # a finished request or its recording wakes it
 
 
 def test_the_recorder_gathers_at_most_a_batch_per_transaction() -> None:
@@ -869,3 +871,105 @@ def test_a_delivery_left_with_only_the_margin_of_its_lease_is_handed_back_unsent
     world.clock.now = claimed.lease_ends_at - margin
     assert world.relay.attempt(claimed) is None
     assert len(world.requests) == 1
+
+
+class Waits(threading.Event):
+    """A set stop event that notes how long each `wait` was asked to wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set()
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return super().wait(timeout)
+
+
+class NotedWaits(queue.SimpleQueue[AttemptResult]):
+    """Outcomes that note the timeout of each blocking `get`."""
+
+    def __init__(self) -> None:
+        self.waits: list[float | None] = []
+
+    def get(self, block: bool = True, timeout: float | None = None) -> AttemptResult:
+        if block:
+            self.waits.append(timeout)
+        return super().get(block, timeout)
+
+
+def test_an_idle_recorder_looks_for_outcomes_and_its_stop_every_50_ms() -> None:
+    relay = World(answer(200)).relay
+    relay._done = outcomes = NotedWaits()
+    relay._record_until(Waits())
+    assert outcomes.waits == [0.05]
+
+
+def test_after_a_failed_write_the_recorder_waits_a_second_or_the_poll_interval_if_shorter() -> None:
+    for poll_interval, wait in [(5.0, 1.0), (0.25, 0.25)]:
+        relay = World(answer(200), poll_interval=poll_interval).relay
+        relay.store = FailingRecords(1)  # type: ignore[assignment]
+        relay._done.put(object())  # type: ignore[arg-type]
+        stop = Waits()
+        relay._record_until(stop)
+        assert stop.timeouts == [wait]
+
+
+def test_a_write_that_succeeds_gives_the_next_failing_write_three_tries_again() -> None:
+    """The first outcome's write fails once, then succeeds; a second outcome, queued then,
+    fails every time, and a stopping recorder still tries it three times before it gives up."""
+    relay = World(answer(200)).relay
+    first, second = object(), object()
+
+    class SecondWriteSucceeds(FailingRecords):
+        def record(self, results, now, disable_after) -> None:
+            self.calls += 1
+            if self.calls != 2:
+                raise ConnectionError("database unreachable")
+            self.recorded.extend(results)
+            relay._done.put(second)  # type: ignore[arg-type]
+
+    relay.store = store = SecondWriteSucceeds(0)  # type: ignore[assignment]
+    relay._done.put(first)  # type: ignore[arg-type]
+    relay._record_until(Waits())
+    assert (store.calls, store.recorded) == (5, [first])
+
+
+def test_at_the_refill_mark_the_relay_claims_again_without_waiting() -> None:
+    """1 slot, batches of 2: the mark is 1 + 2 // 2 = 2. The first claim finds 2 deliveries
+    (3 more are published just after it); with 2 in flight, at the mark, not above it, the
+    relay claims again at once, while the first request is still held (no request finished,
+    no recording, no poll: the poll interval is longer than the test)."""
+    held = Blocking(wait=10)
+    world = World(
+        held,
+        concurrency=1,
+        batch_size=2,
+        poll_interval=600,
+        max_in_flight_per_subscription=None,
+        shutdown_timeout=10,
+    )
+    world.subs.add(TOPIC, url=URL)
+    for _ in range(2):
+        world.service.publish(TOPIC, PAYLOAD)
+    claims: list[int] = []
+    claim = world.outbox.claim
+
+    def claiming(*args, **kwargs):
+        claimed = claim(*args, **kwargs)
+        if not claims:
+            for _ in range(3):
+                world.service.publish(TOPIC, PAYLOAD)
+        claims.append(len(claimed))
+        return claimed
+
+    world.outbox.claim = claiming  # type: ignore[method-assign]
+
+    def claimed_all_while_held() -> bool:
+        if sum(claims) < 3:
+            return False
+        held.finish.set()
+        return True
+
+    run_until(world, claimed_all_while_held)
+    assert claims[:2] == [2, 1]
