@@ -437,3 +437,35 @@ def test_each_invoice_s_difference_of_a_cent_is_billed_or_credited(
     invoice(session, MAR, APR, **long)
     assert [amount for _, _, amount in adjustment_lines(session)] == billed
     assert [amount for _, amount, _ in credit_notes(session)] == credited
+
+
+def test_a_draft_re_priced_leaves_out_what_another_invoice_billed_for_the_period(
+    session, plan
+) -> None:
+    long = {"late_usage_lookback": timedelta(days=100)}
+    invoice(session, JAN, FEB, **long)
+    use(session, 10, JAN + 20 * DAY, "late")
+    february = invoice(session, FEB, MAR, **long)  # bills the 10 late units: 20
+    draft = invoice(session, MAR, APR, grace_period=3 * DAY, **long)
+    finalized = service(session, APR + DAY, **long).finalize_invoice(draft.id)  # re-priced
+    assert adjustment_lines(session) == [(february.id, 10, 20)]
+    assert finalized.total_amount == 1000
+
+
+def test_late_usage_under_a_plan_taken_twice_in_a_period_re_prices_both_lines(session) -> None:
+    from billing.models import Subscription
+
+    tiered_plan(session, "volume")  # t9 from January
+    [first] = session.scalars(select(Subscription).where(Subscription.tenant_id == "t9"))
+    first.ended_at = JAN + 10 * DAY
+    session.add(Subscription(tenant_id="t9", plan_id=first.plan_id, effective_at=JAN + 10 * DAY))
+    use(session, 40, JAN + 5 * DAY, "first", tenant="t9")  # 80
+    use(session, 60, JAN + 15 * DAY, "second", tenant="t9")  # 120
+    january = invoice(session, JAN, FEB, tenant="t9")
+    earlier, later = sorted((line for line in january.lines), key=lambda line: line.id)
+    later.created_at = earlier.created_at - timedelta(seconds=1)  # first, whatever the ids
+    use(session, 50, JAN + 20 * DAY, "late", tenant="t9")  # the second's 110 units cost 110
+    invoice(session, FEB, MAR, tenant="t9")
+    [credited] = session.scalars(select(CreditNoteLine))
+    assert (credited.amount, credited.quantity) == (10, 50)
+    assert credited.invoice_line_id == later.id  # the key's first line
