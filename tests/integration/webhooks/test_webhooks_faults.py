@@ -216,7 +216,7 @@ def test_without_listen_the_relay_still_finds_events_by_polling(
 
 
 def test_a_relay_whose_database_connections_are_cut_goes_on_delivering(
-    pg_sessions, receiver: Receiver, relays: Relays
+    pg_engine, pg_sessions, receiver: Receiver, relays: Relays
 ) -> None:
     """Its pool holds no ping: the first claim or recording on a dead connection fails, is
     retried on a fresh one, and every event arrives."""
@@ -231,6 +231,7 @@ def test_a_relay_whose_database_connections_are_cut_goes_on_delivering(
     )
     with pg_sessions() as session:
         assert session.scalar(cut)
+    pg_engine.dispose()  # the test's own pooled connections were cut too
     second = publish_many(pg_sessions, 5)
     wait_until(lambda: statuses(pg_sessions) == {"delivered": 10})
     assert sorted(receiver.ids()) == sorted(first + second)
