@@ -19,9 +19,20 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Select, Table, bindparam, case, func, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    Row,
+    Select,
+    Table,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql.dml import ReturningUpdate
 
 from webhooks.delivery import ClaimedDelivery
 from webhooks.encryption import SecretBox, reveal
@@ -36,6 +47,8 @@ _CLAIMABLE = (PENDING, FAILED)
 # parameters, so PostgreSQL can prove the index applies even to a prepared statement's plan.
 _DUE = text("webhook_deliveries.status IN ('pending', 'failed')")
 _deliveries = cast(Table, WebhookDelivery.__table__)
+_events = cast(Table, WebhookEvent.__table__)
+_subscriptions = cast(Table, WebhookSubscription.__table__)
 #: With a cap per subscription, a claim reads this many times `limit` due rows to fill it.
 CLAIM_SCAN_FACTOR = 4
 #: The PostgreSQL advisory lock that claims counting deliveries in flight take in turn.
@@ -67,17 +80,17 @@ class SqlDeliveryStore:
         sends one after another: they carry the slot's name (`ClaimedDelivery.slot`). The
         claimed deliveries come round-robin: each subscription's first, then the seconds.
         """
+        params: dict[str, Any] = {"b_now": now, "b_limit": limit}
         if max_in_flight is None:
-            chosen = (
-                _details(now)
-                .order_by(WebhookDelivery.next_attempt_at, WebhookEvent.created_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True, of=WebhookDelivery)
-            )
+            chosen = _CLAIM
         else:
-            chosen = _capped(now, max_in_flight, limit, chain)
+            chosen = _CLAIM_CHAINS if chain > 1 else _CLAIM_CAPPED
+            scan = limit * CLAIM_SCAN_FACTOR
+            params |= {"b_cap": max_in_flight, "b_scan": scan, "b_chain": chain}
         slot = new_id() if chain > 1 and max_in_flight is not None else None
-        return self._take_chosen(chosen, now, lease, slot, serialize=max_in_flight is not None)
+        return self._take_chosen(
+            chosen, params, now, lease, slot, serialize=max_in_flight is not None
+        )
 
     def extend(
         self, slot: str, subscription_id: str, limit: int, now: datetime, lease: timedelta
@@ -86,27 +99,13 @@ class SqlDeliveryStore:
         `slot`, oldest first, while the slot is held (one of its deliveries still claimed):
         a busy subscription's slot goes on with no pause between chains. Once the slot is
         free it may count for another claim, and nothing is taken."""
-        held = (
-            select(WebhookDelivery.id)
-            .where(
-                WebhookDelivery.subscription_id == subscription_id,
-                WebhookDelivery.slot == slot,
-                WebhookDelivery.claimed_until > now,
-                _DUE,
-            )
-            .exists()
-        )
-        chosen = (
-            _details(now)
-            .where(WebhookDelivery.subscription_id == subscription_id, held)
-            .order_by(WebhookDelivery.next_attempt_at, WebhookEvent.created_at)
-            .limit(limit)
-        )
-        return self._take_chosen(chosen, now, lease, slot, serialize=True)
+        params = {"b_now": now, "b_limit": limit, "b_slot": slot, "b_sid": subscription_id}
+        return self._take_chosen(_EXTEND, params, now, lease, slot, serialize=True)
 
     def _take_chosen(
         self,
         chosen: Select[Any],
+        params: dict[str, Any],
         now: datetime,
         lease: timedelta,
         slot: str | None,
@@ -116,11 +115,16 @@ class SqlDeliveryStore:
         with self._sessions.begin() as session:
             if serialize:
                 _serialize_claims(session)
-            rows = list(session.execute(chosen))
+            rows = list(session.execute(chosen, params))
             if not rows:
                 return []
-            ids = [row[0] for row in rows]
-            taken = {i: n for i, n in session.execute(_take(ids, now, lease, slot))}
+            taken_params = {
+                "b_ids": [row[0] for row in rows],
+                "b_now": now,
+                "b_until": now + lease,
+                "b_slot": slot,
+            }
+            taken = {i: n for i, n in session.execute(_TAKE, taken_params)}
         return [
             _claimed(row, taken[row[0]], now, now + lease, self._box, slot)
             for row in rows
@@ -133,23 +137,6 @@ class SqlDeliveryStore:
         """Store each attempt's decision and the subscriptions' failure streaks."""
         if not results:
             return
-        settle = (
-            _deliveries.update()
-            .where(
-                _deliveries.c.id == bindparam("b_id"),
-                _deliveries.c.attempts == bindparam("b_attempt"),
-            )
-            .values(
-                status=bindparam("b_status"),
-                next_attempt_at=bindparam("b_next"),
-                last_status_code=bindparam("b_code"),
-                last_error=bindparam("b_error"),
-                delivered_at=bindparam("b_delivered"),
-                claimed_until=None,
-                slot=None,
-                updated_at=now,
-            )
-        )
         params = [
             {
                 "b_id": r.delivery.delivery_id,
@@ -159,11 +146,12 @@ class SqlDeliveryStore:
                 "b_code": r.decision.last_status_code,
                 "b_error": r.decision.last_error,
                 "b_delivered": r.decision.delivered_at,
+                "b_now": now,
             }
             for r in results
         ]
         with self._sessions.begin() as session:
-            session.execute(settle, params)
+            session.execute(_SETTLE, params)
             _update_streaks(session, results, now, disable_after)
 
     def release(self, deliveries: Sequence[ClaimedDelivery], now: datetime) -> None:
@@ -171,28 +159,12 @@ class SqlDeliveryStore:
         their place in the queue) or else now."""
         if not deliveries:
             return
-        unclaim = (
-            _deliveries.update()
-            .where(
-                _deliveries.c.id == bindparam("b_id"),
-                _deliveries.c.attempts == bindparam("b_attempt"),
-                # Not `IN (...)`: expanding parameters cannot go through executemany.
-                or_(_deliveries.c.status == PENDING, _deliveries.c.status == FAILED),
-            )
-            .values(
-                attempts=_deliveries.c.attempts - 1,
-                next_attempt_at=bindparam("b_due"),
-                claimed_until=None,
-                slot=None,
-                updated_at=now,
-            )
-        )
         params = [
-            {"b_id": d.delivery_id, "b_attempt": d.attempt, "b_due": d.due_at or now}
+            {"b_id": d.delivery_id, "b_attempt": d.attempt, "b_due": d.due_at or now, "b_now": now}
             for d in deliveries
         ]
         with self._sessions.begin() as session:
-            session.execute(unclaim, params)
+            session.execute(_RELEASE, params)
 
     def next_due(self, now: datetime) -> datetime | None:
         """When the earliest unclaimed delivery of an enabled subscription falls due."""
@@ -208,66 +180,70 @@ class SqlDeliveryStore:
             return session.execute(query).scalar()
 
 
-def _details(now: datetime) -> Select[Any]:
-    """What sending needs of each due delivery of an enabled subscription."""
+def _details() -> Select[Any]:
+    """What sending needs of each delivery due at `:b_now` of an enabled subscription."""
+    d, e, sub = _deliveries, _events, _subscriptions
     return (
         select(
-            WebhookDelivery.id,
-            WebhookEvent.id,
-            WebhookEvent.topic,
-            WebhookEvent.payload,
-            WebhookEvent.created_at,
-            WebhookEvent.tenant_id,
-            WebhookSubscription.id,
-            WebhookSubscription.url,
-            WebhookSubscription.secret,
-            WebhookSubscription.previous_secret,
-            WebhookSubscription.previous_secret_expires_at,
-            WebhookDelivery.next_attempt_at,
+            d.c.id,
+            e.c.id,
+            e.c.topic,
+            e.c.payload,
+            e.c.created_at,
+            e.c.tenant_id,
+            sub.c.id,
+            sub.c.url,
+            sub.c.secret,
+            sub.c.previous_secret,
+            sub.c.previous_secret_expires_at,
+            d.c.next_attempt_at,
         )
-        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
-        .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
-        .where(_DUE, WebhookDelivery.next_attempt_at <= now, WebhookSubscription.enabled.is_(True))
+        .join_from(d, e, e.c.id == d.c.event_id)
+        .join(sub, sub.c.id == d.c.subscription_id)
+        .where(_DUE, d.c.next_attempt_at <= bindparam("b_now"), sub.c.enabled.is_(True))
     )
 
 
-def _capped(now: datetime, cap: int, limit: int, chain: int = 1) -> Select[Any]:
-    """`_details` of the deliveries a claim takes under a cap per subscription, in one
-    statement: `fair_share` in SQL, so only the rows taken come back (none is locked: the
-    claims counting what is in flight take turns, `_serialize_claims`). With `chain` > 1, up
-    to `chain` of each subscription with a free slot (they fill one slot); one only of a
+def _capped(*, chains: bool) -> Select[Any]:
+    """`_details` of the deliveries a claim takes under a cap per subscription (`:b_cap`), in
+    one statement: `fair_share` in SQL, so only the rows taken come back (none is locked: the
+    claims counting what is in flight take turns, `_serialize_claims`). With `chains`, up to
+    `:b_chain` of each subscription with a free slot (they fill one slot); one only of a
     subscription failing, which gets each retry in a slot of its own as it falls due."""
-    slots = func.count(func.distinct(func.coalesce(WebhookDelivery.slot, WebhookDelivery.id)))
+    d, sub = _deliveries, _subscriptions
+    slots = func.count(func.distinct(func.coalesce(d.c.slot, d.c.id)))
     flying = (
-        select(WebhookDelivery.subscription_id.label("sid"), slots.label("n"))
-        .where(WebhookDelivery.claimed_until > now, _DUE)
-        .group_by(WebhookDelivery.subscription_id)
+        select(d.c.subscription_id.label("sid"), slots.label("n"))
+        .where(d.c.claimed_until > bindparam("b_now"), _DUE)
+        .group_by(d.c.subscription_id)
         .subquery()
     )
-    full = select(flying.c.sid).where(flying.c.n >= cap)
+    full = select(flying.c.sid).where(flying.c.n >= bindparam("b_cap", type_=Integer))
     due = (
         select(
-            WebhookDelivery.id,
-            WebhookDelivery.subscription_id,
-            WebhookDelivery.next_attempt_at,
-            WebhookSubscription.failing_since.is_(None).label("healthy"),
+            d.c.id,
+            d.c.subscription_id,
+            d.c.next_attempt_at,
+            sub.c.failing_since.is_(None).label("healthy"),
         )
-        .join(WebhookSubscription, WebhookSubscription.id == WebhookDelivery.subscription_id)
+        .join_from(d, sub, sub.c.id == d.c.subscription_id)
         .where(
             _DUE,
-            WebhookDelivery.next_attempt_at <= now,
-            WebhookSubscription.enabled.is_(True),
-            WebhookDelivery.subscription_id.not_in(full),
+            d.c.next_attempt_at <= bindparam("b_now"),
+            sub.c.enabled.is_(True),
+            d.c.subscription_id.not_in(full),
         )
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit * CLAIM_SCAN_FACTOR)
+        .order_by(d.c.next_attempt_at)
+        .limit(bindparam("b_scan", type_=Integer))
         .subquery()
     )
     turn = func.row_number().over(
         partition_by=due.c.subscription_id, order_by=(due.c.next_attempt_at, due.c.id)
     )
     room = (
-        cap - func.coalesce(flying.c.n, 0) if chain == 1 else case((due.c.healthy, chain), else_=1)
+        case((due.c.healthy, bindparam("b_chain", type_=Integer)), else_=1)
+        if chains
+        else bindparam("b_cap", type_=Integer) - func.coalesce(flying.c.n, 0)
     )
     ranked = (
         select(due.c.id, due.c.next_attempt_at, turn.label("turn"), room.label("room"))
@@ -278,34 +254,104 @@ def _capped(now: datetime, cap: int, limit: int, chain: int = 1) -> Select[Any]:
         select(ranked.c.id, ranked.c.turn, ranked.c.next_attempt_at)
         .where(ranked.c.turn <= ranked.c.room)
         .order_by(ranked.c.turn, ranked.c.next_attempt_at, ranked.c.id)
-        .limit(limit)
+        .limit(bindparam("b_limit", type_=Integer))
         .subquery()
     )
     return (
-        _details(now)
-        .join(picked, picked.c.id == WebhookDelivery.id)
+        _details()
+        .join(picked, picked.c.id == d.c.id)
         .order_by(picked.c.turn, picked.c.next_attempt_at, picked.c.id)
     )
 
 
-def _take(
-    ids: Sequence[str], now: datetime, lease: timedelta, slot: str | None
-) -> ReturningUpdate[str, int]:
-    """Claim `ids` in `slot` until `now + lease`, counting the attempt; returns `(id, attempt)`
-    of each still due (another relay's claim without a cap may have taken one meanwhile)."""
-    return (
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id.in_(ids), _DUE, WebhookDelivery.next_attempt_at <= now)
-        .values(
-            attempts=WebhookDelivery.attempts + 1,
-            next_attempt_at=now + lease,
-            claimed_until=now + lease,
-            slot=slot,
-            updated_at=now,
+def _extend() -> Select[Any]:
+    """`_details` of up to `:b_limit` due deliveries of subscription `:b_sid`, oldest first,
+    while its slot `:b_slot` is held (one of its deliveries still claimed)."""
+    d = _deliveries
+    held = (
+        select(d.c.id)
+        .where(
+            d.c.subscription_id == bindparam("b_sid"),
+            d.c.slot == bindparam("b_slot"),
+            d.c.claimed_until > bindparam("b_now"),
+            _DUE,
         )
-        .returning(WebhookDelivery.id, WebhookDelivery.attempts)
-        .execution_options(synchronize_session=False)
+        .exists()
     )
+    return (
+        _details()
+        .where(d.c.subscription_id == bindparam("b_sid"), held)
+        .order_by(d.c.next_attempt_at, _events.c.created_at)
+        .limit(bindparam("b_limit", type_=Integer))
+    )
+
+
+# Built once: a claim only binds its parameters (building and caching a statement this size
+# costs more CPU than running it).
+_CLAIM = (
+    _details()
+    .order_by(_deliveries.c.next_attempt_at, _events.c.created_at)
+    .limit(bindparam("b_limit", type_=Integer))
+    .with_for_update(skip_locked=True, of=_deliveries)
+)
+_CLAIM_CAPPED = _capped(chains=False)
+_CLAIM_CHAINS = _capped(chains=True)
+_EXTEND = _extend()
+#: Claims `:b_ids` in slot `:b_slot` until `:b_until`, counting the attempt; returns `(id,
+#: attempt)` of each still due (another relay's claim without a cap may have taken one).
+_TAKE = (
+    _deliveries.update()
+    .where(
+        _deliveries.c.id.in_(bindparam("b_ids", expanding=True)),
+        _DUE,
+        _deliveries.c.next_attempt_at <= bindparam("b_now"),
+    )
+    .values(
+        attempts=_deliveries.c.attempts + 1,
+        next_attempt_at=bindparam("b_until"),
+        claimed_until=bindparam("b_until"),
+        slot=bindparam("b_slot"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(_deliveries.c.id, _deliveries.c.attempts)
+)
+_SETTLE = (
+    _deliveries.update()
+    .where(
+        _deliveries.c.id == bindparam("b_id"),
+        _deliveries.c.attempts == bindparam("b_attempt"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        next_attempt_at=bindparam("b_next"),
+        last_status_code=bindparam("b_code"),
+        last_error=bindparam("b_error"),
+        delivered_at=bindparam("b_delivered"),
+        claimed_until=None,
+        slot=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+_STREAKS = select(_subscriptions.c.id, _subscriptions.c.failing_since).where(
+    _subscriptions.c.id.in_(bindparam("b_ids", expanding=True))
+)
+_CLAIM_LOCK = select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY))
+_RELEASE = (
+    _deliveries.update()
+    .where(
+        _deliveries.c.id == bindparam("b_id"),
+        _deliveries.c.attempts == bindparam("b_attempt"),
+        # Not `IN (...)`: expanding parameters cannot go through executemany.
+        or_(_deliveries.c.status == PENDING, _deliveries.c.status == FAILED),
+    )
+    .values(
+        attempts=_deliveries.c.attempts - 1,
+        next_attempt_at=bindparam("b_due"),
+        claimed_until=None,
+        slot=None,
+        updated_at=bindparam("b_now"),
+    )
+)
 
 
 def fair_share(
@@ -331,7 +377,7 @@ def _serialize_claims(session: Session) -> None:
     # On PostgreSQL, claims that count what is in flight take turns (for a few milliseconds),
     # or two relays could each see a subscription below its cap and both fill it.
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+        session.execute(_CLAIM_LOCK)
 
 
 def _claimed(
@@ -373,10 +419,8 @@ def _update_streaks(
 ) -> None:
     """Start, extend or end each subscription's failure streak; disable the ones to disable."""
     ids = sorted({r.delivery.subscription_id for r in results})
-    query = select(WebhookSubscription.id, WebhookSubscription.failing_since).where(
-        WebhookSubscription.id.in_(ids)
-    )
-    current: dict[str, datetime | None] = {sid: since for sid, since in session.execute(query)}
+    rows = session.execute(_STREAKS, {"b_ids": ids})
+    current: dict[str, datetime | None] = {sid: since for sid, since in rows}
     streaks: dict[str, datetime | None] = dict(current)
     reasons: dict[str, str] = {}
     for result in results:
