@@ -123,6 +123,13 @@ def test_the_lookback_is_the_policy_s(session, plan) -> None:
     assert february.total_amount == 1000  # the default 35 days would have billed it
 
 
+def tiered_tiers() -> list[dict]:
+    return [
+        {"up_to": 100, "unit_amount_decimal": "2"},
+        {"up_to": None, "unit_amount_decimal": "1"},
+    ]
+
+
 def tiered_plan(session, mode: str) -> None:
     """Tenant t9: 2 a unit up to 100 units, 1 a unit beyond (`graduated` or `volume`)."""
     plan = Plan(key=f"tiered-{mode}", name="Tiered")
@@ -136,10 +143,7 @@ def tiered_plan(session, mode: str) -> None:
             metric="tokens",
             billing_scheme="tiered",
             tiers_mode=mode,
-            tiers=[
-                {"up_to": 100, "unit_amount_decimal": "2"},
-                {"up_to": None, "unit_amount_decimal": "1"},
-            ],
+            tiers=tiered_tiers(),
         )
     )
     from billing.models import Subscription
@@ -469,3 +473,42 @@ def test_late_usage_under_a_plan_taken_twice_in_a_period_re_prices_both_lines(se
     [credited] = session.scalars(select(CreditNoteLine))
     assert (credited.amount, credited.quantity) == (10, 50)
     assert credited.invoice_line_id == later.id  # the key's first line
+
+
+def test_a_negative_difference_of_one_group_is_credited_on_that_group_s_adjustment_lines(
+    session,
+) -> None:
+    from billing.meters import declare_meter
+    from tests.unit.billing.test_price_dimensions import plan_with, subscribe
+
+    long = {"tenant": "t7", "late_usage_lookback": timedelta(days=200)}
+    declare_meter(session, key="tokens", group_by=["model"])
+    volume = {"billing_scheme": "tiered", "tiers_mode": "volume", "tiers": tiered_tiers()}
+    plan = plan_with(
+        session,
+        "ai",
+        {"metric": "tokens", "dimensions": {"model": "gpt-4"}, **volume},
+        {"metric": "tokens", "unit_amount": 1},
+    )
+    subscribe(session, plan, start=JAN, tenant="t7")
+    bs = service(session, APR, "t7")
+
+    def use_model(amount: int, at, key: str, model: str) -> None:
+        bs.record_usage(
+            metric="tokens", amount=amount, at=at, idempotency_key=key, metadata={"model": model}
+        )
+
+    use_model(40, JAN + DAY, "on-time", "gpt-4")
+    use_model(5, JAN + DAY, "on-time claude", "claude")
+    january = invoice(session, JAN, FEB, **long)  # 80 + 5
+    bs.create_credit_note(january.id, amount=85, reason="goodwill")
+    use_model(60, JAN + 20 * DAY, "late gpt-4", "gpt-4")
+    february = invoice(session, FEB, MAR, **long)  # +120 for gpt-4
+    use_model(30, JAN + 20 * DAY, "late claude", "claude")
+    invoice(session, MAR, APR, **long)  # +30 for claude: the newer adjustment line
+    use_model(1, JAN + 21 * DAY, "crossing", "gpt-4")  # 101 units at 1: 99 less
+    for start in (APR, APR.replace(month=5)):  # the second finds nothing left to credit
+        invoice(session, start, start.replace(month=start.month + 1), **long)
+    [(invoice_id, amount, line_id, units)] = late_credits(session)
+    assert (invoice_id, amount, units) == (february.id, 99, 1)
+    assert session.get(InvoiceLine, line_id).dimensions == {"model": "gpt-4"}
