@@ -166,9 +166,10 @@ def _creditable(session: Session, adjustment: Adjustment) -> Iterator[tuple[Invo
         .where(
             InvoiceLine.kind == "adjustment",
             carrier.status.in_(credit_notes.CREDITABLE),
-            *_same_period(target, original),
+            *_same_period(target),
         )
-        .order_by(InvoiceLine.created_at.desc(), InvoiceLine.id)
+        .order_by(InvoiceLine.created_at.desc(), InvoiceLine.id),
+        _period_of(original),
     ).all()
     for invoice, line in lines:
         if _key(line.price_id, line.metric, line.dimensions) != key:
@@ -187,14 +188,26 @@ def _credited_line(session: Session, line_id: str) -> int:
     return int(total or 0)
 
 
-def _same_period(target: Any, invoice: Invoice) -> list[ColumnElement[bool]]:
-    """SQL conditions: `target` is an invoice of the tenant, currency and period of `invoice`."""
+def _same_period(target: Any) -> list[ColumnElement[bool]]:
+    """SQL conditions: `target` is an invoice of the tenant, currency and period bound as
+    `_period_of` binds them."""
     return [
-        target.tenant_id == invoice.tenant_id,
-        target.currency == invoice.currency,
-        target.period_start == invoice.period_start,
-        target.period_end == invoice.period_end,
+        target.tenant_id == bindparam("tenant_id"),
+        target.currency == bindparam("currency"),
+        target.period_start == bindparam("period_start"),
+        target.period_end == bindparam("period_end"),
     ]
+
+
+def _period_of(invoice: Invoice) -> dict[str, Any]:
+    """The values `_same_period`'s conditions are bound to: the invoice's tenant, currency and
+    period."""
+    return {
+        "tenant_id": invoice.tenant_id,
+        "currency": invoice.currency,
+        "period_start": invoice.period_start,
+        "period_end": invoice.period_end,
+    }
 
 
 def _recent_finalized(
@@ -272,16 +285,7 @@ def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
 
 def _charged(session: Session, invoice_id: str) -> dict[Key, tuple[InvoiceLine, _Tally]]:
     """The invoice's own usage lines by key, with the first line of each."""
-    rows = session.execute(
-        select(InvoiceLine)
-        .where(
-            InvoiceLine.invoice_id == invoice_id,
-            InvoiceLine.kind == "charge",
-            InvoiceLine.price_id.is_not(None),
-            InvoiceLine.metric.is_not(None),
-        )
-        .order_by(InvoiceLine.created_at, InvoiceLine.id)
-    ).scalars()
+    rows = session.execute(_CHARGED, {"invoice_id": invoice_id}).scalars()
     charged: dict[Key, tuple[InvoiceLine, _Tally]] = {}
     for line in rows:
         key = _key(line.price_id, line.metric, line.dimensions)
@@ -293,54 +297,75 @@ def _charged(session: Session, invoice_id: str) -> dict[Key, tuple[InvoiceLine, 
 
 def _adjusted(session: Session, invoice: Invoice, exclude: str | None) -> dict[Key, _Tally]:
     """Adjustment lines billed on invoices that are not void for any invoice of this period."""
-    carrier, target = aliased(Invoice), aliased(Invoice)
-    query = (
-        select(
-            InvoiceLine.price_id,
-            InvoiceLine.metric,
-            InvoiceLine.dimensions,
-            InvoiceLine.quantity,
-            InvoiceLine.amount,
-        )
-        .join(carrier, carrier.id == InvoiceLine.invoice_id)
-        .join(target, target.id == InvoiceLine.adjusts_invoice_id)
-        .where(
-            InvoiceLine.kind == "adjustment",
-            carrier.status != "void",
-            *_same_period(target, invoice),
-        )
-    )
-    if exclude is not None:
-        query = query.where(carrier.id != exclude)
-    return _tally((_key(p, m, d), q, a) for p, m, d, q, a in session.execute(query))
+    query = _ADJUSTED if exclude is None else _ADJUSTED_EXCEPT
+    rows = session.execute(query, {**_period_of(invoice), "exclude": exclude})
+    return _tally((_key(p, m, d), q, a) for p, m, d, q, a in rows)
 
 
 def _late_credits(session: Session, invoice: Invoice) -> dict[Key, _Tally]:
     """Late-usage credit note lines (those with a quantity) on invoices that are not void,
     against the invoice's own lines or against adjustment lines billed for its period."""
-    credited_line, holder, target = aliased(InvoiceLine), aliased(Invoice), aliased(Invoice)
-    rows = session.execute(
-        select(
-            credited_line.price_id,
-            credited_line.metric,
-            credited_line.dimensions,
-            CreditNoteLine.quantity,
-            CreditNoteLine.amount,
-        )
-        .join(CreditNote, CreditNote.id == CreditNoteLine.credit_note_id)
-        .join(holder, holder.id == CreditNote.invoice_id)
-        .join(credited_line, credited_line.id == CreditNoteLine.invoice_line_id)
-        .outerjoin(target, target.id == credited_line.adjusts_invoice_id)
-        .where(
-            CreditNoteLine.quantity.is_not(None),
-            holder.status != "void",
-            or_(
-                and_(credited_line.invoice_id == invoice.id, credited_line.kind == "charge"),
-                and_(*_same_period(target, invoice)),
-            ),
-        )
-    )
+    rows = session.execute(_LATE_CREDITS, {**_period_of(invoice), "invoice_id": invoice.id})
     return _tally((_key(p, m, d), q or 0, a) for p, m, d, q, a in rows)
+
+
+# Each finalized invoice in the lookback runs these three at every invoice of its tenant (a
+# monthly run re-prices last month's): built once, as building them took most of the time.
+_CHARGED = (
+    select(InvoiceLine)
+    .where(
+        InvoiceLine.invoice_id == bindparam("invoice_id"),
+        InvoiceLine.kind == "charge",
+        InvoiceLine.price_id.is_not(None),
+        InvoiceLine.metric.is_not(None),
+    )
+    .order_by(InvoiceLine.created_at, InvoiceLine.id)
+)
+_carrier = aliased(Invoice)
+_target = aliased(Invoice)
+_ADJUSTED = (
+    select(
+        InvoiceLine.price_id,
+        InvoiceLine.metric,
+        InvoiceLine.dimensions,
+        InvoiceLine.quantity,
+        InvoiceLine.amount,
+    )
+    .join(_carrier, _carrier.id == InvoiceLine.invoice_id)
+    .join(_target, _target.id == InvoiceLine.adjusts_invoice_id)
+    .where(
+        InvoiceLine.kind == "adjustment",
+        _carrier.status != "void",
+        *_same_period(_target),
+    )
+)
+_ADJUSTED_EXCEPT = _ADJUSTED.where(_carrier.id != bindparam("exclude"))
+_credit_line = aliased(InvoiceLine)
+_holder = aliased(Invoice)
+_LATE_CREDITS = (
+    select(
+        _credit_line.price_id,
+        _credit_line.metric,
+        _credit_line.dimensions,
+        CreditNoteLine.quantity,
+        CreditNoteLine.amount,
+    )
+    .join(CreditNote, CreditNote.id == CreditNoteLine.credit_note_id)
+    .join(_holder, _holder.id == CreditNote.invoice_id)
+    .join(_credit_line, _credit_line.id == CreditNoteLine.invoice_line_id)
+    .outerjoin(_target, _target.id == _credit_line.adjusts_invoice_id)
+    .where(
+        CreditNoteLine.quantity.is_not(None),
+        _holder.status != "void",
+        or_(
+            and_(
+                _credit_line.invoice_id == bindparam("invoice_id"),
+                _credit_line.kind == "charge",
+            ),
+            and_(*_same_period(_target)),
+        ),
+    )
+)
 
 
 def _key(price_id: str | None, metric: str | None, dimensions: Dimensions) -> Key:
