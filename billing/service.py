@@ -310,7 +310,10 @@ class BillingService:
             # one finalized already (open, paid, uncollectible) is returned as it is.
             if created:  # the row is ours since its insert: no lock to take
                 self._apply(invoice, lifecycle.FINALIZE, tenants.zone(zone_name))
-            elif self._locked(invoice_id).status == "draft":
+            # A finalized invoice never becomes a draft again: one found finalized is not
+            # locked, as a racing run that has locked it (with the tenant's other finalized
+            # invoices, in id order) may wait for the ones this run has locked.
+            elif invoice.status == "draft" and self._locked(invoice_id).status == "draft":
                 self.finalize_invoice(invoice_id)
         self.session.flush()
         if self.provider_sync is not None:
