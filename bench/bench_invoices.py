@@ -3,7 +3,7 @@
     python bench/bench_invoices.py [--admin-url postgresql://postgres@127.0.0.1:5432/postgres]
                                    [--redis-url redis://127.0.0.1:6379/0]
                                    [--tenants 10000] [--rounds 3] [--threads 8]
-                                   [--processes 1 2] [--in-process N]
+                                   [--processes 1 2] [--in-process N] [--previous-month]
 
 Creates a scratch PostgreSQL database and Redis namespace, removed at the end. Each of the
 `--tenants` tenants subscribes to one plan (a monthly fee, a per-token price finer than a cent,
@@ -20,6 +20,11 @@ With `--in-process N`, first: N of those jobs run one after another in this proc
 broker, one connection), printing per invoice job the CPU time of this process (the worker's
 Python: SQLAlchemy, pricing, payloads) and of the PostgreSQL backend serving it, and the
 statements sent. CPU time is less swayed by the machine's load than a rate is.
+
+With `--previous-month`, every tenant also has a finalized December invoice (its fee, its
+usage lines at 0) that the late-usage lookback covers, as last month's invoice is in a real
+monthly run (`LATE_USAGE_LOOKBACK`, 35 days, is stretched to reach December 2024): each job
+re-prices it for late usage before it invoices January.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from scratch import scratch_database
 from sqlalchemy import event, func, select, text
 
 from billing.db import make_engine, make_session_factory
+from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy
 from billing.models import Invoice, Plan, Price
 from workers import actors
 from workers.broker import build_broker
@@ -54,9 +60,44 @@ JAN = datetime(2025, 1, 1, tzinfo=UTC)
 FEB = datetime(2025, 2, 1, tzinfo=UTC)
 GOAL_SECONDS = 300
 AT_SCALE = 100_000
+DEC = datetime(2024, 12, 1, tzinfo=UTC)
+#: January's invoices, lines and numbers, and every event; December's invoices stay.
 RESET = (
-    "TRUNCATE invoices, invoice_lines, webhook_events, webhook_deliveries, number_sequences CASCADE"
+    "DELETE FROM invoice_lines USING invoices WHERE invoices.id = invoice_lines.invoice_id"
+    " AND invoices.period_start = '2025-01-01T00:00:00Z';"
+    " DELETE FROM invoices WHERE period_start = '2025-01-01T00:00:00Z';"
+    " TRUNCATE webhook_events, webhook_deliveries, number_sequences CASCADE"
 )
+#: Each tenant's December invoice, finalized (numbered apart from the sequence), with a line
+#: per price of the plan: the fee, and usage lines at 0.
+PREVIOUS_MONTH = (
+    """
+    INSERT INTO invoices (id, tenant_id, period_start, period_end, status, total_amount,
+                          currency, created_at, number, finalized_at)
+    SELECT gen_random_uuid()::text, tenant_id, %(dec)s, %(jan)s, 'open', 2900, 'usd', %(jan)s,
+           'DEC-' || lpad((row_number() OVER (ORDER BY tenant_id))::text, 7, '0'), %(jan)s
+    FROM subscriptions
+    """,
+    """
+    INSERT INTO invoice_lines (id, invoice_id, price_id, metric, quantity, amount, created_at,
+                               kind)
+    SELECT gen_random_uuid()::text, invoices.id, prices.id, prices.metric,
+           CASE WHEN prices.metric IS NULL THEN 1 ELSE 0 END,
+           CASE WHEN prices.metric IS NULL THEN prices.unit_amount ELSE 0 END, %(jan)s, 'charge'
+    FROM invoices CROSS JOIN prices WHERE invoices.period_start = %(dec)s
+    """,
+)
+
+
+def lookback() -> timedelta:
+    """A `LATE_USAGE_LOOKBACK` that reaches December 2024's invoices from now."""
+    return datetime.now(UTC) - FEB + timedelta(days=35)
+
+
+def invoice_previous_month(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        for statement in PREVIOUS_MONTH:
+            conn.execute(statement, {"dec": DEC, "jan": JAN})
 
 
 def seed(url: str, tenants: int) -> None:
@@ -97,10 +138,13 @@ def seed(url: str, tenants: int) -> None:
         conn.execute("ANALYZE")
 
 
-def start_workers(url: str, redis_url: str, namespace: str, processes: int, threads: int):
+def start_workers(
+    url: str, redis_url: str, namespace: str, processes: int, threads: int, previous: bool
+):
     """The Procfile's worker line, with its own process group."""
     env = {
         **os.environ,
+        **({"LATE_USAGE_LOOKBACK": str(lookback().total_seconds())} if previous else {}),
         "DATABASE_URL": url,
         "REDIS_URL": redis_url,
         "BROKER_NAMESPACE": namespace,
@@ -130,7 +174,9 @@ def one_run(
         sent = BillingScheduler(settings, factory, LocalFireLock()).fan_out_invoices(JAN, FEB)
         if sent != args.tenants:
             raise SystemExit(f"fan-out sent {sent}, expected {args.tenants}")
-        workers = start_workers(url, args.redis_url, namespace, processes, args.threads)
+        workers = start_workers(
+            url, args.redis_url, namespace, processes, args.threads, args.previous_month
+        )
         try:
             deadline = time.monotonic() + 3600
             while count(factory) < args.tenants:
@@ -143,7 +189,9 @@ def one_run(
             workers.wait(timeout=60)
         with factory() as session:
             first, last = session.execute(
-                select(func.min(Invoice.created_at), func.max(Invoice.created_at))
+                select(func.min(Invoice.created_at), func.max(Invoice.created_at)).where(
+                    Invoice.period_start == JAN
+                )
             ).one()
         return (args.tenants - 1) / (last - first).total_seconds(), wall
     finally:
@@ -152,12 +200,14 @@ def one_run(
         engine.dispose()
 
 
-def in_process(url: str, jobs: int) -> None:
-    """`jobs` invoice jobs in this process, one after another: CPU and statements per job."""
+def in_process(url: str, jobs: int, previous: bool) -> None:
+    """`jobs` invoice jobs in this process, one after another: CPU and statements per job.
+
+    The jobs are timed without an event listener on the engine (one makes `billing.driver_sql`
+    take SQLAlchemy's path); the statements are counted on the last job, with one."""
+    policy = InvoicePolicy(late_usage_lookback=lookback()) if previous else DEFAULT_POLICY
     engine = make_engine(url)
     factory = make_session_factory(engine)
-    sent: list[str] = []
-    event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
 
     def backend_cpu() -> tuple[float, int]:
         with engine.connect() as conn:
@@ -171,21 +221,24 @@ def in_process(url: str, jobs: int) -> None:
          "period_end": FEB.isoformat(), "currency": "usd"}
         for n in range(jobs)
     ]  # fmt: skip
+    first, timed, counted = payloads[0], payloads[1:-1], payloads[-1]
     try:
-        generate_monthly_invoice_job(factory, payloads[0])  # connect, warm the caches
+        generate_monthly_invoice_job(factory, first, policy=policy)  # connect, warm up
         server, pid = backend_cpu()
-        sent.clear()
         cpu = time.process_time()
-        for payload in payloads[1:]:
-            generate_monthly_invoice_job(factory, payload)
-        cpu, n = time.process_time() - cpu, len(payloads) - 1
-        statements = (len(sent) - 1) / n  # less the backend's pid
+        for payload in timed:
+            generate_monthly_invoice_job(factory, payload, policy=policy)
+        cpu, n = time.process_time() - cpu, len(timed)
         server_after, same = backend_cpu()
         server_cpu = f"{(server_after - server) / n * 1000:.2f} ms" if same == pid else "unknown"
+        sent: list[str] = []
+        event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+        generate_monthly_invoice_job(factory, counted, policy=policy)
         print(
-            f"in process, {n:,} invoice jobs one after another: {cpu / n * 1000:.2f} ms of "
+            f"in process, {n:,} invoice jobs one after another"
+            f"{' (each re-pricing December)' if previous else ''}: {cpu / n * 1000:.2f} ms of "
             f"this process's CPU and {server_cpu} of the PostgreSQL backend's per job, "
-            f"{statements:.0f} statements per job ({load()})"
+            f"{len(sent)} statements per job ({load()})"
         )
     finally:
         engine.dispose()
@@ -195,7 +248,8 @@ def in_process(url: str, jobs: int) -> None:
 
 def count(factory) -> int:
     with factory() as session:
-        return int(session.execute(select(func.count()).select_from(Invoice)).scalar_one())
+        january = select(func.count()).select_from(Invoice).where(Invoice.period_start == JAN)
+        return int(session.execute(january).scalar_one())
 
 
 def main() -> None:
@@ -211,13 +265,20 @@ def main() -> None:
     parser.add_argument(
         "--in-process", type=int, default=0, help="first run this many jobs in this process"
     )
+    parser.add_argument(
+        "--previous-month",
+        action="store_true",
+        help="each tenant's December invoice is in the late-usage lookback (re-priced each job)",
+    )
     args = parser.parse_args()
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     try:
         with scratch_database(args.admin_url) as url:
             seed(url, args.tenants)
+            if args.previous_month:
+                invoice_previous_month(url)
             if args.in_process:
-                in_process(url, min(args.in_process, args.tenants))
+                in_process(url, min(args.in_process, args.tenants), args.previous_month)
             if args.rounds:
                 run(url, args, namespace)
     finally:
@@ -228,7 +289,10 @@ def main() -> None:
 
 
 def run(url: str, args: argparse.Namespace, namespace: str) -> None:
-    print(f"monthly invoice run, {args.tenants:,} tenants, PostgreSQL and Redis, {load()}")
+    previous = ", each tenant's December invoice re-priced" if args.previous_month else ""
+    print(
+        f"monthly invoice run, {args.tenants:,} tenants{previous}, PostgreSQL and Redis, {load()}"
+    )
     rates: dict[int, list[float]] = {n: [] for n in args.processes}
     walls: dict[int, list[float]] = {n: [] for n in args.processes}
     for round_ in range(args.rounds):
