@@ -84,11 +84,11 @@ def test_a_meter_that_lost_its_groups_drops_them_for_that_day_only(session_facto
 
 @pytest.mark.postgres
 def test_a_latest_meters_upsert_is_planned_once_on_postgresql(pg_engine) -> None:
-    """psycopg prepares a statement sent 5 times; PostgreSQL then keeps one generic plan unless
-    it looks dearer than planning each run. A `latest` upsert, whose SQL takes a fraction of a
-    millisecond, was planned again at every run while its LIMIT was a parameter (0.3 ms, twice
-    its execution): the generic plan's LIMIT counts a tenth of the day's events, and sorting
-    them (about 6 per instant: ties) looked dearer than planning."""
+    """psycopg prepares a statement after 5 runs; 5 runs later PostgreSQL keeps a generic plan
+    unless it looks dearer than planning each run. A `latest` upsert, whose SQL takes a fraction
+    of a millisecond, was planned again at every run while its LIMIT was a parameter (0.3 ms,
+    twice its execution): the generic plan's LIMIT counts a tenth of the day's events, and
+    sorting them (about 6 per instant: ties) looked dearer than planning."""
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
         declare_meter(session, key="gb", aggregation="latest")
