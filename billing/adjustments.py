@@ -32,7 +32,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    and_,
+    bindparam,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session, aliased
 
 from billing import credit_notes
@@ -235,7 +245,7 @@ _RECENT_FINALIZED_LOCKED = _RECENT_FINALIZED.order_by(Invoice.id).with_for_updat
 
 
 def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list[Adjustment]:
-    charged = _charged(session, invoice.id)
+    charged, adjusted, credited = _billed(session, invoice, exclude)
     if not charged:
         return []
     try:
@@ -248,8 +258,6 @@ def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list
         (_key(line.price_id, line.metric, line.dimensions), line.quantity, line.amount)
         for line in lines
     )
-    adjusted = _adjusted(session, invoice, exclude)
-    credited = _late_credits(session, invoice)
     pending = []
     for key, (line, billed) in charged.items():
         priced = now_priced.get(key)
@@ -273,6 +281,14 @@ def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list
     return pending
 
 
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """A charge line of the invoice: its id and group."""
+
+    id: str
+    dimensions: Dimensions
+
+
 def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
     """Quantities and amounts added up by key (only the keys of usage lines are looked up)."""
     tallies: dict[Key, _Tally] = {}
@@ -283,72 +299,85 @@ def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
     return tallies
 
 
-def _charged(session: Session, invoice_id: str) -> dict[Key, tuple[InvoiceLine, _Tally]]:
-    """The invoice's own usage lines by key, with the first line of each."""
-    rows = session.execute(_CHARGED, {"invoice_id": invoice_id}).scalars()
-    charged: dict[Key, tuple[InvoiceLine, _Tally]] = {}
-    for line in rows:
-        key = _key(line.price_id, line.metric, line.dimensions)
-        _, tally = charged.setdefault(key, (line, _Tally()))
-        tally.quantity += line.quantity
-        tally.amount += line.amount
-    return charged
+def _billed(
+    session: Session, invoice: Invoice, exclude: str | None
+) -> tuple[dict[Key, tuple[_Line, _Tally]], dict[Key, _Tally], dict[Key, _Tally]]:
+    """What the invoice's usage was billed so far, by key, in one statement: its own usage
+    lines (with the first line of each key); the adjustment lines billed for its period on
+    invoices that are not void (but `exclude`); the late-usage credit note lines (those with a
+    quantity) on invoices that are not void, against its own lines or those adjustment lines.
+    """
+    values = {**_period_of(invoice), "invoice_id": invoice.id, "exclude": exclude}
+    charged: dict[Key, tuple[_Line, _Tally]] = {}
+    adjusted: dict[Key, _Tally] = {}
+    credited: dict[Key, _Tally] = {}
+    for part, line_id, price_id, metric, dims, quantity, amount, _ in session.execute(
+        _BILLED, values
+    ):
+        key = _key(price_id, metric, dims)
+        if part == _CHARGE:
+            _, tally = charged.setdefault(key, (_Line(line_id, dims), _Tally()))
+        elif key[0] and key[1]:  # adjusted or credited: usage lines only
+            tally = (adjusted if part == _ADJUSTMENT else credited).setdefault(key, _Tally())
+        else:
+            continue
+        tally.quantity += quantity or 0
+        tally.amount += amount
+    return charged, adjusted, credited
 
 
-def _adjusted(session: Session, invoice: Invoice, exclude: str | None) -> dict[Key, _Tally]:
-    """Adjustment lines billed on invoices that are not void for any invoice of this period."""
-    query = _ADJUSTED if exclude is None else _ADJUSTED_EXCEPT
-    rows = session.execute(query, {**_period_of(invoice), "exclude": exclude})
-    return _tally((_key(p, m, d), q, a) for p, m, d, q, a in rows)
-
-
-def _late_credits(session: Session, invoice: Invoice) -> dict[Key, _Tally]:
-    """Late-usage credit note lines (those with a quantity) on invoices that are not void,
-    against the invoice's own lines or against adjustment lines billed for its period."""
-    rows = session.execute(_LATE_CREDITS, {**_period_of(invoice), "invoice_id": invoice.id})
-    return _tally((_key(p, m, d), q or 0, a) for p, m, d, q, a in rows)
-
-
-# Each finalized invoice in the lookback runs these three at every invoice of its tenant (a
-# monthly run re-prices last month's): built once, as building them took most of the time.
-_CHARGED = (
-    select(InvoiceLine)
-    .where(
-        InvoiceLine.invoice_id == bindparam("invoice_id"),
-        InvoiceLine.kind == "charge",
-        InvoiceLine.price_id.is_not(None),
-        InvoiceLine.metric.is_not(None),
-    )
-    .order_by(InvoiceLine.created_at, InvoiceLine.id)
-)
+# Each finalized invoice in the lookback runs this at every invoice of its tenant (a monthly
+# run re-prices last month's): built once (building its joins per call took most of the
+# time), and its three parts sent at once.
+_CHARGE, _ADJUSTMENT, _CREDIT = 0, 1, 2
 _carrier = aliased(Invoice)
 _target = aliased(Invoice)
-_ADJUSTED = (
+_credit_line = aliased(InvoiceLine)
+_holder = aliased(Invoice)
+_EXCLUDE = bindparam("exclude", type_=String())
+_BILLED: Any = union_all(
     select(
+        literal(_CHARGE).label("part"),
+        InvoiceLine.id,
         InvoiceLine.price_id,
         InvoiceLine.metric,
         InvoiceLine.dimensions,
         InvoiceLine.quantity,
         InvoiceLine.amount,
+        InvoiceLine.created_at,
+    ).where(
+        InvoiceLine.invoice_id == bindparam("invoice_id"),
+        InvoiceLine.kind == "charge",
+        InvoiceLine.price_id.is_not(None),
+        InvoiceLine.metric.is_not(None),
+    ),
+    select(
+        literal(_ADJUSTMENT),
+        InvoiceLine.id,
+        InvoiceLine.price_id,
+        InvoiceLine.metric,
+        InvoiceLine.dimensions,
+        InvoiceLine.quantity,
+        InvoiceLine.amount,
+        InvoiceLine.created_at,
     )
     .join(_carrier, _carrier.id == InvoiceLine.invoice_id)
     .join(_target, _target.id == InvoiceLine.adjusts_invoice_id)
     .where(
         InvoiceLine.kind == "adjustment",
         _carrier.status != "void",
+        or_(_EXCLUDE.is_(None), _carrier.id != _EXCLUDE),
         *_same_period(_target),
-    )
-)
-_ADJUSTED_EXCEPT = _ADJUSTED.where(_carrier.id != bindparam("exclude"))
-_credit_line = aliased(InvoiceLine)
-_holder = aliased(Invoice)
-_LATE_CREDITS = (
+    ),
     select(
+        literal(_CREDIT),
+        _credit_line.id,
         _credit_line.price_id,
         _credit_line.metric,
         _credit_line.dimensions,
         CreditNoteLine.quantity,
         CreditNoteLine.amount,
+        _credit_line.created_at,
     )
     .join(CreditNote, CreditNote.id == CreditNoteLine.credit_note_id)
     .join(_holder, _holder.id == CreditNote.invoice_id)
@@ -364,8 +393,8 @@ _LATE_CREDITS = (
             ),
             and_(*_same_period(_target)),
         ),
-    )
-)
+    ),
+).order_by("part", "created_at", "id")
 
 
 def _key(price_id: str | None, metric: str | None, dimensions: Dimensions) -> Key:
