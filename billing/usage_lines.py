@@ -128,9 +128,9 @@ def _spec(meter: MeterSpec, prices: Iterable[Price]) -> MeterSpec:
 
 
 def _gaps(start: datetime, end: datetime, stretches: Sequence[Stretch]) -> list[Stretch]:
-    """The parts of `[start, end)` no stretch covers."""
+    """The parts of `[start, end)` no stretch (ordered) covers."""
     gaps, cursor = [], start
-    for stretch in sorted(stretches, key=lambda s: s.start):
+    for stretch in stretches:
         if stretch.start > cursor:
             gaps.append(Stretch(cursor, stretch.start))
         cursor = max(cursor, stretch.end)

@@ -294,6 +294,38 @@ def test_unpriced_unique_counts_over_several_stretches_are_counted_again_per_gro
     ]
 
 
+def test_the_lines_come_by_group_value_a_missing_one_first_then_the_unpriced_by_metric(
+    session,
+) -> None:
+    declare_meter(session, key="tokens", group_by=["model"])
+    declare_meter(session, key="calls", group_by=["region"])
+    plan = plan_with(session, "ai", {"metric": "tokens", "unit_amount": 1})
+    subscribe(session, plan, start=MID)  # [JAN, MID): no subscription, its usage unpriced
+    for amount, model in [(1, "b"), (2, None), (3, "a")]:
+        use(session, amount, MID + timedelta(days=1), **({"model": model} if model else {}))
+    for amount, at, region in [
+        (4, JAN, "z"),
+        (5, JAN, "m"),
+        (6, MID, "m"),
+        (7, MID, None),
+        (8, MID, "a"),
+    ]:
+        use(session, amount, at, metric="calls", **({"region": region} if region else {}))
+    use(session, 9, MID, metric="visits")  # no group: before any group of its metric
+    bs = BillingService(session=session, tenant_id="t")
+    preview = bs.preview_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    assert [(line.metric, line.dimensions, line.quantity) for line in preview.lines] == [
+        ("tokens", {"model": None}, 2),
+        ("tokens", {"model": "a"}, 3),
+        ("tokens", {"model": "b"}, 1),
+        ("calls", {"region": None}, 7),
+        ("calls", {"region": "a"}, 8),
+        ("calls", {"region": "m"}, 11),
+        ("calls", {"region": "z"}, 4),
+        ("visits", None, 9),
+    ]
+
+
 # --- rules ------------------------------------------------------------------------------------
 
 
