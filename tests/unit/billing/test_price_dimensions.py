@@ -231,11 +231,11 @@ def test_a_plan_switch_bills_each_subscription_for_its_own_stretch(
 @pytest.mark.parametrize(
     ("aggregation", "prop", "expected", "reads"),
     [
-        ("unique_count", "user", 2, 3),  # u1 in two stretches, counted once: counted again
+        ("unique_count", "user", 2, 3),  # u1 in three stretches, counted once: counted again
         ("max", None, 8, 2),
         ("latest", None, 4, 3),  # the last stretch's; its own window query
-        ("count", None, 3, 2),
-        ("sum", None, 17, 2),
+        ("count", None, 4, 2),
+        ("sum", None, 20, 2),
     ],
 )
 def test_unpriced_usage_over_several_stretches_is_aggregated_once(
@@ -243,10 +243,13 @@ def test_unpriced_usage_over_several_stretches_is_aggregated_once(
 ) -> None:
     declare_meter(session, key="tokens", aggregation=aggregation, property=prop)
     other = plan_with(session, "other", {"metric": "calls", "unit_amount": 1})
-    # [JAN, MID) and [MID + 5 days, FEB) without a subscription; tokens unpriced in between
-    subscribe(session, other, start=MID, end=MID + timedelta(days=5))
+    # Subscribed for [MID - 5 days, MID) and from MID + 5 days: four stretches, the gaps
+    # between; tokens unpriced in all four
+    subscribe(session, other, start=MID - timedelta(days=5), end=MID)
+    subscribe(session, other, start=MID + timedelta(days=5))
     use(session, 8, JAN + timedelta(days=2), user="u1")
-    use(session, 5, MID + timedelta(days=1), user="u1")
+    use(session, 5, MID - timedelta(days=2), user="u1")
+    use(session, 3, MID + timedelta(days=2), user="u1")
     use(session, 4, MID + timedelta(days=7), user="u2")
     ledger_reads = []
 
@@ -282,6 +285,7 @@ def test_unpriced_unique_counts_over_several_stretches_are_counted_again_per_gro
         (MID + timedelta(days=4), None, "u5"),
         (JAN - timedelta(microseconds=1), "gpt-4", "u7"),  # before the period
         (FEB, "gpt-4", "u8"),  # at its end: the next period's
+        (MID + timedelta(days=5), "o1", "u1"),  # one stretch, one user
     ]:
         use(session, 1, at, user=user, **({"model": model} if model else {}))
     use(session, 1, MID, tenant="other", model="gpt-4", user="u9")
@@ -290,6 +294,7 @@ def test_unpriced_unique_counts_over_several_stretches_are_counted_again_per_gro
         ("other-0", (), 1, 1),
         (None, (("model", "claude"),), 3, 0),
         (None, (("model", "gpt-4"),), 2, 0),
+        (None, (("model", "o1"),), 1, 0),
         (None, (("model", None),), 2, 0),
     ]
 
