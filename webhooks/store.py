@@ -125,8 +125,9 @@ class SqlDeliveryStore:
                 "b_slot": slot,
             }
             taken = {i: n for i, n in session.execute(_TAKE, taken_params)}
+        secrets = _signing_secrets(rows, now, self._box)
         return [
-            _claimed(row, taken[row[0]], now, now + lease, self._box, slot)
+            _claimed(row, taken[row[0]], now + lease, secrets, slot)
             for row in rows
             if row[0] in taken
         ]
@@ -380,16 +381,30 @@ def _serialize_claims(session: Session) -> None:
         session.execute(_CLAIM_LOCK)
 
 
+def _signing_secrets(
+    rows: Sequence[Row[Any]], now: datetime, box: SecretBox | None
+) -> dict[str, tuple[str, ...]]:
+    """Each claimed subscription's secrets to sign with now, revealed (decrypted) once per
+    claim rather than once per delivery."""
+    secrets: dict[str, tuple[str, ...]] = {}
+    for row in rows:
+        (sub_id, _, secret, previous_secret, previous_expires_at) = tuple(row)[6:11]
+        if sub_id not in secrets:
+            previous = reveal(previous_secret, box) if previous_secret else None
+            current = reveal(secret, box)
+            secrets[sub_id] = tuple(active_secrets(current, previous, previous_expires_at, now))
+    return secrets
+
+
 def _claimed(
     row: Row[Any],
     attempt: int,
-    now: datetime,
     lease_ends_at: datetime,
-    box: SecretBox | None,
+    secrets: Mapping[str, tuple[str, ...]],
     slot: str | None = None,
 ) -> ClaimedDelivery:
     (delivery_id, event_id, topic, payload, created_at, tenant_id, *subscription) = tuple(row)
-    (sub_id, url, secret, previous_secret, previous_expires_at, due_at) = subscription
+    (sub_id, url, _, _, _, due_at) = subscription
     return ClaimedDelivery(
         delivery_id=delivery_id,
         event_id=event_id,
@@ -398,14 +413,7 @@ def _claimed(
         event_created_at=created_at,
         subscription_id=sub_id,
         url=url,
-        secrets=tuple(
-            active_secrets(
-                reveal(secret, box),
-                reveal(previous_secret, box) if previous_secret else None,
-                previous_expires_at,
-                now,
-            )
-        ),
+        secrets=secrets[sub_id],
         attempt=attempt,
         tenant_id=tenant_id,
         lease_ends_at=lease_ends_at,

@@ -69,6 +69,20 @@ def test_claim_returns_what_is_needed_to_send_and_counts_the_attempt(factory, st
     assert (row.attempts, row.status, row.next_attempt_at) == (1, "pending", now + LEASE)
 
 
+def test_each_delivery_of_one_claim_carries_its_own_subscriptions_secrets(factory, store) -> None:
+    with factory.begin() as session:
+        subs = SqlWebhookSubscriptions(session)
+        first = subs.add(TOPIC, "https://one.test/hook")
+        second = subs.add(TOPIC, "https://two.test/hook")
+        for _ in range(2):
+            publish(session, TOPIC, PAYLOAD)
+    claimed = store.claim(10, utcnow(), LEASE)
+    expected = {first.id: (first.secret,), second.id: (second.secret,)}
+    assert sorted((d.subscription_id, d.secrets) for d in claimed) == sorted(
+        [*expected.items(), *expected.items()]
+    )
+
+
 def test_a_claimed_delivery_is_not_claimed_again_until_its_lease_ends(factory, store) -> None:
     setup(factory)
     now = utcnow()
