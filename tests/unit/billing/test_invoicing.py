@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -303,3 +304,22 @@ def test_find_invoice_finds_the_one_of_that_period_and_currency(session) -> None
     session.flush()
     live = store_invoice(session, "t1", JAN, FEB, "usd", [])
     assert find_invoice(session, "t1", JAN, FEB, "usd") is live is not None
+
+
+def test_a_new_invoice_s_period_is_in_utc_whatever_the_zone_of_the_host_or_the_bounds(
+    session,
+) -> None:
+    """The object `store_invoice` returns is not read back: its period must be UTC as stored."""
+    plus_two = timezone(timedelta(hours=2))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TZ", "America/New_York")
+            time.tzset()
+            new = store_invoice(
+                session, "t1", JAN.astimezone(plus_two), FEB.astimezone(plus_two), "usd", []
+            )
+    finally:
+        time.tzset()
+    assert new is not None
+    assert (new.period_start, new.period_end) == (JAN, FEB)
+    assert new.period_start.utcoffset() == new.period_end.utcoffset() == timedelta(0)
