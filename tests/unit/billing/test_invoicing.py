@@ -14,10 +14,12 @@ from billing import (
     CurrencyMismatchError,
     InvalidPeriodError,
     ProviderSyncError,
+    invoicing,
 )
 from billing.errors import InvoiceStateError
 from billing.invoicing import drafts_covering, find_invoice, reprice_draft, store_invoice
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
+from billing.usage_lines import LineDraft
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
 FEB = datetime(2025, 2, 1, tzinfo=UTC)
@@ -323,3 +325,24 @@ def test_a_new_invoice_s_period_is_in_utc_whatever_the_zone_of_the_host_or_the_b
     assert new is not None
     assert (new.period_start, new.period_end) == (JAN, FEB)
     assert new.period_start.utcoffset() == new.period_end.utcoffset() == timedelta(0)
+
+
+def test_an_invoice_s_lines_are_created_at_the_time_of_the_write_that_made_them(
+    session, monkeypatch
+) -> None:
+    created, repriced = datetime(2025, 2, 1, 9, tzinfo=UTC), datetime(2025, 2, 2, 9, tzinfo=UTC)
+    monkeypatch.setattr(invoicing, "utcnow", lambda: created)
+    new = store_invoice(session, "t1", JAN, FEB, "usd", [LineDraft(None, "tokens", 5, 0)])
+    assert new is not None
+
+    def lines_created() -> list[tuple[str | None, datetime]]:
+        query = select(InvoiceLine.metric, InvoiceLine.created_at).where(
+            InvoiceLine.invoice_id == new.id
+        )
+        return sorted(tuple(row) for row in session.execute(query))
+
+    assert new.created_at == created
+    assert lines_created() == [("tokens", created)]
+    monkeypatch.setattr(invoicing, "utcnow", lambda: repriced)
+    reprice_draft(session, new, [LineDraft(None, "calls", 2, 0)])
+    assert lines_created() == [("calls", repriced)]
