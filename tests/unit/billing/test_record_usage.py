@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, select
 
-from billing import BillingService, IdempotencyConflictError, InvalidUsageError
+from billing import BillingService, IdempotencyConflictError, InvalidUsageError, ledger
 from billing.models import UsageEvent
 
 AT = datetime(2025, 1, 15, 12, 0, tzinfo=UTC)
@@ -250,3 +250,16 @@ def test_a_batch_with_one_key_twice_for_different_amounts_conflicts(session) -> 
     with pytest.raises(IdempotencyConflictError):
         bs.record_usage_batch(events)
     assert count(session) == 0
+
+
+@pytest.mark.parametrize("size", [1, 3, 100])
+def test_stored_events_are_created_at_the_time_of_their_store(session, monkeypatch, size) -> None:
+    """One time for a whole batch, the ledger's clock's (a single event, an insert, a stage)."""
+    stored_at = datetime(2025, 1, 20, 9, tzinfo=UTC)
+    monkeypatch.setattr(ledger, "utcnow", lambda: stored_at)
+    events = [
+        {"metric": "tokens", "amount": 1, "at": AT, "idempotency_key": f"k{i}"} for i in range(size)
+    ]
+    BillingService(session=session, tenant_id="t1").record_usage_batch(events)
+    created = session.execute(select(UsageEvent.created_at)).scalars().all()
+    assert created == [stored_at] * size
