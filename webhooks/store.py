@@ -181,24 +181,30 @@ class SqlDeliveryStore:
             return session.execute(query).scalar()
 
 
+def _detail_columns() -> tuple[Any, ...]:
+    """What sending needs of a delivery, from it, its event and its subscription."""
+    d, e, sub = _deliveries, _events, _subscriptions
+    return (
+        d.c.id,
+        e.c.id,
+        e.c.topic,
+        e.c.payload,
+        e.c.created_at,
+        e.c.tenant_id,
+        sub.c.id,
+        sub.c.url,
+        sub.c.secret,
+        sub.c.previous_secret,
+        sub.c.previous_secret_expires_at,
+        d.c.next_attempt_at,
+    )
+
+
 def _details() -> Select[Any]:
     """What sending needs of each delivery due at `:b_now` of an enabled subscription."""
     d, e, sub = _deliveries, _events, _subscriptions
     return (
-        select(
-            d.c.id,
-            e.c.id,
-            e.c.topic,
-            e.c.payload,
-            e.c.created_at,
-            e.c.tenant_id,
-            sub.c.id,
-            sub.c.url,
-            sub.c.secret,
-            sub.c.previous_secret,
-            sub.c.previous_secret_expires_at,
-            d.c.next_attempt_at,
-        )
+        select(*_detail_columns())
         .join_from(d, e, e.c.id == d.c.event_id)
         .join(sub, sub.c.id == d.c.subscription_id)
         .where(_DUE, d.c.next_attempt_at <= bindparam("b_now"), sub.c.enabled.is_(True))
@@ -258,9 +264,15 @@ def _capped(*, chains: bool) -> Select[Any]:
         .limit(bindparam("b_limit", type_=Integer))
         .subquery()
     )
+    # The picked rows (checked due above) drive the join, each looked up by its key: joined
+    # the other way round, a planner that believes few rows are due (statistics taken while
+    # the outbox was near empty, then a burst) scanned every due delivery once per row picked.
     return (
-        _details()
-        .join(picked, picked.c.id == d.c.id)
+        select(*_detail_columns())
+        .select_from(picked)
+        .join(d, d.c.id == picked.c.id)
+        .join(_events, _events.c.id == d.c.event_id)
+        .join(sub, sub.c.id == d.c.subscription_id)
         .order_by(picked.c.turn, picked.c.next_attempt_at, picked.c.id)
     )
 
