@@ -207,21 +207,28 @@ def test_called_again_it_returns_the_same_invoice_and_creates_nothing(session) -
     assert session.execute(select(func.count()).select_from(InvoiceLine)).scalar_one() == 1
 
 
+NOT_ISO = "currency must be a three-letter ISO 4217 code"
+NOT_AFTER = "period_end must be after period_start"
+
+
 @pytest.mark.parametrize(
-    ("start", "end", "currency"),
+    ("start", "end", "currency", "refusal"),
     [
-        (datetime(2025, 1, 1), FEB, "usd"),
-        (JAN, datetime(2025, 2, 1), "usd"),
-        (FEB, JAN, "usd"),
-        (JAN, JAN, "usd"),
-        (JAN, FEB, "dollars"),
-        (JAN, FEB, ""),
+        (datetime(2025, 1, 1), FEB, "usd", "period_start must be a timezone-aware datetime"),
+        (JAN, datetime(2025, 2, 1), "usd", "period_end must be a timezone-aware datetime"),
+        (FEB, JAN, "usd", NOT_AFTER),
+        (JAN, JAN, "usd", NOT_AFTER),
+        (JAN, FEB, "dollars", NOT_ISO),
+        (JAN, FEB, "", NOT_ISO),
+        (JAN, FEB, 840, NOT_ISO),
     ],
 )
-def test_bad_periods_and_currencies_are_refused(session, start, end, currency) -> None:
+def test_bad_periods_and_currencies_are_refused(session, start, end, currency, refusal) -> None:
+    """The refusal says what is wrong (the API answers it to the caller)."""
     bs = BillingService(session=session, tenant_id="t1")
-    with pytest.raises(InvalidPeriodError):
+    with pytest.raises(InvalidPeriodError) as refused:
         bs.generate_monthly_invoice(period_start=start, period_end=end, currency=currency)
+    assert str(refused.value) == refusal
     assert session.execute(select(func.count()).select_from(Invoice)).scalar_one() == 0
 
 
