@@ -280,19 +280,22 @@ def test_late_usage_of_a_price_per_dimension_adjusts_that_group_only(session) ->
     )
     subscribe(session, plan, start=JAN, tenant="t7")
     bs = service(session, APR, "t7")
-    for key, model in [("a", "gpt-4"), ("b", "claude")]:
+    for key, model in [("a", "gpt-4"), ("b", "claude"), ("c", "mistral")]:
         bs.record_usage(
             metric="tokens", amount=10, at=JAN + DAY, idempotency_key=key, metadata={"model": model}
         )
     january = invoice(session, JAN, FEB, tenant="t7")
-    assert january.total_amount == 40
-    bs.record_usage(
-        metric="tokens",
-        amount=5,
-        at=JAN + 20 * DAY,
-        idempotency_key="late",
-        metadata={"model": "gpt-4"},
-    )
+    assert january.total_amount == 50
+    [claude] = [line for line in january.lines if line.dimensions == {"model": "claude"}]
+    claude.created_at -= timedelta(seconds=1)  # first of its price: mistral's is its own still
+    for amount, model in [(5, "gpt-4"), (2, "mistral")]:  # mistral: the default price's second
+        bs.record_usage(
+            metric="tokens",
+            amount=amount,
+            at=JAN + 20 * DAY,
+            idempotency_key=f"late {model}",
+            metadata={"model": model},
+        )
     february = invoice(session, FEB, MAR, tenant="t7")
     adjusted = [
         (line.quantity, line.amount, line.dimensions, line.adjusts_invoice_id)
@@ -302,7 +305,10 @@ def test_late_usage_of_a_price_per_dimension_adjusts_that_group_only(session) ->
             )
         ).scalars()
     ]
-    assert adjusted == [(5, 15, {"model": "gpt-4"}, january.id)]
+    assert sorted(adjusted, key=repr) == [
+        (2, 2, {"model": "mistral"}, january.id),
+        (5, 15, {"model": "gpt-4"}, january.id),
+    ]
 
 
 def test_a_negative_difference_on_a_fully_credited_invoice_stays_pending(session) -> None:
