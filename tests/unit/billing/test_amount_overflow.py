@@ -58,8 +58,10 @@ def test_2_62_units_at_2_cents_raise_amount_overflow_naming_the_line(session) ->
     with pytest.raises(AmountOverflowError) as caught:
         generate(session)
     assert (caught.value.metric, caught.value.price_key) == ("tokens", "big-0")
-    assert "metric 'tokens' at price 'big-0' (2 per unit)" in str(caught.value)
-    assert str(2**63) in str(caught.value)
+    assert str(caught.value) == (
+        f"the line of metric 'tokens' at price 'big-0' (2 per unit) comes to {2**62} units and "
+        f"{2**63} minor units, over the 2**63-1 the ledger stores"
+    )
     assert stored(session) == (0, 0)
 
 
@@ -126,6 +128,9 @@ def test_lines_that_fit_but_add_up_to_more_than_2_63_minus_1_are_refused(session
     with pytest.raises(AmountOverflowError) as caught:
         generate(session)
     assert (caught.value.metric, caught.value.price_key) == (None, None)
+    assert str(caught.value) == (
+        f"the invoice's 2 lines add up to {2**63} minor units, over the 2**63-1 the ledger stores"
+    )
     assert stored(session) == (0, 0)
 
 
