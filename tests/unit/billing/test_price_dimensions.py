@@ -11,13 +11,14 @@ from sqlalchemy import event, func, select
 
 from billing import BillingService, PriceDefinitionError
 from billing.dimensions import describe
-from billing.meters import declare_meter
+from billing.meters import GROUP_VALUE_LENGTH, declare_meter
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
 from billing.providers.stripe import _describe as stripe_description
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
 FEB = datetime(2025, 2, 1, tzinfo=UTC)
 MID = datetime(2025, 1, 16, tzinfo=UTC)
+LONG = "m" * GROUP_VALUE_LENGTH  # a model name as long as a group value is kept
 
 
 def plan_with(session, key: str, *prices: dict) -> Plan:
@@ -286,6 +287,8 @@ def test_unpriced_unique_counts_over_several_stretches_are_counted_again_per_gro
         (JAN - timedelta(microseconds=1), "gpt-4", "u7"),  # before the period
         (FEB, "gpt-4", "u8"),  # at its end: the next period's
         (MID + timedelta(days=5), "o1", "u1"),  # one stretch, one user
+        (JAN + timedelta(days=6), LONG, "u1"),  # grouped by its first characters
+        (MID + timedelta(days=6), LONG + "-v2", "u2"),
     ]:
         use(session, 1, at, user=user, **({"model": model} if model else {}))
     use(session, 1, MID, tenant="other", model="gpt-4", user="u9")
@@ -294,6 +297,7 @@ def test_unpriced_unique_counts_over_several_stretches_are_counted_again_per_gro
         ("other-0", (), 1, 1),
         (None, (("model", "claude"),), 3, 0),
         (None, (("model", "gpt-4"),), 2, 0),
+        (None, (("model", LONG),), 2, 0),
         (None, (("model", "o1"),), 1, 0),
         (None, (("model", None),), 2, 0),
     ]
