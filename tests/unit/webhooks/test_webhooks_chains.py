@@ -303,7 +303,8 @@ def test_a_chain_whose_feed_fails_ends_and_the_other_chains_are_still_fed(caplog
 
 def test_a_chain_with_under_half_a_chain_waiting_is_marked_low_once_and_wakes_the_relay() -> None:
     """Chains of 5: of 4 waiting behind the head, taking the third leaves 1 (< 5 // 2) and
-    marks the chain low (once), waking the relay to feed it; 3 and 2 left are not low."""
+    marks the chain low (once), waking the relay to feed it; 3 and 2 left are not low. A chain
+    that ends is no longer low."""
     world = World(Overlap(), batch_size=10, max_in_flight_per_subscription=1)
     assert world.relay.chain == 5
     claimed = claim_chain(world, 5)
@@ -311,12 +312,21 @@ def test_a_chain_with_under_half_a_chain_waiting_is_marked_low_once_and_wakes_th
     key = (first.slot, first.subscription_id)
     relay = world.relay
     assert relay._chain_heads(claimed) == [first]
-    low: list[tuple[int, bool, bool]] = []
+    low: list[tuple[int | None, bool, bool]] = []
     following = []
-    for _step in range(4):
+    for _step in range(5):
         relay.wake.clear()
         result = outcome_of(first, Outcome(status_code=200), utcnow())
         following.append(relay._next_in_chain(first, result))
-        low.append((len(relay._chains[key]), key in relay._low, relay.wake.is_set()))
-    assert low == [(3, False, False), (2, False, False), (1, True, True), (0, True, False)]
-    assert following == claimed[1:]
+        waiting = relay._chains.get(key)
+        low.append(
+            (None if waiting is None else len(waiting), key in relay._low, relay.wake.is_set())
+        )
+    assert low == [
+        (3, False, False),
+        (2, False, False),
+        (1, True, True),
+        (0, True, False),
+        (None, False, False),  # the chain is over: nothing to feed, nothing to wake for
+    ]
+    assert following == [*claimed[1:], None]

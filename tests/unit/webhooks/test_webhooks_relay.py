@@ -973,3 +973,24 @@ def test_at_the_refill_mark_the_relay_claims_again_without_waiting() -> None:
 
     run_until(world, claimed_all_while_held)
     assert claims[:2] == [2, 1]
+
+
+def test_a_relay_without_options_has_the_settings_defaults() -> None:
+    from webhooks.settings import WebhookSettings
+
+    world = World(answer(200))
+    bare = Relay(world.outbox, world.relay.sender, world.relay.policy)
+    configured = Relay.from_settings(
+        WebhookSettings.model_construct(), world.outbox, world.relay.sender
+    )
+    names = [
+        "concurrency",
+        "batch_size",
+        "lease",
+        "poll_interval",
+        "disable_after",
+        "shutdown_timeout",
+        "attempt_timeout",
+        "max_in_flight_per_subscription",
+    ]
+    assert [getattr(bare, name) for name in names] == [getattr(configured, n) for n in names]
