@@ -243,6 +243,7 @@ def test_a_chain_running_low_is_topped_up_to_a_full_chain_from_its_slot() -> Non
     with ThreadPoolExecutor(1) as pool:
         assert world.relay._extend_chains(pool) == 3
     assert len(world.relay._chains[key]) == 4  # the fed ones wait their turn in the chain
+    assert world.relay._in_flight_count() == 4  # claimed, not finished
     assert requests == []
     assert world.relay._low == set()
 

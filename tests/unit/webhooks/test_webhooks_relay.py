@@ -22,7 +22,7 @@ from webhooks import (
 from webhooks.delivery import Sender
 from webhooks.interfaces import AttemptResult
 from webhooks.policy import RetryPolicy
-from webhooks.relay import Relay, log_attempt
+from webhooks.relay import GATHER_TICK, Relay, log_attempt
 from webhooks.settings import parse_schedule
 
 TOPIC = "billing.usage_aggregated"
@@ -994,3 +994,65 @@ def test_a_relay_without_options_has_the_settings_defaults() -> None:
         "max_in_flight_per_subscription",
     ]
     assert [getattr(bare, name) for name in names] == [getattr(configured, n) for n in names]
+
+
+class NotedStop(threading.Event):
+    """A recorder's stop that notes each `wait`, runs `on_wait` at the first, and is set at
+    the `stop_at`-th (a mutant that never stops gathering ends)."""
+
+    def __init__(self, on_wait: Callable[[], None] = lambda: None, stop_at: int = 20) -> None:
+        super().__init__()
+        self.on_wait, self.stop_at = on_wait, stop_at
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        if len(self.timeouts) == 1:
+            self.on_wait()
+        if len(self.timeouts) >= self.stop_at:
+            self.set()
+        return self.is_set()
+
+
+def gathering(batch_size: int = 100) -> tuple[Relay, Future[AttemptResult | None]]:
+    relay = World(answer(200), batch_size=batch_size).relay
+    running: Future[AttemptResult | None] = Future()
+    relay._in_flight[running] = None  # type: ignore[assignment]
+    return relay, running
+
+
+def test_while_an_attempt_runs_the_recorder_takes_outcomes_every_gather_tick() -> None:
+    relay, running = gathering()
+    first, late = object(), object()
+
+    def finish() -> None:  # as a chain's task ends: its outcome queued, then its future done
+        relay._done.put(late)  # type: ignore[arg-type]
+        running.set_result(None)
+
+    stop = NotedStop(finish)
+    pending = [first]
+    relay._gather(pending, stop)  # type: ignore[arg-type]
+    assert pending == [first, late]
+    assert stop.timeouts == [GATHER_TICK]
+
+
+def test_a_full_batch_is_recorded_without_waiting_for_the_attempts_still_running() -> None:
+    relay, _ = gathering(batch_size=2)
+    first, second = object(), object()
+    relay._done.put(second)  # type: ignore[arg-type]
+    stop = NotedStop()
+    pending = [first]
+    relay._gather(pending, stop)  # type: ignore[arg-type]
+    assert pending == [first, second]
+    assert stop.timeouts == []
+
+
+def test_the_recorder_stops_gathering_at_the_end_of_its_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("webhooks.relay.RECORD_EVERY", 0.0)
+    relay, _ = gathering()
+    stop = NotedStop()
+    pending = [object()]
+    relay._gather(pending, stop)  # type: ignore[arg-type]
+    assert stop.timeouts == []  # the window is over: what is queued is recorded now
