@@ -309,7 +309,7 @@ class Relay:
 
     def _finished(self, future: Future[None]) -> None:
         with self._lock:
-            self._in_flight.pop(future, None)
+            del self._in_flight[future]  # put there before its callback was added
         if not future.cancelled():
             self._wake_if_more_due()
 

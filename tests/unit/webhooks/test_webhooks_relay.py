@@ -1056,3 +1056,31 @@ def test_the_recorder_stops_gathering_at_the_end_of_its_window(
     pending = [object()]
     relay._gather(pending, stop)  # type: ignore[arg-type]
     assert stop.timeouts == []  # the window is over: what is queued is recorded now
+
+
+def test_a_finished_task_wakes_the_relay_when_the_claimed_fall_to_the_mark_and_more_are_due() -> (
+    None
+):
+    """1 slot, batches of 2: the mark is 2. A task that finishes leaving 2 claimed wakes the
+    relay to claim again, if its last claim was full (more due); not above the mark, not
+    after a claim that was not full, not for a task cancelled at a stop."""
+    relay = World(answer(200), concurrency=1, batch_size=2).relay
+
+    def woken(more_due: bool, tasks: int, cancelled: bool = False) -> bool:
+        relay._more_due = more_due
+        futures: list[Future[None]] = [Future() for _ in range(tasks)]
+        for future in futures:
+            relay._in_flight[future] = None  # type: ignore[assignment]
+        if cancelled:
+            futures[0].cancel()
+        else:
+            futures[0].set_result(None)
+        relay.wake.clear()
+        relay._finished(futures[0])
+        relay._in_flight.clear()
+        return relay.wake.is_set()
+
+    assert woken(more_due=True, tasks=3)
+    assert not woken(more_due=True, tasks=4)
+    assert not woken(more_due=False, tasks=3)
+    assert not woken(more_due=True, tasks=3, cancelled=True)
