@@ -23,6 +23,7 @@ from sqlalchemy import (
     Integer,
     Row,
     Select,
+    Subquery,
     Table,
     bindparam,
     case,
@@ -264,22 +265,28 @@ def _capped(*, chains: bool) -> Select[Any]:
         .limit(bindparam("b_limit", type_=Integer))
         .subquery()
     )
-    # The picked rows (checked due above) drive the join, each looked up by its key: joined
-    # the other way round, a planner that believes few rows are due (statistics taken while
-    # the outbox was near empty, then a burst) scanned every due delivery once per row picked.
+    return _by_key(picked).order_by(picked.c.turn, picked.c.next_attempt_at, picked.c.id)
+
+
+def _by_key(picked: Subquery) -> Select[Any]:
+    """`_details` of the deliveries `picked` (its `id`s, checked due), each delivery, event
+    and subscription looked up by its key. Picked first, then joined: the other way round, a
+    planner that believes few rows are due (statistics taken while the outbox was near empty,
+    then a burst) scanned every due delivery, with its event, once per row picked."""
+    d = _deliveries
     return (
         select(*_detail_columns())
         .select_from(picked)
         .join(d, d.c.id == picked.c.id)
         .join(_events, _events.c.id == d.c.event_id)
-        .join(sub, sub.c.id == d.c.subscription_id)
-        .order_by(picked.c.turn, picked.c.next_attempt_at, picked.c.id)
+        .join(_subscriptions, _subscriptions.c.id == d.c.subscription_id)
     )
 
 
 def _extend() -> Select[Any]:
     """`_details` of up to `:b_limit` due deliveries of subscription `:b_sid`, oldest first,
-    while its slot `:b_slot` is held (one of its deliveries still claimed)."""
+    while its slot `:b_slot` is held (one of its deliveries still claimed), picked from the
+    deliveries alone (see `_by_key`)."""
     d = _deliveries
     held = (
         select(d.c.id)
@@ -291,11 +298,22 @@ def _extend() -> Select[Any]:
         )
         .exists()
     )
-    return (
-        _details()
-        .where(d.c.subscription_id == bindparam("b_sid"), held)
-        .order_by(d.c.next_attempt_at, _events.c.created_at)
+    picked = (
+        select(d.c.id, d.c.next_attempt_at, d.c.created_at)
+        .where(
+            d.c.subscription_id == bindparam("b_sid"),
+            _DUE,
+            d.c.next_attempt_at <= bindparam("b_now"),
+            held,
+        )
+        .order_by(d.c.next_attempt_at, d.c.created_at)
         .limit(bindparam("b_limit", type_=Integer))
+        .subquery()
+    )
+    return (
+        _by_key(picked)
+        .where(_subscriptions.c.enabled.is_(True))
+        .order_by(picked.c.next_attempt_at, picked.c.created_at)
     )
 
 
