@@ -166,11 +166,14 @@ def enqueue_invoice_on_redis(redis_url, namespace, tenant_id, start, end) -> Non
 
 
 def _waiting_on_lock(engine) -> int:
+    """Sessions waiting for a lock on `webhook_events` (from `pg_locks`: the statement's text in
+    `pg_stat_activity` is cut at 1 KiB, before the outbox part of the invoice's statement)."""
     with engine.connect() as conn:
         return conn.execute(
             text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query ILIKE '%webhook_events%'"
+                "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "AND relation = 'webhook_events'::regclass"
             )
         ).scalar_one()
 
