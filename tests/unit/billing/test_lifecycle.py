@@ -218,6 +218,13 @@ def test_forbidden_transitions_change_nothing(session, plan, prepare, change) ->
     assert (after.status, after.number, len(events(session))) == before
 
 
+def test_each_event_has_the_stable_id_of_its_invoice_and_change(session, plan) -> None:
+    invoice = generate(session)
+    service(session).pay_invoice(invoice.id)
+    ids = sorted(session.scalars(select(WebhookEvent.id)))
+    assert ids == [f"invoice_{name}_{invoice.id}" for name in ("created", "finalized", "paid")]
+
+
 def test_each_change_of_state_is_logged_once(session, plan, caplog) -> None:
     caplog.set_level(logging.INFO, logger="billing.service")
     invoice = generate(session)
