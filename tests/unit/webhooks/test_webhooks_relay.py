@@ -1084,3 +1084,12 @@ def test_a_finished_task_wakes_the_relay_when_the_claimed_fall_to_the_mark_and_m
     assert not woken(more_due=True, tasks=4)
     assert not woken(more_due=False, tasks=3)
     assert not woken(more_due=True, tasks=3, cancelled=True)
+
+
+def test_run_once_claims_no_chains_and_keeps_a_subscription_to_its_cap() -> None:
+    world = World(answer(200), max_in_flight_per_subscription=1)
+    world.subs.add(TOPIC, url=URL)
+    for _ in range(3):
+        world.service.publish(TOPIC, PAYLOAD)
+    assert world.relay.run_once() == 1
+    assert sorted(world.statuses()) == ["delivered", "pending", "pending"]
