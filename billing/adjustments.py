@@ -335,16 +335,19 @@ _target = aliased(Invoice)
 _credit_line = aliased(InvoiceLine)
 _holder = aliased(Invoice)
 _EXCLUDE = bindparam("exclude", type_=String())
+_LINE_FIELDS = (
+    InvoiceLine.id,
+    InvoiceLine.price_id,
+    InvoiceLine.metric,
+    InvoiceLine.dimensions,
+    InvoiceLine.quantity,
+    InvoiceLine.amount,
+    InvoiceLine.created_at,
+)
 _BILLED: Any = union_all(
     select(
         literal(_CHARGE).label("part"),
-        InvoiceLine.id,
-        InvoiceLine.price_id,
-        InvoiceLine.metric,
-        InvoiceLine.dimensions,
-        InvoiceLine.quantity,
-        InvoiceLine.amount,
-        InvoiceLine.created_at,
+        *_LINE_FIELDS,
     ).where(
         InvoiceLine.invoice_id == bindparam("invoice_id"),
         InvoiceLine.kind == "charge",
@@ -353,13 +356,7 @@ _BILLED: Any = union_all(
     ),
     select(
         literal(_ADJUSTMENT),
-        InvoiceLine.id,
-        InvoiceLine.price_id,
-        InvoiceLine.metric,
-        InvoiceLine.dimensions,
-        InvoiceLine.quantity,
-        InvoiceLine.amount,
-        InvoiceLine.created_at,
+        *_LINE_FIELDS,
     )
     .join(_carrier, _carrier.id == InvoiceLine.invoice_id)
     .join(_target, _target.id == InvoiceLine.adjusts_invoice_id)

@@ -49,7 +49,7 @@ from billing.periods import subscription_active_in
 from billing.pricing import fixed_amount
 from billing.usage_lines import LineDraft, Stretch, bill_usage
 from webhooks.interfaces import NewEvent
-from webhooks.outbox import publishing_ctes
+from webhooks.outbox import bound_event_row, publishing_ctes
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
 _CURRENCY = re.compile(r"^[a-z]{3}$")
@@ -352,15 +352,7 @@ def _store_all(announce: bool) -> driver_sql.Compiled:  # pragma: no mutate bloc
     )
     if not announce:
         return driver_sql.compiled(select(new.c.id).add_cte(new, new_lines))
-    published = publishing_ctes(
-        select(
-            bindparam("event_id", type_=String()),
-            bindparam("event_topic", type_=String()),
-            bindparam("event_tenant_id", type_=String()),
-            bindparam("event_payload", type_=postgresql.JSON()),
-            bindparam("event_created_at", type_=UTCDateTime()),
-        ).select_from(new)
-    )
+    published = publishing_ctes(bound_event_row().select_from(new))
     statement = select(new.c.id, published.notify()).add_cte(
         new, new_lines, published.events, published.deliveries
     )

@@ -144,15 +144,19 @@ def publishing_ctes(events: Select[*tuple[Any, ...]]) -> PublishingCtes:
     return PublishingCtes(stored, deliveries)
 
 
-_PUBLISHED = publishing_ctes(
-    select(
+def bound_event_row() -> Any:
+    """A SELECT of one event's columns as bound parameters (`event_id`, `event_topic`,
+    `event_tenant_id`, `event_payload`, `event_created_at`), for `publishing_ctes`."""
+    return select(
         bindparam("event_id", type_=String()),
         bindparam("event_topic", type_=String()),
         bindparam("event_tenant_id", type_=String()),
         bindparam("event_payload", type_=postgresql.JSON()),
         bindparam("event_created_at", type_=UTCDateTime()),
     )
-)
+
+
+_PUBLISHED = publishing_ctes(bound_event_row())
 #: PostgreSQL: `publish` in one round trip (the event, its deliveries, the notification).
 _PUBLISH = select(_PUBLISHED.notify()).add_cte(_PUBLISHED.events, _PUBLISHED.deliveries)
 
