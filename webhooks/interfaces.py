@@ -97,6 +97,6 @@ class DeliveryStore(Protocol):
         due (`ClaimedDelivery.due_at`, their place in the queue) or else at `now`."""
         ...
 
-    def next_due(self, now: datetime) -> datetime | None:
+    def next_due(self) -> datetime | None:
         """When the earliest unclaimed delivery falls due (None if there is none)."""
         ...

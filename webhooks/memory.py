@@ -177,7 +177,7 @@ class InMemoryOutboxStore:
                     d.attempts -= 1
                     d.next_attempt_at, d.claimed_until, d.slot = claimed.due_at or now, None, None
 
-    def next_due(self, now: datetime) -> datetime | None:
+    def next_due(self) -> datetime | None:
         """When the earliest unclaimed delivery falls due."""
         with self._lock:
             times = [

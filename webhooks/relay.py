@@ -327,7 +327,7 @@ class Relay:
         if self._in_flight_count():  # a finished request or a recording wakes the relay
             return self.poll_interval
         try:
-            due = self.store.next_due(self._now())
+            due = self.store.next_due()
         except Exception:
             logger.exception("looking for due deliveries failed")
             return self.poll_interval

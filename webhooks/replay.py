@@ -1,8 +1,8 @@
 """Replay: send stored events again, to the subscriptions that receive them now.
 
-A replayed delivery restarts from attempt 1 whatever its state (`dead`, `delivered`, `failed`),
-and one is created for a subscription added after the event. Receivers see the same `webhook-id`
-again and drop it if they already have it.
+A replayed delivery restarts from attempt 1, out of any claim, whatever its state (`dead`,
+`delivered`, `failed`, claimed), and one is created for a subscription added after the event.
+Receivers see the same `webhook-id` again and drop it if they already have it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def _requeue(session: Session, event_id: str, subscription_id: str, at: datetime
         "last_status_code": None,
         "last_error": None,
         "delivered_at": None,
+        # Out of any claim: a claim still counting it would hold its subscription's slot (and,
+        # at the cap, the replay itself) until the lease ran out.
+        "claimed_until": None,
+        "slot": None,
         "updated_at": at,
     }
     row = {

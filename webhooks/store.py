@@ -168,7 +168,7 @@ class SqlDeliveryStore:
         with self._sessions.begin() as session:
             session.execute(_RELEASE, params)
 
-    def next_due(self, now: datetime) -> datetime | None:
+    def next_due(self) -> datetime | None:
         """When the earliest unclaimed delivery of an enabled subscription falls due."""
         query = (
             select(func.min(WebhookDelivery.next_attempt_at))

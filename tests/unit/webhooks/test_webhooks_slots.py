@@ -17,6 +17,7 @@ from webhooks.delivery import ClaimedDelivery
 from webhooks.interfaces import AttemptResult, DeliveryStore
 from webhooks.models import WebhookDelivery
 from webhooks.policy import Outcome, RetryPolicy
+from webhooks.replay import replay
 from webhooks.settings import parse_schedule
 from webhooks.sqltypes import utcnow
 from webhooks.store import SqlDeliveryStore
@@ -206,3 +207,20 @@ def test_a_failing_subscription_gets_a_chain_of_one_per_claim(world) -> None:
     )
     [one] = world.store.claim(10, now, LEASE, max_in_flight=2, chain=3)
     assert one.slot is not None
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def sql(request: pytest.FixtureRequest) -> Sql:
+    engine = request.getfixturevalue("sqlite_engine" if request.param == "sqlite" else "pg_engine")
+    return Sql(sessionmaker(engine, expire_on_commit=False))
+
+
+def test_a_delivery_replayed_while_claimed_leaves_its_slot(sql) -> None:
+    sql.add("busy", events=1)
+    now = utcnow()
+    [claimed] = sql.store.claim(10, now, LEASE, max_in_flight=1, chain=2)
+    with sql.factory.begin() as session:
+        assert replay(session, event_id=claimed.event_id, now=lambda: now) == 1
+    assert sql.claimed() == []
+    [again] = sql.store.claim(10, now, LEASE, max_in_flight=1, chain=2)
+    assert (again.delivery_id, again.attempt) == (claimed.delivery_id, 1)

@@ -104,7 +104,7 @@ def test_disabled_subscriptions_are_not_claimed(factory, store) -> None:
     with factory.begin() as session:
         SqlWebhookSubscriptions(session).disable(sub.id)
     assert store.claim(10, utcnow(), LEASE) == []
-    assert store.next_due(utcnow()) is None
+    assert store.next_due() is None
 
 
 def test_recording_a_success_marks_it_delivered(factory, store) -> None:
@@ -130,7 +130,7 @@ def test_recording_a_failure_schedules_the_retry_and_starts_the_streak(factory, 
         now + timedelta(seconds=5),
         "HTTP 500",
     )
-    assert store.next_due(now) == now + timedelta(seconds=5)
+    assert store.next_due() == now + timedelta(seconds=5)
     with factory() as session:
         assert session.get(WebhookSubscription, sub.id).failing_since == now
 
