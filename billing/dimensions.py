@@ -20,12 +20,15 @@ second is refused (`PriceDefinitionError`, field `dimensions`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from billing.errors import PriceDefinitionError
 from billing.meters import GROUP_VALUE_LENGTH, MAX_GROUP_BY, PROPERTY, MeterSpec
 from billing.models import Price
+from billing.pricing import PriceTerms
 
 Group = Mapping[str, str | None]
+_Terms = TypeVar("_Terms", bound=PriceTerms)
 
 
 def check_dimensions(price: Price) -> None:
@@ -81,7 +84,7 @@ def matches(dimensions: Mapping[str, str], group: Group) -> bool:
     return all(group.get(name) == value for name, value in dimensions.items())
 
 
-def prices_for(prices: Sequence[Price], group: Group) -> list[Price]:
+def prices_for(prices: Sequence[_Terms], group: Group) -> list[_Terms]:
     """The prices of one metric that bill `group` (see the module's rules; [] for none)."""
     matching = [p for p in prices if p.dimensions and matches(p.dimensions, group)]
     if matching:

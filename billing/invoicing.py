@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -153,7 +154,7 @@ def price_lines(
     return _storable(lines + usage.unpriced, {price.id: price for price in all_prices})
 
 
-def _storable(lines: list[LineDraft], prices: dict[str, Price]) -> list[LineDraft]:
+def _storable(lines: list[LineDraft], prices: dict[str, PlanPrice]) -> list[LineDraft]:
     """`lines`, unless a quantity, an amount or their total is over what the ledger stores."""
     for line in lines:
         if line.quantity > MAX_AMOUNT or line.amount > MAX_AMOUNT:
@@ -176,7 +177,7 @@ def _storable(lines: list[LineDraft], prices: dict[str, Price]) -> list[LineDraf
     return lines
 
 
-def _described(price: Price | None) -> str:
+def _described(price: PlanPrice | None) -> str:
     """`'pro-tokens' (2 per unit)`, `'pro-tokens' (tiered)`, or `none` for unpriced usage."""
     if price is None:
         return "none"
@@ -422,25 +423,66 @@ def _insert_lines(session: Session, invoice_id: str, lines: list[LineDraft], now
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PlanPrice:
+    """A price of a subscribed plan as an invoice reads it (`billing.pricing.PriceTerms`): its
+    stored terms as plain values, not an ORM object (loading `Subscription` and `Price`
+    objects was most of the client's work on the read, run for every invoice)."""
+
+    id: str
+    key: str
+    currency: str
+    metric: str | None
+    unit_amount: int | None
+    unit_amount_decimal: Decimal | None
+    billing_scheme: str
+    tiers_mode: str | None
+    tiers: list[dict[str, Any]] | None
+    transform_divide_by: int | None
+    transform_round: str | None
+    dimensions: dict[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscribed:
+    """A subscription active in the period: when it starts and ends (aware instants)."""
+
+    effective_at: datetime
+    ended_at: datetime | None
+
+
 def _subscriptions_with_prices(
     session: Session, tenant_id: str, start: datetime, end: datetime
-) -> list[tuple[Subscription, list[Price]]]:
+) -> list[tuple[_Subscribed, list[PlanPrice]]]:
     """The tenant's subscriptions active in the period, each with its plan's prices (one
     SELECT): subscriptions by start, prices by creation and key."""
     bounds = {"tenant_id": tenant_id, "start": start, "end": end}
-    rows = session.execute(_SUBSCRIPTIONS_WITH_PRICES, bounds).all()
-    grouped: dict[str, tuple[Subscription, list[Price]]] = {}
-    for subscription, price in rows:
-        _, prices = grouped.setdefault(subscription.id, (subscription, []))
-        if price is not None:
-            prices.append(price)
+    grouped: dict[str, tuple[_Subscribed, list[PlanPrice]]] = {}
+    for subscription_id, effective_at, ended_at, *terms in _plan_rows(session, bounds):
+        subscribed = _Subscribed(effective_at, ended_at)
+        _, prices = grouped.setdefault(subscription_id, (subscribed, []))
+        if terms[0] is not None:  # None: a plan without prices
+            prices.append(PlanPrice(*terms))
     return list(grouped.values())
+
+
+def _plan_rows(session: Session, bounds: dict[str, Any]) -> Sequence[Any]:
+    """`_SUBSCRIPTIONS_WITH_PRICES`' rows; on PostgreSQL on the driver's cursor."""
+    if session.get_bind().dialect.name != "postgresql":
+        return session.execute(_SUBSCRIPTIONS_WITH_PRICES, bounds).all()
+    session.flush()  # what the caller added is read, as `session.execute` would
+    return _SUBSCRIPTIONS_WITH_PRICES_SQL.rows(session, bounds)
 
 
 # Run for every invoice (and every finalized invoice late usage re-prices): built once, so a
 # call neither builds the statement nor computes its cache key again.
 _SUBSCRIPTIONS_WITH_PRICES = (
-    select(Subscription, Price)
+    select(
+        Subscription.id,
+        Subscription.effective_at,
+        Subscription.ended_at,
+        *(getattr(Price, field.name) for field in fields(PlanPrice)),
+    )
     .outerjoin(Price, Price.plan_id == Subscription.plan_id)
     .where(
         Subscription.tenant_id == bindparam("tenant_id"),
@@ -450,3 +492,4 @@ _SUBSCRIPTIONS_WITH_PRICES = (
     )
     .order_by(Subscription.effective_at, Subscription.id, Price.created_at, Price.key)
 )
+_SUBSCRIPTIONS_WITH_PRICES_SQL = driver_sql.compiled(_SUBSCRIPTIONS_WITH_PRICES)

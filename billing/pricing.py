@@ -20,10 +20,39 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any
+from typing import Any, Protocol
 
 from billing.errors import PriceDefinitionError
-from billing.models import Price
+
+
+class PriceTerms(Protocol):
+    """What pricing reads of a price: a stored `billing.models.Price`, or the terms an invoice
+    reads of one (`billing.invoicing.PlanPrice`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def currency(self) -> str: ...
+    @property
+    def metric(self) -> str | None: ...
+    @property
+    def unit_amount(self) -> int | None: ...
+    @property
+    def unit_amount_decimal(self) -> Decimal | None: ...
+    @property
+    def billing_scheme(self) -> str: ...
+    @property
+    def tiers_mode(self) -> str | None: ...
+    @property
+    def tiers(self) -> list[dict[str, Any]] | None: ...
+    @property
+    def transform_divide_by(self) -> int | None: ...
+    @property
+    def transform_round(self) -> str | None: ...
+    @property
+    def dimensions(self) -> dict[str, str] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +71,7 @@ def round_half_up(amount: Fraction) -> int:
     return math.floor(amount + Fraction(1, 2))
 
 
-def unit_price(price: Price) -> Fraction:
+def unit_price(price: PriceTerms) -> Fraction:
     """`unit_amount_decimal` when set, else `unit_amount`, as an exact fraction."""
     if price.unit_amount_decimal is not None:
         return _exact(price.unit_amount_decimal)
@@ -51,7 +80,7 @@ def unit_price(price: Price) -> Fraction:
     return Fraction(price.unit_amount)
 
 
-def fixed_amount(price: Price, active: timedelta, period: timedelta) -> int:
+def fixed_amount(price: PriceTerms, active: timedelta, period: timedelta) -> int:
     """A fixed price prorated by the active share of the period."""
     if period <= timedelta(0):
         raise PriceDefinitionError("a billing period must be longer than zero")
@@ -59,7 +88,7 @@ def fixed_amount(price: Price, active: timedelta, period: timedelta) -> int:
     return round_half_up(unit_price(price) * share)
 
 
-def usage_amount(price: Price, quantity: int) -> int:
+def usage_amount(price: PriceTerms, quantity: int) -> int:
     """What `quantity` units of the usage price cost, rounded once."""
     billable = billable_quantity(quantity, price.transform_divide_by, price.transform_round)
     if price.billing_scheme == "per_unit":

@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 from billing.dimensions import prices_for
 from billing.meters import GROUP_VALUE_LENGTH, MeterSpec, grouped_quantities
 from billing.meters import property_text as _property_text
-from billing.models import Price, UsageEvent
-from billing.pricing import usage_amount
+from billing.models import UsageEvent
+from billing.pricing import PriceTerms, usage_amount
 from billing.usage_quantities import Values, meters_in_use, period_quantities
 
 
@@ -54,7 +54,7 @@ class Stretch:
 
     start: datetime
     end: datetime
-    prices: tuple[Price, ...] = ()
+    prices: tuple[PriceTerms, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,7 @@ def bill_usage(
     """Price the tenant's usage in `[start, end)`; `stretches` are the subscriptions' (ordered,
     not overlapping, inside the period). Two statements read the ledger (see
     `billing.usage_quantities`), whatever the metrics and stretches."""
-    prices_of: dict[str, list[Price]] = defaultdict(list)
+    prices_of: dict[str, list[PriceTerms]] = defaultdict(list)
     for stretch in stretches:
         for price in stretch.prices:
             prices_of[str(price.metric)].append(price)
@@ -97,7 +97,7 @@ def bill_usage(
 def _price_groups(
     spec: MeterSpec,
     stretch: Stretch,
-    prices: list[Price],
+    prices: list[PriceTerms],
     quantities: dict[Values, int],
     leftovers: dict[tuple[str, Values], list[tuple[Stretch, int]]],
 ) -> dict[str, list[LineDraft]]:
@@ -120,7 +120,7 @@ def _price_groups(
     return lines
 
 
-def _spec(meter: MeterSpec, prices: Iterable[Price]) -> MeterSpec:
+def _spec(meter: MeterSpec, prices: Iterable[PriceTerms]) -> MeterSpec:
     """The metric's meter, grouped by its `group_by` then any other property a price names."""
     named = {name for price in prices for name in price.dimensions or {}}
     extra = sorted(named - set(meter.group_by))

@@ -73,7 +73,7 @@ def test_an_invoice_is_priced_stored_and_announced_in_a_fixed_number_of_statemen
     notified = [s for s in statements if s.startswith("SELECT pg_notify")]
     assert not notified  # PostgreSQL: in the statement that writes the deliveries
     sent = [s for s in statements if s not in notified]
-    assert sent.count("SELECT subscriptions.id, subscriptions.tenant_id,") == 1  # with prices
+    assert sent.count("SELECT subscriptions.id, subscriptions.effective_at,") == 1  # with prices
     assert not any(s.startswith("SELECT prices") for s in sent)
     assert sent.count("SELECT tenants.timezone FROM") == 1  # for the period and both events
     numbered = (  # last: the sequence's row stays locked until the commit
@@ -94,7 +94,7 @@ def test_an_invoice_is_priced_stored_and_announced_in_a_fixed_number_of_statemen
     after_insert = sent[sent.index(stored[0]) :]
     # finalized at once: the new row is ours, no SELECT … FOR UPDATE
     assert after_insert == [*stored, *numbered]  # with the status: the row is updated once
-    priced = sent.index("SELECT subscriptions.id, subscriptions.tenant_id,")
+    priced = sent.index("SELECT subscriptions.id, subscriptions.effective_at,")
     usage = sent[priced + 1 : sent.index(stored[0])]
     assert len(usage) == 2  # the metrics used, with their meters; one GROUP BY for all three
     # No SELECT for the invoice first (the INSERT's ON CONFLICT covers it): one SELECT of

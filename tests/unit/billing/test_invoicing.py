@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -18,6 +19,7 @@ from billing import (
 )
 from billing.errors import InvoiceStateError
 from billing.invoicing import drafts_covering, find_invoice, reprice_draft, store_invoice
+from billing.meters import declare_meter
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
 from billing.usage_lines import LineDraft
 
@@ -62,6 +64,46 @@ def lines_of(session, inv) -> list[tuple]:
     rows = session.execute(select(InvoiceLine).where(InvoiceLine.invoice_id == inv.id)).scalars()
     return sorted(
         (line.metric or "", line.quantity, line.amount, line.price_id is None) for line in rows
+    )
+
+
+def test_an_invoice_reads_every_term_of_its_prices_as_stored(session) -> None:
+    """The prices read with the subscriptions (plain values, not ORM objects) have the stored
+    terms, exactly: a decimal unit amount at the column's scale, tiers, package rounding and
+    dimensions as JSON, in the plan's order."""
+    declare_meter(session, key="tokens", group_by=["model"])
+    tiers = [
+        {"up_to": 10, "unit_amount_decimal": "0.5", "flat_amount": None},
+        {"up_to": None, "unit_amount_decimal": "0.25", "flat_amount": 7},
+    ]
+    plan = make_plan(
+        session,
+        prices=[
+            {"unit_amount": 2900, "recurring_interval": "month"},
+            {
+                "metric": "tokens",
+                "unit_amount_decimal": Decimal("0.000123456789"),
+                "transform_divide_by": 1000,
+                "transform_round": "up",
+                "dimensions": {"model": "gpt-4"},
+            },
+            {"metric": "calls", "billing_scheme": "tiered", "tiers_mode": "volume", "tiers": tiers},
+        ],
+    )
+    subscribe(session, "t1", plan, end=FEB + timedelta(days=3))
+    [(subscribed, prices)] = invoicing._subscriptions_with_prices(session, "t1", JAN, FEB)
+    stored = session.scalars(
+        select(Price).where(Price.plan_id == plan.id).order_by(Price.created_at, Price.key)
+    ).all()
+    terms = [field.name for field in dataclasses.fields(invoicing.PlanPrice)]
+    assert [[getattr(price, name) for name in terms] for price in prices] == [
+        [getattr(price, name) for name in terms] for price in stored
+    ]
+    assert prices[1].unit_amount_decimal == Decimal("0.000123456789")
+    assert (prices[2].tiers, prices[1].dimensions) == (tiers, {"model": "gpt-4"})
+    assert (subscribed.effective_at, subscribed.ended_at) == (
+        JAN - timedelta(days=40),
+        FEB + timedelta(days=3),
     )
 
 
