@@ -264,7 +264,8 @@ class Relay:
 
     def _deliver_chain(self, delivery: ClaimedDelivery) -> None:
         """Attempt `delivery`, then the rest of its chain one after another in this thread
-        (one task per chain, not per delivery), queueing each outcome for the recorder."""
+        (one task per chain, not per delivery), queueing each outcome for the recorder once
+        the next is known (so a chain's last outcome is queued after its chain has ended)."""
         current: ClaimedDelivery | None = delivery
         while current is not None:
             try:
@@ -272,9 +273,10 @@ class Relay:
             except Exception:
                 result = None  # the claim's lease ends and another attempt follows
                 logger.exception("a delivery attempt failed unexpectedly")
+            following = self._next_in_chain(current, result)
             if result is not None:
                 self._done.put(result)
-            current = self._next_in_chain(current, result)
+            current = following
             self._wake_if_more_due()
 
     def _next_in_chain(
@@ -362,9 +364,16 @@ class Relay:
                     return
                 stop.wait(min(self.poll_interval, 1.0))
                 continue
+            if self._frees_slots(pending):  # claim what the cap held back
+                self.wake.set()
             pending, failures = [], 0
-            # Recorded deliveries free their subscriptions' slots: claim what the cap held back.
-            self.wake.set()
+
+    def _frees_slots(self, recorded: Sequence[AttemptResult]) -> bool:
+        """True if recording freed a slot: a delivery alone in its slot, or a chain's last
+        (its chain has ended). A chain going on holds its slot: a claim would find its
+        subscription as full as before (at the cap, an empty claim after every recording)."""
+        with self._lock:
+            return any(_chain_key(r.delivery) not in self._chains for r in recorded)
 
     def _gather(self, pending: list[AttemptResult], stop: threading.Event) -> None:
         """Add to `pending` the outcomes of attempts still running, for up to `RECORD_EVERY`:

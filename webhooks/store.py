@@ -20,11 +20,16 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    ARRAY,
+    DateTime,
     Integer,
     Row,
     Select,
+    String,
     Subquery,
     Table,
+    Text,
+    Update,
     bindparam,
     case,
     func,
@@ -139,21 +144,8 @@ class SqlDeliveryStore:
         """Store each attempt's decision and the subscriptions' failure streaks."""
         if not results:
             return
-        params = [
-            {
-                "b_id": r.delivery.delivery_id,
-                "b_attempt": r.delivery.attempt,
-                "b_status": r.decision.status,
-                "b_next": r.decision.next_attempt_at,
-                "b_code": r.decision.last_status_code,
-                "b_error": r.decision.last_error,
-                "b_delivered": r.decision.delivered_at,
-                "b_now": now,
-            }
-            for r in results
-        ]
         with self._sessions.begin() as session:
-            session.execute(_SETTLE, params)
+            _settle(session, results, now)
             _update_streaks(session, results, now, disable_after)
 
     def release(self, deliveries: Sequence[ClaimedDelivery], now: datetime) -> None:
@@ -363,6 +355,42 @@ _SETTLE = (
         updated_at=bindparam("b_now"),
     )
 )
+#: What `record` writes of each outcome, as `_SETTLE`'s parameters (`b_<name>`) and
+#: `_SETTLE_ALL`'s arrays.
+_OUTCOME = ("id", "attempt", "status", "next", "code", "error", "delivered")
+
+
+def _settle_all() -> Update:
+    """`_SETTLE` for many outcomes in one statement: the arrays `:b_<name>` of `_OUTCOME`."""
+    moment = ARRAY(DateTime(timezone=True))
+    arrays = [
+        bindparam("b_id", type_=ARRAY(String())),
+        bindparam("b_attempt", type_=ARRAY(Integer())),
+        bindparam("b_status", type_=ARRAY(String())),
+        bindparam("b_next", type_=moment),
+        bindparam("b_code", type_=ARRAY(Integer())),
+        bindparam("b_error", type_=ARRAY(Text())),
+        bindparam("b_delivered", type_=moment),
+    ]
+    outcome = func.unnest(*arrays).table_valued(*_OUTCOME).render_derived(name="outcome")
+    d = _deliveries
+    return (
+        d.update()
+        .where(d.c.id == outcome.c.id, d.c.attempts == outcome.c.attempt)
+        .values(
+            status=outcome.c.status,
+            next_attempt_at=outcome.c.next,
+            last_status_code=outcome.c.code,
+            last_error=outcome.c.error,
+            delivered_at=outcome.c.delivered,
+            claimed_until=None,
+            slot=None,
+            updated_at=bindparam("b_now"),
+        )
+    )
+
+
+_SETTLE_ALL = _settle_all()
 _STREAKS = select(_subscriptions.c.id, _subscriptions.c.failing_since).where(
     _subscriptions.c.id.in_(bindparam("b_ids", expanding=True))
 )
@@ -402,6 +430,30 @@ def fair_share(
         taken[sid] = count + 1
         ranked.append((count - in_flight.get(sid, 0), position, delivery_id))
     return [delivery_id for _, _, delivery_id in sorted(ranked)[:limit]]
+
+
+def _settle(session: Session, results: Sequence[AttemptResult], now: datetime) -> None:
+    """Write each attempt's decision to its delivery, if still claimed for that attempt: on
+    PostgreSQL in one statement (`unnest` of one array per column), elsewhere one per row."""
+    rows = [
+        (
+            r.delivery.delivery_id,
+            r.delivery.attempt,
+            r.decision.status,
+            r.decision.next_attempt_at,
+            r.decision.last_status_code,
+            r.decision.last_error,
+            r.decision.delivered_at,
+        )
+        for r in results
+    ]
+    if session.get_bind().dialect.name == "postgresql":
+        columns = zip(*rows, strict=True)
+        params = {f"b_{name}": list(values) for name, values in zip(_OUTCOME, columns, strict=True)}
+        session.execute(_SETTLE_ALL, {**params, "b_now": now})
+        return
+    keys = [f"b_{name}" for name in _OUTCOME]
+    session.execute(_SETTLE, [{**dict(zip(keys, row, strict=True)), "b_now": now} for row in rows])
 
 
 def _serialize_claims(session: Session) -> None:

@@ -3,11 +3,13 @@ feeds a chain running low from its slot, and hands a chain back when it fails or
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime
 
 import httpx
@@ -163,6 +165,30 @@ def test_a_chains_task_makes_each_attempt_in_turn_to_its_end_even_failed_ones() 
     assert world.relay._chains == {}
     assert [status for status, _, _ in world.statuses()] == ["pending"] * 3  # not recorded yet
     assert world.relay._done.qsize() == 3
+
+
+class NotingSlots(queue.SimpleQueue[AttemptResult]):
+    """Outcomes queued, each noted with whether recording it then would free a slot."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay, self.frees = relay, []
+
+    def put(self, item: AttemptResult, block: bool = True, timeout: float | None = None) -> None:
+        self.frees.append(self.relay._frees_slots([item]))
+        super().put(item, block, timeout)
+
+
+def test_only_a_chains_last_outcome_frees_its_slot_when_recorded() -> None:
+    """Recording outcomes of a chain going on leaves its slot held: the recorder does not wake
+    the relay to claim again (at the cap it would find nothing); the chain's last does."""
+    world = World(lambda r: httpx.Response(200))
+    first, second, third = claim_chain(world, 3)
+    world.relay._done = noted = NotingSlots(world.relay)
+    world.relay._chain_heads([first, second, third])
+    world.relay._deliver_chain(first)
+    assert noted.frees == [False, False, True]
+    alone = outcome_of(replace(first, slot=None), Outcome(status_code=200), utcnow())
+    assert world.relay._frees_slots([alone])
 
 
 def test_stopping_hands_back_the_deliveries_of_a_chain_not_started() -> None:

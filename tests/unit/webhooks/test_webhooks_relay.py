@@ -19,9 +19,9 @@ from webhooks import (
     WebhookVerificationError,
     verify,
 )
-from webhooks.delivery import Sender
+from webhooks.delivery import ClaimedDelivery, Sender
 from webhooks.interfaces import AttemptResult
-from webhooks.policy import RetryPolicy
+from webhooks.policy import Outcome, RetryPolicy
 from webhooks.relay import GATHER_TICK, Relay, log_attempt
 from webhooks.settings import parse_schedule
 
@@ -832,13 +832,24 @@ class FailingRecords:
         self.recorded.extend(results)
 
 
+def an_outcome(delivery_id: str = "d", slot: str | None = None) -> AttemptResult:
+    """A successful first attempt of a delivery claimed in `slot` (None: a slot of its own)."""
+    at = datetime.now(UTC)
+    claimed = ClaimedDelivery(
+        delivery_id, "e", TOPIC, PAYLOAD, at, "s", URL, (SECRET,), 1, slot=slot
+    )
+    ok = Outcome(status_code=200)
+    policy = RetryPolicy(schedule=(timedelta(seconds=5),))
+    return AttemptResult(claimed, ok, policy.decide(1, ok, at))
+
+
 @pytest.mark.parametrize(("failures", "calls", "recorded"), [(2, 3, 1), (1000, 3, 0)])
 def test_a_stopping_recorder_tries_a_failing_write_three_times(
     caplog, failures: int, calls: int, recorded: int
 ) -> None:
     relay = World(answer(200), poll_interval=5.0).relay
     relay.store = store = FailingRecords(failures)  # type: ignore[assignment]
-    relay._done.put(object())  # type: ignore[arg-type]
+    relay._done.put(an_outcome())
     stop = threading.Event()
     stop.set()
     recorder = threading.Thread(target=relay._record_until, args=(stop,))
@@ -909,7 +920,7 @@ def test_after_a_failed_write_the_recorder_waits_a_second_or_the_poll_interval_i
     for poll_interval, wait in [(5.0, 1.0), (0.25, 0.25)]:
         relay = World(answer(200), poll_interval=poll_interval).relay
         relay.store = FailingRecords(1)  # type: ignore[assignment]
-        relay._done.put(object())  # type: ignore[arg-type]
+        relay._done.put(an_outcome())
         stop = Waits()
         relay._record_until(stop)
         assert stop.timeouts == [wait]
@@ -919,7 +930,7 @@ def test_a_write_that_succeeds_gives_the_next_failing_write_three_tries_again() 
     """The first outcome's write fails once, then succeeds; a second outcome, queued then,
     fails every time, and a stopping recorder still tries it three times before it gives up."""
     relay = World(answer(200)).relay
-    first, second = object(), object()
+    first, second = an_outcome("first"), an_outcome("second")
 
     class SecondWriteSucceeds(FailingRecords):
         def record(self, results, now, disable_after) -> None:
@@ -927,10 +938,10 @@ def test_a_write_that_succeeds_gives_the_next_failing_write_three_tries_again() 
             if self.calls != 2:
                 raise ConnectionError("database unreachable")
             self.recorded.extend(results)
-            relay._done.put(second)  # type: ignore[arg-type]
+            relay._done.put(second)
 
     relay.store = store = SecondWriteSucceeds(0)  # type: ignore[assignment]
-    relay._done.put(first)  # type: ignore[arg-type]
+    relay._done.put(first)
     relay._record_until(Waits())
     assert (store.calls, store.recorded) == (5, [first])
 

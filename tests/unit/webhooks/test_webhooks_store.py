@@ -147,6 +147,32 @@ def test_a_stale_outcome_does_not_overwrite_a_newer_claim(factory, store) -> Non
     assert rows(factory)[0].status == "delivered"
 
 
+def test_one_recording_settles_each_outcome_of_its_batch_and_skips_a_stale_one(
+    factory, store
+) -> None:
+    setup(factory, events=3)
+    now = utcnow()
+    stale, ok, failing = store.claim(10, now, LEASE)
+    again = store.claim(1, now + LEASE, LEASE)[0]  # `stale`'s lease ran out: claimed anew
+    outcomes = [
+        result(stale, Outcome(status_code=200), now),
+        result(ok, Outcome(status_code=204), now),
+        result(failing, Outcome(status_code=503, error="HTTP 503"), now),
+    ]
+    store.record(outcomes, now, timedelta(days=5))
+    settled = [
+        (r.status, r.attempts, r.last_status_code, r.last_error, r.delivered_at, r.claimed_until)
+        for r in rows(factory)
+    ]
+    assert settled == [
+        ("pending", 2, None, None, None, now + 2 * LEASE),
+        ("delivered", 1, 204, None, now, None),
+        ("failed", 1, 503, "HTTP 503", None, None),
+    ]
+    assert again.delivery_id == stale.delivery_id
+    assert rows(factory)[2].next_attempt_at == now + timedelta(seconds=5)
+
+
 def test_release_hands_back_claims_uncounted(factory, store) -> None:
     setup(factory, events=3)
     now = utcnow()
