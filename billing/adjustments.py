@@ -3,17 +3,20 @@
 When a tenant's next invoice in a currency is generated (or a draft re-priced), each finalized
 invoice of that tenant and currency whose period ended within `LATE_USAGE_LOOKBACK` of the
 clock is priced again with all of its period's usage known now (`invoicing.price_lines`, the
-rule that priced it). Per usage line (price, metric and, for prices per dimension, group)
-of that invoice:
+rule that priced it). Per key (price, metric and, for prices per dimension, group) of each
+usage price that invoice billed and its plans still have, whether the invoice had a line of
+that key or not (a group, or a metric, first used late):
 
-    pending = price(usage now) − (its line + adjustments billed since − late credits since)
+    pending = price(usage now) − (its lines + adjustments billed since − late credits since)
 
 A positive `pending` becomes an `adjustment` line of the new invoice (the extra quantity and
 amount, `adjusts_invoice_id`); a negative one (volume tiers can lower the price of more units)
 a credit note on the finalized invoice, whose line names the line it re-prices and the late
-units (`quantity`), and for what exceeds that invoice's total, on the invoices that billed
-adjustments for its period. Tiered prices thus bill price(new total) − price(old total), not
-the late units at a marginal guess.
+units (`quantity`), and for what exceeds that invoice's total (or all of it, for a key the
+invoice had no line of), on the invoices that billed adjustments for its period. Tiered
+prices thus bill price(new total) − price(old total), not the late units at a marginal guess.
+A price the invoice did not bill (added to the plan since, or a new version of one) is not
+re-priced: the period's usage was billed at the prices it had.
 
 "Billed since" is read from what is stored, never remembered elsewhere: adjustment lines on
 invoices that are not void, for any invoice of the same period (a reissue after a void
@@ -28,8 +31,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import (
@@ -65,7 +69,9 @@ class Adjustment:
     next invoice, `amount` < 0 credited on `adjusts_invoice_id`."""
 
     adjusts_invoice_id: str
-    adjusts_line_id: str
+    adjusts_line_id: str | None
+    """The invoice's first line of the price and group; None when it had none (usage first
+    seen late): a credit then goes to the adjustment lines that billed it."""
     price_id: str
     metric: str
     quantity: int
@@ -164,7 +170,7 @@ def _creditable(session: Session, adjustment: Adjustment) -> Iterator[tuple[Invo
     """(invoice, line, how much it can be credited) for a negative adjustment, in order."""
     original = session.get(Invoice, adjustment.adjusts_invoice_id)
     assert original is not None, "a finalized invoice is never deleted"
-    if original.status in credit_notes.CREDITABLE:
+    if adjustment.adjusts_line_id is not None and original.status in credit_notes.CREDITABLE:
         room = original.total_amount - credit_notes.credited(session, original.id)
         yield original, adjustment.adjusts_line_id, room
     key = _key(adjustment.price_id, adjustment.metric, adjustment.dimensions)
@@ -245,8 +251,10 @@ _RECENT_FINALIZED_LOCKED = _RECENT_FINALIZED.order_by(Invoice.id).with_for_updat
 
 
 def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list[Adjustment]:
-    charged, adjusted, credited = _billed(session, invoice, exclude)
-    if not charged:
+    """Per key of a usage price the invoice billed that its plans still have (its groups the
+    invoice had lines for, and those first used late): price now − billed so far."""
+    billed = _billed(session, invoice, exclude)
+    if not billed.charged:
         return []
     try:
         lines = price_lines(
@@ -258,39 +266,39 @@ def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list
         (_key(line.price_id, line.metric, line.dimensions), line.quantity, line.amount)
         for line in lines
     )
+    # Not re-priced: a price that left the plan, or one the invoice did not bill (added since,
+    # or a new version of one): the period's usage was billed at the prices it had.
+    prices = {key[0] for key in billed.charged} & {key[0] for key in now_priced}
+    parts = (now_priced, billed.charged, billed.adjusted, billed.credited)
     pending = []
-    for key, (line, billed) in charged.items():
-        priced = now_priced.get(key)
-        if priced is None:  # the price left the plan: its usage cannot be re-priced
+    for key in dict.fromkeys(chain(billed.charged, now_priced, billed.adjusted)):
+        if key[0] not in prices:
             continue
-        more, less = adjusted.get(key, _Tally()), credited.get(key, _Tally())
-        amount = priced.amount - (billed.amount + more.amount - less.amount)
-        quantity = priced.quantity - (billed.quantity + more.quantity + less.quantity)
+        now, own, more, less = (part.get(key, _Tally()) for part in parts)
+        amount = now.amount - (own.amount + more.amount - less.amount)
+        quantity = now.quantity - (own.quantity + more.quantity + less.quantity)
         if amount:
+            dimensions = json.loads(key[2]) if key[2] else None
+            line_id = billed.first_line.get(key)
             pending.append(
-                Adjustment(
-                    invoice.id,
-                    line.id,
-                    key[0],
-                    key[1],
-                    quantity,
-                    amount,
-                    dimensions=line.dimensions,
-                )
+                Adjustment(invoice.id, line_id, *key[:2], quantity, amount, dimensions=dimensions)
             )
     return pending
 
 
-@dataclass(frozen=True, slots=True)
-class _Line:
-    """A charge line of the invoice: its id and group."""
+@dataclass(slots=True)
+class _Billed:
+    """What an invoice's usage was billed so far, by key: its own lines (`charged`, and the
+    first line of each key), the adjustments for its period and the late credits on either."""
 
-    id: str
-    dimensions: Dimensions
+    first_line: dict[Key, str] = field(default_factory=dict)
+    charged: dict[Key, _Tally] = field(default_factory=dict)
+    adjusted: dict[Key, _Tally] = field(default_factory=dict)
+    credited: dict[Key, _Tally] = field(default_factory=dict)
 
 
 def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
-    """Quantities and amounts added up by key (only the keys of usage lines are looked up)."""
+    """Quantities and amounts added up by key."""
     tallies: dict[Key, _Tally] = {}
     for key, quantity, amount in rows:
         tally = tallies.setdefault(key, _Tally())
@@ -299,31 +307,28 @@ def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
     return tallies
 
 
-def _billed(
-    session: Session, invoice: Invoice, exclude: str | None
-) -> tuple[dict[Key, tuple[_Line, _Tally]], dict[Key, _Tally], dict[Key, _Tally]]:
-    """What the invoice's usage was billed so far, by key, in one statement: its own usage
-    lines (with the first line of each key); the adjustment lines billed for its period on
-    invoices that are not void (but `exclude`); the late-usage credit note lines (those with a
-    quantity) on invoices that are not void, against its own lines or those adjustment lines.
-    """
+def _billed(session: Session, invoice: Invoice, exclude: str | None) -> _Billed:
+    """In one statement: the invoice's own usage lines; the adjustment lines billed for its
+    period on invoices that are not void (but `exclude`); the late-usage credit note lines
+    (those with a quantity) on invoices that are not void, against its own lines or those
+    adjustment lines."""
     values = {**_period_of(invoice), "invoice_id": invoice.id, "exclude": exclude}
-    charged: dict[Key, tuple[_Line, _Tally]] = {}
-    adjusted: dict[Key, _Tally] = {}
-    credited: dict[Key, _Tally] = {}
+    billed = _Billed()
     for part, line_id, price_id, metric, dims, quantity, amount, _ in session.execute(
         _BILLED, values
     ):
         key = _key(price_id, metric, dims)
         if part == _CHARGE:
-            _, tally = charged.setdefault(key, (_Line(line_id, dims), _Tally()))
+            billed.first_line.setdefault(key, line_id)
+            tallies = billed.charged
         elif key[0] and key[1]:  # adjusted or credited: usage lines only
-            tally = (adjusted if part == _ADJUSTMENT else credited).setdefault(key, _Tally())
+            tallies = billed.adjusted if part == _ADJUSTMENT else billed.credited
         else:
             continue
+        tally = tallies.setdefault(key, _Tally())
         tally.quantity += quantity or 0
         tally.amount += amount
-    return charged, adjusted, credited
+    return billed
 
 
 # Each finalized invoice in the lookback runs this at every invoice of its tenant (a monthly
