@@ -7,16 +7,17 @@
 One tenant's metric gets N events in one UTC day (amounts 0-999, 5,000 users in metadata, about
 12 events at each second so that `latest` meets ties). For each aggregation the meter is
 declared, then per round, interleaved: `BillingService.aggregate_daily` in its own transaction
-(BEGIN; the locks with the tenant's zone and meter read; the upsert; COMMIT: 4 round trips,
-both statements on psycopg's cursor, `billing.driver_sql`),
-the upsert statement it sends alone (through SQLAlchemy, in a transaction),
+(BEGIN; the locks with the tenant's zone and meter read, then the upsert; COMMIT: for `latest`
+one statement, `billing_aggregate_day`, 3 round trips; for the others 4, the upsert a second
+statement; on psycopg's cursor, `billing.driver_sql`),
+the upsert statement it sends second alone (through SQLAlchemy, in a transaction),
 and the raw baseline: the same `INSERT … SELECT <aggregate> … ON CONFLICT DO UPDATE` upsert
 written by hand and sent with psycopg (autocommit). All must give the same total. For `latest`
 the raw baseline reads max(at_ts) then the largest amount at it (two index lookups), and a
 second one is the meter's own form, `ORDER BY at_ts DESC, amount DESC LIMIT 1` (measured as
 fast: the index on (tenant, metric, at_ts) serves both). A third, "raw with the locks", sends
 the raw upsert in a transaction after the call's two advisory locks (BEGIN; locks; upsert;
-COMMIT: the round trips the call's race safety needs, by hand). `latest`
+COMMIT: by hand, one round trip more than the call's `latest`). `latest`
 takes milliseconds where the others scan the day, so the call's fixed round trips and commit,
 not its SQL, are what separate aggregate_daily from the raw upsert there.
 Each variant first runs `--warmup` times unmeasured, as a worker's long-lived connections have:
@@ -148,7 +149,6 @@ def ours_statement(engine: Any) -> Callable[[], int]:
         "metric": METRIC,
         "start": DAY,
         "end": DAY + timedelta(days=1),
-        "zone": None,  # the tenant's stored zone: none (UTC)
     }
 
     def run() -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import String, Table, bindparam, case, delete, func, literal, literal_column, select
+from sqlalchemy import String, Table, bindparam, case, delete, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,7 @@ from billing.aggregated_event import (
 from billing.errors import InvalidUsageError
 from billing.localtime import UTC_NAME, local_day
 from billing.meters import MeterSpec, get_meter, group_key, grouped_quantities, quantity
-from billing.models import Meter, Tenant, UsageAggregate, UsageEvent
+from billing.models import UsageAggregate, UsageEvent
 from billing.tenants import tenant_zone, zone_lock_key
 from billing.tenants import zone as tenant_zone_named
 from webhooks.outbox import publish, publishing_ctes
@@ -91,41 +91,56 @@ def aggregate_local_day(
 def _aggregate_on_postgresql(
     session: Session, tenant_id: str, metric: str, day: datetime, announce: bool
 ) -> DayTotal:
-    """Two statements: the locks with the zone and meter read, then the upsert (and the event).
+    """`billing_aggregate_day` (migration 0022): the locks, then the zone and meter read after
+    them; for a `latest` meter without groups (not announced) the upsert too, in the zone the
+    tenant had at its last run here (`_ZONES`). Otherwise, or if the zone changed, a second
+    statement: the upsert (and the event) under the locks.
 
     One run per (tenant, metric) at a time, each reading after the previous commits: otherwise
-    a run whose snapshot predates a late event could overwrite a newer total. The zone is read
-    in the locks' statement, whose snapshot may predate a zone change committed while it
-    waited; the upsert inserts only if the zone is still the one read (it cannot change once
-    the lock is held), else the zone is read again and the upsert sent again.
+    a run whose snapshot predates a late event could overwrite a newer total. The function's
+    statements each take a fresh snapshot, so the zone and meter it returns cannot predate a
+    change committed while it waited for the locks (the zone cannot change once they are held).
     """
-    keys = {
+    guessed = _ZONES.get(tenant_id)
+    zone = tenant_zone_named(guessed or UTC_NAME)
+    start, end = local_day(zone, day)
+    params = {
+        **_params(tenant_id, metric, start, end),
         "zone_key": zone_lock_key(tenant_id),
         "pair_key": f"billing.aggregate:{tenant_id}:{metric}",
-        "tenant_id": tenant_id,
-        "metric": metric,
+        "upsert": not announce,
+        "zone": guessed,
     }
     session.flush()  # what the caller added is counted, as `session.execute` would autoflush
-    # Both statements on the driver's cursor (`billing.driver_sql`): a `latest` upsert takes a
-    # fraction of a millisecond, and SQLAlchemy's work per statement was up to a tenth of the
-    # call (an in-process A/B of 1,000 rounds at load 5: 0.87 and 1.00 of the call through it).
-    [(_, _, stored_zone, kind, prop, group_by)] = _LOCKS_SQL.rows(session, keys)
+    # On the driver's cursor (`billing.driver_sql`): a `latest` upsert takes a fraction of a
+    # millisecond, and SQLAlchemy's work per statement was up to a tenth of the call.
+    [(total, stored_zone, kind, prop, group_by)] = driver_sql.rows(session, _AGGREGATE_DAY, params)
+    _remember_zone(tenant_id, stored_zone)
+    if total is not None:
+        return DayTotal(int(total), start.astimezone(zone))
     meter = MeterSpec(metric) if kind is None else MeterSpec(metric, kind, prop, tuple(group_by))
-    while True:
+    if stored_zone != guessed:
         zone = tenant_zone_named(stored_zone or UTC_NAME)
         start, end = local_day(zone, day)
-        day_start = start.astimezone(zone)
-        params = {**_params(tenant_id, metric, start, end), "zone": stored_zone}
-        if announce:
-            params.update(event_params(tenant_id, metric, day_start.isoformat()))
-        returned = _upsert_sql(meter, announce).rows(session, params)
-        total = returned[0][0] if returned else None  # none: the zone changed meanwhile
-        if total is not None:
-            break
-        [(stored_zone,)] = driver_sql.rows(session, _STORED_ZONE_SQL, keys) or [(None,)]
+        params.update(start=start, end=end)
+    day_start = start.astimezone(zone)
+    if announce:
+        params.update(event_params(tenant_id, metric, day_start.isoformat()))
+    total = _upsert_sql(meter, announce).rows(session, params)[0][0]
     if meter.group_by:
         _aggregate_groups(session, "postgresql", meter, tenant_id, start, end)
     return DayTotal(int(total), day_start)
+
+
+#: Each tenant's stored zone (None: no row) as its last aggregation here read it: the zone
+#: `billing_aggregate_day` is asked to cut the day in, which it checks under the zone's lock.
+_ZONES: dict[str, str | None] = {}
+
+
+def _remember_zone(tenant_id: str, stored_zone: str | None) -> None:
+    if len(_ZONES) >= 10_000:
+        _ZONES.clear()
+    _ZONES[tenant_id] = stored_zone
 
 
 def _params(tenant_id: str, metric: str, start: datetime, end: datetime) -> dict[str, Any]:
@@ -196,9 +211,9 @@ def _upsert_sql(meter: MeterSpec, announce: bool) -> driver_sql.Compiled:
 @functools.lru_cache(maxsize=256)
 def _upsert_statement(dialect: str, meter: MeterSpec, announce: bool = False) -> Any:
     """Built once per dialect, meter and `announce`, with bound parameters, so SQLAlchemy
-    compiles it once. On PostgreSQL it writes only while the tenant's stored zone is `zone`,
-    drops a meter without groups' group rows, and with `announce` (a SELECT of the total then)
-    stores the day's event with its deliveries and notifies the relays."""
+    compiles it once. On PostgreSQL it drops a meter without groups' group rows and, with
+    `announce` (a SELECT of the total then), stores the day's event with its deliveries and
+    notifies the relays."""
     timestamp = UTCDateTime()
     start = bindparam("start", type_=timestamp)
     value = quantity(
@@ -219,15 +234,11 @@ def _upsert_statement(dialect: str, meter: MeterSpec, announce: bool = False) ->
         literal(""),
     )
     columns = ["id", "tenant_id", "metric", "period_start", "granularity", "total", "updated_at"]
-    if dialect != "postgresql":
-        insert = _insert(dialect).from_select([*columns, "group_key"], source)
-        return _on_conflict(insert).returning(_TABLE.c.total)
-    zone_unchanged = _STORED_ZONE.scalar_subquery().is_not_distinct_from(
-        bindparam("zone", type_=String())
-    )
-    insert = _insert(dialect).from_select([*columns, "group_key"], source.where(zone_unchanged))
+    insert = _insert(dialect).from_select([*columns, "group_key"], source)
     upsert = _on_conflict(insert).returning(_TABLE.c.total)
-    ctes = [] if meter.group_by else [_drop_groups().where(zone_unchanged).cte("dropped_groups")]
+    if dialect != "postgresql":
+        return upsert
+    ctes = [] if meter.group_by else [_drop_groups().cte("dropped_groups")]
     if not announce:
         return upsert.add_cte(*ctes)
     day_total = upsert.cte("day_total")
@@ -248,27 +259,11 @@ def _drop_groups() -> Any:
     )
 
 
-def _lock_id(key: str) -> Any:
-    return func.hashtextextended(bindparam(key), literal_column("0"))
-
-
-_STORED_ZONE = select(Tenant.timezone).where(Tenant.id == bindparam("tenant_id", type_=String()))
-#: PostgreSQL: the tenant's zone lock (shared, see `billing.tenants.zone_name_of`), the
-#: (tenant, metric) aggregation lock, then the stored zone and the declared meter, if any.
-_LOCKS_ZONE_METER = select(
-    func.pg_advisory_xact_lock_shared(_lock_id("zone_key")),
-    func.pg_advisory_xact_lock(_lock_id("pair_key")),
-    _STORED_ZONE.scalar_subquery().label("timezone"),
-    Meter.aggregation,
-    Meter.property,
-    Meter.group_by,
-).select_from(
-    select(literal(1).label("one"))
-    .subquery("one")
-    .outerjoin(Meter, Meter.key == bindparam("metric", type_=String()))
+#: PostgreSQL: see `_aggregate_on_postgresql` and migration 0022.
+_AGGREGATE_DAY = (
+    "SELECT * FROM billing_aggregate_day(%(zone_key)s, %(pair_key)s, %(tenant_id)s, "
+    "%(metric)s, %(upsert)s, %(zone)s, %(start)s, %(end)s, %(id)s, %(now)s)"
 )
-_LOCKS_SQL = driver_sql.compiled(_LOCKS_ZONE_METER)
-_STORED_ZONE_SQL = driver_sql.compiled(_STORED_ZONE).sql
 _TABLE = cast(Table, UsageAggregate.__table__)
 _T = TypeVar("_T")
 

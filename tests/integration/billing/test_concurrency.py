@@ -13,7 +13,9 @@ from sqlalchemy import Engine, func, select, text
 
 from billing import BillingService, IdempotencyConflictError
 from billing.db import make_session_factory
+from billing.meters import declare_meter
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription, UsageEvent
+from billing.tenants import set_tenant
 
 pytestmark = pytest.mark.postgres
 
@@ -184,10 +186,15 @@ def test_concurrent_aggregations_of_one_day_leave_one_correct_row(pg_engine) -> 
     assert rows == [300]
 
 
-def test_a_run_waiting_behind_another_never_writes_an_older_total(pg_engine) -> None:
-    """Y holds the day; X waits; a late event commits; Y re-sums and commits; X must see it."""
+@pytest.mark.parametrize(("aggregation", "before", "after"), [("sum", 10, 12), ("latest", 10, 2)])
+def test_a_run_waiting_behind_another_never_writes_an_older_total(
+    pg_engine, aggregation: str, before: int, after: int
+) -> None:
+    """Y holds the day; X waits; a late event commits; Y re-sums and commits; X must see it.
+    (A `latest` meter's X upserts in the statement that waited: `billing_aggregate_day`.)"""
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
+        declare_meter(session, key="tokens", aggregation=aggregation)
         BillingService(session=session, tenant_id="t1").record_usage(
             metric="tokens", amount=10, at=AT, idempotency_key="first"
         )
@@ -206,14 +213,49 @@ def test_a_run_waiting_behind_another_never_writes_an_older_total(pg_engine) -> 
     wait_for_a_lock_wait(pg_engine)  # X is now blocked behind Y
     with factory.begin() as session:
         BillingService(session=session, tenant_id="t1").record_usage(
-            metric="tokens", amount=2, at=AT, idempotency_key="late"
+            metric="tokens", amount=2, at=AT + timedelta(hours=1), idempotency_key="late"
         )
     assert BillingService(session=holder, tenant_id="t1").aggregate_daily(
         metric="tokens", day_start=AT
-    ) in (10, 12)
+    ) in (before, after)
     holder.commit()
     holder.close()
     thread.join(timeout=30)
-    assert waiter_result == [12]
+    assert waiter_result == [after]
     with factory() as session:
-        assert session.execute(text("SELECT total FROM usage_aggregates")).scalar_one() == 12
+        assert session.execute(text("SELECT total FROM usage_aggregates")).scalar_one() == after
+
+
+def test_a_latest_day_waiting_for_a_zone_change_is_cut_in_the_new_zone(pg_engine) -> None:
+    """The run before read UTC, so `billing_aggregate_day` is asked for the UTC day; the zone
+    changes while it waits for the zone lock: it reads the new zone after the lock and the day
+    is cut in it (by the upsert sent next), not in the zone it was asked for."""
+    factory = make_session_factory(pg_engine)
+    with factory.begin() as session:
+        declare_meter(session, key="gb", aggregation="latest")
+        BillingService(session=session, tenant_id="t1").record_usage(
+            metric="gb", amount=5, at=datetime(2025, 3, 8, 20, tzinfo=UTC), idempotency_key="k"
+        )  # March 8 in UTC, March 9 01:45 in Kathmandu
+
+    def aggregate() -> int:
+        with factory.begin() as session:
+            service = BillingService(session=session, tenant_id="t1")
+            return service.aggregate_daily(metric="gb", day_start=datetime(2025, 3, 9, tzinfo=UTC))
+
+    assert aggregate() == 0  # the UTC day of March 9
+    changing = factory()
+    changing.begin()
+    set_tenant(changing, "t1", timezone="Asia/Kathmandu")  # holds the zone lock
+    totals: list[int] = []
+    thread = threading.Thread(target=lambda: totals.append(aggregate()))
+    thread.start()
+    try:
+        wait_for_a_lock_wait(pg_engine)
+    finally:
+        changing.commit()
+        changing.close()
+        thread.join(timeout=30)
+    assert totals == [5]
+    with factory() as session:
+        rows = session.execute(text("SELECT period_start, total FROM usage_aggregates")).all()
+    assert rows == [(datetime(2025, 3, 8, 18, 15, tzinfo=UTC), 5)]  # Kathmandu's March 9

@@ -14,6 +14,7 @@ from billing import BillingService
 from billing.db import make_session_factory
 from billing.meters import declare_meter
 from billing.models import UsageAggregate
+from billing.tenants import set_tenant
 from workers.jobs import USAGE_AGGREGATED, aggregate_daily_job
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
@@ -42,8 +43,9 @@ def test_a_job_runs_a_fixed_sequence_of_statements(
     on_postgresql = engine.dialect.name == "postgresql"
     if on_postgresql:
         expected = [
-            # the zone lock, the (tenant, metric) lock, the zone and the meter
-            "SELECT pg_advisory_xact_lock_shared(hashtextextended(%(zone_key)s, 0))",
+            # billing_aggregate_day: the zone lock, the (tenant, metric) lock, the zone and
+            # the meter (not the upsert: the event is announced)
+            "SELECT * FROM",
             # the upsert, the dropped groups, the event, its deliveries, the notification
             "WITH dropped_groups AS",
         ]
@@ -83,6 +85,47 @@ def test_a_meter_that_lost_its_groups_drops_them_for_that_day_only(session_facto
 
 
 @pytest.mark.postgres
+def test_a_latest_meters_day_is_one_statement_in_the_zone_of_the_last_run(pg_engine) -> None:
+    """`billing_aggregate_day` locks, reads and upserts in one statement when the tenant's zone
+    is the one its last run here read; after a zone change the first run reads it and sends
+    the upsert cut in the new zone, then it is one statement again."""
+    factory = make_session_factory(pg_engine)
+    with factory.begin() as session:
+        declare_meter(session, key="gb", aggregation="latest")
+        service = BillingService(session=session, tenant_id="t1")
+        service.record_usage(
+            metric="gb", amount=5, at=JAN + timedelta(hours=20), idempotency_key="a"
+        )
+        service.record_usage(
+            metric="gb", amount=7, at=JAN + timedelta(hours=1), idempotency_key="b"
+        )
+    sent: list[str] = []
+
+    def aggregate() -> int:
+        sent.clear()
+        with factory.begin() as session:
+            service = BillingService(session=session, tenant_id="t1")
+            return service.aggregate_daily(metric="gb", day_start=JAN + timedelta(hours=12))
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        sent.append(" ".join(statement.split()[:4]))
+
+    aggregate()  # the zone this process last read for t1 may be another test's
+    event.listen(pg_engine, "before_cursor_execute", record)
+    try:
+        assert (aggregate(), sent) == (5, ["SELECT * FROM billing_aggregate_day(%(zone_key)s,"])
+        with factory.begin() as session:
+            set_tenant(session, "t1", timezone="Asia/Kathmandu")  # Jan 1 is 18:15 to 18:15
+        assert (aggregate(), sent[1:]) == (7, ["WITH dropped_groups AS (DELETE"])
+        assert (aggregate(), len(sent)) == (7, 1)
+    finally:
+        event.remove(pg_engine, "before_cursor_execute", record)
+    with factory() as session:
+        rows = session.execute(select(UsageAggregate.period_start, UsageAggregate.total)).all()
+    assert rows == [(JAN - timedelta(hours=5, minutes=45), 7)]  # the change dropped the UTC day
+
+
+@pytest.mark.postgres
 def test_a_latest_meters_upsert_is_planned_once_on_postgresql(pg_engine) -> None:
     """psycopg prepares a statement after 5 runs; 5 runs later PostgreSQL keeps a generic plan
     unless it looks dearer than planning each run. A `latest` upsert, whose SQL takes a fraction
@@ -105,7 +148,11 @@ def test_a_latest_meters_upsert_is_planned_once_on_postgresql(pg_engine) -> None
         connection.execute(text("ANALYZE usage_events"))
     with factory() as session:  # one connection: psycopg prepares per connection
         service = BillingService(session=session, tenant_id="t1")
-        totals = {service.aggregate_daily(metric="gb", day_start=JAN) for _ in range(12)}
+        # announced: the upsert is a statement of its own (not in `billing_aggregate_day`)
+        totals = {
+            service.aggregate_local_day(metric="gb", day_start=JAN, announce=True).total
+            for _ in range(12)
+        }
         plans = session.execute(
             text(
                 "SELECT generic_plans FROM pg_prepared_statements "
