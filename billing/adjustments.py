@@ -321,10 +321,8 @@ def _billed(session: Session, invoice: Invoice, exclude: str | None) -> _Billed:
         if part == _CHARGE:
             billed.first_line.setdefault(key, line_id)
             tallies = billed.charged
-        elif key[0] and key[1]:  # adjusted or credited: usage lines only
+        else:  # always a usage line's: only late usage writes adjustments and quantities
             tallies = billed.adjusted if part == _ADJUSTMENT else billed.credited
-        else:
-            continue
         tally = tallies.setdefault(key, _Tally())
         tally.quantity += quantity or 0
         tally.amount += amount
