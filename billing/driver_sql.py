@@ -12,6 +12,7 @@ they see the statement.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -66,3 +67,15 @@ def compiled(statement: ClauseElement) -> Compiled:
         if not bind.required
     }
     return Compiled(result.string, literals)
+
+
+def read(
+    session: Session, statement: Any, compiled: Compiled, values: dict[str, Any]
+) -> Sequence[Any]:
+    """The rows of `statement`: on PostgreSQL `compiled` (the same statement) on the driver's
+    cursor, after a flush (what the caller added is read, as `session.execute` would);
+    elsewhere through the session."""
+    if session.get_bind().dialect.name != "postgresql":
+        return session.execute(statement, values).all()
+    session.flush()
+    return compiled.rows(session, values)

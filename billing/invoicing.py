@@ -458,20 +458,14 @@ def _subscriptions_with_prices(
     SELECT): subscriptions by start, prices by creation and key."""
     bounds = {"tenant_id": tenant_id, "start": start, "end": end}
     grouped: dict[str, tuple[_Subscribed, list[PlanPrice]]] = {}
-    for subscription_id, effective_at, ended_at, *terms in _plan_rows(session, bounds):
+    for subscription_id, effective_at, ended_at, *terms in driver_sql.read(
+        session, _SUBSCRIPTIONS_WITH_PRICES, _SUBSCRIPTIONS_WITH_PRICES_SQL, bounds
+    ):
         subscribed = _Subscribed(effective_at, ended_at)
         _, prices = grouped.setdefault(subscription_id, (subscribed, []))
         if terms[0] is not None:  # None: a plan without prices
             prices.append(PlanPrice(*terms))
     return list(grouped.values())
-
-
-def _plan_rows(session: Session, bounds: dict[str, Any]) -> Sequence[Any]:
-    """`_SUBSCRIPTIONS_WITH_PRICES`' rows; on PostgreSQL on the driver's cursor."""
-    if session.get_bind().dialect.name != "postgresql":
-        return session.execute(_SUBSCRIPTIONS_WITH_PRICES, bounds).all()
-    session.flush()  # what the caller added is read, as `session.execute` would
-    return _SUBSCRIPTIONS_WITH_PRICES_SQL.rows(session, bounds)
 
 
 # Run for every invoice (and every finalized invoice late usage re-prices): built once, so a

@@ -51,7 +51,9 @@ def meters_in_use(
     wanted = sorted(set(priced))
     bounds = {"tenant_id": tenant_id, "start": start, "end": end, "wanted": wanted}
     specs = {key: MeterSpec(key) for key in wanted}
-    for key, aggregation, prop, group_by in _rows(session, _METERS[bool(wanted)], bounds):
+    for key, aggregation, prop, group_by in driver_sql.read(
+        session, *_METERS[bool(wanted)], bounds
+    ):
         if aggregation is not None:
             specs[key] = MeterSpec(key, aggregation, prop, tuple(group_by))
         else:
@@ -87,18 +89,6 @@ _METERS = {
     False: (_METERS_USED, driver_sql.compiled(_METERS_USED)),
     True: (_METERS_USED_OR_PRICED, driver_sql.compiled(_METERS_USED_OR_PRICED_PG)),
 }
-
-
-def _rows(
-    session: Session, statement: tuple[Any, driver_sql.Compiled], values: dict[str, Any]
-) -> Sequence[Any]:
-    """The rows of `statement` (as built, and compiled for the driver's cursor): on PostgreSQL
-    sent on the driver's cursor (`billing.driver_sql`), as these run for every invoice."""
-    built, compiled = statement
-    if session.get_bind().dialect.name != "postgresql":
-        return session.execute(built, values).all()
-    session.flush()  # what the caller added is read, as `session.execute` would
-    return compiled.rows(session, values)
 
 
 def period_quantities(
@@ -216,7 +206,7 @@ class _Shape:
 
 def _grouped(session: Session, shape: _Shape, bounds: dict[str, Any], found: Quantities) -> None:
     width = len(shape.keys)
-    for row in _rows(session, shape.grouped, bounds):
+    for row in driver_sql.read(session, *shape.grouped, bounds):
         spec = shape.specs[row[0]]
         if spec.aggregation == "unique_count":
             quantity = row[width + 3 + shape.unique.index(spec.key)]
