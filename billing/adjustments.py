@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from itertools import chain
 from typing import Any
@@ -40,6 +40,7 @@ from sqlalchemy import (
     ColumnElement,
     String,
     and_,
+    any_,
     bindparam,
     func,
     literal,
@@ -47,9 +48,10 @@ from sqlalchemy import (
     select,
     union_all,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 
-from billing import credit_notes
+from billing import credit_notes, driver_sql
 from billing.errors import CurrencyMismatchError
 from billing.invoicing import price_lines
 from billing.late_usage import FINALIZED
@@ -168,7 +170,8 @@ def credit_overbilled(
 
 def _creditable(session: Session, adjustment: Adjustment) -> Iterator[tuple[Invoice, str, int]]:
     """(invoice, line, how much it can be credited) for a negative adjustment, in order."""
-    original = session.get(Invoice, adjustment.adjusts_invoice_id)
+    # as it is now, locked (with the tenant's other finalized invoices, first)
+    original = session.get(Invoice, adjustment.adjusts_invoice_id, populate_existing=True)
     assert original is not None, "a finalized invoice is never deleted"
     if adjustment.adjusts_line_id is not None and original.status in credit_notes.CREDITABLE:
         room = original.total_amount - credit_notes.credited(session, original.id)
@@ -215,7 +218,7 @@ def _same_period(target: Any) -> list[ColumnElement[bool]]:
     ]
 
 
-def _period_of(invoice: Invoice) -> dict[str, Any]:
+def _period_of(invoice: Invoice | _Finalized) -> dict[str, Any]:
     """The values `_same_period`'s conditions are bound to: the invoice's tenant, currency and
     period."""
     return {
@@ -226,31 +229,54 @@ def _period_of(invoice: Invoice) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _Finalized:
+    """A finalized invoice in the lookback, as re-pricing reads it: plain values, not an ORM
+    object (loading one was most of the client's work on this read, run for every invoice)."""
+
+    id: str
+    tenant_id: str
+    currency: str
+    period_start: datetime
+    period_end: datetime
+
+
 def _recent_finalized(
     session: Session, tenant_id: str, currency: str, since: datetime, *, lock: bool
-) -> list[Invoice]:
-    query = _RECENT_FINALIZED_LOCKED if lock else _RECENT_FINALIZED
+) -> list[_Finalized]:
     bounds = {"tenant_id": tenant_id, "currency": currency, "since": since}
-    invoices = session.execute(query, bounds).scalars()
+    rows = driver_sql.read(session, *_RECENT_FINALIZED[lock], bounds)
+    invoices = [_Finalized(*row) for row in rows]
     return sorted(invoices, key=lambda invoice: (invoice.period_start, invoice.id))
 
 
-# Read for every invoice: built once.
-_RECENT_FINALIZED = (
-    select(Invoice)
-    .where(
+def _recent_finalized_query(finalized: ColumnElement[bool], *, lock: bool) -> Any:
+    query = select(*(getattr(Invoice, field.name) for field in fields(_Finalized))).where(
         Invoice.tenant_id == bindparam("tenant_id"),
         Invoice.currency == bindparam("currency"),
-        Invoice.status.in_(FINALIZED),
+        finalized,
         Invoice.period_end >= bindparam("since"),
     )
-    .execution_options(populate_existing=True)
-)
-# In id order: two runs lock the same rows in the same order, no deadlock.
-_RECENT_FINALIZED_LOCKED = _RECENT_FINALIZED.order_by(Invoice.id).with_for_update()
+    # In id order: two runs lock the same rows in the same order, no deadlock.
+    return query.order_by(Invoice.id).with_for_update() if lock else query
 
 
-def _of_invoice(session: Session, invoice: Invoice, exclude: str | None) -> list[Adjustment]:
+# Read for every invoice: built once. By `lock`: the statement, and the same for the driver's
+# cursor (the statuses as one array, not an IN list SQLAlchemy expands per execution).
+_RECENT_FINALIZED = {
+    lock: (
+        _recent_finalized_query(Invoice.status.in_(FINALIZED), lock=lock),
+        driver_sql.compiled(
+            _recent_finalized_query(
+                Invoice.status == any_(literal(list(FINALIZED), ARRAY(String()))), lock=lock
+            )
+        ),
+    )
+    for lock in (False, True)
+}
+
+
+def _of_invoice(session: Session, invoice: _Finalized, exclude: str | None) -> list[Adjustment]:
     """Per key of a usage price the invoice billed that its plans still have (its groups the
     invoice had lines for, and those first used late): price now − billed so far."""
     billed = _billed(session, invoice, exclude)
@@ -307,15 +333,15 @@ def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
     return tallies
 
 
-def _billed(session: Session, invoice: Invoice, exclude: str | None) -> _Billed:
+def _billed(session: Session, invoice: _Finalized, exclude: str | None) -> _Billed:
     """In one statement: the invoice's own usage lines; the adjustment lines billed for its
     period on invoices that are not void (but `exclude`); the late-usage credit note lines
     (those with a quantity) on invoices that are not void, against its own lines or those
     adjustment lines."""
     values = {**_period_of(invoice), "invoice_id": invoice.id, "exclude": exclude}
     billed = _Billed()
-    for part, line_id, price_id, metric, dims, quantity, amount, _ in session.execute(
-        _BILLED, values
+    for part, line_id, price_id, metric, dims, quantity, amount, _ in driver_sql.read(
+        session, _BILLED, _BILLED_SQL, values
     ):
         key = _key(price_id, metric, dims)
         if part == _CHARGE:
@@ -395,6 +421,7 @@ _BILLED: Any = union_all(
         ),
     ),
 ).order_by("part", "created_at", "id")
+_BILLED_SQL = driver_sql.compiled(_BILLED)
 
 
 def _key(price_id: str | None, metric: str | None, dimensions: Dimensions) -> Key:

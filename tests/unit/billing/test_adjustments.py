@@ -187,6 +187,23 @@ def test_a_negative_difference_is_a_credit_note_on_the_finalized_invoice_once(se
     )
 
 
+def test_a_credit_goes_by_the_finalized_invoice_s_status_now_not_as_the_session_loaded_it(
+    session, session_factory
+) -> None:
+    tiered_plan(session, "volume")
+    use(session, 100, JAN + 5 * DAY, "on-time", tenant="t9")
+    january = invoice(session, JAN, FEB, tenant="t9")
+    use(session, 10, JAN + 20 * DAY, "late", tenant="t9")
+    session.commit()  # january stays loaded as it was: the factory does not expire on commit
+    with session_factory.begin() as other:
+        service(other, MAR, "t9").mark_uncollectible(january.id)
+    assert january.status == "open"
+    invoice(session, FEB, MAR, tenant="t9")
+    # the 90 less is not credited on an uncollectible invoice: it stays pending
+    assert credit_notes(session) == []
+    assert january.status == "uncollectible"
+
+
 def test_ignore_bills_late_usage_nowhere(session, plan) -> None:
     invoice(session, JAN, FEB)
     use(session, 10, JAN + 20 * DAY, "late")
