@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from billing import BillingService, InvalidUsageError
+from billing.meters import declare_meter
 from billing.models import UsageAggregate
 
 DAY = datetime(2025, 1, 1, tzinfo=UTC)
@@ -44,7 +45,9 @@ def test_any_moment_of_the_day_in_any_offset_selects_that_utc_day(session) -> No
     assert aggregates(session)[0].period_start == DAY
 
 
-def test_running_it_again_gives_the_same_single_row(session) -> None:
+@pytest.mark.parametrize("aggregation", ["sum", "latest"])
+def test_running_it_again_gives_the_same_single_row(session, aggregation: str) -> None:
+    declare_meter(session, key="tokens", aggregation=aggregation)  # latest: billing_aggregate_day
     bs = BillingService(session=session, tenant_id="t1")
     add(bs, "a", 5, DAY)
     bs.aggregate_daily(metric="tokens", day_start=DAY)
@@ -56,16 +59,20 @@ def test_running_it_again_gives_the_same_single_row(session) -> None:
     assert (row.id, row.total, row.updated_at) == (first_id, 5, first_updated)
 
 
-def test_late_events_are_counted_on_the_next_run_and_move_updated_at(session) -> None:
+@pytest.mark.parametrize(("aggregation", "after"), [("sum", 12), ("latest", 7)])
+def test_late_events_are_counted_on_the_next_run_and_move_updated_at(
+    session, aggregation: str, after: int
+) -> None:
+    declare_meter(session, key="tokens", aggregation=aggregation)
     bs = BillingService(session=session, tenant_id="t1")
     add(bs, "a", 5, DAY)
     bs.aggregate_daily(metric="tokens", day_start=DAY)
     before = aggregates(session)[0].updated_at
     add(bs, "late", 7, DAY + timedelta(hours=23))
-    assert bs.aggregate_daily(metric="tokens", day_start=DAY) == 12
+    assert bs.aggregate_daily(metric="tokens", day_start=DAY) == after
     session.expire_all()
     (row,) = aggregates(session)
-    assert row.total == 12
+    assert row.total == after
     assert row.updated_at > before
 
 

@@ -93,6 +93,18 @@ def test_changing_group_by_replaces_the_day_s_groups(session) -> None:
     assert groups(session) == {"": 64}
 
 
+def test_a_latest_meter_that_lost_its_groups_drops_them(session) -> None:
+    """On PostgreSQL the day is one statement (`billing_aggregate_day`): it drops them too."""
+    declare_meter(session, key="tokens", aggregation="latest", group_by=["model"])
+    bs = BillingService(session=session, tenant_id="t")
+    worked_day(bs)
+    bs.aggregate_daily(metric="tokens", day_start=DAY)
+    assert len(groups(session)) == 4
+    declare_meter(session, key="tokens", aggregation="latest")
+    assert bs.aggregate_daily(metric="tokens", day_start=DAY) == 1
+    assert groups(session) == {"": 1}
+
+
 def test_groups_of_other_tenants_and_days_are_left_alone(session) -> None:
     declare_meter(session, key="tokens", group_by=["model"])
     a = BillingService(session=session, tenant_id="a")
