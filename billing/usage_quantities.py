@@ -28,6 +28,7 @@ from sqlalchemy import (
     distinct,
     func,
     literal,
+    literal_column,
     select,
     union_all,
 )
@@ -164,7 +165,7 @@ class _Shape:
         self.unique = [
             key for key, spec in self.specs.items() if spec.aggregation == "unique_count"
         ]
-        self.grouped = (self._grouped(), driver_sql.compiled(self._grouped(as_array=True)))
+        self.grouped = (self._grouped(), driver_sql.compiled(self._grouped(postgresql=True)))
         self.last_events = self._last_events()
 
     @property
@@ -177,19 +178,26 @@ class _Shape:
             width = len(self.specs[metric].group_by)
             found.setdefault((int(stretch), metric), {})[tuple(values[:width])] = quantity
 
-    def _grouped(self, *, as_array: bool = False) -> Any:
-        """The GROUP BY; `as_array`: the metrics as one array literal (PostgreSQL), not an IN
+    def _grouped(self, *, postgresql: bool = False) -> Any:
+        """The GROUP BY. Its sum is two columns, high and low, that `_grouped` adds up. On
+        SQLite, the sums of each amount's quotient and remainder by 2**32: its sum() of the
+        amounts fails past 2**63-1 with a bare `integer overflow`, and this way the invoice is
+        refused naming its line, as on PostgreSQL. On PostgreSQL (`postgresql`), whose sum of
+        bigints is exact, 0 and the sum; the metrics are one array literal there, not an IN
         list SQLAlchemy expands per execution, so that it compiles once for the driver."""
         distinct_counts = [
             func.count(distinct(property_text(self.specs[key].property or "")))
             for key in self.unique
         ]
-        measures = [func.sum(UsageEvent.amount), func.count(), func.max(UsageEvent.amount)]
-        keys = self.keys
-        where = self.where
-        if as_array:
+        amount, where = UsageEvent.amount, self.where
+        if postgresql:
             metrics = literal(sorted(self.specs), ARRAY(String()))
             where = [where[0], UsageEvent.metric == any_(metrics), *where[2:]]
+            halves = [literal_column("0"), func.sum(amount)]
+        else:
+            halves = [func.sum(amount // _LOW), func.sum(amount % _LOW)]
+        measures = [*halves, func.count(), func.max(amount)]
+        keys = self.keys
         return select(*keys, *measures, *distinct_counts).where(*where).group_by(*keys)
 
     def _last_events(self) -> Any:
@@ -208,11 +216,13 @@ def _grouped(session: Session, shape: _Shape, bounds: dict[str, Any], found: Qua
     width = len(shape.keys)
     for row in driver_sql.read(session, *shape.grouped, bounds):
         spec = shape.specs[row[0]]
-        if spec.aggregation == "unique_count":
-            quantity = row[width + 3 + shape.unique.index(spec.key)]
+        if spec.aggregation == "sum":
+            quantity = int(row[width] or 0) * _LOW + int(row[width + 1] or 0)
+        elif spec.aggregation == "unique_count":
+            quantity = int(row[width + 4 + shape.unique.index(spec.key)])
         else:
-            quantity = row[width + ("sum", "count", "max").index(spec.aggregation)]
-        shape.store(found, row, int(quantity or 0))
+            quantity = int(row[width + ("count", "max").index(spec.aggregation) + 2] or 0)
+        shape.store(found, row, quantity)
 
 
 def _last_events(
@@ -221,6 +231,12 @@ def _last_events(
     width = len(shape.keys)
     for row in session.execute(shape.last_events, bounds):
         shape.store(found, row, int(row[width] or 0))
+
+
+_LOW = 2**32
+"""The GROUP BY's sum on SQLite is Σ(amount // 2**32) × 2**32 + Σ(amount % 2**32): an amount
+(0 to 2**63-1) adds under 2**31 to the first part and under 2**32 to the second, so neither
+nears 2**63 before two billion events."""
 
 
 def _value(name: str) -> ColumnElement[str]:

@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import func, select
 
 from billing import AmountOverflowError, BillingError, BillingService
-from billing.db import make_session_factory
 from billing.errors import PERMANENT_ERRORS
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
 
@@ -88,19 +87,25 @@ def test_the_overflow_names_the_price_s_rate(session, price, described) -> None:
     assert f"metric 'tokens' at price {described} comes to" in str(caught.value)
 
 
-@pytest.mark.postgres  # SQLite's sum() of the two events itself overflows
-def test_unpriced_usage_over_2_63_minus_1_units_is_named_as_at_price_none(pg_engine) -> None:
-    with make_session_factory(pg_engine)() as session:
-        plan_with(session, {"metric": "calls", "unit_amount": 1})
-        bs = BillingService(session=session, tenant_id="t1")
-        for at in (JAN, FEB):  # the most a month's counter holds, in each of two months
-            bs.record_usage(metric="tokens", amount=MAX, at=at, idempotency_key=at.isoformat())
-        with pytest.raises(AmountOverflowError) as caught:
-            bs.generate_monthly_invoice(
-                period_start=JAN, period_end=FEB + timedelta(days=28), currency="usd"
-            )
-    assert (caught.value.metric, caught.value.price_key) == ("tokens", None)
-    assert f"metric 'tokens' at price none comes to {2 * MAX} units" in str(caught.value)
+@pytest.mark.parametrize(
+    ("metric", "price_key", "described"),
+    [("tokens", None, "none"), ("calls", "big-0", "'big-0' (1 per unit)")],
+)
+def test_usage_over_2_63_minus_1_units_is_named_with_its_exact_quantity(
+    session, metric, price_key, described
+) -> None:
+    """On SQLite too, where the events' sum is over what an integer holds (SQL's sum() of
+    them would fail with a bare `integer overflow`)."""
+    plan_with(session, {"metric": "calls", "unit_amount": 1})
+    bs = BillingService(session=session, tenant_id="t1")
+    for at in (JAN, FEB):  # the most a month's counter holds, in each of two months
+        bs.record_usage(metric=metric, amount=MAX, at=at, idempotency_key=at.isoformat())
+    with pytest.raises(AmountOverflowError) as caught:
+        bs.generate_monthly_invoice(
+            period_start=JAN, period_end=FEB + timedelta(days=28), currency="usd"
+        )
+    assert (caught.value.metric, caught.value.price_key) == (metric, price_key)
+    assert f"metric {metric!r} at price {described} comes to {2 * MAX} units" in str(caught.value)
 
 
 @pytest.mark.parametrize(
