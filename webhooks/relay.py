@@ -87,7 +87,7 @@ class Relay:
         self.max_in_flight_per_subscription = max_in_flight_per_subscription
         self._now = now
         #: Set to make a waiting relay look for work now (a NOTIFY, a finished request, a stop).
-        self.wake = threading.Event()
+        self.wake = Wake()
         self._done: queue.SimpleQueue[AttemptResult] = queue.SimpleQueue()
         #: Each chain's task (or a delivery's alone), with the delivery it starts with.
         self._in_flight: dict[Future[None], ClaimedDelivery] = {}
@@ -187,8 +187,9 @@ class Relay:
             while not stop.is_set():
                 self.wake.clear()
                 claimed = self._claim_into(pool)
-                if claimed == 0 or self._in_flight_count() > self._refill_at:
-                    self.wake.wait(self._idle_wait())
+                idle = claimed == 0 or self._claimed_ahead() > self._refill_at
+                if idle and not self.wake.wait(self._idle_wait()):
+                    self.wake.ask()  # the poll
         finally:
             self._shut_down(pool)
             recorder_stop.set()
@@ -202,17 +203,20 @@ class Relay:
 
     def _claim_into(self, pool: ThreadPoolExecutor) -> int:
         extended = self._extend_chains(pool)
-        in_flight = self._in_flight_count()
-        if in_flight > self._refill_at:
+        ahead = self._claimed_ahead()
+        if ahead > self._refill_at or not self.wake.answer():
             return extended
-        wanted = self.concurrency + self.batch_size - in_flight
+        wanted = self.concurrency + self.batch_size - ahead
         try:
             claimed = self._claim(wanted, self.chain)
         except Exception:
             logger.exception("claiming deliveries failed; retrying in %.1fs", self.poll_interval)
+            self.wake.ask()
             return 0
         # Only a full claim suggests more is due now; otherwise wait for a NOTIFY or the poll.
         self._more_due = len(claimed) == wanted
+        if claimed:  # claim again before waiting, as long as claims take something
+            self.wake.ask()
         for delivery in self._chain_heads(claimed):
             self._submit(pool, delivery)
         return extended + len(claimed)
@@ -304,7 +308,7 @@ class Relay:
                 del self._chains[key]
                 self._low.discard(key)
         if running_low:
-            self.wake.set()
+            self.wake.feed()
         if rest:
             self._release(rest)
         return following
@@ -317,8 +321,16 @@ class Relay:
 
     def _wake_if_more_due(self) -> None:
         """Claim again as the deliveries claimed fall to `_refill_at`, if more are due."""
-        if self._more_due and self._in_flight_count() == self._refill_at:
+        if self._more_due and self._claimed_ahead() == self._refill_at:
             self.wake.set()
+
+    def _claimed_ahead(self) -> int:
+        """Tasks claimed and not finished (a chain is one): what the refill mark counts. A
+        chain's waiting deliveries are left out: they wait for their own slot, not for the
+        senders, and counting them held back every other subscription's claim (until the
+        poll) while a busy subscription's chains were long."""
+        with self._lock:
+            return len(self._in_flight)
 
     def _in_flight_count(self) -> int:
         """Claimed deliveries not finished: attempts started, and chains' deliveries waiting."""
@@ -422,6 +434,33 @@ class Relay:
             self.store.release(deliveries, self._now())
         except Exception:
             logger.exception("handing back %d claimed deliveries failed", len(deliveries))
+
+
+class Wake(threading.Event):
+    """A relay's wake-up. `set()` asks it to claim (an event committed, a slot was freed, the
+    relay stops, ...); `feed()` wakes it only to feed its chains running low, so that a
+    subscription at its cap is not claimed for again (to no avail) at every feed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._asked = True
+
+    def set(self) -> None:
+        self.ask()
+        super().set()
+
+    def feed(self) -> None:
+        """Wake the relay to feed its chains, not to claim."""
+        super().set()
+
+    def ask(self) -> None:
+        """Have the relay's next look for work claim, without waking it."""
+        self._asked = True
+
+    def answer(self) -> bool:
+        """True (once) if a claim was asked for since the last answer."""
+        asked, self._asked = self._asked, False
+        return asked
 
 
 def _chain_key(delivery: ClaimedDelivery) -> tuple[str, str] | None:

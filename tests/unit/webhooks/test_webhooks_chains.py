@@ -191,6 +191,23 @@ def test_only_a_chains_last_outcome_frees_its_slot_when_recorded() -> None:
     assert world.relay._frees_slots([alone])
 
 
+def test_a_busy_subscriptions_long_chain_does_not_hold_back_another_subscriptions_claim() -> None:
+    requests: list[httpx.Request] = []
+    world = World(
+        lambda r: requests.append(r) or httpx.Response(200),
+        batch_size=8,
+        max_in_flight_per_subscription=1,
+    )
+    world.publish(30)
+    waiting = world.outbox.claim(30, utcnow(), world.relay.lease, 1, chain=30)
+    assert len(world.relay._chain_heads(waiting)) == 1  # 29 wait: above 16 + 8 // 2
+    world.subs.add(TOPIC, url="https://other.test/hook")
+    world.service.publish(TOPIC, PAYLOAD)  # to both; the busy one is at its cap
+    with ThreadPoolExecutor(1) as pool:
+        assert world.relay._claim_into(pool) == 1
+    assert [str(r.url) for r in requests] == ["https://other.test/hook"]
+
+
 def test_stopping_hands_back_the_deliveries_of_a_chain_not_started() -> None:
     arrived, answer = threading.Event(), threading.Event()
 
@@ -357,3 +374,28 @@ def test_a_chain_with_under_half_a_chain_waiting_is_marked_low_once_and_wakes_th
         (None, False, False),  # the chain is over: nothing to feed, nothing to wake for
     ]
     assert following == [*claimed[1:], None]
+
+
+def test_a_chain_running_low_wakes_the_relay_to_feed_it_not_to_claim() -> None:
+    """At its cap a subscription's claim would find nothing: a feed alone claims nothing; a
+    wake-up asking for work (a NOTIFY, a freed slot, the poll) claims."""
+    world = fed_world([])
+    low_chain(world, waiting=1)
+    publish_more(world, 6)
+    claims: list[int] = []
+    claim = world.outbox.claim
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        claimed = claim(*args, **kwargs)
+        claims.append(len(claimed))
+        return claimed
+
+    world.outbox.claim = counting  # type: ignore[method-assign]
+    world.relay.wake.answer()  # as after a claim that took nothing
+    world.relay.wake.feed()
+    with ThreadPoolExecutor(1) as pool:
+        assert world.relay._claim_into(pool) == 3
+        assert claims == []
+        world.relay.wake.set()
+        assert world.relay._claim_into(pool) == 0
+    assert claims == [0]
