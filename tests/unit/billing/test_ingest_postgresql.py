@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing import BillingService, IdempotencyConflictError, TooManyMetricsError, ledger
 from billing.db import make_engine, make_session_factory
 from billing.models import Invoice, UsageEvent
+from billing.tenants import set_tenant
 
 pytestmark = pytest.mark.postgres
 
@@ -382,6 +383,32 @@ def test_a_metric_new_to_the_events_utc_month_is_checked_against_the_limit(
         assert len(sent) == 1
     with pg_factory() as session:
         assert [k for _, _, k, *_ in stored(session)] == ["b", "a", "d"]
+
+
+def test_a_zoned_tenants_event_is_checked_against_its_local_month(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    """For a tenant in New York (UTC-5 in winter) 04:59:59 UTC on February 1st is January:
+    "tokens", counted there, is known (one statement); at 05:00 it is February, where "calls"
+    fills the limit of 1."""
+    feb = datetime(2025, 2, 1, tzinfo=UTC)
+    with pg_factory.begin() as session:
+        set_tenant(session, "t1", timezone="America/New_York")
+        bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1)
+        bs.record_usage(metric="tokens", amount=1, at=feb + timedelta(hours=1), idempotency_key="a")
+        bs.record_usage(metric="calls", amount=1, at=feb + timedelta(days=9), idempotency_key="b")
+    with pg_factory.begin() as session:
+        sent = statements(session)
+        BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1).record_usage(
+            metric="tokens", amount=1, at=feb + timedelta(hours=5, seconds=-1), idempotency_key="c"
+        )
+        assert len(sent) == 1
+    with pytest.raises(TooManyMetricsError), pg_factory.begin() as session:
+        BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1).record_usage(
+            metric="tokens", amount=1, at=feb + timedelta(hours=5), idempotency_key="d"
+        )
+    with pg_factory() as session:
+        assert [k for _, _, k, *_ in stored(session)] == ["b", "a", "c"]
 
 
 def test_store_names_the_drafts_its_new_events_fall_in(
