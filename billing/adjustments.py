@@ -5,7 +5,8 @@ invoice of that tenant and currency whose period ended within `LATE_USAGE_LOOKBA
 clock is priced again with all of its period's usage known now (`invoicing.price_lines`, the
 rule that priced it). Per key (price, metric and, for prices per dimension, group) of each
 usage price that invoice billed and its plans still have, whether the invoice had a line of
-that key or not (a group, or a metric, first used late):
+that key or not (a group first used late: one the invoice shows under no price, of a metric
+whose usage it grouped by the same properties):
 
     pending = price(usage now) − (its lines + adjustments billed since − late credits since)
 
@@ -15,8 +16,10 @@ a credit note on the finalized invoice, whose line names the line it re-prices a
 units (`quantity`), and for what exceeds that invoice's total (or all of it, for a key the
 invoice had no line of), on the invoices that billed adjustments for its period. Tiered
 prices thus bill price(new total) − price(old total), not the late units at a marginal guess.
-A price the invoice did not bill (added to the plan since, or a new version of one) is not
-re-priced: the period's usage was billed at the prices it had.
+What a catalog change moves is not re-priced: a price the invoice did not bill (added to the
+plan since, or a new version of one), a key no price bills now (a dimensional price added), a
+group the invoice showed under another price (one retired) or grouped otherwise (the meter's
+`group_by` changed); the period's usage was billed at the prices it had.
 
 "Billed since" is read from what is stored, never remembered elsewhere: adjustment lines on
 invoices that are not void, for any invoice of the same period (a reissue after a void
@@ -33,7 +36,6 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from itertools import chain
 from typing import Any
 
 from sqlalchemy import (
@@ -277,8 +279,8 @@ _RECENT_FINALIZED = {
 
 
 def _of_invoice(session: Session, invoice: _Finalized, exclude: str | None) -> list[Adjustment]:
-    """Per key of a usage price the invoice billed that its plans still have (its groups the
-    invoice had lines for, and those first used late): price now − billed so far."""
+    """Per key priced now of a usage price the invoice billed (its groups the invoice had
+    lines for, and those first used late): price now − billed so far."""
     billed = _billed(session, invoice, exclude)
     if not billed.charged:
         return []
@@ -292,13 +294,14 @@ def _of_invoice(session: Session, invoice: _Finalized, exclude: str | None) -> l
         (_key(line.price_id, line.metric, line.dimensions), line.quantity, line.amount)
         for line in lines
     )
-    # Not re-priced: a price that left the plan, or one the invoice did not bill (added since,
-    # or a new version of one): the period's usage was billed at the prices it had.
+    # Not re-priced: a price that left the plan or one the invoice did not bill (added since,
+    # or a new version of one), a key no price bills now: the catalog changed, and the
+    # period's usage was billed at the prices it had.
     prices = {key[0] for key in billed.charged} & {key[0] for key in now_priced}
     parts = (now_priced, billed.charged, billed.adjusted, billed.credited)
     pending = []
-    for key in dict.fromkeys(chain(billed.charged, now_priced, billed.adjusted)):
-        if key[0] not in prices:
+    for key in now_priced:
+        if key[0] not in prices or (key not in billed.charged and not billed.first_used_late(key)):
             continue
         now, own, more, less = (part.get(key, _Tally()) for part in parts)
         amount = now.amount - (own.amount + more.amount - less.amount)
@@ -315,12 +318,23 @@ def _of_invoice(session: Session, invoice: _Finalized, exclude: str | None) -> l
 @dataclass(slots=True)
 class _Billed:
     """What an invoice's usage was billed so far, by key: its own lines (`charged`, and the
-    first line of each key), the adjustments for its period and the late credits on either."""
+    first line of each key), the adjustments for its period and the late credits on either;
+    the (metric, group) of each of its lines, and by metric the property names its lines
+    with usage are grouped by."""
 
     first_line: dict[Key, str] = field(default_factory=dict)
     charged: dict[Key, _Tally] = field(default_factory=dict)
     adjusted: dict[Key, _Tally] = field(default_factory=dict)
     credited: dict[Key, _Tally] = field(default_factory=dict)
+    shown: set[tuple[str, str]] = field(default_factory=set)
+    grouped_by: dict[str, set[tuple[str, ...]]] = field(default_factory=dict)
+
+    def first_used_late(self, key: Key) -> bool:
+        """Whether the key's group is one the invoice shows under no price, of a metric its
+        usage was grouped alike (not a group a price, or the meter's `group_by`, moved since)."""
+        _, metric, group = key
+        names = tuple(sorted(json.loads(group))) if group else ()
+        return (metric, group) not in self.shown and self.grouped_by.get(metric, {names}) == {names}
 
 
 def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
@@ -334,10 +348,10 @@ def _tally(rows: Iterable[tuple[Key, int, int]]) -> dict[Key, _Tally]:
 
 
 def _billed(session: Session, invoice: _Finalized, exclude: str | None) -> _Billed:
-    """In one statement: the invoice's own usage lines; the adjustment lines billed for its
-    period on invoices that are not void (but `exclude`); the late-usage credit note lines
-    (those with a quantity) on invoices that are not void, against its own lines or those
-    adjustment lines."""
+    """In one statement: the invoice's own usage lines (priced or not); the adjustment
+    lines billed for its period on invoices that are not void (but `exclude`); the late-usage
+    credit note lines (those with a quantity) on invoices that are not void, against its own
+    lines or those adjustment lines."""
     values = {**_period_of(invoice), "invoice_id": invoice.id, "exclude": exclude}
     billed = _Billed()
     for part, line_id, price_id, metric, dims, quantity, amount, _ in driver_sql.read(
@@ -345,6 +359,11 @@ def _billed(session: Session, invoice: _Finalized, exclude: str | None) -> _Bill
     ):
         key = _key(price_id, metric, dims)
         if part == _CHARGE:
+            billed.shown.add(key[1:])
+            if quantity:
+                billed.grouped_by.setdefault(key[1], set()).add(tuple(sorted(dims or {})))
+            if not price_id:  # usage no price billed: shown at 0
+                continue
             billed.first_line.setdefault(key, line_id)
             tallies = billed.charged
         else:  # always a usage line's: only late usage writes adjustments and quantities
@@ -380,7 +399,6 @@ _BILLED: Any = union_all(
     ).where(
         InvoiceLine.invoice_id == bindparam("invoice_id"),
         InvoiceLine.kind == "charge",
-        InvoiceLine.price_id.is_not(None),
         InvoiceLine.metric.is_not(None),
     ),
     select(

@@ -2,7 +2,8 @@
 that had no usage, a new group of a metric per dimension, a group a dimensional price or the
 fallback price bills. What January's period is billed in the end (its lines, the adjustments
 billed for it, less the late-usage credits) equals, key by key, the January invoice of a tenant
-that had all the usage on time; once. SQLite and PostgreSQL."""
+that had all the usage on time; once. A catalog change after the invoice (a dimensional price
+retired or added, a meter grouped anew) re-prices nothing. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -267,3 +268,38 @@ def test_a_price_added_to_the_plan_after_the_invoice_does_not_re_price_its_perio
     # the period's calls were billed by no price: a new price (or a new version of one, as
     # `billing catalog apply` makes) bills from the next invoice on, not January again
     assert service(session, "t", FEB + DAY).pending_adjustments(currency="usd") == []
+
+
+def nothing_pending(session) -> None:
+    assert service(session, "t", FEB + DAY).pending_adjustments(currency="usd") == []
+
+
+def test_a_retired_dimensional_price_s_group_is_not_billed_again_by_the_fallback(session) -> None:
+    declare_meter(session, key="tokens", group_by=["model"])
+    plan = plan_with(session, "ai", *GPT4_AT_3_ELSE_1)
+    subscribe(session, plan, start=JAN, tenant="t")
+    record(session, "t", JAN + DAY, [("tokens", 10, {"model": "gpt-4"})], "on-time")
+    invoice(session, "t", JAN, FEB)  # gpt-4 at 3: 30
+    session.scalar(select(Price).where(Price.key == "ai-0")).plan_id = None  # retired
+    session.flush()
+    nothing_pending(session)  # the fallback now bills gpt-4: not a group first used late
+
+
+def test_a_new_dimensional_price_neither_bills_nor_credits_the_period(session) -> None:
+    declare_meter(session, key="tokens", group_by=["model"])
+    plan = plan_with(session, "ai", {"metric": "tokens", "unit_amount": 1})
+    subscribe(session, plan, start=JAN, tenant="t")
+    record(session, "t", JAN + DAY, [("tokens", 10, {"model": "gpt-4"})], "on-time")
+    invoice(session, "t", JAN, FEB)  # gpt-4 at 1: 10
+    session.add(Price(key="gpt4", plan_id=plan.id, currency="usd", **GPT4_AT_3_ELSE_1[0]))
+    session.flush()
+    nothing_pending(session)  # the fallback bills gpt-4 no more: not a credit of January's
+
+
+def test_a_meter_grouped_after_the_invoice_does_not_bill_its_groups_again(session) -> None:
+    plan = plan_with(session, "p", {"metric": "tokens", "unit_amount": 2})
+    subscribe(session, plan, start=JAN, tenant="t")
+    record(session, "t", JAN + DAY, [("tokens", 10, {"model": "a"})], "on-time")
+    invoice(session, "t", JAN, FEB)  # 10 tokens, no group: 20
+    declare_meter(session, key="tokens", group_by=["model"])
+    nothing_pending(session)  # {"model": "a"} is January's usage grouped anew, not late usage
