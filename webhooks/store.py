@@ -145,8 +145,8 @@ class SqlDeliveryStore:
         if not results:
             return
         with self._sessions.begin() as session:
-            _settle(session, results, now)
-            _update_streaks(session, results, now, disable_after)
+            if not _settle(session, results, now):
+                _update_streaks(session, results, now, disable_after)
 
     def release(self, deliveries: Sequence[ClaimedDelivery], now: datetime) -> None:
         """Hand back claimed, unattempted deliveries, uncounted, due when they fell due (in
@@ -391,6 +391,16 @@ def _settle_all() -> Update:
 
 
 _SETTLE_ALL = _settle_all()
+#: `_SETTLE_ALL` of successes, and the end of `:b_sids`' failure streaks, in one statement.
+_SETTLE_DELIVERED = (
+    _subscriptions.update()
+    .where(
+        _subscriptions.c.id.in_(bindparam("b_sids", expanding=True)),
+        _subscriptions.c.failing_since.is_not(None),
+    )
+    .values(failing_since=None, updated_at=bindparam("b_now"))
+    .add_cte(_SETTLE_ALL.returning(_deliveries.c.id).cte("settled"))
+)
 _STREAKS = select(_subscriptions.c.id, _subscriptions.c.failing_since).where(
     _subscriptions.c.id.in_(bindparam("b_ids", expanding=True))
 )
@@ -432,9 +442,13 @@ def fair_share(
     return [delivery_id for _, _, delivery_id in sorted(ranked)[:limit]]
 
 
-def _settle(session: Session, results: Sequence[AttemptResult], now: datetime) -> None:
+def _settle(session: Session, results: Sequence[AttemptResult], now: datetime) -> bool:
     """Write each attempt's decision to its delivery, if still claimed for that attempt: on
-    PostgreSQL in one statement (`unnest` of one array per column), elsewhere one per row."""
+    PostgreSQL in one statement (`unnest` of one array per column), elsewhere one per row.
+
+    Return True if the streaks were written too: on PostgreSQL, when every attempt succeeded
+    (each subscription's streak ends), the same statement ends them.
+    """
     rows = [
         (
             r.delivery.delivery_id,
@@ -450,10 +464,15 @@ def _settle(session: Session, results: Sequence[AttemptResult], now: datetime) -
     if session.get_bind().dialect.name == "postgresql":
         columns = zip(*rows, strict=True)
         params = {f"b_{name}": list(values) for name, values in zip(_OUTCOME, columns, strict=True)}
+        if all(r.outcome.delivered for r in results):
+            sids = sorted({r.delivery.subscription_id for r in results})
+            session.execute(_SETTLE_DELIVERED, {**params, "b_now": now, "b_sids": sids})
+            return True
         session.execute(_SETTLE_ALL, {**params, "b_now": now})
-        return
+        return False
     keys = [f"b_{name}" for name in _OUTCOME]
     session.execute(_SETTLE, [{**dict(zip(keys, row, strict=True)), "b_now": now} for row in rows])
+    return False
 
 
 def _serialize_claims(session: Session) -> None:

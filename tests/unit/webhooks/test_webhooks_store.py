@@ -173,6 +173,20 @@ def test_one_recording_settles_each_outcome_of_its_batch_and_skips_a_stale_one(
     assert rows(factory)[2].next_attempt_at == now + timedelta(seconds=5)
 
 
+def test_a_recording_of_successes_only_ends_the_failure_streak(factory, store) -> None:
+    sub, _ = setup(factory, events=2)
+    with factory.begin() as session:
+        session.get(WebhookSubscription, sub.id).failing_since = utcnow() - timedelta(hours=1)
+    now = utcnow()
+    claimed = store.claim(10, now, LEASE)
+    successes = [result(c, Outcome(status_code=200), now) for c in claimed]
+    store.record(successes, now, timedelta(days=5))
+    assert [r.status for r in rows(factory)] == ["delivered", "delivered"]
+    with factory() as session:
+        subscription = session.get(WebhookSubscription, sub.id)
+        assert (subscription.failing_since, subscription.updated_at) == (None, now)
+
+
 def test_release_hands_back_claims_uncounted(factory, store) -> None:
     setup(factory, events=3)
     now = utcnow()
