@@ -106,6 +106,15 @@ class WebhookDelivery(Base):
             sqlite_where=text("status IN ('pending', 'failed')"),
         ),
         Index("ix_webhook_deliveries_subscription_id", "subscription_id"),
+        # One subscription's due rows in due order: feeding its chain (`extend`) reads only its
+        # own, however many of the other subscriptions' fell due before.
+        Index(
+            "ix_webhook_deliveries_due_by_subscription",
+            "subscription_id",
+            "next_attempt_at",
+            postgresql_where=text("status IN ('pending', 'failed')"),
+            sqlite_where=text("status IN ('pending', 'failed')"),
+        ),
         # Delivered deliveries by delivery time: what retention deletes, oldest first.
         Index(
             "ix_webhook_deliveries_delivered",
