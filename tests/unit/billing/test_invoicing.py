@@ -218,9 +218,25 @@ def test_prices_in_other_currencies_and_catalog_prices_are_ignored(session) -> N
 def test_a_plan_without_prices_in_the_currency_raises_and_creates_nothing(session) -> None:
     plan = make_plan(session, prices=[{"unit_amount": 1000, "recurring_interval": "month"}])
     subscribe(session, "t1", plan)
-    with pytest.raises(CurrencyMismatchError):
+    with pytest.raises(CurrencyMismatchError, match="^the tenant's plans have no price in 'gbp'$"):
         invoice(session, currency="gbp")
     assert session.execute(select(func.count()).select_from(Invoice)).scalar_one() == 0
+
+
+def test_usage_of_a_metric_priced_only_in_another_currency_is_an_unpriced_line(session) -> None:
+    plan = make_plan(
+        session,
+        prices=[
+            {"metric": "tokens", "unit_amount": 2},
+            {"metric": "calls", "unit_amount": 5, "currency": "eur"},
+        ],
+    )
+    subscribe(session, "t1", plan)
+    use(session, "t1", "tokens", 10, JAN + timedelta(days=2))
+    use(session, "t1", "calls", 7, JAN + timedelta(days=2))
+    inv = invoice(session)
+    assert lines_of(session, inv) == [("calls", 7, 0, True), ("tokens", 10, 20, False)]
+    assert inv.total_amount == 20
 
 
 def test_a_switch_to_a_plan_in_another_currency_invoices_each_part_in_its_own(session) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from types import MappingProxyType
 
 import pytest
 from sqlalchemy import func, select
@@ -61,34 +62,50 @@ def test_keys_are_per_tenant_and_per_metric(session) -> None:
     assert count(session) == 3
 
 
+NOT_AN_INTEGER = "amount must be an integer count of units, not"
+NOT_SERIALISABLE = "metadata is not JSON-serialisable:"
+
+
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("field", "value", "message"),
     [
-        ("metric", ""),
-        ("metric", "   "),
-        ("metric", "m" * 101),
-        ("metric", None),
-        ("idempotency_key", ""),
-        ("idempotency_key", "k" * 256),
-        ("amount", -1),
-        ("amount", 1.5),
-        ("amount", 2.0),
-        ("amount", "3"),
-        ("amount", True),
-        ("amount", 2**63),
-        ("at", datetime(2025, 1, 1)),
-        ("at", "2025-01-01T00:00:00Z"),
-        ("metadata", ["not", "an", "object"]),
-        ("metadata", {"big": "x" * (16 * 1024)}),
-        ("metadata", {"nan": float("nan")}),
-        ("metadata", {"obj": object()}),
+        ("metric", "", "metric must be a non-empty string"),
+        ("metric", "   ", "metric must be a non-empty string"),
+        ("metric", "m" * 101, "metric is longer than 100 characters"),
+        ("metric", None, "metric must be a non-empty string"),
+        ("idempotency_key", "", "idempotency_key must be a non-empty string"),
+        ("idempotency_key", "k" * 256, "idempotency_key is longer than 255 characters"),
+        ("amount", -1, "amount must be between 0 and 2**63-1"),
+        ("amount", 1.5, f"{NOT_AN_INTEGER} float"),
+        ("amount", 2.0, f"{NOT_AN_INTEGER} float"),
+        ("amount", "3", f"{NOT_AN_INTEGER} str"),
+        ("amount", True, f"{NOT_AN_INTEGER} bool"),
+        ("amount", 2**63, "amount must be between 0 and 2**63-1"),
+        ("at", datetime(2025, 1, 1), "at must be timezone-aware (naive datetimes are ambiguous)"),
+        ("at", "2025-01-01T00:00:00Z", "at must be a datetime"),
+        ("metadata", ["not", "an", "object"], "metadata must be a JSON object"),
+        ("metadata", {"big": "x" * (16 * 1024)}, "metadata is larger than 16 KiB encoded"),
+        ("metadata", {"nan": float("nan")}, f"{NOT_SERIALISABLE} Out of range float values"),
+        ("metadata", {"obj": object()}, f"{NOT_SERIALISABLE} Object of type object is not"),
     ],
 )
-def test_bad_input_raises_invalid_usage_and_stores_nothing(session, field, value) -> None:
+def test_bad_input_raises_invalid_usage_and_stores_nothing(session, field, value, message) -> None:
     with pytest.raises(InvalidUsageError) as caught:
         record(session, **{field: value})
     assert caught.value.field == field
+    assert str(caught.value).startswith(message)
     assert count(session) == 0
+
+
+def test_metadata_of_exactly_16_kib_encoded_is_stored(session) -> None:
+    big = "x" * (16 * 1024 - len('{"big":""}'))
+    event_id = record(session, metadata={"big": big})
+    assert session.get(UsageEvent, event_id).metadata_json == {"big": big}
+
+
+def test_metadata_given_as_another_mapping_is_stored_as_its_json_object(session) -> None:
+    event_id = record(session, metadata=MappingProxyType({"model": "gpt", "n": 2}))
+    assert session.get(UsageEvent, event_id).metadata_json == {"model": "gpt", "n": 2}
 
 
 @pytest.mark.parametrize(
@@ -160,7 +177,9 @@ def test_usage_more_than_5_minutes_ahead_of_the_clock_is_refused(session) -> Non
         return BillingService(session=session, tenant_id="t1", now=lambda: now)
 
     fields = {"metric": "tokens", "amount": 1, "idempotency_key": "k"}
-    with pytest.raises(InvalidUsageError, match="future") as caught:
+    with pytest.raises(
+        InvalidUsageError, match="^at is more than 5 minutes in the future$"
+    ) as caught:
         service(AT - timedelta(minutes=5, microseconds=1)).record_usage(**fields, at=AT)
     assert caught.value.field == "at"
     with pytest.raises(InvalidUsageError) as caught:
@@ -184,7 +203,8 @@ def test_a_max_usage_age_refuses_older_usage(session) -> None:
         session=session, tenant_id="t1", now=lambda: AT, max_usage_age=timedelta(days=35)
     )
     bs.record_usage(metric="tokens", amount=1, at=AT - timedelta(days=35), idempotency_key="a")
-    with pytest.raises(InvalidUsageError, match="older than 35 days") as caught:
+    older = r"^at is older than 35 days: send older usage through the Python API \(backfill\)$"
+    with pytest.raises(InvalidUsageError, match=older) as caught:
         bs.record_usage(
             metric="tokens", amount=1, at=AT - timedelta(days=35, seconds=1), idempotency_key="b"
         )
@@ -193,7 +213,7 @@ def test_a_max_usage_age_refuses_older_usage(session) -> None:
 
 
 def test_an_empty_tenant_is_refused() -> None:
-    with pytest.raises(InvalidUsageError):
+    with pytest.raises(InvalidUsageError, match="^tenant_id must be a non-empty string$"):
         BillingService(session=None, tenant_id="")  # type: ignore[arg-type]
 
 
@@ -247,9 +267,21 @@ def test_a_batch_with_one_key_twice_for_different_amounts_conflicts(session) -> 
         {"metric": "tokens", "amount": 1, "at": AT, "idempotency_key": "k1"},
         {"metric": "tokens", "amount": 2, "at": AT, "idempotency_key": "k1"},
     ]
-    with pytest.raises(IdempotencyConflictError):
+    with pytest.raises(IdempotencyConflictError) as caught:
         bs.record_usage_batch(events)
+    assert str(caught.value) == (
+        "idempotency key 'k1' for metric 'tokens' appears twice in the batch with different "
+        "amounts or times"
+    )
     assert count(session) == 0
+
+
+def test_a_key_repeated_in_a_batch_of_new_events_is_a_duplicate_of_its_first(session) -> None:
+    bs = BillingService(session=session, tenant_id="t1")
+    event = {"metric": "tokens", "amount": 1, "at": AT, "idempotency_key": "k1"}
+    first, again = bs.ingest([event, dict(event)])
+    assert (first.id, first.duplicate, again.duplicate) == (again.id, False, True)
+    assert count(session) == 1
 
 
 @pytest.mark.parametrize("size", [1, 3, 100])
