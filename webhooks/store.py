@@ -338,11 +338,14 @@ _TAKE = (
     )
     .returning(_deliveries.c.id, _deliveries.c.attempts)
 )
+#: Settles a claim: only the one that claimed `:b_id` for attempt `:b_attempt` until `:b_lease`
+#: (a replay restarts the attempts: a claim since may count the same attempt).
 _SETTLE = (
     _deliveries.update()
     .where(
         _deliveries.c.id == bindparam("b_id"),
         _deliveries.c.attempts == bindparam("b_attempt"),
+        _deliveries.c.claimed_until == bindparam("b_lease"),
     )
     .values(
         status=bindparam("b_status"),
@@ -357,7 +360,7 @@ _SETTLE = (
 )
 #: What `record` writes of each outcome, as `_SETTLE`'s parameters (`b_<name>`) and
 #: `_SETTLE_ALL`'s arrays.
-_OUTCOME = ("id", "attempt", "status", "next", "code", "error", "delivered")
+_OUTCOME = ("id", "attempt", "lease", "status", "next", "code", "error", "delivered")
 
 
 def _settle_all() -> Update:
@@ -366,6 +369,7 @@ def _settle_all() -> Update:
     arrays = [
         bindparam("b_id", type_=ARRAY(String())),
         bindparam("b_attempt", type_=ARRAY(Integer())),
+        bindparam("b_lease", type_=moment),
         bindparam("b_status", type_=ARRAY(String())),
         bindparam("b_next", type_=moment),
         bindparam("b_code", type_=ARRAY(Integer())),
@@ -376,7 +380,11 @@ def _settle_all() -> Update:
     d = _deliveries
     return (
         d.update()
-        .where(d.c.id == outcome.c.id, d.c.attempts == outcome.c.attempt)
+        .where(
+            d.c.id == outcome.c.id,
+            d.c.attempts == outcome.c.attempt,
+            d.c.claimed_until == outcome.c.lease,
+        )
         .values(
             status=outcome.c.status,
             next_attempt_at=outcome.c.next,
@@ -453,6 +461,7 @@ def _settle(session: Session, results: Sequence[AttemptResult], now: datetime) -
         (
             r.delivery.delivery_id,
             r.delivery.attempt,
+            r.delivery.lease_ends_at,
             r.decision.status,
             r.decision.next_attempt_at,
             r.decision.last_status_code,

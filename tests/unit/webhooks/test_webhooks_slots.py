@@ -224,3 +224,22 @@ def test_a_delivery_replayed_while_claimed_leaves_its_slot(sql) -> None:
     assert sql.claimed() == []
     [again] = sql.store.claim(10, now, LEASE, max_in_flight=1, chain=2)
     assert (again.delivery_id, again.attempt) == (claimed.delivery_id, 1)
+
+
+def test_the_outcome_of_an_attempt_made_before_a_replay_is_not_recorded(sql) -> None:
+    """The replay's claim counts attempt 1 again: the older claim's outcome must not be written
+    over it (it would end the claim while its attempt is in flight, and a third claim follow)."""
+    sql.add("busy", events=1)
+    now = utcnow()
+    [before] = sql.store.claim(10, now, LEASE, max_in_flight=1, chain=2)
+    with sql.factory.begin() as session:
+        replay(session, event_id=before.event_id, now=lambda: now)
+    later = now + timedelta(seconds=1)
+    [replayed] = sql.store.claim(10, later, LEASE, max_in_flight=1, chain=2)
+    assert replayed.attempt == before.attempt == 1
+    failed = Outcome(error="connection refused")
+    stale = AttemptResult(before, failed, POLICY.decide(before.attempt, failed, later))
+    sql.store.record([stale], later, DAYS)
+    assert [slot for _, slot in sql.claimed()] == [replayed.slot]
+    sql.store.record([delivered(replayed)], later, DAYS)
+    assert sql.claimed() == []
