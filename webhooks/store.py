@@ -10,7 +10,8 @@ one subscription's deliveries that the relay sends one after another (`claim(cha
 claim and one recording serve many deliveries of a subscription at its cap. A relay
 that dies mid-batch loses nothing: its claimed rows fall due again when the lease ends (a delivery
 may then be sent twice, with the same `webhook-id`). Outcomes are written only if the row still
-carries the attempt number that was claimed, so a stale relay cannot overwrite a newer state.
+carries the attempt number and lease end that were claimed, so a stale relay (or a claim from
+before a replay) cannot overwrite a newer state.
 """
 
 from __future__ import annotations
