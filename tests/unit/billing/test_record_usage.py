@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from types import MappingProxyType
 
 import pytest
@@ -63,6 +63,22 @@ def test_keys_are_per_tenant_and_per_metric(session) -> None:
 
 
 NOT_AN_INTEGER = "amount must be an integer count of units, not"
+NAIVE = "at must be timezone-aware (naive datetimes are ambiguous)"
+
+
+class NoOffset(tzinfo):
+    """A zone that gives no offset: a datetime in it is naive for Python."""
+
+    def utcoffset(self, dt: datetime | None) -> None:
+        return None
+
+    def dst(self, dt: datetime | None) -> None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> None:
+        return None
+
+
 NOT_SERIALISABLE = "metadata is not JSON-serialisable:"
 
 
@@ -81,7 +97,8 @@ NOT_SERIALISABLE = "metadata is not JSON-serialisable:"
         ("amount", "3", f"{NOT_AN_INTEGER} str"),
         ("amount", True, f"{NOT_AN_INTEGER} bool"),
         ("amount", 2**63, "amount must be between 0 and 2**63-1"),
-        ("at", datetime(2025, 1, 1), "at must be timezone-aware (naive datetimes are ambiguous)"),
+        ("at", datetime(2025, 1, 1), NAIVE),
+        ("at", datetime(2025, 1, 1, tzinfo=NoOffset()), NAIVE),
         ("at", "2025-01-01T00:00:00Z", "at must be a datetime"),
         ("metadata", ["not", "an", "object"], "metadata must be a JSON object"),
         ("metadata", {"big": "x" * (16 * 1024)}, "metadata is larger than 16 KiB encoded"),
