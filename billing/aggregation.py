@@ -101,7 +101,8 @@ def _aggregate_on_postgresql(
     statements each take a fresh snapshot, so the zone and meter it returns cannot predate a
     change committed while it waited for the locks (the zone cannot change once they are held).
     """
-    guessed = _ZONES.get(tenant_id)
+    cache_key = (session.get_bind().engine.url.render_as_string(), tenant_id)
+    guessed = _ZONES.get(cache_key)
     zone = tenant_zone_named(guessed or UTC_NAME)
     start, end = local_day(zone, day)
     params = {
@@ -115,14 +116,14 @@ def _aggregate_on_postgresql(
     # On the driver's cursor (`billing.driver_sql`): a `latest` upsert takes a fraction of a
     # millisecond, and SQLAlchemy's work per statement was up to a tenth of the call.
     [(total, stored_zone, kind, prop, group_by)] = driver_sql.rows(session, _AGGREGATE_DAY, params)
-    _remember_zone(tenant_id, stored_zone)
-    if total is not None:
+    if total is not None:  # cut in the guessed zone, which is the stored one
         return DayTotal(int(total), start.astimezone(zone))
     meter = MeterSpec(metric) if kind is None else MeterSpec(metric, kind, prop, tuple(group_by))
     if stored_zone != guessed:
         zone = tenant_zone_named(stored_zone or UTC_NAME)
         start, end = local_day(zone, day)
         params.update(start=start, end=end)
+        _remember_zone(cache_key, stored_zone)
     day_start = start.astimezone(zone)
     if announce:
         params.update(event_params(tenant_id, metric, day_start.isoformat()))
@@ -132,15 +133,16 @@ def _aggregate_on_postgresql(
     return DayTotal(int(total), day_start)
 
 
-#: Each tenant's stored zone (None: no row) as its last aggregation here read it: the zone
-#: `billing_aggregate_day` is asked to cut the day in, which it checks under the zone's lock.
-_ZONES: dict[str, str | None] = {}
+#: Each (database, tenant)'s stored zone (None: no row) as its last aggregation here read it:
+#: the zone `billing_aggregate_day` is asked to cut the day in, checked under the zone's lock.
+#: Only a zone that parsed is kept, so a guess never raises.
+_ZONES: dict[tuple[str, str], str | None] = {}
 
 
-def _remember_zone(tenant_id: str, stored_zone: str | None) -> None:
+def _remember_zone(cache_key: tuple[str, str], stored_zone: str | None) -> None:
     if len(_ZONES) >= 10_000:
         _ZONES.clear()
-    _ZONES[tenant_id] = stored_zone
+    _ZONES[cache_key] = stored_zone
 
 
 def _params(tenant_id: str, metric: str, start: datetime, end: datetime) -> dict[str, Any]:
