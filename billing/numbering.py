@@ -126,7 +126,7 @@ _NUMBER_INVOICE = driver_sql.Compiled(
 )
 
 
-def _number_and_store() -> driver_sql.Compiled:
+def _number_and_store() -> driver_sql.Compiled:  # pragma: no mutate block
     """`_NUMBER_INVOICE` that stores the event (`webhooks.outbox.publishing_ctes`) with the
     number in its payload, instead of patching it: an UPDATE cannot see a row its own
     statement inserts."""
