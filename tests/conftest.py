@@ -1,13 +1,15 @@
 """Fixtures shared by every test: databases (SQLite and a throwaway PostgreSQL database), Redis.
 
 PostgreSQL and Redis tests skip on a laptop without the servers, and fail in CI (`CI` set), as
-dramatiq's own suite does. The session's PostgreSQL database and every test's Redis namespace
-(`redis_namespace`) carry the session's mark (`RUN`); after the last test the session fails if
-either server still holds anything with that mark (other sessions may share the servers).
+dramatiq's own suite does. The session's PostgreSQL database, those a test makes (`pg_database`)
+and every test's Redis namespace (`redis_namespace`) carry the session's mark (`RUN`); after the
+last test the session fails if either server still holds anything with that mark (other sessions
+may share the servers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -117,8 +119,8 @@ def sqlite_engine(sqlite_template: Path, tmp_path: Path) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A PostgreSQL database of its own for this test session, dropped at the end."""
+def pg_admin() -> Iterator[Engine]:
+    """The PostgreSQL server's `postgres` database, to create and drop this session's own."""
     try:
         admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=None)
         with admin.connect() as conn:
@@ -126,16 +128,38 @@ def pg_url() -> Iterator[str]:
     except Exception as error:  # any driver error means: no server here
         service_missing("PostgreSQL", error)
     _SERVERS_USED.add("postgresql")
-    name = f"billing_test_{RUN}"
+    yield admin
+    admin.dispose()
+
+
+@contextlib.contextmanager
+def _database(admin: Engine, name: str) -> Iterator[str]:
+    """A new empty database `name` (it carries the session's mark), dropped on exit; its URL."""
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
     try:
-        yield url
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin: Engine) -> Iterator[str]:
+    """A PostgreSQL database of its own for this test session, dropped at the end."""
+    with _database(pg_admin, f"billing_test_{RUN}") as url:
+        yield url
+
+
+@pytest.fixture
+def pg_database(pg_admin: Engine) -> Iterator[Callable[[str], str]]:
+    """`pg_database(label)`: the URL of a new empty PostgreSQL database of the test's own (not
+    migrated), dropped after the test. Its name is new too: what a process keeps per database
+    URL (`billing.aggregation`'s zone guesses) is not another test's."""
+    with contextlib.ExitStack() as databases:
+        yield lambda label: databases.enter_context(
+            _database(pg_admin, f"billing_test_{RUN}_{label}_{uuid.uuid4().hex[:8]}")
+        )
 
 
 @pytest.fixture(scope="session")

@@ -80,26 +80,11 @@ def test_a_database_never_migrated_says_run_billing_db_upgrade(
 
 @pytest.mark.postgres
 def test_a_postgresql_database_never_migrated_says_run_billing_db_upgrade(
-    pg_url, monkeypatch, capsys
+    pg_database, monkeypatch, capsys
 ) -> None:
-    from sqlalchemy import text
-
-    from billing.db import make_engine
-
-    admin = make_engine(pg_url, isolation_level="AUTOCOMMIT")
-    name = "billing_unmigrated_cli"
-    with admin.connect() as connection:
-        connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    try:
-        url = admin.url.set(database=name).render_as_string(hide_password=False)
-        monkeypatch.setenv("DATABASE_URL", url)
-        assert main(["keys", "list"]) == 2
-        assert one_line(capsys.readouterr().err).endswith("run `billing db upgrade`")
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+    monkeypatch.setenv("DATABASE_URL", pg_database("unmigrated"))
+    assert main(["keys", "list"]) == 2
+    assert one_line(capsys.readouterr().err).endswith("run `billing db upgrade`")
 
 
 def test_db_upgrade_reports_what_it_applied_then_that_nothing_was_left(
