@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.db import make_engine, make_session_factory
@@ -198,6 +199,43 @@ def wait_for_lock_waiters() -> Callable[..., bool]:
     return _wait_for_lock_waiters
 
 
+def _while_held(
+    engine: Engine,
+    held: Session,
+    work: Callable[[], object],
+    then: Callable[[], object] | None = None,
+) -> list[object]:
+    """Run `work` in a thread while the open transaction `held` blocks it on a lock; once it
+    waits, run `then`, commit `held`, and return what `work` returned or raised (one item)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert _wait_for_lock_waiters(engine, 1), "nobody waited for a lock"
+        assert outcome == []
+        if then is not None:
+            then()
+        held.commit()
+    finally:
+        held.close()
+        thread.join(timeout=30)
+    return outcome
+
+
+@pytest.fixture
+def while_held() -> Callable[..., list[object]]:
+    """`while_held(engine, held, work, then=None)`: what `work` returned or raised in a thread
+    that waited for the open transaction `held` (committed after `then`)."""
+    return _while_held
+
+
 def truncate_all(engine: Engine) -> None:
     with engine.begin() as conn:
         tables = conn.execute(
@@ -232,6 +270,19 @@ def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
     with session_factory() as session:
         yield session
         session.rollback()
+
+
+@pytest.fixture
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """Every statement sent to the database, its first words, as it is sent."""
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        seen.append(" ".join(statement.split()[:3]))
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
 
 
 # --- Redis ----------------------------------------------------------------------------------

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import func, select, text
 
 from billing import BillingService, IdempotencyConflictError
 from billing.db import make_session_factory
@@ -150,21 +149,6 @@ def test_two_workers_invoicing_at_once_create_one_invoice(pg_engine) -> None:
         assert session.get(Invoice, results[0]).total_amount == 1007
 
 
-def wait_for_a_lock_wait(engine: Engine, timeout: float = 30.0) -> None:
-    """Return once a session of the test database waits for a lock (PostgreSQL says so)."""
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    deadline = time.monotonic() + timeout
-    while True:
-        with engine.connect() as conn:
-            if conn.scalar(query):
-                return
-        assert time.monotonic() < deadline, "nobody waited for a lock"
-        time.sleep(0.01)
-
-
 def test_concurrent_aggregations_of_one_day_leave_one_correct_row(pg_engine) -> None:
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
@@ -188,7 +172,7 @@ def test_concurrent_aggregations_of_one_day_leave_one_correct_row(pg_engine) -> 
 
 @pytest.mark.parametrize(("aggregation", "before", "after"), [("sum", 10, 12), ("latest", 10, 2)])
 def test_a_run_waiting_behind_another_never_writes_an_older_total(
-    pg_engine, aggregation: str, before: int, after: int
+    pg_engine, while_held, aggregation: str, before: int, after: int
 ) -> None:
     """Y holds the day; X waits; a late event commits; Y re-sums and commits; X must see it.
     (A `latest` meter's X upserts in the statement that waited: `billing_aggregate_day`.)"""
@@ -201,32 +185,29 @@ def test_a_run_waiting_behind_another_never_writes_an_older_total(
     holder = factory()
     holder.begin()
     BillingService(session=holder, tenant_id="t1").aggregate_daily(metric="tokens", day_start=AT)
-    waiter_result: list[int] = []
 
-    def waiter() -> None:
+    def waiter() -> int:
         with factory.begin() as session:
             bs = BillingService(session=session, tenant_id="t1")
-            waiter_result.append(bs.aggregate_daily(metric="tokens", day_start=AT))
+            return bs.aggregate_daily(metric="tokens", day_start=AT)
 
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    wait_for_a_lock_wait(pg_engine)  # X is now blocked behind Y
-    with factory.begin() as session:
-        BillingService(session=session, tenant_id="t1").record_usage(
-            metric="tokens", amount=2, at=AT + timedelta(hours=1), idempotency_key="late"
-        )
-    assert BillingService(session=holder, tenant_id="t1").aggregate_daily(
-        metric="tokens", day_start=AT
-    ) in (before, after)
-    holder.commit()
-    holder.close()
-    thread.join(timeout=30)
-    assert waiter_result == [after]
+    def late_event_then_holder_reruns() -> None:  # X is now blocked behind Y
+        with factory.begin() as session:
+            BillingService(session=session, tenant_id="t1").record_usage(
+                metric="tokens", amount=2, at=AT + timedelta(hours=1), idempotency_key="late"
+            )
+        assert BillingService(session=holder, tenant_id="t1").aggregate_daily(
+            metric="tokens", day_start=AT
+        ) in (before, after)
+
+    assert while_held(pg_engine, holder, waiter, then=late_event_then_holder_reruns) == [after]
     with factory() as session:
         assert session.execute(text("SELECT total FROM usage_aggregates")).scalar_one() == after
 
 
-def test_a_latest_day_waiting_for_a_zone_change_is_cut_in_the_new_zone(pg_engine) -> None:
+def test_a_latest_day_waiting_for_a_zone_change_is_cut_in_the_new_zone(
+    pg_engine, while_held
+) -> None:
     """The run before read UTC, so `billing_aggregate_day` is asked for the UTC day; the zone
     changes while it waits for the zone lock: it reads the new zone after the lock and the day
     is cut in it (by the upsert sent next), not in the zone it was asked for."""
@@ -246,16 +227,7 @@ def test_a_latest_day_waiting_for_a_zone_change_is_cut_in_the_new_zone(pg_engine
     changing = factory()
     changing.begin()
     set_tenant(changing, "t1", timezone="Asia/Kathmandu")  # holds the zone lock
-    totals: list[int] = []
-    thread = threading.Thread(target=lambda: totals.append(aggregate()))
-    thread.start()
-    try:
-        wait_for_a_lock_wait(pg_engine)
-    finally:
-        changing.commit()
-        changing.close()
-        thread.join(timeout=30)
-    assert totals == [5]
+    assert while_held(pg_engine, changing, aggregate) == [5]
     with factory() as session:
         rows = session.execute(text("SELECT period_start, total FROM usage_aggregates")).all()
     assert rows == [(datetime(2025, 3, 8, 18, 15, tzinfo=UTC), 5)]  # Kathmandu's March 9

@@ -153,7 +153,7 @@ def test_racing_credit_notes_never_exceed_the_invoice_total(factory) -> None:
 
 
 def test_usage_recorded_while_its_draft_is_finalized_is_billed_on_it_or_left_late(
-    factory, pg_engine, wait_for_lock_waiters
+    factory, pg_engine, while_held
 ) -> None:
     """Recording usage locks the draft it re-prices: a finalizer waits for that transaction and
     bills its usage; usage arriving while the finalizer holds the draft finds it finalized."""
@@ -175,15 +175,9 @@ def test_usage_recorded_while_its_draft_is_finalized_is_billed_on_it_or_left_lat
             metric="tokens", amount=50, at=JAN, idempotency_key=key
         )
 
-    with factory() as recorder:
-        use(recorder, "first")  # holds the draft's row until it commits
-        finalizer = threading.Thread(target=lambda: totals.append(finalize(0)))
-        totals: list[int] = []
-        finalizer.start()
-        assert wait_for_lock_waiters(pg_engine, 1)
-        recorder.commit()
-    finalizer.join(timeout=30)
-    assert totals == [1100]  # the fee and the 50 tokens recorded before
+    recorder = factory()
+    use(recorder, "first")  # holds the draft's row until it commits
+    assert while_held(pg_engine, recorder, lambda: finalize(0)) == [1100]  # the fee, 50 tokens
 
     with factory.begin() as session:
         service = BillingService(session=session, tenant_id="t00", policy=grace)
@@ -191,13 +185,9 @@ def test_usage_recorded_while_its_draft_is_finalized_is_billed_on_it_or_left_lat
         reissued = service.generate_monthly_invoice(
             period_start=JAN, period_end=FEB, currency="usd"
         )
-    with factory() as finalizing:
-        BillingService(session=finalizing, tenant_id="t00").finalize_invoice(reissued)
-        recorder = threading.Thread(target=lambda: _commit(factory, use, "second"))
-        recorder.start()
-        assert wait_for_lock_waiters(pg_engine, 1)
-        finalizing.commit()
-    recorder.join(timeout=30)
+    finalizing = factory()
+    BillingService(session=finalizing, tenant_id="t00").finalize_invoice(reissued)
+    assert while_held(pg_engine, finalizing, lambda: _commit(factory, use, "second")) == [None]
     with factory() as session:
         invoice = session.get(Invoice, reissued)
         assert (invoice.status, invoice.total_amount) == ("open", 1100)  # "second" is late
@@ -209,7 +199,7 @@ def _commit(factory, work, *args) -> None:
 
 
 def test_a_finalizer_waiting_for_another_finds_the_invoice_finalized_and_takes_no_number(
-    factory, pg_engine, wait_for_lock_waiters
+    factory, pg_engine, while_held
 ) -> None:
     """The second finalizer waits on the draft's row, then sees it open: one number, no gap."""
     from billing import InvoicePolicy
@@ -220,18 +210,9 @@ def test_a_finalizer_waiting_for_another_finds_the_invoice_finalized_and_takes_n
         draft = BillingService(
             session=session, tenant_id="t00", policy=grace
         ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
-    numbers: list[str | None] = []
-    with factory() as first:
-        numbers.append(
-            BillingService(session=first, tenant_id="t00").finalize_invoice(draft).number
-        )
-        second = threading.Thread(
-            target=lambda: numbers.append(_finalize_committed(factory, draft))
-        )
-        second.start()
-        assert wait_for_lock_waiters(pg_engine, 1)
-        first.commit()
-    second.join(timeout=30)
+    first = factory()
+    numbers = [BillingService(session=first, tenant_id="t00").finalize_invoice(draft).number]
+    numbers += while_held(pg_engine, first, lambda: _finalize_committed(factory, draft))
     assert numbers == ["INV-000001", "INV-000001"]
     with factory() as session:
         assert last_number(session, INVOICE_SEQUENCE) == 1
@@ -251,7 +232,7 @@ def _finalize_committed(factory, invoice_id: str) -> str | None:
 
 
 def test_a_finalizer_waits_on_another_s_number_only_at_its_own_last_statement(
-    factory, pg_engine, wait_for_lock_waiters
+    factory, pg_engine, while_held
 ) -> None:
     """The sequence's row is locked from the number to the commit: a second finalizer has
     priced, stored and announced its invoice before it waits, and then takes the next number."""
@@ -263,19 +244,19 @@ def test_a_finalizer_waits_on_another_s_number_only_at_its_own_last_statement(
         if threading.current_thread() is not threading.main_thread():
             sent.append(" ".join(statement.split()[:3]))
 
-    with factory() as first:
-        generate_in(first, TENANTS[0])  # holds the sequence's row until it commits
-        event.listen(pg_engine, "before_cursor_execute", record)
-        numbers: list[str] = []
-        second = threading.Thread(target=lambda: numbers.append(generate(factory, TENANTS[1])))
-        second.start()
-        try:
-            assert wait_for_lock_waiters(pg_engine, 1)
-            waiting_at = list(sent)
-        finally:
-            first.commit()
-            second.join(timeout=30)
-            event.remove(pg_engine, "before_cursor_execute", record)
+    first = factory()
+    generate_in(first, TENANTS[0])  # holds the sequence's row until it commits
+    waiting_at: list[str] = []
+    event.listen(pg_engine, "before_cursor_execute", record)
+    try:
+        numbers = while_held(
+            pg_engine,
+            first,
+            lambda: generate(factory, TENANTS[1]),
+            then=lambda: waiting_at.extend(sent),
+        )
+    finally:
+        event.remove(pg_engine, "before_cursor_execute", record)
     # the invoice with its lines and created event, then the number with the finalized event,
     # last (each event with its deliveries and the notification)
     assert waiting_at[-2:] == ["WITH new_invoice AS", "WITH taken AS"]

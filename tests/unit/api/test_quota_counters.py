@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,6 +16,7 @@ from billing.api.models import UsageCounter
 from billing.db import make_session_factory
 from billing.models import Plan, PlanEntitlement, Subscription, UsageEvent
 from billing.quotas import (
+    QuotaStatus,
     check_quota,
     consume_quota,
     current_quotas,
@@ -364,7 +364,7 @@ def test_consume_may_use_up_a_hard_limit_exactly(session) -> None:
 
 @pytest.mark.postgres
 def test_a_second_consume_waits_for_the_first_s_lock_and_reads_its_total(
-    pg_engine, wait_for_lock_waiters
+    pg_engine, while_held
 ) -> None:
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
@@ -372,23 +372,14 @@ def test_a_second_consume_waits_for_the_first_s_lock_and_reads_its_total(
     first = factory()
     first.begin()
     assert consume_quota(first, tenant_id="A", key="tokens", window="day", amount=10, now=NOW)
-    outcome: dict[str, object] = {}
 
-    def second() -> None:
+    def second() -> QuotaStatus:
         with factory.begin() as session:
-            outcome["status"] = consume_quota(
+            return consume_quota(
                 session, tenant_id="A", key="tokens", window="day", amount=10, now=NOW
             )
 
-    thread = threading.Thread(target=second)
-    thread.start()
-    try:
-        assert wait_for_lock_waiters(pg_engine, 1), "the second consume did not wait for the lock"
-        first.commit()
-    finally:
-        first.close()
-        thread.join(timeout=30)
-    status = outcome["status"]
+    [status] = while_held(pg_engine, first, second)
     assert (status.allowed, status.used) == (False, 10)  # it read the committed 10, not 0
     with factory() as session:
         assert session.execute(select(func.sum(UsageEvent.amount))).scalar_one() == 10

@@ -4,7 +4,6 @@ counters' SQL function agrees with `billing.localtime` across daylight saving ch
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -228,31 +227,6 @@ def test_counters_equal_a_recomputation_over_local_periods(session_factory, zone
 APRIL_NY = datetime(2025, 4, 1, 4, tzinfo=UTC)
 
 
-def while_held(engine, wait_for_lock_waiters, held, work, then=None) -> list:
-    """Run `work` in a thread while the open transaction `held` blocks it; once it waits, run
-    `then` in `held`, commit `held`, and return what `work` returned or raised."""
-    outcome: list[BaseException | str] = []
-
-    def run() -> None:
-        try:
-            outcome.append(work())
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert wait_for_lock_waiters(engine, 1)
-        assert outcome == []
-        if then is not None:
-            then()
-        held.commit()
-    finally:
-        held.close()
-        thread.join(timeout=30)
-    return outcome
-
-
 def recorded_by(factory, key: str):
     def work() -> str:
         with factory.begin() as session:
@@ -291,24 +265,22 @@ def new_york_counters(factory) -> dict:
 
 @pytest.mark.postgres
 def test_a_zone_change_waits_for_a_writer_of_the_tenant_and_counts_its_event(
-    pg_engine, wait_for_lock_waiters
+    pg_engine, while_held
 ) -> None:
     factory = make_session_factory(pg_engine)
     writing = begun(factory)
     record(writing, amount=1, at=APRIL_NY - TICK, key="open")  # counted in UTC, not committed
-    outcome = while_held(pg_engine, wait_for_lock_waiters, writing, zone_set_by(factory))
+    outcome = while_held(pg_engine, writing, zone_set_by(factory))
     assert outcome == ["America/New_York"]
     assert new_york_counters(factory) == march_31_in_new_york(1)
 
 
 @pytest.mark.postgres
-def test_a_writer_waits_for_a_zone_change_and_counts_in_the_new_zone(
-    pg_engine, wait_for_lock_waiters
-) -> None:
+def test_a_writer_waits_for_a_zone_change_and_counts_in_the_new_zone(pg_engine, while_held) -> None:
     factory = make_session_factory(pg_engine)
     changing = begun(factory)
     set_tenant(changing, "A", timezone="America/New_York")  # holds the zone lock
-    outcome = while_held(pg_engine, wait_for_lock_waiters, changing, recorded_by(factory, "w"))
+    outcome = while_held(pg_engine, changing, recorded_by(factory, "w"))
     assert len(outcome) == 1
     assert isinstance(outcome[0], str)
     assert new_york_counters(factory) == march_31_in_new_york(2)
@@ -316,7 +288,7 @@ def test_a_writer_waits_for_a_zone_change_and_counts_in_the_new_zone(
 
 @pytest.mark.postgres
 def test_a_consumer_waits_for_a_zone_change_before_it_locks_its_counters(
-    pg_engine, wait_for_lock_waiters
+    pg_engine, while_held
 ) -> None:
     # A zone change takes the zone lock, then deletes the tenant's counters: a consumer that
     # locked them first, and then waited on the zone lock in the trigger, would deadlock it.
@@ -339,7 +311,7 @@ def test_a_consumer_waits_for_a_zone_change_before_it_locks_its_counters(
         changing.execute(update(Tenant).values(timezone="America/New_York"))
         recount(changing, "A")
 
-    outcome = while_held(pg_engine, wait_for_lock_waiters, changing, consume, then=change_zone)
+    outcome = while_held(pg_engine, changing, consume, then=change_zone)
     assert outcome == ["used 3"]  # April in New York: the March event is not in it
     assert new_york_counters(factory) == {
         **march_31_in_new_york(1),

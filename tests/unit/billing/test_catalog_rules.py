@@ -208,31 +208,22 @@ def pg_plan(pg_engine) -> tuple[object, str]:
 
 @pytest.mark.postgres
 def test_a_second_session_waits_for_the_first_s_subscription_then_sees_the_overlap(
-    pg_engine, pg_plan, wait_for_lock_waiters
+    pg_engine, pg_plan, while_held
 ) -> None:
     factory, plan_id = pg_plan
     first = factory()
     first.begin()
     first.add(Subscription(tenant_id="acme", plan_id=plan_id, effective_at=JAN))
     first.flush()  # checked, and holds the tenant's lock until it commits
-    outcome: list[str] = []
 
-    def second() -> None:
+    def second() -> str:
         try:
             subscribe(factory, plan_id, JAN + timedelta(days=10))
-            outcome.append("stored")
         except InvalidSubscriptionError:
-            outcome.append("refused")
+            return "refused"
+        return "stored"
 
-    thread = threading.Thread(target=second)
-    thread.start()
-    try:
-        assert wait_for_lock_waiters(pg_engine, 1), "the second session did not wait"
-        first.commit()
-    finally:
-        first.close()
-        thread.join(timeout=30)
-    assert outcome == ["refused"]
+    assert while_held(pg_engine, first, second) == ["refused"]
     assert periods(factory) == [("acme", JAN, None)]
 
 

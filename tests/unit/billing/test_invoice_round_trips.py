@@ -6,12 +6,11 @@ number with the finalized event another."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import Engine, delete, event, func, select
+from sqlalchemy import delete, func, select
 
 from billing import BillingService
 from billing.invoicing import store_invoice
@@ -26,19 +25,6 @@ PRICES = [
     {"metric": "tokens", "unit_amount_decimal": Decimal("0.0002")},
     {"metric": "calls", "unit_amount": 1},
 ]
-
-
-@pytest.fixture
-def statements(engine: Engine) -> Iterator[list[str]]:
-    """Every statement sent to the database, its first words, as it is sent."""
-    seen: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:
-        seen.append(" ".join(statement.split()[:3]))
-
-    event.listen(engine, "before_cursor_execute", record)
-    yield seen
-    event.remove(engine, "before_cursor_execute", record)
 
 
 @pytest.fixture

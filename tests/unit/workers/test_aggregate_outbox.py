@@ -222,7 +222,7 @@ def test_concurrent_runs_of_one_day_store_one_total_one_event_and_its_deliveries
 
 @pytest.mark.postgres
 def test_a_zone_changed_while_the_job_waited_for_its_lock_cuts_the_day(
-    pg_engine: Engine, wait_for_lock_waiters: Callable[..., bool]
+    pg_engine: Engine, while_held: Callable[..., list[object]]
 ) -> None:
     """The job's first statement reads the zone in a snapshot taken before it got the lock;
     the zone change committed meanwhile is what its day is cut in (Kathmandu, not UTC)."""
@@ -234,17 +234,8 @@ def test_a_zone_changed_while_the_job_waited_for_its_lock_cuts_the_day(
     changing = factory()
     changing.begin()
     set_tenant(changing, "t1", timezone="Asia/Kathmandu")  # holds the zone lock
-    totals: list[int] = []
     payload = {**PAYLOAD, "day_start": "2025-03-09T00:00:00+00:00"}
-    thread = threading.Thread(target=lambda: totals.append(aggregate_daily_job(factory, payload)))
-    thread.start()
-    try:
-        assert wait_for_lock_waiters(pg_engine, 1)
-    finally:
-        changing.commit()
-        changing.close()
-        thread.join(timeout=30)
-    assert totals == [5]
+    assert while_held(pg_engine, changing, lambda: aggregate_daily_job(factory, payload)) == [5]
     with factory() as session:
         [row] = session.execute(select(UsageAggregate.period_start, UsageAggregate.total)).all()
         [event] = session.scalars(select(WebhookEvent.payload)).all()

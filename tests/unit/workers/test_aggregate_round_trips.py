@@ -4,11 +4,10 @@ PostgreSQL, the event; and what it stores unchanged."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, event, select, text
+from sqlalchemy import event, select, text
 
 from billing import BillingService
 from billing.db import make_session_factory
@@ -19,19 +18,6 @@ from workers.jobs import USAGE_AGGREGATED, aggregate_daily_job
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
 PAYLOAD = {"tenant_id": "t1", "metric": "tokens", "day_start": "2025-01-01T00:00:00+00:00"}
-
-
-@pytest.fixture
-def statements(engine: Engine) -> Iterator[list[str]]:
-    """Every statement sent to the database, its first words, as it is sent."""
-    seen: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:
-        seen.append(" ".join(statement.split()[:3]))
-
-    event.listen(engine, "before_cursor_execute", record)
-    yield seen
-    event.remove(engine, "before_cursor_execute", record)
 
 
 def test_a_job_runs_a_fixed_sequence_of_statements(

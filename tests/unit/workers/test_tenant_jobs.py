@@ -3,7 +3,6 @@ tenant's local day; the zone cannot change under an invoice run (PostgreSQL)."""
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -68,9 +67,15 @@ def test_enqueue_sends_a_local_midnight_as_it_is_and_a_utc_instant_as_its_day(
     assert utc.args[0]["day_start"] == "2025-03-09T00:00:00+00:00"
 
 
+def kathmandu_set(factory) -> str:
+    """t1's zone as stored by `set_tenant(..., timezone="Asia/Kathmandu")`, committed."""
+    with factory.begin() as session:
+        return set_tenant(session, "t1", timezone="Asia/Kathmandu").timezone
+
+
 @pytest.mark.postgres
 def test_a_zone_change_waits_for_a_running_invoice_and_is_then_refused(
-    pg_engine, wait_for_lock_waiters
+    pg_engine, while_held
 ) -> None:
     from billing.db import make_session_factory
 
@@ -82,24 +87,8 @@ def test_a_zone_change_waits_for_a_running_invoice_and_is_then_refused(
         period_end=datetime(2025, 2, 1, tzinfo=UTC),
         currency="usd",
     )  # holds the tenant's zone lock (shared) until it commits
-    outcome: list[BaseException | str] = []
 
-    def change_zone() -> None:
-        try:
-            with factory.begin() as session:
-                outcome.append(set_tenant(session, "t1", timezone="Asia/Kathmandu").timezone)
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=change_zone)
-    thread.start()
-    try:
-        assert wait_for_lock_waiters(pg_engine, 1)
-        assert outcome == []
-    finally:
-        invoicing.commit()
-        invoicing.close()
-        thread.join(timeout=30)
+    outcome = while_held(pg_engine, invoicing, lambda: kathmandu_set(factory))
     assert len(outcome) == 1
     assert isinstance(outcome[0], TimezoneLockedError)
     with factory() as session:
@@ -108,7 +97,7 @@ def test_a_zone_change_waits_for_a_running_invoice_and_is_then_refused(
 
 @pytest.mark.postgres
 def test_a_zone_change_waits_for_a_running_aggregation_then_drops_its_row(
-    pg_engine, wait_for_lock_waiters
+    pg_engine, while_held
 ) -> None:
     from billing.db import make_session_factory
 
@@ -122,21 +111,7 @@ def test_a_zone_change_waits_for_a_running_aggregation_then_drops_its_row(
     BillingService(session=aggregating, tenant_id="t1").aggregate_daily(
         metric="tokens", day_start=datetime(2025, 3, 9, tzinfo=UTC)
     )  # a UTC day's row, not committed yet; the zone is share-locked
-    done: list[str] = []
 
-    def change_zone() -> None:
-        with factory.begin() as session:
-            done.append(set_tenant(session, "t1", timezone="Asia/Kathmandu").timezone)
-
-    thread = threading.Thread(target=change_zone)
-    thread.start()
-    try:
-        assert wait_for_lock_waiters(pg_engine, 1)
-        assert done == []
-    finally:
-        aggregating.commit()
-        aggregating.close()
-        thread.join(timeout=30)
-    assert done == ["Asia/Kathmandu"]
+    assert while_held(pg_engine, aggregating, lambda: kathmandu_set(factory)) == ["Asia/Kathmandu"]
     with factory() as session:
         assert session.scalars(select(UsageAggregate)).all() == []  # the UTC-cut row is gone
