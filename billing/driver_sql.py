@@ -38,6 +38,29 @@ def rows(session: Session, sql: str, params: dict[str, Any]) -> list[Any]:
         raise
 
 
+def rows_and_commit(session: Session, sql: str, params: dict[str, Any]) -> list[Any]:
+    """`rows`, then COMMIT the session's transaction, both sent at once (psycopg's pipeline
+    mode): the locks the statement takes are released as soon as the server has run both, not
+    when this thread next holds the GIL to send the COMMIT (with other threads running, up to
+    milliseconds later). The session's own commit then has nothing left to send: nothing may
+    run in its transaction after this."""
+    connection = session.connection()
+    driver = driver_connection(connection)
+    if connection._has_events or connection.engine._has_events or connection._echo:
+        found = list(connection.exec_driver_sql(sql, params).all())
+        driver.commit()
+        return found
+    cursor = _cursor(connection)
+    try:
+        with driver.pipeline():
+            cursor.execute(sql, params)
+            driver.commit()
+        return cursor.fetchall()
+    except psycopg.Error as error:
+        connection._handle_dbapi_exception(error, sql, params, None, None)  # raises
+        raise
+
+
 def _cursor(connection: Connection) -> psycopg.Cursor[Any]:
     """The cursor `rows` sends on: one per driver connection, kept with it in the pool
     (`info` lives as long as the driver connection). A new cursor per statement was a fifth of
@@ -65,8 +88,10 @@ class Compiled:
     sql: str
     literals: dict[str, Any]
 
-    def rows(self, session: Session, values: dict[str, Any]) -> list[Any]:
-        return rows(session, self.sql, {**self.literals, **values})
+    def rows(self, session: Session, values: dict[str, Any], *, commit: bool = False) -> list[Any]:
+        """Its rows for `values`; with `commit`, sent with the COMMIT (`rows_and_commit`)."""
+        run = rows_and_commit if commit else rows
+        return run(session, self.sql, {**self.literals, **values})
 
 
 def compiled(statement: ClauseElement) -> Compiled:

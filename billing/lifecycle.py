@@ -125,12 +125,13 @@ def apply(
     policy: InvoicePolicy,
     outbox: Outbox,
     zone: tzinfo | None = None,
+    commit: bool = False,
 ) -> bool:
     """Move a locked invoice through `transition`; return False if it was already there.
     The event shows the period in `zone`, the tenant's (read when not given). Finalizing, the
     last statement writes the status and takes the invoice's number in one UPDATE of its row
     (`billing.numbering.number_invoice`): commit soon after, as every other finalizer waits
-    for it.
+    for it; with `commit` that statement commits the session's transaction (on PostgreSQL).
 
     Raises:
         InvoiceStateError: the invoice's status does not allow the transition.
@@ -163,7 +164,13 @@ def apply(
     if transition is FINALIZE:  # last: the sequence stays locked from here to the commit
         event = new_event(transition.topic, payload, event_id, utcnow()) if announce else None
         number = number_invoice(
-            session, invoice.id, event_id, policy.number_prefix, finalized_at=moment, event=event
+            session,
+            invoice.id,
+            event_id,
+            policy.number_prefix,
+            finalized_at=moment,
+            event=event,
+            commit=commit,
         )
         set_committed_value(invoice, "number", number)
     return True

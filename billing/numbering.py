@@ -8,7 +8,8 @@ gives its number back: no gap, no duplicate. (SQLite has a single writer anyway.
 Every other finalizer waits on that row from the moment a number is taken to the COMMIT, so
 an invoice takes its number last (`number_invoice`): one statement finalizes and numbers the
 invoice and numbers its `billing.invoice.finalized` event (stores it, numbered, with the SQL
-outbox), and only the COMMIT follows.
+outbox), and only the COMMIT follows; a caller whose transaction ends there sends the COMMIT
+with it (`commit=True`), so the row is held only while the server runs them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def number_invoice(
     finalized_at: datetime,
     sequence: str = INVOICE_SEQUENCE,
     event: NewEvent | None = None,
+    commit: bool = False,
 ) -> str:
     """Finalize the invoice: take the next number of `sequence` for it and write it, the status
     `open` and `finalized_at` into the invoice's row, and the number into its stored event
@@ -61,8 +63,10 @@ def number_invoice(
     here, numbered, in the SQL outbox (as `webhooks.publish` would), not patched.
 
     Run it last before the commit: the sequence's row stays locked until then. On PostgreSQL it
-    is one statement (increment, invoice, event) on the driver's cursor; on SQLite three or
-    four.
+    is one statement (increment, invoice, event) on the driver's cursor, which makes the
+    sequence's row if it is the first number; on SQLite three or four. With `commit`, on
+    PostgreSQL, the statement is sent with the COMMIT of the session's transaction
+    (`driver_sql.rows_and_commit`): nothing may run in it after this.
     """
     finalized = {"status": "open", "finalized_at": finalized_at}
     if session.get_bind().dialect.name != "postgresql":
@@ -91,17 +95,17 @@ def number_invoice(
         )
     session.flush()  # what the caller changed is written first, as `session.execute` would
     statement = _NUMBER_AND_STORE if event is not None else _NUMBER_INVOICE
-    taken = statement.rows(session, names)
-    if not taken:  # the sequence's first number: make its row, then take it
-        _create(session, sequence)
-        taken = statement.rows(session, names)
-    return str(taken[0][0])
+    [taken] = statement.rows(session, names, commit=commit)
+    return str(taken[0])
 
 
+# The sequence's row is made by its first number (a COMMIT sent with the statement leaves no
+# second try): an upsert locks the row as the UPDATE of its conflict does.
 _TAKEN = f"""
     WITH taken AS (
-        UPDATE number_sequences SET last_value = last_value + 1
-        WHERE name = %(sequence)s::text
+        INSERT INTO number_sequences AS sequence_row (name, last_value)
+        VALUES (%(sequence)s::text, 1)
+        ON CONFLICT (name) DO UPDATE SET last_value = sequence_row.last_value + 1
         RETURNING CAST(%(prefix)s AS text) || CASE WHEN last_value < {10**WIDTH}
             THEN lpad(last_value::text, {WIDTH}, '0') ELSE last_value::text END AS number
     ), numbered AS (

@@ -264,7 +264,7 @@ class BillingService:
             )
 
     def generate_monthly_invoice(
-        self, *, period_start: datetime, period_end: datetime, currency: str
+        self, *, period_start: datetime, period_end: datetime, currency: str, commit: bool = False
     ) -> str:
         """Create the invoice of `[period_start, period_end)` in `currency`, once; return its id.
 
@@ -278,6 +278,12 @@ class BillingService:
         A tenant with a zone other than UTC (`billing.tenants`) is invoiced for periods from
         a local midnight to a local midnight (the scheduler sends its local months), and its
         events show the period with the zone's offset (`2025-03-01T00:00:00-05:00`).
+
+        `commit`: the caller's transaction ends with this call (a job's own). On PostgreSQL an
+        invoice created and finalized here then commits with its numbering statement, in one
+        round trip (`billing.numbering`): the sequence's row, which every other finalizer
+        waits for, is released by the server, not once this thread runs again. Nothing may run
+        in the transaction after the call (its commit finds nothing left to send).
 
         Raises:
             InvalidPeriodError: naive or reversed period, a malformed currency, a period that
@@ -309,7 +315,8 @@ class BillingService:
             # Just priced: finalize as is; a draft left from a grace period is re-priced first;
             # one finalized already (open, paid, uncollectible) is returned as it is.
             if created:  # the row is ours since its insert: no lock to take
-                self._apply(invoice, lifecycle.FINALIZE, tenants.zone(zone_name))
+                last = commit and self.provider_sync is None  # nothing follows the number
+                self._apply(invoice, lifecycle.FINALIZE, tenants.zone(zone_name), commit=last)
             # A finalized invoice never becomes a draft again: one found finalized is not
             # locked, as a racing run that has locked it (with the tenant's other finalized
             # invoices, in id order) may wait for the ones this run has locked.
@@ -544,9 +551,14 @@ class BillingService:
         return self._apply(invoice, transition)
 
     def _apply(
-        self, invoice: Invoice, transition: lifecycle.Transition, zone: tzinfo | None = None
+        self,
+        invoice: Invoice,
+        transition: lifecycle.Transition,
+        zone: tzinfo | None = None,
+        *,
+        commit: bool = False,
     ) -> Invoice:
-        """Move a locked (or just inserted) invoice through `transition`."""
+        """Move a locked (or just inserted) invoice through `transition` (`lifecycle.apply`)."""
         if lifecycle.apply(
             self.session,
             invoice,
@@ -555,6 +567,7 @@ class BillingService:
             policy=self.policy,
             outbox=self.outbox,
             zone=zone,
+            commit=commit,
         ):
             logger.info("invoice %s is %s", invoice.id, invoice.status)
         return invoice

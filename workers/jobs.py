@@ -156,12 +156,18 @@ def generate_monthly_invoice_job(
             service = BillingService(
                 session=session, tenant_id=job.tenant_id, now=now, policy=policy, outbox=webhooks
             )
+            # The transaction ends with the call: a new invoice commits with its number.
             invoice_id = service.generate_monthly_invoice(
-                period_start=job.period_start, period_end=job.period_end, currency=job.currency
+                period_start=job.period_start,
+                period_end=job.period_end,
+                currency=job.currency,
+                commit=True,
             )
             draft = False
-            if enqueue_sync is not None:  # a draft is not synced: read it only then (the
-                # service keeps no reference to it, so this may be a SELECT)
+            # A draft is not synced; without a grace period the invoice returned is finalized
+            # (and maybe committed). Read it only then (the service keeps no reference to it,
+            # so this may be a SELECT).
+            if enqueue_sync is not None and policy.grace_period:
                 invoice = session.get(Invoice, invoice_id)
                 draft = invoice is not None and invoice.status == "draft"
         log["invoice_id"] = invoice_id
