@@ -340,31 +340,27 @@ def test_concurrent_claims_never_exceed_the_cap_of_a_subscription(pg_engine: Eng
 
 
 @pytest.mark.postgres
-def test_concurrent_adds_of_one_target_store_one_subscription(pg_engine: Engine) -> None:
+def test_concurrent_adds_of_one_target_store_one_subscription(
+    pg_engine: Engine, while_held
+) -> None:
+    """The second add waits for the first's transaction (not a fixed pause: PostgreSQL says
+    it waits), then sees its subscription."""
     factory = sessionmaker(pg_engine, expire_on_commit=False)
-    added, refused = threading.Event(), []
+    first = factory()
+    first.begin()
+    SqlWebhookSubscriptions(first).add(TOPIC, "https://example.test/hook", tenant_id="t")
 
-    def first() -> None:
-        with factory.begin() as session:
-            SqlWebhookSubscriptions(session).add(TOPIC, "https://example.test/hook", tenant_id="t")
-            added.set()
-            threading.Event().wait(0.5)  # still uncommitted while the second one adds
-
-    def second() -> None:
-        assert added.wait(10)
+    def second() -> str:
         try:
             with factory.begin() as session:
                 SqlWebhookSubscriptions(session).add(
                     TOPIC, "https://example.test/hook", tenant_id="t"
                 )
         except DuplicateSubscriptionError as error:
-            refused.append(error.existing_id)
+            return error.existing_id
+        return "stored"
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    refused = while_held(pg_engine, first, second)
     with factory() as session:
         ids = session.scalars(select(WebhookSubscription.id)).all()
     assert len(ids) == 1
