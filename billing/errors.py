@@ -25,7 +25,7 @@ BillingError
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, tzinfo
 
 
 class BillingError(Exception):
@@ -186,6 +186,18 @@ class TooManyMetricsError(BillingError):
         super().__init__(message)
         self.limit = limit
         self.month = month
+
+    @classmethod
+    def over_limit(
+        cls, *, limit: int, month: datetime, held: int, added: int, tz: tzinfo
+    ) -> TooManyMetricsError:
+        """The refusal of `added` new metrics in `month` of zone `tz`, which has `held`."""
+        return cls(
+            f"the tenant has {held} distinct metrics in {month.astimezone(tz):%Y-%m} ({tz}) "
+            f"and these events add {added}: MAX_METRICS_PER_TENANT is {limit}",
+            limit=limit,
+            month=month,
+        )
 
 
 class AmountOverflowError(BillingError):

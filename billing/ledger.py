@@ -28,7 +28,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from billing import driver_sql
-from billing.errors import BillingError, IdempotencyConflictError, InvalidUsageError
+from billing.errors import IdempotencyConflictError, InvalidUsageError, TooManyMetricsError
+from billing.localtime import zone
 from billing.models import UsageEvent, usage_event_keys
 from webhooks.sqltypes import new_id, utcnow
 
@@ -130,14 +131,27 @@ class Stored:
     drafts: list[str] | None
 
 
-#: Entered around an insert that may bring a metric new to its month: the metric limit's check
-#: (`billing.metric_limit.metric_guard`), which raises before anything is stored. Its argument
-#: says whether the insert found a (month, metric) new already, so it need not look again.
-Guard = Callable[[bool], AbstractContextManager[None]]
+@dataclass(frozen=True, slots=True)
+class MetricLimit:
+    """The cap on the tenant's distinct metrics per month (`billing.metric_limit`), for `store`.
+
+    On PostgreSQL the insert checks it itself when an event's metric is new to its month,
+    under the tenant's lock named `lock_key` (migration 0024); where it cannot (SQLite, an
+    autocommit batch stored in chunks), `guard` is entered around the insert: it raises before
+    anything is stored.
+    """
+
+    limit: int
+    lock_key: str
+    guard: Callable[[], AbstractContextManager[None]]
 
 
 def store(
-    session: Session, tenant_id: str, events: Sequence[UsageInput], *, guard: Guard | None = None
+    session: Session,
+    tenant_id: str,
+    events: Sequence[UsageInput],
+    *,
+    metric_limit: MetricLimit | None = None,
 ) -> Stored:
     """Store many events in a few round trips; say what became of each, in order, and which
     drafts the new events fall in (see `Stored`).
@@ -146,13 +160,16 @@ def store(
     reused with another amount or time raises `IdempotencyConflictError`. A conflict can only be
     found after the insert; the caller then rolls its transaction back, as for any error.
 
-    With `guard`, the insert is made inside it unless every event's (month, metric) has a
-    `usage_counters` row already: on PostgreSQL the insert checks that itself, in its snapshot
-    (a single event, or a batch, then takes BEGIN, one statement and COMMIT), and stores
-    nothing if not; then it is made again inside `guard`. SQLite always enters `guard`.
+    With `metric_limit`, events of a metric new to its month are refused past the limit
+    (`TooManyMetricsError`, nothing stored): on PostgreSQL by the insert itself, which stores
+    a single event, or a batch, in one statement whether its metrics are new or not.
+
+    Raises:
+        IdempotencyConflictError: a key was used for another amount or time.
+        TooManyMetricsError: new metrics would bring a month over `metric_limit`.
     """
     unique = _dedupe(events)
-    inserted, drafts = _insert_new(session, tenant_id, unique, guard)
+    inserted, drafts = _insert_new(session, tenant_id, unique, metric_limit)
     existing: dict[tuple[str, str], str] = {}
     missing = [e for e in unique if (e.metric, e.idempotency_key) not in inserted]
     for start in range(0, len(missing), INSERT_CHUNK):
@@ -174,17 +191,16 @@ def store(
 
 
 Inserted = dict[tuple[str, str], str]
-#: What an insert did: the new events' ids by (metric, key) and the drafts (`Stored.drafts`);
-#: None when it stored nothing because a (month, metric) is new (see `_CLAIM_AND_STORE`).
-Written = tuple[Inserted, list[str]] | None
+#: What an insert did: the new events' ids by (metric, key), and the drafts (`Stored.drafts`).
+Written = tuple[Inserted, list[str]]
 
 
 def _insert_new(
-    session: Session, tenant_id: str, events: Sequence[UsageInput], guard: Guard | None
+    session: Session, tenant_id: str, events: Sequence[UsageInput], limit: MetricLimit | None
 ) -> tuple[Inserted, list[str] | None]:
     """Insert the events whose keys are new; their ids by (metric, key), and the drafts."""
     if session.get_bind().dialect.name != "postgresql":
-        with nullcontext() if guard is None else guard(False):
+        with nullcontext() if limit is None else limit.guard():
             inserted: Inserted = {}
             for start in range(0, len(events), INSERT_CHUNK):
                 chunk = events[start : start + INSERT_CHUNK]
@@ -195,24 +211,12 @@ def _insert_new(
     )
     if staged:
         _copy_to_stage(session, events)
-        insert: Callable[[bool], Written] = functools.partial(_from_stage, session, tenant_id)
-    elif len(events) <= INSERT_CHUNK:
-        insert = functools.partial(_insert_new_postgresql, session, tenant_id, events)
-    else:  # autocommit, in chunks: each commits alone, so none may wait for a later one's check
-        with nullcontext() if guard is None else guard(False):
-            return _insert_chunks(session, tenant_id, events)
-    written = insert(guard is not None)
-    if written is None:  # a metric is new to a month: check the limit, then insert
-        assert guard is not None
-        try:
-            with guard(True):
-                written = insert(False)
-        except BillingError:  # refused (the limit): a later batch must not find these staged
-            if staged:
-                session.connection().exec_driver_sql(_STAGE_EMPTY)
-            raise
-        assert written is not None, "an insert that checks no metric stores every new key"
-    return written
+        return _from_stage(session, tenant_id, limit)
+    if len(events) <= INSERT_CHUNK:
+        return _insert_new_postgresql(session, tenant_id, events, limit)
+    # autocommit, in chunks: each commits alone, so none may wait for a later one's check
+    with nullcontext() if limit is None else limit.guard():
+        return _insert_chunks(session, tenant_id, events)
 
 
 def _insert_chunks(
@@ -222,8 +226,7 @@ def _insert_chunks(
     drafts: set[str] = set()
     for start in range(0, len(events), INSERT_CHUNK):
         chunk = events[start : start + INSERT_CHUNK]
-        written = _insert_new_postgresql(session, tenant_id, chunk, False)
-        assert written is not None, "an insert that checks no metric stores every new key"
+        written = _insert_new_postgresql(session, tenant_id, chunk, None)
         inserted.update(written[0])
         drafts.update(written[1])
     return inserted, sorted(drafts)
@@ -253,20 +256,28 @@ def _insert_new_values(session: Session, tenant_id: str, events: Sequence[UsageI
 # PostgreSQL: `{source}` (the events, with their new ids) claims its keys in usage_event_keys;
 # the events whose keys it claimed are stored. A concurrent sender of the same key waits on the
 # key's row and then claims nothing, as ON CONFLICT on usage_events itself did before.
-# With `known_only`, nothing is claimed if an event's (month, metric) has no month row in
-# usage_counters (the metric limit must be checked first): one row of NULLs says so. The month
-# is the tenant's local one, as the counters' triggers key it (`billing.counters`), found as
-# they find it (migration 0020): the local midnights once per wall-clock date of the events,
-# `billing_period_start` only for an event those midnights do not hold. The same
-# statement finds the tenant's drafts holding a stored event (rows with a NULL metric), which
-# the caller re-prices: one round trip for what took three.
+# With a metric limit, `unknown` is one row (the tenant's zone, the events' months and metrics)
+# if an event's (month, metric) has no month row in usage_counters, else none: then nothing is
+# locked or counted (the usual case). The month is the tenant's local one, as the counters'
+# triggers key it (`billing.counters`), found as they find it (migration 0020): the local
+# midnights once per wall-clock date of the events, `billing_period_start` only for an event
+# those midnights do not hold. For a new pair `billing_metric_check` (migration 0024) takes the
+# tenant's metric lock and checks the months; a refusal stores nothing and is the one row
+# returned: NULL, the zone, the refusal (JSON). The same statement finds the tenant's drafts
+# holding a stored event (rows with a NULL metric), which the caller re-prices: one round trip
+# for what took three, and for a new metric one for what took five.
 _CLAIM_AND_STORE = """
 WITH source AS ({source}),
-{unknown}{emptied},
+{unknown},
+refused AS (
+    SELECT u.zone, billing_metric_check(%(lock_key)s, %(tenant_id)s, %(limit)s::integer,
+                                        u.months, u.metrics) AS refusal
+    FROM unknown AS u
+){emptied},
 claimed AS (
     INSERT INTO usage_event_keys (tenant_id, metric, idempotency_key, at_ts, amount, event_id)
     SELECT %(tenant_id)s, metric, idempotency_key, at_ts, amount, id FROM source
-    WHERE NOT EXISTS (SELECT FROM unknown)
+    WHERE NOT EXISTS (SELECT FROM refused WHERE refusal IS NOT NULL)
     ON CONFLICT (tenant_id, metric, idempotency_key) DO NOTHING
     RETURNING event_id
 ),
@@ -284,7 +295,7 @@ SELECT i.id, NULL, NULL FROM invoices AS i
 WHERE i.tenant_id = %(tenant_id)s AND i.status = 'draft'
   AND EXISTS (SELECT FROM stored AS s WHERE i.period_start <= s.at_ts AND s.at_ts < i.period_end)
 UNION ALL
-SELECT NULL, NULL, NULL FROM unknown
+SELECT NULL, zone, refusal::text FROM refused WHERE refusal IS NOT NULL
 """
 # The events' months for `unknown`, as the counters' triggers find them (see above).
 _UNKNOWN_MONTHS = """
@@ -293,7 +304,7 @@ dated AS (
     SELECT s.metric, s.at_ts, z.name AS zone,
            CASE WHEN z.name <> 'UTC' THEN (s.at_ts AT TIME ZONE z.name)::date END AS d
     FROM source AS s, zone AS z
-    WHERE %(known_only)s
+    WHERE %(limit)s::integer IS NOT NULL
 ),
 dates AS MATERIALIZED (
     SELECT zone, d, billing_midnight(d, zone) AS lo, billing_midnight(d + 1, zone) AS hi,
@@ -301,35 +312,39 @@ dates AS MATERIALIZED (
     FROM (SELECT DISTINCT zone, d FROM dated WHERE d IS NOT NULL) AS z
 ),
 months AS (
-    SELECT DISTINCT s.metric,
+    SELECT DISTINCT s.zone, s.metric,
            CASE WHEN s.d IS NULL THEN date_trunc('month', s.at_ts, 'UTC')
                 WHEN dt.lo <= s.at_ts AND s.at_ts < dt.hi THEN dt.mo
                 ELSE billing_period_start('month', s.at_ts, s.zone) END AS start
     FROM dated AS s LEFT JOIN dates AS dt ON dt.zone = s.zone AND dt.d = s.d
 ),
 unknown AS (
-    SELECT 1 FROM months AS m
-    WHERE NOT EXISTS (
+    SELECT m.zone, array_agg(m.start) AS months, array_agg(m.metric) AS metrics
+    FROM months AS m
+    GROUP BY m.zone
+    HAVING bool_or(NOT EXISTS (
         SELECT FROM usage_counters AS c
         WHERE c.tenant_id = %(tenant_id)s AND c.granularity = 'month' AND c.metric = m.metric
           AND c.period_start = m.start
-    )
-    LIMIT 1
+    ))
 )"""
 # One event: its month found directly, no per-date CTEs (their planning and executor set-up
 # were a third of the statement's server time over a bare claim-and-store). The month is the
 # one `_UNKNOWN_MONTHS` finds: billing_period_start is what its per-date midnights shortcut.
 _UNKNOWN_MONTH = """unknown AS (
-    SELECT 1
-    FROM (SELECT coalesce(max(timezone), 'UTC') AS name FROM tenants WHERE id = %(tenant_id)s)
-         AS zone
-    WHERE %(known_only)s AND NOT EXISTS (
+    SELECT m.zone, ARRAY[m.start] AS months, ARRAY[%(metric)s::varchar] AS metrics
+    FROM (
+        SELECT zone.name AS zone, CASE
+            WHEN zone.name = 'UTC' THEN date_trunc('month', %(at)s::timestamptz, 'UTC')
+            ELSE billing_period_start('month', %(at)s::timestamptz, zone.name) END AS start
+        FROM (SELECT coalesce(max(timezone), 'UTC') AS name FROM tenants
+              WHERE id = %(tenant_id)s) AS zone
+        WHERE %(limit)s::integer IS NOT NULL
+    ) AS m
+    WHERE NOT EXISTS (
         SELECT FROM usage_counters AS c
         WHERE c.tenant_id = %(tenant_id)s AND c.granularity = 'month'
-          AND c.metric = %(metric)s::varchar
-          AND c.period_start = CASE
-              WHEN zone.name = 'UTC' THEN date_trunc('month', %(at)s::timestamptz, 'UTC')
-              ELSE billing_period_start('month', %(at)s::timestamptz, zone.name) END
+          AND c.metric = %(metric)s::varchar AND c.period_start = m.start
     )
 )"""
 # One statement text whatever the batch size: the columns travel as arrays, so psycopg parses
@@ -356,14 +371,18 @@ _ROW_INSERT = _CLAIM_AND_STORE.format(
 )
 
 
-def _claimed(rows: Iterable[Any]) -> Written:
-    """The ids of the stored events by (metric, key), and the drafts; None if nothing was
-    stored for an unknown metric."""
+def _claimed(rows: Iterable[Any], limit: MetricLimit | None) -> Written:
+    """The ids of the stored events by (metric, key), and the drafts.
+
+    Raises:
+        TooManyMetricsError: the statement refused the events (the metric limit).
+    """
     inserted: Inserted = {}
     drafts: list[str] = []
     for row_id, metric, key in rows:
         if row_id is None:
-            return None
+            assert limit is not None, "only a statement given a limit refuses"
+            raise _refusal(limit.limit, zone_name=metric, refusal=key)
         if metric is None:
             drafts.append(row_id)
         else:
@@ -371,15 +390,34 @@ def _claimed(rows: Iterable[Any]) -> Written:
     return inserted, sorted(drafts)
 
 
+def _refusal(limit: int, *, zone_name: str, refusal: str) -> TooManyMetricsError:
+    """The error for `billing_metric_check`'s refusal (JSON: the month, its metrics, the
+    ones added)."""
+    found = json.loads(refusal)
+    return TooManyMetricsError.over_limit(
+        limit=limit,
+        month=datetime.fromisoformat(found["month"]).astimezone(UTC),
+        held=found["held"],
+        added=found["added"],
+        tz=zone(zone_name),
+    )
+
+
+def _limit_params(limit: MetricLimit | None) -> dict[str, Any]:
+    if limit is None:
+        return {"limit": None, "lock_key": None}
+    return {"limit": limit.limit, "lock_key": limit.lock_key}
+
+
 def _insert_new_postgresql(
-    session: Session, tenant_id: str, events: Sequence[UsageInput], known_only: bool
+    session: Session, tenant_id: str, events: Sequence[UsageInput], limit: MetricLimit | None
 ) -> Written:
     if len(events) == 1:
         (event,) = events
         row = {
             "tenant_id": tenant_id,
             "now": utcnow(),
-            "known_only": known_only,
+            **_limit_params(limit),
             "id": new_id(),
             "metric": event.metric,
             "amount": event.amount,
@@ -387,11 +425,11 @@ def _insert_new_postgresql(
             "key": event.idempotency_key,
             "metadata_json": event.metadata_json,
         }
-        return _claimed(driver_sql.rows(session, _ROW_INSERT, row))
+        return _claimed(driver_sql.rows(session, _ROW_INSERT, row), limit)
     params = {
         "tenant_id": tenant_id,
         "now": utcnow(),
-        "known_only": known_only,
+        **_limit_params(limit),
         "ids": [new_id() for _ in events],
         "metrics": [e.metric for e in events],
         "amounts": [e.amount for e in events],
@@ -399,7 +437,7 @@ def _insert_new_postgresql(
         "keys": [e.idempotency_key for e in events],
         "metadata": [e.metadata_json for e in events],
     }
-    return _claimed(driver_sql.rows(session, _UNNEST_INSERT, params))
+    return _claimed(driver_sql.rows(session, _UNNEST_INSERT, params), limit)
 
 
 # COPY-stage, for batches inside a transaction: the events are COPYed (binary) into a temporary
@@ -424,15 +462,14 @@ _STAGE_COPY = (
     "FROM STDIN (FORMAT BINARY)"
 )
 # json's binary form is its text: the metadata, encoded when validated, is sent as it is.
-_STAGE_EMPTY = "DELETE FROM billing_usage_stage"
 _STAGE_TYPES = ("varchar", "int8", "timestamptz", "varchar", "text")
-# The stage is emptied by the statement that stores its events: kept when it stores nothing (a
-# metric new to its month), for the insert made again once the metric limit is checked.
+# The stage is emptied by the statement that moves its events, also when it refuses them (the
+# metric limit): a later batch in the transaction starts from an empty stage.
 _FROM_STAGE = _CLAIM_AND_STORE.format(
     unknown=_UNKNOWN_MONTHS,
     source="SELECT * FROM billing_usage_stage",
     emptied=""",
-emptied AS (DELETE FROM billing_usage_stage WHERE NOT EXISTS (SELECT FROM unknown))""",
+emptied AS (DELETE FROM billing_usage_stage)""",
 )
 
 
@@ -451,9 +488,9 @@ def _copy_to_stage(session: Session, events: Sequence[UsageInput]) -> None:
         raise DBAPIError.instance(_STAGE_COPY, None, error, psycopg.Error) from error
 
 
-def _from_stage(session: Session, tenant_id: str, known_only: bool) -> Written:
-    params = {"tenant_id": tenant_id, "now": utcnow(), "known_only": known_only}
-    return _claimed(driver_sql.rows(session, _FROM_STAGE, params))
+def _from_stage(session: Session, tenant_id: str, limit: MetricLimit | None) -> Written:
+    params = {"tenant_id": tenant_id, "now": utcnow(), **_limit_params(limit)}
+    return _claimed(driver_sql.rows(session, _FROM_STAGE, params), limit)
 
 
 def _match_existing(

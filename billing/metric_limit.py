@@ -3,16 +3,17 @@
 The month is the tenant's local calendar month (`billing.tenants`; UTC without a zone), as its
 invoices, quotas and usage counters have it. A tenant's month has a metric once
 `usage_counters` has a row for it (the `usage_events` triggers add one with the first event of
-the metric in the month). Before events are stored,
-their (month, metric) pairs are looked up in that table, by its primary key (on PostgreSQL by
-the ledger's insert itself, `billing.ledger.store`; else by `metric_guard`): when every pair is
-there (the usual case) no lock is taken and nothing counted. Only when a pair is new does
-`metric_guard` take a per-tenant lock (a transaction-level advisory lock on PostgreSQL, held to
-commit, so concurrent senders of new metrics count one after the other) and read the months'
-metrics again, in one statement: more than the limit raises `TooManyMetricsError` and nothing
-is stored.
-On an autocommit connection, where each statement commits at once, the lock is a session-level
-one released after the insert. SQLite lets one transaction write at a time.
+the metric in the month). When events are stored, their (month, metric) pairs are looked up in
+that table, by its primary key: when every pair is there (the usual case) no lock is taken and
+nothing counted. Only when a pair is new is a per-tenant lock taken (a transaction-level
+advisory lock on PostgreSQL, held to commit, so concurrent senders of new metrics count one
+after the other) and the months' metrics read after it: more than the limit raises
+`TooManyMetricsError` and nothing is stored.
+On PostgreSQL the ledger's insert does all of that itself, in its one statement (`limit_for`,
+`billing.ledger.store`, migration 0024). Elsewhere `metric_guard` does it around the insert:
+on SQLite, which lets one transaction write at a time, and for an autocommit batch stored in
+chunks, each committing at once, where the lock is a session-level one released after the
+inserts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from billing.api.models import UsageCounter
 from billing.errors import TooManyMetricsError
-from billing.ledger import UsageInput
+from billing.ledger import MetricLimit, UsageInput
 from billing.localtime import local_month, local_month_starts
 from billing.tenants import tenant_zone
 
@@ -47,19 +48,22 @@ def month_of(at: datetime, tz: tzinfo = UTC) -> datetime:
     return local_month(tz, at).start
 
 
+def limit_for(
+    session: Session, tenant_id: str, events: Sequence[UsageInput], limit: int
+) -> MetricLimit:
+    """The limit for `billing.ledger.store` to check as it stores `events`."""
+    return MetricLimit(
+        limit=limit,
+        lock_key=_NAMESPACE + tenant_id,
+        guard=lambda: metric_guard(session, tenant_id, events, limit),
+    )
+
+
 @contextmanager
 def metric_guard(
-    session: Session,
-    tenant_id: str,
-    events: Sequence[UsageInput],
-    limit: int | None,
-    *,
-    found_new: bool = False,
+    session: Session, tenant_id: str, events: Sequence[UsageInput], limit: int | None
 ) -> Iterator[None]:
     """Around storing `events`: refuse them if they bring a month over `limit` metrics.
-
-    `found_new`: the caller saw a (month, metric) of the events without a counter row (the
-    ledger's insert checks that itself), so the lock is taken without looking first.
 
     Raises:
         TooManyMetricsError: a month of the tenant would have more than `limit` distinct
@@ -71,7 +75,7 @@ def metric_guard(
     tz = tenant_zone(session, tenant_id)
     months = local_month_starts(tz, [e.at for e in events])
     pairs = {(month, e.metric) for month, e in zip(months, events, strict=True)}
-    if not (found_new or _new_pairs(session, tenant_id, pairs)):
+    if not _new_pairs(session, tenant_id, pairs):
         yield
         return
     with _tenant_lock(session, tenant_id):
@@ -89,11 +93,8 @@ def _check(session: Session, tenant_id: str, pairs: set[Pair], limit: int, tz: t
     for month, added in sorted(by_month.items()):
         count = len(held[month])
         if count + added > limit:
-            raise TooManyMetricsError(
-                f"the tenant has {count} distinct metrics in {month.astimezone(tz):%Y-%m} ({tz}) "
-                f"and these events add {added}: MAX_METRICS_PER_TENANT is {limit}",
-                limit=limit,
-                month=month,
+            raise TooManyMetricsError.over_limit(
+                limit=limit, month=month, held=count, added=added, tz=tz
             )
 
 

@@ -33,7 +33,7 @@ from billing.errors import (
 from billing.ledger import Recorded
 from billing.lifecycle import DEFAULT_POLICY, InvoicePolicy, Outbox
 from billing.localtime import local_month
-from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT, metric_guard
+from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT, limit_for
 from billing.models import CreditNote, Invoice
 from billing.preview import InvoicePreview
 from billing.provider_sync import ProviderSync, sync_to_provider
@@ -211,19 +211,12 @@ class BillingService:
         return results
 
     def _record(self, events: list[ledger.UsageInput]) -> ledger.Stored:
-        """Store the events within the metric limit, checked (`metric_guard`) only when one of
-        them may bring a metric new to its month."""
+        """Store the events within the metric limit (`billing.metric_limit`)."""
         limit = self.max_metrics_per_tenant
         if limit is None:
             return ledger.store(self.session, self.tenant_id, events)
-        return ledger.store(
-            self.session,
-            self.tenant_id,
-            events,
-            guard=lambda found_new: metric_guard(
-                self.session, self.tenant_id, events, limit, found_new=found_new
-            ),
-        )
+        checked = limit_for(self.session, self.tenant_id, events, limit)
+        return ledger.store(self.session, self.tenant_id, events, metric_limit=checked)
 
     def _late(self, events: list[ledger.UsageInput]) -> dict[int, late_usage.ClosedPeriod]:
         """The events in closed periods, when the policy cares (`next_invoice` never looks)."""

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select, text
 from billing import BillingService, TooManyMetricsError
 from billing.db import make_engine, make_session_factory
 from billing.models import UsageEvent
+from tests.unit.billing.test_ingest_postgresql import advisory_locks_held
 
 from .test_concurrency import race
 
@@ -65,16 +66,6 @@ def test_the_limit_holds_for_autocommit_sessions_too(pg_engine) -> None:
             assert conn.execute(text(held)).scalar_one() == 0
     finally:
         autocommit.dispose()
-
-
-def advisory_locks_held(session) -> int:
-    """Exclusive advisory locks this session holds (the zone's shared lock, which every write of
-    usage takes so a zone change waits for it, is not the metric limit's)."""
-    query = text(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' "
-        "AND pid = pg_backend_pid()"
-    )
-    return session.execute(query).scalar_one()
 
 
 def test_only_a_new_metric_takes_the_tenants_lock(pg_engine) -> None:

@@ -455,11 +455,12 @@ def test_a_staged_batch_of_known_metrics_checks_them_in_its_insert(
     assert [s.split()[0] for s in sent] == ["CREATE", "WITH"]  # and COPY, outside SQLAlchemy
 
 
-def test_a_staged_batch_bringing_a_new_metric_is_checked_then_stored_once(
+def test_a_staged_batch_bringing_a_new_metric_is_checked_and_stored_by_one_statement(
     pg_factory: sessionmaker[Session],
 ) -> None:
-    """The stage outlives the insert that found the metric new, for the one made after the
-    check; a batch over the limit leaves nothing stored and an empty stage."""
+    """The insert that finds "calls" new to the month takes the tenant's lock, reads the
+    month's metrics and stores the batch (migration 0024); a batch over the limit leaves nothing
+    stored and an empty stage."""
     with pg_factory.begin() as session:
         BillingService(session=session, tenant_id="t1").record_usage(**event(0))
     batch = [event(k, metric=("tokens", "calls")[k % 2]) for k in range(1, 101)]
@@ -469,21 +470,62 @@ def test_a_staged_batch_bringing_a_new_metric_is_checked_then_stored_once(
         sent = statements(session)
         bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=2)
         recorded = bs.ingest(batch)
-        # the insert finds "calls" new; the tenant's zone (its months are local), the lock, one
-        # read of the month's metrics, the insert
-        assert [" ".join(s.split()[:2])[:28] for s in sent] == [
-            "CREATE TEMPORARY",
-            "WITH source",
-            "SELECT tenants.timezone",
-            "SELECT pg_advisory_xact_lock",
-            "SELECT usage_counters.period",
-            "WITH source",
-        ]
+        assert [" ".join(s.split()[:2]) for s in sent] == ["CREATE TEMPORARY", "WITH source"]
         assert session.execute(text("SELECT count(*) FROM billing_usage_stage")).scalar() == 0
+        assert advisory_locks_held(session) == 1  # the tenant's metric lock, held to commit
     assert [r.duplicate for r in recorded] == [False] * 100
     with pg_factory() as session:
         assert len(stored(session)) == 101
         assert sorted(c[-1] for c in counters(session)) == [50, 50, 51, 51]
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_a_single_event_of_a_new_metric_is_checked_and_stored_by_one_statement(
+    pg_factory: sessionmaker[Session], autocommit_engine: Engine, autocommit: bool
+) -> None:
+    """Taken or refused, one statement; on an autocommit connection the lock is given back
+    when the statement commits."""
+    factory = make_session_factory(autocommit_engine) if autocommit else pg_factory
+    with factory() as session:
+        bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1)
+        sent = statements(session)
+        bs.record_usage(**event(1))
+        with pytest.raises(TooManyMetricsError) as refused:
+            bs.record_usage(**event(2, metric="calls"))
+        assert [s.split()[0] for s in sent] == ["WITH", "WITH"]
+        assert advisory_locks_held(session) == (0 if autocommit else 1)
+        session.commit()
+    assert str(refused.value) == (
+        "the tenant has 1 distinct metrics in 2025-01 (UTC) and these events add 1: "
+        "MAX_METRICS_PER_TENANT is 1"
+    )
+    with pg_factory() as session:
+        assert [m for _, m, *_ in stored(session)] == ["tokens"]
+
+
+def test_an_autocommit_batch_in_chunks_is_checked_before_its_first_chunk(
+    autocommit_engine: Engine,
+) -> None:
+    """Each chunk commits alone, so the limit is checked once for the batch, before any."""
+    with make_session_factory(autocommit_engine)() as session:
+        bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=1)
+        bs.record_usage(**event(0))
+        batch = [event(k, metric="tokens" if k < 1200 else "calls") for k in range(1, 1500)]
+        with pytest.raises(TooManyMetricsError):
+            bs.ingest(batch)
+        assert advisory_locks_held(session) == 0
+    with make_session_factory(autocommit_engine)() as session:
+        assert len(stored(session)) == 1
+
+
+def advisory_locks_held(session: Session) -> int:
+    """Exclusive advisory locks this session holds: the tenant's metric lock (the zone's lock,
+    taken by the counters' trigger, is shared)."""
+    query = text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' "
+        "AND pid = pg_backend_pid()"
+    )
+    return session.execute(query).scalar_one()
 
 
 def test_a_staged_batch_refused_by_the_limit_leaves_nothing_for_the_next_batch(

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from billing import BillingService, TooManyMetricsError
 from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT, month_of
 from billing.models import UsageEvent
+from billing.tenants import set_tenant
 
 AT = datetime(2025, 1, 15, 12, 0, tzinfo=UTC)
 
@@ -105,6 +106,43 @@ def test_a_batch_of_one_month_over_the_limit_is_refused_even_if_another_month_fi
         bs.record_usage_batch(batch)
     assert caught.value.month == datetime(2025, 2, 1, tzinfo=UTC)
     assert stored(session) == 0
+
+
+def test_a_refusal_names_the_month_its_metrics_and_the_ones_added(session) -> None:
+    """The first month over the limit, in the tenant's zone: January has 2 of 3 metrics and
+    gets 2 new ones; February, later in the batch, also goes over."""
+    bs = service(session, max_metrics_per_tenant=3)
+    bs.record_usage_batch([*events(2), *events(1, prefix="feb", at=AT + timedelta(days=20))])
+    batch = [
+        *events(4, prefix="new", at=AT + timedelta(days=20)),
+        *events(3, prefix="n", at=AT + timedelta(days=1)),
+        *events(2),
+    ]
+    with pytest.raises(TooManyMetricsError) as caught:
+        bs.record_usage_batch(batch)
+    assert str(caught.value) == (
+        "the tenant has 2 distinct metrics in 2025-01 (UTC) and these events add 3: "
+        "MAX_METRICS_PER_TENANT is 3"
+    )
+    assert (caught.value.limit, caught.value.month) == (3, datetime(2025, 1, 1, tzinfo=UTC))
+    assert stored(session) == 3
+
+
+def test_a_zoned_tenants_refusal_names_its_local_month(session) -> None:
+    """05:00 UTC on February 1st is midnight in New York: February there, January in UTC."""
+    set_tenant(session, "t1", timezone="America/New_York")
+    bs = service(session, max_metrics_per_tenant=1)
+    feb = datetime(2025, 2, 1, 5, tzinfo=UTC)
+    bs.record_usage(metric="tokens", amount=1, at=feb, idempotency_key="a")
+    bs.record_usage(metric="calls", amount=1, at=feb - timedelta(seconds=1), idempotency_key="b")
+    with pytest.raises(TooManyMetricsError) as caught:
+        bs.record_usage(metric="calls", amount=1, at=feb, idempotency_key="c")
+    assert str(caught.value) == (
+        "the tenant has 1 distinct metrics in 2025-02 (America/New_York) and these events add "
+        "1: MAX_METRICS_PER_TENANT is 1"
+    )
+    assert caught.value.month == feb
+    assert stored(session) == 2
 
 
 def test_without_a_limit_any_number_of_metrics_is_taken(session) -> None:
