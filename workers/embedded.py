@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from datetime import UTC
 from typing import Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -34,7 +33,7 @@ from webhooks.settings import WebhookSettings
 from webhooks.shutdown import stop_on_signals, wait_for_stop
 from workers.broker import QUEUE_NAME, is_in_process, ms
 from workers.provider import load_provider_sync
-from workers.scheduler import BillingScheduler, StoppableScheduler, make_lock
+from workers.scheduler import BillingScheduler, deployed_schedule
 from workers.settings import WorkerSettings
 from workers.webserver import WebServer, WebServerError
 
@@ -130,15 +129,7 @@ def start_embedded(
     actors.bind(session_factory, provider_sync=provider_sync, policy=database.invoice_policy())
     worker = Worker(actors.broker, worker_threads=threads)
     worker.start()
-    scheduler = BillingScheduler(
-        settings,
-        session_factory,
-        make_lock(settings),
-        grace_period=database.invoice_grace_period,
-        late_usage_lookback=database.invoice_policy().late_fanout_lookback,
-    )
-    apscheduler = StoppableScheduler(timezone=UTC)
-    scheduler.schedule(apscheduler)
+    scheduler, apscheduler = deployed_schedule(settings, database, session_factory)
     apscheduler.start()
     system = EmbeddedSystem(
         settings, engine, session_factory, actors.broker, worker, scheduler, apscheduler

@@ -53,7 +53,7 @@ from contextlib import closing
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dramatiq.errors
 import redis
@@ -72,6 +72,9 @@ from workers import fanout
 from workers.locks import FireLock, LocalFireLock, RedisFireLock
 from workers.metrics import SCHEDULER_ENQUEUED, record_fire
 from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from billing.settings import BillingSettings
 
 logger = logging.getLogger("workers.scheduler")  # also when run as `python -m workers.scheduler`
 
@@ -628,6 +631,24 @@ def make_lock(settings: WorkerSettings) -> FireLock:
     return LocalFireLock()
 
 
+def deployed_schedule(
+    settings: WorkerSettings, database: BillingSettings, session_factory: sessionmaker[Session]
+) -> tuple[BillingScheduler, StoppableScheduler]:
+    """The deployment's schedule (`python -m workers.scheduler`, `billing run`): its fire lock
+    (`make_lock`), the invoice grace period and late-usage lookback of `database`, its jobs
+    added to an APScheduler in UTC that the caller starts."""
+    billing_scheduler = BillingScheduler(
+        settings,
+        session_factory,
+        make_lock(settings),
+        grace_period=database.invoice_grace_period,
+        late_usage_lookback=database.invoice_policy().late_fanout_lookback,
+    )
+    apscheduler = StoppableScheduler(timezone=UTC)
+    billing_scheduler.schedule(apscheduler)
+    return billing_scheduler, apscheduler
+
+
 def serve_metrics(settings: WorkerSettings) -> bool:
     """Serve `/metrics` on `SCHEDULER_METRICS_PORT` (in a thread) unless it is 0; True if so."""
     from billing.metrics import serve
@@ -654,15 +675,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no mutate block (proc
     serve_metrics(settings)
     database = BillingSettings()
     session_factory = make_session_factory(make_engine(database.database_url))
-    billing_scheduler = BillingScheduler(
-        settings,
-        session_factory,
-        make_lock(settings),
-        grace_period=database.invoice_grace_period,
-        late_usage_lookback=database.invoice_policy().late_fanout_lookback,
-    )
-    apscheduler = StoppableScheduler(timezone=UTC)
-    billing_scheduler.schedule(apscheduler)
+    billing_scheduler, apscheduler = deployed_schedule(settings, database, session_factory)
     stopping = stop_on_signals(billing_scheduler.stop)
     apscheduler.start()
     logger.info(

@@ -12,11 +12,14 @@ import pytest
 import redis
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import REGISTRY
 from sqlalchemy import Connection, insert
+from sqlalchemy.orm import sessionmaker
 
 from billing.models import Plan, Price, Subscription, Tenant
+from billing.settings import BillingSettings
 from billing.tenants import set_tenant
 from tests.processes import wait_until
 from workers.broker import QUEUE_NAME
@@ -33,6 +36,7 @@ from workers.scheduler import (
     FireBusy,
     FireInterrupted,
     StoppableScheduler,
+    deployed_schedule,
     last_fire_time,
     make_lock,
     previous_month,
@@ -522,6 +526,22 @@ def test_without_redis_fires_are_locked_in_process_with_a_warning(caplog) -> Non
     assert [r.getMessage() for r in caplog.records] == [
         "no REDIS_URL: fire locks are in-process; run one scheduler only"
     ]
+
+
+def test_the_deployed_schedule_takes_the_invoice_policy_of_the_billing_settings() -> None:
+    database = BillingSettings(
+        database_url="sqlite://",
+        invoice_grace_period=timedelta(days=3),
+        late_usage_lookback=timedelta(days=40),
+    )
+    billing, aps = deployed_schedule(WorkerSettings(), database, sessionmaker())
+    assert (billing.grace_period, billing.late_usage_lookback) == (DAY * 3, DAY * 40)
+    assert isinstance(billing.lock, LocalFireLock)
+    assert (aps.timezone, aps.state) == (UTC, STATE_STOPPED)
+    assert {job.id for job in aps.get_jobs()} >= {DAILY_JOB_ID, MONTHLY_JOB_ID, FINALIZE_JOB_ID}
+    ignoring = BillingSettings(database_url="sqlite://", late_usage="ignore")
+    billing, _ = deployed_schedule(WorkerSettings(), ignoring, sessionmaker())
+    assert (billing.grace_period, billing.late_usage_lookback) == (timedelta(0), None)
 
 
 def test_removing_a_missing_job_fails_only_while_the_scheduler_runs() -> None:
