@@ -22,6 +22,8 @@ from webhooks.relay import Relay
 from webhooks.settings import parse_schedule
 from webhooks.sqltypes import utcnow
 
+from .test_webhooks_relay import run_relay_until
+
 TOPIC = "billing.usage_aggregated"
 PAYLOAD = {"tenant_id": "t1", "metric": "tokens", "day_start": "2025-01-01T00:00:00+00:00"}
 URL = "https://subscriber.test/hook"
@@ -68,18 +70,7 @@ class World:
         return [(d.status, d.attempts, d.claimed_until is None) for d in self.outbox.deliveries()]
 
     def run_until(self, done: Callable[[], bool], stop: threading.Event | None = None) -> None:
-        stop = stop or threading.Event()
-        thread = threading.Thread(target=self.relay.run, args=(stop,))
-        thread.start()
-        deadline = time.monotonic() + 20
-        try:
-            while not done() and time.monotonic() < deadline:
-                threading.Event().wait(0.01)
-        finally:
-            stop.set()
-            self.relay.wake.set()
-            thread.join(10)
-        assert not thread.is_alive()
+        run_relay_until(self.relay, done, stop)
 
 
 class Overlap:

@@ -25,6 +25,8 @@ from webhooks.ssrf import AddressPolicy
 from webhooks.store import SqlDeliveryStore
 from webhooks.subscriptions import SqlWebhookSubscriptions
 
+from .test_webhooks_relay import run_relay_until
+
 TOPIC = "billing.invoice.created"
 LOOPBACK = AddressPolicy(allow_loopback=True)
 
@@ -151,20 +153,11 @@ def test_twenty_dripping_subscribers_do_not_hold_a_healthy_ones_events(
         max_in_flight_per_subscription=2,
         shutdown_timeout=3.0,
     )
-    stop = threading.Event()
-    thread = threading.Thread(target=relay.run, args=(stop,))
     started = time.monotonic()
-    thread.start()
     try:
-        deadline = started + 30
-        while len(Healthy.arrived) < len(fine) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        run_relay_until(relay, lambda: len(Healthy.arrived) >= len(fine), timeout=30)
     finally:
-        stop.set()
-        relay.wake.set()
-        thread.join(10)
         client.close()
-    assert not thread.is_alive()
     assert len(Healthy.arrived) == 3
     # 60 attempts of 1 s on 8 slots, the healthy events among the first of each round.
     assert max(Healthy.arrived) - started < 15

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -319,19 +320,7 @@ def test_run_delivers_everything_with_several_in_flight_then_stops() -> None:
     )
     world.subs.add(TOPIC, url=URL)
     ids = [world.service.publish(TOPIC, PAYLOAD) for _ in range(20)]
-    stop = threading.Event()
-    thread = threading.Thread(target=world.relay.run, args=(stop,))
-    thread.start()
-    try:
-        for _ in range(500):
-            if world.statuses().count("delivered") == 20:
-                break
-            threading.Event().wait(0.01)
-    finally:
-        stop.set()
-        world.relay.wake.set()
-        thread.join(5)
-    assert not thread.is_alive()
+    run_relay_until(world.relay, lambda: world.statuses().count("delivered") == 20)
     assert world.statuses() == ["delivered"] * 20
     assert sorted(r.headers["webhook-id"] for r in world.requests) == sorted(ids)
     assert slow.most == 4
@@ -442,19 +431,25 @@ class Flaky:
         return call
 
 
-def run_until(world: World, done) -> None:
-    stop = threading.Event()
-    thread = threading.Thread(target=world.relay.run, args=(stop,))
+def run_relay_until(
+    relay: Relay,
+    done: Callable[[], object],
+    stop: threading.Event | None = None,
+    timeout: float = 20.0,
+) -> None:
+    """Run `relay` in a thread until `done()` holds (polled, for `timeout` seconds at most),
+    then stop it (`stop`, set by the caller too if given); it must have stopped."""
+    stop = stop or threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,))
     thread.start()
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(500):
-            if done():
-                break
+        while not done() and time.monotonic() < deadline:
             threading.Event().wait(0.01)
     finally:
         stop.set()
-        world.relay.wake.set()
-        thread.join(5)
+        relay.wake.set()
+        thread.join(10)
     assert not thread.is_alive()
 
 
@@ -464,7 +459,9 @@ def test_the_relay_rides_out_a_database_error(failing: str, caplog) -> None:
     world.relay.store = store = Flaky(world.outbox, failing)
     world.subs.add(TOPIC, url=URL)
     ids = [world.service.publish(TOPIC, PAYLOAD) for _ in range(5)]
-    run_until(world, lambda: not store.failing and world.statuses() == ["delivered"] * 5)
+    run_relay_until(
+        world.relay, lambda: not store.failing and world.statuses() == ["delivered"] * 5
+    )
     assert world.statuses() == ["delivered"] * 5
     assert sorted(r.headers["webhook-id"] for r in world.requests) == sorted(ids)
     assert f"{failing}: database unreachable" in caplog.text
@@ -478,10 +475,10 @@ def test_an_idle_relay_rides_out_a_database_error(caplog) -> None:
     world = World(answer(200), poll_interval=0.02)
     world.relay.store = store = Flaky(world.outbox, "next_due")
     world.subs.add(TOPIC, url=URL)
-    run_until(world, lambda: not store.failing)
+    run_relay_until(world.relay, lambda: not store.failing)
     world.relay.store = world.outbox
     world.service.publish(TOPIC, PAYLOAD)
-    run_until(world, lambda: world.statuses() == ["delivered"])
+    run_relay_until(world.relay, lambda: world.statuses() == ["delivered"])
     assert world.statuses() == ["delivered"]
     assert "next_due: database unreachable" in caplog.text
     assert "looking for due deliveries failed" in [r.getMessage() for r in caplog.records]
@@ -691,7 +688,7 @@ def test_the_relays_threads_are_named_for_what_they_do() -> None:
     world.outbox.record = recording  # type: ignore[method-assign]
     world.subs.add(TOPIC, url=URL)
     world.service.publish(TOPIC, PAYLOAD)
-    run_until(world, lambda: world.statuses() == ["delivered"])
+    run_relay_until(world.relay, lambda: world.statuses() == ["delivered"])
     assert (senders, recorders) == ({"webhook-send"}, {"webhook-record"})
 
 
@@ -712,7 +709,7 @@ def test_an_attempt_that_raises_is_logged_and_leaves_nothing_to_record(caplog) -
         return [r.getMessage() for r in caplog.records if r.name == "webhooks.relay"]
 
     with caplog.at_level("ERROR", logger="webhooks.relay"):
-        run_until(world, lambda: messages())
+        run_relay_until(world.relay, lambda: messages())
     assert messages() == ["a delivery attempt failed unexpectedly"]
     [record] = [r for r in caplog.records if r.name == "webhooks.relay"]
     assert record.exc_info is not None
@@ -982,7 +979,7 @@ def test_at_the_refill_mark_the_relay_claims_again_without_waiting() -> None:
         held.finish.set()
         return True
 
-    run_until(world, claimed_all_while_held)
+    run_relay_until(world.relay, claimed_all_while_held)
     assert claims[:2] == [2, 1]
 
 
