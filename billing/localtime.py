@@ -57,13 +57,16 @@ def local_day(zone: tzinfo, moment: datetime) -> Period:
         InvalidPeriodError: `moment` is naive.
     """
     day = _aware(moment).astimezone(zone).date()
+    start, end = midnight(zone, day), midnight(zone, day + _DAY)
     # A clock set back across midnight gives some instants a date whose midnight comes after
-    # them: step to the day whose bounds hold the instant.
-    while midnight(zone, day) > moment:
-        day -= timedelta(days=1)
-    while midnight(zone, day + timedelta(days=1)) <= moment:
-        day += timedelta(days=1)
-    return Period(midnight(zone, day), midnight(zone, day + timedelta(days=1)))
+    # them: step to the day whose bounds hold the instant (each midnight computed once).
+    while start > moment:
+        day -= _DAY
+        start, end = midnight(zone, day), start
+    while end <= moment:
+        day += _DAY
+        start, end = end, midnight(zone, day + _DAY)
+    return Period(start, end)
 
 
 def local_month(zone: tzinfo, moment: datetime) -> Period:
