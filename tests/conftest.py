@@ -199,6 +199,35 @@ def wait_for_lock_waiters() -> Callable[..., bool]:
     return _wait_for_lock_waiters
 
 
+def _race(count: int, work: Callable[[int], object]) -> list[object]:
+    """Run `work(i)` in `count` threads released at the same instant; results or exceptions
+    (each thread must finish within a minute)."""
+    barrier = threading.Barrier(count)
+    results: list[object] = [None] * count
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = work(index)
+        except Exception as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a racer did not finish"
+    return results
+
+
+@pytest.fixture
+def race() -> Callable[..., list[object]]:
+    """`race(count, work)`: what `work(i)` returned or raised in each of `count` threads that
+    a barrier released at once, in index order."""
+    return _race
+
+
 def _while_held(
     engine: Engine,
     held: Session,

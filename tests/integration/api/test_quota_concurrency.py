@@ -26,7 +26,7 @@ LIMIT = 100
 
 
 @pytest.mark.parametrize("window", ["day", "month"])
-def test_exactly_the_limit_of_concurrent_requests_succeeds(pg_engine, window) -> None:
+def test_exactly_the_limit_of_concurrent_requests_succeeds(pg_engine, window, race) -> None:
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
         plan = Plan(key="pro", name="Pro")
@@ -54,23 +54,17 @@ def test_exactly_the_limit_of_concurrent_requests_succeeds(pg_engine, window) ->
 
     statuses: Counter[int] = Counter()
     lock = threading.Lock()
-    barrier = threading.Barrier(CLIENTS)
     headers = {"Authorization": f"Bearer {plaintext}"}
 
     def client(base_url: str) -> None:
         with httpx.Client(base_url=base_url, headers=headers, timeout=60) as http:
-            barrier.wait()
             for _ in range(REQUESTS // CLIENTS):
                 status = http.post("/call").status_code
                 with lock:
                     statuses[status] += 1
 
     with serve_app(app) as base_url:
-        threads = [threading.Thread(target=client, args=(base_url,)) for _ in range(CLIENTS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        assert race(CLIENTS, lambda _: client(base_url)) == [None] * CLIENTS
 
     assert statuses == {200: LIMIT, 429: REQUESTS - LIMIT}
     with factory() as session:

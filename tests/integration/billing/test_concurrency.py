@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -23,27 +20,7 @@ JAN = datetime(2025, 1, 1, tzinfo=UTC)
 FEB = datetime(2025, 2, 1, tzinfo=UTC)
 
 
-def race(count: int, work: Callable[[int], Any]) -> list[Any]:
-    """Run `work(i)` in `count` threads released at the same instant; results or exceptions."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            results[index] = work(index)
-        except Exception as error:
-            results[index] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return results
-
-
-def test_sixteen_threads_sending_one_event_store_it_once(pg_engine) -> None:
+def test_sixteen_threads_sending_one_event_store_it_once(pg_engine, race) -> None:
     factory = make_session_factory(pg_engine)
 
     def send(_: int) -> str:
@@ -58,7 +35,9 @@ def test_sixteen_threads_sending_one_event_store_it_once(pg_engine) -> None:
         assert session.execute(select(func.count()).select_from(UsageEvent)).scalar_one() == 1
 
 
-def test_racing_a_conflicting_event_raises_a_conflict_not_an_integrity_error(pg_engine) -> None:
+def test_racing_a_conflicting_event_raises_a_conflict_not_an_integrity_error(
+    pg_engine, race
+) -> None:
     factory = make_session_factory(pg_engine)
 
     def send(index: int) -> str:
@@ -91,7 +70,7 @@ def test_a_duplicate_does_not_roll_back_the_callers_other_work(pg_engine) -> Non
         assert session.execute(select(func.count()).select_from(Plan)).scalar_one() == 1
 
 
-def test_concurrent_batches_overlapping_in_keys_store_each_event_once(pg_engine) -> None:
+def test_concurrent_batches_overlapping_in_keys_store_each_event_once(pg_engine, race) -> None:
     factory = make_session_factory(pg_engine)
 
     def send(index: int) -> list[str]:
@@ -109,7 +88,7 @@ def test_concurrent_batches_overlapping_in_keys_store_each_event_once(pg_engine)
     assert stored == 700 + 500 - 100 + 100  # keys k0 .. k1199
 
 
-def test_two_workers_invoicing_at_once_create_one_invoice(pg_engine) -> None:
+def test_two_workers_invoicing_at_once_create_one_invoice(pg_engine, race) -> None:
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
         plan = Plan(key="pro", name="Pro")
@@ -149,7 +128,7 @@ def test_two_workers_invoicing_at_once_create_one_invoice(pg_engine) -> None:
         assert session.get(Invoice, results[0]).total_amount == 1007
 
 
-def test_concurrent_aggregations_of_one_day_leave_one_correct_row(pg_engine) -> None:
+def test_concurrent_aggregations_of_one_day_leave_one_correct_row(pg_engine, race) -> None:
     factory = make_session_factory(pg_engine)
     with factory.begin() as session:
         BillingService(session=session, tenant_id="t1").record_usage_batch(

@@ -11,7 +11,6 @@ from sqlalchemy import select
 from billing import BillingService, InvoicePolicy
 from billing.db import make_session_factory
 from billing.models import CreditNote, Invoice, InvoiceLine
-from tests.integration.billing.test_concurrency import race
 from tests.unit.billing.test_adjustments import tiered_plan
 from tests.unit.billing.test_lifecycle import seed_plan
 
@@ -65,7 +64,7 @@ def factory(pg_engine):
     return make_session_factory(pg_engine)
 
 
-def test_racing_runs_of_the_next_invoice_bill_the_adjustment_once(factory) -> None:
+def test_racing_runs_of_the_next_invoice_bill_the_adjustment_once(factory, race) -> None:
     with factory.begin() as session:
         seed_plan(session, ["t00"])
     january = january_then_late(factory, "t00", 100, 10)
@@ -75,7 +74,7 @@ def test_racing_runs_of_the_next_invoice_bill_the_adjustment_once(factory) -> No
     assert adjustments(factory) == [(10, 20, january)]
 
 
-def test_the_next_two_invoices_generated_at_once_bill_the_adjustment_once(factory) -> None:
+def test_the_next_two_invoices_generated_at_once_bill_the_adjustment_once(factory, race) -> None:
     with factory.begin() as session:
         seed_plan(session, ["t00"])
     january = january_then_late(factory, "t00", 100, 10)
@@ -89,7 +88,7 @@ def test_the_next_two_invoices_generated_at_once_bill_the_adjustment_once(factor
     assert totals == [1000, 1020, 1200]  # March or February carries it, not both
 
 
-def test_racing_runs_credit_a_negative_difference_once(factory) -> None:
+def test_racing_runs_credit_a_negative_difference_once(factory, race) -> None:
     with factory.begin() as session:
         tiered_plan(session, "volume")
     january = january_then_late(factory, "t9", 100, 10)

@@ -13,7 +13,6 @@ from billing import BillingService, InvoiceStateError
 from billing.db import make_session_factory
 from billing.models import Invoice, InvoiceLine, NumberSequence
 from billing.numbering import INVOICE_SEQUENCE
-from tests.integration.billing.test_concurrency import race
 from tests.unit.billing.test_lifecycle import seed_plan
 from webhooks.models import WebhookEvent
 
@@ -39,7 +38,7 @@ def generate(factory, tenant: str) -> str:
         )
 
 
-def test_concurrent_finalizers_take_unique_gapless_numbers(factory) -> None:
+def test_concurrent_finalizers_take_unique_gapless_numbers(factory, race) -> None:
     results = race(len(TENANTS), lambda i: generate(factory, TENANTS[i]))
     assert all(isinstance(r, str) for r in results), results
     with factory() as session:
@@ -47,7 +46,7 @@ def test_concurrent_finalizers_take_unique_gapless_numbers(factory) -> None:
     assert numbers == [f"INV-{n:06d}" for n in range(1, len(TENANTS) + 1)]
 
 
-def test_a_finalizer_that_rolls_back_while_others_commit_leaves_no_gap(factory) -> None:
+def test_a_finalizer_that_rolls_back_while_others_commit_leaves_no_gap(factory, race) -> None:
     def work(index: int) -> str | None:
         session = factory()
         try:
@@ -69,7 +68,7 @@ def test_a_finalizer_that_rolls_back_while_others_commit_leaves_no_gap(factory) 
     assert len(numbers) == len([i for i in range(len(TENANTS)) if i % 3])
 
 
-def test_racing_reissues_of_a_voided_period_make_exactly_one_invoice(factory) -> None:
+def test_racing_reissues_of_a_voided_period_make_exactly_one_invoice(factory, race) -> None:
     first = generate(factory, "t00")
     with factory.begin() as session:
         BillingService(session=session, tenant_id="t00").void_invoice(first)
@@ -86,7 +85,7 @@ def test_racing_reissues_of_a_voided_period_make_exactly_one_invoice(factory) ->
         assert len(list(created)) == 2
 
 
-def test_racing_pay_and_void_leave_one_outcome_and_one_event(factory) -> None:
+def test_racing_pay_and_void_leave_one_outcome_and_one_event(factory, race) -> None:
     invoice_id = generate(factory, "t00")
 
     def change(index: int) -> str:
@@ -111,7 +110,7 @@ def test_racing_pay_and_void_leave_one_outcome_and_one_event(factory) -> None:
     assert all(r == status or isinstance(r, InvoiceStateError) for r in results), results
 
 
-def test_racing_finalize_jobs_on_one_draft_number_it_once(factory) -> None:
+def test_racing_finalize_jobs_on_one_draft_number_it_once(factory, race) -> None:
     from billing import InvoicePolicy
     from workers.jobs import finalize_invoice_job
 
@@ -129,7 +128,7 @@ def test_racing_finalize_jobs_on_one_draft_number_it_once(factory) -> None:
         assert len(list(finalized)) == 1
 
 
-def test_racing_credit_notes_never_exceed_the_invoice_total(factory) -> None:
+def test_racing_credit_notes_never_exceed_the_invoice_total(factory, race) -> None:
     from billing import CreditExceedsInvoiceError
     from billing.models import CreditNote
 

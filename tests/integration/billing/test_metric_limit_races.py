@@ -13,8 +13,6 @@ from billing.db import make_engine, make_session_factory
 from billing.models import UsageEvent
 from tests.unit.billing.test_ingest_postgresql import advisory_locks_held
 
-from .test_concurrency import race
-
 pytestmark = pytest.mark.postgres
 
 AT = datetime(2025, 1, 15, tzinfo=UTC)
@@ -33,7 +31,7 @@ def distinct_metrics(engine: Engine) -> int:
         return conn.execute(query).scalar_one()
 
 
-def test_twenty_threads_adding_a_new_metric_each_store_exactly_the_limit(pg_engine) -> None:
+def test_twenty_threads_adding_a_new_metric_each_store_exactly_the_limit(pg_engine, race) -> None:
     factory = make_session_factory(pg_engine)
     results = race(20, lambda i: send_new_metric(factory, i))
     refused = [r for r in results if isinstance(r, TooManyMetricsError)]
@@ -41,7 +39,7 @@ def test_twenty_threads_adding_a_new_metric_each_store_exactly_the_limit(pg_engi
     assert distinct_metrics(pg_engine) == LIMIT
 
 
-def test_the_limit_holds_for_autocommit_sessions_too(pg_engine) -> None:
+def test_the_limit_holds_for_autocommit_sessions_too(pg_engine, race) -> None:
     autocommit = make_engine(
         pg_engine.url.render_as_string(hide_password=False), isolation_level="AUTOCOMMIT"
     )

@@ -5,7 +5,6 @@ the migration converting a table that holds events."""
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -114,24 +113,15 @@ def test_a_key_reused_in_another_month_is_a_conflict_whatever_the_path(pg_engine
         assert conn.execute(text("SELECT count(*) FROM usage_event_keys")).scalar_one() == size
 
 
-def test_senders_of_one_key_in_different_months_at_once_store_one_event(pg_engine) -> None:
-    barrier = threading.Barrier(6)
-    outcomes: list[str] = []
-
-    def send(month: int) -> None:
-        barrier.wait()
+def test_senders_of_one_key_in_different_months_at_once_store_one_event(pg_engine, race) -> None:
+    def send(index: int) -> str:
         try:
-            record(pg_engine, ("same", 1, datetime(2026, month, 3, tzinfo=UTC)))
-            outcomes.append("stored")
+            record(pg_engine, ("same", 1, datetime(2026, index + 1, 3, tzinfo=UTC)))
         except IdempotencyConflictError:
-            outcomes.append("conflict")
+            return "conflict"
+        return "stored"
 
-    threads = [threading.Thread(target=send, args=(m,)) for m in range(1, 7)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(outcomes) == ["conflict"] * 5 + ["stored"]
+    assert sorted(race(6, send)) == ["conflict"] * 5 + ["stored"]
     assert sum(where_stored(pg_engine).values()) == 1
 
 
@@ -156,20 +146,12 @@ def test_the_scheduler_makes_the_months_ahead(pg_engine) -> None:
     assert where_stored(pg_engine) == {"usage_events_p2032_01": 1}
 
 
-def test_two_processes_making_partitions_at_once_make_each_once(pg_engine) -> None:
-    barrier = threading.Barrier(2)
-    made: list[list[str]] = []
-
-    def make() -> None:
-        barrier.wait()
+def test_two_processes_making_partitions_at_once_make_each_once(pg_engine, race) -> None:
+    def make(_: int) -> list[str]:
         with pg_engine.begin() as conn:
-            made.append(ensure_partitions(conn, now=datetime(2033, 1, 1, tzinfo=UTC)))
+            return ensure_partitions(conn, now=datetime(2033, 1, 1, tzinfo=UTC))
 
-    threads = [threading.Thread(target=make) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    made = race(2, make)
     assert sorted(made, key=len) == [[], [f"usage_events_p2033_{m:02d}" for m in (1, 2, 3, 4)]]
 
 

@@ -3,7 +3,6 @@ subscription: a 409 problem naming the existing subscription, nothing changed.""
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
 import pytest
@@ -99,20 +98,9 @@ def test_overlapping_a_later_subscription_names_it(
 
 
 def test_the_same_request_at_once_stores_one_subscription(
-    client, operator, plans, session_factory
+    client, operator, plans, session_factory, race
 ) -> None:
     """Six threads at once: PostgreSQL's race and SQLite's serialized writers alike."""
-    barrier = threading.Barrier(6)
-    codes: list[int] = []
-
-    def post() -> None:
-        barrier.wait()
-        codes.append(subscribe(client, operator, plan_key="pro").status_code)
-
-    threads = [threading.Thread(target=post) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    codes = race(6, lambda _: subscribe(client, operator, plan_key="pro").status_code)
     assert sorted(codes) == [201] + [409] * 5
     assert len(stored(session_factory)) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -228,23 +227,15 @@ def test_a_second_session_waits_for_the_first_s_subscription_then_sees_the_overl
 
 
 @pytest.mark.postgres
-def test_concurrent_overlapping_subscriptions_on_postgresql_store_one(pg_plan) -> None:
+def test_concurrent_overlapping_subscriptions_on_postgresql_store_one(pg_plan, race) -> None:
     factory, plan_id = pg_plan
-    barrier = threading.Barrier(8)
-    outcomes: list[str] = []
 
-    def add(n: int) -> None:
-        barrier.wait()
+    def add(n: int) -> str:
         try:
             subscribe(factory, plan_id, JAN + timedelta(days=n))
-            outcomes.append("stored")
         except InvalidSubscriptionError:
-            outcomes.append("refused")
+            return "refused"
+        return "stored"
 
-    threads = [threading.Thread(target=add, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert sorted(outcomes) == ["refused"] * 7 + ["stored"]
+    assert sorted(race(8, add)) == ["refused"] * 7 + ["stored"]
     assert len(periods(factory)) == 1

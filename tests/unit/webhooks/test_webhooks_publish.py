@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -136,29 +135,17 @@ def test_bad_input_raises_and_stores_nothing(session: Session, topic, payload, e
 
 @pytest.mark.postgres
 def test_concurrent_publishes_of_one_event_id_store_it_once_without_error(
-    pg_engine: Engine,
+    pg_engine: Engine, race
 ) -> None:
     factory = sessionmaker(pg_engine)
     with factory.begin() as session:
         subscribe(session)
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
 
-    def publish_once() -> None:
-        try:
-            with factory.begin() as session:
-                barrier.wait(timeout=10)
-                publish(session, TOPIC, PAYLOAD, event_id="same-event")
-        except BaseException as error:  # collected for the assertion below
-            errors.append(error)
+    def publish_once(_: int) -> str:
+        with factory.begin() as session:
+            return publish(session, TOPIC, PAYLOAD, event_id="same-event")
 
-    threads = [threading.Thread(target=publish_once) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-
-    assert errors == []
+    assert race(8, publish_once) == ["same-event"] * 8
     with factory() as session:
         assert [e.id for e in session.scalars(select(WebhookEvent))] == ["same-event"]
         assert len(deliveries(session)) == 1

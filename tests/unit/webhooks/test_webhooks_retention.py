@@ -111,24 +111,13 @@ def test_the_pruner_prunes_when_it_starts_and_stops(sessions) -> None:
 
 
 @pytest.mark.postgres
-def test_concurrent_prunes_delete_each_row_once(pg_engine: Engine) -> None:
+def test_concurrent_prunes_delete_each_row_once(pg_engine: Engine, race) -> None:
     sessions = sessionmaker(pg_engine, expire_on_commit=False)
     with sessions.begin() as session:
         SqlWebhookSubscriptions(session).add(TOPIC, "https://example.test/hook")
         for _ in range(60):
             event(session, OLD, "delivered", delivered_at=OLD)
-    results = []
-    barrier = threading.Barrier(4)
-
-    def run() -> None:
-        barrier.wait(10)
-        results.append(prune(sessions, NOW, RETENTION, batch_size=5))
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    results = race(4, lambda _: prune(sessions, NOW, RETENTION, batch_size=5))
     assert sum(r.deliveries for r in results) == 60
     assert sum(r.events for r in results) == 60
     assert remaining(sessions) == (set(), set())

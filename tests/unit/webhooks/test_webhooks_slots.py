@@ -160,16 +160,14 @@ def test_a_handed_back_delivery_leaves_its_slot(world) -> None:
 
 
 @pytest.mark.postgres
-def test_concurrent_chained_claims_and_feeds_never_exceed_the_cap(pg_engine: Engine) -> None:
+def test_concurrent_chained_claims_and_feeds_never_exceed_the_cap(pg_engine: Engine, race) -> None:
     sql = Sql(sessionmaker(pg_engine, expire_on_commit=False))
     subs = [sql.add(f"s{i}", events=12) for i in range(4)]
-    barrier = threading.Barrier(6)
     now = utcnow()
     most: Counter[str] = Counter()
     lock = threading.Lock()
 
-    def claim_and_feed() -> None:
-        barrier.wait(10)
+    def claim_and_feed(_: int) -> None:
         for _ in range(3):
             for d in sql.store.claim(4, now, LEASE, max_in_flight=2, chain=2):
                 sql.store.extend(d.slot, d.subscription_id, 1, now, LEASE)
@@ -178,11 +176,7 @@ def test_concurrent_chained_claims_and_feeds_never_exceed_the_cap(pg_engine: Eng
                 for sid, count in slots.items():
                     most[sid] = max(most[sid], count)
 
-    threads = [threading.Thread(target=claim_and_feed) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    assert race(6, claim_and_feed) == [None] * 6
     assert set(most) == set(subs)
     assert max(most.values()) == 2
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
 
 import httpx
@@ -241,25 +240,18 @@ def test_a_relay_over_sql_delivers_with_both_signatures_during_a_rotation(factor
 
 
 @pytest.mark.postgres
-def test_concurrent_claims_never_share_a_delivery(pg_engine: Engine) -> None:
+def test_concurrent_claims_never_share_a_delivery(pg_engine: Engine, race) -> None:
     factory = sessionmaker(pg_engine, expire_on_commit=False)
     setup(factory, events=300)
     store = SqlDeliveryStore(factory)
-    barrier = threading.Barrier(6)
-    claimed: list[list[str]] = []
 
-    def claim_all() -> None:
+    def claim_all(_: int) -> list[str]:
         mine: list[str] = []
-        barrier.wait(10)
         while batch := store.claim(7, utcnow(), LEASE):
             mine += [d.delivery_id for d in batch]
-        claimed.append(mine)
+        return mine
 
-    threads = [threading.Thread(target=claim_all) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    claimed = race(6, claim_all)
     every = [i for mine in claimed for i in mine]
     assert len(every) == 300
     assert len(set(every)) == 300
@@ -318,24 +310,17 @@ def test_a_claimed_delivery_knows_when_its_lease_ends(factory, store) -> None:
 
 
 @pytest.mark.postgres
-def test_concurrent_claims_never_exceed_the_cap_of_a_subscription(pg_engine: Engine) -> None:
+def test_concurrent_claims_never_exceed_the_cap_of_a_subscription(pg_engine: Engine, race) -> None:
     factory = sessionmaker(pg_engine, expire_on_commit=False)
     subs = [add_sub(factory, f"https://s{i}.test/hook", events=10) for i in range(5)]
     store = SqlDeliveryStore(factory)
-    barrier = threading.Barrier(6)
-    claimed: list[str] = []
     now = utcnow()
 
-    def claim_twice() -> None:
-        barrier.wait(10)
-        for _ in range(2):
-            claimed.extend(d.subscription_id for d in store.claim(3, now, LEASE, max_in_flight=2))
+    def claim_twice(_: int) -> list[str]:
+        twice = [store.claim(3, now, LEASE, max_in_flight=2) for _ in range(2)]
+        return [d.subscription_id for claimed in twice for d in claimed]
 
-    threads = [threading.Thread(target=claim_twice) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    claimed = [sub for mine in race(6, claim_twice) for sub in mine]
     assert sorted(claimed) == sorted(subs * 2)
 
 

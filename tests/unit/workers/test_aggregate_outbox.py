@@ -5,7 +5,6 @@ however often and however concurrently it runs, a zone changed while it waited r
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -192,7 +191,7 @@ def test_the_sql_event_row_is_what_publish_stores(
 
 @pytest.mark.postgres
 def test_concurrent_runs_of_one_day_store_one_total_one_event_and_its_deliveries(
-    pg_engine: Engine,
+    pg_engine: Engine, race: Callable[..., list[object]]
 ) -> None:
     factory = make_session_factory(pg_engine)
     ids = subscribe(factory)
@@ -200,19 +199,7 @@ def test_concurrent_runs_of_one_day_store_one_total_one_event_and_its_deliveries
         service = BillingService(session=session, tenant_id="t1")
         for n in range(3):
             service.record_usage(metric="tokens", amount=10, at=JAN, idempotency_key=f"k{n}")
-    barrier = threading.Barrier(8)
-    totals: list[int] = []
-
-    def run() -> None:
-        barrier.wait()
-        totals.append(aggregate_daily_job(factory, PAYLOAD))
-
-    threads = [threading.Thread(target=run) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert totals == [30] * 8
+    assert race(8, lambda _: aggregate_daily_job(factory, PAYLOAD)) == [30] * 8
     with factory() as session:
         assert session.scalars(select(UsageAggregate.total)).all() == [30]
         [event_id] = session.scalars(select(WebhookEvent.id)).all()

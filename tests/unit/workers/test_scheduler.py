@@ -174,7 +174,9 @@ def test_the_monthly_fire_enqueues_each_active_tenant_once_per_currency(session_
     ]
 
 
-def test_two_schedulers_firing_at_once_enqueue_each_pair_once(session_factory, seeded) -> None:
+def test_two_schedulers_firing_at_once_enqueue_each_pair_once(
+    session_factory, seeded, race
+) -> None:
     day = datetime(2025, 1, 3, tzinfo=UTC)
     seeded([(f"t{i}", 1, day + timedelta(minutes=i)) for i in range(40)])
     server = fakeredis.FakeServer()
@@ -187,22 +189,14 @@ def test_two_schedulers_firing_at_once_enqueue_each_pair_once(session_factory, s
         )
         for _ in range(2)
     ]
-    start = threading.Barrier(2)
-    reports = []
 
-    def fire(s: BillingScheduler) -> None:
-        start.wait()
+    def fire(index: int) -> bool:
         try:
-            reports.append(s.run_daily(day + timedelta(days=1, minutes=10)).claimed)
+            return schedulers[index].run_daily(day + timedelta(days=1, minutes=10)).claimed
         except FireBusy:  # the other one was still enqueueing: this one looks again later
-            reports.append(False)
+            return False
 
-    threads = [threading.Thread(target=fire, args=(s,)) for s in schedulers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert sorted(reports) == [False, True]
+    assert sorted(race(2, fire)) == [False, True]
     assert len(shared.calls) == 40
     assert len(set(pairs(shared))) == 40
 
