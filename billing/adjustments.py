@@ -3,7 +3,8 @@
 When a tenant's next invoice in a currency is generated (or a draft re-priced), each finalized
 invoice of that tenant and currency whose period ended within `LATE_USAGE_LOOKBACK` of the
 clock is priced again with all of its period's usage known now (`invoicing.price_lines`, the
-rule that priced it). Per key (price, metric and, for prices per dimension, group) of each
+rule that priced it; a new invoice's period and theirs from one read of the ledger,
+`invoicing.price_periods`). Per key (price, metric and, for prices per dimension, group) of each
 usage price that invoice billed and its plans still have, whether the invoice had a line of
 that key or not (a group first used late: one the invoice shows under no price, of a metric
 whose usage it grouped by the same properties):
@@ -55,7 +56,7 @@ from sqlalchemy.orm import Session, aliased
 
 from billing import credit_notes, driver_sql
 from billing.errors import CurrencyMismatchError
-from billing.invoicing import price_lines
+from billing.invoicing import price_periods
 from billing.late_usage import FINALIZED
 from billing.lifecycle import Outbox
 from billing.models import CreditNote, CreditNoteLine, Invoice, InvoiceLine
@@ -106,11 +107,56 @@ def pending_adjustments(
     be replaced, so they do not count as billed. `lock`: lock those finalized invoices first
     (the caller will bill what is returned, in this transaction).
     """
-    return [
+    pending, _ = _pending(
+        session, tenant_id, currency, now - lookback, exclude=exclude_invoice_id, lock=lock
+    )
+    return pending
+
+
+def pending_with_lines(
+    session: Session,
+    tenant_id: str,
+    currency: str,
+    now: datetime,
+    *,
+    lookback: timedelta,
+    period: tuple[datetime, datetime],
+) -> tuple[list[Adjustment], Callable[[], list[LineDraft]]]:
+    """`pending_adjustments` (locking, none excluded) for a new invoice of `period`, and its
+    lines as `invoicing.price_lines` returns or raises them when called: the finalized
+    invoices' periods and `period` priced from one read of the ledger
+    (`invoicing.price_periods`)."""
+    pending, [lines] = _pending(
+        session, tenant_id, currency, now - lookback, exclude=None, lock=True, periods=[period]
+    )
+    return pending, lines
+
+
+def _pending(
+    session: Session,
+    tenant_id: str,
+    currency: str,
+    since: datetime,
+    *,
+    exclude: str | None,
+    lock: bool,
+    periods: Sequence[tuple[datetime, datetime]] = (),
+) -> tuple[list[Adjustment], list[Callable[[], list[LineDraft]]]]:
+    """The adjustments pending, and the pricing of `periods` (priced with the finalized
+    invoices' whose usage was billed)."""
+    finalized = _recent_finalized(session, tenant_id, currency, since, lock=lock)
+    read = [(invoice, _billed(session, invoice, exclude)) for invoice in finalized]
+    repriced = [(invoice, billed) for invoice, billed in read if billed.charged]
+    bounds = [(invoice.period_start, invoice.period_end) for invoice, _ in repriced]
+    if not bounds and not periods:
+        return [], []
+    priced = price_periods(session, tenant_id, [*bounds, *periods], currency)
+    pending = [
         adjustment
-        for invoice in _recent_finalized(session, tenant_id, currency, now - lookback, lock=lock)
-        for adjustment in _of_invoice(session, invoice, exclude_invoice_id)
+        for (invoice, billed), lines in zip(repriced, priced, strict=False)
+        for adjustment in _of_invoice(invoice, billed, lines)
     ]
+    return pending, priced[len(repriced) :]
 
 
 def adjustment_lines(adjustments: Sequence[Adjustment]) -> list[LineDraft]:
@@ -280,16 +326,14 @@ _RECENT_FINALIZED = {
 }
 
 
-def _of_invoice(session: Session, invoice: _Finalized, exclude: str | None) -> list[Adjustment]:
-    """Per key priced now of a usage price the invoice billed (its groups the invoice had
-    lines for, and those first used late): price now − billed so far."""
-    billed = _billed(session, invoice, exclude)
-    if not billed.charged:
-        return []
+def _of_invoice(
+    invoice: _Finalized, billed: _Billed, price: Callable[[], list[LineDraft]]
+) -> list[Adjustment]:
+    """Per key priced now (`price`: the period's `price_lines`) of a usage price the invoice
+    billed (its groups the invoice had lines for, and those first used late): price now −
+    billed so far."""
     try:
-        lines = price_lines(
-            session, invoice.tenant_id, invoice.period_start, invoice.period_end, invoice.currency
-        )
+        lines = price()
     except CurrencyMismatchError:  # the plans changed currency since: nothing to re-price
         return []
     now_priced = _tally(

@@ -48,7 +48,7 @@ from billing.ledger import MAX_AMOUNT
 from billing.models import Invoice, InvoiceLine, Price, Subscription
 from billing.periods import subscription_active_in
 from billing.pricing import fixed_amount
-from billing.usage_lines import LineDraft, Stretch, bill_usage
+from billing.usage_lines import LineDraft, Stretch, UsageBill, bill_periods
 from webhooks.interfaces import NewEvent
 from webhooks.outbox import bound_event_row, publishing_ctes
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
@@ -130,28 +130,74 @@ def price_lines(
         AmountOverflowError: a line's amount or quantity, or the total, is over 2**63-1 (the
             largest the ledger stores); the error names the line's metric and price.
     """
-    subscriptions = _subscriptions_with_prices(session, tenant_id, start, end)
-    all_prices = [price for _, prices in subscriptions for price in prices]
-    if all_prices and not any(price.currency == currency for price in all_prices):
+    [lines] = price_periods(session, tenant_id, [(start, end)], currency)
+    return lines()
+
+
+def price_periods(
+    session: Session, tenant_id: str, periods: Sequence[tuple[datetime, datetime]], currency: str
+) -> list[Callable[[], list[LineDraft]]]:
+    """For each period, what `price_lines` returns or raises for it, when called; what they
+    read is read at once for all of them (`usage_lines.bill_periods`): one SELECT of the
+    subscriptions and prices, one of the meters, one GROUP BY."""
+    first, last = min(start for start, _ in periods), max(end for _, end in periods)
+    subscribed = _subscriptions_with_prices(session, tenant_id, first, last)
+    outcomes: list[Callable[[], list[LineDraft]] | _Priced] = []
+    for start, end in periods:
+        subscriptions = [(s, prices) for s, prices in subscribed if s.active_in(start, end)]
+        all_prices = [price for _, prices in subscriptions for price in prices]
+        if all_prices and not any(price.currency == currency for price in all_prices):
+            outcomes.append(_refused(currency))
+            continue
+        stretches = [
+            Stretch(
+                max(start, subscription.effective_at),
+                min(end, subscription.ended_at) if subscription.ended_at else end,
+                tuple(p for p in prices if p.currency == currency and p.metric is not None),
+            )
+            for subscription, prices in subscriptions
+        ]
+        outcomes.append(_Priced(start, end, currency, subscriptions, stretches))
+    billed = [o for o in outcomes if isinstance(o, _Priced)]
+    usage = bill_periods(session, tenant_id, [(o.start, o.end, o.stretches) for o in billed])
+    for outcome, bill in zip(billed, usage, strict=True):
+        outcome.usage = bill
+    return [o.lines if isinstance(o, _Priced) else o for o in outcomes]
+
+
+def _refused(currency: str) -> Callable[[], list[LineDraft]]:
+    def refuse() -> list[LineDraft]:
         raise CurrencyMismatchError(f"the tenant's plans have no price in {currency!r}")
-    stretches = [
-        Stretch(
-            max(start, subscription.effective_at),
-            min(end, subscription.ended_at) if subscription.ended_at else end,
-            tuple(p for p in prices if p.currency == currency and p.metric is not None),
-        )
-        for subscription, prices in subscriptions
-    ]
-    usage = bill_usage(session, tenant_id, start, end, stretches)
-    lines: list[LineDraft] = []
-    for (_, prices), stretch, billed in zip(subscriptions, stretches, usage.priced, strict=True):
-        for price in (p for p in prices if p.currency == currency):
-            if price.metric is None:
-                amount = fixed_amount(price, stretch.end - stretch.start, end - start)
-                lines.append(LineDraft(price.id, None, 1, amount))
-            else:
-                lines.extend(billed[price.id])
-    return _storable(lines + usage.unpriced, {price.id: price for price in all_prices})
+
+    return refuse
+
+
+@dataclass(slots=True)
+class _Priced:
+    """A period's subscriptions in the invoice's currency, then its usage billed (`usage`)."""
+
+    start: datetime
+    end: datetime
+    currency: str
+    subscriptions: list[tuple[_Subscribed, list[PlanPrice]]]
+    stretches: list[Stretch]
+    usage: UsageBill | None = None
+
+    def lines(self) -> list[LineDraft]:
+        """The period's lines, as `price_lines` returns them."""
+        assert self.usage is not None, "billed by price_periods"
+        lines: list[LineDraft] = []
+        priced = zip(self.subscriptions, self.stretches, self.usage.priced, strict=True)
+        for (_, prices), stretch, billed in priced:
+            for price in (p for p in prices if p.currency == self.currency):
+                if price.metric is None:
+                    length = self.end - self.start
+                    amount = fixed_amount(price, stretch.end - stretch.start, length)
+                    lines.append(LineDraft(price.id, None, 1, amount))
+                else:
+                    lines.extend(billed[price.id])
+        all_prices = [price for _, prices in self.subscriptions for price in prices]
+        return _storable(lines + self.usage.unpriced, {price.id: price for price in all_prices})
 
 
 def _storable(lines: list[LineDraft], prices: dict[str, PlanPrice]) -> list[LineDraft]:
@@ -449,6 +495,10 @@ class _Subscribed:
 
     effective_at: datetime
     ended_at: datetime | None
+
+    def active_in(self, start: datetime, end: datetime) -> bool:
+        """Whether it overlaps `[start, end)` (`periods.subscription_active_in`)."""
+        return self.effective_at < end and (self.ended_at is None or self.ended_at > start)
 
 
 def _subscriptions_with_prices(

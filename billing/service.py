@@ -37,6 +37,7 @@ from billing.metric_limit import DEFAULT_MAX_METRICS_PER_TENANT, limit_for
 from billing.models import CreditNote, Invoice
 from billing.preview import InvoicePreview
 from billing.provider_sync import ProviderSync, sync_to_provider
+from billing.usage_lines import LineDraft
 from webhooks.interfaces import NewEvent
 from webhooks.sqltypes import utcnow
 
@@ -333,10 +334,7 @@ class BillingService:
         was invoiced, looks for one before it raises.
         """
         try:
-            late = self._pending_adjustments(currency, lock=True)
-            lines = invoicing.price_lines(
-                self.session, self.tenant_id, start, end, currency
-            ) + adjustments.adjustment_lines(late)
+            late, lines = self._priced(start, end, currency)
         except BillingError:
             found = self._live(start, end, currency)
             if found is None:
@@ -447,6 +445,24 @@ class BillingService:
             late = self._pending_adjustments(invoice.currency, exclude=invoice.id, lock=True)
             invoicing.reprice_draft(self.session, invoice, adjustments.adjustment_lines(late))
             self._credit_overbilled(late)
+
+    def _priced(
+        self, start: datetime, end: datetime, currency: str
+    ) -> tuple[list[adjustments.Adjustment], list[LineDraft]]:
+        """The late usage pending now (locked, see `_pending_adjustments`) and the lines of a
+        new invoice of the period, its adjustment lines last: the finalized invoices' periods
+        re-priced from the same read of the ledger as the period's."""
+        if self.policy.late_usage == "ignore":
+            return [], invoicing.price_lines(self.session, self.tenant_id, start, end, currency)
+        late, lines = adjustments.pending_with_lines(
+            self.session,
+            self.tenant_id,
+            currency,
+            self.now(),
+            lookback=self.policy.late_usage_lookback,
+            period=(start, end),
+        )
+        return late, lines() + adjustments.adjustment_lines(late)
 
     def pending_adjustments(self, *, currency: str) -> list[adjustments.Adjustment]:
         """What the tenant's next invoice in `currency` would bill (amount > 0) or credit

@@ -32,7 +32,7 @@ from billing.meters import GROUP_VALUE_LENGTH, MeterSpec, grouped_quantities
 from billing.meters import property_text as _property_text
 from billing.models import UsageEvent
 from billing.pricing import PriceTerms, usage_amount
-from billing.usage_quantities import Values, meters_in_use, period_quantities
+from billing.usage_quantities import Quantities, Values, meters_in_use, period_quantities
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +72,83 @@ def bill_usage(
     """Price the tenant's usage in `[start, end)`; `stretches` are the subscriptions' (ordered,
     not overlapping, inside the period). Two statements read the ledger (see
     `billing.usage_quantities`), whatever the metrics and stretches."""
+    [bill] = bill_periods(session, tenant_id, [(start, end, stretches)])
+    return bill
+
+
+Period = tuple[datetime, datetime, Sequence[Stretch]]
+"""`[start, end)` and its subscriptions' stretches, as `bill_usage` takes them."""
+
+
+def bill_periods(session: Session, tenant_id: str, periods: Sequence[Period]) -> list[UsageBill]:
+    """`bill_usage` of each of `periods` (a finalized invoice's re-priced with the next one's),
+    the ledger read for all of them at once: one statement for the meters, one GROUP BY for
+    every period's stretches, unless periods overlap or group a metric differently (for a
+    property a price of one names): then one GROUP BY per period."""
+    if not periods:
+        return []
+    prices_of = [_prices_by_metric(stretches) for _, _, stretches in periods]
+    priced = sorted({metric for prices in prices_of for metric in prices})
+    first, last = min(start for start, _, _ in periods), max(end for _, end, _ in periods)
+    meters = meters_in_use(session, tenant_id, first, last, priced)
+    specs = [
+        {metric: _spec(meters[metric], prices[metric]) for metric in sorted(meters)}
+        for prices in prices_of
+    ]
+    everywhere = [
+        sorted([*stretches, *_gaps(start, end, stretches)], key=lambda s: s.start)
+        for start, end, stretches in periods
+    ]
+    quantities = _quantities(session, tenant_id, specs, everywhere)
+    return [
+        _bill(session, tenant_id, *parts)
+        for parts in zip(specs, everywhere, quantities, [p[2] for p in periods], strict=True)
+    ]
+
+
+def _prices_by_metric(stretches: Sequence[Stretch]) -> dict[str, list[PriceTerms]]:
     prices_of: dict[str, list[PriceTerms]] = defaultdict(list)
     for stretch in stretches:
         for price in stretch.prices:
             prices_of[str(price.metric)].append(price)
-    meters = meters_in_use(session, tenant_id, start, end, prices_of)
-    specs = {metric: _spec(meters[metric], prices_of[metric]) for metric in sorted(meters)}
-    everywhere = sorted([*stretches, *_gaps(start, end, stretches)], key=lambda s: s.start)
-    bounds = [(stretch.start, stretch.end) for stretch in everywhere]
-    quantities = period_quantities(session, tenant_id, bounds, list(specs.values()))
+    return prices_of
+
+
+def _quantities(
+    session: Session,
+    tenant_id: str,
+    specs: list[dict[str, MeterSpec]],
+    everywhere: list[list[Stretch]],
+) -> list[Quantities]:
+    """Each period's quantities, by its own stretches' indexes."""
+    bounds = [[(stretch.start, stretch.end) for stretch in stretches] for stretches in everywhere]
+    flat = sorted(bound for period in bounds for bound in period)
+    overlapping = any(end > start for (_, end), (start, _) in zip(flat, flat[1:], strict=False))
+    if overlapping or any(period != specs[0] for period in specs):
+        return [
+            period_quantities(session, tenant_id, period, list(period_specs.values()))
+            for period, period_specs in zip(bounds, specs, strict=True)
+        ]
+    found = period_quantities(
+        session, tenant_id, [b for p in bounds for b in p], [*specs[0].values()]
+    )
+    split: list[Quantities] = [{} for _ in bounds]
+    offsets = [sum(len(period) for period in bounds[:n]) for n in range(len(bounds))]
+    for (index, metric), groups in found.items():
+        period = max(n for n, offset in enumerate(offsets) if offset <= index)
+        split[period][index - offsets[period], metric] = groups
+    return split
+
+
+def _bill(
+    session: Session,
+    tenant_id: str,
+    specs: dict[str, MeterSpec],
+    everywhere: list[Stretch],
+    quantities: Quantities,
+    stretches: Sequence[Stretch],
+) -> UsageBill:
+    """The period's lines from its quantities (`everywhere`: its stretches and gaps)."""
     leftovers: dict[tuple[str, Values], list[tuple[Stretch, int]]] = defaultdict(list)
     priced: dict[int, dict[str, list[LineDraft]]] = {id(stretch): {} for stretch in everywhere}
     for index, stretch in enumerate(everywhere):
