@@ -5,7 +5,9 @@ Crash, restart and double-scheduler behaviour, with real processes and real sign
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,7 +17,7 @@ from sqlalchemy import func, select, text
 
 from billing import BillingService
 from billing.models import Invoice, Plan, Price, Subscription, UsageAggregate
-from tests.processes import procfile_command, wait_until
+from tests.processes import Process, procfile_command, wait_until
 from webhooks.models import WebhookEvent
 from workers.broker import QUEUE_NAME
 from workers.jobs import INVOICE_CREATED, USAGE_AGGREGATED
@@ -118,24 +120,10 @@ def test_the_procfile_processes_run_the_whole_cycle(spawn, base_env, pg_factory)
 def test_a_worker_killed_mid_invoice_leaves_one_invoice_and_one_event_after_restart(
     spawn, base_env, pg_factory, pg_engine, namespace, redis_url, clients
 ) -> None:
-    start, end = invoiced_month()
-    seed_subscriptions(pg_factory, ["t1"], start)
     env = {**base_env, "HEARTBEAT_TIMEOUT": "2", "WORKER_THREADS": "1"}
-    # The invoice job writes its invoice, then blocks on the outbox: we hold the table's lock.
-    blocker = pg_engine.connect()
-    blocker.begin()
-    blocker.execute(text("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE"))
-    try:
-        enqueue_invoice_on_redis(redis_url, namespace, "t1", start, end)
-        first = spawn("worker", procfile_command("worker"), env)
-        wait_until(
-            lambda: _waiting_on_lock(pg_engine) >= 1, timeout=30, what="the job to reach the outbox"
-        )
+    with a_worker_at_the_outbox(spawn, env, pg_factory, pg_engine, redis_url, namespace) as first:
         first.signal(signal.SIGKILL)
         first.wait(timeout=10)
-    finally:
-        blocker.rollback()
-        blocker.close()
     assert count(pg_factory, Invoice) == 0  # the killed transaction left nothing behind
     spawn("worker", procfile_command("worker"), env)  # the restart
     wait_until(
@@ -148,6 +136,29 @@ def test_a_worker_killed_mid_invoice_leaves_one_invoice_and_one_event_after_rest
     wait_until(lambda: client.hlen(messages) == 0, timeout=10, what="the message to be acked")
     assert count(pg_factory, Invoice) == 1
     assert count(pg_factory, WebhookEvent, WebhookEvent.topic == INVOICE_CREATED) == 1
+
+
+@contextlib.contextmanager
+def a_worker_at_the_outbox(
+    spawn, env, pg_factory, pg_engine, redis_url, namespace
+) -> Iterator[Process]:
+    """A worker whose job invoicing t1 wrote its invoice and waits on the outbox: the block
+    holds `webhook_events` locked, and lets go of it at its end."""
+    start, end = invoiced_month()
+    seed_subscriptions(pg_factory, ["t1"], start)
+    blocker = pg_engine.connect()
+    blocker.begin()
+    blocker.execute(text("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE"))
+    try:
+        enqueue_invoice_on_redis(redis_url, namespace, "t1", start, end)
+        worker = spawn("worker", procfile_command("worker"), env)
+        wait_until(
+            lambda: _waiting_on_lock(pg_engine) >= 1, timeout=30, what="the job to reach the outbox"
+        )
+        yield worker
+    finally:
+        blocker.rollback()
+        blocker.close()
 
 
 def enqueue_invoice_on_redis(redis_url, namespace, tenant_id, start, end) -> None:
@@ -181,21 +192,10 @@ def _waiting_on_lock(engine) -> int:
 def test_sigterm_lets_the_job_in_hand_finish(
     spawn, base_env, pg_factory, pg_engine, namespace, redis_url, clients
 ) -> None:
-    start, end = invoiced_month()
-    seed_subscriptions(pg_factory, ["t1"], start)
-    blocker = pg_engine.connect()
-    blocker.begin()
-    blocker.execute(text("LOCK TABLE webhook_events IN ACCESS EXCLUSIVE MODE"))
-    try:
-        enqueue_invoice_on_redis(redis_url, namespace, "t1", start, end)
-        worker = spawn("worker", procfile_command("worker"), base_env)
-        wait_until(
-            lambda: _waiting_on_lock(pg_engine) >= 1, timeout=30, what="the job to reach the outbox"
-        )
+    with a_worker_at_the_outbox(
+        spawn, base_env, pg_factory, pg_engine, redis_url, namespace
+    ) as worker:
         worker.signal(signal.SIGTERM)
-    finally:
-        blocker.rollback()
-        blocker.close()
     assert worker.wait(timeout=30) == 0, worker.output()
     assert count(pg_factory, Invoice) == 1
     assert count(pg_factory, WebhookEvent, WebhookEvent.topic == INVOICE_CREATED) == 1
