@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, text
@@ -263,6 +264,20 @@ def while_held() -> Callable[..., list[object]]:
     """`while_held(engine, held, work, then=None)`: what `work` returned or raised in a thread
     that waited for the open transaction `held` (committed after `then`)."""
     return _while_held
+
+
+@pytest.fixture
+def outbox_listener(pg_engine: Engine) -> Iterator[Any]:
+    """A psycopg connection of its own that LISTENs on the relays' channel in the test database
+    (`webhooks.outbox.NOTIFY_CHANNEL`); its `notifies(...)` reads what arrived."""
+    import psycopg
+
+    from webhooks.outbox import NOTIFY_CHANNEL
+
+    url = pg_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        yield listener
 
 
 def truncate_all(engine: Engine) -> None:

@@ -152,36 +152,26 @@ def test_concurrent_publishes_of_one_event_id_store_it_once_without_error(
 
 
 @pytest.mark.postgres
-def test_publish_notifies_the_relay_channel_at_commit(pg_engine: Engine) -> None:
-    import psycopg
-
-    url = pg_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(url, autocommit=True) as listener:
-        listener.execute("LISTEN webhooks_outbox")
-        factory = sessionmaker(pg_engine)
-        with factory.begin() as session:
-            subscribe(session)
-            publish(session, TOPIC, PAYLOAD)
-            assert list(listener.notifies(timeout=0.2)) == []  # nothing before the commit
-        received = list(listener.notifies(timeout=5, stop_after=1))
+def test_publish_notifies_the_relay_channel_at_commit(pg_engine: Engine, outbox_listener) -> None:
+    factory = sessionmaker(pg_engine)
+    with factory.begin() as session:
+        subscribe(session)
+        publish(session, TOPIC, PAYLOAD)
+        assert list(outbox_listener.notifies(timeout=0.2)) == []  # nothing before the commit
+    received = list(outbox_listener.notifies(timeout=5, stop_after=1))
     assert [n.channel for n in received] == ["webhooks_outbox"]
 
 
 @pytest.mark.postgres
 def test_an_event_published_after_a_rolled_back_savepoint_still_wakes_the_relay(
-    pg_engine: Engine,
+    pg_engine: Engine, outbox_listener
 ) -> None:
-    import psycopg
-
-    url = pg_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(url, autocommit=True) as listener:
-        listener.execute("LISTEN webhooks_outbox")
-        factory = sessionmaker(pg_engine)
-        with factory.begin() as session:
-            subscribe(session)
-            savepoint = session.begin_nested()
-            publish(session, TOPIC, PAYLOAD)
-            savepoint.rollback()
-            publish(session, TOPIC, PAYLOAD)
-        received = list(listener.notifies(timeout=5, stop_after=1))
+    factory = sessionmaker(pg_engine)
+    with factory.begin() as session:
+        subscribe(session)
+        savepoint = session.begin_nested()
+        publish(session, TOPIC, PAYLOAD)
+        savepoint.rollback()
+        publish(session, TOPIC, PAYLOAD)
+    received = list(outbox_listener.notifies(timeout=5, stop_after=1))
     assert [n.channel for n in received] == ["webhooks_outbox"]

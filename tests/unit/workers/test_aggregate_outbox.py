@@ -136,16 +136,11 @@ def test_the_service_without_announce_publishes_nothing(session_factory, seeded,
 
 
 @pytest.mark.postgres
-def test_the_job_notifies_the_relays_at_commit(pg_engine: Engine, seeded) -> None:
-    import psycopg
-
+def test_the_job_notifies_the_relays_at_commit(pg_engine: Engine, seeded, outbox_listener) -> None:
     factory = make_session_factory(pg_engine)
     subscribe(factory)
-    url = pg_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(url, autocommit=True) as listener:
-        listener.execute("LISTEN webhooks_outbox")
-        aggregate_daily_job(factory, PAYLOAD)
-        received = list(listener.notifies(timeout=5, stop_after=1))
+    aggregate_daily_job(factory, PAYLOAD)
+    received = list(outbox_listener.notifies(timeout=5, stop_after=1))
     assert [n.channel for n in received] == [webhooks.outbox.NOTIFY_CHANNEL]
 
 
