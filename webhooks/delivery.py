@@ -1,4 +1,4 @@
-"""Sending one delivery: the exact bytes, signed, posted with a pooled `httpx.Client`.
+"""Sending one delivery: the exact bytes, signed, posted on a pooled connection.
 
 The body is the Standard Webhooks envelope `{"type", "timestamp", "data"}` serialised once per
 attempt; those bytes are signed and sent as they are. No redirect is followed. The client has
@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from functools import lru_cache
+from types import TracebackType
+from typing import Any, Self
 
 import httpcore
 import httpx
@@ -32,6 +35,14 @@ MAX_RESPONSE_BYTES = 64 * 1024
 ERROR_TEXT_CHARS = 500
 #: Seconds one attempt may take in all: connect, send, headers and body.
 DEFAULT_ATTEMPT_TIMEOUT = 30.0
+#: Connect and read timeouts of a `DeliveryClient` not given any (the settings' defaults).
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+#: The headers an `httpx.Client` puts before a request's own, sent the same way.
+CLIENT_HEADERS = (
+    ("Accept", "*/*"),
+    ("Accept-Encoding", "gzip, deflate"),
+    ("Connection", "keep-alive"),
+)
 
 
 @dataclass(frozen=True)
@@ -67,25 +78,75 @@ def event_body(topic: str, payload: dict[str, Any], created_at: datetime) -> byt
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+class DeliveryClient:
+    """A relay process's pooled connections: POSTs through an httpx transport (its pool).
+
+    Not an `httpx.Client`: what that adds above its transport is what deliveries must not do
+    (keep one subscriber's cookies for the next request to its host, follow redirects, read
+    proxies or auth from the environment), and it cost as much CPU as the rest of a request
+    (about 200 of 590 µs, 2026-12-03). The request is the one such a client sends.
+    """
+
+    def __init__(self, transport: httpx.BaseTransport, timeout: httpx.Timeout = DEFAULT_TIMEOUT):
+        self._transport = transport
+        self._timeout = timeout.as_dict()
+
+    @contextmanager
+    def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Iterator[httpx.Response]:
+        """POST `body` to `url` with `headers`; the response's body is read from the context
+        (its connection goes back to the pool at the end)."""
+        request = httpx.Request(
+            "POST",
+            _parsed_url(url),
+            content=body,
+            headers=[*CLIENT_HEADERS, *headers.items()],
+            extensions={"timeout": self._timeout},
+        )
+        response = self._transport.handle_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            response.close()
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@lru_cache(maxsize=1024)
+def _parsed_url(url: str) -> httpx.URL:
+    # Parsing a URL costs a tenth of a request; a relay posts to the same few again and again.
+    return httpx.URL(url)
+
+
 def make_client(
     *,
     policy: AddressPolicy,
     connect_timeout: float,
     read_timeout: float,
     max_connections: int,
-    transport: httpx.BaseTransport | None = None,
     resolver: Resolver = resolve,
-) -> httpx.Client:
+) -> DeliveryClient:
     """One pooled client for a relay process: explicit timeouts, no redirects, no proxies;
     `resolver` finds a host's addresses (tests inject slow or lying ones)."""
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
-    return httpx.Client(
-        transport=transport or GuardedTransport(policy, limits=limits, resolver=resolver),
-        timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-        follow_redirects=False,
-        trust_env=False,
+    return DeliveryClient(
+        GuardedTransport(policy, limits=limits, resolver=resolver),
+        httpx.Timeout(read_timeout, connect=connect_timeout),
     )
 
 
@@ -112,7 +173,7 @@ class Sender:
 
     def __init__(
         self,
-        client: httpx.Client,
+        client: DeliveryClient,
         *,
         user_agent: str,
         clock: Callable[[], float] = time.time,
@@ -151,7 +212,7 @@ class Sender:
         return headers
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
-        with self._client.stream("POST", url, content=body, headers=headers) as response:
+        with self._client.post(url, body, headers) as response:
             answer = _read_some(response)
             code = response.status_code
             if 200 <= code < 300:

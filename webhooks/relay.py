@@ -2,7 +2,7 @@
 
 Run it as `python -m webhooks.relay` (the `relay` line of the Procfile); run several for more
 throughput or availability, they never claim the same delivery. Each process keeps up to
-`concurrency` requests in flight on one pooled `httpx.Client`, plus up to `batch_size` claimed
+`concurrency` requests in flight on one pooled `DeliveryClient`, plus up to `batch_size` claimed
 deliveries waiting for a free slot. Under a cap per subscription below `concurrency`, a claim
 takes each subscription a chain of up to `batch_size // 2` deliveries in one slot, sent one
 after another by one task of the pool: a busy subscription at its cap costs one claim, one task

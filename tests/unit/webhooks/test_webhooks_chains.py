@@ -15,7 +15,7 @@ from datetime import datetime
 import httpx
 
 from webhooks import InMemoryOutboxStore, InMemoryWebhookSubscriptions, WebhookService
-from webhooks.delivery import Sender
+from webhooks.delivery import DeliveryClient, Sender
 from webhooks.interfaces import AttemptResult
 from webhooks.policy import Outcome, RetryPolicy
 from webhooks.relay import Relay
@@ -53,7 +53,7 @@ class World:
         self.outbox = Counting()
         self.subs = InMemoryWebhookSubscriptions()
         self.service = WebhookService(outbox=self.outbox, subs=self.subs)
-        self.client = httpx.Client(transport=httpx.MockTransport(handler))
+        self.client = DeliveryClient(httpx.MockTransport(handler))
         self.relay = Relay(
             self.outbox,
             Sender(self.client, user_agent="test"),

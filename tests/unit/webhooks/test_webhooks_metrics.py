@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.processes import accepting_receiver, free_port, wait_until
 from webhooks import InMemoryOutboxStore, InMemoryWebhookSubscriptions, WebhookService, publish
 from webhooks.background import start_relay
-from webhooks.delivery import Sender, make_client
+from webhooks.delivery import DeliveryClient, Sender, make_client
 from webhooks.metrics import OutboxCollector, render
 from webhooks.models import WebhookDelivery
 from webhooks.policy import RetryPolicy
@@ -64,7 +64,7 @@ def memory_relay(
             max_connections=1,
         )
     else:
-        client = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(answer)))
+        client = DeliveryClient(httpx.MockTransport(lambda _: httpx.Response(answer)))
     outbox = InMemoryOutboxStore()
     subs = InMemoryWebhookSubscriptions(now=clock)
     service = WebhookService(outbox=outbox, subs=subs, now=clock)

@@ -20,7 +20,7 @@ from webhooks import (
     WebhookVerificationError,
     verify,
 )
-from webhooks.delivery import ClaimedDelivery, Sender
+from webhooks.delivery import ClaimedDelivery, DeliveryClient, Sender
 from webhooks.interfaces import AttemptResult
 from webhooks.policy import Outcome, RetryPolicy
 from webhooks.relay import GATHER_TICK, Relay, log_attempt
@@ -62,7 +62,7 @@ class World:
         self.outbox = InMemoryOutboxStore()
         self.subs = InMemoryWebhookSubscriptions(now=self.clock)
         self.service = WebhookService(outbox=self.outbox, subs=self.subs, now=self.clock)
-        client = httpx.Client(transport=httpx.MockTransport(recording))
+        client = DeliveryClient(httpx.MockTransport(recording))
         sender = Sender(client, user_agent="test", clock=lambda: self.clock.now.timestamp())
         options = {
             "disable_after": timedelta(days=5),

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from webhooks import WebhookVerificationError, signing, verify
-from webhooks.delivery import ClaimedDelivery, Sender, event_body
+from webhooks.delivery import ClaimedDelivery, DeliveryClient, Sender, event_body
 from webhooks.errors import InvalidSubscriptionError
 from webhooks.secrets import active_secrets, check_secret, generate_secret
 from webhooks.signing import secret_key, sign, signature_headers
@@ -185,7 +185,7 @@ def test_the_sent_body_is_exactly_the_signed_bytes() -> None:
         secrets=(SECRET,),
         attempt=1,
     )
-    sender = Sender(httpx.Client(transport=httpx.MockTransport(handler)), user_agent="ua/1")
+    sender = Sender(DeliveryClient(httpx.MockTransport(handler)), user_agent="ua/1")
     assert sender.send(delivery).delivered
 
     request = seen[0]

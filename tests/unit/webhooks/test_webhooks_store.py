@@ -10,7 +10,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks import publish, verify
-from webhooks.delivery import Sender
+from webhooks.delivery import DeliveryClient, Sender
 from webhooks.errors import DuplicateSubscriptionError
 from webhooks.interfaces import AttemptResult
 from webhooks.models import WebhookDelivery, WebhookSubscription
@@ -230,7 +230,7 @@ def test_a_relay_over_sql_delivers_with_both_signatures_during_a_rotation(factor
     sub, _ = setup(factory)
     with factory.begin() as session:
         new = SqlWebhookSubscriptions(session).rotate_secret(sub.id, grace=timedelta(hours=1))
-    client = httpx.Client(transport=httpx.MockTransport(handler))
+    client = DeliveryClient(httpx.MockTransport(handler))
     relay = Relay(store, Sender(client, user_agent="t"), POLICY)
     assert relay.run_once() == 1
     assert len(seen[0].headers["webhook-signature"].split(" ")) == 2
