@@ -15,7 +15,7 @@ import contextvars
 import ssl
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import httpcore
@@ -51,16 +51,30 @@ def time_left(timeout: float | None) -> float | None:
 
 
 class DeadlineStream(httpcore.NetworkStream):
-    """A network stream whose operations end by the current attempt's deadline."""
+    """A network stream whose operations end by the current attempt's deadline.
+
+    Writes are held until the next read: httpcore writes a request's headers and its body
+    apart, and each write is a segment the kernel carries through TCP (on loopback, through
+    the receiving side too, in the writer's CPU time); held, a request is one. A write that
+    fails as the request is sent leaves the answer to be read, as httpcore does (a server
+    may close early and still answer).
+    """
 
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
+        self._unsent: list[bytes] = []
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._unsent:
+            unsent, self._unsent = b"".join(self._unsent), []
+            with suppress(httpcore.WriteError):
+                self._stream.write(unsent, time_left(timeout))
         return self._stream.read(max_bytes, time_left(timeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, time_left(timeout))
+        time_left(timeout)  # past the deadline, no more is sent
+        if buffer:
+            self._unsent.append(buffer)
 
     def close(self) -> None:
         self._stream.close()

@@ -1,13 +1,19 @@
 """The relay's HTTP client: the request an `httpx.Client` would send, nothing kept between
-deliveries."""
+deliveries, and a request's bytes written at once."""
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 
+import httpcore
 import httpx
+import pytest
 
-from webhooks.delivery import DeliveryClient
+from webhooks.deadline import DeadlineStream, attempt_deadline
+from webhooks.delivery import DeliveryClient, make_client
+from webhooks.ssrf import AddressPolicy
 
 URL = "https://subscriber.test/hook?tenant=t1"
 HEADERS = {
@@ -81,3 +87,94 @@ def test_the_answer_is_read_within_the_post_and_closed_after_it_read_or_not() ->
     assert body.closed
     with client.post(URL, b"{}", HEADERS) as response:
         assert response.read() == b"busy"
+
+
+class Recorded(httpcore.NetworkStream):
+    """A stream that records what is written and read, failing writes if told to."""
+
+    def __init__(self, fail_writes: bool = False) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+        self.fail_writes = fail_writes
+        self.closed = False
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if self.fail_writes:
+            raise httpcore.WriteError("connection reset by peer")
+        self.calls.append(("write", buffer))
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self.calls.append(("read", b"HTTP/1.1 204 No Content\r\n\r\n"))
+        return self.calls[-1][1]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_requests_writes_go_out_together_when_its_answer_is_read() -> None:
+    inner = Recorded()
+    stream = DeadlineStream(inner)
+    stream.write(b"POST /hook HTTP/1.1\r\n\r\n")
+    stream.write(b"")
+    stream.write(b'{"a":1}')
+    assert inner.calls == []
+    stream.read(65536)
+    stream.read(65536)
+    assert inner.calls == [
+        ("write", b'POST /hook HTTP/1.1\r\n\r\n{"a":1}'),
+        ("read", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ("read", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    ]
+
+
+def test_a_request_that_cannot_be_written_still_has_its_answer_read() -> None:
+    # As httpcore does: a server may answer (a 413, say) and close before taking the body.
+    inner = Recorded(fail_writes=True)
+    stream = DeadlineStream(inner)
+    stream.write(b"POST /hook HTTP/1.1\r\n\r\n")
+    assert stream.read(65536) == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+def test_a_closed_stream_sends_nothing_it_held() -> None:
+    inner = Recorded()
+    stream = DeadlineStream(inner)
+    stream.write(b"POST /hook HTTP/1.1\r\n\r\n")
+    stream.close()
+    assert (inner.calls, inner.closed) == ([], True)
+
+
+def test_nothing_more_is_written_past_the_attempts_deadline() -> None:
+    inner = Recorded()
+    stream = DeadlineStream(inner)
+    with attempt_deadline(-1.0), pytest.raises(httpcore.ReadTimeout):
+        stream.write(b"POST /hook HTTP/1.1\r\n\r\n")
+    stream.read(65536)
+    assert inner.calls == [("read", b"HTTP/1.1 204 No Content\r\n\r\n")]
+
+
+def test_a_delivery_reaches_a_real_subscriber_in_one_segment() -> None:
+    """End to end: the request's headers and body arrive in one read of the server's socket."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    first_reads: list[bytes] = []
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection:
+            first_reads.append(connection.recv(65536))
+            connection.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = make_client(
+        policy=AddressPolicy(allow_loopback=True),
+        connect_timeout=5,
+        read_timeout=5,
+        max_connections=1,
+    )
+    with client, client.post(f"http://127.0.0.1:{port}/hook", b'{"a":1}', HEADERS) as response:
+        assert response.status_code == 204
+    thread.join(5)
+    server.close()
+    [received] = first_reads
+    assert received.startswith(b"POST /hook HTTP/1.1\r\n")
+    assert received.endswith(b'\r\n\r\n{"a":1}')
