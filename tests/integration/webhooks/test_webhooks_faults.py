@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.processes import wait_until
+from tests.processes import Process, wait_until
 from webhooks import publish
 from webhooks.cli import add_commands
 from webhooks.delivery import event_body
@@ -142,15 +142,26 @@ def test_two_relays_at_once_never_deliver_an_event_twice(
     assert {r["ua"] for r in received} == {"relay-a", "relay-b"}
 
 
-def test_a_relay_killed_mid_batch_loses_nothing(
-    pg_sessions, receiver: Receiver, relays: Relays
-) -> None:
+def a_relay_mid_work(
+    pg_sessions, receiver: Receiver, relays: Relays, events: int, concurrency: int, **settings
+) -> tuple[list[str], Process]:
+    """`events` published to a receiver that answers each after 0.4 s, and a relay started on
+    them that has had `concurrency` of them received: their ids and the relay."""
     receiver.answer("slow")
     receiver.start()
     subscribe(pg_sessions, receiver)
-    ids = publish_many(pg_sessions, 24)
-    first = relays.start(concurrency=4, batch_size=8, claim_lease="2s")
-    wait_until(lambda: len(receiver.ids()) >= 4)
+    ids = publish_many(pg_sessions, events)
+    relay = relays.start(concurrency=concurrency, **settings)
+    wait_until(lambda: len(receiver.ids()) >= concurrency)
+    return ids, relay
+
+
+def test_a_relay_killed_mid_batch_loses_nothing(
+    pg_sessions, receiver: Receiver, relays: Relays
+) -> None:
+    ids, first = a_relay_mid_work(
+        pg_sessions, receiver, relays, 24, 4, batch_size=8, claim_lease="2s"
+    )
     first.signal(signal.SIGKILL)
     first.wait(10)
     assert statuses(pg_sessions)["delivered"] < 24
@@ -165,12 +176,9 @@ def test_a_relay_killed_mid_batch_loses_nothing(
 def test_sigterm_finishes_what_is_in_flight_and_hands_back_the_rest(
     pg_sessions, receiver: Receiver, relays: Relays
 ) -> None:
-    receiver.answer("slow")
-    receiver.start()
-    subscribe(pg_sessions, receiver)
-    ids = publish_many(pg_sessions, 30)
-    relay = relays.start(concurrency=3, batch_size=20, claim_lease="10m")
-    wait_until(lambda: len(receiver.ids()) >= 3)
+    ids, relay = a_relay_mid_work(
+        pg_sessions, receiver, relays, 30, 3, batch_size=20, claim_lease="10m"
+    )
     relay.signal(signal.SIGTERM)
     assert relay.wait(15) == 0
 
