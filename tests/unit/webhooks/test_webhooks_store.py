@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from webhooks import publish, verify
@@ -256,6 +256,30 @@ def test_concurrent_claims_never_share_a_delivery(pg_engine: Engine, race) -> No
     assert len(every) == 300
     assert len(set(every)) == 300
     assert sum(1 for mine in claimed if mine) > 1
+
+
+@pytest.mark.postgres
+def test_a_claim_of_many_sends_the_statement_a_claim_of_few_does(pg_engine: Engine) -> None:
+    """The claimed ids go to PostgreSQL as one array: the same statement text for 2 ids as for
+    60 (psycopg converts it and PostgreSQL plans it once), and each of them is taken."""
+    factory = sessionmaker(pg_engine, expire_on_commit=False)
+    setup(factory, events=62)
+    store = SqlDeliveryStore(factory)
+    takes: list[str] = []
+
+    def seen(conn, cursor, statement: str, *_) -> None:
+        if statement.startswith("UPDATE webhook_deliveries SET attempts"):
+            takes.append(statement)
+
+    event.listen(pg_engine, "before_cursor_execute", seen)
+    try:
+        few, many = store.claim(2, utcnow(), LEASE), store.claim(100, utcnow(), LEASE)
+    finally:
+        event.remove(pg_engine, "before_cursor_execute", seen)
+    assert (len(few), len(many), {d.attempt for d in few + many}) == (2, 60, {1})
+    assert len({d.delivery_id for d in few + many}) == 62
+    assert len(takes) == 2
+    assert takes[0] == takes[1]
 
 
 def add_sub(factory, url: str, events: int) -> str:
