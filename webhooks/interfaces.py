@@ -28,11 +28,13 @@ class NewEvent:
 
 @dataclass(frozen=True)
 class AttemptResult:
-    """One finished attempt: what was sent, what came back, and the delivery's next state."""
+    """One finished attempt: what was sent, what came back, the delivery's next state, and how
+    long the request took (`duration`, in seconds)."""
 
     delivery: ClaimedDelivery
     outcome: Outcome
     decision: Decision
+    duration: float = 0.0
 
 
 class Subscriber(Protocol):

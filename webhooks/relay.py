@@ -123,7 +123,7 @@ class Relay:
         )
 
     def attempt(self, delivery: ClaimedDelivery) -> AttemptResult | None:
-        """Send one claimed delivery, decide its next state, count and log it.
+        """Send one claimed delivery and decide its next state (`report` counts and logs it).
 
         The attempt must end a margin (`LEASE_MARGIN`, or a tenth of the lease when shorter)
         before the claim's lease does (after that another
@@ -142,11 +142,8 @@ class Relay:
         started = time.perf_counter()
         outcome = self.sender.send(delivery, timeout)
         seconds = time.perf_counter() - started
-        result = AttemptResult(
-            delivery, outcome, self.policy.decide(delivery.attempt, outcome, self._now())
-        )
-        log_attempt(result, metrics.observe(result, seconds), seconds)
-        return result
+        decision = self.policy.decide(delivery.attempt, outcome, self._now())
+        return AttemptResult(delivery, outcome, decision, seconds)
 
     def run_once(self) -> int:
         """Claim what is due now, deliver it all, record it; return how many were attempted.
@@ -158,6 +155,7 @@ class Relay:
             return 0
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(claimed))) as pool:
             results = [r for r in pool.map(self.attempt, claimed) if r is not None]
+        report(results)
         self.store.record(results, self._now(), self.disable_after)
         return len(results)
 
@@ -351,9 +349,13 @@ class Relay:
         return min(max(until_due, 0.001), self.poll_interval)
 
     def _record_until(self, stop: threading.Event) -> None:
-        """Record outcomes as they come, in batches, in a thread of its own; drain at `stop`."""
+        """Record outcomes as they come, in batches, in a thread of its own; drain at `stop`.
+
+        Each outcome is counted and logged here (`report`) before its recording, once: not by
+        the sending thread, whose next request it would hold back.
+        """
         pending: list[AttemptResult] = []
-        failures = 0
+        failures = reported = 0
         while True:
             try:
                 pending.append(self._done.get(timeout=0.05))
@@ -365,6 +367,8 @@ class Relay:
             if not pending:
                 continue
             self._gather(pending, stop)
+            report(pending[reported:])
+            reported = len(pending)
             try:
                 self.store.record(pending, self._now(), self.disable_after)
             except Exception:
@@ -378,7 +382,7 @@ class Relay:
                 continue
             if self._frees_slots(pending):  # claim what the cap held back
                 self.wake.set()
-            pending, failures = [], 0
+            pending, failures, reported = [], 0, 0
 
     def _frees_slots(self, recorded: Sequence[AttemptResult]) -> bool:
         """True if recording freed a slot: a delivery alone in its slot, or a chain's last
@@ -468,6 +472,12 @@ def _chain_key(delivery: ClaimedDelivery) -> tuple[str, str] | None:
     if delivery.slot is None:
         return None
     return (delivery.slot, delivery.subscription_id)
+
+
+def report(results: Sequence[AttemptResult]) -> None:
+    """Count each attempt (`webhooks.metrics`) and log its line (`log_attempt`)."""
+    for result in results:
+        log_attempt(result, metrics.observe(result, result.duration), result.duration)
 
 
 def log_attempt(result: AttemptResult, outcome: str, seconds: float) -> None:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import standardwebhooks
+from prometheus_client import REGISTRY
 
 from webhooks import (
     InMemoryOutboxStore,
@@ -23,7 +24,7 @@ from webhooks import (
 from webhooks.delivery import ClaimedDelivery, DeliveryClient, Sender
 from webhooks.interfaces import AttemptResult
 from webhooks.policy import Outcome, RetryPolicy
-from webhooks.relay import GATHER_TICK, Relay, log_attempt
+from webhooks.relay import GATHER_TICK, Relay, log_attempt, report
 from webhooks.settings import parse_schedule
 
 TOPIC = "billing.usage_aggregated"
@@ -471,6 +472,32 @@ def test_the_relay_rides_out_a_database_error(failing: str, caplog) -> None:
         ]
 
 
+def test_each_attempt_is_logged_and_counted_once_by_the_recorder_not_its_sender(caplog) -> None:
+    """The senders go on to their next request; the recorder logs and counts each outcome
+    before recording it, once, even when a recording fails and is tried again (and those of
+    the recordings after it too)."""
+    world = World(answer(200), poll_interval=0.02)
+    world.relay.store = store = Flaky(world.outbox, "record")
+    world.subs.add(TOPIC, url=URL)
+    ids = [world.service.publish(TOPIC, PAYLOAD) for _ in range(5)]
+    counted = {"outcome": "delivered"}
+    delivered = REGISTRY.get_sample_value("webhooks_deliveries_total", counted) or 0.0
+
+    def all_delivered() -> bool:
+        statuses = world.statuses()
+        if statuses == ["delivered"] * 5:  # recorded: the next ones are recorded apart
+            ids.extend(world.service.publish(TOPIC, PAYLOAD) for _ in range(2))
+        return statuses == ["delivered"] * 7
+
+    with caplog.at_level("INFO", logger="webhooks.relay"):
+        run_relay_until(world.relay, all_delivered)
+    lines = [r for r in caplog.records if r.getMessage().startswith("webhook delivered in ")]
+    assert not store.failing
+    assert sorted(r.__dict__["event_id"] for r in lines) == sorted(ids)
+    assert {r.threadName for r in lines} == {"webhook-record"}
+    assert REGISTRY.get_sample_value("webhooks_deliveries_total", counted) == delivered + 7
+
+
 def test_an_idle_relay_rides_out_a_database_error(caplog) -> None:
     world = World(answer(200), poll_interval=0.02)
     world.relay.store = store = Flaky(world.outbox, "next_due")
@@ -807,10 +834,12 @@ def test_an_attempt_is_logged_with_its_duration_in_milliseconds_and_a_dead_one_w
     with caplog.at_level("INFO", logger="webhooks.relay"):
         result = world.relay.attempt(claimed)
         assert result is not None
+        report([result])
         log_attempt(result, "delivered", 0.01234)
         log_attempt(result, "dead", 0.01234)
     measured, given, dead = [r for r in caplog.records if r.name == "webhooks.relay"]
-    assert 0 <= measured.duration_ms < 60_000  # this attempt's own time
+    assert 0 < result.duration < 60  # this attempt's own time
+    assert measured.duration_ms == round(result.duration * 1000, 1)
     assert (given.duration_ms, given.levelname) == (12.3, "INFO")
     assert given.getMessage().startswith("webhook delivered in 12.3 ms: event_id=")
     assert (dead.outcome, dead.levelname) == ("dead", "WARNING")
