@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from billing import BillingService, InvoicePolicy, PeriodClosedError
+from billing.late_usage import ClosedPeriod, closed_periods
 from billing.models import Invoice, UsageEvent
 from tests.unit.billing.test_lifecycle import FEB, JAN, LATER, MAR, generate
 from tests.unit.billing.test_lifecycle import plan as plan
@@ -34,6 +35,21 @@ def record(session, at, key="k", late_usage="reject", tenant="t1", amount=5) -> 
 
 def stored(session) -> int:
     return session.execute(select(func.count()).select_from(UsageEvent)).scalar_one()
+
+
+def add_open_invoice(session, start, end, currency="usd") -> None:
+    """A finalized invoice of t1 for `[start, end)`, added as a row."""
+    session.add(
+        Invoice(
+            tenant_id="t1",
+            period_start=start,
+            period_end=end,
+            status="open",
+            total_amount=0,
+            currency=currency,
+        )
+    )
+    session.flush()
 
 
 def ignored_total() -> float:
@@ -118,19 +134,24 @@ def test_paid_and_uncollectible_invoices_close_their_period_too(session, plan, s
 
 
 def test_an_invoice_in_any_currency_closes_the_period_for_an_event(session, plan) -> None:
-    session.add(
-        Invoice(
-            tenant_id="t1",
-            period_start=JAN,
-            period_end=FEB,
-            status="open",
-            total_amount=0,
-            currency="eur",
-        )
-    )
-    session.flush()
+    add_open_invoice(session, JAN, FEB, currency="eur")
     with pytest.raises(PeriodClosedError):
         record(session, MID_JAN)
+
+
+def test_closed_periods_are_the_finalized_ones_overlapping_the_times_oldest_first(
+    session,
+) -> None:
+    """Only the periods `[start, end)` that meet `[min(times), max(times)]` are read."""
+    dec = JAN - timedelta(days=31)
+    for start, end in ((FEB, MAR), (MAR, MAR + timedelta(days=31)), (dec, JAN), (JAN, FEB)):
+        add_open_invoice(session, start, end)
+    assert closed_periods(session, "t1", [FEB, MID_JAN]) == [
+        ClosedPeriod(JAN, FEB),
+        ClosedPeriod(FEB, MAR),
+    ]
+    # January ends where the times start: it does not meet them.
+    assert closed_periods(session, "t1", [FEB + timedelta(days=1), FEB]) == [ClosedPeriod(FEB, MAR)]
 
 
 def test_another_tenant_s_invoice_closes_nothing_for_this_one(session, plan) -> None:
