@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import psycopg
 from sqlalchemy import Table, and_, or_, select, tuple_
@@ -49,9 +49,9 @@ MAX_FUTURE = timedelta(minutes=5)
 INSERT_CHUNK = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class UsageInput:
-    """One validated usage event, ready to store."""
+class UsageInput(NamedTuple):
+    """One validated usage event, ready to store (a named tuple: made per event of a batch, at
+    half the CPU of a frozen dataclass)."""
 
     metric: str
     amount: int
@@ -110,8 +110,7 @@ def validate_stored_metric(metric: object) -> str:
     return _bounded_text(metric, "metric", MAX_METRIC_LENGTH)
 
 
-@dataclass(frozen=True, slots=True)
-class Recorded:
+class Recorded(NamedTuple):
     """What became of one event: its id, and whether it had been stored before."""
 
     id: str
@@ -590,6 +589,8 @@ def _amount(value: object) -> int:
 
 
 def _aware_utc(value: object) -> datetime:
+    if type(value) is datetime and value.tzinfo is UTC:  # the usual case: nothing to convert
+        return value
     if not isinstance(value, datetime):
         raise InvalidUsageError("at must be a datetime", field="at")
     if value.tzinfo is None or value.utcoffset() is None:
