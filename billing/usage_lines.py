@@ -122,22 +122,30 @@ def _quantities(
 ) -> list[Quantities]:
     """Each period's quantities, by its own stretches' indexes."""
     bounds = [[(stretch.start, stretch.end) for stretch in stretches] for stretches in everywhere]
-    flat = sorted(bound for period in bounds for bound in period)
-    overlapping = any(end > start for (_, end), (start, _) in zip(flat, flat[1:], strict=False))
-    if overlapping or any(period != specs[0] for period in specs):
+    if len(bounds) == 1 or not _one_read(bounds, specs):
         return [
             period_quantities(session, tenant_id, period, list(period_specs.values()))
             for period, period_specs in zip(bounds, specs, strict=True)
         ]
-    found = period_quantities(
-        session, tenant_id, [b for p in bounds for b in p], [*specs[0].values()]
-    )
+    flat = [bound for period in bounds for bound in period]
+    found = period_quantities(session, tenant_id, flat, list(specs[0].values()))
     split: list[Quantities] = [{} for _ in bounds]
-    offsets = [sum(len(period) for period in bounds[:n]) for n in range(len(bounds))]
+    # stretch i of the read: (its period, its index in that period)
+    owners = [(n, index) for n, period in enumerate(bounds) for index in range(len(period))]
     for (index, metric), groups in found.items():
-        period = max(n for n, offset in enumerate(offsets) if offset <= index)
-        split[period][index - offsets[period], metric] = groups
+        period, own = owners[index]
+        split[period][own, metric] = groups
     return split
+
+
+def _one_read(
+    bounds: list[list[tuple[datetime, datetime]]], specs: list[dict[str, MeterSpec]]
+) -> bool:
+    """Whether the periods can be read by one GROUP BY: no two stretches overlap (an event
+    counts in the first that holds it) and every metric is grouped alike."""
+    flat = sorted(bound for period in bounds for bound in period)
+    overlapping = any(end > start for (_, end), (start, _) in zip(flat, flat[1:], strict=False))
+    return not overlapping and all(period == specs[0] for period in specs)
 
 
 def _bill(
