@@ -4,13 +4,19 @@ sixth."""
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from collections.abc import Mapping
+from typing import Any
 
-from billing.models import NumberSequence
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+import webhooks
+from billing import BillingService
+from billing.models import Invoice, NumberSequence
 from billing.numbering import CREDIT_NOTE_SEQUENCE, INVOICE_SEQUENCE, last_number, next_number
 from webhooks.models import WebhookEvent
 
-from .test_lifecycle import generate, seed_plan
+from .test_lifecycle import FEB, JAN, LATER, generate, seed_plan
 
 
 def test_last_number_is_zero_before_the_first_and_then_the_last_issued(session) -> None:
@@ -40,3 +46,32 @@ def test_an_invoice_past_the_sixth_digit_keeps_every_digit_on_it_and_its_event(s
         (numbers[1], "t2"),
     ]
     assert last_number(session, INVOICE_SEQUENCE) == 1_000_001
+
+
+class RelayingOutbox:
+    """An outbox other than the `webhooks` module: it stores through `webhooks.publish`."""
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    def publish(self, session: Session, topic: str, payload: Mapping[str, Any], **options: Any) -> str:
+        self.topics.append(topic)
+        return webhooks.publish(session, topic, payload, **options)
+
+
+def test_with_another_outbox_the_finalized_event_it_stored_gets_the_invoice_s_number(
+    session,
+) -> None:
+    """The numbering patches the event the outbox stored (PostgreSQL: `_NUMBER_INVOICE`)."""
+    seed_plan(session, ["t1"])
+    outbox = RelayingOutbox()
+    invoice_id = BillingService(
+        session=session, tenant_id="t1", now=lambda: LATER, outbox=outbox
+    ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    number = session.get(Invoice, invoice_id).number
+    assert number == "INV-000001"
+    assert "billing.invoice.finalized" in outbox.topics
+    announced = session.execute(
+        select(WebhookEvent.payload).where(WebhookEvent.topic == "billing.invoice.finalized")
+    ).scalar_one()
+    assert announced["number"] == number
