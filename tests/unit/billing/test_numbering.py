@@ -54,7 +54,9 @@ class RelayingOutbox:
     def __init__(self) -> None:
         self.topics: list[str] = []
 
-    def publish(self, session: Session, topic: str, payload: Mapping[str, Any], **options: Any) -> str:
+    def publish(
+        self, session: Session, topic: str, payload: Mapping[str, Any], **options: Any
+    ) -> str:
         self.topics.append(topic)
         return webhooks.publish(session, topic, payload, **options)
 
