@@ -37,10 +37,11 @@ ERROR_TEXT_CHARS = 500
 DEFAULT_ATTEMPT_TIMEOUT = 30.0
 #: Connect and read timeouts of a `DeliveryClient` not given any (the settings' defaults).
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
-#: The headers an `httpx.Client` puts before a request's own, sent the same way.
+#: The headers an `httpx.Client` puts before a request's own, sent the same way, but asking for
+#: an answer as it is: a compressed one would be inflated before `MAX_RESPONSE_BYTES` applied.
 CLIENT_HEADERS = (
     ("Accept", "*/*"),
-    ("Accept-Encoding", "gzip, deflate"),
+    ("Accept-Encoding", "identity"),
     ("Connection", "keep-alive"),
 )
 
@@ -232,11 +233,20 @@ class Sender:
 
 
 def _read_some(response: httpx.Response) -> bytes:
+    """The start of the answer, reading at most about `MAX_RESPONSE_BYTES` of it as sent:
+    a compressed answer (sent although the request asked for none) is not inflated, since a
+    few KiB of it can inflate to gigabytes; its text says so instead. An answer a transport
+    gave already read (in memory, as httpx's MockTransport does) is taken as it is."""
+    if response.is_stream_consumed:
+        return response.content[:ERROR_TEXT_CHARS]
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_bytes():
+    for chunk in response.iter_raw():
         chunks.append(chunk)
         size += len(chunk)
         if size >= MAX_RESPONSE_BYTES:
             break
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if chunks and encoding != "identity":
+        return f"({encoding[:40]}-encoded answer not shown)".encode()
     return b"".join(chunks)[:ERROR_TEXT_CHARS]

@@ -475,9 +475,14 @@ def _chain_key(delivery: ClaimedDelivery) -> tuple[str, str] | None:
 
 
 def report(results: Sequence[AttemptResult]) -> None:
-    """Count each attempt (`webhooks.metrics`) and log its line (`log_attempt`)."""
+    """Count each attempt (`webhooks.metrics`) and log its line (`log_attempt`). Never raises:
+    an outcome that cannot be counted or logged is still recorded (the recorder's thread must
+    outlive it, or no outcome would be recorded again and every slot would stay taken)."""
     for result in results:
-        log_attempt(result, metrics.observe(result, result.duration), result.duration)
+        try:
+            log_attempt(result, metrics.observe(result, result.duration), result.duration)
+        except Exception:
+            logger.exception("counting or logging delivery %s failed", result.delivery.delivery_id)
 
 
 def log_attempt(result: AttemptResult, outcome: str, seconds: float) -> None:

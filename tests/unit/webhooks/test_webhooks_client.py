@@ -3,16 +3,20 @@ deliveries, and a request's bytes written at once."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import socket
 import threading
+import tracemalloc
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import httpcore
 import httpx
 import pytest
 
 from webhooks.deadline import DeadlineStream, attempt_deadline
-from webhooks.delivery import DeliveryClient, make_client
+from webhooks.delivery import ClaimedDelivery, DeliveryClient, Sender, make_client
 from webhooks.ssrf import AddressPolicy
 
 URL = "https://subscriber.test/hook?tenant=t1"
@@ -42,6 +46,7 @@ def test_a_post_is_the_request_an_httpx_client_sends() -> None:
 
     def by_client(transport: httpx.MockTransport) -> None:
         client = httpx.Client(transport=transport, timeout=timeout, follow_redirects=False)
+        client.headers["Accept-Encoding"] = "identity"  # an answer as sent, not inflated
         client.post(URL, content=b'{"a":1}', headers=HEADERS)
 
     def by_delivery_client(transport: httpx.MockTransport) -> None:
@@ -178,3 +183,41 @@ def test_a_delivery_reaches_a_real_subscriber_in_one_segment() -> None:
     [received] = first_reads
     assert received.startswith(b"POST /hook HTTP/1.1\r\n")
     assert received.endswith(b'\r\n\r\n{"a":1}')
+
+
+SECRET = "whsec_" + base64.b64encode(b"k" * 24).decode()
+
+
+class _Streamed(httpx.SyncByteStream):
+    """An answer's body as a transport streams it (not read before the relay reads it)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._body
+
+
+def test_a_compressed_answer_is_not_inflated_and_none_is_asked_for() -> None:
+    """A hostile subscriber's 16 KiB of gzip inflate to 16 MiB: the relay reads the answer as
+    sent, so it holds kilobytes, and it asks for answers as they are (`identity`)."""
+    bomb = gzip.compress(b"\0" * (16 * 1024 * 1024))
+    asked: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers.get("accept-encoding"))
+        headers = {"content-encoding": "gzip"}
+        return httpx.Response(400, headers=headers, stream=_Streamed(bomb))
+
+    sender = Sender(DeliveryClient(httpx.MockTransport(handler)), user_agent="ua/1")
+    delivery = ClaimedDelivery("d", "e", "t.x", {}, datetime.now(UTC), "s", URL, (SECRET,), 1)
+    tracemalloc.start()
+    try:
+        outcome = sender.send(delivery)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert asked == ["identity"]
+    assert outcome.status_code == 400
+    assert outcome.error == "HTTP 400: (gzip-encoded answer not shown)"
+    assert peak < 2 * 1024 * 1024

@@ -498,6 +498,37 @@ def test_each_attempt_is_logged_and_counted_once_by_the_recorder_not_its_sender(
     assert REGISTRY.get_sample_value("webhooks_deliveries_total", counted) == delivered + 7
 
 
+def test_an_outcome_that_cannot_be_logged_is_recorded_and_the_next_ones_too(
+    caplog, monkeypatch
+) -> None:
+    """The recorder's thread outlives a failure to count or log an outcome: had it died, no
+    outcome would be recorded again (each delivery re-sent when its lease ran out)."""
+    world = World(answer(200), poll_interval=0.02)
+    world.subs.add(TOPIC, url=URL)
+    world.service.publish(TOPIC, PAYLOAD)
+    real_log_attempt = log_attempt
+    failed: list[str] = []
+
+    def failing_once(result: AttemptResult, outcome: str, seconds: float) -> None:
+        if not failed:
+            failed.append(result.delivery.delivery_id)
+            raise ValueError("a log handler failed")
+        real_log_attempt(result, outcome, seconds)
+
+    monkeypatch.setattr("webhooks.relay.log_attempt", failing_once)
+
+    def all_delivered() -> bool:
+        if world.statuses() == ["delivered"]:  # recorded: the next ones come after it
+            world.service.publish(TOPIC, PAYLOAD)
+            world.service.publish(TOPIC, PAYLOAD)
+        return world.statuses() == ["delivered"] * 3
+
+    run_relay_until(world.relay, all_delivered)
+    assert world.statuses() == ["delivered"] * 3
+    assert len(world.requests) == 3  # none sent twice
+    assert f"counting or logging delivery {failed[0]} failed" in caplog.text
+
+
 def test_an_idle_relay_rides_out_a_database_error(caplog) -> None:
     world = World(answer(200), poll_interval=0.02)
     world.relay.store = store = Flaky(world.outbox, "next_due")
