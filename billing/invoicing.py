@@ -46,7 +46,7 @@ from billing.errors import (
 )
 from billing.ledger import MAX_AMOUNT
 from billing.models import Invoice, InvoiceLine, Price, Subscription
-from billing.periods import subscription_active_in
+from billing.periods import subscription_active_in, subscription_overlaps
 from billing.pricing import fixed_amount
 from billing.usage_lines import LineDraft, Stretch, UsageBill, bill_periods
 from webhooks.interfaces import NewEvent
@@ -497,8 +497,8 @@ class _Subscribed:
     ended_at: datetime | None
 
     def active_in(self, start: datetime, end: datetime) -> bool:
-        """Whether it overlaps `[start, end)` (`periods.subscription_active_in`)."""
-        return self.effective_at < end and (self.ended_at is None or self.ended_at > start)
+        """Whether it overlaps `[start, end)` (`periods.subscription_overlaps`)."""
+        return subscription_overlaps(self.effective_at, self.ended_at, start, end)
 
 
 def _subscriptions_with_prices(

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from billing.invoicing import price_lines
 from billing.models import Plan, Price, Subscription
-from billing.periods import subscription_active_in
+from billing.periods import subscription_active_in, subscription_overlaps
 from workers.fanout import invoice_targets_query
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
@@ -47,3 +47,4 @@ def test_a_subscription_is_active_when_it_overlaps_the_period(
     targets = session.execute(invoice_targets_query(JAN, FEB)).all()
     lines = price_lines(session, "t1", JAN, FEB, "usd")
     assert (len(matched), len(targets), len(lines)) == ((1, 1, 1) if active else (0, 0, 0))
+    assert subscription_overlaps(effective_at, ended_at, JAN, FEB) is active
