@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +21,7 @@ from typing import Any, Self
 
 import httpcore
 import httpx
+from httpx._transports.default import map_httpcore_exceptions
 
 from webhooks.deadline import attempt_deadline
 from webhooks.errors import DestinationNotAllowedError
@@ -44,6 +45,7 @@ CLIENT_HEADERS = (
     ("Accept-Encoding", "identity"),
     ("Connection", "keep-alive"),
 )
+_RAW_CLIENT_HEADERS = tuple((name.encode(), value.encode()) for name, value in CLIENT_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,16 @@ def event_body(topic: str, payload: dict[str, Any], created_at: datetime) -> byt
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A subscriber's answer: its status, its headers as sent and the start of its body
+    (`ERROR_TEXT_CHARS` at most, of `MAX_RESPONSE_BYTES` read at most)."""
+
+    status_code: int
+    raw_headers: Sequence[tuple[bytes, bytes]]
+    start: bytes
+
+
 class DeliveryClient:
     """A relay process's pooled connections: POSTs through an httpx transport (its pool).
 
@@ -91,6 +103,40 @@ class DeliveryClient:
     def __init__(self, transport: httpx.BaseTransport, timeout: httpx.Timeout = DEFAULT_TIMEOUT):
         self._transport = transport
         self._timeout = timeout.as_dict()
+        self._pool = transport.pool if isinstance(transport, GuardedTransport) else None
+
+    def answer(self, url: str, body: bytes, headers: Mapping[str, str]) -> Answer:
+        """POST as `post` does and read the start of the answer, as sent (not inflated).
+
+        On a `GuardedTransport` the request goes to its httpcore pool directly: the same
+        bytes on the wire and the same errors (httpx's), without the httpx request, response
+        and stream objects wrapped around httpcore's, which cost a quarter of a delivery's
+        sending CPU (458 -> 338 us, one thread, 2026-12-03).
+        """
+        if self._pool is None:
+            with self.post(url, body, headers) as response:
+                return Answer(response.status_code, response.headers.raw, _read_some(response))
+        target = _target(url)
+        request = httpcore.Request(
+            b"POST",
+            target.url,
+            headers=[
+                target.host,
+                *_RAW_CLIENT_HEADERS,
+                *((name.encode("ascii"), value.encode("ascii")) for name, value in headers.items()),
+                (b"Content-Length", b"%d" % len(body)),
+            ],
+            content=body,
+            extensions={"timeout": self._timeout},
+        )
+        with map_httpcore_exceptions():
+            sent = self._pool.handle_request(request)
+            try:
+                assert isinstance(sent.stream, Iterable)
+                start = _start_of(sent.stream, lambda: httpx.Headers(sent.headers))
+            finally:
+                sent.close()
+        return Answer(sent.status, sent.headers, start)
 
     @contextmanager
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Iterator[httpx.Response]:
@@ -132,6 +178,25 @@ def _parsed_url(url: str) -> httpx.URL:
     return httpx.URL(url)
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a POST to a URL goes, as httpx's transport hands it to httpcore."""
+
+    url: httpcore.URL
+    host: tuple[bytes, bytes]
+
+
+@lru_cache(maxsize=1024)
+def _target(url: str) -> _Target:
+    parsed = _parsed_url(url)
+    return _Target(
+        httpcore.URL(
+            scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
+        ),
+        (b"Host", parsed.netloc),
+    )
+
+
 def make_client(
     *,
     policy: AddressPolicy,
@@ -160,7 +225,7 @@ class GuardedTransport(httpx.HTTPTransport):
         super().__init__(limits=limits, trust_env=False)
         # httpx has no public hook for the network backend; replace the pool it built with the
         # same one plus our backend.
-        self._pool = httpcore.ConnectionPool(
+        self._pool = self.pool = httpcore.ConnectionPool(
             ssl_context=httpx.create_ssl_context(trust_env=False),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
@@ -213,23 +278,21 @@ class Sender:
         return headers
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
-        with self._client.post(url, body, headers) as response:
-            answer = _read_some(response)
-            code = response.status_code
-            if 200 <= code < 300:
-                return Outcome(status_code=code)
-            retry_after = None
-            if code in RETRY_AFTER_STATUSES:
-                now = datetime.fromtimestamp(self._clock(), UTC)
-                retry_after = parse_retry_after(response.headers.get("retry-after"), now)
-            error = f"HTTP {code}"
-            if response.is_redirect:
-                error += f" redirect to {response.headers.get('location', '?')} not followed"
-            elif answer:
-                error += ": " + answer.decode("utf-8", "replace")
-            return Outcome(
-                status_code=code, error=error[:ERROR_TEXT_CHARS], retry_after=retry_after
-            )
+        answer = self._client.answer(url, body, headers)
+        code = answer.status_code
+        if 200 <= code < 300:
+            return Outcome(status_code=code)
+        response = httpx.Response(code, headers=answer.raw_headers)
+        retry_after = None
+        if code in RETRY_AFTER_STATUSES:
+            now = datetime.fromtimestamp(self._clock(), UTC)
+            retry_after = parse_retry_after(response.headers.get("retry-after"), now)
+        error = f"HTTP {code}"
+        if response.is_redirect:
+            error += f" redirect to {response.headers.get('location', '?')} not followed"
+        elif answer.start:
+            error += ": " + answer.start.decode("utf-8", "replace")
+        return Outcome(status_code=code, error=error[:ERROR_TEXT_CHARS], retry_after=retry_after)
 
 
 def _read_some(response: httpx.Response) -> bytes:
@@ -239,14 +302,22 @@ def _read_some(response: httpx.Response) -> bytes:
     gave already read (in memory, as httpx's MockTransport does) is taken as it is."""
     if response.is_stream_consumed:
         return response.content[:ERROR_TEXT_CHARS]
+    return _start_of(response.iter_raw(), lambda: response.headers)
+
+
+def _start_of(body: Iterable[bytes], headers: Callable[[], httpx.Headers]) -> bytes:
+    """The start of an answer's `body` as sent, read up to about `MAX_RESPONSE_BYTES`;
+    `headers` (the answer's) are looked at only if it has one."""
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_raw():
+    for chunk in body:
         chunks.append(chunk)
         size += len(chunk)
         if size >= MAX_RESPONSE_BYTES:
             break
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if chunks and encoding != "identity":
+    if not chunks:
+        return b""
+    encoding = headers().get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
         return f"({encoding[:40]}-encoded answer not shown)".encode()
     return b"".join(chunks)[:ERROR_TEXT_CHARS]
