@@ -21,7 +21,9 @@ safe to run twice, concurrently or after a crash:
 - `billing.finalize_invoice`: locks a draft, re-prices and numbers it (`billing.invoice.finalized`);
   an invoice no longer a draft is left alone, so a second or concurrent run changes nothing.
 
-Each run logs one line (`workers.logs.job_log`): job, outcome, duration, tenant and ids.
+Each run logs one line (`workers.logs.job_log`): job, outcome, duration, tenant and ids. An
+invoice job's line also carries what the service would log on lines of its own:
+`invoice_created=True` for an invoice it created, `status=open` for one it finalized.
 
 The Dramatiq actors (`workers.actors`) call these functions; `make_billing_job_handler` runs the
 same code for teams that drive the jobs from another queue.
@@ -154,7 +156,12 @@ def generate_monthly_invoice_job(
         )
         with session_factory.begin() as session:
             service = BillingService(
-                session=session, tenant_id=job.tenant_id, now=now, policy=policy, outbox=webhooks
+                session=session,
+                tenant_id=job.tenant_id,
+                now=now,
+                policy=policy,
+                outbox=webhooks,
+                log_fields=log,  # `invoice_created`, `status`: on the job's one line
             )
             # The transaction ends with the call: a new invoice commits with its number.
             invoice_id = service.generate_monthly_invoice(

@@ -4,7 +4,7 @@
 each `dramatiq` worker process at boot). `job_log` wraps one run of a job and logs one line when
 it ends, whatever the outcome:
 
-    job billing.generate_monthly_invoice ok in 41.2 ms: tenant_id=t1 invoice_id=… message_id=…
+    job billing.generate_monthly_invoice ok in 41.2 ms: tenant_id=t1 … status=open invoice_id=…
 
 `ok` (INFO), `failed` (WARNING: a transient error, retried while retries are left) or `rejected`
 (ERROR: a permanent error, dead-lettered). In JSON the fields are keys of the object:

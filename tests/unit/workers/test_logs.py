@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from workers import actors
 from workers.broker import QUEUE_NAME
 from workers.errors import InvalidPayloadError
-from workers.jobs import aggregate_daily_job
+from workers.jobs import aggregate_daily_job, generate_monthly_invoice_job
 from workers.logs import JsonFormatter, configure_logging
 from workers.settings import LogSettings, WorkerSettings
 
@@ -67,6 +67,30 @@ def test_a_job_logs_one_line_with_tenant_ids_outcome_and_duration(
     )
     assert (line.outcome, line.tenant_id, line.total) == ("ok", "t1", 5)
     assert isinstance(line.duration_ms, float)
+
+
+def test_an_invoice_job_logs_its_invoice_s_creation_and_status_on_its_one_line(
+    session_factory, seeded, caplog
+) -> None:
+    seeded([("t1", 5, JAN)], plan_for=("t1",))
+    caplog.set_level(logging.INFO)
+    payload = {
+        "tenant_id": "t1",
+        "period_start": JAN.isoformat(),
+        "period_end": datetime(2025, 2, 1, tzinfo=UTC).isoformat(),
+        "currency": "usd",
+    }
+    invoice_id = generate_monthly_invoice_job(session_factory, payload)
+    again = generate_monthly_invoice_job(session_factory, payload)  # found: nothing to note
+    first, second = job_lines(caplog, "billing.generate_monthly_invoice")
+    assert (first.invoice_created, first.status, first.invoice_id) == (True, "open", invoice_id)
+    assert f"invoice_created=True status=open invoice_id={invoice_id}" in first.getMessage()
+    assert (again, hasattr(second, "invoice_created"), hasattr(second, "status")) == (
+        invoice_id,
+        False,
+        False,
+    )
+    assert [r.getMessage() for r in caplog.records if r.name == "billing.service"] == []
 
 
 def test_a_failing_job_logs_failed_and_a_rejected_payload_logs_rejected(
