@@ -16,6 +16,14 @@ every invoice is stored. Printed per configuration: invoices per second while th
 message, and that rate extrapolated to 100,000 tenants, against the goal of 5 minutes with 1
 process. Medians and ranges of the rounds, with the machine's load.
 
+The baseline, measured before and after the runs: numbered commits per second, one after
+another on one raw psycopg connection (`UPDATE number_sequences … RETURNING` then COMMIT,
+each waiting for its WAL flush). Invoice numbers are gapless across tenants, so each finalizing
+transaction holds the sequence's row until its commit is on disk and the next one waits for
+it: no run of numbered invoices, whatever its workers, exceeds that rate. It moves with the
+disk's flush time (2-4 ms on this machine, varying through the day): the ratio of a run's rate
+to it is what compares across days.
+
 With `--in-process N`, first: N of those jobs run one after another in this process (no
 broker, one connection), printing per invoice job the CPU time of this process (the worker's
 Python: SQLAlchemy, pricing, payloads) and of the PostgreSQL backend serving it, and the
@@ -33,6 +41,7 @@ import argparse
 import io
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -288,6 +297,28 @@ def main() -> None:
             client.delete(*keys[start : start + 1000])
 
 
+#: The ceiling's statement: a sequence of its own, incremented as `billing.numbering` does.
+CEILING = (
+    "INSERT INTO number_sequences (name, last_value) VALUES ('bench_ceiling', 1) "
+    "ON CONFLICT (name) DO UPDATE SET last_value = number_sequences.last_value + 1 "
+    "RETURNING last_value"
+)
+
+
+def numbered_commits_per_second(url: str, seconds: float = 3.0) -> float:
+    """Numbered commits per second, one after another on one raw connection (see above)."""
+    with psycopg.connect(url) as connection:
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            connection.execute(CEILING).fetchone()
+            connection.commit()
+            done += 1
+        rate = done / (time.perf_counter() - started)
+        connection.execute("DELETE FROM number_sequences WHERE name = 'bench_ceiling'")
+        connection.commit()
+    return rate
+
+
 def run(url: str, args: argparse.Namespace, namespace: str) -> None:
     previous = ", each tenant's December invoice re-priced" if args.previous_month else ""
     print(
@@ -295,6 +326,7 @@ def run(url: str, args: argparse.Namespace, namespace: str) -> None:
     )
     rates: dict[int, list[float]] = {n: [] for n in args.processes}
     walls: dict[int, list[float]] = {n: [] for n in args.processes}
+    ceilings = [numbered_commits_per_second(url)]
     for round_ in range(args.rounds):
         for processes in args.processes:
             rate, wall = one_run(url, args, namespace, processes)
@@ -304,6 +336,12 @@ def run(url: str, args: argparse.Namespace, namespace: str) -> None:
                 f"round {round_ + 1}, {processes} × {args.threads}: {rate:,.0f} invoices/s, "
                 f"{wall:.1f} s from the first message ({load()})"
             )
+    ceilings.append(numbered_commits_per_second(url))
+    ceiling = statistics.median(ceilings)
+    print(
+        f"baseline: numbered commits one after another {spread(ceilings)}/s before and after "
+        f"the runs (a flush of the disk takes {1000 / ceiling:.1f} ms)"
+    )
     for processes in args.processes:
         median_rate = sorted(rates[processes])[len(rates[processes]) // 2]
         at_scale = AT_SCALE / median_rate
@@ -311,7 +349,8 @@ def run(url: str, args: argparse.Namespace, namespace: str) -> None:
             f"{processes} × {args.threads}: {spread(rates[processes])} invoices/s, wall "
             f"{spread(walls[processes], '.1f')} s for {args.tenants:,}; {AT_SCALE:,} tenants "
             f"≈ {at_scale / 60:.1f} min (goal with 1 process: {GOAL_SECONDS / 60:.0f} min, "
-            f"{AT_SCALE / GOAL_SECONDS:,.0f}/s)"
+            f"{AT_SCALE / GOAL_SECONDS:,.0f}/s); ratio to the baseline "
+            f"{median_rate / ceiling:.2f}"
         )
 
 
