@@ -142,6 +142,7 @@ def test_a_zoned_tenants_refusal_names_its_local_month(session) -> None:
         "1: MAX_METRICS_PER_TENANT is 1"
     )
     assert caught.value.month == feb
+    assert caught.value.month.tzinfo is UTC  # the instant in UTC, not in the host's zone
     assert stored(session) == 2
 
 
