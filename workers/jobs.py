@@ -154,6 +154,9 @@ def generate_monthly_invoice_job(
             period_start=job.period_start.isoformat(),
             currency=job.currency.lower(),
         )
+        # `invoice_created`, `status`: on the job's one line once committed (a job that fails
+        # after creating the invoice rolls it back: its line does not say it created one)
+        changes: dict[str, Any] = {}
         with session_factory.begin() as session:
             service = BillingService(
                 session=session,
@@ -161,7 +164,7 @@ def generate_monthly_invoice_job(
                 now=now,
                 policy=policy,
                 outbox=webhooks,
-                log_fields=log,  # `invoice_created`, `status`: on the job's one line
+                log_fields=changes,
             )
             # The transaction ends with the call: a new invoice commits with its number.
             invoice_id = service.generate_monthly_invoice(
@@ -177,7 +180,7 @@ def generate_monthly_invoice_job(
             if enqueue_sync is not None and policy.grace_period:
                 invoice = session.get(Invoice, invoice_id)
                 draft = invoice is not None and invoice.status == "draft"
-        log["invoice_id"] = invoice_id
+        log.update(changes, invoice_id=invoice_id)
         if enqueue_sync is not None and not draft:
             enqueue_sync(invoice_id)
             log["sync"] = "enqueued"

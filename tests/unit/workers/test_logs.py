@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
+from billing.models import Invoice
 from workers import actors
 from workers.broker import QUEUE_NAME
 from workers.errors import InvalidPayloadError
@@ -91,6 +93,35 @@ def test_an_invoice_job_logs_its_invoice_s_creation_and_status_on_its_one_line(
         False,
     )
     assert [r.getMessage() for r in caplog.records if r.name == "billing.service"] == []
+
+
+class _OutboxDown:
+    """An outbox that fails: the job fails after the service created its invoice."""
+
+    def publish(self, session: object, topic: str, payload: object, **options: object) -> None:
+        raise RuntimeError("outbox down")
+
+
+def test_a_job_failing_after_creating_its_invoice_does_not_log_it_as_created(
+    session_factory, seeded, caplog
+) -> None:
+    seeded([("t1", 5, JAN)], plan_for=("t1",))
+    caplog.set_level(logging.INFO)
+    payload = {
+        "tenant_id": "t1",
+        "period_start": JAN.isoformat(),
+        "period_end": datetime(2025, 2, 1, tzinfo=UTC).isoformat(),
+        "currency": "usd",
+    }
+    with pytest.raises(RuntimeError, match="outbox down"):
+        generate_monthly_invoice_job(session_factory, payload, webhooks=_OutboxDown())
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Invoice)) == 0
+    [line] = job_lines(caplog, "billing.generate_monthly_invoice")
+    assert line.outcome == "failed"
+    assert "error=RuntimeError: outbox down" in line.getMessage()
+    assert not hasattr(line, "invoice_created")
+    assert not hasattr(line, "status")
 
 
 def test_a_failing_job_logs_failed_and_a_rejected_payload_logs_rejected(
