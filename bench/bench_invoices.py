@@ -17,12 +17,13 @@ message, and that rate extrapolated to 100,000 tenants, against the goal of 5 mi
 process. Medians and ranges of the rounds, with the machine's load.
 
 The baseline, measured before and after the runs: numbered commits per second, one after
-another on one raw psycopg connection (`UPDATE number_sequences … RETURNING` then COMMIT,
-each waiting for its WAL flush). Invoice numbers are gapless across tenants, so each finalizing
-transaction holds the sequence's row until its commit is on disk and the next one waits for
-it: no run of numbered invoices, whatever its workers, exceeds that rate. It moves with the
-disk's flush time (2-4 ms on this machine, varying through the day): the ratio of a run's rate
-to it is what compares across days.
+another on one raw psycopg connection (the sequence's upsert `… RETURNING` and its COMMIT in
+one round trip, as `billing.numbering` sends an invoice's; each waits for its WAL flush).
+Invoice numbers are gapless across tenants, so each finalizing transaction holds the
+sequence's row until its commit is on disk and the next one waits for it: a run of numbered
+invoices, whatever its workers, can hardly exceed that rate. It moves with the disk's flush
+time (2-4 ms on this machine, varying through the day): the ratio of a run's rate to it is
+what compares across days.
 
 With `--in-process N`, first: N of those jobs run one after another in this process (no
 broker, one connection), printing per invoice job the CPU time of this process (the worker's
@@ -306,12 +307,16 @@ CEILING = (
 
 
 def numbered_commits_per_second(url: str, seconds: float = 3.0) -> float:
-    """Numbered commits per second, one after another on one raw connection (see above)."""
+    """Numbered commits per second, one after another on one raw connection (see above), each
+    statement sent with its COMMIT in one round trip (a pipeline), as an invoice's is."""
     with psycopg.connect(url) as connection:
+        cursor = connection.cursor()
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
-            connection.execute(CEILING).fetchone()
-            connection.commit()
+            with connection.pipeline():
+                cursor.execute(CEILING)
+                connection.commit()
+            cursor.fetchone()
             done += 1
         rate = done / (time.perf_counter() - started)
         connection.execute("DELETE FROM number_sequences WHERE name = 'bench_ceiling'")

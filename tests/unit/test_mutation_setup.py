@@ -80,6 +80,7 @@ def load_mutate_script() -> ModuleType:
     return module
 
 
+SETUP = {"mutmut": "3.8.1", "configuration": {"timeout": "a"}}
 TWO_FUNCTIONS = "def a(x):\n    return x + 1\n\n\ndef b(x):\n    return x * 2\n"
 
 
@@ -102,9 +103,7 @@ def test_committed_verdicts_stand_for_unchanged_functions_and_not_for_changed_on
     mutate = load_mutate_script()
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pyproject.toml").write_text('[tool.mutmut]\nsource_paths = ["pkg"]\n')
-    source = write_module(
-        tmp_path, "def a(x):\n    return x + 1\n\n\ndef b(x):\n    return x * 2\n"
-    )
+    source = write_module(tmp_path, TWO_FUNCTIONS)
     relative, mutated = Path("pkg/m.py"), Path("mutants/pkg/m.py")
     mutated.parent.mkdir(parents=True)
     mutmut_main.create_mutants_for_file(relative, mutated)
@@ -139,6 +138,7 @@ def test_restoring_leaves_an_existing_mutants_folder_alone(tmp_path: Path) -> No
 
 def test_saved_verdicts_come_back_in_a_checkout_without_mutants(tmp_path: Path) -> None:
     mutate = load_mutate_script()
+    mutate.mutmut_setup = lambda root: SETUP
     meta = tmp_path / "mutants" / "billing" / "ledger.py.meta"
     meta.parent.mkdir(parents=True)
     meta.write_text('{"exit_code_by_key": {"billing.ledger.x_store__mutmut_1": 1}}')
@@ -149,3 +149,20 @@ def test_saved_verdicts_come_back_in_a_checkout_without_mutants(tmp_path: Path) 
     restored = sorted(p.relative_to(tmp_path) for p in (tmp_path / "mutants").rglob("*"))
     assert restored == [Path("mutants/billing"), Path("mutants/billing/ledger.py.meta")]
     assert meta.read_text() == '{"exit_code_by_key": {"billing.ledger.x_store__mutmut_1": 1}}'
+
+
+def test_verdicts_of_another_mutmut_version_or_configuration_are_not_restored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mutate = load_mutate_script()
+    meta = tmp_path / "mutants" / "billing" / "ledger.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text("{}")
+    mutate.mutmut_setup = lambda root: SETUP
+    mutate.save_results(tmp_path)
+    shutil.rmtree(tmp_path / "mutants")
+    for other in ({**SETUP, "mutmut": "3.9.0"}, {**SETUP, "configuration": {"timeout": "b"}}):
+        mutate.mutmut_setup = lambda root, other=other: other
+        mutate.restore_results(tmp_path)
+        assert not (tmp_path / "mutants").exists()
+        assert "made by another mutmut version" in capsys.readouterr().err

@@ -28,6 +28,12 @@ from workers.logs import JsonFormatter, configure_logging
 from workers.settings import LogSettings, WorkerSettings
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
+JANUARY_INVOICE = {
+    "tenant_id": "t1",
+    "period_start": JAN.isoformat(),
+    "period_end": datetime(2025, 2, 1, tzinfo=UTC).isoformat(),
+    "currency": "usd",
+}
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -76,12 +82,7 @@ def test_an_invoice_job_logs_its_invoice_s_creation_and_status_on_its_one_line(
 ) -> None:
     seeded([("t1", 5, JAN)], plan_for=("t1",))
     caplog.set_level(logging.INFO)
-    payload = {
-        "tenant_id": "t1",
-        "period_start": JAN.isoformat(),
-        "period_end": datetime(2025, 2, 1, tzinfo=UTC).isoformat(),
-        "currency": "usd",
-    }
+    payload = JANUARY_INVOICE
     invoice_id = generate_monthly_invoice_job(session_factory, payload)
     again = generate_monthly_invoice_job(session_factory, payload)  # found: nothing to note
     first, second = job_lines(caplog, "billing.generate_monthly_invoice")
@@ -107,12 +108,7 @@ def test_a_job_failing_after_creating_its_invoice_does_not_log_it_as_created(
 ) -> None:
     seeded([("t1", 5, JAN)], plan_for=("t1",))
     caplog.set_level(logging.INFO)
-    payload = {
-        "tenant_id": "t1",
-        "period_start": JAN.isoformat(),
-        "period_end": datetime(2025, 2, 1, tzinfo=UTC).isoformat(),
-        "currency": "usd",
-    }
+    payload = JANUARY_INVOICE
     with pytest.raises(RuntimeError, match="outbox down"):
         generate_monthly_invoice_job(session_factory, payload, webhooks=_OutboxDown())
     with session_factory() as session:
