@@ -359,12 +359,16 @@ _UNNEST_INSERT = _CLAIM_AND_STORE.format(
 
 
 # One event (the usual HTTP or job call): its fields as scalars, not one-element arrays, which
-# psycopg would dump through its array machinery (a fifth of the client's CPU per event).
+# psycopg would dump through its array machinery (a fifth of the client's CPU per event). Its
+# id is made by the server, as a staged batch's are: a UUID4 as text, like `new_id`'s, without
+# the client's uuid4() (a third of the ledger's own CPU per event). `source` is read twice, so
+# PostgreSQL runs it once (and a volatile function keeps it from being inlined): one id.
 _ROW_INSERT = _CLAIM_AND_STORE.format(
     unknown=_UNKNOWN_MONTH,
     emptied="",
     source="""
-    SELECT %(id)s::varchar AS id, %(metric)s::varchar AS metric, %(amount)s::bigint AS amount,
+    SELECT gen_random_uuid()::varchar AS id, %(metric)s::varchar AS metric,
+           %(amount)s::bigint AS amount,
            %(at)s::timestamptz AS at_ts, %(key)s::varchar AS idempotency_key,
            %(metadata_json)s::text::json AS metadata_json""",
 )
@@ -417,7 +421,6 @@ def _insert_new_postgresql(
             "tenant_id": tenant_id,
             "now": utcnow(),
             **_limit_params(limit),
-            "id": new_id(),
             "metric": event.metric,
             "amount": event.amount,
             "at": event.at,
