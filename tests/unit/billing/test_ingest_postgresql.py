@@ -217,11 +217,13 @@ def test_events_sent_one_by_one_end_as_the_same_events_sent_as_one_batch(
     assert results[0] == results[1]
 
 
+@pytest.mark.parametrize("max_metrics", [1000, None])
 def test_an_autocommit_connection_takes_the_single_statement_path(
-    autocommit_engine: Engine,
+    autocommit_engine: Engine, max_metrics: int | None
 ) -> None:
+    """In chunks, with the metric limit checked first or without one (None)."""
     with make_session_factory(autocommit_engine)() as session:
-        bs = BillingService(session=session, tenant_id="t1")
+        bs = BillingService(session=session, tenant_id="t1", max_metrics_per_tenant=max_metrics)
         first = bs.ingest([event(k, amount=k) for k in range(1500)])
         assert not staged(session)  # each statement commits alone: no stage to lose rows from
         again = bs.ingest([event(k, amount=k) for k in range(1500)])
