@@ -5,16 +5,26 @@ sixth."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+import pytest
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
 import webhooks
 from billing import BillingService
+from billing.db import make_session_factory
 from billing.models import Invoice, NumberSequence
-from billing.numbering import CREDIT_NOTE_SEQUENCE, INVOICE_SEQUENCE, last_number, next_number
+from billing.numbering import (
+    CREDIT_NOTE_SEQUENCE,
+    INVOICE_SEQUENCE,
+    last_number,
+    next_number,
+    number_invoice,
+)
 from webhooks.models import WebhookEvent
+from webhooks.sqltypes import new_id
 
 from .test_lifecycle import FEB, JAN, LATER, generate, seed_plan
 
@@ -77,3 +87,35 @@ def test_with_another_outbox_the_finalized_event_it_stored_gets_the_invoice_s_nu
         select(WebhookEvent.payload).where(WebhookEvent.topic == "billing.invoice.finalized")
     ).scalar_one()
     assert announced["number"] == number
+
+
+def test_without_commit_a_rolled_back_numbering_gives_its_number_back(session) -> None:
+    """`number_invoice` takes the number in the caller's transaction unless told to commit."""
+    seed_plan(session, ["t1"])
+    draft = generate(session, "t1", grace_period=timedelta(days=3))
+    session.commit()
+    number = number_invoice(session, draft.id, new_id(), "INV-", finalized_at=LATER)
+    assert number == "INV-000001"
+    session.rollback()
+    assert session.get(Invoice, draft.id).number is None
+    assert last_number(session, INVOICE_SEQUENCE) == 0
+
+
+@pytest.mark.postgres
+def test_with_commit_the_invoice_is_numbered_and_visible_to_others_before_the_callers_commit(
+    pg_engine: Engine,
+) -> None:
+    """PostgreSQL sends the numbering statement with the COMMIT (`commit=True`)."""
+    factory = make_session_factory(pg_engine)
+    with factory() as session:
+        seed_plan(session, ["t1"])
+        session.commit()
+        invoice_id = BillingService(
+            session=session, tenant_id="t1", now=lambda: LATER
+        ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd", commit=True)
+        with factory() as other:
+            seen = other.execute(select(Invoice.status, Invoice.number)).one()
+        assert tuple(seen) == ("open", "INV-000001")
+        session.rollback()  # nothing left to undo
+    with factory() as session:
+        assert session.get(Invoice, invoice_id).number == "INV-000001"
