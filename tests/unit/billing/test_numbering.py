@@ -8,13 +8,11 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-import pytest
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 import webhooks
 from billing import BillingService
-from billing.db import make_session_factory
 from billing.models import Invoice, NumberSequence
 from billing.numbering import (
     CREDIT_NOTE_SEQUENCE,
@@ -99,23 +97,3 @@ def test_without_commit_a_rolled_back_numbering_gives_its_number_back(session) -
     session.rollback()
     assert session.get(Invoice, draft.id).number is None
     assert last_number(session, INVOICE_SEQUENCE) == 0
-
-
-@pytest.mark.postgres
-def test_with_commit_the_invoice_is_numbered_and_visible_to_others_before_the_callers_commit(
-    pg_engine: Engine,
-) -> None:
-    """PostgreSQL sends the numbering statement with the COMMIT (`commit=True`)."""
-    factory = make_session_factory(pg_engine)
-    with factory() as session:
-        seed_plan(session, ["t1"])
-        session.commit()
-        invoice_id = BillingService(
-            session=session, tenant_id="t1", now=lambda: LATER
-        ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd", commit=True)
-        with factory() as other:
-            seen = other.execute(select(Invoice.status, Invoice.number)).one()
-        assert tuple(seen) == ("open", "INV-000001")
-        session.rollback()  # nothing left to undo
-    with factory() as session:
-        assert session.get(Invoice, invoice_id).number == "INV-000001"
