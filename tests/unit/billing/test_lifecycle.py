@@ -285,3 +285,37 @@ def test_generating_again_after_a_payment_or_write_off_returns_the_invoice_as_it
     session.refresh(invoice)
     assert (invoice.status, invoice.total_amount, lines_of(session, invoice)) == before
     assert topics(session).count("billing.invoice.finalized") == 1
+
+
+def test_the_invoice_finalize_returns_shows_when_it_was_finalized(session, plan) -> None:
+    """The numbering statement writes `finalized_at` into the row; the object returned (the
+    session's) shows it too, without a refresh."""
+    draft = generate(session, grace_period=timedelta(days=3))
+    finalized = service(session, now=LATER + timedelta(days=3)).finalize_invoice(draft.id)
+    assert (finalized.status, finalized.finalized_at) == ("open", LATER + timedelta(days=3))
+
+
+class RecordingOutbox:
+    """An outbox that keeps what it is given and stores nothing in `webhook_events`."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str | None]] = []
+
+    def publish(self, session, topic, payload, *, event_id=None, **options) -> str:
+        self.published.append((topic, event_id))
+        return event_id or "recorded"
+
+
+def test_through_another_outbox_the_sql_outbox_stores_none_of_the_invoice_s_events(
+    session, plan
+) -> None:
+    outbox = RecordingOutbox()
+    invoice_id = BillingService(
+        session=session, tenant_id="t1", now=lambda: LATER, outbox=outbox
+    ).generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    assert outbox.published == [
+        ("billing.invoice.created", f"invoice_created_{invoice_id}"),
+        ("billing.invoice.finalized", f"invoice_finalized_{invoice_id}"),
+    ]
+    assert session.scalar(select(func.count()).select_from(WebhookEvent)) == 0
+    assert session.get(Invoice, invoice_id).number == "INV-000001"
