@@ -66,25 +66,15 @@ class UsageBill:
     unpriced: list[LineDraft]
 
 
-def bill_usage(
-    session: Session, tenant_id: str, start: datetime, end: datetime, stretches: Sequence[Stretch]
-) -> UsageBill:
-    """Price the tenant's usage in `[start, end)`; `stretches` are the subscriptions' (ordered,
-    not overlapping, inside the period). Two statements read the ledger (see
-    `billing.usage_quantities`), whatever the metrics and stretches."""
-    [bill] = bill_periods(session, tenant_id, [(start, end, stretches)])
-    return bill
-
-
 Period = tuple[datetime, datetime, Sequence[Stretch]]
-"""`[start, end)` and its subscriptions' stretches, as `bill_usage` takes them."""
+"""`[start, end)` and its subscriptions' stretches (ordered, not overlapping, inside it)."""
 
 
 def bill_periods(session: Session, tenant_id: str, periods: Sequence[Period]) -> list[UsageBill]:
-    """`bill_usage` of each of `periods` (a finalized invoice's re-priced with the next one's),
-    the ledger read for all of them at once: one statement for the meters, one GROUP BY for
-    every period's stretches, unless periods overlap or group a metric differently (for a
-    property a price of one names): then one GROUP BY per period."""
+    """Price the tenant's usage in each of `periods` (a finalized invoice's re-priced with the
+    next one's), the ledger read for all of them at once: one statement for the meters, one
+    GROUP BY for every period's stretches, unless periods overlap or group a metric differently
+    (for a property a price of one names): then one GROUP BY per period."""
     if not periods:
         return []
     prices_of = [_prices_by_metric(stretches) for _, _, stretches in periods]
