@@ -528,7 +528,9 @@ def test_the_deployed_schedule_takes_the_invoice_policy_of_the_billing_settings(
         invoice_grace_period=timedelta(days=3),
         late_usage_lookback=timedelta(days=40),
     )
-    billing, aps = deployed_schedule(WorkerSettings(), database, sessionmaker())
+    factory: sessionmaker = sessionmaker()
+    billing, aps = deployed_schedule(WorkerSettings(), database, factory)
+    assert billing.session_factory is factory  # its fan-outs read the deployment's database
     assert (billing.grace_period, billing.late_usage_lookback) == (DAY * 3, DAY * 40)
     assert isinstance(billing.lock, LocalFireLock)
     assert (aps.timezone, aps.state) == (UTC, STATE_STOPPED)
