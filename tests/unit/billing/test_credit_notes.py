@@ -15,8 +15,9 @@ from billing import (
     UnknownInvoiceError,
 )
 from billing.models import CreditNote, CreditNoteLine, InvoiceLine
-from tests.unit.billing.test_lifecycle import JAN, LATER, events, generate, service
+from tests.unit.billing.test_lifecycle import FEB, JAN, LATER, MAR, events, generate, service
 from tests.unit.billing.test_lifecycle import plan as plan  # a fixture
+from webhooks.models import WebhookEvent
 
 
 def count(session, model) -> int:
@@ -52,6 +53,13 @@ def test_credit_notes_are_numbered_and_announced_once_each(session, plan) -> Non
         },
     ]
     assert [n.id for n in service(session).list_credit_notes(invoice.id)] == [first.id, second.id]
+    ids = session.execute(
+        select(WebhookEvent.id)
+        .where(WebhookEvent.topic == "billing.credit_note.created")
+        .order_by(WebhookEvent.created_at)
+    ).scalars()
+    # The event's id is the note's: a retry of the same transaction cannot announce it twice.
+    assert list(ids) == [f"credit_note_created_{note.id}" for note in (first, second)]
 
 
 def test_credit_notes_are_listed_oldest_first_and_by_number_at_the_same_instant(
@@ -83,7 +91,11 @@ def test_the_credit_notes_of_an_invoice_never_exceed_its_total(session, plan) ->
     service(session).create_credit_note(invoice.id, amount=999, reason="almost all")
     with pytest.raises(CreditExceedsInvoiceError) as raised:
         service(session).create_credit_note(invoice.id, amount=2, reason="one cent too many")
-    assert raised.value.available == 1
+    assert (str(raised.value), raised.value.invoice_id, raised.value.available) == (
+        "the invoice has 1 left to credit, not 2",
+        invoice.id,
+        1,
+    )
     assert count(session, CreditNote) == 1
     assert service(session).create_credit_note(invoice.id, amount=1, reason="the rest").amount == 1
 
@@ -96,8 +108,14 @@ def test_a_paid_invoice_can_be_credited_a_draft_or_void_one_cannot(session, plan
     void = generate(session, "t3")
     service(session, "t3").void_invoice(void.id)
     for tenant, invoice in (("t2", draft), ("t3", void)):
-        with pytest.raises(InvoiceStateError):
+        with pytest.raises(InvoiceStateError) as raised:
             service(session, tenant).create_credit_note(invoice.id, amount=5, reason="no")
+        assert (str(raised.value), raised.value.invoice_id, raised.value.status) == (
+            f"a {invoice.status} invoice cannot be credited",
+            invoice.id,
+            invoice.status,
+        )
+    assert (draft.status, void.status) == ("draft", "void")
     with pytest.raises(UnknownInvoiceError):
         service(session, "t2").create_credit_note(paid.id, amount=5, reason="not mine")
     assert count(session, CreditNote) == 1
@@ -143,39 +161,87 @@ def test_a_line_that_is_not_an_object_is_refused_by_its_index(session, plan) -> 
     assert count(session, CreditNote) == 0
 
 
+POSITIVE = "must be a positive integer"
+EITHER = "give either amount or lines"
+REASON = "reason must be 1 to 500 characters"
+LINES = "lines must hold 1 to 100 lines"
+DESCRIPTION = "lines[0].description must be 1 to 200 characters"
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("kwargs", "field", "message"),
     [
-        ({"amount": 0, "reason": "r"}, "amount"),
-        ({"amount": -5, "reason": "r"}, "amount"),
-        ({"amount": 1.5, "reason": "r"}, "amount"),
-        ({"amount": True, "reason": "r"}, "amount"),
-        ({"reason": "r"}, "amount"),
-        ({"amount": 5, "lines": [{"amount": 5}], "reason": "r"}, "amount"),
-        ({"amount": 5, "reason": " "}, "reason"),
-        ({"amount": 5, "reason": "r" * 501}, "reason"),
-        ({"lines": [], "reason": "r"}, "lines"),
-        ({"lines": [{"amount": 0}], "reason": "r"}, "lines[0].amount"),
-        ({"lines": [{"amount": 5, "description": ""}], "reason": "r"}, "lines[0].description"),
+        ({"amount": 0, "reason": "r"}, "amount", f"amount {POSITIVE}"),
+        ({"amount": -5, "reason": "r"}, "amount", f"amount {POSITIVE}"),
+        ({"amount": 1.5, "reason": "r"}, "amount", f"amount {POSITIVE}"),
+        ({"amount": True, "reason": "r"}, "amount", f"amount {POSITIVE}"),
+        ({"reason": "r"}, "amount", EITHER),
+        ({"amount": 5, "lines": [{"amount": 5}], "reason": "r"}, "amount", EITHER),
+        ({"amount": 5, "reason": " "}, "reason", REASON),
+        ({"amount": 5, "reason": "r" * 501}, "reason", REASON),
+        ({"lines": [], "reason": "r"}, "lines", LINES),
+        ({"lines": "abc", "reason": "r"}, "lines", LINES),
+        ({"lines": [{"amount": 1}] * 101, "reason": "r"}, "lines", LINES),
+        (
+            {"lines": [{"amount": 0}], "reason": "r"},
+            "lines[0].amount",
+            f"lines[0].amount {POSITIVE}",
+        ),
+        (
+            {"lines": [{"amount": 5, "description": ""}], "reason": "r"},
+            "lines[0].description",
+            DESCRIPTION,
+        ),
         (
             {"lines": [{"amount": 5, "description": "d" * 201}], "reason": "r"},
             "lines[0].description",
+            DESCRIPTION,
         ),
         (
             {"lines": [{"amount": 5}, {"amount": 5, "invoice_line_id": "x" * 37}], "reason": "r"},
             "lines[1].invoice_line_id",
+            "lines[1].invoice_line_id must be 1 to 36 characters",
         ),
         (
             {"lines": [{"amount": 5, "invoice_line_id": "nope"}], "reason": "r"},
             "lines.invoice_line_id",
+            "a line names no line of this invoice",
         ),
     ],
 )
 def test_a_malformed_credit_note_is_refused_and_nothing_stored(
-    session, plan, kwargs, field
+    session, plan, kwargs, field, message
 ) -> None:
     invoice = generate(session)
     with pytest.raises(InvalidCreditNoteError) as raised:
         service(session).create_credit_note(invoice.id, **kwargs)
-    assert raised.value.field == field
+    assert (raised.value.field, str(raised.value)) == (field, message)
+    assert count(session, CreditNote) == 0
+
+
+def test_a_reason_of_500_characters_and_100_lines_are_accepted(session, plan) -> None:
+    invoice = generate(session)  # $10.00
+    note = service(session).create_credit_note(
+        invoice.id, lines=[{"amount": 1}] * 100, reason="r" * 500
+    )
+    assert (note.amount, len(note.reason), count(session, CreditNoteLine)) == (100, 500, 100)
+
+
+def test_a_line_of_the_tenants_other_invoice_is_refused_and_nothing_stored(session, plan) -> None:
+    service(session).record_usage(
+        metric="tokens", amount=50, at=JAN + timedelta(days=2), idempotency_key="k"
+    )
+    january = generate(session)
+    february = generate(session, start=FEB, end=MAR)
+    january_line = session.execute(
+        select(InvoiceLine.id).where(InvoiceLine.invoice_id == january.id).limit(1)
+    ).scalar_one()
+    with pytest.raises(InvalidCreditNoteError) as raised:
+        service(session).create_credit_note(
+            february.id, lines=[{"amount": 5, "invoice_line_id": january_line}], reason="r"
+        )
+    assert (raised.value.field, str(raised.value)) == (
+        "lines.invoice_line_id",
+        "a line names no line of this invoice",
+    )
     assert count(session, CreditNote) == 0
