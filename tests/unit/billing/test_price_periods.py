@@ -95,14 +95,20 @@ def test_each_period_is_priced_as_it_is_alone(session, tenant, periods) -> None:
     assert all(alone)
 
 
-def test_a_period_without_prices_in_the_currency_is_refused_alone(session, tenant) -> None:
+@pytest.mark.parametrize("refused_first", [False, True])
+def test_a_period_without_prices_in_the_currency_is_refused_alone(
+    session, tenant, refused_first
+) -> None:
     eur = make_plan(session, "eur", prices=[{"unit_amount": 900, "currency": "eur"}])
     subscribe(session, "t2", eur, start=FEB)
     subscribe(session, "t2", make_plan(session, "usd", prices=[{"unit_amount": 5}]), end=FEB)
-    january, february = price_periods(session, "t2", [(JAN, FEB), (FEB, MAR)], "usd")
+    periods = [(JAN, FEB), (FEB, MAR)]
+    priced = price_periods(session, "t2", periods[::-1] if refused_first else periods, "usd")
+    january, february = priced[::-1] if refused_first else priced
     with pytest.raises(CurrencyMismatchError, match="no price in 'usd'"):
         february()
     assert january() == price_lines(session, "t2", JAN, FEB, "usd")
+    assert january()  # the periods after a refused one are priced too
 
 
 def test_a_monthly_invoice_reads_both_periods_at_once_when_it_re_prices_the_last(
