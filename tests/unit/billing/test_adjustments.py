@@ -367,19 +367,25 @@ def late_credits(session) -> list[tuple]:
     return sorted(tuple(row) for row in rows)
 
 
-def test_what_the_invoice_cannot_take_is_credited_on_the_invoices_that_billed_its_adjustments(
-    session,
-) -> None:
-    long = {"tenant": "t9", "late_usage_lookback": timedelta(days=100)}
+LONG = {"tenant": "t9", "late_usage_lookback": timedelta(days=100)}
+
+
+def two_carriers_then_a_crossing(
+    session, goodwill: int
+) -> tuple[Invoice, InvoiceLine, InvoiceLine]:
+    """January (40 units at 2: 80, `goodwill` credited), two invoices that each billed 30 late
+    units of it (+60; the newer 25 credited on that line, the older 50), then one late unit
+    that crosses into the volume tier of 1 a unit: January's usage now bills 99 less.
+    Returns January and the newer and the older adjustment line."""
     tiered_plan(session, "volume")
     use(session, 40, JAN + 5 * DAY, "on-time", tenant="t9")
-    january = invoice(session, JAN, FEB, **long)
-    service(session, FEB + DAY, "t9").create_credit_note(january.id, amount=80, reason="goodwill")
+    january = invoice(session, JAN, FEB, **LONG)
+    service(session, FEB + DAY, "t9").create_credit_note(january.id, amount=goodwill, reason="gw")
     carriers = []  # each bills 30 late units of January (+60) and 10 units of its own (20)
     for start, end in [(FEB, MAR), (MAR, APR)]:
         use(session, 30, JAN + 20 * DAY, f"late {start}", tenant="t9")
         use(session, 10, start + DAY, f"own {start}", tenant="t9")
-        carriers.append(invoice(session, start, end, **long))
+        carriers.append(invoice(session, start, end, **LONG))
     assert [carrier.total_amount for carrier in carriers] == [80, 80]
     older, newer = sorted(
         session.scalars(select(InvoiceLine).where(InvoiceLine.kind == "adjustment")),
@@ -391,15 +397,41 @@ def test_what_the_invoice_cannot_take_is_credited_on_the_invoices_that_billed_it
     service(session, APR, "t9").create_credit_note(newer.invoice_id, lines=on_line, reason="x")
     service(session, APR, "t9").create_credit_note(older.invoice_id, amount=50, reason="y")
     use(session, 1, JAN + 21 * DAY, "crossing", tenant="t9")  # 101 units at 1: 99 less
-    invoice(session, APR, APR.replace(month=5), **long)
+    invoice(session, APR, APR.replace(month=5), **LONG)
+    return january, newer, older
+
+
+def pending_of_t9(session) -> list[tuple]:
+    policy = {"late_usage_lookback": LONG["late_usage_lookback"]}
+    pending = service(session, APR, "t9", **policy).pending_adjustments(currency="usd")
+    return [(a.adjusts_invoice_id, a.quantity, a.amount) for a in pending]
+
+
+def test_what_the_invoice_cannot_take_is_credited_on_the_invoices_that_billed_its_adjustments(
+    session,
+) -> None:
+    january, newer, older = two_carriers_then_a_crossing(session, goodwill=80)
     # January took nothing more; the newer line 60 - 25; the older invoice 80 - 50.
     assert late_credits(session) == sorted(
         [(newer.invoice_id, 35, newer.id, 1), (older.invoice_id, 30, older.id, 0)]
     )
-    [pending] = service(
-        session, APR, "t9", late_usage_lookback=timedelta(days=100)
-    ).pending_adjustments(currency="usd")
-    assert (pending.adjusts_invoice_id, pending.quantity, pending.amount) == (january.id, 0, -34)
+    assert pending_of_t9(session) == [(january.id, 0, -34)]
+
+
+def test_a_credit_that_leaves_one_cent_goes_on_to_the_next_invoice(session) -> None:
+    january, newer, older = two_carriers_then_a_crossing(session, goodwill=17)
+    january_line = session.scalars(
+        select(InvoiceLine.id).where(InvoiceLine.invoice_id == january.id)
+    ).one()
+    # 99: January's 63 left, the newer line's 35, then the one cent left on the older invoice.
+    assert late_credits(session) == sorted(
+        [
+            (january.id, 63, january_line, 1),
+            (newer.invoice_id, 35, newer.id, 0),
+            (older.invoice_id, 1, older.id, 0),
+        ]
+    )
+    assert pending_of_t9(session) == []
 
 
 def test_only_open_or_paid_invoices_that_billed_adjustments_for_its_period_are_credited(
