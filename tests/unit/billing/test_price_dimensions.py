@@ -310,8 +310,9 @@ def test_the_lines_come_by_group_value_a_missing_one_first_then_the_unpriced_by_
     declare_meter(session, key="calls", group_by=["region"])
     plan = plan_with(session, "ai", {"metric": "tokens", "unit_amount": 1})
     subscribe(session, plan, start=MID)  # [JAN, MID): no subscription, its usage unpriced
-    for amount, model in [(1, "b"), (2, None), (3, "a")]:
-        use(session, amount, MID + timedelta(days=1), **({"model": model} if model else {}))
+    for amount, model in [(1, "b"), (2, None), (3, "a"), (10, "B"), (12, "")]:
+        kept = {"model": model} if model is not None else {}
+        use(session, amount, MID + timedelta(days=1), **kept)
     for amount, at, region in [
         (4, JAN, "z"),
         (5, JAN, "m"),
@@ -325,6 +326,8 @@ def test_the_lines_come_by_group_value_a_missing_one_first_then_the_unpriced_by_
     preview = bs.preview_invoice(period_start=JAN, period_end=FEB, currency="usd")
     assert [(line.metric, line.dimensions, line.quantity) for line in preview.lines] == [
         ("tokens", {"model": None}, 2),
+        ("tokens", {"model": ""}, 12),  # an empty value is a value, before any other
+        ("tokens", {"model": "B"}, 10),
         ("tokens", {"model": "a"}, 3),
         ("tokens", {"model": "b"}, 1),
         ("calls", {"region": None}, 7),
