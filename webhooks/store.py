@@ -158,7 +158,13 @@ class SqlDeliveryStore:
         if not deliveries:
             return
         params = [
-            {"b_id": d.delivery_id, "b_attempt": d.attempt, "b_due": d.due_at or now, "b_now": now}
+            {
+                "b_id": d.delivery_id,
+                "b_attempt": d.attempt,
+                "b_lease": d.lease_ends_at,
+                "b_due": d.due_at or now,
+                "b_now": now,
+            }
             for d in deliveries
         ]
         with self._sessions.begin() as session:
@@ -430,6 +436,9 @@ _RELEASE = (
     .where(
         _deliveries.c.id == bindparam("b_id"),
         _deliveries.c.attempts == bindparam("b_attempt"),
+        # The claim's own lease, as `_SETTLE`: a replay counts attempt 1 again, and a claim
+        # made before it must not end the claim made since.
+        _deliveries.c.claimed_until == bindparam("b_lease"),
         # Not `IN (...)`: expanding parameters cannot go through executemany.
         or_(_deliveries.c.status == PENDING, _deliveries.c.status == FAILED),
     )

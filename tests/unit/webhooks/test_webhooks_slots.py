@@ -237,3 +237,24 @@ def test_the_outcome_of_an_attempt_made_before_a_replay_is_not_recorded(sql) -> 
     assert [slot for _, slot in sql.claimed()] == [replayed.slot]
     sql.store.record([delivered(replayed)], later, DAYS)
     assert sql.claimed() == []
+
+
+def test_a_claim_made_before_a_replay_handed_back_leaves_the_claim_made_since(sql) -> None:
+    """A relay that stops (or whose chain's lease ran out) hands back what it claimed before a
+    replay: the replayed delivery's new claim, its attempt in flight, must stay held (no third
+    claim sends it again) and its success be recorded."""
+    sql.add("busy", events=1)
+    now = utcnow()
+    [before] = sql.store.claim(10, now, LEASE, max_in_flight=1, chain=2)
+    with sql.factory.begin() as session:
+        replay(session, event_id=before.event_id, now=lambda: now)
+    later = now + timedelta(seconds=1)
+    [replayed] = sql.store.claim(10, later, LEASE, max_in_flight=1, chain=2)
+    assert replayed.attempt == before.attempt == 1
+    sql.store.release([before], later)
+    assert [slot for _, slot in sql.claimed()] == [replayed.slot]
+    assert sql.store.claim(10, later + timedelta(seconds=2), LEASE, max_in_flight=1, chain=2) == []
+    sql.store.record([delivered(replayed)], later, DAYS)
+    with sql.factory() as session:
+        row = session.scalars(select(WebhookDelivery)).one()
+    assert (row.status, row.attempts, row.claimed_until) == ("delivered", 1, None)
