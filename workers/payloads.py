@@ -35,8 +35,20 @@ def _iso_string(value: Any) -> datetime:
         raise ValueError(f"{value!r} is not an ISO 8601 datetime") from None
 
 
+#: The instants a job may name: a day or a month after them, in any zone, is still a datetime.
+EARLIEST = datetime(2, 1, 1, tzinfo=UTC)
+LATEST = datetime(9998, 12, 31, tzinfo=UTC)
+_OUT_OF_RANGE = f"must be from {EARLIEST.date().isoformat()} to {LATEST.date().isoformat()} (UTC)"
+
+
 def _as_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:  # past year 1 or 9999 once in UTC
+        raise ValueError(_OUT_OF_RANGE) from None
+    if not EARLIEST <= utc <= LATEST:
+        raise ValueError(_OUT_OF_RANGE)
+    return utc
 
 
 NonBlank = Annotated[str, StringConstraints(strict=True, min_length=1, pattern=r"\S")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select
@@ -113,6 +113,42 @@ def test_a_bad_payload_is_dead_lettered_at_once_and_logged(
     assert "day_start" in caplog.text
     with bound() as session:
         assert session.execute(select(func.count()).select_from(UsageAggregate)).scalar_one() == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"tenant_id": "t1", "metric": "tokens", "day_start": "9999-12-31T23:00:00-05:00"},
+        {"tenant_id": "t1", "metric": "tokens", "day_start": "9998-12-31T00:00:01+00:00"},
+        {
+            "tenant_id": "t1",
+            "period_start": "0001-01-01T00:00:00+01:00",
+            "period_end": "2025-01-01T00:00:00+00:00",
+            "currency": "usd",
+        },
+    ],
+)
+def test_a_time_at_the_end_of_the_calendar_is_refused_at_once_not_retried(
+    stub_broker, stub_worker, bound, caplog, payload
+) -> None:
+    """Past year 1 or 9999 in UTC (or within a day or a month of it) a time cannot be a day or
+    a month: refused as a bad payload, where it used to overflow and be retried."""
+    caplog.set_level(logging.INFO)
+    actor = actors.aggregate_daily if "day_start" in payload else actors.generate_monthly_invoice
+    actor.send(payload)
+    assert_dead_lettered_at_once(stub_broker, stub_worker)
+    assert "must be from 0002-01-01 to 9998-12-31 (UTC)" in caplog.text
+
+
+def test_the_enqueue_helpers_take_the_first_and_last_days_and_refuse_past_them(stub_broker) -> None:
+    first, last = datetime(2, 1, 1, tzinfo=UTC), datetime(9998, 12, 31, tzinfo=UTC)
+    for day in (first, last):
+        actors.enqueue_aggregate_daily(tenant_id="t1", metric="tokens", day_start=day)
+    past_the_end = datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))
+    for day in (first - timedelta(microseconds=1), last + timedelta(microseconds=1), past_the_end):
+        with pytest.raises(InvalidPayloadError, match=r"day_start: .*must be from 0002-01-01"):
+            actors.enqueue_aggregate_daily(tenant_id="t1", metric="tokens", day_start=day)
+    assert stub_broker.queues[QUEUE_NAME].qsize() == 2
 
 
 def test_a_transient_failure_is_retried_within_bounds_then_dead_lettered(
