@@ -23,6 +23,9 @@ from webhooks.errors import InvalidSubscriptionError, WebhookVerificationError
 SECRET_PREFIX = "whsec_"
 SIGNATURE_VERSION = "v1"
 DEFAULT_TOLERANCE = timedelta(minutes=5)
+#: Unix seconds up to the year 33658; a longer header is refused before `int()` (which takes
+#: 4,300 digits at most) and the float arithmetic of the tolerance (which overflows before).
+MAX_TIMESTAMP_DIGITS = 12
 
 
 @lru_cache(maxsize=1024)
@@ -119,7 +122,8 @@ def _verifying_key(secret: str) -> bytes:
 
 def _check_timestamp(header: str, tolerance: timedelta, now: datetime) -> int:
     # ASCII digits only: `int()` also takes signs, spaces, underscores and non-ASCII digits.
-    if not (header.isascii() and header.isdigit()):
+    digits = header.isascii() and header.isdigit()
+    if not digits or len(header) > MAX_TIMESTAMP_DIGITS:
         raise WebhookVerificationError("webhook-timestamp is not unix seconds")
     timestamp = int(header)
     skew = abs(now.timestamp() - timestamp)

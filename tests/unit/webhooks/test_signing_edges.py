@@ -51,6 +51,19 @@ def test_each_refusal_says_exactly_why() -> None:
     assert refusal(not_json, headers) == "body is not JSON"
 
 
+@pytest.mark.parametrize("digits", [13, 400, 5000])
+def test_a_timestamp_longer_than_12_digits_is_not_unix_seconds(digits: int) -> None:
+    """Refused as the others are, where `int()` or the skew's float overflowed (a 500 from a
+    receiver, to anyone without the secret)."""
+    too_long = signed(**{"webhook-timestamp": "1" * digits})
+    assert refusal(BODY, too_long) == "webhook-timestamp is not unix seconds"
+
+
+def test_a_timestamp_of_12_digits_is_read_as_unix_seconds() -> None:
+    twelve = signed(**{"webhook-timestamp": "9" * 12})
+    assert refusal(BODY, twelve) == "webhook-timestamp outside the tolerance"
+
+
 @pytest.mark.parametrize(
     "before",
     [
