@@ -100,13 +100,19 @@ class RetryPolicy:
         return Decision(FAILED, now + delay, None, outcome.status_code, error)
 
 
+#: The most whole seconds a `timedelta` holds.
+_MOST_SECONDS = timedelta.max.days * 86_400 + timedelta.max.seconds
+
+
 def parse_retry_after(value: str | None, now: datetime) -> timedelta | None:
     """A `Retry-After` header (seconds or an HTTP date) as a delay from `now`; None if unusable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return timedelta(seconds=int(value))
+    if value.isascii() and value.isdigit():  # `isdigit` alone takes "²", which `int` refuses
+        # Longer than a timedelta holds is as long as any: `retry_after_max` caps it anyway.
+        seconds = int(value) if len(value) <= len(str(_MOST_SECONDS)) else _MOST_SECONDS
+        return timedelta(seconds=min(seconds, _MOST_SECONDS))
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):

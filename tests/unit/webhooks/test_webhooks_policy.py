@@ -94,6 +94,10 @@ def test_retry_after_is_capped() -> None:
         ("Wed, 01 Jan 2025 00:02:00 GMT", timedelta(minutes=2)),
         ("Tue, 31 Dec 2024 00:00:00 GMT", timedelta(0)),
         ("soon", None),
+        ("²", None),  # a digit to `isdigit`, not to `int`
+        ("86399999999999", timedelta.max - timedelta(microseconds=999999)),
+        ("86400000000000", timedelta.max - timedelta(microseconds=999999)),
+        ("9" * 5000, timedelta.max - timedelta(microseconds=999999)),  # past `int`'s 4,300 digits
         ("", None),
         (None, None),
     ],
