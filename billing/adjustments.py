@@ -56,7 +56,7 @@ from sqlalchemy.orm import Session, aliased
 
 from billing import credit_notes, driver_sql
 from billing.errors import CurrencyMismatchError
-from billing.invoicing import price_periods
+from billing.invoicing import PeriodLines, price_periods
 from billing.late_usage import FINALIZED
 from billing.lifecycle import Outbox
 from billing.models import CreditNote, CreditNoteLine, Invoice, InvoiceLine
@@ -121,7 +121,7 @@ def pending_with_lines(
     *,
     lookback: timedelta,
     period: tuple[datetime, datetime],
-) -> tuple[list[Adjustment], Callable[[], list[LineDraft]]]:
+) -> tuple[list[Adjustment], PeriodLines]:
     """`pending_adjustments` (locking, none excluded) for a new invoice of `period`, and its
     lines as `invoicing.price_lines` returns or raises them when called: the finalized
     invoices' periods and `period` priced from one read of the ledger
@@ -141,7 +141,7 @@ def _pending(
     exclude: str | None,
     lock: bool,
     periods: Sequence[tuple[datetime, datetime]] = (),
-) -> tuple[list[Adjustment], list[Callable[[], list[LineDraft]]]]:
+) -> tuple[list[Adjustment], list[PeriodLines]]:
     """The adjustments pending, and the pricing of `periods` (priced with the finalized
     invoices' whose usage was billed)."""
     finalized = _recent_finalized(session, tenant_id, currency, since, lock=lock)
@@ -326,9 +326,7 @@ _RECENT_FINALIZED = {
 }
 
 
-def _of_invoice(
-    invoice: _Finalized, billed: _Billed, price: Callable[[], list[LineDraft]]
-) -> list[Adjustment]:
+def _of_invoice(invoice: _Finalized, billed: _Billed, price: PeriodLines) -> list[Adjustment]:
     """Per key priced now (`price`: the period's `price_lines`) of a usage price the invoice
     billed (its groups the invoice had lines for, and those first used late): price now −
     billed so far."""

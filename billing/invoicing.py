@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 from typing import cast as typed
 
 from psycopg.types.json import Json
@@ -54,6 +54,12 @@ from webhooks.outbox import bound_event_row, publishing_ctes
 from webhooks.sqltypes import UTCDateTime, new_id, utcnow
 
 _CURRENCY = re.compile(r"^[a-z]{3}$")
+
+
+class PeriodLines(Protocol):
+    """A period's lines, then `adjustments`, as `price_lines` returns or raises them."""
+
+    def __call__(self, adjustments: Sequence[LineDraft] = ()) -> list[LineDraft]: ...
 
 
 def check_period(period_start: object, period_end: object, currency: object) -> str:
@@ -119,30 +125,37 @@ _DRAFTS_COVERING = (
 
 
 def price_lines(
-    session: Session, tenant_id: str, start: datetime, end: datetime, currency: str
+    session: Session,
+    tenant_id: str,
+    start: datetime,
+    end: datetime,
+    currency: str,
+    adjustments: Sequence[LineDraft] = (),
 ) -> list[LineDraft]:
-    """Every line of the tenant's invoice for the period, in a stable order.
+    """Every line of the tenant's invoice for the period, in a stable order, then
+    `adjustments` (late usage of earlier invoices, `billing.adjustments`).
 
     Raises:
         CurrencyMismatchError: the tenant's plans in the period have prices, none in
             `currency`. (A plan that has none in it, beside one that has, as after a switch
             from a dollar plan to a euro plan mid-month, just adds no line to this invoice.)
-        AmountOverflowError: a line's amount or quantity, or the total, is over 2**63-1 (the
-            largest the ledger stores); the error names the line's metric and price.
+        AmountOverflowError: a line's amount or quantity, or the total (adjustments
+            included), is over 2**63-1 (the largest the ledger stores); the error names the
+            line's metric and price.
     """
     [lines] = price_periods(session, tenant_id, [(start, end)], currency)
-    return lines()
+    return lines(adjustments)
 
 
 def price_periods(
     session: Session, tenant_id: str, periods: Sequence[tuple[datetime, datetime]], currency: str
-) -> list[Callable[[], list[LineDraft]]]:
+) -> list[PeriodLines]:
     """For each period, what `price_lines` returns or raises for it, when called; what they
     read is read at once for all of them (`usage_lines.bill_periods`): one SELECT of the
     subscriptions and prices, one of the meters, one GROUP BY."""
     first, last = min(start for start, _ in periods), max(end for _, end in periods)
     subscribed = _subscriptions_with_prices(session, tenant_id, first, last)
-    outcomes: list[Callable[[], list[LineDraft]] | _Priced] = []
+    outcomes: list[PeriodLines | _Priced] = []
     for start, end in periods:
         subscriptions = [(s, prices) for s, prices in subscribed if s.active_in(start, end)]
         all_prices = [price for _, prices in subscriptions for price in prices]
@@ -165,8 +178,8 @@ def price_periods(
     return [o.lines if isinstance(o, _Priced) else o for o in outcomes]
 
 
-def _refused(currency: str) -> Callable[[], list[LineDraft]]:
-    def refuse() -> list[LineDraft]:
+def _refused(currency: str) -> PeriodLines:
+    def refuse(adjustments: Sequence[LineDraft] = ()) -> list[LineDraft]:
         raise CurrencyMismatchError(f"the tenant's plans have no price in {currency!r}")
 
     return refuse
@@ -183,8 +196,8 @@ class _Priced:
     stretches: list[Stretch]
     usage: UsageBill | None = None
 
-    def lines(self) -> list[LineDraft]:
-        """The period's lines, as `price_lines` returns them."""
+    def lines(self, adjustments: Sequence[LineDraft] = ()) -> list[LineDraft]:
+        """The period's lines, then `adjustments`, as `price_lines` returns them."""
         assert self.usage is not None, "billed by price_periods"
         lines: list[LineDraft] = []
         priced = zip(self.subscriptions, self.stretches, self.usage.priced, strict=True)
@@ -197,7 +210,8 @@ class _Priced:
                 else:
                     lines.extend(billed[price.id])
         all_prices = [price for _, prices in self.subscriptions for price in prices]
-        return _storable(lines + self.usage.unpriced, {price.id: price for price in all_prices})
+        by_id = {price.id: price for price in all_prices}
+        return _storable([*lines, *self.usage.unpriced, *adjustments], by_id)
 
 
 def _storable(lines: list[LineDraft], prices: dict[str, PlanPrice]) -> list[LineDraft]:
@@ -428,6 +442,7 @@ def reprice_draft(
     Raises:
         InvoiceStateError: the invoice is not a draft; nothing is changed (a finalized
             invoice's lines and amounts never change).
+        CurrencyMismatchError, AmountOverflowError: as `price_lines`; nothing is changed.
     """
     if invoice.status != "draft":
         raise InvoiceStateError(
@@ -436,8 +451,13 @@ def reprice_draft(
             status=invoice.status,
         )
     lines = price_lines(
-        session, invoice.tenant_id, invoice.period_start, invoice.period_end, invoice.currency
-    ) + list(adjustments)
+        session,
+        invoice.tenant_id,
+        invoice.period_start,
+        invoice.period_end,
+        invoice.currency,
+        adjustments,
+    )
     session.execute(delete(InvoiceLine).where(InvoiceLine.invoice_id == invoice.id))
     _insert_lines(session, invoice.id, lines, utcnow())
     invoice.total_amount = sum(line.amount for line in lines)

@@ -468,7 +468,7 @@ class BillingService:
             lookback=self.policy.late_usage_lookback,
             period=(start, end),
         )
-        return late, lines() + adjustments.adjustment_lines(late)
+        return late, lines(adjustments.adjustment_lines(late))
 
     def pending_adjustments(self, *, currency: str) -> list[adjustments.Adjustment]:
         """What the tenant's next invoice in `currency` would bill (amount > 0) or credit

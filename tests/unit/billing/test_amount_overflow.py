@@ -8,12 +8,13 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
-from billing import AmountOverflowError, BillingError, BillingService
+from billing import AmountOverflowError, BillingError, BillingService, InvoicePolicy
 from billing.errors import PERMANENT_ERRORS
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
 
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
 FEB = datetime(2025, 2, 1, tzinfo=UTC)
+MAR = datetime(2025, 3, 1, tzinfo=UTC)
 MAX = 2**63 - 1
 
 
@@ -147,6 +148,57 @@ def test_lines_that_add_up_to_exactly_2_63_minus_1_are_billed(session) -> None:
     )
     use(session, 2**62 - 1)
     assert generate(session).total_amount == MAX
+
+
+def in_march(session, **policy) -> BillingService:
+    """The tenant's service on March 2nd, January within the late-usage lookback."""
+    now = MAR + timedelta(days=1)
+    return BillingService(
+        session=session, tenant_id="t1", now=lambda: now, policy=InvoicePolicy(**policy)
+    )
+
+
+def use_on(session, amount: int, day: datetime) -> None:
+    in_march(session).record_usage(
+        metric="tokens", amount=amount, at=day, idempotency_key=day.isoformat()
+    )
+
+
+def february(service: BillingService) -> str:
+    return service.generate_monthly_invoice(period_start=FEB, period_end=MAR, currency="usd")
+
+
+def test_an_adjustment_line_taking_the_total_over_2_63_minus_1_is_refused(session) -> None:
+    plan_with(session, {"metric": "tokens", "unit_amount": 1})
+    use(session, 2**62)
+    generate(session)
+    use_on(session, 2**62 - 1, JAN + timedelta(days=4))  # late: an adjustment line of February
+    use_on(session, 2**62 + 1, FEB + timedelta(days=4))
+    with pytest.raises(AmountOverflowError) as caught:
+        february(in_march(session))
+    assert (caught.value.metric, caught.value.price_key) == (None, None)
+    assert str(caught.value) == (
+        f"the invoice's 2 lines add up to {2**63} minor units, over the 2**63-1 the ledger stores"
+    )
+    assert stored(session) == (1, 1)
+
+
+def test_a_draft_re_priced_with_an_adjustment_over_2_63_minus_1_is_left_as_it_was(
+    session,
+) -> None:
+    plan_with(session, {"metric": "tokens", "unit_amount": 1})
+    use(session, 2**62)
+    generate(session)
+    use_on(session, 2**62 + 1, FEB + timedelta(days=4))
+    grace = in_march(session, grace_period=timedelta(days=3))
+    draft_id = february(grace)
+    use_on(session, 2**62 - 1, JAN + timedelta(days=4))  # late: an adjustment line of February
+    with pytest.raises(AmountOverflowError) as caught:
+        february(grace)  # re-prices the draft
+    assert (caught.value.metric, caught.value.price_key) == (None, None)
+    draft = session.get(Invoice, draft_id)
+    assert (draft.status, draft.total_amount) == ("draft", 2**62 + 1)
+    assert stored(session) == (2, 2)
 
 
 def test_amount_overflow_is_a_permanent_billing_error() -> None:
