@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from email.message import Message as MimeMessage
 
 from fastapi import Request
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -108,7 +109,8 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
 class BodyLimitMiddleware:
     """Refuses, with 413, request bodies over the limit of their path, before reading them
     whole. Paths under `prefix` have `max_bytes` unless `overrides` names them; other paths
-    (the host app's own routes) are left alone."""
+    (the host app's own routes) are left alone. The path is the route's, without the root path
+    (`uvicorn --root-path`, or the app mounted under another)."""
 
     def __init__(
         self,
@@ -132,7 +134,7 @@ class BodyLimitMiddleware:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self.limit_for(scope["path"]) if scope["type"] == "http" else None
+        limit = self.limit_for(get_route_path(scope)) if scope["type"] == "http" else None
         if limit is None:
             await self.app(scope, receive, send)
             return

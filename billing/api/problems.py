@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DataError, IntegrityError
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
@@ -225,10 +226,11 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
 def _allowed_methods(request: Request, first_route: str | None) -> str:
     """Every method served at the request's path: Starlette's `Allow` names those of the first
     route matching the path only (`POST` for `/usage`, which takes `GET` too), so add those of
-    every path of the OpenAPI document that matches."""
+    every path of the OpenAPI document that matches the route path (without the root path)."""
     methods = {m.strip() for m in (first_route or "").split(",") if m.strip()}
+    path = get_route_path(request.scope)
     for template, operations in request.app.openapi().get("paths", {}).items():
-        if compile_path(template)[0].match(request.url.path):
+        if compile_path(template)[0].match(path):
             methods |= {m.upper() for m in operations if m.upper() in _HTTP_METHODS}
     if "GET" in methods:
         methods.add("HEAD")

@@ -12,6 +12,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from billing.api import IdempotencyMiddleware, add_billing, register_error_handlers
 from billing.api.pagination import encode_cursor
@@ -28,7 +30,7 @@ def stored_events(session_factory) -> int:
 
 
 @pytest.fixture
-def small_limits(session_factory, clock) -> TestClient:
+def small_limits_app(session_factory, clock) -> FastAPI:
     """An app whose bodies may be 2,000 bytes, 20,000 on the batch route."""
     app = FastAPI()
     app.add_middleware(IdempotencyMiddleware, store={}, max_body_bytes=20_000)
@@ -40,7 +42,21 @@ def small_limits(session_factory, clock) -> TestClient:
         max_request_bytes=2_000,
         max_batch_request_bytes=20_000,
     )
-    return TestClient(app, raise_server_exceptions=False)
+    return app
+
+
+@pytest.fixture
+def small_limits(small_limits_app) -> TestClient:
+    return TestClient(small_limits_app, raise_server_exceptions=False)
+
+
+def under_api(app: FastAPI, served: str) -> TestClient:
+    """A client of `app` served under `/api`: mounted in a host app, or behind a proxy that
+    passes the root path (`uvicorn --root-path /api`)."""
+    if served == "mounted":
+        host = Starlette(routes=[Mount("/api", app=app)])
+        return TestClient(host, raise_server_exceptions=False)
+    return TestClient(app, root_path="/api", raise_server_exceptions=False)
 
 
 def padded(size: int) -> bytes:
@@ -65,6 +81,20 @@ def test_a_body_over_the_limit_answers_413_and_stores_nothing(
     assert stored_events(session_factory) == 0
     fits = small_limits.post("/_billing/usage", content=padded(2_000), headers=headers)
     assert fits.status_code == 202
+
+
+@pytest.mark.parametrize("served", ["mounted", "root_path"])
+def test_a_body_over_the_limit_answers_413_under_a_root_path(
+    small_limits_app, a_key, session_factory, served
+) -> None:
+    client = under_api(small_limits_app, served)
+    headers = {**a_key, "Content-Type": "application/json"}
+    response = client.post("/api/_billing/usage", content=padded(2_001), headers=headers)
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["detail"] == "the request body is over 2000 bytes"
+    assert stored_events(session_factory) == 0
+    assert client.post("/api/_billing/usage", content=padded(2_000), headers=headers).is_success
 
 
 def test_the_batch_route_has_its_own_limit(small_limits, a_key, session_factory) -> None:
@@ -140,6 +170,13 @@ def test_405_names_every_allowed_method(client, a_key, method, path, allowed) ->
     response = client.request(method, path, headers=a_key)
     assert response.status_code == 405
     assert response.headers["allow"] == allowed
+
+
+@pytest.mark.parametrize("served", ["mounted", "root_path"])
+def test_405_names_every_allowed_method_under_a_root_path(app, a_key, served) -> None:
+    response = under_api(app, served).request("DELETE", "/api/_billing/usage", headers=a_key)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD, POST"
 
 
 @pytest.mark.parametrize("value", ["true", 1, "yes", None])
