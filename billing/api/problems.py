@@ -45,6 +45,7 @@ from billing.errors import (
     TooManyMetricsError,
     UnknownInvoiceError,
 )
+from webhooks.safetext import safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -338,5 +339,6 @@ _on_integrity = _database_refusal(
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    # The path is percent-decoded: `%1b` is an ESC that would reach the log raw.
+    logger.exception("unhandled error on %s %s", request.method, safe_text(request.url.path))
     return problem_response(500, "Internal server error")

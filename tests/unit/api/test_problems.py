@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 
@@ -90,6 +92,17 @@ def test_an_unexpected_error_is_a_500_problem_without_internals(app, client) -> 
 
     body = assert_problem(client.get("/broken"), 500)
     assert "secret" not in str(body)
+
+
+def test_an_unexpected_error_logs_its_path_with_escapes_neutralised(app, client, caplog) -> None:
+    @app.get("/broken/{name}")
+    def broken(name: str) -> None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="billing.api.problems"):
+        assert_problem(client.get("/broken/%1b[2J"), 500)
+    [message] = [r.getMessage() for r in caplog.records if r.name == "billing.api.problems"]
+    assert message == "unhandled error on GET /broken/\\x1b[2J"
 
 
 def test_openapi_describes_every_route_and_the_problem_schema(client) -> None:
