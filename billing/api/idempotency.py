@@ -49,6 +49,7 @@ from billing.api.bodies import (
     BodyIncomplete,
     BodyTooLarge,
     read_body,
+    too_large,
 )
 from billing.api.deps import BillingApi
 from billing.api.problems import TYPE_PREFIX, problem_response
@@ -303,16 +304,8 @@ class IdempotencyMiddleware:
             body = await read_body(receive, scope, self.max_body_bytes)
         except BodyIncomplete:
             return  # the client is gone: a partial body is neither run nor stored
-        except BodyTooLarge:
-            await _problem(
-                413,
-                "Request body too large",
-                f"the body is over {self.max_body_bytes} bytes",
-                "body-too-large",
-                scope,
-                receive,
-                send,
-            )
+        except BodyTooLarge as error:  # ours, or the body-limit middleware's (a smaller limit)
+            await too_large(error.limit)(scope, receive, send)
             return
         store_key = _digest(caller, scope["method"], scope["path"], key)
         fingerprint = _digest(scope.get("query_string", b"").decode("latin-1"), body.hex())

@@ -97,6 +97,20 @@ def test_a_body_over_the_limit_answers_413_under_a_root_path(
     assert client.post("/api/_billing/usage", content=padded(2_000), headers=headers).is_success
 
 
+def test_a_chunked_body_over_the_route_s_limit_names_that_limit(
+    small_limits, a_key, session_factory
+) -> None:
+    body = padded(2_001)
+    headers = {**a_key, "Content-Type": "application/json", "Idempotency-Key": "chunked"}
+    response = small_limits.post(
+        "/_billing/usage", content=iter([body[:1_000], body[1_000:]]), headers=headers
+    )
+    assert response.status_code == 413
+    assert response.json()["type"] == "urn:billing:problem:body-too-large"
+    assert response.json()["detail"] == "the request body is over 2000 bytes"
+    assert stored_events(session_factory) == 0
+
+
 def test_the_batch_route_has_its_own_limit(small_limits, a_key, session_factory) -> None:
     events = [{**EVENT, "idempotency_key": f"k{i}"} for i in range(150)]
     body = json.dumps({"events": events}).encode()
