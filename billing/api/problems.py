@@ -314,7 +314,7 @@ def _database_refusal(status: int, title: str, detail: str, slug: str, logged: s
     """A handler answering a database's refusal with a fixed problem, logged at INFO."""
 
     async def on_refusal(request: Request, exc: Exception) -> JSONResponse:
-        logger.info("%s: %s", logged, exc)
+        logger.info("%s: %s", logged, safe_text(str(exc)))  # it may quote the input
         return problem_response(status, title, detail, type_=f"{TYPE_PREFIX}{slug}")
 
     return on_refusal

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from sqlalchemy.exc import DataError
 
 
 def assert_problem(response, status: int) -> dict:
@@ -103,6 +104,19 @@ def test_an_unexpected_error_logs_its_path_with_escapes_neutralised(app, client,
         assert_problem(client.get("/broken/%1b[2J"), 500)
     [message] = [r.getMessage() for r in caplog.records if r.name == "billing.api.problems"]
     assert message == "unhandled error on GET /broken/\\x1b[2J"
+
+
+def test_a_refused_value_is_logged_with_escapes_neutralised(app, client, caplog) -> None:
+    @app.get("/refused")
+    def refused() -> None:
+        raise DataError("INSERT", {}, Exception('invalid input "\x1b[2J"'))
+
+    with caplog.at_level(logging.INFO, logger="billing.api.problems"):
+        assert_problem(client.get("/refused"), 400)
+    [message] = [r.getMessage() for r in caplog.records if r.name == "billing.api.problems"]
+    assert "\x1b" not in message
+    assert message.startswith("database rejected a value: ")
+    assert 'invalid input "\\x1b[2J"' in message
 
 
 def test_openapi_describes_every_route_and_the_problem_schema(client) -> None:
