@@ -37,14 +37,19 @@ from sqlalchemy import (
     Integer,
     Select,
     String,
+    case,
     cast,
     distinct,
     func,
+    literal,
     literal_column,
+    null,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.functions import FunctionElement
 
 from billing.errors import InvalidUsageError, MeterDefinitionError
 from billing.ledger import validate_metric
@@ -219,5 +224,44 @@ def group_key(names: Sequence[str], values: Sequence[str | None]) -> str:
 
 
 def property_text(name: str) -> ColumnElement[str]:
-    """`metadata[name]` as text on SQLite and PostgreSQL (NULL when absent or JSON null)."""
-    return cast(UsageEvent.metadata_json[name].as_string(), String)
+    """`metadata[name]` as text, the same on SQLite and PostgreSQL: what PostgreSQL's json `->>`
+    gives (a string unquoted, `true`/`false`, a number as written, an object or array as its
+    compact JSON; NULL when absent or JSON null). Every grouping, match and count of a property
+    reads it through here, so both databases bill a value alike."""
+    return _PropertyText(name)
+
+
+class _PropertyText(FunctionElement[str]):
+    """`property_text`: its PostgreSQL then its SQLite expression, one compiled per dialect (built
+    once, so the SELECT and GROUP BY of one key render the same parameters)."""
+
+    type = String()
+    inherit_cache = True
+
+    def __init__(self, name: str) -> None:
+        postgresql_text = cast(UsageEvent.metadata_json[name].as_string(), String)
+        super().__init__(postgresql_text, _sqlite_text(name))
+
+
+def _sqlite_text(name: str) -> ColumnElement[str]:
+    # json_extract gives 1/0 for true/false and re-formats numbers (1e+16 -> 1.0e+16); `->`
+    # (SQLite 3.38+) gives a value's JSON text: numbers as written, objects and arrays minified
+    # (PostgreSQL's too, the ledger storing metadata compact). A string is read unquoted and
+    # JSON null is NULL, as `->>` has them on PostgreSQL.
+    metadata = UsageEvent.metadata_json
+    path = literal(f'$."{name}"', String())
+    return case(
+        {"text": func.json_extract(metadata, path, type_=String()), "null": null()},
+        value=func.json_type(metadata, path),
+        else_=metadata.op("->", return_type=String())(path),
+    )
+
+
+@compiles(_PropertyText)
+def _property_text_postgresql(element: _PropertyText, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses.clauses[0], **kw))
+
+
+@compiles(_PropertyText, "sqlite")
+def _property_text_sqlite(element: _PropertyText, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses.clauses[1], **kw))

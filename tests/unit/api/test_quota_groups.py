@@ -105,6 +105,17 @@ def test_used_in_window_with_a_group_counts_that_group_s_usage_alone(session) ->
     assert used == 60
 
 
+def test_a_group_of_true_counts_the_events_whose_value_is_the_boolean_true(session) -> None:
+    for key, premium in [("bool", True), ("text", "true"), ("one", 1), ("false", False)]:
+        BillingService(session=session, tenant_id="A").record_usage(
+            metric="tokens", amount=1, at=NOW, idempotency_key=key, metadata={"premium": premium}
+        )
+    used = used_in_window(
+        session, tenant_id="A", metric="tokens", window="day", now=NOW, group={"premium": "true"}
+    )
+    assert used == 2
+
+
 @pytest.mark.parametrize("limited", [True, False])
 def test_consuming_a_group_stores_the_event_with_the_group_as_its_metadata(
     session, limited

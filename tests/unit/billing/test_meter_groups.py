@@ -80,6 +80,33 @@ def test_two_properties_group_together_and_a_rerun_keeps_the_rows(session) -> No
     }
 
 
+def test_a_value_of_any_json_type_groups_as_postgresql_s_text_of_it(session) -> None:
+    """Booleans as 'true'/'false', numbers as written, objects as compact JSON, null as absent:
+    the same groups on SQLite as on PostgreSQL (json `->>`)."""
+    declare_meter(session, key="tokens", group_by=["tier"])
+    bs = BillingService(session=session, tenant_id="t")
+    values = [True, "true", False, 1, "1", 1.0, 0.1, 1e16, -0.0, 10**20, "x", {"a": [1, "é"]}]
+    for index, value in enumerate(values):
+        record(bs, str(index), 2**index, DAY, tier=value)
+    record(bs, "null", 2**12, DAY, tier=None)
+    record(bs, "absent", 2**13, DAY)
+    bs.aggregate_daily(metric="tokens", day_start=DAY)
+    assert groups(session) == {
+        "": 2**14 - 1,
+        '{"tier":"true"}': 1 + 2,
+        '{"tier":"false"}': 4,
+        '{"tier":"1"}': 8 + 16,
+        '{"tier":"1.0"}': 32,
+        '{"tier":"0.1"}': 64,
+        '{"tier":"1e+16"}': 128,
+        '{"tier":"-0.0"}': 256,
+        '{"tier":"100000000000000000000"}': 512,
+        '{"tier":"x"}': 1024,
+        '{"tier":"{\\"a\\":[1,\\"\\\\u00e9\\"]}"}': 2048,
+        '{"tier":null}': 2**12 + 2**13,
+    }
+
+
 def test_changing_group_by_replaces_the_day_s_groups(session) -> None:
     declare_meter(session, key="tokens", group_by=["model"])
     bs = BillingService(session=session, tenant_id="t")

@@ -83,6 +83,14 @@ def test_unique_count_compares_values_as_text(session) -> None:
     assert bs.aggregate_daily(metric="m", day_start=DAY) == 2
 
 
+def test_unique_count_reads_booleans_as_true_and_false_as_postgresql_does(session) -> None:
+    declare_meter(session, key="m", aggregation="unique_count", property="user")
+    bs = BillingService(session=session, tenant_id="t")
+    for index, user in enumerate([True, "true", 1, "1", False, "false"]):
+        record(bs, str(index), 1, DAY, user=user)
+    assert bs.aggregate_daily(metric="m", day_start=DAY) == 3  # "true", "1", "false"
+
+
 def test_an_undeclared_metric_is_a_sum(session) -> None:
     assert get_meter(session, "m") == MeterSpec("m", "sum")
     bs = BillingService(session=session, tenant_id="t")

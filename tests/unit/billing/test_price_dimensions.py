@@ -303,6 +303,50 @@ def test_unpriced_unique_counts_over_several_stretches_are_counted_again_per_gro
     ]
 
 
+def test_booleans_and_numbers_match_prices_by_postgresql_s_text_of_them(session) -> None:
+    declare_meter(session, key="tokens", group_by=["tier"])
+    plan = plan_with(
+        session,
+        "ai",
+        {"metric": "tokens", "unit_amount": 100, "dimensions": {"tier": "true"}},
+        {"metric": "tokens", "unit_amount": 10, "dimensions": {"tier": "false"}},
+        {"metric": "tokens", "unit_amount": 5, "dimensions": {"tier": "1.0"}},
+        {"metric": "tokens", "unit_amount": 1},
+    )
+    subscribe(session, plan)
+    for amount, tier in [(1, True), (2, "true"), (4, False), (8, 1.0), (16, 1), (32, "x")]:
+        use(session, amount, JAN + timedelta(days=1), tier=tier)
+    assert invoice_lines(session) == [
+        ("ai-0", (("tier", "true"),), 3, 300),
+        ("ai-1", (("tier", "false"),), 4, 40),
+        ("ai-2", (("tier", "1.0"),), 8, 40),
+        ("ai-3", (("tier", "1"),), 16, 16),
+        ("ai-3", (("tier", "x"),), 32, 32),
+    ]
+
+
+def test_a_boolean_group_s_unique_count_over_several_stretches_is_its_own(session) -> None:
+    declare_meter(
+        session, key="tokens", aggregation="unique_count", property="user", group_by=["tier"]
+    )
+    other = plan_with(session, "other", {"metric": "calls", "unit_amount": 1})
+    subscribe(session, other, start=MID)  # stretches [JAN, MID) and [MID, FEB), tokens unpriced
+    for at, tier, user in [
+        (JAN + timedelta(days=1), True, "u1"),
+        (MID + timedelta(days=1), True, "u1"),
+        (MID + timedelta(days=2), "true", "u2"),
+        (JAN + timedelta(days=2), 1, "u3"),
+        (MID + timedelta(days=3), False, "u4"),
+    ]:
+        use(session, 1, at, user=user, tier=tier)
+    assert invoice_lines(session) == [
+        ("other-0", (), 0, 0),
+        (None, (("tier", "1"),), 1, 0),
+        (None, (("tier", "false"),), 1, 0),
+        (None, (("tier", "true"),), 2, 0),
+    ]
+
+
 def test_the_lines_come_by_group_value_a_missing_one_first_then_the_unpriced_by_metric(
     session,
 ) -> None:
