@@ -2,7 +2,8 @@
 
 When a tenant's next invoice in a currency is generated (or a draft re-priced), each finalized
 invoice of that tenant and currency whose period ended within `LATE_USAGE_LOOKBACK` of the
-clock is priced again with all of its period's usage known now (`invoicing.price_lines`, the
+clock (a reissue after a void: or that was finalized within it, as it billed its whole period
+again) is priced again with all of its period's usage known now (`invoicing.price_lines`, the
 rule that priced it; a new invoice's period and theirs from one read of the ledger,
 `invoicing.price_periods`). Per key (price, metric and, for prices per dimension, group) of each
 usage price that invoice billed and its plans still have, whether the invoice had a line of
@@ -101,7 +102,8 @@ def pending_adjustments(
     lock: bool,
 ) -> list[Adjustment]:
     """The adjustments not billed yet of the tenant's finalized invoices in `currency` whose
-    period ended at or after `now - lookback`, oldest period first. Stores nothing.
+    period ended at or after `now - lookback` (a reissue after a void: or that was finalized
+    then), oldest period first. Stores nothing.
 
     `exclude_invoice_id`: a draft about to be re-priced, whose own adjustment lines are about to
     be replaced, so they do not count as billed. `lock`: lock those finalized invoices first
@@ -301,11 +303,24 @@ def _recent_finalized(
 def _recent_finalized_query(
     finalized: ColumnElement[bool], *, lock: bool
 ) -> Any:  # pragma: no mutate block
+    # A reissue after a void bills its whole period again: it is re-priced (and credited what
+    # its predecessor's period was billed in adjustments) as long as it was finalized recently.
+    void = aliased(Invoice)
+    reissue = select(void.id).where(
+        void.tenant_id == bindparam("tenant_id"),
+        void.currency == bindparam("currency"),
+        void.period_start == Invoice.period_start,
+        void.period_end == Invoice.period_end,
+        void.status == "void",
+    )
     query = select(*(getattr(Invoice, field.name) for field in fields(_Finalized))).where(
         Invoice.tenant_id == bindparam("tenant_id"),
         Invoice.currency == bindparam("currency"),
         finalized,
-        Invoice.period_end >= bindparam("since"),
+        or_(
+            Invoice.period_end >= bindparam("since"),
+            and_(Invoice.finalized_at >= bindparam("since"), reissue.exists()),
+        ),
     )
     # In id order: two runs lock the same rows in the same order, no deadlock.
     return query.order_by(Invoice.id).with_for_update() if lock else query

@@ -30,7 +30,8 @@ LateUsage = Literal["next_invoice", "reject", "ignore"]
 """The `LATE_USAGE` policies."""
 
 DEFAULT_LOOKBACK = timedelta(days=35)
-"""`LATE_USAGE_LOOKBACK`: how far back (by period end) finalized invoices are re-priced."""
+"""`LATE_USAGE_LOOKBACK`: how far back (by period end; a reissue's also by when it was
+finalized) finalized invoices are re-priced."""
 
 FINALIZED = ("open", "paid", "uncollectible")
 """Statuses of an invoice that closes its period: finalized and not void."""

@@ -259,6 +259,24 @@ def test_a_reissued_period_is_credited_what_was_billed_for_its_void_predecessor(
     assert credit_notes(session) == [(reissued.id, 20, -10)]
 
 
+def test_a_period_reissued_after_the_lookback_is_credited_once_by_the_next_invoice(
+    session, plan
+) -> None:
+    """Under the default lookback: January's period ended 60 days before April 2nd, but its
+    reissue was finalized 31 days before."""
+    january = invoice(session, JAN, FEB)
+    use(session, 10, JAN + 20 * DAY, "late")
+    february = invoice(session, FEB, MAR)  # bills the 10 late units of January: 20
+    service(session, MAR + DAY).void_invoice(january.id)
+    reissued = invoice(session, JAN, FEB, now=MAR + DAY)  # bills all 10 again: 1020
+    march = invoice(session, MAR, APR)
+    april = invoice(session, APR, APR.replace(month=5))
+    assert credit_notes(session) == [(reissued.id, 20, -10)]
+    assert adjustment_lines(session) == [(february.id, 10, 20)]
+    totals = [i.total_amount for i in (january, february, reissued, march, april)]
+    assert totals == [1000, 1020, 1020, 1000, 1000]
+
+
 def test_pending_adjustments_and_the_preview_show_the_adjustment_and_store_nothing(
     session, plan
 ) -> None:
