@@ -18,10 +18,12 @@ a credit note on the finalized invoice, whose line names the line it re-prices a
 units (`quantity`), and for what exceeds that invoice's total (or all of it, for a key the
 invoice had no line of), on the invoices that billed adjustments for its period. Tiered
 prices thus bill price(new total) − price(old total), not the late units at a marginal guess.
-What a catalog change moves is not re-priced: a price the invoice did not bill (added to the
-plan since, or a new version of one), a key no price bills now (a dimensional price added), a
-group the invoice showed under another price (one retired) or grouped otherwise (the meter's
-`group_by` changed); the period's usage was billed at the prices it had.
+A price changed since the invoice was billed is re-priced with the old version the invoice
+billed (`KEY@vN`, `billing.catalog`), never with the new terms. What a catalog change moves is
+not re-priced: a price the invoice did not bill (added to the plan since, or a new version of
+one), a key no price bills now (a dimensional price added), a group the invoice showed under
+another price (one retired) or grouped otherwise (the meter's `group_by` changed); the
+period's usage was billed at the prices it had.
 
 "Billed since" is read from what is stored, never remembered elsewhere: adjustment lines on
 invoices that are not void, for any invoice of the same period (a reissue after a void
@@ -145,14 +147,15 @@ def _pending(
     periods: Sequence[tuple[datetime, datetime]] = (),
 ) -> tuple[list[Adjustment], list[PeriodLines]]:
     """The adjustments pending, and the pricing of `periods` (priced with the finalized
-    invoices' whose usage was billed)."""
+    invoices' whose usage was billed, each with the versions of prices it billed)."""
     finalized = _recent_finalized(session, tenant_id, currency, since, lock=lock)
     read = [(invoice, _billed(session, invoice, exclude)) for invoice in finalized]
     repriced = [(invoice, billed) for invoice, billed in read if billed.charged]
     bounds = [(invoice.period_start, invoice.period_end) for invoice, _ in repriced]
     if not bounds and not periods:
         return [], []
-    priced = price_periods(session, tenant_id, [*bounds, *periods], currency)
+    charged = [{key[0] for key in billed.charged} for _, billed in repriced]
+    priced = price_periods(session, tenant_id, [*bounds, *periods], currency, charged)
     pending = [
         adjustment
         for (invoice, billed), lines in zip(repriced, priced, strict=False)

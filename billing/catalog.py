@@ -17,11 +17,14 @@ plans:
 file again finds none. `export_catalog(session)` writes the database's catalogue in the same
 format, so an export applied elsewhere reproduces it.
 
-A price's amounts are history once billed: a price that an open invoice bills, or that a live
-subscription's plan holds, is not rewritten. It gets a new version instead: the old row keeps its
-id and amounts (invoice lines keep pointing at it), leaves the plan and is renamed `KEY@vN`, and
-a new row takes the key, billed from the next invoice on. A price nothing uses is updated in
-place. Plans and prices absent from the file are left alone (and reported).
+A price's amounts are history once billed: a price that an invoice bills (any but a void one:
+a paid invoice's late usage is still priced with its terms), or that a live subscription's plan
+holds, is not rewritten. It gets a new version instead: the old row keeps its id and amounts
+(invoice lines keep pointing at it, and late usage of their periods is priced with it:
+`billing.adjustments`), leaves the plan and is renamed `KEY@vN`, and a new row takes the key,
+billed from the next invoice on. `POST /_billing/prices` does the same (`store_price`). A price
+nothing uses is updated in place. Plans and prices absent from the file are left alone (and
+reported).
 """
 
 from __future__ import annotations
@@ -52,9 +55,6 @@ from billing.api.schemas import (
 from billing.errors import CatalogError, PriceDefinitionError
 from billing.models import Invoice, InvoiceLine, Plan, PlanEntitlement, Price, Subscription
 from billing.pricing import parse_tiers
-
-#: Invoices whose lines still follow their prices: a price they bill is not rewritten.
-UNSETTLED = ("draft", "open")
 
 #: Longest price key in a catalogue: room for the `@vN` suffix of its old versions.
 MAX_PRICE_KEY = 90
@@ -322,11 +322,11 @@ def _in_use(session: Session, price: Price, now: datetime) -> str | None:
     billed = session.scalar(
         select(Invoice.status)
         .join(InvoiceLine, Invoice.id == InvoiceLine.invoice_id)
-        .where(InvoiceLine.price_id == price.id, Invoice.status.in_(UNSETTLED))
+        .where(InvoiceLine.price_id == price.id, Invoice.status != "void")
         .limit(1)
     )
     if billed is not None:
-        return f"a{'n' if billed == 'open' else ''} {billed} invoice bills it"
+        return f"a{'n' if billed[0] in 'aeiou' else ''} {billed} invoice bills it"
     if price.plan_id is not None:
         live = session.scalar(
             select(Subscription.id)
@@ -339,6 +339,23 @@ def _in_use(session: Session, price: Price, now: datetime) -> str | None:
         if live is not None:
             return "a live subscription's plan holds it"
     return None
+
+
+def store_price(session: Session, stored: Price, wanted: Price, *, now: datetime) -> Price:
+    """The row that bills `wanted`'s plan and terms from now on, for `stored` (the row of its
+    key; `wanted` a new row, not added): `stored` as it is when nothing differs, changed in
+    place when nothing uses it, else `wanted` added as its new version (`stored` kept as
+    `KEY@vN`, off its plan, as `apply_changes` does). `now` decides which subscriptions are
+    live."""
+    if _stored_fields(stored) == _stored_fields(wanted) and stored.plan_id == wanted.plan_id:
+        return stored
+    if _in_use(session, stored, now) is None:
+        for name in (*PRICE_FIELDS, "plan_id"):
+            setattr(stored, name, getattr(wanted, name))
+        return stored
+    _retire(session, stored.key)
+    session.add(wanted)
+    return wanted
 
 
 def _next_version(session: Session, price: Price) -> str:

@@ -11,7 +11,7 @@ usage.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -148,16 +148,30 @@ def price_lines(
 
 
 def price_periods(
-    session: Session, tenant_id: str, periods: Sequence[tuple[datetime, datetime]], currency: str
+    session: Session,
+    tenant_id: str,
+    periods: Sequence[tuple[datetime, datetime]],
+    currency: str,
+    charged: Sequence[Collection[str]] = (),
 ) -> list[PeriodLines]:
     """For each period, what `price_lines` returns or raises for it, when called; what they
     read is read at once for all of them (`usage_lines.bill_periods`): one SELECT of the
-    subscriptions and prices, one of the meters, one GROUP BY."""
+    subscriptions and prices, one of the meters, one GROUP BY.
+
+    `charged`: for the first periods, those of finalized invoices, the ids of the prices each
+    invoice billed. A price of which it billed an old version (`KEY@vN`, see
+    `billing.catalog`) prices that period with the old version's terms, read in one more
+    SELECT when there is one: the period is priced as it was billed."""
     first, last = min(start for start, _ in periods), max(end for _, end in periods)
     subscribed = _subscriptions_with_prices(session, tenant_id, first, last)
+    versions = _old_versions(session, subscribed, charged)
     outcomes: list[PeriodLines | _Priced] = []
-    for start, end in periods:
-        subscriptions = [(s, prices) for s, prices in subscribed if s.active_in(start, end)]
+    for index, (start, end) in enumerate(periods):
+        ids = charged[index] if index < len(charged) else ()
+        kept = [versions[price_id] for price_id in ids if price_id in versions]
+        subscriptions = [
+            (s, _as_billed(prices, kept)) for s, prices in subscribed if s.active_in(start, end)
+        ]
         all_prices = [price for _, prices in subscriptions for price in prices]
         if all_prices and not any(price.currency == currency for price in all_prices):
             outcomes.append(_refused(currency))
@@ -176,6 +190,40 @@ def price_periods(
     for outcome, bill in zip(billed, usage, strict=True):
         outcome.usage = bill
     return [o.lines if isinstance(o, _Priced) else o for o in outcomes]
+
+
+def _old_versions(
+    session: Session,
+    subscribed: list[tuple[_Subscribed, list[PlanPrice]]],
+    charged: Sequence[Collection[str]],
+) -> dict[str, PlanPrice]:
+    """By id, the old versions (off every plan, keyed `KEY@vN`) among the `charged` prices no
+    subscribed plan holds; read only when there are such prices."""
+    held = {price.id for _, prices in subscribed for price in prices}
+    missing = {price_id for ids in charged for price_id in ids} - held
+    if not missing:
+        return {}
+    rows = session.execute(
+        select(*(getattr(Price, field.name) for field in fields(PlanPrice))).where(
+            Price.id.in_(sorted(missing)), Price.plan_id.is_(None)
+        )
+    )
+    versions = (PlanPrice(*row) for row in rows)
+    return {price.id: price for price in versions if _versioned_key(price.key) is not None}
+
+
+def _versioned_key(key: str) -> str | None:
+    """The key an old version (`KEY@vN`) was a version of; None for any other key."""
+    base, version = key.rsplit("@v", 1) if "@v" in key else (key, "")
+    return base if version.isdigit() else None
+
+
+def _as_billed(prices: list[PlanPrice], versions: list[PlanPrice]) -> list[PlanPrice]:
+    """`prices`, each one an invoice billed an old version of replaced by that version."""
+    if not versions:
+        return prices
+    by_key = {_versioned_key(version.key): version for version in versions}
+    return [by_key.get(price.key, price) for price in prices]
 
 
 def _refused(currency: str) -> PeriodLines:

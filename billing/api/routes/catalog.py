@@ -13,7 +13,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 
 from billing.api.auth import CatalogueReader, Operator
-from billing.api.deps import SessionDep
+from billing.api.deps import ApiDep, SessionDep
 from billing.api.problems import invalid_field, problem_responses
 from billing.api.schemas import (
     EntitlementOut,
@@ -23,6 +23,7 @@ from billing.api.schemas import (
     PriceIn,
     PriceOut,
 )
+from billing.catalog import store_price
 from billing.errors import PriceDefinitionError
 from billing.models import Plan, PlanEntitlement, Price
 from billing.pricing import parse_tiers
@@ -93,35 +94,41 @@ def put_price(
     response: Response,
     principal: Operator,
     session: SessionDep,
+    api: ApiDep,
 ) -> PriceOut:
     """201 for a new price key, 200 when the price existed and was changed. Invoices already
-    issued keep their amounts."""
+    issued keep their amounts: a price an invoice bills (but a void one) or a live
+    subscription holds gets a new version (`billing.catalog.store_price`), the old one kept
+    as `KEY@vN`; one nothing uses is changed in place."""
     plan_id = None
     if body.plan_key is not None:
         plan_id = session.execute(select(Plan.id).where(Plan.key == body.plan_key)).scalar()
         if plan_id is None:
             raise invalid_field("plan_key", f"no plan with key {body.plan_key!r}")
-    price = session.execute(select(Price).where(Price.key == body.key)).scalar_one_or_none()
-    if price is None:
-        price = Price(key=body.key)
+    price = Price(
+        key=body.key,
+        plan_id=plan_id,
+        currency=body.currency.lower(),
+        metric=body.metric,
+        unit_amount=body.unit_amount,
+        unit_amount_decimal=(
+            Decimal(body.unit_amount_decimal) if body.unit_amount_decimal is not None else None
+        ),
+        recurring_interval=body.recurring_interval,
+        billing_scheme=body.billing_scheme,
+        tiers_mode=body.tiers_mode,
+        tiers=[tier.model_dump() for tier in body.tiers] if body.tiers else None,
+        transform_divide_by=body.transform_divide_by,
+        transform_round=body.transform_round,
+        dimensions=body.dimensions,
+    )
+    _check_price(price)
+    stored = session.execute(select(Price).where(Price.key == body.key)).scalar_one_or_none()
+    if stored is None:
         session.add(price)
     else:
+        price = store_price(session, stored, price, now=api.clock())
         response.status_code = 200
-    price.plan_id = plan_id
-    price.currency = body.currency.lower()
-    price.metric = body.metric
-    price.unit_amount = body.unit_amount
-    price.unit_amount_decimal = (
-        Decimal(body.unit_amount_decimal) if body.unit_amount_decimal is not None else None
-    )
-    price.recurring_interval = body.recurring_interval
-    price.billing_scheme = body.billing_scheme
-    price.tiers_mode = body.tiers_mode
-    price.tiers = [tier.model_dump() for tier in body.tiers] if body.tiers else None
-    price.transform_divide_by = body.transform_divide_by
-    price.transform_round = body.transform_round
-    price.dimensions = body.dimensions
-    _check_price(price)
     session.commit()
     return price_out(price)
 
