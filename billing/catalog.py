@@ -37,11 +37,12 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.api.schemas import (
     MAX_BIGINT,
+    MAX_PRICE_KEY,
     Count,
     DecimalAmount,
     Description,
@@ -55,9 +56,6 @@ from billing.api.schemas import (
 from billing.errors import CatalogError, PriceDefinitionError
 from billing.models import Invoice, InvoiceLine, Plan, PlanEntitlement, Price, Subscription
 from billing.pricing import parse_tiers
-
-#: Longest price key in a catalogue: room for the `@vN` suffix of its old versions.
-MAX_PRICE_KEY = 90
 
 PRICE_FIELDS = (
     "currency",
@@ -359,9 +357,12 @@ def store_price(session: Session, stored: Price, wanted: Price, *, now: datetime
 
 
 def _next_version(session: Session, price: Price) -> str:
-    versions = Price.key.startswith(f"{price.key}@v", autoescape=True)
-    taken = session.scalar(select(func.count()).select_from(Price).where(versions))
-    return f"{price.key}@v{(taken or 0) + 1}"
+    """`KEY@vN` for the next N: one past the highest taken (any key `KEY@v<digits>`)."""
+    prefix = f"{price.key}@v"
+    keys = session.scalars(select(Price.key).where(Price.key.startswith(prefix, autoescape=True)))
+    numbers = (key.removeprefix(prefix) for key in keys)
+    taken = [int(number) for number in numbers if number.isascii() and number.isdigit()]
+    return f"{prefix}{max(taken, default=0) + 1}"
 
 
 def _retire(session: Session, key: str) -> None:

@@ -54,6 +54,15 @@ Metric = Annotated[
 #: A metric name to look up: also names stored before the charset was enforced.
 StoredMetric = Annotated[str, _text(MAX_METRIC_LENGTH)]
 Key = Annotated[str, _text(100)]
+#: Longest price key: room for the `@vN` suffix of its old versions (`billing.catalog`).
+MAX_PRICE_KEY = 90
+#: A price's key: as in a catalogue, room left for the `@vN` of its old versions, no `@`.
+PriceKey = Annotated[
+    str,
+    StringConstraints(
+        min_length=1, max_length=MAX_PRICE_KEY, pattern=r"^[^\x00@]*[^\s\x00@][^\x00@]*$"
+    ),
+]
 Name = Annotated[str, _text(200)]
 IdempotencyKey = Annotated[str, _text(255)]
 Description = Annotated[str, StringConstraints(max_length=10_000, pattern=r"^[^\x00]*$")]
@@ -201,7 +210,7 @@ class PriceIn(_In):
     """Creates the price `key`, or changes it. A price without `metric` is a fixed fee per
     period; with one it bills that metric's usage `per_unit` or `tiered`."""
 
-    key: Key
+    key: PriceKey
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{3}$")]
     plan_key: Key | None = None
     metric: Metric | None = None

@@ -116,3 +116,38 @@ def test_a_price_nothing_bills_is_changed_in_place(client, operator, session_fac
         assert session.execute(select(Price.id, Price.key, Price.unit_amount)).all() == [
             (created["id"], "pro-tokens", 3)
         ]
+
+
+@pytest.mark.parametrize("key", ["k" * 91, "pro@tokens", "pro-tokens@v2"])
+def test_a_price_key_over_90_characters_or_with_an_at_sign_is_refused(
+    client, operator, session_factory, key
+) -> None:
+    """Room for the `@vN` of the price's old versions (a key of 100 would become 103), and no
+    key that reads as one of them: as in a catalogue file."""
+    client.post("/_billing/plans", json={"key": "pro", "name": "Pro"}, headers=operator)
+    refused = client.post(
+        "/_billing/prices", json={**PRICE, "key": key, "unit_amount": 2}, headers=operator
+    )
+    assert refused.status_code == 422
+    assert refused.headers["content-type"] == "application/problem+json"
+    with session_factory() as session:
+        assert session.scalars(select(Price.key)).all() == []
+
+
+def test_a_billed_price_of_a_90_character_key_gets_a_version(
+    client, operator, session_factory
+) -> None:
+    key = "k" * 90
+    client.post("/_billing/plans", json={"key": "pro", "name": "Pro"}, headers=operator)
+    first = {**PRICE, "key": key, "unit_amount": 2}
+    assert client.post("/_billing/prices", json=first, headers=operator).status_code == 201
+    subscription = {"tenant_id": "A", "plan_key": "pro", "effective_at": JAN.isoformat()}
+    client.post("/_billing/subscriptions", json=subscription, headers=operator)
+    with session_factory.begin() as session:
+        billing = BillingService(session=session, tenant_id="A", now=lambda: FEB + DAY)
+        billing.record_usage(metric="tokens", amount=1, at=JAN + DAY, idempotency_key="jan")
+        billing.generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    changed = client.post("/_billing/prices", json={**first, "unit_amount": 3}, headers=operator)
+    assert changed.status_code == 200
+    with session_factory() as session:
+        assert sorted(session.scalars(select(Price.key))) == [key, f"{key}@v1"]

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from billing import BillingService
 from billing.adjustments import Adjustment
-from billing.catalog import apply_changes, load_catalog, plan_changes
+from billing.catalog import _retire, apply_changes, load_catalog, plan_changes
 from billing.models import Invoice, InvoiceLine, Plan, Price, Subscription
 from tests.unit.billing.test_lifecycle import FEB, JAN, MAR
 
@@ -102,3 +102,18 @@ def test_a_price_only_a_void_invoice_billed_is_changed_in_place(session) -> None
     assert session.execute(select(Price.id, Price.key, Price.unit_amount)).all() == [
         (price_id, "pro-tokens", 3)
     ]
+
+
+def test_a_version_takes_the_number_after_the_highest_taken(session) -> None:
+    """`KEY@v2` stored (before keys with `@` were refused), `KEY` retired: `KEY@v3`, not the
+    count of versions plus one (`@v2`, taken)."""
+    plan = Plan(key="pro", name="Pro")
+    session.add(plan)
+    session.flush()
+    for key in ("pro-tokens", "pro-tokens@v2", "pro-tokens@vx"):
+        plan_id = plan.id if key == "pro-tokens" else None
+        session.add(Price(key=key, plan_id=plan_id, currency="usd", metric="tokens", unit_amount=2))
+    session.flush()
+    _retire(session, "pro-tokens")
+    keys = sorted(session.scalars(select(Price.key)))
+    assert keys == ["pro-tokens@v2", "pro-tokens@v3", "pro-tokens@vx"]
