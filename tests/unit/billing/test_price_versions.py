@@ -94,6 +94,29 @@ def test_late_usage_after_a_price_change_is_priced_at_the_invoice_s_terms(sessio
     ]
 
 
+def test_late_usage_of_the_plan_s_other_prices_is_priced_beside_the_old_version(session) -> None:
+    """Only the changed price is priced with its old version; the plan's others as they are."""
+    calls = "\n      - {key: pro-calls, currency: usd, metric: calls, unit_amount: 5}\n"
+    apply(session, CATALOG.rstrip("\n") + calls)
+    plan = session.scalars(select(Plan)).one()
+    session.add(Subscription(tenant_id="t", plan_id=plan.id, effective_at=JAN))
+    billing = service(session, FEB + DAY)
+    for metric, amount in (("tokens", 1000), ("calls", 4)):
+        billing.record_usage(metric=metric, amount=amount, at=JAN + DAY, idempotency_key=metric)
+    invoice_id = billing.generate_monthly_invoice(period_start=JAN, period_end=FEB, currency="usd")
+    billing.pay_invoice(invoice_id)
+    apply(session, AT_3.rstrip("\n") + calls)  # tokens 2 → 3: a new version
+    for metric in ("tokens", "calls"):
+        billing.record_usage(
+            metric=metric, amount=10, at=JAN + 20 * DAY, idempotency_key=metric + "+"
+        )
+    late = service(session, MAR + DAY).pending_adjustments(currency="usd")
+    assert sorted((a.metric, a.quantity, a.amount) for a in late) == [
+        ("calls", 10, 50),
+        ("tokens", 10, 20),
+    ]
+
+
 def test_a_price_only_a_void_invoice_billed_is_changed_in_place(session) -> None:
     invoice = january(session, "open", ended_at=FEB)
     service(session, FEB + DAY).void_invoice(invoice.id)
