@@ -34,7 +34,9 @@ from billing.api.settings import ApiSettings
 from billing.db import make_engine, make_session_factory
 from billing.metrics import render, serve
 from billing.settings import BillingSettings
+from webhooks.logs import configure_logging
 from webhooks.metrics import OutboxCollector
+from webhooks.settings import WebhookSettings
 
 logger = logging.getLogger(__name__)
 
@@ -171,4 +173,13 @@ def _store(settings: ApiSettings) -> IdempotencyStore:
     return MemoryIdempotencyStore()
 
 
-app = create_app()
+def _served() -> FastAPI:
+    """`app` as `uvicorn billing.app:app` serves it: logging set up as in the other processes
+    (`LOG_FORMAT`, `LOG_LEVEL`, untrusted text escaped), unless the process has set it up."""
+    if not logging.getLogger().handlers:
+        shared = WebhookSettings()  # LOG_FORMAT and LOG_LEVEL are every process's
+        configure_logging(shared.log_format, shared.log_level)
+    return create_app()
+
+
+app = _served()

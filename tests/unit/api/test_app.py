@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
@@ -142,3 +146,21 @@ def test_metrics_token_keeps_metrics_from_callers_without_it(session_factory) ->
 def test_metrics_are_open_without_a_token(session_factory) -> None:
     with TestClient(create_app(ApiSettings(), session_factory=session_factory)) as client:
         assert client.get("/metrics").status_code == 200
+
+
+def test_the_served_app_logs_at_log_level_with_untrusted_text_escaped(tmp_path) -> None:
+    """`uvicorn billing.app:app` imports `app`: its process logs INFO lines (they were dropped)
+    and escapes what a request put in them (Python's last-resort handler wrote them raw)."""
+    logs = (
+        "import logging, billing.app; log = logging.getLogger('billing.api.problems'); "
+        "log.warning('unhandled error on GET %s', '/x/\\x1b[2J'); log.info('refused')"
+    )
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/web.db", "LOG_LEVEL": "INFO"}
+    ran = subprocess.run(
+        [sys.executable, "-c", logs], env=env, capture_output=True, timeout=60, check=True
+    )
+    lines = ran.stderr.decode().splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "WARNING billing.api.problems unhandled error on GET /x/\\x1b[2J",
+        "INFO billing.api.problems refused",
+    ]
