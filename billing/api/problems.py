@@ -219,8 +219,15 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = _allowed_methods(request, headers.get("Allow"))
+    # A 413 is always the body limit's (`billing.api.bodies.BodyTooLarge`, raised as FastAPI
+    # reads a chunked body): the same type as the middlewares' own 413s.
+    type_ = f"{TYPE_PREFIX}body-too-large" if exc.status_code == 413 else "about:blank"
     return problem_response(
-        exc.status_code, _TITLES.get(exc.status_code, "Error"), detail, headers=headers
+        exc.status_code,
+        _TITLES.get(exc.status_code, "Error"),
+        detail,
+        type_=type_,
+        headers=headers,
     )
 
 

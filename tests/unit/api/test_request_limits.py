@@ -97,11 +97,12 @@ def test_a_body_over_the_limit_answers_413_under_a_root_path(
     assert client.post("/api/_billing/usage", content=padded(2_000), headers=headers).is_success
 
 
+@pytest.mark.parametrize("idempotency", [{"Idempotency-Key": "chunked"}, {}])
 def test_a_chunked_body_over_the_route_s_limit_names_that_limit(
-    small_limits, a_key, session_factory
+    small_limits, a_key, session_factory, idempotency
 ) -> None:
     body = padded(2_001)
-    headers = {**a_key, "Content-Type": "application/json", "Idempotency-Key": "chunked"}
+    headers = {**a_key, "Content-Type": "application/json", **idempotency}
     response = small_limits.post(
         "/_billing/usage", content=iter([body[:1_000], body[1_000:]]), headers=headers
     )
